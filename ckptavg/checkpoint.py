@@ -1,0 +1,97 @@
+"""Whole-checkpoint helpers of the public API: load, save, inspect."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+
+from ckptavg.io.reader import open_checkpoint
+from ckptavg.io.writer import TensorSpec, make_writer
+
+
+def load(path: str | os.PathLike, key: str | None = None,
+         strip_prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a whole checkpoint.
+
+    Args:
+        path: any format `open_checkpoint` reads.
+        key: for torch files, the entry holding the state dict.
+
+    Returns:
+        (state dict of tensors, metadata map).
+
+    Example:
+        >>> state, meta = ckptavg.load("swa.safetensors")
+    """
+    with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
+        state = {}
+        for k in r.keys():
+            if k in r.ties():
+                continue
+            state[k] = r.read(k).clone()
+            r.release(k)
+        for k, v in r.ties().items():
+            state[k] = state[v]
+        state = {k: state[k] for k in r.keys()}
+        return state, r.metadata()
+
+
+def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+         metadata: dict[str, str] | None = None, shard_size: int | None = None) -> None:
+    """Write a state dict atomically; the suffix picks the format (.safetensors, .pt, folder).
+
+    Example:
+        >>> ckptavg.save(model.state_dict(), "epoch-0001.safetensors", {"train.epoch": "1"})
+    """
+    path = os.fspath(path)
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    seen: dict[tuple, str] = {}
+    ties = {}
+    for k, v in tensors.items():
+        if v.numel() == 0:
+            continue
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(),
+                 v.dtype, v.device)
+        if ident in seen:
+            ties[k] = seen[ident]
+        else:
+            seen[ident] = k
+    writer = make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
+                         shard_size, ties)
+    try:
+        for k, v in tensors.items():
+            if writer.keeps_tensors and k in ties:
+                continue
+            writer.write(k, v.detach().cpu())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def inspect(path: str | os.PathLike, key: str | None = None,
+            strip_prefix: str | None = None) -> dict:
+    """Format, tensor count, bytes per dtype, metadata and every key with shape and dtype."""
+    path = os.fspath(path)
+    with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
+        infos = {k: r.info(k) for k in r.keys()}
+        by_dtype: Counter = Counter()
+        for i in infos.values():
+            by_dtype[str(i.dtype).replace("torch.", "")] += i.nbytes
+        return {
+            "path": path,
+            "format": r.format,
+            "tensors": len(infos),
+            "parameters": sum(i.numel for i in infos.values()),
+            "bytes": sum(by_dtype.values()),
+            "bytes_per_dtype": dict(by_dtype),
+            "tied": r.ties(),
+            "metadata": r.metadata(),
+            "keys": [
+                {"key": k, "shape": list(i.shape), "dtype": str(i.dtype).replace("torch.", "")}
+                for k, i in infos.items()
+            ],
+        }
