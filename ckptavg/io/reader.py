@@ -119,12 +119,12 @@ def sniff(path: str) -> str:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80":  # pickle protocol marker of torch's legacy format
-        return "torch-legacy"
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and n < 100_000_000:
             return "safetensors"
+    if head[:2] == b"\x80\x02":  # pickle protocol 2: torch's legacy (pre-1.6) format
+        return "torch-legacy"
     raise CheckpointError(
         f"{path}: not a checkpoint ckptavg can read (expected safetensors or a torch.save "
         f"file such as {', '.join(TORCH_SUFFIXES[:4])}); check the file"

@@ -1,0 +1,146 @@
+import argparse
+import collections
+import os
+
+import pytest
+import torch
+
+from ckptavg.errors import CheckpointError
+from ckptavg.io.pt import find_state_dict
+from ckptavg.io.reader import open_checkpoint, sniff
+
+SD = {"conv.weight": torch.arange(6.0).reshape(2, 3), "conv.bias": torch.tensor([1.0, 2.0])}
+
+
+class Evil:  # a global that is not on any allowlist
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def save(tmp_path, obj, name="c.pt", **kw):
+    p = str(tmp_path / name)
+    torch.save(obj, p, **kw)
+    return p
+
+
+def read_all(path, **kw):
+    with open_checkpoint(path, **kw) as r:
+        return {k: r.read(k).clone() for k in r.keys()}, r
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model", "model_state_dict", "module"])
+def test_finds_nested_state_dict(tmp_path, wrapper):
+    p = save(tmp_path, {wrapper: SD, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}},
+                                                     "param_groups": [{"lr": 0.1}]},
+                        "epoch": 7})
+    got, r = read_all(p)
+    assert set(got) == set(SD)  # optimizer state never comes along
+    for k in SD:
+        assert torch.equal(got[k], SD[k])
+    assert r.location == wrapper
+
+
+def test_top_level_state_dict_and_lightning_style(tmp_path):
+    got, _ = read_all(save(tmp_path, SD))
+    assert set(got) == set(SD)
+    light = {"state_dict": {f"model.{k}": v for k, v in SD.items()}, "epoch": 3,
+             "hyper_parameters": {"lr": 0.1}}
+    got, _ = read_all(save(tmp_path, light, "l.pt"), strip_prefix="model.")
+    assert set(got) == set(SD)
+
+
+def test_key_option_picks_ema_weights(tmp_path):
+    ema = {k: v + 100 for k, v in SD.items()}
+    p = save(tmp_path, {"state_dict": SD, "state_dict_ema": ema})
+    got, _ = read_all(p, key="state_dict_ema")
+    assert torch.equal(got["conv.bias"], ema["conv.bias"])
+    with pytest.raises(CheckpointError, match="no entry 'nope'.*--key"):
+        open_checkpoint(p, key="nope")
+
+
+def test_wrapper_prefixes_stripped_only_when_all_keys_have_them(tmp_path):
+    both = {f"_orig_mod.module.{k}": v for k, v in SD.items()}
+    got, _ = read_all(save(tmp_path, both))
+    assert set(got) == set(SD)
+    mixed = {"module.a": torch.ones(1), "b": torch.ones(1)}
+    got, _ = read_all(save(tmp_path, mixed, "m.pt"))
+    assert set(got) == {"module.a", "b"}
+
+
+def test_strip_prefix_that_matches_nothing_is_an_error(tmp_path):
+    with pytest.raises(CheckpointError, match="--strip-prefix 'net.'"):
+        open_checkpoint(save(tmp_path, SD), strip_prefix="net.")
+
+
+def test_refused_pickle_names_file_and_global(tmp_path):
+    p = save(tmp_path, {"state_dict": SD, "evil": Evil()})
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(p)
+    msg = str(e.value)
+    assert p in msg and "posix.system" in msg and "never run" in msg
+
+
+class Config:  # a user's class: data only, but not on the allowlist
+    def __init__(self):
+        self.lr = 0.1
+
+
+def test_refused_custom_class(tmp_path):
+    p = save(tmp_path, {"state_dict": SD, "cfg": Config(), "c": collections.Counter(a=1)})
+    with pytest.raises(CheckpointError, match="test_pt.Config"):
+        open_checkpoint(p)
+
+
+def test_allowlisted_harmless_globals(tmp_path):
+    import numpy as np
+
+    obj = {"state_dict": SD, "args": argparse.Namespace(lr=0.1), "best": np.float64(0.93)}
+    got, _ = read_all(save(tmp_path, obj))
+    assert set(got) == set(SD)
+
+
+def test_legacy_non_zip_format(tmp_path):
+    p = save(tmp_path, {"model": SD}, _use_new_zipfile_serialization=False)
+    assert sniff(p) == "torch-legacy"
+    got, r = read_all(p)
+    assert r.format == "torch-legacy"
+    assert torch.equal(got["conv.weight"], SD["conv.weight"])
+
+
+def test_ties_are_detected(tmp_path):
+    w = torch.randn(3, 3)
+    got, r = read_all(save(tmp_path, {"emb.weight": w, "head.weight": w, "b": torch.ones(1)}))
+    assert r.ties() == {"head.weight": "emb.weight"}
+
+
+def test_metadata_from_pt(tmp_path):
+    p = save(tmp_path, {"state_dict": SD, "metadata": {"train.epoch": "3", "n": 5}})
+    with open_checkpoint(p) as r:
+        assert r.metadata() == {"train.epoch": "3", "n": "5"}
+
+
+def test_no_state_dict_found(tmp_path):
+    p = save(tmp_path, {"a": {"b": 1}, "c": "x"})
+    with pytest.raises(CheckpointError, match="no state dict found.*--key"):
+        open_checkpoint(p)
+    with pytest.raises(CheckpointError, match="not a dict"):
+        find_state_dict([1, 2], None, "x.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    p = tmp_path / "x.pt"
+    p.write_text("hello world, not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        open_checkpoint(str(p))
+    with pytest.raises(CheckpointError, match="no such file"):
+        open_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_release_keeps_data_readable(tmp_path):
+    big = {"w": torch.randn(1 << 18), "v": torch.randn(1 << 18)}
+    p = save(tmp_path, big)
+    with open_checkpoint(p) as r:
+        a = r.read("w").clone()
+        r.release("w")
+        assert torch.equal(r.read("w"), a)  # pages fault back in from the file
+        assert torch.equal(a, big["w"])

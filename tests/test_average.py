@@ -1,0 +1,313 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import ckptavg
+from ckptavg.averaging import method_weights
+from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OutputError
+from tests.conftest import (assert_state_equal, known_state, leftovers, reference_mean,
+                            write_safetensors)
+
+
+def test_uniform_equals_float64_reference_exactly(tmp_path, ckpts):
+    out = tmp_path / "swa.safetensors"
+    res = ckptavg.average(ckpts, out)
+    expected = reference_mean([known_state(i) for i in range(1, 5)])
+    got, meta = ckptavg.load(out)
+    assert_state_equal(got, expected)
+    assert got["bn.num_batches_tracked"].item() == 40  # ints: the newest input's value
+    assert got["bn.weight"][0].item() == 3.5  # (2+3+4+5)/4, exact
+    assert res.n == 4 and res.method == "uniform"
+    assert meta["average.n"] == "4"
+    assert json.loads(meta["average.weights"]) == [0.25] * 4
+    assert [e["file"] for e in json.loads(meta["average.inputs"])] == [
+        os.path.basename(p) for p in ckpts]
+    assert meta["bn.stale"] == "true"
+    assert meta["model.arch"] == "tiny" and meta["data.name"] == "fashion-mnist"
+    assert "train.epoch" not in meta
+
+
+def test_matches_torch_swa_utils_averaged_model(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    swa = torch.optim.swa_utils.AveragedModel(net, use_buffers=True)
+    paths = []
+    for i in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net[1].running_mean.add_(torch.randn(4))
+        swa.update_parameters(net)
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        ckptavg.save(net.state_dict(), paths[-1], {"train.epoch": str(i + 1)})
+    ckptavg.average(paths, tmp_path / "avg.safetensors")
+    got, _ = ckptavg.load(tmp_path / "avg.safetensors")
+    ref = swa.module.state_dict()
+    for k, v in ref.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+
+
+def test_ema_matches_torch_averaged_model(tmp_path):
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    decay = 0.9
+    net = torch.nn.Linear(6, 3)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    paths = []
+    for i in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p))
+        ema.update_parameters(net)
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        ckptavg.save(net.state_dict(), paths[-1])
+    res = ckptavg.average(paths, tmp_path / "ema.safetensors", ema=decay)
+    got, meta = ckptavg.load(tmp_path / "ema.safetensors")
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+    assert res.method == "ema" and meta["average.method"] == "ema"
+    # The first input seeds the average (weight decay^(n-1)); later ones grow towards the newest.
+    assert abs(sum(res.weights) - 1) < 1e-12 and res.weights[0] == pytest.approx(decay**5)
+    assert res.weights[1:] == sorted(res.weights[1:])
+
+
+def test_weighted(tmp_path, ckpts):
+    ckptavg.average(ckpts, tmp_path / "w.safetensors", weights=[1, 2, 3, 2])
+    got, meta = ckptavg.load(tmp_path / "w.safetensors")
+    expected = reference_mean([known_state(i) for i in range(1, 5)], [1, 2, 3, 2])
+    assert_state_equal(got, expected)
+    assert json.loads(meta["average.weights"]) == [0.125, 0.25, 0.375, 0.25]
+
+
+def test_method_weights_errors():
+    with pytest.raises(CkptavgError, match="3 values for 2 inputs"):
+        method_weights(2, "weighted", [1, 2, 3])
+    with pytest.raises(CkptavgError, match="non-negative"):
+        method_weights(2, "weighted", [1, -1])
+    with pytest.raises(CkptavgError, match=r"\[0, 1\)"):
+        method_weights(2, "ema", decay=1.5)
+    assert method_weights(3, "ema", decay=0.0) == [0.0, 0.0, 1.0]
+
+
+def test_into_equals_one_shot(tmp_path):
+    paths = write_safetensors(tmp_path, 8)
+    running = tmp_path / "swa.safetensors"
+    ckptavg.average(paths[:2], running)
+    ckptavg.average(paths[2:4], into=running)  # n: 2 -> 4 -> 8, so every mean is exact
+    res = ckptavg.average(paths[4:], into=running)
+    ckptavg.average(paths, tmp_path / "once.safetensors")
+    a, ma = ckptavg.load(running)
+    b, mb = ckptavg.load(tmp_path / "once.safetensors")
+    assert_state_equal(a, b)  # known values: exact in float32
+    assert res.n == 8 and ma["average.n"] == "8"
+    assert json.loads(ma["average.inputs"]) == json.loads(mb["average.inputs"])
+
+
+def test_into_needs_average_metadata(tmp_path, ckpts):
+    with pytest.raises(CkptavgError, match="no average.n metadata"):
+        ckptavg.average(ckpts[1:], into=ckpts[0], output=tmp_path / "o.safetensors")
+
+
+def test_dtype_conversion_and_float32_accumulation(tmp_path, ckpts):
+    ckptavg.average(ckpts, tmp_path / "b.safetensors", dtype="bfloat16", accumulate="float32")
+    got, _ = ckptavg.load(tmp_path / "b.safetensors")
+    assert got["conv.weight"].dtype == torch.bfloat16
+    assert got["bn.num_batches_tracked"].dtype == torch.int64
+    expected = reference_mean([known_state(i) for i in range(1, 5)])
+    assert torch.equal(got["bn.weight"], expected["bn.weight"].bfloat16())
+
+
+def test_mismatch_lists_missing_extra_and_shapes(tmp_path, ckpts):
+    bad = known_state(9)
+    bad.pop("fc.bias")
+    bad["extra.w"] = torch.ones(1)
+    bad["conv.weight"] = torch.ones(4, 2, 5, 5)
+    p = str(tmp_path / "bad.safetensors")
+    save_file(bad, p, metadata={"train.epoch": "9"})
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(MismatchError) as e:
+        ckptavg.average(ckpts + [p], out)
+    msg = str(e.value)
+    assert "bad.safetensors" in msg and "missing 1 key(s) (fc.bias)" in msg
+    assert "extra 1 key(s) (extra.w)" in msg
+    assert "conv.weight [4, 2, 5, 5] vs [4, 2, 3, 3]" in msg
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_nonfinite_stops_and_leaves_nothing(tmp_path, ckpts):
+    bad = known_state(5)
+    bad["fc.bias"][1] = float("nan")  # the last key written: output was partly streamed
+    p = str(tmp_path / "epoch-0005.safetensors")
+    save_file(bad, p, metadata={"train.epoch": "5"})
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(NonFiniteError, match=r"epoch-0005.safetensors: tensor 'fc.bias' holds 1 NaN"):
+        ckptavg.average(ckpts + [p], out)
+    assert not out.exists() and leftovers(tmp_path) == []
+    ckptavg.average(ckpts + [p], out, allow_nonfinite=True)
+    assert torch.isnan(load_file(str(out))["fc.bias"][1])
+
+
+def test_refuses_to_overwrite_an_input(tmp_path, ckpts):
+    before = open(ckpts[0], "rb").read()
+    with pytest.raises(OutputError, match="is one of the inputs"):
+        ckptavg.average(ckpts, ckpts[0])
+    assert open(ckpts[0], "rb").read() == before
+
+
+def test_selection_window_last_every(tmp_path):
+    paths = write_safetensors(tmp_path, 12)
+    r = ckptavg.average(paths, dry_run=True, from_epoch=5, to_epoch=11)
+    assert r.epochs == [5, 6, 7, 8, 9, 10, 11]
+    r = ckptavg.average(paths, dry_run=True, from_epoch=5, every=2, last=3)
+    assert r.epochs == [7, 9, 11]
+    with pytest.raises(CkptavgError, match="no input left"):
+        ckptavg.average(paths, dry_run=True, from_epoch=50)
+
+
+def test_natural_order_by_name_without_metadata(tmp_path):
+    for i in (1, 2, 9, 10):
+        save_file({"w": torch.full((1,), float(i)), "n": torch.tensor(i)},
+                  str(tmp_path / f"ck-{i}.safetensors"))
+    names = [str(tmp_path / f"ck-{i}.safetensors") for i in (10, 9, 2, 1)]
+    r = ckptavg.average(names, tmp_path / "o.safetensors")
+    assert [os.path.basename(p) for p in r.inputs] == [f"ck-{i}.safetensors" for i in (1, 2, 9, 10)]
+    assert ckptavg.load(tmp_path / "o.safetensors")[0]["n"].item() == 10
+
+
+def test_cycle_ends(tmp_path):
+    paths = []
+    for i in range(1, 7):
+        p = str(tmp_path / f"e{i}.safetensors")
+        save_file({"w": torch.full((1,), float(i))}, p,
+                  metadata={"train.epoch": str(i), "train.cycle_end": str(i % 2 == 0).lower()})
+        paths.append(p)
+    r = ckptavg.average(paths, tmp_path / "c.safetensors", cycle_ends=True)
+    assert r.epochs == [2, 4, 6]
+    assert ckptavg.load(tmp_path / "c.safetensors")[0]["w"].item() == 4.0
+
+
+def test_glob_patterns_and_duplicates(tmp_path, ckpts):
+    r = ckptavg.average([str(tmp_path / "epoch-*.safetensors")], dry_run=True)
+    assert len(r.inputs) == 4
+    with pytest.raises(CkptavgError, match="given twice"):
+        ckptavg.average([ckpts[0], ckpts[0]], dry_run=True)
+    with pytest.raises(CkptavgError, match="matches no file"):
+        ckptavg.average([str(tmp_path / "nope-*.pt")], dry_run=True)
+
+
+@pytest.mark.parametrize("suffix", [".pt", "-folder"])
+def test_output_formats_roundtrip(tmp_path, ckpts, suffix):
+    out = tmp_path / f"swa{suffix}"
+    ckptavg.average(ckpts, out, shard_size=300 if suffix == "-folder" else None)
+    got, meta = ckptavg.load(out)
+    assert_state_equal(got, reference_mean([known_state(i) for i in range(1, 5)]))
+    assert meta["average.n"] == "4"
+    if suffix == ".pt":
+        raw = torch.load(out, weights_only=True)
+        assert set(raw) == {"state_dict", "metadata"}
+
+
+def test_pt_inputs_with_ties_and_optimizer_state(tmp_path):
+    paths = []
+    for i in range(3):
+        w = torch.full((2, 2), float(i))
+        obj = {"model": {"module.emb.weight": w, "module.head.weight": w,
+                         "module.n": torch.tensor(i)},
+               "optimizer": {"state": {}, "param_groups": []}, "epoch": i}
+        paths.append(str(tmp_path / f"ck-{i}.pt"))
+        torch.save(obj, paths[-1])
+    out = tmp_path / "avg.pt"
+    ckptavg.average(paths, out)
+    raw = torch.load(out, weights_only=True)["state_dict"]
+    assert set(raw) == {"emb.weight", "head.weight", "n"}
+    assert raw["emb.weight"].data_ptr() == raw["head.weight"].data_ptr()  # still tied
+    assert torch.equal(raw["emb.weight"], torch.ones(2, 2))
+
+
+def test_hash_records_sha256(tmp_path, ckpts):
+    import hashlib
+
+    ckptavg.average(ckpts[:2], tmp_path / "h.safetensors", hash_inputs=True)
+    entries = json.loads(ckptavg.load(tmp_path / "h.safetensors")[1]["average.inputs"])
+    assert entries[0]["sha256"] == hashlib.sha256(open(ckpts[0], "rb").read()).hexdigest()
+
+
+def test_metadata_not_carried_when_inputs_disagree(tmp_path):
+    a = write_safetensors(tmp_path, 1, start=1)
+    b = write_safetensors(tmp_path, 1, start=2, meta_extra={"model.arch": "other"})
+    ckptavg.average(a + b, tmp_path / "o.safetensors")
+    meta = ckptavg.load(tmp_path / "o.safetensors")[1]
+    assert "model.arch" not in meta and meta["data.name"] == "fashion-mnist"
+
+
+def test_save_load_api_roundtrip(tmp_path):
+    w = torch.randn(3, 3)
+    state = {"a": w, "b": w, "c": torch.arange(3)}
+    for name in ("x.safetensors", "x.pt"):
+        ckptavg.save(state, tmp_path / name, {"k": "v"})
+        got, meta = ckptavg.load(tmp_path / name)
+        assert meta == {"k": "v"}
+        assert torch.equal(got["a"], w) and torch.equal(got["b"], w)
+
+
+# Property tests: small random float tensors, several inputs.
+_arrays = st.lists(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=3, max_size=3),
+                   min_size=1, max_size=6)
+
+
+def _write(folder, rows, prefix):
+    paths = []
+    for i, row in enumerate(rows):
+        p = os.path.join(folder, f"{prefix}-{i:03d}.safetensors")
+        save_file({"w": torch.tensor(row, dtype=torch.float32)}, p)
+        paths.append(p)
+    return paths
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_arrays, seed=st.integers(0, 1000))
+def test_property_uniform_mean_is_order_invariant(tmp_path_factory, rows, seed):
+    d = str(tmp_path_factory.mktemp("p"))
+    paths = _write(d, rows, "a")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = _write(d, [rows[i] for i in perm], "b")
+    ckptavg.average(paths, os.path.join(d, "x.safetensors"))
+    ckptavg.average(shuffled, os.path.join(d, "y.safetensors"))
+    x = load_file(os.path.join(d, "x.safetensors"))["w"]
+    y = load_file(os.path.join(d, "y.safetensors"))["w"]
+    torch.testing.assert_close(x, y, rtol=0, atol=0)  # float64 sums of float32: order-exact
+    ref = torch.tensor(rows, dtype=torch.float32).double().mean(0).float()
+    torch.testing.assert_close(x, ref, rtol=1e-7, atol=0)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(row=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=5),
+       n=st.integers(1, 7))
+def test_property_identical_inputs_are_identity(tmp_path_factory, row, n):
+    d = str(tmp_path_factory.mktemp("p"))
+    paths = _write(d, [row] * n, "a")
+    ckptavg.average(paths, os.path.join(d, "x.safetensors"))
+    assert torch.equal(load_file(os.path.join(d, "x.safetensors"))["w"],
+                       torch.tensor(row, dtype=torch.float32))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=2,
+                              max_size=2), min_size=2, max_size=6), split=st.integers(1, 5))
+def test_property_into_equals_one_shot(tmp_path_factory, rows, split):
+    split = min(split, len(rows) - 1)
+    d = str(tmp_path_factory.mktemp("p"))
+    paths = _write(d, rows, "a")
+    run = os.path.join(d, "run.safetensors")
+    ckptavg.average(paths[:split], run)
+    ckptavg.average(paths[split:], into=run)
+    ckptavg.average(paths, os.path.join(d, "once.safetensors"))
+    a = load_file(run)["w"]
+    b = load_file(os.path.join(d, "once.safetensors"))["w"]
+    # The running file is stored in float32, so folding rounds once per step: a few ulps.
+    torch.testing.assert_close(a, b, rtol=4e-7 * len(rows), atol=1e-5)
