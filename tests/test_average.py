@@ -10,8 +10,13 @@ from safetensors.torch import load_file, save_file
 import ckptavg
 from ckptavg.averaging import method_weights
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OutputError
-from tests.conftest import (assert_state_equal, known_state, leftovers, reference_mean,
-                            write_safetensors)
+from tests.conftest import (
+    assert_state_equal,
+    known_state,
+    leftovers,
+    reference_mean,
+    write_safetensors,
+)
 
 
 def test_uniform_equals_float64_reference_exactly(tmp_path, ckpts):

@@ -1,0 +1,148 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import ckptavg
+from ckptavg.cli import cli, parse_size
+from tests.conftest import known_state, leftovers, reference_mean, run_cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from ckptavg.cli import main\n"
+            "for argv in (['--help'], ['average', '--help'], ['inspect', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+    assert "import ckptavg" and "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys, ckptavg; print(' '.join(sys.modules))"],
+        capture_output=True, text=True).stdout.split()
+
+
+def test_average_json_summary(tmp_path, ckpts):
+    out = tmp_path / "swa.safetensors"
+    r = invoke("average", *ckpts, "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["n"] == 4 and summary["output"] == str(out)
+    assert summary["bytes_out"] == os.path.getsize(out) - (os.path.getsize(out) - summary["bytes_out"])
+    assert summary["peak_rss_bytes"] > 0 and summary["seconds"] >= 0
+    got, _ = ckptavg.load(out)
+    assert torch.equal(got["bn.weight"], reference_mean([known_state(i) for i in range(1, 5)])["bn.weight"])
+
+
+def test_average_quiet_prints_nothing(tmp_path, ckpts):
+    r = invoke("average", *ckpts, "-o", tmp_path / "a.safetensors", "-q")
+    assert r.exit_code == 0 and r.output == ""
+
+
+def test_dry_run_plan(tmp_path, ckpts):
+    r = invoke("average", *ckpts, "--from-epoch", 3, "--dry-run")
+    assert r.exit_code == 0
+    assert "uniform average of 2 input(s)" in r.output
+    assert "epoch-0003.safetensors" in r.output and "epoch-0001" not in r.output
+    assert not any(f.endswith(".safetensors") and "epoch" not in f for f in os.listdir(tmp_path))
+
+
+def test_weights_option(tmp_path, ckpts):
+    r = invoke("average", *ckpts, "-o", tmp_path / "w.pt", "--weights", "1,1,1,5", "--json")
+    assert json.loads(r.output)["weights"] == [0.125, 0.125, 0.125, 0.625]
+    r = invoke("average", *ckpts, "-o", tmp_path / "w.pt", "--weights", "1,x")
+    assert r.exit_code == 2 and "numbers separated by commas" in r.output
+
+
+def test_into_updates_in_place(tmp_path, ckpts):
+    run = tmp_path / "swa.safetensors"
+    assert invoke("average", ckpts[0], ckpts[1], "-o", run, "-q").exit_code == 0
+    assert invoke("average", ckpts[2], ckpts[3], "--into", run, "-q").exit_code == 0
+    assert ckptavg.load(run)[1]["average.n"] == "4"
+
+
+def test_inspect_text_and_json(tmp_path, ckpts):
+    r = invoke("inspect", ckpts[0])
+    assert r.exit_code == 0
+    assert "safetensors, 8 tensors" in r.output and "train.epoch = 1" in r.output
+    assert "conv.weight" in r.output and "[4, 2, 3, 3]" in r.output
+    info = json.loads(invoke("inspect", ckpts[0], "--json").output)
+    assert info["tensors"] == 8 and info["bytes_per_dtype"]["int64"] == 8
+    torch.save({"model": known_state(1)}, tmp_path / "x.pt")
+    assert "torch, 8 tensors" in invoke("inspect", tmp_path / "x.pt", "--keys", 2).output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.safetensors"], "missing.safetensors: no such file"),
+    (["{a}", "--weights", "1,2"], "--weights has 2 values for 1 inputs"),
+    (["{a}", "--ema", "0.9", "--weights", "1"], "exclude each other"),
+    (["{a}", "-o", "{out}.txt"], "unknown output suffix"),
+    (["{a}", "-o", "{a}"], "is one of the inputs"),
+    (["{a}", "{b}", "--from-epoch", "99"], "no input left"),
+])
+def test_user_errors_are_one_line_exit_1_and_no_output(tmp_path, ckpts, args, message):
+    out = tmp_path / "out"
+    args = [a.format(a=ckpts[0], b=ckpts[1], out=out) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(out) + ".safetensors"]
+    before = set(os.listdir(tmp_path))
+    proc = run_cli("average", *args)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptavg: error: ") and message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_usage_error_exit_2():
+    proc = run_cli("average")
+    assert proc.returncode == 2 and "Missing argument" in proc.stderr
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20
+
+
+def test_subprocess_end_to_end(tmp_path, ckpts):
+    out = tmp_path / "swa.pt"
+    proc = run_cli("average", str(tmp_path / "epoch-*.safetensors"), "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n"] == 4
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+    proc = run_cli("inspect", out, "--json")
+    assert json.loads(proc.stdout)["metadata"]["average.n"] == "4"
+
+
+def _big_inputs(tmp_path, n=8, mb=64):
+    paths = []
+    for i in range(n):
+        p = str(tmp_path / f"big-{i:02d}.safetensors")
+        save_file({f"t{j}": torch.full((mb * 2**18 // 8,), float(i)) for j in range(8)}, p)
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_leaves_old_output_intact(tmp_path, sig):
+    paths = _big_inputs(tmp_path)
+    out = tmp_path / "swa.safetensors"
+    save_file({"old": torch.ones(3)}, str(out))
+    old = out.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "ckptavg", "average", *paths, "-o", str(out), "-q"],
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".tmp" in f for f in os.listdir(tmp_path)):
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run ended before the signal; make the inputs larger"
+    assert out.read_bytes() == old  # the old output, never a partial one
+    if sig == signal.SIGTERM:
+        assert leftovers(tmp_path) == []  # a catchable signal also removes the temp file
