@@ -318,9 +318,24 @@ def average(
 
 def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfinite,
             progress, bytes_in) -> None:
-    """The tensor-major loop."""
+    """The tensor-major loop.
+
+    Scratch buffers sized for the largest tensor are reused for every key: one for raw
+    bytes, one for the running sum, one for the converted input (a mixed-dtype in-place
+    add is several times slower than a cast followed by a same-dtype add), one for the
+    output when the writer does not keep it.
+    """
+    float_specs = [s for s in specs if readers[0].info(s.key).dtype.is_floating_point]
     max_bytes = max((r.info(s.key).nbytes for r in readers for s in specs), default=0)
-    scratch = torch.empty(max_bytes, dtype=torch.uint8)  # reused by every read
+    max_numel = max((readers[0].info(s.key).numel for s in float_specs), default=0)
+    acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
+    if any(readers[0].info(s.key).dtype == torch.float64 for s in float_specs):
+        acc_dtype = torch.float64
+    scratch = torch.empty(max_bytes, dtype=torch.uint8)
+    acc_buf = torch.empty(max_numel, dtype=acc_dtype)
+    cast_buf = torch.empty(max_numel, dtype=acc_dtype)
+    out_bytes = max((s.nbytes for s in float_specs), default=0)
+    out_buf = None if writer.keeps_tensors else torch.empty(out_bytes, dtype=torch.uint8)
     done = 0
     last = readers[-1]
     for spec in specs:
@@ -335,24 +350,32 @@ def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfin
             if progress:
                 progress(done, bytes_in)
             continue
-        acc_dtype = torch.float64 if accumulate == "float64" else torch.promote_types(
-            torch.float32, info.dtype)
-        acc = torch.zeros(info.shape, dtype=acc_dtype)
-        for r, w in zip(readers, raw):
+        acc = acc_buf[: info.numel].view(info.shape)
+        cast = cast_buf[: info.numel].view(info.shape)
+        for i, (r, w) in enumerate(zip(readers, raw)):
             t = r.read(spec.key, scratch)
-            if w == 1.0:
-                acc.add_(t)
+            if i == 0:
+                acc.copy_(t)
+                if w != 1.0:
+                    acc.mul_(w)
             else:
-                acc.add_(t.to(acc_dtype), alpha=w)
+                cast.copy_(t)
+                acc.add_(cast, alpha=w) if w != 1.0 else acc.add_(cast)
             r.release(spec.key)
             done += r.info(spec.key).nbytes
             if progress:
                 progress(done, bytes_in)
-        if not allow_nonfinite and not bool(torch.isfinite(acc).all()):
-            _raise_nonfinite(readers, spec.key, scratch)
+        # A sum of finite values is finite, so one reduction checks the whole tensor.
+        if not allow_nonfinite and not bool(torch.isfinite(acc.sum(dtype=torch.float64))):
+            if not bool(torch.isfinite(acc).all()):
+                _raise_nonfinite(readers, spec.key, scratch)
         acc.div_(total_w)
-        writer.write(spec.key, acc.to(spec.dtype))
-        del acc
+        if out_buf is None:
+            out = acc.to(spec.dtype, copy=True)  # the writer keeps it; acc is reused
+        else:
+            out = out_buf[: spec.nbytes].view(spec.dtype).view(spec.shape)
+            out.copy_(acc)
+        writer.write(spec.key, out)
 
 
 def _raise_nonfinite(readers, key, scratch) -> None:
@@ -367,4 +390,5 @@ def _raise_nonfinite(readers, key, scratch) -> None:
                 "drop that checkpoint, or pass --allow-nonfinite to average anyway"
             )
         r.release(key)
-    raise NonFiniteError(f"tensor {key!r}: the weighted sum overflowed; use --accumulate float64")
+    raise NonFiniteError(f"tensor {key!r}: the weighted sum overflowed float32; "
+                         "use --accumulate float64")

@@ -204,6 +204,230 @@ def inspect(path, n_keys, key, strip_prefix, as_json):
         click.echo(f"  ... {len(info['keys']) - len(keys)} more (--keys 0 lists all)")
 
 
+def _json_kwargs(value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError:
+        raise click.BadParameter(f"{value!r} is not JSON, e.g. '{{\"width\": 64}}'") from None
+    if not isinstance(out, dict):
+        raise click.BadParameter("must be a JSON object")
+    return out
+
+
+def data_options(fn):
+    """Options shared by the commands that run a model over data."""
+    opts = [
+        click.option("--data", "data", help="cifar10, cifar100, fashion-mnist, mnist, svhn, "
+                     "imagefolder or package.module:function (default: data.name metadata)."),
+        click.option("--data-dir", help="Data root (torchvision's root); default $CKPTAVG_DATA "
+                     "or ~/.cache/ckptavg/data."),
+        click.option("--download", is_flag=True, help="Download the data set if missing."),
+        click.option("--model", help="Model name, torchvision:NAME or package.module:factory "
+                     "(default: model.arch metadata)."),
+        click.option("--model-kwargs", help="JSON keyword arguments for the model factory."),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--workers", type=int, default=0, show_default=True,
+                     help="DataLoader worker processes."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--input-key", help="Key of the input in dict batches."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@cli.command("bn-fix")
+@click.argument("checkpoint")
+@click.option("-o", "--output", help="Where to write (default: the checkpoint, atomically in place).")
+@data_options
+@click.option("--stats", type=click.Choice(["update_bn", "exact"]), default="update_bn",
+              show_default=True, help="update_bn: torch's semantics; exact: population statistics.")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Use the training transforms for the pass (as the SWA paper).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--batches", type=int, help="Use only this many batches.")
+@click.option("--fraction", type=float, help="Use only this share of the data (0-1].")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bn_fix_cmd(checkpoint, output, data, data_dir, download, model, model_kwargs, batch_size,
+               workers, device, input_key, as_json, quiet, stats, augment, split, batches,
+               fraction, seed):
+    """Recompute BatchNorm statistics of an averaged checkpoint with one data pass.
+
+    The model is rebuilt from the checkpoint's model.* metadata unless --model is given.
+    """
+    from ckptavg.bn import bn_fix
+
+    with progress_bar(quiet or as_json, "bn-fix", unit="batch") as bar:
+        result = bn_fix(checkpoint, output, data=data, data_dir=data_dir, download=download,
+                        model=model, model_kwargs=_json_kwargs(model_kwargs), split=split,
+                        augment=augment, batches=batches, fraction=fraction,
+                        batch_size=batch_size, workers=workers, device=device, seed=seed,
+                        stats=stats, input_key=input_key, progress=bar)
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        if result["bn_layers"] == 0:
+            click.echo(f"{checkpoint}: {result['message']}")
+        else:
+            click.echo(f"recalibrated {result['bn_layers']} BatchNorm layers on "
+                       f"{result['samples']} samples ({result['batches']} batches, {stats}, "
+                       f"{result['device']}) in {result['seconds']:.1f} s -> {result['output']}")
+
+
+@cli.command("eval")
+@click.argument("checkpoint")
+@data_options
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--subset", type=int, help="Evaluate on the first N samples only.")
+def eval_cmd(checkpoint, data, data_dir, download, model, model_kwargs, batch_size, workers,
+             device, input_key, as_json, quiet, split, subset):
+    """Accuracy and mean cross-entropy of a checkpoint on a data split."""
+    from ckptavg.evaluation import evaluate
+
+    with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
+        result = evaluate(checkpoint, data=data, split=split, data_dir=data_dir,
+                          download=download, model=model, model_kwargs=_json_kwargs(model_kwargs),
+                          batch_size=batch_size, workers=workers, device=device,
+                          input_key=input_key, subset=subset, progress=bar)
+    if result["bn_stale"]:
+        click.echo(f"ckptavg: warning: {checkpoint} has bn.stale=true (averaged, BatchNorm not "
+                   "recalibrated): run `ckptavg bn-fix` first", err=True)
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        click.echo(f"{checkpoint}: {result['data']} {split}: accuracy {result['accuracy']:.2f} %, "
+                   f"loss {result['loss']:.4f}, {result['samples']} samples")
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print the names as a JSON list.")
+def models_cmd(as_json):
+    """List the registered model names (also: torchvision:NAME, package.module:factory)."""
+    from ckptavg.models import describe, list_models
+
+    names = list_models()
+    if as_json:
+        emit_json(names)
+        return
+    for n in names:
+        click.echo(f"{n:<18} {describe(n)}")
+    click.echo("also: torchvision:NAME (torchvision's builders), package.module:factory")
+
+
+@cli.command("train")
+@click.option("--model", required=True, help="Model name (see `ckptavg models`), torchvision:NAME "
+              "or package.module:factory.")
+@click.option("--model-kwargs", help="JSON keyword arguments for the model factory.")
+@click.option("--data", required=True, help="Data set (cifar10, fashion-mnist, ...).")
+@click.option("--data-dir", help="Data root; default $CKPTAVG_DATA or ~/.cache/ckptavg/data.")
+@click.option("--download", is_flag=True, help="Download the data set if missing.")
+@click.option("--epochs", type=int, required=True, help="Training budget in epochs.")
+@click.option("--out", required=True, help="Run folder: epoch-NNNN.safetensors, last.pt, metrics.jsonl.")
+@click.option("--schedule", type=click.Choice(["sgd", "swa"]), default="swa", show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Initial rate (alpha1 with --cycle).")
+@click.option("--swa-start", type=int, help="Epoch from which the SWA phase starts (swa schedule).")
+@click.option("--swa-lr", type=float, help="SWA rate (alpha2 with --cycle).")
+@click.option("--cycle", type=int, help="Cyclical SWA rate: cycles of C epochs from --swa-start.")
+@click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--amp", is_flag=True, help="Mixed precision (GPU only).")
+@click.option("--subset", type=int, help="Use only the first N training images.")
+@click.option("--holdout", type=int, default=0, help="Hold out the last N training images for validation.")
+@click.option("--save", type=click.Choice(["epoch", "cycle-end", "none"]), default="epoch",
+              show_default=True, help="Which weights-only checkpoints to write.")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Test every N epochs (0: only never; the last epoch is always tested when N>0).")
+@click.option("--workers", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
+@click.option("--stop-after", type=int, help="Train at most N epochs in this call (resume later).")
+@click.option("--swa-in-loop", is_flag=True, help="Also keep the running SWA average in memory "
+              "(written to OUT/swa-inloop.safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-epoch lines.")
+def train_cmd(model, model_kwargs, data, data_dir, download, epochs, out, schedule, lr, swa_start,
+              swa_lr, cycle, wd, momentum, batch_size, seed, device, amp, subset, holdout, save,
+              eval_every, workers, resume, stop_after, swa_in_loop, as_json, quiet):
+    """Train with the SWA paper's SGD or SWA schedule, saving a checkpoint per epoch.
+
+    \b
+    ckptavg train --model preresnet164 --data cifar10 --epochs 225 --lr 0.1 --wd 3e-4 \\
+        --swa-start 126 --swa-lr 0.01 --out runs/a
+    ckptavg average runs/a/epoch-*.safetensors --from-epoch 126 -o swa.safetensors
+    """
+    from ckptavg.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(model=model, data=data, epochs=epochs, out=out, schedule=schedule, lr=lr,
+                      swa_start=swa_start, swa_lr=swa_lr, wd=wd, momentum=momentum,
+                      batch_size=batch_size, seed=seed, cycle=cycle, save=save, subset=subset,
+                      holdout=holdout, eval_every=eval_every,
+                      model_kwargs=_json_kwargs(model_kwargs) or {}, data_dir=data_dir,
+                      workers=workers, amp=amp, swa_in_loop=swa_in_loop)
+    show = not (quiet or as_json)
+
+    def on_epoch(row):
+        if show:
+            test = f", test acc {row['test_acc']:.2f} %" if "test_acc" in row else ""
+            click.echo(f"epoch {row['epoch']:>4}  lr {row['lr']:.5f}  train loss "
+                       f"{row['train_loss']:.4f}{test}  ({row['seconds']:.1f} s)", err=True)
+
+    with progress_bar(not show, "train", unit="batch") as bar:
+        summary = train(cfg, device=device, resume=resume, download=download,
+                        stop_after=stop_after, on_batch=bar, on_epoch=on_epoch)
+    if as_json:
+        emit_json(summary)
+    elif not quiet:
+        click.echo(f"trained {summary['epochs_run']} epoch(s) -> {out} "
+                   f"({len(summary['checkpoints'])} checkpoints, saving took "
+                   f"{summary['save_overhead'] * 100:.2f} % of epoch time)")
+
+
+@cli.command("demo")
+@click.option("--out", help="Keep the run's files in this folder (default: a temporary one).")
+@click.option("--epochs", type=int, help="Override the demo's 16 epochs.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True)
+def demo_cmd(out, epochs, device, as_json, quiet):
+    """Train, average, fix BatchNorm and evaluate on a shipped Fashion-MNIST subset (offline).
+
+    Prints the test accuracy of the final SGD weights and of their SWA average.
+    """
+    from ckptavg.demo import run_demo
+
+    show = not (quiet or as_json)
+
+    def on_stage(msg):
+        if show:
+            click.echo(f"[demo] {msg}", err=True)
+
+    def on_epoch(row):
+        if show:
+            click.echo(f"  epoch {row['epoch']:>3}  lr {row['lr']:.4f}  loss {row['train_loss']:.4f}"
+                       f"  test acc {row.get('test_acc', float('nan')):.2f} %  "
+                       f"({row['seconds']:.1f} s)", err=True)
+
+    with progress_bar(not show, "epoch", unit="batch") as bar:
+        result = run_demo(out, device=device, epochs=epochs, on_stage=on_stage, on_batch=bar,
+                          on_epoch=on_epoch)
+    if as_json:
+        emit_json(result)
+        return
+    if not quiet:
+        click.echo(f"SGD (final weights, {result['sgd']['checkpoint']}): test accuracy "
+                   f"{result['sgd']['accuracy']:.2f} %, loss {result['sgd']['loss']:.4f}")
+        click.echo(f"SWA (average of {result['averaged']} epochs, BN recalibrated): test accuracy "
+                   f"{result['swa']['accuracy']:.2f} %, loss {result['swa']['loss']:.4f}")
+        if out:
+            click.echo(f"files kept in {out}")
+
+
 def _on_sigterm(signum, frame):
     # Turn SIGTERM into an exception so writers remove their temporary files.
     raise SystemExit(128 + signum)

@@ -316,3 +316,15 @@ def test_property_into_equals_one_shot(tmp_path_factory, rows, split):
     b = load_file(os.path.join(d, "once.safetensors"))["w"]
     # The running file is stored in float32, so folding rounds once per step: a few ulps.
     torch.testing.assert_close(a, b, rtol=4e-7 * len(rows), atol=1e-5)
+
+
+def test_float64_tensors_to_pt_output_are_not_aliased_to_scratch(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"d{i}.safetensors"))
+        save_file({"a": torch.full((3,), float(i), dtype=torch.float64),
+                   "b": torch.full((2,), 10.0 + i, dtype=torch.float64)}, paths[-1])
+    ckptavg.average(paths, tmp_path / "o.pt")
+    got, _ = ckptavg.load(tmp_path / "o.pt")
+    assert torch.equal(got["a"], torch.full((3,), 0.5, dtype=torch.float64))
+    assert torch.equal(got["b"], torch.full((2,), 10.5, dtype=torch.float64))

@@ -146,3 +146,53 @@ def test_killed_run_leaves_old_output_intact(tmp_path, sig):
     assert out.read_bytes() == old  # the old output, never a partial one
     if sig == signal.SIGTERM:
         assert leftovers(tmp_path) == []  # a catchable signal also removes the temp file
+
+
+def _stale(tmp_path):
+    from tests.fakedata import tiny_bn, write_mnist
+
+    write_mnist(str(tmp_path / "data"), n_train=32, n_test=20)
+    torch.manual_seed(0)
+    p = tmp_path / "swa.safetensors"
+    ckptavg.save(tiny_bn().state_dict(), p, {"model.arch": "tests.fakedata:tiny_bn",
+                                             "data.name": "fashion-mnist", "bn.stale": "true"})
+    return p, tmp_path / "data"
+
+
+def test_bn_fix_and_eval_commands(tmp_path):
+    p, data = _stale(tmp_path)
+    r = invoke("eval", p, "--data-dir", data, "--json")
+    assert r.exit_code == 0
+    assert "bn.stale=true" in r.stderr and json.loads(r.stdout)["samples"] == 20
+    r = invoke("bn-fix", p, "--data-dir", data, "--batch-size", 8, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["samples"] == 32 and res["bn_layers"] == 1
+    r = invoke("eval", p, "--data-dir", data)
+    assert r.exit_code == 0 and "warning" not in r.stderr and "accuracy" in r.stdout
+
+
+def test_bn_fix_subprocess_errors_are_one_line(tmp_path):
+    p, data = _stale(tmp_path)
+    proc = run_cli("bn-fix", p, "--data-dir", tmp_path / "nowhere")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("ckptavg: error: fashion-mnist train split not found")
+    proc = run_cli("bn-fix", p, "--model", "preresnet146")
+    assert proc.returncode == 1 and "did you mean preresnet164" in proc.stderr
+
+
+def test_models_command():
+    r = invoke("models")
+    assert r.exit_code == 0 and "preresnet164" in r.output and "torchvision:NAME" in r.output
+    assert "wideresnet28_10" in json.loads(invoke("models", "--json").output)
+
+
+def test_bn_fix_without_bn_exits_0(tmp_path):
+    from tests.fakedata import write_mnist, zero_linear
+
+    write_mnist(str(tmp_path))
+    p = tmp_path / "lin.safetensors"
+    ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "tests.fakedata:zero_linear",
+                                                 "data.name": "fashion-mnist"})
+    r = invoke("bn-fix", p, "--data-dir", tmp_path)
+    assert r.exit_code == 0 and "no BatchNorm" in r.output

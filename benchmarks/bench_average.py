@@ -1,0 +1,187 @@
+"""Benchmark: `ckptavg average` against the load-everything method and the I/O floor.
+
+Generates N checkpoints of S MB (float32 tensors of at most 16 MB) in .pt and .safetensors,
+warms the page cache, then runs each method in its own process, interleaved, R times, and
+prints wall time and peak RSS (ru_maxrss of the child: counts mapped file pages) minus the
+RSS of `python -c "import torch, safetensors"`.
+
+    .venv/bin/python benchmarks/bench_average.py                    # 6 x 512 MB, the targets
+    .venv/bin/python benchmarks/bench_average.py --n 2,6,32 --size-mb 128 --methods st-st,pt-st
+
+Methods:
+  ckptavg pt->st / pt->pt / st->st   the tool, float64 accumulation (default)
+  classic pt->pt                     torch.load each file whole, sum, divide, torch.save
+  floor                              cat every input > /dev/null, then cp one input (output size)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+CLASSIC = r"""
+import sys, torch
+paths, out = sys.argv[1:-1], sys.argv[-1]
+acc = None
+for p in paths:
+    sd = torch.load(p, map_location="cpu", weights_only=True)["model"]
+    if acc is None:
+        acc = {k: v.clone() for k, v in sd.items()}
+    else:
+        for k, v in sd.items():
+            acc[k] += v
+    del sd
+for k in acc:
+    acc[k] /= len(paths)
+torch.save({"state_dict": acc}, out)
+"""
+
+
+# Runs the CLI in-process after the imports, with the peak-RSS counter reset (Linux
+# clear_refs 5), and prints how far the peak rose above the post-import RSS: the memory
+# the averaging itself used, without the import's own transient peak.
+WORK_RSS = r"""
+import sys, torch, safetensors, ckptavg.cli, ckptavg.averaging, ckptavg.io.pt
+def status(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) * 1024
+base = status('VmRSS:')
+open('/proc/self/clear_refs', 'w').write('5')
+try:
+    ckptavg.cli.main(sys.argv[2:])
+except SystemExit as e:
+    assert not e.code, e.code
+open(sys.argv[1], 'w').write(str(status('VmHWM:') - base))
+"""
+
+
+def run(cmd: list[str], shell: bool = False) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one child process."""
+    subprocess.run(["sync"], check=True)  # no dirty pages of one run slow the next
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {cmd}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def generate(folder: str, n: int, size_mb: int, tensor_mb: int = 16) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    n_tensors = max(1, size_mb // tensor_mb)
+    numel = tensor_mb * 2**20 // 4
+    for i in range(n):
+        pt, st = os.path.join(folder, f"ck-{i:03d}.pt"), os.path.join(folder, f"ck-{i:03d}.safetensors")
+        if not (os.path.exists(pt) and os.path.exists(st)):
+            g = torch.Generator().manual_seed(i)
+            sd = {f"layer{j}.weight": torch.randn(numel, generator=g) for j in range(n_tensors)}
+            torch.save({"model": sd, "epoch": i}, pt)
+            save_file(sd, st, metadata={"train.epoch": str(i)})
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="6", help="comma-separated input counts")
+    ap.add_argument("--size-mb", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dir", default="bench-tmp")
+    ap.add_argument("--methods", default="floor,classic,pt-st,pt-pt,st-st")
+    ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+    py = sys.executable
+    methods = args.methods.split(",")
+    results = []
+    # A fresh VM backs guest memory on first touch (about 4x slower writes); touch 8 GiB
+    # once so that no method pays for it.
+    subprocess.run([py, "-c", "bytearray(8 << 30)"], check=True)
+    base_wall, base_rss = min(run([py, "-c", "import torch, safetensors"]) for _ in range(3))
+    print(f"peak RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"baseline `import torch, safetensors`: {base_wall:.2f} s, RSS {base_rss / 2**20:.0f} MiB")
+    for n in [int(x) for x in args.n.split(",")]:
+        folder = os.path.join(args.dir, f"n{n}-s{args.size_mb}")
+        # Generated in a child: this process stays small, so children forked from it do
+        # not start with its pages counted in their peak RSS.
+        subprocess.run([py, __file__, "--generate", folder, str(n), str(args.size_mb)], check=True)
+        pts = [os.path.join(folder, f"ck-{i:03d}.pt") for i in range(n)]
+        sts = [os.path.join(folder, f"ck-{i:03d}.safetensors") for i in range(n)]
+        out = os.path.join(folder, "out")
+        subprocess.run(["cat", *pts, *sts], stdout=subprocess.DEVNULL, check=True)  # page cache
+        cmds = {
+            "floor": (f"cat {' '.join(sts)} > /dev/null && cp {sts[0]} {out}.floor", True),
+            "classic": ([py, "-c", CLASSIC, *pts, out + ".classic.pt"], False),
+            "pt-st": ([py, "-m", "ckptavg", "average", *pts, "-o", out + ".a.safetensors", "-q"], False),
+            "pt-pt": ([py, "-m", "ckptavg", "average", *pts, "-o", out + ".b.pt", "-q"], False),
+            "st-st": ([py, "-m", "ckptavg", "average", *sts, "-o", out + ".c.safetensors", "-q"], False),
+        }
+        times: dict[str, list] = {m: [] for m in methods}
+        for _ in range(args.repeats):
+            for m in methods:
+                cmd, shell = cmds[m]
+                for f in os.listdir(folder):
+                    if f.startswith("out"):
+                        os.unlink(os.path.join(folder, f))
+                times[m].append(run(cmd, shell=shell))
+                if m == "pt-pt":
+                    pt_out_size = os.path.getsize(out + ".b.pt")
+        row = {"n": n, "size_mb": args.size_mb, "import_s": base_wall, "import_rss": base_rss}
+        print(f"\nN={n} inputs of {args.size_mb} MB (largest tensor 16 MB), {args.repeats} runs, median:")
+        print(f"{'method':<10} {'wall s':>8} {'peak RSS MiB':>13} {'RSS - import MiB':>17}")
+        for m in methods:
+            wall = statistics.median(t for t, _ in times[m])
+            rss = max(r for _, r in times[m])
+            extra = rss - base_rss if m != "floor" else rss
+            row[m] = {"wall_s": wall, "rss": rss, "rss_above_import": extra,
+                      "walls": [t for t, _ in times[m]]}
+            print(f"{m:<10} {wall:>8.2f} {rss / 2**20:>13.0f} {extra / 2**20:>17.0f}")
+        print("ratios:")
+        if "classic" in row and "pt-st" in row:
+            print(f"  pt->st / classic         {row['pt-st']['wall_s'] / row['classic']['wall_s']:.2f}  (target <= 0.5)")
+        if "floor" in row and "st-st" in row:
+            r = row["st-st"]["wall_s"] / (row["floor"]["wall_s"] + base_wall)
+            print(f"  st->st / (floor+import)  {r:.2f}  (target <= 1.5)")
+        limit = 4 * 16 * 2**20 + 256 * 2**20
+        for m in ("pt-st", "st-st"):
+            if m in row:
+                print(f"  {m} RSS above import      {row[m]['rss_above_import'] / 2**20:.0f} MiB "
+                      f"(target <= {limit / 2**20:.0f} MiB)")
+        if "pt-pt" in row:
+            size = pt_out_size
+            print(f"  pt->pt RSS above import / output size  "
+                  f"{row['pt-pt']['rss_above_import'] / size:.2f}  (target <= 1.2)")
+        work = os.path.join(folder, "work-rss")
+        for m in ("pt-st", "pt-pt", "st-st"):
+            if m in row:
+                cmd = cmds[m][0]
+                run([py, "-c", WORK_RSS, work, *cmd[3:]])
+                row[m]["work_rss"] = int(open(work).read())
+                print(f"  {m} peak RSS above the post-import RSS: "
+                      f"{row[m]['work_rss'] / 2**20:.0f} MiB")
+        results.append(row)
+        for f in os.listdir(folder):
+            if f.startswith("out"):
+                p = os.path.join(folder, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--generate":
+        generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()

@@ -1,0 +1,186 @@
+"""BatchNorm recalibration: one pass over data with the averaged weights.
+
+`stats="update_bn"` reproduces `torch.optim.swa_utils.update_bn`: running statistics are
+reset, momentum set to None (an equal-weight average over batches of the batch mean and
+unbiased batch variance), one pass in train mode, then momenta and modes restored.
+`stats="exact"` instead sets each layer to the population statistics of its inputs over
+every sample of the pass: pooled mean and unbiased variance (within- plus between-batch
+spread), merged batch by batch in float64 (Chan et al.'s parallel algorithm).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ckptavg.data import split_batch
+from ckptavg.errors import CkptavgError
+
+Progress = Callable[[int, int], None]
+
+
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class _Pooled:
+    """Per-channel count, mean and M2 of a layer's inputs, merged batch by batch."""
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm):
+        self.module = module
+        self.n = 0
+        self.mean = None
+        self.m2 = None
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        x64 = x.to(torch.float64)
+        nb = x.numel() // x.shape[1]
+        mb = x64.mean(dim=dims)
+        m2b = ((x64 - mb.view([1, -1] + [1] * (x.dim() - 2))) ** 2).sum(dim=dims)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+
+    def apply(self) -> None:
+        self.handle.remove()
+        if self.n == 0:
+            return
+        m = self.module
+        m.running_mean.copy_(self.mean.to(m.running_mean.dtype))
+        m.running_var.copy_((self.m2 / max(self.n - 1, 1)).to(m.running_var.dtype))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CkptavgError(f"--device {device}: no CUDA GPU is available here; use cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CkptavgError(f"--device {device}: use auto, cpu or cuda[:N]") from None
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, loader, *, stats: str = "update_bn",
+                device: str | torch.device | None = None, max_batches: int | None = None,
+                input_key: str | None = None, progress: Progress | None = None) -> dict:
+    """Recompute the BatchNorm statistics of `model` in place with one pass over `loader`.
+
+    Args:
+        model: any module; layers that are not BatchNorm are left as they are.
+        loader: yields tensors, (input, target) tuples or dicts (`input_key`).
+        stats: "update_bn" (torch's semantics) or "exact" (population statistics).
+        max_batches: stop after this many batches.
+
+    Returns:
+        {"bn_layers", "batches", "samples"}; bn_layers is 0 (and nothing runs) without BN.
+
+    Example:
+        >>> recalibrate(model, train_loader)          # same result as update_bn
+    """
+    if stats not in ("update_bn", "exact"):
+        raise CkptavgError(f"--stats {stats}: use update_bn or exact")
+    layers = bn_layers(model)
+    if not layers:
+        return {"bn_layers": 0, "batches": 0, "samples": 0}
+    momenta = {m: m.momentum for m in layers}
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    pooled = [_Pooled(m) for m in layers] if stats == "exact" else []
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    if max_batches is not None:
+        total = min(total, max_batches) if total else max_batches
+    batches = samples = 0
+    try:
+        for batch in loader:
+            if max_batches is not None and batches >= max_batches:
+                break
+            x, _ = split_batch(batch, input_key)
+            if device is not None:
+                x = x.to(device, non_blocking=True)
+            model(x)
+            batches += 1
+            samples += x.shape[0]
+            if progress:
+                progress(batches, total)
+    finally:
+        for p in pooled:
+            p.apply() if batches else p.handle.remove()
+        for m, mom in momenta.items():
+            m.momentum = mom
+        model.train(was_training)
+    if batches == 0:
+        raise CkptavgError("the data pass saw no batch; check the data set and --batches/--fraction")
+    return {"bn_layers": len(layers), "batches": batches, "samples": samples}
+
+
+def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
+           data: str | None = None, data_dir: str | None = None, download: bool = False,
+           model: str | None = None, model_kwargs: dict | None = None, split: str = "train",
+           augment: bool = True, batches: int | None = None, fraction: float | None = None,
+           batch_size: int = 128, workers: int = 0, device: str = "auto", seed: int = 0,
+           stats: str = "update_bn", input_key: str | None = None,
+           progress: Progress | None = None) -> dict:
+    """Recalibrate the BatchNorm statistics of a checkpoint with a data pass and save it.
+
+    Args:
+        checkpoint: an averaged checkpoint (any format ckptavg reads).
+        output: where to write; in place (atomically) when None.
+        data: data set name; default: the checkpoint's `data.name` metadata.
+        model: model name; default: the checkpoint's `model.arch`/`model.kwargs`.
+        batches, fraction: use only this many batches / this share of the data.
+        stats: "update_bn" (torch.optim.swa_utils.update_bn semantics) or "exact".
+
+    Returns:
+        A summary: output, bn_layers, batches, samples, seconds, device.
+
+    Example:
+        >>> ckptavg.bn_fix("swa.safetensors", data="cifar10", data_dir="~/data")
+    """
+    from ckptavg.checkpoint import save
+    from ckptavg.data import get_dataset, make_loader
+    from ckptavg.modelio import build_from_checkpoint
+
+    t0 = time.perf_counter()
+    if fraction is not None and not 0 < fraction <= 1:
+        raise CkptavgError(f"--fraction {fraction}: must be in (0, 1]")
+    net, state, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
+                                                        data_dir)
+    dev = resolve_device(device)
+    if not bn_layers(net):
+        return {"output": None, "bn_layers": 0, "batches": 0, "samples": 0,
+                "seconds": time.perf_counter() - t0, "device": str(dev),
+                "message": "the model has no BatchNorm layers: nothing to recalibrate"}
+    torch.manual_seed(seed)
+    dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
+    loader = make_loader(dataset, batch_size, shuffle=True, workers=workers, seed=seed,
+                         device=str(dev))
+    max_batches = batches
+    if fraction is not None:
+        max_batches = max(1, round(len(loader) * fraction))
+    net.to(dev)
+    info = recalibrate(net, loader, stats=stats, device=dev, max_batches=max_batches,
+                       input_key=input_key, progress=progress)
+    out = os.fspath(output if output is not None else checkpoint)
+    new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info["samples"]),
+                "bn.data": f"{data_name}:{split}" + (":augment" if augment else ""),
+                "bn.stats": stats}
+    new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    save({k: new_state[k] for k in state}, out, new_meta)
+    return {"output": out, **info, "seconds": time.perf_counter() - t0, "device": str(dev)}

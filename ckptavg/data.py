@@ -1,0 +1,337 @@
+"""Data sets through torchvision, loaders, and batch -> model-input adapters.
+
+Names: cifar10, cifar100, fashion-mnist, mnist, svhn, imagefolder, or
+`package.module:function` returning a Dataset or DataLoader. `data_dir` is torchvision's
+`root` (for CIFAR-10, the folder holding `cifar-10-batches-py`); it defaults to
+$CKPTAVG_DATA, else a user cache folder. Fashion-MNIST/MNIST are read from their IDX files
+(`.gz` or not) found in `data_dir`, `data_dir/<Name>/raw`, or torchvision's layout.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import inspect
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+from ckptavg.errors import DataError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # SWA authors'
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+
+
+INFO = {
+    "cifar10": DataInfo("cifar10", 10, 3),
+    "cifar100": DataInfo("cifar100", 100, 3),
+    "fashion-mnist": DataInfo("fashion-mnist", 10, 1),
+    "mnist": DataInfo("mnist", 10, 1),
+    "svhn": DataInfo("svhn", 10, 3),
+    "imagefolder": DataInfo("imagefolder", 0, 3),
+}
+DATASETS = tuple(INFO)
+
+
+def default_data_dir() -> str:
+    if os.environ.get("CKPTAVG_DATA"):
+        return os.environ["CKPTAVG_DATA"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "ckptavg", "data")
+
+
+# ---------------------------------------------------------------- MNIST-family (IDX files)
+
+_IDX = {
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,)),
+    "mnist": ("MNIST", (0.1307,), (0.3081,)),
+}
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file (optionally gzipped) as a uint8 tensor."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = data[4 + 4 * ndim:]
+    n = 1
+    for s in shape:
+        n *= s
+    if len(body) != n:
+        raise DataError(f"{path}: truncated IDX file ({len(body)} of {n} bytes)")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(root: str, folder: str, stem: str) -> str | None:
+    for d in (root, os.path.join(root, folder, "raw"), os.path.join(root, folder)):
+        for suffix in ("", ".gz"):
+            p = os.path.join(d, stem + suffix)
+            if os.path.isfile(p):
+                return p
+    return None
+
+
+class IdxDataset(torch.utils.data.Dataset):
+    """Images held as one normalised tensor; augmentation is a random crop (2-pixel
+    padding of background) and, for Fashion-MNIST, a horizontal flip."""
+
+    PAD = 2
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, augment: bool,
+                 flip: bool):
+        x = images.unsqueeze(1).float().div_(255)
+        x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        bg = float(-mean[0] / std[0])  # the value of a black pixel after normalisation
+        self.x = torch.nn.functional.pad(x, (self.PAD,) * 4, value=bg) if augment else x
+        self.size = images.shape[-1]
+        self.y = labels.long()
+        self.augment, self.flip = augment, flip
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.augment:
+            dx, dy = torch.randint(0, 2 * self.PAD + 1, (2,)).tolist()
+            x = x[:, dy:dy + self.size, dx:dx + self.size]
+            if self.flip and torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, self.y[i]
+
+
+def _idx_dataset(name: str, root: str, split: str, augment: bool, download: bool):
+    folder, mean, std = _IDX[name]
+    if download:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, folder)
+        try:
+            cls(root, train=split == "train", download=True)
+        except Exception as e:  # network errors come in many types
+            raise DataError(f"{name}: download to {root} failed ({e})") from None
+    stems = _IDX_FILES[split]
+    paths = [_find_idx(root, folder, s) for s in stems]
+    if None in paths:
+        raise DataError(
+            f"{name} {split} split not found: expected {stems[0]}[.gz] and {stems[1]}[.gz] in "
+            f"{root} or {os.path.join(root, folder, 'raw')}; pass --data-dir or --download"
+        )
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    return IdxDataset(images, labels, mean, std, augment, flip=name == "fashion-mnist")
+
+
+# ---------------------------------------------------------------- torchvision data sets
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's batch files are pickles: only numpy's array-rebuilding globals are allowed."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("copy_reg", "_reconstructor"),
+               ("copyreg", "_reconstructor"), ("__builtin__", "object"), ("builtins", "object"),
+               ("_codecs", "encode")}  # how protocol-2 pickles carry bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        if module.startswith("numpy.core"):
+            import numpy
+
+            module = module.replace("numpy.core", "numpy._core" if hasattr(numpy, "_core")
+                                    else "numpy.core")
+        module = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)
+        return super().find_class(module, name)
+
+
+def _load_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path}: {e}; not a CIFAR batch file") from None
+    except (EOFError, ValueError) as e:
+        raise DataError(f"{path}: corrupt CIFAR batch file ({e})") from None
+
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images [N, C, H, W] with integer labels and tensor transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform, classes=None):
+        self.images, self.y, self.transform = images, labels, transform
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i].float().div_(255)), int(self.y[i])
+
+
+def _cifar(name: str, root: str, split: str, augment: bool, download: bool):
+    """CIFAR-10/100 from torchvision's on-disk layout, read without torchvision's md5 check
+    (files of a user's own pipeline load as they are) and with a numpy-only unpickler."""
+    import numpy as np
+    from torchvision import transforms as T
+
+    folder, train_files, test_files, label_key = _CIFAR[name]
+    if download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(root, train=split == "train", download=True)
+        except Exception as e:  # network errors come in many types
+            raise DataError(f"{name}: download to {root} failed ({e})") from None
+    files = train_files if split == "train" else test_files
+    paths = [os.path.join(root, folder, f) for f in files]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(
+            f"{name} {split} split not found: expected {os.path.join(root, folder)}/ with "
+            f"{', '.join(files)}; pass --data-dir ROOT (the folder holding {folder}) or --download"
+        )
+    data, labels = [], []
+    for p in paths:
+        entry = _load_pickle(p)
+        if "data" not in entry or label_key not in entry:
+            raise DataError(f"{p}: no 'data'/'{label_key}' entries; not a {name} batch file")
+        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    images = torch.from_numpy(np.concatenate(data))
+    tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else [])
+                   + [T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    return ArrayDataset(images, torch.tensor(labels, dtype=torch.long), tf)
+
+
+def _svhn(root: str, split: str, augment: bool, download: bool):
+    import torchvision
+    from torchvision import transforms as T
+
+    tf = T.Compose(([T.RandomCrop(32, padding=4)] if augment else [])
+                   + [T.ToTensor(), T.Normalize((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))])
+    try:
+        return torchvision.datasets.SVHN(root, split=split, download=download, transform=tf)
+    except ImportError:
+        raise DataError("svhn needs scipy to read its .mat files: pip install scipy") from None
+    except RuntimeError:
+        raise DataError(f"svhn not found: expected {root}/{split}_32x32.mat; "
+                        "pass --data-dir or --download") from None
+
+
+def _imagefolder(root: str, split: str, augment: bool):
+    import torchvision
+    from torchvision import transforms as T
+
+    folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+    if not os.path.isdir(folder):
+        raise DataError(f"imagefolder: {folder} is not a folder; pass --data-dir with "
+                        f"{split}/CLASS/IMAGE files")
+    norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    tf = T.Compose(([T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if augment
+                    else [T.Resize(256), T.CenterCrop(224)]) + norm)
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"imagefolder: {folder}: {e}") from None
+
+
+def _user(spec: str, split: str, augment: bool):
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise DataError(f"--data {spec}: cannot load it ({e})") from None
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in (("split", split), ("augment", augment)) if k in params}
+    return fn(**kwargs)
+
+
+def get_dataset(name: str, split: str = "train", data_dir: str | None = None,
+                augment: bool = False, download: bool = False):
+    """A Dataset (or a user's DataLoader) for `name` and `split` ('train' or 'test')."""
+    root = data_dir or default_data_dir()
+    if split not in ("train", "test"):
+        raise DataError(f"split {split!r}: use train or test")
+    if ":" in name:
+        return _user(name, split, augment)
+    if name in _IDX:
+        return _idx_dataset(name, root, split, augment, download)
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, root, split, augment, download)
+    if name == "svhn":
+        return _svhn(root, split, augment, download)
+    if name == "imagefolder":
+        return _imagefolder(root, split, augment)
+    import difflib
+
+    close = difflib.get_close_matches(name, DATASETS, n=2)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise DataError(f"unknown data set {name!r}; {hint}known: {', '.join(DATASETS)}, "
+                    "or package.module:function")
+
+
+def data_info(name: str, dataset=None) -> DataInfo:
+    """Classes and channels, for building the model."""
+    if name in INFO and name != "imagefolder":
+        return INFO[name]
+    classes = getattr(dataset, "classes", None)
+    return DataInfo(name, len(classes) if classes else 10, 3)
+
+
+def make_loader(dataset, batch_size: int = 128, shuffle: bool = False, workers: int = 0,
+                seed: int | None = None, subset: int | None = None, device: str = "cpu"):
+    """A DataLoader (a user's DataLoader passes through untouched)."""
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        return dataset
+    if subset is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
+    g = torch.Generator()
+    if seed is not None:
+        g.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       num_workers=workers, generator=g,
+                                       pin_memory=device.startswith("cuda"),
+                                       persistent_workers=workers > 0)
+
+
+INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def split_batch(batch, input_key: str | None = None):
+    """(inputs, labels or None) from a tensor, tuple/list or dict batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict):
+        keys = [input_key] if input_key else [k for k in INPUT_KEYS if k in batch]
+        if not keys or keys[0] not in batch:
+            raise DataError(f"batch is a dict with keys {sorted(batch)}; name the input with "
+                            "--input-key")
+        label = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return batch[keys[0]], label
+    raise DataError(f"batch of type {type(batch).__name__}: expected a tensor, tuple or dict")

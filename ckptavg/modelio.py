@@ -1,0 +1,82 @@
+"""Rebuild a network from a checkpoint: model.* metadata (or --model) plus its weights."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ckptavg.errors import CkptavgError, ModelError
+
+
+def model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | None,
+               path: str) -> tuple[str, dict]:
+    """(arch, kwargs): --model wins; else the checkpoint's model.arch/model.kwargs."""
+    if model:
+        return model, dict(model_kwargs or {})
+    arch = meta.get("model.arch")
+    if not arch:
+        raise ModelError(
+            f"{path}: no model.arch metadata, so the network is unknown; pass --model NAME "
+            "(see `ckptavg models`), torchvision:NAME or package.module:factory"
+        )
+    try:
+        kwargs = json.loads(meta.get("model.kwargs") or "{}")
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: model.kwargs metadata is not JSON; pass --model-kwargs") from None
+    kwargs.update(model_kwargs or {})
+    return arch, kwargs
+
+
+def data_name_of(meta: dict[str, str], data: str | None, path: str) -> str:
+    name = data or meta.get("data.name")
+    if not name:
+        raise CkptavgError(f"{path}: no data.name metadata; pass --data NAME (e.g. cifar10)")
+    return name
+
+
+def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = None):
+    """create_model with num_classes/in_channels from the data set unless given."""
+    from ckptavg.data import data_info, get_dataset
+    from ckptavg.models import create_model
+
+    kwargs = dict(kwargs)
+    if "num_classes" not in kwargs or "in_channels" not in kwargs:
+        ds = get_dataset(data_name, "train", data_dir) if data_name == "imagefolder" else None
+        info = data_info(data_name, ds)
+        kwargs.setdefault("num_classes", info.num_classes)
+        kwargs.setdefault("in_channels", info.in_channels)
+    return create_model(arch, **kwargs), kwargs
+
+
+def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
+    result = net.state_dict()
+    missing = [k for k in result if k not in state]
+    unexpected = [k for k in state if k not in result]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in result.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} ({', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"shape {', '.join(shapes[:3])}")
+        raise ModelError(f"{path}: weights do not fit the model: {'; '.join(parts)}; "
+                         "check --model/--model-kwargs")
+    net.load_state_dict(state, strict=True)
+
+
+def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, data_dir=None):
+    """(network with the checkpoint's weights, state, metadata, data set name)."""
+    from ckptavg.checkpoint import load
+
+    path = os.fspath(checkpoint)
+    state, meta = load(path)
+    data_name = data_name_of(meta, data, path)
+    arch, kwargs = model_spec(meta, model, model_kwargs, path)
+    net, _ = build_model(arch, kwargs, data_name, data_dir)
+    load_weights(net, state, path)
+    return net, state, meta, data_name

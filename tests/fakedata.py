@@ -1,0 +1,89 @@
+"""Tiny data sets written in their real on-disk formats, and tiny model factories."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def write_idx(path: str, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    opener = gzip.open if compress else open
+    with opener(path + (".gz" if compress else ""), "wb") as f:
+        f.write(data)
+
+
+def write_mnist(root: str, n_train: int = 64, n_test: int = 32, compress: bool = True,
+                layout: str = "flat", seed: int = 0) -> dict:
+    """Fashion-MNIST-format IDX files. layout: 'flat' (files in root, like ../shared/data)
+    or 'torchvision' (root/FashionMNIST/raw). Returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    folder = root if layout == "flat" else os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(folder, exist_ok=True)
+    arrays = {}
+    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), images, compress)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), labels, compress)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def write_cifar10(root: str, per_batch: int = 8, n_test: int = 10, seed: int = 0) -> dict:
+    """cifar-10-batches-py as torchvision reads it: pickled dicts, data N x 3072 uint8."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, n)]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{i}.png" for i in range(n)]}, f, protocol=2)
+        out[name] = (data, labels)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch,
+                     "num_vis": 3072}, f, protocol=2)
+    return out
+
+
+def write_cifar100(root: str, n_train: int = 20, n_test: int = 10, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": [int(x) for x in rng.integers(0, 100, n)],
+                         "coarse_labels": [0] * n}, f, protocol=2)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f, protocol=2)
+
+
+def zero_linear(num_classes: int = 10, in_channels: int = 1):
+    """Predicts equal logits for every class: accuracy = share of class 0, loss = log(C)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes))
+    nn.init.zeros_(net[1].weight)
+    nn.init.zeros_(net[1].bias)
+    return net
+
+
+def tiny_bn(num_classes: int = 10, in_channels: int = 1):
+    """Conv-BN-ReLU-pool-linear: a BN net that runs in milliseconds."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+
+def dict_batches(split: str = "train", augment: bool = False):
+    """A user data function returning a Dataset of dict samples."""
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(12, 1, 28, 28, generator=g)
+    return [{"image": xs[i], "label": i % 10} for i in range(12)]

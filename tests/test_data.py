@@ -1,0 +1,115 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ckptavg.data import get_dataset, make_loader, read_idx, split_batch
+from ckptavg.errors import DataError
+from tests.conftest import SHARED_DATA
+from tests.fakedata import write_cifar10, write_cifar100, write_mnist
+
+FASHION = os.path.join(SHARED_DATA, "fashion-mnist")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_fashion_mnist_idx_layouts(tmp_path, compress, layout):
+    arrays = write_mnist(str(tmp_path), compress=compress, layout=layout)
+    ds = get_dataset("fashion-mnist", "test", str(tmp_path))
+    images, labels = arrays["test"]
+    assert len(ds) == len(labels)
+    x, y = ds[3]
+    assert x.shape == (1, 28, 28) and y.item() == labels[3]
+    expected = (images[3, 5, 7] / 255 - 0.2860) / 0.3530
+    assert x[0, 5, 7].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_augmented_fashion_mnist_keeps_size_and_label(tmp_path):
+    write_mnist(str(tmp_path))
+    ds = get_dataset("fashion-mnist", "train", str(tmp_path), augment=True)
+    x, y = ds[0]
+    assert x.shape == (1, 28, 28) and y.item() == 0
+
+
+def test_missing_mnist_files_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\[\.gz\].*--data-dir or --download"):
+        get_dataset("fashion-mnist", "test", str(tmp_path))
+
+
+def test_corrupt_idx(tmp_path):
+    p = tmp_path / "x-idx3-ubyte"
+    p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(str(p))
+
+
+def test_cifar10_real_format(tmp_path):
+    batches = write_cifar10(str(tmp_path))
+    train = get_dataset("cifar10", "train", str(tmp_path))
+    test = get_dataset("cifar10", "test", str(tmp_path))
+    assert len(train) == 40 and len(test) == 10
+    data, labels = batches["test_batch"]
+    x, y = test[2]
+    assert x.shape == (3, 32, 32) and y == labels[2] and x.dtype == torch.float32
+    # pixel (row 0, col 1) of the red plane, normalised with the SWA authors' constants
+    assert x[0, 0, 1].item() == pytest.approx((data[2, 1] / 255 - 0.4914) / 0.2023, abs=1e-5)
+    aug = get_dataset("cifar10", "train", str(tmp_path), augment=True)
+    assert aug[0][0].shape == (3, 32, 32)
+
+
+def test_cifar100_real_format(tmp_path):
+    write_cifar100(str(tmp_path))
+    ds = get_dataset("cifar100", "train", str(tmp_path))
+    assert len(ds) == 20 and ds[0][0].shape == (3, 32, 32)
+
+
+def test_missing_cifar_names_files_and_folder(tmp_path):
+    with pytest.raises(DataError) as e:
+        get_dataset("cifar10", "train", str(tmp_path))
+    msg = str(e.value)
+    assert "cifar-10-batches-py" in msg and "data_batch_1" in msg and "--download" in msg
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    import pickle
+
+    write_cifar10(str(tmp_path))
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": __import__("collections").OrderedDict()}, f)
+    with pytest.raises(DataError, match="refused global collections.OrderedDict"):
+        get_dataset("cifar10", "test", str(tmp_path))
+
+
+def test_unknown_data_set_suggests():
+    with pytest.raises(DataError, match="did you mean cifar10"):
+        get_dataset("cifar-10")
+
+
+def test_default_data_dir_from_env(tmp_path, monkeypatch):
+    write_mnist(str(tmp_path))
+    monkeypatch.setenv("CKPTAVG_DATA", str(tmp_path))
+    assert len(get_dataset("fashion-mnist", "test")) == 32
+
+
+def test_user_data_function_and_dict_batches():
+    ds = get_dataset("tests.fakedata:dict_batches", "train")
+    loader = make_loader(ds, batch_size=4)
+    batch = next(iter(loader))
+    x, y = split_batch(batch)
+    assert x.shape == (4, 1, 28, 28) and y.tolist() == [0, 1, 2, 3]
+    with pytest.raises(DataError, match="--input-key"):
+        split_batch({"pixels": x})
+    assert split_batch({"pixels": x}, "pixels")[0] is x
+    assert split_batch(x)[1] is None
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="../shared/data not present")
+def test_real_fashion_mnist_from_shared():
+    train = get_dataset("fashion-mnist", "train", FASHION)
+    test = get_dataset("fashion-mnist", "test", FASHION)
+    assert len(train) == 60000 and len(test) == 10000
+    assert train[0][1].item() == 9  # the first training image is an ankle boot
+    counts = np.bincount(test.y.numpy(), minlength=10)
+    assert counts.tolist() == [1000] * 10
+    assert torch.isfinite(train.x[:100]).all()

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from ckptavg.errors import ModelError
+from ckptavg.models import create_model, list_models
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_runs_forward(name):
+    torch.manual_seed(0)
+    in_ch = 1 if name == "convnet_bn" else 3
+    net = create_model(name, num_classes=7, in_channels=in_ch).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, in_ch, 32, 32))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_paper_architectures_have_the_paper_sizes():
+    count = lambda n: sum(p.numel() for p in create_model(n).parameters())  # noqa: E731
+    # PreResNet-164 1.7M, WRN-28-10 36.5M, VGG16 15.2M (CIFAR-10 variants)
+    assert 1.6e6 < count("preresnet164") < 1.8e6
+    assert 36.0e6 < count("wideresnet28_10") < 36.6e6
+    assert 14.9e6 < count("vgg16") < 15.3e6
+    blocks = create_model("preresnet110").layer1
+    assert len(blocks) == 12 and type(blocks[0]).__name__ == "Bottleneck"
+
+
+def test_small_inputs_work_for_mnist_sizes():
+    for name in ("preresnet20", "vgg16_bn", "convnet_bn"):
+        net = create_model(name, num_classes=10, in_channels=1).eval()
+        assert net(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ModelError, match="did you mean preresnet164"):
+        create_model("preresnet146")
+    with pytest.raises(ModelError, match="did you mean torchvision:resnet18"):
+        create_model("torchvision:resnet81")
+
+
+def test_torchvision_and_user_factories():
+    net = create_model("torchvision:resnet18", num_classes=5, in_channels=3)
+    assert net.fc.out_features == 5
+    net = create_model("tests.fakedata:tiny_bn", num_classes=3, in_channels=1)
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(ModelError, match="cannot import"):
+        create_model("nopkg.nomod:f")
