@@ -7,6 +7,7 @@ inside commands, so `ckptavg --help` stays fast.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -390,7 +391,7 @@ def train_cmd(model, model_kwargs, data, data_dir, download, epochs, out, schedu
 
 @cli.command("demo")
 @click.option("--out", help="Keep the run's files in this folder (default: a temporary one).")
-@click.option("--epochs", type=int, help="Override the demo's 16 epochs.")
+@click.option("--epochs", type=int, help="Override the demo's 32 epochs.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True)
@@ -426,6 +427,116 @@ def demo_cmd(out, epochs, device, as_json, quiet):
                    f"{result['swa']['accuracy']:.2f} %, loss {result['swa']['loss']:.4f}")
         if out:
             click.echo(f"files kept in {out}")
+
+
+@cli.command("ensemble")
+@click.argument("checkpoints", nargs=-1, required=True)
+@data_options
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--subset", type=int, help="Evaluate on the first N samples only.")
+def ensemble_cmd(checkpoints, data, data_dir, download, model, model_kwargs, batch_size, workers,
+                 device, input_key, as_json, quiet, split, subset):
+    """Accuracy and loss of the prediction ensemble (mean softmax) of CHECKPOINTS.
+
+    This is what SWA approximates at the cost of one model. Globs are expanded.
+    """
+    from ckptavg.experiments.ensemble import ensemble
+    from ckptavg.select import expand
+
+    with progress_bar(quiet or as_json, "ensemble", unit="model") as bar:
+        result = ensemble(expand(list(checkpoints)), data=data, split=split, data_dir=data_dir,
+                          download=download, model=model, model_kwargs=_json_kwargs(model_kwargs),
+                          batch_size=batch_size, workers=workers, device=device, subset=subset,
+                          progress=bar)
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        for m in result["members"]:
+            click.echo(f"  {m['accuracy']:6.2f} %  {m['checkpoint']}")
+        click.echo(f"ensemble of {result['n']}: accuracy {result['accuracy']:.2f} %, "
+                   f"loss {result['loss']:.4f} ({result['samples']} samples)")
+
+
+@cli.command("width")
+@click.argument("a")
+@click.argument("b")
+@click.option("-o", "--output", "plot", default="width.png", show_default=True,
+              help="The plot (PNG); a CSV of every number is written beside it.")
+@click.option("--data", help="Data set (default: data.name metadata).")
+@click.option("--data-dir", help="Data root.")
+@click.option("--download", is_flag=True)
+@click.option("--labels", help="Two comma-separated names for A and B (e.g. SGD,SWA).")
+@click.option("--rays", type=int, default=10, show_default=True)
+@click.option("--points", type=int, default=21, show_default=True)
+@click.option("--max-distance", type=float, default=10.0, show_default=True)
+@click.option("--bn-fix/--no-bn-fix", default=True, show_default=True,
+              help="Recalibrate BatchNorm at every point.")
+@click.option("--train-subset", type=int, default=5000, show_default=True,
+              help="Training images for the train loss and BatchNorm (0: all).")
+@click.option("--test-subset", type=int, help="Test images (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+def width_cmd(a, b, plot, data, data_dir, download, labels, rays, points, max_distance, bn_fix,
+              train_subset, test_subset, seed, device, as_json, quiet):
+    """Width of two optima along the same random rays (SWA paper, Figure 4)."""
+    from ckptavg.experiments.width import width
+
+    names = tuple(labels.split(",")) if labels else None
+    if names is not None and len(names) != 2:
+        raise click.BadParameter("give two names, e.g. SGD,SWA", param_hint="--labels")
+    csv_path = os.path.splitext(plot)[0] + ".csv"
+    with progress_bar(quiet or as_json, "width", unit="point") as bar:
+        result = width(a, b, data=data, data_dir=data_dir, download=download, labels=names,
+                       rays=rays, points=points, max_distance=max_distance, bn_fix=bn_fix,
+                       train_subset=train_subset or None, test_subset=test_subset, seed=seed,
+                       device=device, csv_path=csv_path, plot_path=plot, progress=bar)
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "rows"})
+    elif not quiet:
+        for label in result["labels"]:
+            far = [r for r in result["rows"] if r["solution"] == label
+                   and r["distance"] == max_distance]
+            near = next(r for r in result["rows"] if r["solution"] == label and r["distance"] == 0)
+            click.echo(f"{label}: test error {near['test_error']:.2f} % at the centre, median "
+                       f"{sorted(r['test_error'] for r in far)[len(far) // 2]:.2f} % at distance "
+                       f"{max_distance:g}")
+        click.echo(f"wrote {plot} and {csv_path}")
+
+
+@cli.command("replicate")
+@click.option("--preset", required=True, help="fashion-mnist, cifar10-vgg16, cifar10-preresnet164, "
+              "cifar10-wrn28-10, cifar100-... (see --list).")
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--first-seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, help="Folder for runs, results.json, results.md, curves.png.")
+@click.option("--data-dir", help="Data root.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--budget", type=int, help="Override the preset's budget B (epochs).")
+@click.option("--swa-start", type=int, help="Override the preset's SWA start epoch.")
+@click.option("--subset", type=int, help="Override: use the first N training images.")
+@click.option("--holdout", type=int, help="Override: hold out the last N of them for validation.")
+@click.option("--model", help="Override the preset's model.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, budget, swa_start, subset,
+                  holdout, model, as_json, quiet):
+    """Reproduce the paper's Table 1 protocol: SGD vs SWA at 1, 1.25 and 1.5 budgets."""
+    from ckptavg.experiments.replicate import replicate, results_table
+
+    def log(msg):
+        if not (quiet or as_json):
+            click.echo(f"[replicate] {msg}", err=True)
+
+    result = replicate(preset, out, seeds=seeds, first_seed=first_seed, data_dir=data_dir,
+                       device=device, log=log,
+                       overrides={"budget": budget, "swa_start": swa_start, "subset": subset,
+                                  "holdout": holdout, "model": model})
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "per_seed"})
+    elif not quiet:
+        click.echo(results_table(result))
 
 
 def _on_sigterm(signum, frame):

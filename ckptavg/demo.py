@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Callable
 from importlib import resources
 
-DEMO = {"model": "convnet_bn", "model_kwargs": {"width": 16}, "epochs": 16, "swa_start": 10,
-        "lr": 0.1, "swa_lr": 0.02, "wd": 5e-4, "batch_size": 64, "seed": 0}
+DEMO = {"model": "convnet_bn", "model_kwargs": {"width": 16}, "epochs": 32, "swa_start": 20,
+        "lr": 0.1, "swa_lr": 0.05, "wd": 5e-4, "batch_size": 64, "seed": 0}
 
 
 def demo_data_dir() -> str:

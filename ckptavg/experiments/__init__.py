@@ -1,0 +1,1 @@
+"""Paper reproductions: prediction ensembles, optima width, the Table 1 protocol."""

@@ -1,0 +1,244 @@
+"""The SWA paper's Table 1 protocol with offline averaging.
+
+Per seed: one SGD run of budget B (SGD schedule) and one SWA run of 1.5 B (SWA schedule),
+saving every epoch. From the SWA run's checkpoints the running average is folded epoch by
+epoch (`average --into`), BatchNorm-fixed and tested: its values at B, 1.25 B and 1.5 B are
+the SWA budgets, all from one training run. The prediction ensemble of the same snapshots
+(mean softmax) is reported beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    data: str
+    budget: int
+    lr: float
+    wd: float
+    swa_start: int
+    swa_lr: float
+    batch_size: int = 128
+    model_kwargs: tuple = ()
+    subset: int | None = None
+    holdout: int = 0
+    paper: dict | None = None  # the paper's test accuracy (%): SGD, SWA 1, 1.25, 1.5 budgets
+
+
+_C10 = {"cifar10-vgg16": ("vgg16", 200, 0.05, 5e-4, 161, 0.01, (93.25, 93.59, 93.70, 93.64)),
+        "cifar10-preresnet164": ("preresnet164", 150, 0.1, 3e-4, 126, 0.01,
+                                 (95.28, 95.56, 95.77, 95.83)),
+        "cifar10-wrn28-10": ("wideresnet28_10", 200, 0.1, 5e-4, 161, 0.05,
+                             (96.18, 96.45, 96.64, 96.79))}
+_C100 = {"cifar100-vgg16": ("vgg16", 200, 0.05, 5e-4, 161, 0.01, (72.55, 73.91, 74.17, 74.27)),
+         "cifar100-preresnet164": ("preresnet164", 150, 0.1, 3e-4, 126, 0.05,
+                                   (78.49, 79.77, 80.18, 80.35)),
+         "cifar100-wrn28-10": ("wideresnet28_10", 200, 0.1, 5e-4, 161, 0.05,
+                               (80.82, 81.46, 81.91, 82.15))}
+PRESETS: dict[str, Preset] = {}
+for _table, _data in ((_C10, "cifar10"), (_C100, "cifar100")):
+    for _name, (_m, _b, _lr, _wd, _s, _slr, _paper) in _table.items():
+        PRESETS[_name] = Preset(_m, _data, _b, _lr, _wd, _s, _slr,
+                                paper=dict(zip(("sgd", "swa_1", "swa_1.25", "swa_1.5"), _paper)))
+# Sized for 3 seeds in under an hour on 2 CPU cores; nothing tuned on the test split.
+PRESETS["fashion-mnist"] = Preset("convnet_bn", "fashion-mnist", budget=20, lr=0.1, wd=5e-4,
+                                  swa_start=16, swa_lr=0.05, batch_size=128,
+                                  model_kwargs=(("width", 16),), subset=25000, holdout=5000)
+BUDGETS = (1.0, 1.25, 1.5)
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+
+
+def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", log=None) -> dict:
+    """One seed of the protocol; returns every number it measured."""
+    from ckptavg.averaging import average
+    from ckptavg.bn import bn_fix
+    from ckptavg.evaluation import evaluate, predict, scores
+    from ckptavg.modelio import build_from_checkpoint
+    from ckptavg.train.loop import TrainConfig, train
+
+    log = log or (lambda msg: None)
+    common = dict(model=p.model, data=p.data, lr=p.lr, wd=p.wd, batch_size=p.batch_size,
+                  seed=seed, model_kwargs=dict(p.model_kwargs), data_dir=data_dir,
+                  subset=p.subset, holdout=p.holdout)
+    t0 = time.perf_counter()
+    log(f"seed {seed}: SGD, {p.budget} epochs")
+    train(TrainConfig(epochs=p.budget, out=os.path.join(out, "sgd"), schedule="sgd",
+                      save="none", **common), device=device, resume=True)
+    swa_epochs = round(1.5 * p.budget)
+    log(f"seed {seed}: SWA schedule, {swa_epochs} epochs from swa_start {p.swa_start}")
+    swa_dir = os.path.join(out, "swa")
+    train(TrainConfig(epochs=swa_epochs, out=swa_dir, schedule="swa", swa_start=p.swa_start,
+                      swa_lr=p.swa_lr, **common), device=device, resume=True)
+    train_seconds = time.perf_counter() - t0
+
+    sgd_rows = [json.loads(x) for x in open(os.path.join(out, "sgd", "metrics.jsonl"))]
+    swa_rows = [json.loads(x) for x in open(os.path.join(swa_dir, "metrics.jsonl"))]
+    running = os.path.join(out, "swa-running.safetensors")
+    fixed = os.path.join(out, "swa-running-bn.safetensors")
+    if os.path.exists(running):
+        os.unlink(running)
+    curve, ens_curve = [], []
+    prob_sum, labels = None, None
+    log(f"seed {seed}: running SWA average, BatchNorm fix and test per epoch")
+    for epoch in range(p.swa_start, swa_epochs + 1):
+        ckpt = os.path.join(swa_dir, f"epoch-{epoch:04d}.safetensors")
+        if os.path.exists(running):
+            average([ckpt], into=running)
+        else:
+            average([ckpt], running)
+        shutil.copyfile(running, fixed)
+        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed)
+        r = evaluate(fixed, data_dir=data_dir, device=device)
+        curve.append({"epoch": epoch, "accuracy": r["accuracy"], "loss": r["loss"]})
+        net, _, _, _ = build_from_checkpoint(ckpt, data_dir=data_dir)
+        probs, y = predict_test(net, p.data, data_dir, device, predict)
+        labels = y
+        prob_sum = probs.double() if prob_sum is None else prob_sum + probs
+        s = scores((prob_sum / (epoch - p.swa_start + 1)).float(), labels)
+        ens_curve.append({"epoch": epoch, "accuracy": s["accuracy"], "loss": s["loss"]})
+    at = {e["epoch"]: e for e in curve}
+    ens_at = {e["epoch"]: e for e in ens_curve}
+    result = {"seed": seed, "sgd": sgd_rows[-1]["test_acc"], "train_seconds": train_seconds,
+              "sgd_curve": [{"epoch": r["epoch"], "accuracy": r.get("test_acc")} for r in sgd_rows],
+              "swa_iterates": [{"epoch": r["epoch"], "accuracy": r.get("test_acc")} for r in swa_rows],
+              "swa_curve": curve, "ensemble_curve": ens_curve,
+              "val": {"sgd": sgd_rows[-1].get("val_acc"), "swa_iterate": swa_rows[-1].get("val_acc")}}
+    for f in BUDGETS:
+        e = round(f * p.budget)
+        if e < p.swa_start:
+            continue
+        result[f"swa_{f:g}"] = at[e]["accuracy"]
+        result[f"ensemble_{f:g}"] = ens_at[e]["accuracy"]
+    return result
+
+
+_TEST_CACHE: dict = {}
+
+
+def predict_test(net, data, data_dir, device, predict):
+    from ckptavg.bn import resolve_device
+    from ckptavg.data import get_dataset, make_loader
+
+    dev = resolve_device(device)
+    key = (data, data_dir)
+    if key not in _TEST_CACHE:
+        _TEST_CACHE[key] = make_loader(get_dataset(data, "test", data_dir), 512, device=str(dev))
+    return predict(net.to(dev), _TEST_CACHE[key], dev)
+
+
+def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int = 0,
+              data_dir: str | None = None, device: str = "auto", overrides: dict | None = None,
+              log=None) -> dict:
+    """Run the protocol for `seeds` seeds; write results.json, results.md and curves.png."""
+    from ckptavg.errors import CkptavgError
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(preset, PRESETS, n=2)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise CkptavgError(f"unknown preset {preset!r}; {hint}known: {', '.join(PRESETS)}")
+        name, p = preset, PRESETS[preset]
+    else:
+        name, p = "custom", preset
+    if overrides:
+        p = replace(p, **{k: v for k, v in overrides.items() if v is not None})
+    if not 1 <= p.swa_start <= p.budget:
+        raise CkptavgError(f"swa_start {p.swa_start} must be within the budget {p.budget}")
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    per_seed = [run_seed(p, s, os.path.join(out, f"seed-{s}"), data_dir=data_dir, device=device,
+                         log=log) for s in range(first_seed, first_seed + seeds)]
+    rows = ["sgd"] + [f"swa_{f:g}" for f in BUDGETS] + [f"ensemble_{f:g}" for f in BUDGETS]
+    summary = {r: _mean_std([s[r] for s in per_seed]) for r in rows if r in per_seed[0]}
+    result = {"preset": name, "config": {k: v for k, v in asdict(p).items() if k != "paper"},
+              "paper": p.paper, "seeds": [s["seed"] for s in per_seed], "summary": summary,
+              "per_seed": per_seed, "seconds": time.perf_counter() - t0,
+              "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() and
+                            device != "cpu" else "cpu"),
+              "torch": torch.__version__}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(results_table(result))
+    try:
+        plot_curves(result, os.path.join(out, "curves.png"))
+        result["plot"] = os.path.join(out, "curves.png")
+    except CkptavgError:  # matplotlib not installed: the table and JSON still stand
+        result["plot"] = None
+    return result
+
+
+def results_table(result: dict) -> str:
+    p = result["config"]
+    lines = [f"# {result['preset']}: test accuracy (%), mean ± std over seeds "
+             f"{result['seeds']}", "",
+             f"{p['model']} on {p['data']}, budget B = {p['budget']} epochs, lr {p['lr']}, "
+             f"wd {p['wd']}, SWA from epoch {p['swa_start']} at lr {p['swa_lr']}"
+             + (f", first {p['subset']} training images ({p['holdout']} held out)"
+                if p.get("subset") else ""), "",
+             "| method | ours | paper |", "|---|---|---|"]
+    names = {"sgd": "SGD (B)", "swa_1": "SWA 1 budget", "swa_1.25": "SWA 1.25 budgets",
+             "swa_1.5": "SWA 1.5 budgets", "ensemble_1": "ensemble of SWA snapshots, 1 budget",
+             "ensemble_1.25": "ensemble, 1.25 budgets", "ensemble_1.5": "ensemble, 1.5 budgets"}
+    paper = result.get("paper") or {}
+    for key, s in result["summary"].items():
+        ref = f"{paper[key]:.2f}" if key in paper else "-"
+        lines.append(f"| {names.get(key, key)} | {s['mean']:.2f} ± {s['std']:.2f} | {ref} |")
+    lines += ["", "Per seed:", "", "| seed | " + " | ".join(result["summary"]) + " |",
+              "|---|" + "---|" * len(result["summary"])]
+    for s in result["per_seed"]:
+        lines.append(f"| {s['seed']} | " + " | ".join(f"{s[k]:.2f}" for k in result["summary"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(result: dict, path: str) -> None:
+    """Test error per epoch: SGD, the SWA run's iterates, the running SWA average (mean of seeds)."""
+    from ckptavg.experiments.plots import pyplot
+
+    plt = pyplot()
+
+    def mean_curve(key):
+        by_epoch: dict[int, list] = {}
+        for s in result["per_seed"]:
+            for r in s[key]:
+                if r["accuracy"] is not None:
+                    by_epoch.setdefault(r["epoch"], []).append(100 - r["accuracy"])
+        es = sorted(by_epoch)
+        return es, [statistics.fmean(by_epoch[e]) for e in es]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("sgd_curve", "SGD (SGD schedule)", "-"),
+                              ("swa_iterates", "SWA run: individual weights", "--"),
+                              ("swa_curve", "SWA: running average, BN fixed", "-"),
+                              ("ensemble_curve", "ensemble of the same snapshots", ":")):
+        es, errs = mean_curve(key)
+        ax.plot(es, errs, style, label=label)
+    b = result["config"]["budget"]
+    for f in BUDGETS:
+        ax.axvline(round(f * b), color="grey", lw=0.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%)")
+    lo = min(min(mean_curve(k)[1]) for k in ("sgd_curve", "swa_curve"))
+    ax.set_ylim(lo - 1, lo + 12)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{result['preset']}: mean over seeds {result['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
