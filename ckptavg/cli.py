@@ -465,6 +465,8 @@ def ensemble_cmd(checkpoints, data, data_dir, download, model, model_kwargs, bat
 @click.option("--data", help="Data set (default: data.name metadata).")
 @click.option("--data-dir", help="Data root.")
 @click.option("--download", is_flag=True)
+@click.option("--model", help="Model name (default: model.arch metadata).")
+@click.option("--model-kwargs", help="JSON keyword arguments for the model factory.")
 @click.option("--labels", help="Two comma-separated names for A and B (e.g. SGD,SWA).")
 @click.option("--rays", type=int, default=10, show_default=True)
 @click.option("--points", type=int, default=21, show_default=True)
@@ -478,7 +480,7 @@ def ensemble_cmd(checkpoints, data, data_dir, download, model, model_kwargs, bat
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
-def width_cmd(a, b, plot, data, data_dir, download, labels, rays, points, max_distance, bn_fix,
+def width_cmd(a, b, plot, data, data_dir, download, model, model_kwargs, labels, rays, points, max_distance, bn_fix,
               train_subset, test_subset, seed, device, as_json, quiet):
     """Width of two optima along the same random rays (SWA paper, Figure 4)."""
     from ckptavg.experiments.width import width
@@ -488,7 +490,8 @@ def width_cmd(a, b, plot, data, data_dir, download, labels, rays, points, max_di
         raise click.BadParameter("give two names, e.g. SGD,SWA", param_hint="--labels")
     csv_path = os.path.splitext(plot)[0] + ".csv"
     with progress_bar(quiet or as_json, "width", unit="point") as bar:
-        result = width(a, b, data=data, data_dir=data_dir, download=download, labels=names,
+        result = width(a, b, data=data, data_dir=data_dir, download=download, model=model,
+                       model_kwargs=_json_kwargs(model_kwargs), labels=names,
                        rays=rays, points=points, max_distance=max_distance, bn_fix=bn_fix,
                        train_subset=train_subset or None, test_subset=test_subset, seed=seed,
                        device=device, csv_path=csv_path, plot_path=plot, progress=bar)

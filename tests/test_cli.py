@@ -196,3 +196,27 @@ def test_bn_fix_without_bn_exits_0(tmp_path):
                                                  "data.name": "fashion-mnist"})
     r = invoke("bn-fix", p, "--data-dir", tmp_path)
     assert r.exit_code == 0 and "no BatchNorm" in r.output
+
+
+def test_experiment_commands(tmp_path):
+    from tests.fakedata import tiny_bn, write_mnist
+
+    write_mnist(str(tmp_path / "data"), n_train=32, n_test=16)
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        paths.append(tmp_path / f"m{i}.safetensors")
+        ckptavg.save(tiny_bn().state_dict(), paths[-1],
+                     {"model.arch": "tests.fakedata:tiny_bn", "data.name": "fashion-mnist"})
+    data = tmp_path / "data"
+    r = invoke("ensemble", str(tmp_path / "m*.safetensors"), "--data-dir", data, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 2
+    png = tmp_path / "w.png"
+    r = invoke("width", *paths, "--data-dir", data, "--rays", 2, "--points", 2, "-o", png,
+               "--labels", "SGD,SWA")
+    assert r.exit_code == 0, r.output
+    assert "SGD: test error" in r.stdout and png.exists() and (tmp_path / "w.csv").exists()
+    r = invoke("width", *paths, "--labels", "one")
+    assert r.exit_code == 2
+    r = invoke("replicate", "--preset", "nope", "--out", tmp_path / "r")
+    assert r.exit_code == 1 and "unknown preset" in r.stderr

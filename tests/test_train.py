@@ -38,7 +38,10 @@ def test_checkpoints_metadata_and_metrics(data, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["lr"] == 0.05 and rows[3]["lr"] == pytest.approx(0.01)
     assert all("test_acc" in r for r in rows)
-    assert os.path.exists(tmp_path / "a" / "last.pt")
+    last_state, last_meta = ckptavg.load(tmp_path / "a" / "last.pt")  # self-describing
+    assert last_meta["train.epoch"] == "4" and last_meta["model.arch"] == "tests.fakedata:tiny_bn"
+    final, _ = ckptavg.load(s["checkpoints"][-1])
+    assert all(torch.equal(final[k], last_state[k]) for k in final)
 
 
 def test_resume_gives_the_same_weights(data, tmp_path):

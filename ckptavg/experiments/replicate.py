@@ -77,7 +77,7 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
     t0 = time.perf_counter()
     log(f"seed {seed}: SGD, {p.budget} epochs")
     train(TrainConfig(epochs=p.budget, out=os.path.join(out, "sgd"), schedule="sgd",
-                      save="none", **common), device=device, resume=True)
+                      **common), device=device, resume=True)
     swa_epochs = round(1.5 * p.budget)
     log(f"seed {seed}: SWA schedule, {swa_epochs} epochs from swa_start {p.swa_start}")
     swa_dir = os.path.join(out, "swa")

@@ -24,7 +24,8 @@ def _direction(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = None,
-          download: bool = False, labels: tuple[str, str] | None = None, rays: int = 10,
+          download: bool = False, model: str | None = None, model_kwargs: dict | None = None,
+          labels: tuple[str, str] | None = None, rays: int = 10,
           points: int = 21, max_distance: float = 10.0, bn_fix: bool = True,
           train_subset: int | None = 5000, test_subset: int | None = None,
           batch_size: int = 256, seed: int = 0, device: str = "auto",
@@ -47,7 +48,7 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
     labels = labels or (os.path.basename(a), os.path.basename(b))
     nets = []
     for path in (a, b):
-        net, _, _, name = build_from_checkpoint(path, None, None, data, data_dir)
+        net, _, _, name = build_from_checkpoint(path, model, model_kwargs, data, data_dir)
         nets.append(net.to(dev))
         data = data or name
     train = get_dataset(data, "train", data_dir, augment=False, download=download)

@@ -1,13 +1,14 @@
-"""safetensors files and sharded folders, read with plain positioned reads.
+"""safetensors files and sharded folders, read through a private memory map.
 
-The header is parsed here (8-byte little-endian length, then JSON) so that each tensor is
-read with one `readinto` into a caller's buffer: no memory map, so nothing stays resident
-after a tensor has been used, whatever the number of inputs.
+The header is parsed here (8-byte little-endian length, then JSON). A tensor is a view of
+the mapped file (no copy); after use its pages are dropped with madvise(MADV_DONTNEED), so
+nothing stays resident, whatever the number of inputs.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 
@@ -100,12 +101,15 @@ class SafetensorsReader(ReaderBase):
         self._meta = meta if meta is not None else shard_meta
         self._names = strip_keys(list(self._entries), strip_prefix, path)
         self._files = files
-        self._handles: dict[str, object] = {}
+        self._maps: dict[str, mmap.mmap] = {}
 
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a tensor still views it: the map closes when that goes
+                pass
+        self._maps.clear()
 
     def _read_index(self, index_path: str) -> tuple[list[str], dict[str, str]]:
         try:
@@ -130,19 +134,28 @@ class SafetensorsReader(ReaderBase):
 
     def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         file, dtype, shape, start, nbytes = self._entries[self._raw(key)]
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        view = buffer[:nbytes]
-        f = self._handles.get(file)
-        if f is None:
-            f = self._handles[file] = open(file, "rb")  # noqa: SIM115 (closed in close())
-        f.seek(start)
-        got = f.readinto(memoryview(view.numpy()))
-        if got != nbytes:
-            raise CheckpointError(f"{file}: truncated while reading {key!r}")
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        return view.view(dtype).view(shape)
+        # A private, never-written map: the tensor aliases the page cache (no copy), and
+        # release() drops the pages again, so nothing stays resident.
+        data = torch.frombuffer(self._map(file), dtype=torch.uint8, count=nbytes, offset=start)
+        return data.view(dtype).view(shape)
+
+    def _map(self, file: str) -> mmap.mmap:
+        m = self._maps.get(file)
+        if m is None:
+            with open(file, "rb") as f:
+                m = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return m
+
+    def release(self, key: str) -> None:
+        file, _, _, start, nbytes = self._entries[self._raw(key)]
+        m = self._maps.get(file)
+        if m is None or nbytes == 0 or not hasattr(m, "madvise"):
+            return
+        lo = start - start % mmap.PAGESIZE
+        hi = min(len(m), start + nbytes + (-(start + nbytes)) % mmap.PAGESIZE)
+        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)

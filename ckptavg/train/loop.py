@@ -232,7 +232,9 @@ def train(config: TrainConfig, *, device: str = "auto", resume: bool = False,
                             "scaler": scaler.state_dict() if scaler else None,
                             "epoch": completed, "config": asdict(config),
                             "swa_state": swa_state, "swa_n": swa_n,
-                            "rng": torch.get_rng_state()}
+                            "rng": torch.get_rng_state(),
+                            "metadata": {**saver.base_meta, "train.epoch": str(completed),
+                                         "train.phase": phase}}
             saver.submit(lambda s=resume_state: _save_resume(s, last_path))
             save_time = time.perf_counter() - t_save
             row = {"epoch": completed, "lr": lr, "phase": phase, "train_loss": loss_sum / seen,
