@@ -135,7 +135,7 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
            model: str | None = None, model_kwargs: dict | None = None, split: str = "train",
            augment: bool = True, batches: int | None = None, fraction: float | None = None,
            batch_size: int = 128, workers: int = 0, device: str = "auto", seed: int = 0,
-           stats: str = "update_bn", input_key: str | None = None,
+           stats: str = "update_bn", input_key: str | None = None, subset: int | None = None,
            progress: Progress | None = None) -> dict:
     """Recalibrate the BatchNorm statistics of a checkpoint with a data pass and save it.
 
@@ -145,6 +145,7 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         data: data set name; default: the checkpoint's `data.name` metadata.
         model: model name; default: the checkpoint's `model.arch`/`model.kwargs`.
         batches, fraction: use only this many batches / this share of the data.
+        subset: use only the first N images of the split (e.g. what `train --subset` saw).
         stats: "update_bn" (torch.optim.swa_utils.update_bn semantics) or "exact".
 
     Returns:
@@ -170,7 +171,7 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     torch.manual_seed(seed)
     dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
     loader = make_loader(dataset, batch_size, shuffle=True, workers=workers, seed=seed,
-                         device=str(dev))
+                         subset=subset, device=str(dev))
     max_batches = batches
     if fraction is not None:
         max_batches = max(1, round(len(loader) * fraction))
@@ -179,7 +180,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                        input_key=input_key, progress=progress)
     out = os.fspath(output if output is not None else checkpoint)
     new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info["samples"]),
-                "bn.data": f"{data_name}:{split}" + (":augment" if augment else ""),
+                "bn.data": f"{data_name}:{split}" + (f":first{subset}" if subset else "")
+                + (":augment" if augment else ""),
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save({k: new_state[k] for k in state}, out, new_meta)

@@ -252,10 +252,11 @@ def data_options(fn):
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
 @click.option("--batches", type=int, help="Use only this many batches.")
 @click.option("--fraction", type=float, help="Use only this share of the data (0-1].")
+@click.option("--subset", type=int, help="Use only the first N images (as `train --subset`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def bn_fix_cmd(checkpoint, output, data, data_dir, download, model, model_kwargs, batch_size,
                workers, device, input_key, as_json, quiet, stats, augment, split, batches,
-               fraction, seed):
+               fraction, subset, seed):
     """Recompute BatchNorm statistics of an averaged checkpoint with one data pass.
 
     The model is rebuilt from the checkpoint's model.* metadata unless --model is given.
@@ -267,7 +268,7 @@ def bn_fix_cmd(checkpoint, output, data, data_dir, download, model, model_kwargs
                         model=model, model_kwargs=_json_kwargs(model_kwargs), split=split,
                         augment=augment, batches=batches, fraction=fraction,
                         batch_size=batch_size, workers=workers, device=device, seed=seed,
-                        stats=stats, input_key=input_key, progress=bar)
+                        stats=stats, input_key=input_key, subset=subset, progress=bar)
     if as_json:
         emit_json(result)
     elif not quiet:

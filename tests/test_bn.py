@@ -113,10 +113,12 @@ def test_bn_fix_checkpoint_end_to_end(stale_ckpt, tmp_path):
         assert torch.equal(state[k], v), k
 
 
-def test_bn_fix_in_place_and_fraction(stale_ckpt):
+def test_bn_fix_in_place_fraction_and_subset(stale_ckpt):
     path, data_dir = stale_ckpt
     res = ckptavg.bn_fix(path, data_dir=data_dir, fraction=0.5, batch_size=16)
     assert res["output"] == str(path) and res["batches"] == 2
+    res = ckptavg.bn_fix(path, data_dir=data_dir, subset=40, batch_size=16, augment=False)
+    assert res["samples"] == 40 and ckptavg.load(path)[1]["bn.data"] == "fashion-mnist:train:first40"
     assert ckptavg.load(path)[1]["bn.stale"] == "false"
     assert [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".")] == []
 

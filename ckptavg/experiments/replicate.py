@@ -101,7 +101,9 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
         else:
             average([ckpt], running)
         shutil.copyfile(running, fixed)
-        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed)
+        # BatchNorm sees the images the run trained on: the subset less the held-out part.
+        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed,
+               subset=(p.subset - p.holdout) if p.subset else None)
         r = evaluate(fixed, data_dir=data_dir, device=device)
         curve.append({"epoch": epoch, "accuracy": r["accuracy"], "loss": r["loss"]})
         net, _, _, _ = build_from_checkpoint(ckpt, data_dir=data_dir)
