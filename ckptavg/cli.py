@@ -73,7 +73,9 @@ def progress_bar(quiet: bool, desc: str, unit: str = "B"):
                disable=disable, file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def update(done: int, total: int) -> None:
-        if bar.total != total:
+        if done < bar.n:  # a new pass (the next epoch): start the bar again
+            bar.reset(total=total)
+        elif bar.total != total:
             bar.total = total
         bar.update(done - bar.n)
 
@@ -81,6 +83,13 @@ def progress_bar(quiet: bool, desc: str, unit: str = "B"):
         yield update
     finally:
         bar.close()
+
+
+def say(message: str) -> None:
+    """A line on stderr that does not break an active progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def emit_json(obj) -> None:
@@ -376,8 +385,8 @@ def train_cmd(model, model_kwargs, data, data_dir, download, epochs, out, schedu
     def on_epoch(row):
         if show:
             test = f", test acc {row['test_acc']:.2f} %" if "test_acc" in row else ""
-            click.echo(f"epoch {row['epoch']:>4}  lr {row['lr']:.5f}  train loss "
-                       f"{row['train_loss']:.4f}{test}  ({row['seconds']:.1f} s)", err=True)
+            say(f"epoch {row['epoch']:>4}  lr {row['lr']:.5f}  train loss "
+                f"{row['train_loss']:.4f}{test}  ({row['seconds']:.1f} s)")
 
     with progress_bar(not show, "train", unit="batch") as bar:
         summary = train(cfg, device=device, resume=resume, download=download,
@@ -407,13 +416,12 @@ def demo_cmd(out, epochs, device, as_json, quiet):
 
     def on_stage(msg):
         if show:
-            click.echo(f"[demo] {msg}", err=True)
+            say(f"[demo] {msg}")
 
     def on_epoch(row):
         if show:
-            click.echo(f"  epoch {row['epoch']:>3}  lr {row['lr']:.4f}  loss {row['train_loss']:.4f}"
-                       f"  test acc {row.get('test_acc', float('nan')):.2f} %  "
-                       f"({row['seconds']:.1f} s)", err=True)
+            say(f"  epoch {row['epoch']:>3}  lr {row['lr']:.4f}  loss {row['train_loss']:.4f}"
+                f"  test acc {row.get('test_acc', float('nan')):.2f} %  ({row['seconds']:.1f} s)")
 
     with progress_bar(not show, "epoch", unit="batch") as bar:
         result = run_demo(out, device=device, epochs=epochs, on_stage=on_stage, on_batch=bar,
@@ -531,7 +539,7 @@ def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, budget, swa_
 
     def log(msg):
         if not (quiet or as_json):
-            click.echo(f"[replicate] {msg}", err=True)
+            say(f"[replicate] {msg}")
 
     result = replicate(preset, out, seeds=seeds, first_seed=first_seed, data_dir=data_dir,
                        device=device, log=log,
