@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from ckptavg.io.reader import open_checkpoint
+from ckptavg.io.reader import find_ties, open_checkpoint
 from ckptavg.io.writer import TensorSpec, make_writer
 
 
@@ -48,17 +48,7 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
     path = os.fspath(path)
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    seen: dict[tuple, str] = {}
-    ties = {}
-    for k, v in tensors.items():
-        if v.numel() == 0:
-            continue
-        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(),
-                 v.dtype, v.device)
-        if ident in seen:
-            ties[k] = seen[ident]
-        else:
-            seen[ident] = k
+    ties = find_ties(tensors)
     writer = make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
                          shard_size, ties)
     try:

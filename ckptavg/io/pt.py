@@ -18,7 +18,7 @@ import re
 import torch
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.reader import ReaderBase, TensorInfo, clean_metadata, strip_keys
+from ckptavg.io.reader import ReaderBase, TensorInfo, clean_metadata, find_ties, strip_keys
 
 # Where training checkpoints keep the model's weights, in the order they are tried.
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
@@ -135,19 +135,7 @@ class TorchReader(ReaderBase):
         self._ties = self._find_ties()
 
     def _find_ties(self) -> dict[str, str]:
-        seen: dict[tuple, str] = {}
-        ties = {}
-        for public, raw in self._names.items():
-            t = self._tensors[raw]
-            if t.numel() == 0:
-                continue
-            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                     t.stride(), t.dtype)
-            if ident in seen:
-                ties[public] = seen[ident]
-            else:
-                seen[ident] = public
-        return ties
+        return find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)

@@ -155,10 +155,28 @@ def open_checkpoint(
     return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip")
 
 
-def read_metadata_only(path: str) -> dict[str, str]:
-    """Metadata without opening tensors (cheap for safetensors)."""
-    with open_checkpoint(path) as r:
-        return r.metadata()
+def tensor_identity(t: torch.Tensor) -> tuple | None:
+    """Equal for two names of one tensor (same storage, offset, shape, strides, dtype);
+    None for empty tensors, which share nothing."""
+    if t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            t.stride(), t.dtype)
+
+
+def find_ties(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """name -> the first earlier name that is the same tensor."""
+    seen: dict[tuple, str] = {}
+    ties = {}
+    for name, t in tensors.items():
+        ident = tensor_identity(t)
+        if ident is None:
+            continue
+        if ident in seen:
+            ties[name] = seen[ident]
+        else:
+            seen[ident] = name
+    return ties
 
 
 def clean_metadata(meta: object) -> dict[str, str]:

@@ -20,6 +20,7 @@ import time
 import torch
 
 from ckptavg import __version__
+from ckptavg.io.reader import tensor_identity
 
 
 def cpu_state(model_or_state) -> dict[str, torch.Tensor]:
@@ -30,7 +31,7 @@ def cpu_state(model_or_state) -> dict[str, torch.Tensor]:
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             continue
-        ident = (v.device, v.data_ptr(), tuple(v.shape), v.stride(), v.dtype) if v.numel() else (k,)
+        ident = tensor_identity(v) or (k,)
         if ident not in copies:
             copies[ident] = v.detach().to("cpu", copy=True)
         out[k] = copies[ident]
