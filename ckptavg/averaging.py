@@ -208,6 +208,9 @@ def average(
         out_dtype = OUT_DTYPES[dtype]
     if into is not None:
         into = os.fspath(into)
+        if not os.path.exists(into):
+            raise CkptavgError(f"{into}: no such file; --into needs an existing average "
+                               "(make the first one with -o)")
         output = into if output is None else output
         if weights is not None or ema is not None:
             raise CkptavgError("--into folds a uniform running mean; drop --weights/--ema")

@@ -113,6 +113,11 @@ def test_into_equals_one_shot(tmp_path):
     assert json.loads(ma["average.inputs"]) == json.loads(mb["average.inputs"])
 
 
+def test_into_missing_file(tmp_path, ckpts):
+    with pytest.raises(CkptavgError, match="nope.safetensors: no such file; --into needs"):
+        ckptavg.average(ckpts, into=tmp_path / "nope.safetensors")
+
+
 def test_into_needs_average_metadata(tmp_path, ckpts):
     with pytest.raises(CkptavgError, match="no average.n metadata"):
         ckptavg.average(ckpts[1:], into=ckpts[0], output=tmp_path / "o.safetensors")
