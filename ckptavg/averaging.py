@@ -323,18 +323,16 @@ def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfin
             progress, bytes_in) -> None:
     """The tensor-major loop.
 
-    Scratch buffers sized for the largest tensor are reused for every key: one for raw
-    bytes, one for the running sum, one for the converted input (a mixed-dtype in-place
-    add is several times slower than a cast followed by a same-dtype add), one for the
-    output when the writer does not keep it.
+    Scratch buffers sized for the largest tensor are reused for every key: one for the
+    running sum, one for the converted input (a mixed-dtype in-place add is several times
+    slower than a cast followed by a same-dtype add), one for the output when the writer
+    does not keep it. Inputs are read as views of their mapped files.
     """
     float_specs = [s for s in specs if readers[0].info(s.key).dtype.is_floating_point]
-    max_bytes = max((r.info(s.key).nbytes for r in readers for s in specs), default=0)
     max_numel = max((readers[0].info(s.key).numel for s in float_specs), default=0)
     acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
     if any(readers[0].info(s.key).dtype == torch.float64 for s in float_specs):
         acc_dtype = torch.float64
-    scratch = torch.empty(max_bytes, dtype=torch.uint8)
     acc_buf = torch.empty(max_numel, dtype=acc_dtype)
     cast_buf = torch.empty(max_numel, dtype=acc_dtype)
     out_bytes = max((s.nbytes for s in float_specs), default=0)
@@ -346,7 +344,7 @@ def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfin
             continue  # the torch writer points tied names at one tensor
         info = readers[0].info(spec.key)
         if not info.dtype.is_floating_point:
-            value = last.read(spec.key, scratch).clone()
+            value = last.read(spec.key).clone()
             last.release(spec.key)
             done += info.nbytes
             writer.write(spec.key, value.to(spec.dtype))
@@ -356,7 +354,7 @@ def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfin
         acc = acc_buf[: info.numel].view(info.shape)
         cast = cast_buf[: info.numel].view(info.shape)
         for i, (r, w) in enumerate(zip(readers, raw)):
-            t = r.read(spec.key, scratch)
+            t = r.read(spec.key)
             if i == 0:
                 acc.copy_(t)
                 if w != 1.0:
@@ -371,7 +369,7 @@ def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfin
         # A sum of finite values is finite, so one reduction checks the whole tensor.
         if not allow_nonfinite and not bool(torch.isfinite(acc.sum(dtype=torch.float64))):
             if not bool(torch.isfinite(acc).all()):
-                _raise_nonfinite(readers, spec.key, scratch)
+                _raise_nonfinite(readers, spec.key)
         acc.div_(total_w)
         if out_buf is None:
             out = acc.to(spec.dtype, copy=True)  # the writer keeps it; acc is reused
@@ -381,9 +379,9 @@ def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfin
         writer.write(spec.key, out)
 
 
-def _raise_nonfinite(readers, key, scratch) -> None:
+def _raise_nonfinite(readers, key) -> None:
     for r in readers:
-        t = r.read(key, scratch)
+        t = r.read(key)
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             n = int(bad.sum())

@@ -58,6 +58,14 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
+def _download(cls, name: str, root: str, split: str) -> None:
+    """Fetch a torchvision data set into `root` (torchvision checks the archive's md5)."""
+    try:
+        cls(root, train=split == "train", download=True)
+    except Exception as e:  # network errors come in many types
+        raise DataError(f"{name}: download to {root} failed ({e})") from None
+
+
 def read_idx(path: str) -> torch.Tensor:
     """An IDX file (optionally gzipped) as a uint8 tensor."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -119,11 +127,7 @@ def _idx_dataset(name: str, root: str, split: str, augment: bool, download: bool
     if download:
         import torchvision
 
-        cls = getattr(torchvision.datasets, folder)
-        try:
-            cls(root, train=split == "train", download=True)
-        except Exception as e:  # network errors come in many types
-            raise DataError(f"{name}: download to {root} failed ({e})") from None
+        _download(getattr(torchvision.datasets, folder), name, root, split)
     stems = _IDX_FILES[split]
     paths = [_find_idx(root, folder, s) for s in stems]
     if None in paths:
@@ -201,10 +205,7 @@ def _cifar(name: str, root: str, split: str, augment: bool, download: bool):
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            cls(root, train=split == "train", download=True)
-        except Exception as e:  # network errors come in many types
-            raise DataError(f"{name}: download to {root} failed ({e})") from None
+        _download(cls, name, root, split)
     files = train_files if split == "train" else test_files
     paths = [os.path.join(root, folder, f) for f in files]
     missing = [p for p in paths if not os.path.isfile(p)]

@@ -144,7 +144,7 @@ class TorchReader(ReaderBase):
         t = self._tensors[self._raw(key)]
         return TensorInfo(tuple(t.shape), t.dtype)
 
-    def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, key: str) -> torch.Tensor:
         return self._tensors[self._raw(key)]
 
     def release(self, key: str) -> None:

@@ -51,11 +51,8 @@ class Reader(Protocol):
 
     def info(self, key: str) -> TensorInfo: ...
 
-    def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor; valid until the next read() or release() on this reader.
-
-        `buffer` is an optional uint8 scratch tensor the reader may read into.
-        """
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor, possibly a view of a mapped file: valid until release(key) or close()."""
         ...
 
     def release(self, key: str) -> None:

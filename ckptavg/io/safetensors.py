@@ -132,7 +132,7 @@ class SafetensorsReader(ReaderBase):
         _, dtype, shape, _, _ = self._entries[self._raw(key)]
         return TensorInfo(shape, dtype)
 
-    def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, key: str) -> torch.Tensor:
         file, dtype, shape, start, nbytes = self._entries[self._raw(key)]
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)

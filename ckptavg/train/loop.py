@@ -211,13 +211,15 @@ def train(config: TrainConfig, *, device: str = "auto", resume: bool = False,
             train_time = time.perf_counter() - t0
             phase = "swa" if config.schedule == "swa" and completed >= config.swa_start else "sgd"
             cycle_end = config.is_cycle_end(completed)
+            t_copy = time.perf_counter()
+            weights = cpu_state(net)  # one host copy per epoch, for the in-loop SWA and last.pt
+            copy_time = time.perf_counter() - t_copy
             if config.swa_in_loop and cycle_end:
                 # The paper's running mean, kept in float32 like the authors' code.
-                current = cpu_state(net)
                 if swa_state is None:
-                    swa_state = {k: v.clone() for k, v in current.items()}
+                    swa_state = {k: v.clone() for k, v in weights.items()}
                 else:
-                    for k, v in current.items():
+                    for k, v in weights.items():
                         if v.is_floating_point():
                             swa_state[k].mul_(swa_n / (swa_n + 1)).add_(v / (swa_n + 1))
                         else:
@@ -228,7 +230,7 @@ def train(config: TrainConfig, *, device: str = "auto", resume: bool = False,
                 path = saver.save(net, epoch=completed, step=completed * iters, lr=lr, phase=phase,
                                   cycle_end=cycle_end, seed=config.seed)
                 summary["checkpoints"].append(path)
-            resume_state = {"model": cpu_state(net), "optimizer": opt.state_dict(),
+            resume_state = {"model": weights, "optimizer": opt.state_dict(),
                             "scaler": scaler.state_dict() if scaler else None,
                             "epoch": completed, "config": asdict(config),
                             "swa_state": swa_state, "swa_n": swa_n,
@@ -236,7 +238,7 @@ def train(config: TrainConfig, *, device: str = "auto", resume: bool = False,
                             "metadata": {**saver.base_meta, "train.epoch": str(completed),
                                          "train.phase": phase}}
             saver.submit(lambda s=resume_state: _save_resume(s, last_path))
-            save_time = time.perf_counter() - t_save
+            save_time = copy_time + time.perf_counter() - t_save
             row = {"epoch": completed, "lr": lr, "phase": phase, "train_loss": loss_sum / seen,
                    "train_acc": correct / seen * 100, "seconds": train_time,
                    "save_seconds": save_time}
