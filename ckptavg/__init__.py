@@ -18,7 +18,7 @@ _API = {
     "load": "ckptavg.checkpoint",
     "save": "ckptavg.checkpoint",
     "inspect": "ckptavg.checkpoint",
-    "open_checkpoint": "ckptavg.io.reader",
+    "open_checkpoint": "ckptavg.io",
     "bn_fix": "ckptavg.bn",
     "evaluate": "ckptavg.evaluation",
     "create_model": "ckptavg.models",

@@ -1,12 +1,17 @@
-"""The streaming engine: plan the run, then walk tensor by tensor.
+"""The streaming engine in three steps: select, plan, execute.
 
-For each key the tensor is read from every input in turn and folded into one float64 (or
-float32) accumulator, so peak memory is a few tensors: never the model, never the number
-of inputs. Integer and bool tensors are not averaged: the newest input's value is kept.
+`select` (select.py) opens each input once and orders and filters them. `make_plan` checks
+that they agree and fixes everything the run will do: weights, output tensor specs, ties,
+metadata, bytes (what a dry run reports). `execute(plan, writer, keys)` walks tensor by
+tensor over any subset of keys: for each key the tensor is read from every input in turn and
+folded into one float64 (or float32) accumulator, so peak memory is a few tensors: never the
+model, never the number of inputs. Integer and bool tensors are not averaged: the newest
+input's value is kept. `average` strings the three together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,16 +20,19 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
 from ckptavg import __version__
-from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OutputError
-from ckptavg.io.reader import Reader, open_checkpoint
-from ckptavg.io.writer import TensorSpec, make_writer, output_kind
-from ckptavg.select import Candidate, expand, select
+from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
+from ckptavg.io import ReaderBase, SourceFile, TensorSpec, make_writer, open_checkpoint
+from ckptavg.io.writer import Writer, check_output, exclusive_lock, output_kind
+from ckptavg.select import Candidate, close_all, open_candidates, refuse_shared_files, select
 
 Progress = Callable[[int, int], None]
+Method = Literal["uniform", "weighted", "ema"]
+Accumulate = Literal["float64", "float32"]
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
               "float64": torch.float64}
 SHOWN = 3  # problems listed per file in a mismatch error
@@ -32,7 +40,8 @@ SHOWN = 3  # problems listed per file in a mismatch error
 
 @dataclass
 class AverageResult:
-    """What a run did (or, for a dry run, would do)."""
+    """What a run did (or, for a dry run, would do). `inputs` and `weights` are what was
+    applied, in order: with `into`, the running average comes first, weighted by its n."""
 
     inputs: list[str]
     weights: list[float]
@@ -46,9 +55,43 @@ class AverageResult:
     peak_rss_bytes: int = 0
     dry_run: bool = False
     epochs: list[int | None] = field(default_factory=list)
+    epoch_sources: list[str] = field(default_factory=list)
+    into: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Plan:
+    """Everything a run will do, fixed before any tensor is read."""
+
+    readers: list[ReaderBase]
+    weights: list[float]  # raw weights; the average divides by their sum
+    specs: list[TensorSpec]  # output specs, in output order
+    ties: dict[str, str]
+    metadata: dict[str, str]
+    accumulate: Accumulate = "float64"
+    allow_nonfinite: bool = False
+
+    @property
+    def total_weight(self) -> float:
+        return sum(self.weights)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read: every input's floating tensors, and the newest input's others."""
+        last = self.readers[-1]
+        return sum(r.info(s.key).nbytes for r in self.readers for s in self.specs
+                   if r is last or r.info(s.key).dtype.is_floating_point)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    @property
+    def files(self) -> list[SourceFile]:
+        return [f for r in self.readers for f in r.files]
 
 
 def peak_rss_bytes() -> int:
@@ -56,17 +99,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def sha256_of(path: str) -> str:
+def sha256_of(files: list[SourceFile]) -> str:
+    """sha256 of the files an input consists of, refusing a file changed since it was opened."""
     h = hashlib.sha256()
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
-    for file in files:
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
+    for f in sorted(files, key=lambda f: f.path):
+        with open(f.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (f.dev, f.ino, f.size, f.mtime_ns):
+                raise CkptavgError(f"{f.path}: changed since it was opened; run again")
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
 
 
-def method_weights(n: int, method: str, weights: Sequence[float] | None = None,
+def method_weights(n: int, method: Method, weights: Sequence[float] | None = None,
                    decay: float | None = None) -> list[float]:
     """Normalised per-input weights, oldest first.
 
@@ -74,27 +120,35 @@ def method_weights(n: int, method: str, weights: Sequence[float] | None = None,
         n: number of inputs.
         method: "uniform", "weighted" (uses `weights`) or "ema" (uses `decay`).
 
+    Returns:
+        n weights that sum to 1.
+
     EMA follows torch's AveragedModel: the first input starts the average and each later one
-    is folded in as `avg = decay * avg + (1 - decay) * w`, so the newest weighs most.
+    is folded in as `avg = decay * avg + (1 - decay) * w`; the oldest input keeps
+    `decay ** (n - 1)`, each later one `(1 - decay) * decay ** (n - 1 - i)`.
+
+    Example:
+        >>> method_weights(3, "ema", decay=0.5)
+        [0.25, 0.25, 0.5]
     """
     if method == "uniform":
         return [1.0 / n] * n
     if method == "weighted":
         ws = [float(w) for w in weights or []]
         if len(ws) != n:
-            raise CkptavgError(f"--weights has {len(ws)} values for {n} inputs; give one per input")
+            raise CkptavgError(f"{len(ws)} weights given for {n} inputs; give one per input")
         if any(w < 0 or not math.isfinite(w) for w in ws) or sum(ws) <= 0:
-            raise CkptavgError("--weights must be finite, non-negative and not all zero")
+            raise CkptavgError("weights must be finite, non-negative and not all zero")
         total = sum(ws)
         return [w / total for w in ws]
     if method == "ema":
         if decay is None or not 0.0 <= decay < 1.0:
-            raise CkptavgError(f"--ema {decay}: the decay must be in [0, 1)")
+            raise CkptavgError(f"EMA decay {decay}: must be in [0, 1)")
         return [decay ** (n - 1)] + [(1 - decay) * decay ** (n - 1 - i) for i in range(1, n)]
     raise CkptavgError(f"unknown averaging method {method!r}")
 
 
-def _check_inputs(readers: list[Reader]) -> list[str]:
+def _mismatches(readers: list[ReaderBase]) -> list[str]:
     """Problems (one string per file) where an input differs from the first."""
     ref = readers[0]
     ref_keys = ref.keys()
@@ -111,15 +165,12 @@ def _check_inputs(readers: list[Reader]) -> list[str]:
             parts.append(f"extra {len(extra)} key(s) ({', '.join(extra[:SHOWN])})")
         diffs = []
         for k in ref_keys:
-            if k not in keys:
-                continue
-            a, b = ref.info(k), r.info(k)
-            if a.shape != b.shape:
-                diffs.append(f"{k} {list(b.shape)} vs {list(a.shape)}")
-            elif a.dtype.is_floating_point != b.dtype.is_floating_point or (
-                not a.dtype.is_floating_point and a.dtype != b.dtype
-            ):
-                diffs.append(f"{k} {b.dtype} vs {a.dtype}".replace("torch.", ""))
+            if k in keys:
+                a, b = ref.info(k), r.info(k)
+                if a.shape != b.shape:
+                    diffs.append(f"{k} {list(b.shape)} vs {list(a.shape)}")
+                elif a.dtype != b.dtype:
+                    diffs.append(f"{k} {b.dtype} vs {a.dtype}".replace("torch.", ""))
         if diffs:
             parts.append(f"{len(diffs)} shape/dtype difference(s) ({', '.join(diffs[:SHOWN])})")
         if parts:
@@ -129,30 +180,149 @@ def _check_inputs(readers: list[Reader]) -> list[str]:
 
 def _carried_metadata(metas: list[dict[str, str]]) -> dict[str, str]:
     """model.* and data.* entries on which every input agrees."""
-    out = {}
-    for k, v in metas[0].items():
-        if k.startswith(("model.", "data.")) and all(m.get(k) == v for m in metas[1:]):
-            out[k] = v
-    return out
+    return {k: v for k, v in metas[0].items()
+            if k.startswith(("model.", "data.")) and all(m.get(k) == v for m in metas[1:])}
 
 
-def _same_file(a: str, b: str) -> bool:
+def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
+              n_total: int | None = None, prior_inputs: list | None = None,
+              accumulate: Accumulate = "float64", dtype: str | None = None,
+              allow_nonfinite: bool = False, hash_inputs: bool = False,
+              paths: list[str] | None = None) -> Plan:
+    """Check that the inputs agree and fix the run: specs, ties, metadata.
+
+    `readers` and `weights` are oldest first (with a running average, that comes first).
+    Raises MismatchError naming each file that differs from the first."""
+    problems = _mismatches(readers)
+    if problems:
+        raise MismatchError(
+            f"inputs do not match {readers[0].path}: " + " | ".join(problems)
+            + " -- average checkpoints of one architecture (and dtype), or align keys by "
+            "stripping a prefix"
+        )
+    if accumulate not in ("float64", "float32"):
+        raise CkptavgError(f"accumulate {accumulate!r}: use float64 or float32")
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise CkptavgError(f"dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
+    ref = readers[0]
+    ties = dict(ref.ties())
+    for r in readers[1:]:
+        other = r.ties()
+        ties = {k: v for k, v in ties.items() if other.get(k) == v}
+    out_dtype = OUT_DTYPES.get(dtype) if dtype else None
+    specs = []
+    for k in ref.keys():
+        info = ref.info(k)
+        floating = info.dtype.is_floating_point
+        specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
+    n_total = n_total or len(readers)
+    paths = paths or [r.path for r in readers]
+    entries = [{"file": os.path.basename(p.rstrip(os.sep))} for p in paths]
+    if hash_inputs:
+        for e, r in zip(entries, readers[len(readers) - len(paths):]):
+            e["sha256"] = sha256_of(r.files)
+    has_bn = any(s.key.endswith(("running_mean", "running_var")) for s in specs)
+    metadata = {
+        "ckptavg.version": __version__,
+        **_carried_metadata([r.metadata() for r in readers]),
+        "average.n": str(n_total),
+        "average.method": method,
+        "average.weights": json.dumps([1.0 / n_total] * n_total if prior_inputs is not None
+                                      else [w / sum(weights) for w in weights]),
+        "average.inputs": json.dumps(list(prior_inputs or []) + entries),
+        "average.accumulate": accumulate,
+        "bn.stale": "true" if has_bn else "false",
+    }
+    return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite)
+
+
+def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
+            progress: Progress | None = None) -> None:
+    """The tensor-major loop over `keys` (default: all, in plan order) into `writer`.
+
+    Scratch buffers sized for the largest tensor are reused for every key: one for the
+    running sum, one for the converted input (a mixed-dtype in-place add is several times
+    slower than a cast followed by a same-dtype add), one for the output when the writer
+    does not keep it. Inputs are read as views of their mapped files."""
+    readers, ref = plan.readers, plan.readers[0]
+    wanted = set(keys) if keys is not None else None
+    specs = [s for s in plan.specs if wanted is None or s.key in wanted]
+    floats = [s for s in specs if ref.info(s.key).dtype.is_floating_point]
+    max_numel = max((s.numel for s in floats), default=0)
+    acc_dtype = torch.float64 if plan.accumulate == "float64" else torch.float32
+    if any(ref.info(s.key).dtype == torch.float64 for s in floats):
+        acc_dtype = torch.float64
+    acc_buf = torch.empty(max_numel, dtype=acc_dtype)
+    cast_buf = torch.empty(max_numel, dtype=acc_dtype)
+    out_buf = None if writer.keeps_tensors else torch.empty(max((s.nbytes for s in floats), default=0),
+                                                            dtype=torch.uint8)
+    total_bytes, done, last, total_w = plan.bytes_in, 0, readers[-1], plan.total_weight
+    for spec in specs:
+        if writer.keeps_tensors and spec.key in plan.ties:
+            continue  # the torch writer points tied names at one tensor
+        info = ref.info(spec.key)
+        if not info.dtype.is_floating_point:
+            value = last.read(spec.key).clone()
+            last.release(spec.key)
+            done += info.nbytes
+            writer.write(spec.key, value.to(spec.dtype))
+            if progress:
+                progress(done, total_bytes)
+            continue
+        acc = acc_buf[: info.numel].view(info.shape)
+        cast = cast_buf[: info.numel].view(info.shape)
+        for i, (r, w) in enumerate(zip(readers, plan.weights)):
+            t = r.read(spec.key)
+            if i == 0:
+                acc.copy_(t)
+                if w != 1.0:
+                    acc.mul_(w)
+            else:
+                cast.copy_(t)
+                acc.add_(cast, alpha=w) if w != 1.0 else acc.add_(cast)
+            r.release(spec.key)
+            done += info.nbytes
+            if progress:
+                progress(done, total_bytes)
+        # A sum of finite values is finite, so one reduction checks the whole tensor.
+        if not plan.allow_nonfinite and not bool(torch.isfinite(acc.sum(dtype=torch.float64))):
+            if not bool(torch.isfinite(acc).all()):
+                _raise_nonfinite(readers, spec.key)
+        acc.div_(total_w)
+        if out_buf is None:
+            out = acc.to(spec.dtype, copy=True)  # the writer keeps it; acc is reused
+        else:
+            out = out_buf[: spec.nbytes].view(spec.dtype).view(spec.shape)
+            out.copy_(acc)
+        writer.write(spec.key, out)
+
+
+def _raise_nonfinite(readers: list[ReaderBase], key: str) -> None:
+    for r in readers:
+        bad = ~torch.isfinite(r.read(key))
+        r.release(key)
+        if bool(bad.any()):
+            raise NonFiniteError(
+                f"{r.path}: tensor {key!r} holds {int(bad.sum())} NaN/Inf value(s); "
+                "drop that checkpoint, or allow non-finite values (--allow-nonfinite) to average anyway"
+            )
+    raise NonFiniteError(f"tensor {key!r}: the weighted sum overflowed float32; "
+                         "accumulate in float64")
+
+
+def _running_n(reader: ReaderBase) -> tuple[int, list]:
+    meta = reader.metadata()
+    n0 = meta.get("average.n", "")
+    if not n0.isdigit() or int(n0) < 1:
+        raise CkptavgError(
+            f"{reader.path}: no average.n metadata, so the number of checkpoints in it is "
+            "unknown; a running average must be a file written by ckptavg average"
+        )
     try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _open_all(paths: list[str], key: str | None, strip_prefix: str | None) -> list[Reader]:
-    readers: list[Reader] = []
-    try:
-        for p in paths:
-            readers.append(open_checkpoint(p, key=key, strip_prefix=strip_prefix))
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
-    return readers
+        prior = json.loads(meta.get("average.inputs", "[]"))
+    except json.JSONDecodeError:
+        prior = []
+    return int(n0), prior if isinstance(prior, list) else []
 
 
 def average(
@@ -169,7 +339,7 @@ def average(
     cycle_ends: bool = False,
     key: str | None = None,
     strip_prefix: str | None = None,
-    accumulate: str = "float64",
+    accumulate: Accumulate = "float64",
     dtype: str | None = None,
     shard_size: int | None = None,
     allow_nonfinite: bool = False,
@@ -184,212 +354,93 @@ def average(
         output: where to write; the suffix picks the format (.safetensors, .pt, a folder).
             With `into` and no output, the running average is updated in place.
         weights: one weight per selected input (normalised); `ema` a decay instead.
-        into: an existing average (with `average.n` metadata) to fold the inputs into:
-            the result equals averaging all of its inputs and the new ones at once.
+        into: an existing average (with `average.n` metadata) to fold the inputs into,
+            under an exclusive lock: the result equals averaging all of its inputs and the
+            new ones at once. `key` and `strip_prefix` apply to the inputs, not to it.
         from_epoch, to_epoch, last, every, cycle_ends: input selection (see select.py).
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
 
     Returns:
-        An `AverageResult` with inputs, weights, sizes, time and peak memory.
+        An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
 
     Example:
         >>> ckptavg.average(["runs/a/epoch-0126.safetensors", ...], "swa.safetensors")
     """
     t0 = time.perf_counter()
     if weights is not None and ema is not None:
-        raise CkptavgError("--weights and --ema exclude each other; pick one")
-    if accumulate not in ("float64", "float32"):
-        raise CkptavgError(f"--accumulate {accumulate}: use float64 or float32")
-    out_dtype = None
-    if dtype is not None:
-        if dtype not in OUT_DTYPES:
-            raise CkptavgError(f"--dtype {dtype}: use one of {', '.join(OUT_DTYPES)}")
-        out_dtype = OUT_DTYPES[dtype]
+        raise CkptavgError("weights and an EMA decay exclude each other; pick one")
     if into is not None:
         into = os.fspath(into)
         if not os.path.exists(into):
-            raise CkptavgError(f"{into}: no such file; --into needs an existing average "
-                               "(make the first one with -o)")
-        output = into if output is None else output
+            raise CkptavgError(f"{into}: no such file; folding into a running average needs an "
+                               "existing one (make the first with an output, -o)")
         if weights is not None or ema is not None:
-            raise CkptavgError("--into folds a uniform running mean; drop --weights/--ema")
+            raise CkptavgError("a running average (--into) folds a uniform mean; drop the "
+                               "weights/EMA decay")
+        output = into if output is None else output
     if output is None and not dry_run:
-        raise CkptavgError("no output given; pass -o OUT (.safetensors, .pt or a folder)")
+        raise CkptavgError("no output given; pass an output path (-o OUT: .safetensors, .pt or a folder)")
     output = os.fspath(output) if output is not None else None
     if output is not None:
         output_kind(output, shard_size)  # a bad suffix fails before any reading
+    method: Method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
 
-    paths = expand([os.fspath(p) for p in inputs])
-    if not paths:
-        raise CkptavgError("no input checkpoints given")
-    cands = []
-    for p in paths:
-        with open_checkpoint(p, key=key, strip_prefix=strip_prefix) as r:
-            cands.append(Candidate(p, r.metadata()))
-    chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last)
-    paths = [c.path for c in chosen]
-    if output is not None:
-        for p in paths + ([into] if into and not _same_file(into, output) else []):
-            if _same_file(p, output) or os.path.realpath(p) == os.path.realpath(output):
-                raise OutputError(f"{output}: is one of the inputs; write the average elsewhere")
-
-    method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
-    norm = method_weights(len(paths), method, weights, ema)
-    raw = list(norm) if method != "uniform" else [1.0] * len(paths)
-    prior_inputs: list = []
-    all_paths = list(paths)
-    if into is not None:
-        with open_checkpoint(into) as r:
-            meta = r.metadata()
-        n0 = meta.get("average.n", "")
-        if not n0.isdigit() or int(n0) < 1:
-            raise CkptavgError(
-                f"{into}: no average.n metadata, so the number of checkpoints in it is unknown; "
-                "--into needs a file written by ckptavg average"
-            )
-        raw = [float(n0)] + raw
-        all_paths = [into] + paths
-        try:
-            prior_inputs = json.loads(meta.get("average.inputs", "[]"))
-        except json.JSONDecodeError:
-            prior_inputs = []
-    total_w = sum(raw)
-
-    readers = _open_all(all_paths, key, strip_prefix)
-    try:
-        problems = _check_inputs(readers)
-        if problems:
-            raise MismatchError(
-                f"inputs do not match {readers[0].path}: " + " | ".join(problems)
-                + " -- average checkpoints of one architecture, or align keys with --strip-prefix"
-            )
-        ref = readers[0]
-        keys = ref.keys()
-        ties = dict(ref.ties())
-        for r in readers[1:]:
-            other = r.ties()
-            ties = {k: v for k, v in ties.items() if other.get(k) == v}
-        specs = []
-        for k in keys:
-            info = ref.info(k)
-            dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-            specs.append(TensorSpec(k, info.shape, dt))
-        n_total = (int(raw[0]) + len(paths)) if into is not None else len(paths)
-        bytes_in = sum(r.info(k).nbytes if r.info(k).dtype.is_floating_point or r is readers[-1]
-                       else 0 for r in readers for k in keys)
-        result = AverageResult(
-            inputs=paths, weights=norm, method=method, output=output, n=n_total,
-            tensors=len(keys), bytes_in=bytes_in, bytes_out=sum(s.nbytes for s in specs),
-            dry_run=dry_run, epochs=[c.epoch for c in chosen],
-        )
-        if dry_run:
-            result.seconds = time.perf_counter() - t0
-            result.peak_rss_bytes = peak_rss_bytes()
-            return result
-
-        entries = [{"file": os.path.basename(p.rstrip(os.sep))} for p in paths]
-        if hash_inputs:
-            for e, p in zip(entries, paths):
-                e["sha256"] = sha256_of(p)
-        metadata = {
-            "ckptavg.version": __version__,
-            **_carried_metadata([r.metadata() for r in readers]),
-            "average.n": str(n_total),
-            "average.method": method,
-            "average.weights": json.dumps(
-                [1.0 / n_total] * n_total if into is not None else norm),
-            "average.inputs": json.dumps(prior_inputs + entries),
-            "average.accumulate": accumulate,
-            "bn.stale": "true",
-        }
-        writer = make_writer(output, specs, metadata, shard_size, ties)
-        try:
-            _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfinite,
-                    progress, bytes_in)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-    finally:
-        for r in readers:
-            r.close()
+    with contextlib.ExitStack() as stack:
+        locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
+        cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+        stack.callback(close_all, cands)
+        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last)
+        norm = method_weights(len(chosen), method, weights, ema)
+        raw = list(norm) if method != "uniform" else [1.0] * len(chosen)
+        readers = [c.reader for c in chosen]
+        prior, n_total = None, len(chosen)
+        if locked is not None:
+            running = stack.enter_context(open_checkpoint(into))
+            if running.files and running.files[0].identity != locked.identity and \
+                    os.path.isfile(into):
+                raise CkptavgError(f"{into}: was replaced while being locked; run again")
+            n0, prior = _running_n(running)
+            readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
+        refuse_shared_files(readers)
+        plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
+                         accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                         hash_inputs=hash_inputs and not dry_run,
+                         paths=[c.path for c in chosen])
+        result = _result(plan, chosen, into, output, method, n_total, dry_run)
+        in_place = into is not None and _same(into, output)
+        protected = [f for r in readers if not (in_place and r is readers[0]) for f in r.files]
+        if output is not None:
+            check_output(output, output_kind(output, shard_size), protected)
+        if not dry_run:
+            with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
+                             inputs=protected) as writer:
+                execute(plan, writer, progress=progress)
+                for r in readers:
+                    r.check_unchanged()
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
 
 
-def _stream(readers, specs, raw, total_w, accumulate, writer, ties, allow_nonfinite,
-            progress, bytes_in) -> None:
-    """The tensor-major loop.
-
-    Scratch buffers sized for the largest tensor are reused for every key: one for the
-    running sum, one for the converted input (a mixed-dtype in-place add is several times
-    slower than a cast followed by a same-dtype add), one for the output when the writer
-    does not keep it. Inputs are read as views of their mapped files.
-    """
-    float_specs = [s for s in specs if readers[0].info(s.key).dtype.is_floating_point]
-    max_numel = max((readers[0].info(s.key).numel for s in float_specs), default=0)
-    acc_dtype = torch.float64 if accumulate == "float64" else torch.float32
-    if any(readers[0].info(s.key).dtype == torch.float64 for s in float_specs):
-        acc_dtype = torch.float64
-    acc_buf = torch.empty(max_numel, dtype=acc_dtype)
-    cast_buf = torch.empty(max_numel, dtype=acc_dtype)
-    out_bytes = max((s.nbytes for s in float_specs), default=0)
-    out_buf = None if writer.keeps_tensors else torch.empty(out_bytes, dtype=torch.uint8)
-    done = 0
-    last = readers[-1]
-    for spec in specs:
-        if writer.keeps_tensors and spec.key in ties:
-            continue  # the torch writer points tied names at one tensor
-        info = readers[0].info(spec.key)
-        if not info.dtype.is_floating_point:
-            value = last.read(spec.key).clone()
-            last.release(spec.key)
-            done += info.nbytes
-            writer.write(spec.key, value.to(spec.dtype))
-            if progress:
-                progress(done, bytes_in)
-            continue
-        acc = acc_buf[: info.numel].view(info.shape)
-        cast = cast_buf[: info.numel].view(info.shape)
-        for i, (r, w) in enumerate(zip(readers, raw)):
-            t = r.read(spec.key)
-            if i == 0:
-                acc.copy_(t)
-                if w != 1.0:
-                    acc.mul_(w)
-            else:
-                cast.copy_(t)
-                acc.add_(cast, alpha=w) if w != 1.0 else acc.add_(cast)
-            r.release(spec.key)
-            done += r.info(spec.key).nbytes
-            if progress:
-                progress(done, bytes_in)
-        # A sum of finite values is finite, so one reduction checks the whole tensor.
-        if not allow_nonfinite and not bool(torch.isfinite(acc.sum(dtype=torch.float64))):
-            if not bool(torch.isfinite(acc).all()):
-                _raise_nonfinite(readers, spec.key)
-        acc.div_(total_w)
-        if out_buf is None:
-            out = acc.to(spec.dtype, copy=True)  # the writer keeps it; acc is reused
-        else:
-            out = out_buf[: spec.nbytes].view(spec.dtype).view(spec.shape)
-            out.copy_(acc)
-        writer.write(spec.key, out)
+def _same(a: str, b: str | None) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
-def _raise_nonfinite(readers, key) -> None:
-    for r in readers:
-        t = r.read(key)
-        bad = ~torch.isfinite(t)
-        if bool(bad.any()):
-            n = int(bad.sum())
-            r.release(key)
-            raise NonFiniteError(
-                f"{r.path}: tensor {key!r} holds {n} NaN/Inf value(s); "
-                "drop that checkpoint, or pass --allow-nonfinite to average anyway"
-            )
-        r.release(key)
-    raise NonFiniteError(f"tensor {key!r}: the weighted sum overflowed float32; "
-                         "use --accumulate float64")
+def _result(plan: Plan, chosen: list[Candidate], into: str | None, output: str | None,
+            method: str, n_total: int, dry_run: bool) -> AverageResult:
+    total = plan.total_weight
+    sources = [c.epoch_and_source for c in chosen]
+    head = [into] if into is not None else []
+    return AverageResult(
+        inputs=head + [c.path for c in chosen],
+        weights=[w / total for w in plan.weights],
+        method=method, output=output, n=n_total, tensors=len(plan.specs),
+        bytes_in=plan.bytes_in, bytes_out=plan.bytes_out, dry_run=dry_run,
+        epochs=[None] * len(head) + [e for e, _ in sources],
+        epoch_sources=["running average"] * len(head) + [s for _, s in sources],
+        into=into,
+    )

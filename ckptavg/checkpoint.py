@@ -7,8 +7,8 @@ from collections import Counter
 
 import torch
 
-from ckptavg.io.reader import find_ties, open_checkpoint
-from ckptavg.io.writer import TensorSpec, make_writer
+from ckptavg.io import TensorSpec, make_writer, open_checkpoint
+from ckptavg.io.base import find_ties
 
 
 def load(path: str | os.PathLike, key: str | None = None,
@@ -49,17 +49,12 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     ties = find_ties(tensors)
-    writer = make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
-                         shard_size, ties)
-    try:
+    with make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
+                     shard_size, ties) as writer:
         for k, v in tensors.items():
             if writer.keeps_tensors and k in ties:
                 continue
             writer.write(k, v.detach().cpu())
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def inspect(path: str | os.PathLike, key: str | None = None,
@@ -74,6 +69,9 @@ def inspect(path: str | os.PathLike, key: str | None = None,
         return {
             "path": path,
             "format": r.format,
+            "location": r.location,
+            "other_tensor_dicts": list(r.others),
+            "removed_prefixes": list(r.removed_prefixes),
             "tensors": len(infos),
             "parameters": sum(i.numel for i in infos.values()),
             "bytes": sum(by_dtype.values()),

@@ -90,7 +90,7 @@ def test_weighted(tmp_path, ckpts):
 
 
 def test_method_weights_errors():
-    with pytest.raises(CkptavgError, match="3 values for 2 inputs"):
+    with pytest.raises(CkptavgError, match="3 weights given for 2 inputs"):
         method_weights(2, "weighted", [1, 2, 3])
     with pytest.raises(CkptavgError, match="non-negative"):
         method_weights(2, "weighted", [1, -1])
@@ -114,7 +114,7 @@ def test_into_equals_one_shot(tmp_path):
 
 
 def test_into_missing_file(tmp_path, ckpts):
-    with pytest.raises(CkptavgError, match="nope.safetensors: no such file; --into needs"):
+    with pytest.raises(CkptavgError, match="nope.safetensors: no such file; folding into a running average needs"):
         ckptavg.average(ckpts, into=tmp_path / "nope.safetensors")
 
 

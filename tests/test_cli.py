@@ -86,7 +86,7 @@ def test_inspect_text_and_json(tmp_path, ckpts):
 
 @pytest.mark.parametrize("args,message", [
     (["missing.safetensors"], "missing.safetensors: no such file"),
-    (["{a}", "--weights", "1,2"], "--weights has 2 values for 1 inputs"),
+    (["{a}", "--weights", "1,2"], "2 weights given for 1 inputs"),
     (["{a}", "--ema", "0.9", "--weights", "1"], "exclude each other"),
     (["{a}", "-o", "{out}.txt"], "unknown output suffix"),
     (["{a}", "-o", "{a}"], "is one of the inputs"),

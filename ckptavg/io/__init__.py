@@ -1,6 +1,128 @@
-"""Checkpoint formats behind one small interface (see reader.py)."""
+"""Checkpoint formats behind one small interface.
 
-from ckptavg.io.reader import Reader, TensorInfo, open_checkpoint
-from ckptavg.io.writer import TensorSpec, make_writer
+`open_checkpoint(path)` opens the file once, tells its format by content and hands the open
+descriptor to that format's reader (base.py holds what the formats share).
+"""
 
-__all__ = ["Reader", "TensorInfo", "TensorSpec", "make_writer", "open_checkpoint"]
+from __future__ import annotations
+
+import os
+import stat
+
+from ckptavg.errors import CheckpointError
+from ckptavg.io.base import (
+    INDEX_NAME,
+    TORCH_SUFFIXES,
+    ReaderBase,
+    SourceFile,
+    TensorSpec,
+    file_kind,
+    open_source,
+)
+from ckptavg.io.pt import TorchReader
+from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
+from ckptavg.io.writer import make_writer
+
+Reader = ReaderBase
+
+__all__ = ["Reader", "SourceFile", "TensorSpec", "make_writer", "open_checkpoint", "sniff"]
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """'safetensors', 'torch-zip' or 'torch-legacy' from a file's first 16 bytes."""
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= MAX_HEADER:
+        return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch-legacy"  # a bare pickle: torch's pre-1.6 format
+    return None
+
+
+def _folder_kind(path: str) -> str:
+    if os.path.exists(os.path.join(path, INDEX_NAME)):
+        return "safetensors-sharded"
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return "safetensors-folder"
+    found = sorted(os.listdir(path))[:5]
+    raise CheckpointError(
+        f"{path}: folder has no {INDEX_NAME} or model.safetensors (it holds: "
+        f"{', '.join(found) or 'nothing'}); to average the files in it, pass them: "
+        f"{path}/*.safetensors"
+    )
+
+
+def sniff(path: str) -> str:
+    """The format of `path` by content: 'safetensors', 'torch-zip', 'torch-legacy',
+    'safetensors-sharded' or 'safetensors-folder'."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; check the path or glob") from None
+    if stat.S_ISDIR(mode):
+        return _folder_kind(path)
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: is {file_kind(mode)}; pass a checkpoint file")
+    fd, _ = open_source(path)
+    try:
+        return _sniff_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _sniff_fd(fd: int, path: str) -> str:
+    kind = sniff_bytes(os.pread(fd, 16, 0))
+    if kind is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint ckptavg can read (expected safetensors or a torch.save "
+            f"file such as {', '.join(TORCH_SUFFIXES[:4])}); check the file"
+        )
+    return kind
+
+
+def open_checkpoint(path: str | os.PathLike, key: str | None = None,
+                    strip_prefix: str | None = None) -> ReaderBase:
+    """Open a checkpoint for streaming reads.
+
+    Args:
+        path: a safetensors file, a sharded safetensors folder, or a torch.save file.
+        key: for torch files, the entry that holds the state dict (e.g. "state_dict_ema").
+        strip_prefix: a key prefix to remove (e.g. Lightning's "model.").
+
+    Returns:
+        A reader (`keys()`, `info(key)`, `read(key)`, `metadata()`); close it when done or
+        use it as a context manager.
+
+    Example:
+        >>> with ckptavg.open_checkpoint("epoch-0001.safetensors") as r:
+        ...     w = r.read("fc.weight")
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; check the path or glob") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        _folder_kind(path)
+        _no_key(path, key)
+        return SafetensorsReader(path, strip_prefix=strip_prefix)
+    fd, src = open_source(path)
+    try:
+        kind = _sniff_fd(fd, path)
+        if kind == "safetensors":
+            _no_key(path, key)
+    except BaseException:
+        os.close(fd)
+        raise
+    if kind == "safetensors":
+        return SafetensorsReader(path, strip_prefix=strip_prefix, fd=fd, src=src)
+    return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip",
+                       fd=fd, src=src)
+
+
+def _no_key(path: str, key: str | None) -> None:
+    if key is not None:
+        raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
+                              "(entries exist in torch.save files only); drop the key")

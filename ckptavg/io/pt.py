@@ -1,36 +1,36 @@
 """torch.save files: weights-only unpickling, memory-mapped, nested checkpoints.
 
-Zip-format files are loaded with `mmap=True`, so tensor data stays in the file until read;
-after a tensor has been used its pages are handed back with madvise(MADV_DONTNEED), which
-keeps the resident set bounded by one tensor per input rather than by the model. Legacy
+The file is opened once; torch loads it through that descriptor (`/proc/self/fd/N` names
+the open file itself, not the path, so a replacement of the path is never read). Zip-format
+files are mapped (`mmap=True`): tensor data stays in the file until read, and `release`
+hands the pages back, so the resident set is bounded by one tensor per input. Legacy
 (pre-1.6, non-zip) files cannot be mapped and are loaded whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import mmap
 import os
 import pickle
 import re
+import warnings
 
 import torch
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.reader import ReaderBase, TensorInfo, clean_metadata, find_ties, strip_keys
+from ckptavg.io.base import (
+    ReaderBase,
+    SourceFile,
+    TensorSpec,
+    clean_metadata,
+    drop_pages,
+    find_ties,
+    open_source,
+    strip_keys,
+)
 
 # Where training checkpoints keep the model's weights, in the order they are tried.
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
-
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _madvise = _libc.madvise
-    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-except (OSError, AttributeError):  # not Linux/glibc: pages are released at close instead
-    _madvise = None
 
 
 def _safe_globals() -> list:
@@ -54,26 +54,34 @@ def _safe_globals() -> list:
     return allowed
 
 
-def torch_load(path: str, mmap: bool) -> object:
-    """`torch.load(weights_only=True)` with clear errors; never an unsafe fallback."""
-    ctx = (
-        torch.serialization.safe_globals(_safe_globals())
-        if hasattr(torch.serialization, "safe_globals")
-        else contextlib.nullcontext()
-    )
+def _fd_path(fd: int, path: str) -> str:
+    """A name for the open file itself (Linux), else the path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else path
+
+
+def torch_load(path: str, fd: int, mmap: bool) -> object:
+    """`torch.load(weights_only=True)` of the open file `fd`, with clear errors; never an
+    unsafe fallback. torch's own warnings are not passed on to the user."""
+    ctx = (torch.serialization.safe_globals(_safe_globals())
+           if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext())
     try:
-        with ctx:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with ctx, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(_fd_path(fd, path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"the global {m.group(1)}" if m else "content outside the weights-only allowlist"
         raise CheckpointError(
-            f"{path}: refused to unpickle {what} (arbitrary code is never run); "
+            f"{path}: refused to unpickle {what} (code named by a file is never run); "
             "re-save the weights with torch.save(model.state_dict()) or as safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load torch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError, MemoryError, OverflowError, RecursionError) as e:
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load torch checkpoint ({first}); the file is "
+                              "corrupt or incomplete") from None
 
 
 def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]:
@@ -88,11 +96,12 @@ def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]
         for part in key.split("/") if key not in obj else [key]:
             if not isinstance(node, dict) or part not in node:
                 raise CheckpointError(
-                    f"{path}: no entry {key!r} (top-level keys: {_list(obj)}); check --key"
+                    f"{path}: no entry {key!r} (top-level keys: {_list(obj)}); name the entry "
+                    "that holds the weights"
                 )
             node = node[part]
         if not isinstance(node, dict) or not _has_tensor(node):
-            raise CheckpointError(f"{path}: entry {key!r} holds no tensors; check --key")
+            raise CheckpointError(f"{path}: entry {key!r} holds no tensors; name another entry")
         return node, key
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, "<top level>"
@@ -107,7 +116,7 @@ def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]
         return obj, "<top level>"
     raise CheckpointError(
         f"{path}: no state dict found (top-level keys: {_list(obj)}); "
-        "name the entry that holds the weights with --key"
+        "name the entry that holds the weights (--key)"
     )
 
 
@@ -120,46 +129,68 @@ def _list(d: dict, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def _check_tensor(path: str, key: object, t: torch.Tensor) -> None:
+    """Only plain dense CPU tensors of real dtypes are weights ckptavg can average."""
+    if not isinstance(key, str):
+        raise CheckpointError(f"{path}: state dict has a non-string key {key!r}; "
+                              "state dicts map parameter names to tensors")
+    problem = None
+    if t.layout != torch.strided:
+        problem = f"is a {str(t.layout).replace('torch.', '')} tensor"
+    elif t.is_meta or t.device.type == "meta":
+        problem = "is a meta tensor (it has no data)"
+    elif t.is_quantized:
+        problem = "is a quantized tensor"
+    elif t.is_complex():
+        problem = f"has complex dtype {str(t.dtype).replace('torch.', '')}"
+    if problem:
+        raise CheckpointError(f"{path}: tensor {key!r} {problem}, which ckptavg cannot "
+                              "average; convert it to a dense real tensor and re-save")
+
+
 class TorchReader(ReaderBase):
+    """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over)."""
+
     def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None,
-                 mmap: bool = True):
+                 mmap: bool = True, fd: int | None = None, src: SourceFile | None = None):
         self.path = path
         self.format = "torch" if mmap else "torch-legacy"
         self._mmap = mmap
-        obj = torch_load(path, mmap=mmap)
+        if fd is None:
+            fd, src = open_source(path)
+        try:
+            obj = torch_load(path, fd, mmap=mmap)
+        finally:
+            os.close(fd)
+        self.files = [src]
         state, self.location = find_state_dict(obj, key, path)
         self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
+        self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
+                            and _has_tensor(v)) if isinstance(obj, dict) else ()
         # Optimizer state, epochs, configs: never averaged, never copied.
-        self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self._names = strip_keys(list(self._tensors), strip_prefix, path)
-        self._ties = self._find_ties()
-
-    def _find_ties(self) -> dict[str, str]:
-        return find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
+        self._tensors = {}
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                _check_tensor(path, k, v)
+                self._tensors[k] = v
+        self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
+        self.removed_prefixes = tuple(removed)
+        self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)
 
-    def info(self, key: str) -> TensorInfo:
+    def info(self, key: str) -> TensorSpec:
         t = self._tensors[self._raw(key)]
-        return TensorInfo(tuple(t.shape), t.dtype)
+        return TensorSpec(key, tuple(t.shape), t.dtype)
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[self._raw(key)]
 
     def release(self, key: str) -> None:
-        if not self._mmap or _madvise is None:
-            return
-        storage = self._tensors[self._raw(key)].untyped_storage()
-        start, size = storage.data_ptr(), storage.nbytes()
-        if size == 0:
-            return
-        lo = start - start % _PAGE
-        hi = start + size
-        hi += (-hi) % _PAGE
-        # The mapping is private and never written, so dropping its pages loses nothing:
-        # a later touch faults them back in from the page cache.
-        _madvise(lo, hi - lo, _MADV_DONTNEED)
+        if self._mmap:
+            storage = self._tensors[self._raw(key)].untyped_storage()
+            drop_pages(storage.data_ptr(), storage.nbytes())
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -170,4 +201,9 @@ class TorchReader(ReaderBase):
 
 def load_torch_file(path: str) -> object:
     """The whole object of a torch file, weights-only (for callers that need it all)."""
-    return torch_load(os.fspath(path), mmap=False)
+    path = os.fspath(path)
+    fd, _ = open_source(path)
+    try:
+        return torch_load(path, fd, mmap=False)
+    finally:
+        os.close(fd)

@@ -1,8 +1,11 @@
-"""safetensors files and sharded folders, read through a private memory map.
+"""safetensors files and sharded folders, validated, then read through a private map.
 
-The header is parsed here (8-byte little-endian length, then JSON). A tensor is a view of
-the mapped file (no copy); after use its pages are dropped with madvise(MADV_DONTNEED), so
-nothing stays resident, whatever the number of inputs.
+A header is untrusted: it is bounded, parsed with duplicate names refused, and believed only
+if its entries tile the data section exactly and the file is exactly as long as they say.
+Each file is opened once; header and data come through that descriptor (the map is made
+from it), so a file replaced by another mid-run cannot mix the two. The descriptor is
+closed once mapped: a run over many inputs holds no file descriptor per input. A tensor is
+a view of the map; `release` drops its pages, so nothing stays resident.
 """
 
 from __future__ import annotations
@@ -10,152 +13,225 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import struct
 
 import torch
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.reader import INDEX_NAME, ReaderBase, TensorInfo, clean_metadata, strip_keys
+from ckptavg.io.base import (
+    DTYPES,
+    INDEX_NAME,
+    ReaderBase,
+    SourceFile,
+    TensorSpec,
+    clean_metadata,
+    drop_pages,
+    open_source,
+    pread_exact,
+    strip_keys,
+)
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100_000_000  # the safetensors library's own bound
 
 
-def read_header(path: str) -> tuple[dict, int]:
-    """(header dict, offset where the data buffer starts)."""
+def _bad(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: invalid safetensors header: {what}; the file is corrupt "
+                           "or forged: re-save it from the weights")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"name {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def parse_header(raw: bytes, data_size: int, path: str) -> tuple[dict, dict[str, str]]:
+    """Validate a header: ({raw name: (dtype, shape, begin, nbytes)}, metadata).
+
+    Offsets are relative to the data section, which is `data_size` bytes long."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", raw)
-            size = os.fstat(f.fileno()).st_size
-            if n > size - 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (header past end)")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise _bad(path, "nested too deeply") from None
+    except UnicodeDecodeError:
+        raise _bad(path, "not UTF-8") from None
+    except ValueError as e:  # JSONDecodeError, or a duplicate name
+        raise _bad(path, str(e).split(":")[0] if "twice" not in str(e) else str(e)) from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header")
-    base = 8 + n
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        start, end = v["data_offsets"]
-        if base + end > size:
-            raise CheckpointError(f"{path}: truncated safetensors file (tensor {k!r} past end)")
-    return header, base
+        raise _bad(path, "not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _bad(path, "__metadata__ is not a map of strings to strings")
+    entries = {}
+    for name, e in header.items():
+        if not isinstance(e, dict) or set(e) - {"dtype", "shape", "data_offsets"}:
+            raise _bad(path, f"entry {name!r} is not a tensor entry")
+        code, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if code not in DTYPES:
+            raise _bad(path, f"tensor {name!r} has unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(_count(s) for s in shape):
+            raise _bad(path, f"tensor {name!r} has shape {shape!r}, not a list of counts")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise _bad(path, f"tensor {name!r} has data_offsets {offsets!r}")
+        dtype = DTYPES[code]
+        spec = TensorSpec(name, tuple(shape), dtype)
+        if offsets[1] - offsets[0] != spec.nbytes:
+            raise _bad(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape "
+                       f"{shape} of {code} needs {spec.nbytes}")
+        entries[name] = (dtype, tuple(shape), offsets[0], spec.nbytes)
+    end = 0
+    for name, (_, _, begin, nbytes) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != end:
+            what = "overlaps the one before" if begin < end else f"leaves a hole at byte {end}"
+            raise _bad(path, f"tensor {name!r} {what}")
+        end = begin + nbytes
+    if end != data_size:
+        raise _bad(path, f"the tensors end at byte {end} of a {data_size}-byte data section"
+                   + (" (truncated file)" if end > data_size else " (trailing bytes)"))
+    return entries, dict(meta)
+
+
+class _MappedFile:
+    """One safetensors file: validated header, then mapped through the same descriptor."""
+
+    def __init__(self, path: str, fd: int, src: SourceFile):
+        self.src = src
+        try:
+            if src.size < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            n = int.from_bytes(pread_exact(fd, 8, 0, path), "little")
+            if n == 0 or n > MAX_HEADER or n > src.size - 8:
+                raise _bad(path, f"header length {n} for a {src.size}-byte file")
+            self.entries, self.meta = parse_header(pread_exact(fd, n, 8, path), src.size - 8 - n, path)
+            self.base = 8 + n
+            # A private, never-written map: tensors alias the page cache (no copy).
+            self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def read(self, raw: str) -> torch.Tensor:
+        dtype, shape, begin, nbytes = self.entries[raw]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        start = self.base + begin
+        return self.bytes[start:start + nbytes].view(dtype).view(shape)
+
+    def release(self, raw: str) -> None:
+        _, _, begin, nbytes = self.entries[raw]
+        drop_pages(self.bytes.data_ptr() + self.base + begin, nbytes)
+
+    def close(self) -> None:
+        self.bytes = None
+        try:
+            self.map.close()
+        except BufferError:  # a caller still holds a view: the map closes when it goes
+            pass
+
+
+def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
+    fd, _ = open_source(index_path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            index = json.loads(f.read(MAX_HEADER + 1).decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{index_path}: corrupt index (not JSON)") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: corrupt index (no weight_map)")
+    for k, v in weight_map.items():
+        if not isinstance(v, str) or os.path.basename(v) != v or v in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: tensor {k!r} maps to {v!r}, not a shard file "
+                                  "name in the folder; the index is corrupt")
+    meta = clean_metadata(index.get("metadata") or {})
+    meta.pop("total_size", None)
+    return weight_map, meta
 
 
 class SafetensorsReader(ReaderBase):
+    """A safetensors file, a sharded folder (index + shards), or a folder with
+    model.safetensors. Pass `fd`/`src` when the file is already open (it is taken over)."""
+
     format = "safetensors"
 
-    def __init__(self, path: str, strip_prefix: str | None = None):
+    def __init__(self, path: str, strip_prefix: str | None = None, fd: int | None = None,
+                 src: SourceFile | None = None):
         self.path = path
-        # raw key -> (file, dtype, shape, absolute start, nbytes)
-        self._entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
-        if os.path.isdir(path):
-            index_path = os.path.join(path, INDEX_NAME)
-            if os.path.exists(index_path):
-                self.format = "safetensors-sharded"
-                files, meta = self._read_index(index_path)
-            else:
-                files, meta = [os.path.join(path, "model.safetensors")], None
-        else:
-            files, meta = [path], None
-        shard_meta: dict[str, str] = {}
-        for file in files:
-            header, base = read_header(file)
-            if not shard_meta:
-                shard_meta = clean_metadata(header.get("__metadata__"))
-            for k, v in header.items():
-                if k == "__metadata__":
-                    continue
-                code = v.get("dtype")
-                if code not in DTYPES:
-                    raise CheckpointError(f"{file}: tensor {k!r} has dtype {code} that torch cannot hold")
-                start, end = v["data_offsets"]
-                self._entries[k] = (file, DTYPES[code], tuple(v["shape"]), base + start, end - start)
-        self._meta = meta if meta is not None else shard_meta
-        self._names = strip_keys(list(self._entries), strip_prefix, path)
-        self._files = files
-        self._maps: dict[str, mmap.mmap] = {}
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:  # a tensor still views it: the map closes when that goes
-                pass
-        self._maps.clear()
-
-    def _read_index(self, index_path: str) -> tuple[list[str], dict[str, str]]:
+        self._maps: list[_MappedFile] = []
+        self._where: dict[str, _MappedFile] = {}
         try:
-            with open(index_path) as f:
-                index = json.load(f)
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: corrupt index (no weight_map)") from None
-        folder = os.path.dirname(index_path)
-        files = sorted(set(weight_map.values()))
-        meta = clean_metadata(index.get("metadata") or {})
-        meta.pop("total_size", None)
-        return [os.path.join(folder, f) for f in files], meta
+            self._open(path, fd, src)
+            self._names, removed = strip_keys(list(self._where), strip_prefix, path)
+        except BaseException:
+            self.close()
+            raise
+        self.removed_prefixes = tuple(removed)
+        self.files = [m.src for m in self._maps]
 
-    @property
-    def files(self) -> list[str]:
-        return list(self._files)
+    def _open(self, path: str, fd: int | None, src: SourceFile | None) -> None:
+        if fd is not None:
+            self._add(path, fd, src)
+            self._meta = self._maps[0].meta
+            return
+        if not os.path.isdir(path):
+            fd, src = open_source(path)
+            self._add(path, fd, src)
+            self._meta = self._maps[0].meta
+            return
+        index_path = os.path.join(path, INDEX_NAME)
+        if not os.path.exists(index_path):
+            shard = os.path.join(path, "model.safetensors")
+            self._add(shard, *open_source(shard))
+            self._meta = self._maps[0].meta
+            return
+        self.format = "safetensors-sharded"
+        weight_map, meta = _read_index(index_path)
+        for name in sorted(set(weight_map.values())):
+            shard = os.path.join(path, name)
+            self._add(shard, *open_source(shard), expected=weight_map)
+        missing = [k for k in weight_map if k not in self._where]
+        if missing:
+            raise CheckpointError(f"{index_path}: lists tensor {missing[0]!r} in "
+                                  f"{weight_map[missing[0]]}, which does not hold it; "
+                                  "the folder is incomplete")
+        self._meta = meta or self._maps[0].meta
 
-    def info(self, key: str) -> TensorInfo:
-        _, dtype, shape, _, _ = self._entries[self._raw(key)]
-        return TensorInfo(shape, dtype)
+    def _add(self, file: str, fd: int, src: SourceFile, expected: dict | None = None) -> None:
+        m = _MappedFile(file, fd, src)
+        self._maps.append(m)
+        for raw in m.entries:
+            if raw in self._where:
+                raise CheckpointError(f"{file}: tensor {raw!r} is also in "
+                                      f"{self._where[raw].src.path}; the folder is corrupt")
+            if expected is not None and expected.get(raw) != os.path.basename(file):
+                raise CheckpointError(f"{file}: holds tensor {raw!r} that the index does not "
+                                      "place in this shard; the folder is corrupt")
+            self._where[raw] = m
+
+    def info(self, key: str) -> TensorSpec:
+        raw = self._raw(key)
+        dtype, shape, _, _ = self._where[raw].entries[raw]
+        return TensorSpec(key, shape, dtype)
 
     def read(self, key: str) -> torch.Tensor:
-        file, dtype, shape, start, nbytes = self._entries[self._raw(key)]
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        # A private, never-written map: the tensor aliases the page cache (no copy), and
-        # release() drops the pages again, so nothing stays resident.
-        data = torch.frombuffer(self._map(file), dtype=torch.uint8, count=nbytes, offset=start)
-        return data.view(dtype).view(shape)
-
-    def _map(self, file: str) -> mmap.mmap:
-        m = self._maps.get(file)
-        if m is None:
-            with open(file, "rb") as f:
-                m = self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return m
+        raw = self._raw(key)
+        return self._where[raw].read(raw)
 
     def release(self, key: str) -> None:
-        file, _, _, start, nbytes = self._entries[self._raw(key)]
-        m = self._maps.get(file)
-        if m is None or nbytes == 0 or not hasattr(m, "madvise"):
-            return
-        lo = start - start % mmap.PAGESIZE
-        hi = min(len(m), start + nbytes + (-(start + nbytes)) % mmap.PAGESIZE)
-        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        raw = self._raw(key)
+        self._where[raw].release(raw)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
+
+    def close(self) -> None:
+        for m in self._maps:
+            m.close()
+        self._maps = []

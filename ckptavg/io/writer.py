@@ -1,39 +1,33 @@
-"""Atomic, streaming output.
+"""Atomic, streaming output that never replaces what is not ours.
 
 Every writer writes into a temporary file (or folder) beside the target and renames it
-into place only after everything has been written and fsync'd: an interrupted run leaves
-the old output or none, never a partial one. The safetensors writers take tensors one at
-a time in the order announced up front, so memory never holds the model.
+into place only after everything has been written and fsync'd: an interrupted or failed run
+leaves the old output or none, never a partial one, and no temporary file. Writers are
+context managers: a clean exit commits, an exception aborts. The safetensors writers take
+tensors one at a time in the order announced up front, so memory never holds the model.
+
+Before anything is written, `check_output` refuses an output that is (or, for a folder,
+contains) a file of an input, and a folder output that holds anything but an earlier
+sharded output of ours.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from ckptavg.errors import OutputError
-from ckptavg.io.reader import INDEX_NAME, TORCH_SUFFIXES
+from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, TensorSpec
 
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
 
 
 def output_kind(path: str, shard_size: int | None = None) -> str:
@@ -41,13 +35,13 @@ def output_kind(path: str, shard_size: int | None = None) -> str:
     lower = path.lower()
     if lower.endswith(TORCH_SUFFIXES):
         if shard_size:
-            raise OutputError(f"{path}: --shard-size writes a folder; give a folder name, not a torch file")
+            raise OutputError(f"{path}: a shard size asks for a folder; give a folder name, "
+                              "not a torch file")
         return "torch"
     if lower.endswith(SAFETENSORS_SUFFIX):
         if shard_size:
-            raise OutputError(
-                f"{path}: --shard-size writes a folder of shards; drop the .safetensors suffix"
-            )
+            raise OutputError(f"{path}: a shard size asks for a folder of shards; drop the "
+                              ".safetensors suffix")
         return "safetensors"
     if os.path.isfile(path):
         raise OutputError(f"{path}: exists and is not a folder; pick a .safetensors or .pt name")
@@ -58,6 +52,68 @@ def output_kind(path: str, shard_size: int | None = None) -> str:
     )
 
 
+def _ours(folder: str) -> list[str]:
+    """The files of an earlier sharded output in `folder` (index + its shards); raises
+    OutputError naming the first thing that is not ours."""
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return []
+    listed: set[str] = set()
+    index = os.path.join(folder, INDEX_NAME)
+    if INDEX_NAME in entries:
+        try:
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            listed = {v for v in weight_map.values() if isinstance(v, str)}
+        except (OSError, ValueError, AttributeError):
+            listed = set()
+    for name in entries:
+        full = os.path.join(folder, name)
+        if name != INDEX_NAME and name not in listed or not os.path.isfile(full) \
+                or os.path.islink(full):
+            raise OutputError(
+                f"{folder}: the output folder holds {full}, which is not part of an earlier "
+                "ckptavg output; nothing in it was touched. Pick a new or empty folder"
+            )
+    return [os.path.join(folder, n) for n in entries]
+
+
+def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
+    """Refuse an output that would replace an input's file or anything not ours."""
+    ids = {f.identity: f.path for f in inputs}
+
+    def refuse_if_input(p: str) -> None:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return
+        other = ids.get((st.st_dev, st.st_ino))
+        if other is not None:
+            what = "is one of the inputs" if p == path else f"would replace {p}"
+            raise OutputError(f"{path}: {what} (the same file as input {other}); nothing was "
+                              "written: write the output elsewhere")
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OutputError(f"{path}: cannot check the output path ({e.strerror})") from None
+    if kind == "sharded":
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{path}: exists and is not a folder; pick another name")
+        refuse_if_input(path)
+        for f in _ours(path):
+            refuse_if_input(f)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{path}: is a folder; pick a file name (or drop the suffix to "
+                          "write a sharded folder)")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"{path}: exists and is not a regular file; pick another name")
+    refuse_if_input(path)
+
+
 def _fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder or ".", os.O_RDONLY)
@@ -65,8 +121,15 @@ def _fsync_dir(folder: str) -> None:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
+
+
+def _write_error(path: str, e: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write the output ({e.strerror or e}); nothing was "
+                       "written: free space or pick another folder")
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -85,8 +148,11 @@ class AtomicFile:
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             raise OutputError(f"{path}: folder {folder} does not exist; create it first")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                        dir=folder)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                            dir=folder)
+        except OSError as e:
+            raise _write_error(path, e) from None
         self.file = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
@@ -97,21 +163,78 @@ class AtomicFile:
         os.replace(self.tmp, self.path)
         _fsync_dir(os.path.dirname(self.path))
 
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
+
     def abort(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        if os.path.exists(self.tmp):
+        # Unlink first: closing flushes the buffer, which fails again on a full disk.
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
+        with contextlib.suppress(OSError, ValueError):
+            self.file.close()
+
+
+class Writer:
+    """Base of the writers: a context manager that commits on success, aborts on error,
+    and turns a failing disk into one OutputError naming the output."""
+
+    keeps_tensors = False
+    path: str
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        try:
+            self._write(key, tensor)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+
+    def close(self) -> None:
+        try:
+            self._close()
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
-    from ckptavg.io.safetensors import CODES
-
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for s in specs:
+        if s.key == "__metadata__":
+            raise OutputError("a tensor is named '__metadata__', which safetensors reserves; "
+                              "rename it, or write a .pt output")
         if s.dtype not in CODES:
             raise OutputError(f"tensor {s.key!r}: dtype {s.dtype} cannot be stored in safetensors")
         header[s.key] = {"dtype": CODES[s.dtype], "shape": list(s.shape),
@@ -122,31 +245,30 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> byt
     return len(raw).to_bytes(8, "little") + raw
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(Writer):
     """Streams tensors into one safetensors file, in the order given by `specs`."""
-
-    keeps_tensors = False
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str]):
         self.path = path
         self._specs = list(specs)
         self._next = 0
+        header = safetensors_header(self._specs, metadata)
         self._out = AtomicFile(path)
         try:
-            self._out.file.write(safetensors_header(self._specs, metadata))
-        except BaseException:
+            self._out.file.write(header)
+        except OSError as e:
             self._out.abort()
-            raise
+            raise _write_error(path, e) from None
         self.bytes_written = sum(s.nbytes for s in self._specs)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
         spec = self._specs[self._next]
         if key != spec.key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise RuntimeError(f"writer expected {spec}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
         self._out.file.write(tensor_bytes(tensor))
         self._next += 1
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._next != len(self._specs):
             raise RuntimeError(f"{self.path}: {len(self._specs) - self._next} tensors not written")
         self._out.commit()
@@ -167,19 +289,23 @@ def split_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSp
     return shards
 
 
-class ShardedWriter:
-    """A folder of safetensors shards plus model.safetensors.index.json (Hugging Face layout)."""
+class ShardedWriter(Writer):
+    """A folder of safetensors shards plus model.safetensors.index.json (Hugging Face layout).
 
-    keeps_tensors = False
+    An existing folder is replaced only when it holds nothing but an earlier output of ours
+    (checked again just before the swap)."""
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  shard_size: int):
-        self.path = os.path.abspath(path.rstrip(os.sep))
+        self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise OutputError(f"{path}: folder {parent} does not exist; create it first")
-        self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                                     dir=parent)
+        try:
+            self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.",
+                                         suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise _write_error(path, e) from None
         self._shards = split_shards(list(specs), shard_size)
         n = len(self._shards)
         self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -198,13 +324,13 @@ class ShardedWriter:
                                           self._shards[self._shard], shard_meta)
         self._left = len(self._shards[self._shard])
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
         if self._left == 0:
             self._open_next()
         self._current.write(key, tensor)
         self._left -= 1
 
-    def close(self) -> None:
+    def _close(self) -> None:
         while self._shard + 1 < len(self._shards):  # empty model: still write the shard
             self._open_next()
         if self._current is not None:
@@ -220,6 +346,7 @@ class ShardedWriter:
         os.chmod(self._tmp, 0o755)
         old = None
         if os.path.isdir(self.path):
+            _ours(self.path)  # still nothing but an earlier output of ours
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".old",
                                    dir=os.path.dirname(self.path))
             os.rename(self.path, os.path.join(old, "x"))
@@ -234,7 +361,7 @@ class ShardedWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-class TorchWriter:
+class TorchWriter(Writer):
     """`{"state_dict": ..., "metadata": ...}` through torch.save; holds the model until close."""
 
     keeps_tensors = True
@@ -249,19 +376,15 @@ class TorchWriter:
         self._out = AtomicFile(path)
         self.bytes_written = sum(s.nbytes for s in specs if s.key not in self._ties)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
         self._state[key] = tensor
 
-    def close(self) -> None:
+    def _close(self) -> None:
         state = {}
         for k in self._order:
             # Tied names point at one tensor object, so torch.save stores one storage.
             state[k] = state[self._ties[k]] if k in self._ties else self._state[k]
-        try:
-            torch.save({"state_dict": state, "metadata": self._metadata}, self._out.file)
-        except BaseException:
-            self._out.abort()
-            raise
+        torch.save({"state_dict": state, "metadata": self._metadata}, self._out.file)
         self._state.clear()
         self._out.commit()
 
@@ -271,11 +394,42 @@ class TorchWriter:
 
 
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                shard_size: int | None = None, ties: dict[str, str] | None = None):
-    """The writer that the output path's suffix asks for."""
+                shard_size: int | None = None, ties: dict[str, str] | None = None,
+                inputs: Iterable[SourceFile] = ()) -> Writer:
+    """The writer that the output path's suffix asks for, after `check_output`.
+
+    Use it as a context manager: `with make_writer(...) as w: w.write(key, t)` commits
+    on a clean exit and leaves nothing behind on an error."""
     kind = output_kind(path, shard_size)
+    check_output(path, kind, inputs)
     if kind == "torch":
         return TorchWriter(path, specs, metadata, ties)
     if kind == "sharded":
         return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9)
     return SafetensorsWriter(path, specs, metadata)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[SourceFile]:
+    """Hold an exclusive lock on the file (or folder) at `path` for a read-fold-replace.
+
+    The lock is on the inode. A writer that replaces the path by rename leaves waiters
+    holding the old inode, so after locking, the path is checked to still be that inode;
+    if not, the newer file is locked instead. Yields the locked file's identity."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise OutputError(f"{path}: cannot open to lock it ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                yield SourceFile.of(path, st)
+                return
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock

@@ -273,10 +273,5 @@ def train(config: TrainConfig, *, device: str = "auto", resume: bool = False,
 def _save_resume(state: dict, path: str) -> None:
     from ckptavg.io.writer import AtomicFile
 
-    out = AtomicFile(path)
-    try:
+    with AtomicFile(path) as out:
         torch.save(state, out.file)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ckptavg import __version__
-from ckptavg.io.reader import tensor_identity
+from ckptavg.io.base import tensor_identity
 
 
 def cpu_state(model_or_state) -> dict[str, torch.Tensor]:

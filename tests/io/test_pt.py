@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ckptavg.errors import CheckpointError
+from ckptavg.io import open_checkpoint, sniff
 from ckptavg.io.pt import find_state_dict
-from ckptavg.io.reader import open_checkpoint, sniff
 
 SD = {"conv.weight": torch.arange(6.0).reshape(2, 3), "conv.bias": torch.tensor([1.0, 2.0])}
 
@@ -54,7 +54,7 @@ def test_key_option_picks_ema_weights(tmp_path):
     p = save(tmp_path, {"state_dict": SD, "state_dict_ema": ema})
     got, _ = read_all(p, key="state_dict_ema")
     assert torch.equal(got["conv.bias"], ema["conv.bias"])
-    with pytest.raises(CheckpointError, match="no entry 'nope'.*--key"):
+    with pytest.raises(CheckpointError, match="no entry 'nope'.*name the entry"):
         open_checkpoint(p, key="nope")
 
 
@@ -68,7 +68,7 @@ def test_wrapper_prefixes_stripped_only_when_all_keys_have_them(tmp_path):
 
 
 def test_strip_prefix_that_matches_nothing_is_an_error(tmp_path):
-    with pytest.raises(CheckpointError, match="--strip-prefix 'net.'"):
+    with pytest.raises(CheckpointError, match="prefix 'net.' to strip"):
         open_checkpoint(save(tmp_path, SD), strip_prefix="net.")
 
 

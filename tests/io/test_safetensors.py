@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.reader import INDEX_NAME, open_checkpoint
+from ckptavg.io import open_checkpoint
+from ckptavg.io.base import INDEX_NAME
 from ckptavg.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, split_shards
 from tests.conftest import known_state
 
@@ -110,7 +111,7 @@ def test_hf_single_file_folder(tmp_path):
 
 
 def test_header_length_that_looks_like_a_pickle_is_still_safetensors(tmp_path):
-    from ckptavg.io.reader import sniff
+    from ckptavg.io import sniff
 
     # A header of 0x..80 bytes starts the file with 0x80, the pickle protocol marker.
     for pad in range(0, 300, 1):

@@ -1,0 +1,279 @@
+"""What every checkpoint format shares: tensor specs, the reader base, files and pages.
+
+Formats import this module and never each other; `ckptavg.io.open_checkpoint` picks a
+format by content. Every file is untrusted: it is opened once (`open_source`), refused
+unless it is a regular file, and read through that one descriptor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import stat
+from dataclasses import dataclass
+
+import torch
+
+from ckptavg.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+# Wrapper prefixes added by DataParallel/DDP (module.) and torch.compile (_orig_mod.).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# safetensors dtype codes <-> torch dtypes (the newer ones only where torch has them).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's name, shape and dtype: what a reader knows before reading it, and what a
+    writer is told to expect."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file an input consists of, as it was when opened."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return (self.dev, self.ino)
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> SourceFile:
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_source(path: str) -> tuple[int, SourceFile]:
+    """Open a file for reading, once: (descriptor, what it is). Refuses anything that is not
+    a regular file before reading from it (O_NONBLOCK: opening a FIFO does not hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file; check the path or glob") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}; pass a checkpoint file")
+    os.set_blocking(fd, True)
+    return fd, SourceFile.of(path, st)
+
+
+def pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise CheckpointError(f"{path}: truncated file (wanted {n} bytes at {offset}); "
+                              "the file is incomplete: re-save it")
+    return data
+
+
+def check_unchanged(files: list[SourceFile]) -> None:
+    """Refuse a result read from a file that was rewritten in place while it was read.
+
+    A file replaced by rename is harmless: its old contents stay mapped and are what was
+    read. The same inode with another size or mtime means its bytes changed under us."""
+    for f in files:
+        try:
+            st = os.stat(f.path)
+        except OSError:
+            continue  # removed or renamed away: what was mapped stays intact
+        if (st.st_dev, st.st_ino) == f.identity and (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+            raise CheckpointError(
+                f"{f.path}: was modified while it was being read, so the result would mix two "
+                "versions of it; nothing was written. Run again once the file is complete "
+                "(writers should save to a temporary name and rename)"
+            )
+
+
+# ------------------------------------------------------------------ mapped pages
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError):  # not Linux/glibc: pages are released at close instead
+    _madvise = None
+
+
+def drop_pages(address: int, nbytes: int) -> None:
+    """Hand back the pages of a private, never-written file mapping: a later touch faults
+    them in again from the page cache, so nothing is lost and RSS stays bounded."""
+    if _madvise is None or nbytes <= 0:
+        return
+    lo = address - address % _PAGE
+    hi = address + nbytes
+    hi += (-hi) % _PAGE
+    _madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+# ------------------------------------------------------------------ keys, ties, metadata
+
+
+def strip_keys(raw: list[str], strip_prefix: str | None, path: str) -> tuple[dict[str, str], list[str]]:
+    """(public name -> raw name, prefixes removed). Wrapper prefixes go when every key
+    carries them; `strip_prefix` goes where present, and wrappers under it go too."""
+    names = list(raw)
+    removed: list[str] = []
+
+    def unwrap() -> None:
+        changed = True
+        while changed and names:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if all(n.startswith(p) for n in names):
+                    names[:] = [n[len(p):] for n in names]
+                    removed.append(p)
+                    changed = True
+
+    unwrap()
+    if strip_prefix:
+        if not any(n.startswith(strip_prefix) for n in names):
+            raise CheckpointError(
+                f"{path}: no key starts with the prefix {strip_prefix!r} to strip "
+                f"(first keys: {', '.join(names[:3])}); check the prefix"
+            )
+        names[:] = [n[len(strip_prefix):] if n.startswith(strip_prefix) else n for n in names]
+        removed.append(strip_prefix)
+        unwrap()
+    mapping: dict[str, str] = {}
+    for public, original in zip(names, raw):
+        if public in mapping:
+            raise CheckpointError(
+                f"{path}: keys {mapping[public]!r} and {original!r} both become {public!r} "
+                "after stripping prefixes; strip a longer prefix"
+            )
+        mapping[public] = original
+    return mapping, removed
+
+
+def tensor_identity(t: torch.Tensor) -> tuple | None:
+    """Equal for two names of one tensor (same storage, offset, shape, strides, dtype);
+    None for empty tensors, which share nothing."""
+    if t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            t.stride(), t.dtype)
+
+
+def find_ties(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """name -> the first earlier name that is the same tensor."""
+    seen: dict[tuple, str] = {}
+    ties = {}
+    for name, t in tensors.items():
+        ident = tensor_identity(t)
+        if ident is None:
+            continue
+        if ident in seen:
+            ties[name] = seen[ident]
+        else:
+            seen[ident] = name
+    return ties
+
+
+def clean_metadata(meta: object) -> dict[str, str]:
+    """Keep a metadata map only if it is a dict; str keys, values JSON-encoded unless str."""
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v if isinstance(v, str) else json.dumps(v, default=str)
+            for k, v in meta.items() if isinstance(k, str)}
+
+
+class ReaderBase:
+    """What every format offers. Keys are the public, prefix-stripped names.
+
+    A reader lists tensor names, describes each one without reading it, and reads one
+    tensor at a time (possibly a view of a mapped file, valid until `release(key)` or
+    `close()`). `files` are the files it consists of, as they were when opened.
+    """
+
+    path: str
+    format: str
+    location: str = "<top level>"  # where in the file the weights were found
+    others: tuple[str, ...] = ()  # other tensor dicts the file holds (torch files)
+    removed_prefixes: tuple[str, ...] = ()
+    files: list[SourceFile]
+    _names: dict[str, str]
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def _raw(self, key: str) -> str:
+        try:
+            return self._names[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
+
+    def info(self, key: str) -> TensorSpec:
+        raise NotImplementedError
+
+    def read(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self, key: str) -> None:
+        """Hint that the caller is done with `key`: mapped pages may be dropped."""
+        return None
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def ties(self) -> dict[str, str]:
+        """Aliases: key -> the earlier key whose storage it shares."""
+        return {}
+
+    def check_unchanged(self) -> None:
+        check_unchanged(self.files)
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
