@@ -38,6 +38,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CkptavgError as e:
             raise UserError(str(e)) from None
+        except EOFError as e:  # Click would report it as "Aborted!": it is a bug, show it
+            raise RuntimeError("unexpected end of input") from e
 
 
 def parse_size(value: str | None) -> int | None:
@@ -237,8 +239,8 @@ def data_options(fn):
         click.option("--model", help="Model name, torchvision:NAME or package.module:factory "
                      "(default: model.arch metadata)."),
         click.option("--model-kwargs", help="JSON keyword arguments for the model factory."),
-        click.option("--batch-size", type=int, default=128, show_default=True),
-        click.option("--workers", type=int, default=0, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
                      help="DataLoader worker processes."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.option("--input-key", help="Key of the input in dict batches."),
@@ -345,7 +347,7 @@ def models_cmd(as_json):
 @click.option("--cycle", type=int, help="Cyclical SWA rate: cycles of C epochs from --swa-start.")
 @click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--amp", is_flag=True, help="Mixed precision (GPU only).")
@@ -355,7 +357,7 @@ def models_cmd(as_json):
               show_default=True, help="Which weights-only checkpoints to write.")
 @click.option("--eval-every", type=int, default=1, show_default=True,
               help="Test every N epochs (0: only never; the last epoch is always tested when N>0).")
-@click.option("--workers", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--stop-after", type=int, help="Train at most N epochs in this call (resume later).")
 @click.option("--swa-in-loop", is_flag=True, help="Also keep the running SWA average in memory "
@@ -557,6 +559,17 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
+    """Console entry point. Exit codes: 0 done, 1 a user or machine problem (one line),
+    2 a usage error (Click's), 130 interrupted (Ctrl-C), 128+N killed by signal N."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    cli.main(args=argv, prog_name="ckptavg")
+    try:
+        rc = cli.main(args=argv, prog_name="ckptavg", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("ckptavg: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

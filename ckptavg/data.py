@@ -14,6 +14,7 @@ import importlib
 import inspect
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -69,8 +70,12 @@ def _download(cls, name: str, root: str, split: str) -> None:
 def read_idx(path: str) -> torch.Tensor:
     """An IDX file (optionally gzipped) as a uint8 tensor."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e or 'truncated'});"
+                        " the file is corrupt or incomplete: download it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]

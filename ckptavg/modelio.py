@@ -8,6 +8,12 @@ import os
 import torch
 
 from ckptavg.errors import CkptavgError, ModelError
+from ckptavg.data import data_info, get_dataset
+from ckptavg.models import create_model, names_code
+
+# Factory arguments that download or load weights: never taken from a file's metadata.
+FETCHING_KWARGS = {"weights", "weights_backbone", "pretrained", "pretrained_cfg",
+                   "pretrained_cfg_overlay", "checkpoint_path", "pretrained_path"}
 
 
 def model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | None,
@@ -21,26 +27,43 @@ def model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | Non
             f"{path}: no model.arch metadata, so the network is unknown; pass --model NAME "
             "(see `ckptavg models`), torchvision:NAME or package.module:factory"
         )
+    if names_code(arch):
+        raise ModelError(
+            f"{path}: its model.arch metadata names code ({arch!r}), and code named by a file "
+            f"is never run; if you trust it, name it yourself: --model {arch}"
+        )
     try:
         kwargs = json.loads(meta.get("model.kwargs") or "{}")
-    except json.JSONDecodeError:
-        raise ModelError(f"{path}: model.kwargs metadata is not JSON; pass --model-kwargs") from None
+    except (json.JSONDecodeError, RecursionError):
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{path}: model.kwargs metadata is not a JSON object; pass the "
+                         "model kwargs yourself (--model-kwargs)")
+    fetch = sorted(set(kwargs) & FETCHING_KWARGS)
+    if fetch:
+        raise ModelError(f"{path}: its model.kwargs ask to load weights ({fetch[0]}), which a "
+                         "file may not do; pass the model and its kwargs yourself")
     kwargs.update(model_kwargs or {})
     return arch, kwargs
 
 
 def data_name_of(meta: dict[str, str], data: str | None, path: str) -> str:
-    name = data or meta.get("data.name")
+    """--data wins; else the checkpoint's data.name, which may not name code."""
+    if data:
+        return data
+    name = meta.get("data.name")
     if not name:
         raise CkptavgError(f"{path}: no data.name metadata; pass --data NAME (e.g. cifar10)")
+    if ":" in name:
+        raise CkptavgError(
+            f"{path}: its data.name metadata names code ({name!r}), and code named by a file "
+            f"is never run; if you trust it, name it yourself: --data {name}"
+        )
     return name
 
 
 def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = None):
     """create_model with num_classes/in_channels from the data set unless given."""
-    from ckptavg.data import data_info, get_dataset
-    from ckptavg.models import create_model
-
     kwargs = dict(kwargs)
     if "num_classes" not in kwargs or "in_channels" not in kwargs:
         ds = get_dataset(data_name, "train", data_dir) if data_name == "imagefolder" else None

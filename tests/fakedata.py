@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ckptavg.models import register_model
+
 
 def write_idx(path: str, array: np.ndarray, compress: bool) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
@@ -68,6 +70,7 @@ def write_cifar100(root: str, n_train: int = 20, n_test: int = 10, seed: int = 0
         pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f, protocol=2)
 
 
+@register_model
 def zero_linear(num_classes: int = 10, in_channels: int = 1):
     """Predicts equal logits for every class: accuracy = share of class 0, loss = log(C)."""
     net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, num_classes))
@@ -76,6 +79,7 @@ def zero_linear(num_classes: int = 10, in_channels: int = 1):
     return net
 
 
+@register_model
 def tiny_bn(num_classes: int = 10, in_channels: int = 1):
     """Conv-BN-ReLU-pool-linear: a BN net that runs in milliseconds."""
     return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),

@@ -86,7 +86,7 @@ def stale_ckpt(tmp_path):
     torch.manual_seed(0)
     net = tiny_bn(10, 1)
     path = tmp_path / "swa.safetensors"
-    ckptavg.save(net.state_dict(), path, {"model.arch": "tests.fakedata:tiny_bn",
+    ckptavg.save(net.state_dict(), path, {"model.arch": "tiny_bn",
                                            "model.kwargs": json.dumps({"num_classes": 10}),
                                            "data.name": "fashion-mnist", "bn.stale": "true",
                                            "average.n": "3"})
@@ -139,7 +139,7 @@ def test_bn_fix_wrong_model_names_the_keys(stale_ckpt):
 def test_evaluate_known_accuracy_and_loss(tmp_path):
     write_mnist(str(tmp_path), n_test=30)
     p = tmp_path / "z.safetensors"
-    ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "tests.fakedata:zero_linear",
+    ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "zero_linear",
                                                  "data.name": "fashion-mnist"})
     res = ckptavg.evaluate(p, data_dir=str(tmp_path))
     assert res["samples"] == 30 and res["accuracy"] == pytest.approx(10.0)  # labels i % 10

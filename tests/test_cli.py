@@ -156,7 +156,7 @@ def _stale(tmp_path):
     write_mnist(str(tmp_path / "data"), n_train=32, n_test=20)
     torch.manual_seed(0)
     p = tmp_path / "swa.safetensors"
-    ckptavg.save(tiny_bn().state_dict(), p, {"model.arch": "tests.fakedata:tiny_bn",
+    ckptavg.save(tiny_bn().state_dict(), p, {"model.arch": "tiny_bn",
                                              "data.name": "fashion-mnist", "bn.stale": "true"})
     return p, tmp_path / "data"
 
@@ -176,7 +176,7 @@ def test_bn_fix_and_eval_commands(tmp_path):
 
 def test_bn_fix_subprocess_errors_are_one_line(tmp_path):
     p, data = _stale(tmp_path)
-    proc = run_cli("bn-fix", p, "--data-dir", tmp_path / "nowhere")
+    proc = run_cli("bn-fix", p, "--data-dir", tmp_path / "nowhere", "--model", "tests.fakedata:tiny_bn")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("ckptavg: error: fashion-mnist train split not found")
     proc = run_cli("bn-fix", p, "--model", "preresnet146")
@@ -194,7 +194,7 @@ def test_bn_fix_without_bn_exits_0(tmp_path):
 
     write_mnist(str(tmp_path))
     p = tmp_path / "lin.safetensors"
-    ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "tests.fakedata:zero_linear",
+    ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "zero_linear",
                                                  "data.name": "fashion-mnist"})
     r = invoke("bn-fix", p, "--data-dir", tmp_path)
     assert r.exit_code == 0 and "no BatchNorm" in r.output
@@ -209,7 +209,7 @@ def test_experiment_commands(tmp_path):
         torch.manual_seed(i)
         paths.append(tmp_path / f"m{i}.safetensors")
         ckptavg.save(tiny_bn().state_dict(), paths[-1],
-                     {"model.arch": "tests.fakedata:tiny_bn", "data.name": "fashion-mnist"})
+                     {"model.arch": "tiny_bn", "data.name": "fashion-mnist"})
     data = tmp_path / "data"
     r = invoke("ensemble", str(tmp_path / "m*.safetensors"), "--data-dir", data, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["n"] == 2

@@ -19,7 +19,7 @@ def two(tmp_path):
     for i in range(2):
         torch.manual_seed(i)
         p = tmp_path / f"m{i}.safetensors"
-        ckptavg.save(tiny_bn().state_dict(), p, {"model.arch": "tests.fakedata:tiny_bn",
+        ckptavg.save(tiny_bn().state_dict(), p, {"model.arch": "tiny_bn",
                                                  "data.name": "fashion-mnist"})
         paths.append(str(p))
     return paths, str(tmp_path / "data")

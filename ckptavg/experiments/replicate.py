@@ -84,6 +84,8 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
     train(TrainConfig(epochs=swa_epochs, out=swa_dir, schedule="swa", swa_start=p.swa_start,
                       swa_lr=p.swa_lr, **common), device=device, resume=True)
     train_seconds = time.perf_counter() - t0
+    # The model is the one this protocol names (trusted), never one read from a file.
+    model = {"model": p.model, "model_kwargs": dict(p.model_kwargs)}
 
     sgd_rows = [json.loads(x) for x in open(os.path.join(out, "sgd", "metrics.jsonl"))]
     swa_rows = [json.loads(x) for x in open(os.path.join(swa_dir, "metrics.jsonl"))]
@@ -102,11 +104,11 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
             average([ckpt], running)
         shutil.copyfile(running, fixed)
         # BatchNorm sees the images the run trained on: the subset less the held-out part.
-        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed,
+        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed, **model,
                subset=(p.subset - p.holdout) if p.subset else None)
-        r = evaluate(fixed, data_dir=data_dir, device=device)
+        r = evaluate(fixed, data_dir=data_dir, device=device, **model)
         curve.append({"epoch": epoch, "accuracy": r["accuracy"], "loss": r["loss"]})
-        net, _, _, _ = build_from_checkpoint(ckpt, data_dir=data_dir)
+        net, _, _, _ = build_from_checkpoint(ckpt, data_dir=data_dir, **model)
         probs, y = predict_test(net, p.data, data_dir, device, predict)
         labels = y
         prob_sum = probs.double() if prob_sum is None else prob_sum + probs

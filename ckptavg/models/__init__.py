@@ -15,16 +15,30 @@ from collections.abc import Callable
 from ckptavg.errors import ModelError
 
 _REGISTRY: dict[str, Callable] = {}
+_BUILTINS_LOADED = False
+# Model zoos whose names are data, not code: safe to build from a file's metadata.
+ZOOS = ("torchvision:", "timm:")
+
+
+def names_code(name: str) -> bool:
+    """True for `package.module:factory`, a name that would import and call code."""
+    return ":" in name and not name.startswith(ZOOS)
 
 
 def register_model(fn: Callable) -> Callable:
-    """Register a factory under its function name."""
+    """Register a factory under its function name (a name may be registered once)."""
+    _load_builtins()
+    if fn.__name__ in _REGISTRY and _REGISTRY[fn.__name__] is not fn:
+        raise ModelError(f"a model named {fn.__name__!r} is already registered; "
+                         "give the factory another name")
     _REGISTRY[fn.__name__] = fn
     return fn
 
 
 def _load_builtins() -> None:
-    if not _REGISTRY:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
         importlib.import_module("ckptavg.models.cifar")
 
 
@@ -40,27 +54,39 @@ def describe(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def _accepted(fn: Callable, kwargs: dict) -> dict:
-    """Drop num_classes/in_channels where a factory does not take them."""
+def _accepted(fn: Callable, kwargs: dict, name: str) -> dict:
+    """The kwargs the factory's signature takes. num_classes/in_channels (supplied from the
+    data set) are passed only where the signature names them; anything else the user gave
+    that the factory cannot take is a user error, found before the call."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return kwargs
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items()
-            if k in params or k not in ("num_classes", "in_channels")}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    out = {k: v for k, v in kwargs.items() if k in params or (var_kw and k not in ("num_classes", "in_channels"))}
+    unknown = [k for k in kwargs if k not in out and k not in ("num_classes", "in_channels")]
+    if unknown:
+        raise ModelError(f"model {name}: the factory takes no argument {unknown[0]!r} "
+                         f"(it takes: {', '.join(params) or 'nothing'}); fix the model kwargs")
+    missing = [p.name for p in params.values() if p.default is p.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in out]
+    if missing:
+        raise ModelError(f"model {name}: the factory needs the argument {missing[0]!r}; "
+                         "give it in the model kwargs")
+    return out
 
 
 def create_model(name: str, **kwargs):
     """Build a model by name.
 
     Args:
-        name: a registered name, `torchvision:NAME` or `package.module:factory`.
-        **kwargs: passed to the factory (e.g. num_classes=10, in_channels=3).
+        name: a registered name, `torchvision:NAME`, `timm:NAME` (when timm is installed) or
+            `package.module:factory` (imports and calls your code: pass only names you trust).
+        **kwargs: passed to the factory where its signature takes them (e.g. num_classes=10,
+            in_channels=3).
 
     Returns:
-        A `torch.nn.Module`.
+        A `torch.nn.Module`. An exception raised inside the factory propagates unchanged.
 
     Example:
         >>> create_model("preresnet20", num_classes=10, in_channels=1)
@@ -74,30 +100,38 @@ def create_model(name: str, **kwargs):
             hint = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
             raise ModelError(f"unknown torchvision model {arch!r}{hint}")
         kwargs = {k: v for k, v in kwargs.items() if k != "in_channels"}
-        return _call(torchvision.models.get_model, name, arch, **kwargs)
+        return torchvision.models.get_model(arch, **kwargs)
+    if name.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ModelError(f"{name}: timm is not installed; pip install timm") from None
+        arch = name.split(":", 1)[1]
+        if not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+            raise ModelError(f"unknown timm model {arch!r}{hint}")
+        kwargs = dict(kwargs)
+        if "in_channels" in kwargs:
+            kwargs["in_chans"] = kwargs.pop("in_channels")
+        kwargs.pop("pretrained", None)
+        return timm.create_model(arch, pretrained=False, **kwargs)
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except ImportError as e:
-            raise ModelError(f"--model {name}: cannot import {module_name} ({e})") from None
+            raise ModelError(f"model {name}: cannot import {module_name} ({e})") from None
         except AttributeError:
-            raise ModelError(f"--model {name}: {module_name} has no {attr!r}") from None
-        return _call(fn, name, **_accepted(fn, kwargs))
+            raise ModelError(f"model {name}: {module_name} has no {attr!r}") from None
+        return fn(**_accepted(fn, kwargs, name))
     _load_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ModelError(f"unknown model {name!r}; {hint}`ckptavg models` lists them")
     fn = _REGISTRY[name]
-    return _call(fn, name, **_accepted(fn, kwargs))
+    return fn(**_accepted(fn, kwargs, name))
 
 
-def _call(fn: Callable, name: str, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except TypeError as e:
-        raise ModelError(f"model {name}: bad arguments {kwargs} ({e}); check --model-kwargs") from None
-
-
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["ZOOS", "create_model", "list_models", "names_code", "register_model"]
