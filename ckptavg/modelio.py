@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from ckptavg.errors import CkptavgError, ModelError
 from ckptavg.data import data_info, get_dataset
+from ckptavg.errors import CkptavgError, ModelError
 from ckptavg.models import create_model, names_code
 
 # Factory arguments that download or load weights: never taken from a file's metadata.

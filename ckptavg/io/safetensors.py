@@ -122,7 +122,10 @@ class _MappedFile:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         start = self.base + begin
-        return self.bytes[start:start + nbytes].view(dtype).view(shape)
+        data = self.bytes[start:start + nbytes]
+        if start % dtype.itemsize:  # the format does not promise aligned offsets
+            data = data.clone()
+        return data.view(dtype).view(shape)
 
     def release(self, raw: str) -> None:
         _, _, begin, nbytes = self.entries[raw]
@@ -168,6 +171,8 @@ class SafetensorsReader(ReaderBase):
         self._where: dict[str, _MappedFile] = {}
         try:
             self._open(path, fd, src)
+            if not self._where:
+                raise CheckpointError(f"{path}: holds no tensors; nothing to read")
             self._names, removed = strip_keys(list(self._where), strip_prefix, path)
         except BaseException:
             self.close()
