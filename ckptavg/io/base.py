@@ -104,6 +104,13 @@ def open_source(path: str) -> tuple[int, SourceFile]:
     return fd, SourceFile.of(path, st)
 
 
+def fd_path(fd: int, path: str) -> str:
+    """A name for the open file itself (Linux's /proc/self/fd/N reopens that inode even if
+    the path has since been replaced), else the path."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else path
+
+
 def pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
     data = os.pread(fd, n, offset)
     if len(data) != n:

@@ -24,6 +24,7 @@ from ckptavg.io.base import (
     TensorSpec,
     clean_metadata,
     drop_pages,
+    fd_path,
     find_ties,
     open_source,
     strip_keys,
@@ -54,12 +55,6 @@ def _safe_globals() -> list:
     return allowed
 
 
-def _fd_path(fd: int, path: str) -> str:
-    """A name for the open file itself (Linux), else the path."""
-    proc = f"/proc/self/fd/{fd}"
-    return proc if os.path.exists(proc) else path
-
-
 def torch_load(path: str, fd: int, mmap: bool) -> object:
     """`torch.load(weights_only=True)` of the open file `fd`, with clear errors; never an
     unsafe fallback. torch's own warnings are not passed on to the user."""
@@ -68,7 +63,7 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
     try:
         with ctx, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(_fd_path(fd, path), map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(fd_path(fd, path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"the global {m.group(1)}" if m else "content outside the weights-only allowlist"

@@ -11,7 +11,6 @@ a view of the map; `release` drops its pages, so nothing stays resident.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 
 import torch
@@ -25,6 +24,7 @@ from ckptavg.io.base import (
     TensorSpec,
     clean_metadata,
     drop_pages,
+    fd_path,
     open_source,
     pread_exact,
     strip_keys,
@@ -111,11 +111,13 @@ class _MappedFile:
                 raise _bad(path, f"header length {n} for a {src.size}-byte file")
             self.entries, self.meta = parse_header(pread_exact(fd, n, 8, path), src.size - 8 - n, path)
             self.base = 8 + n
-            # A private, never-written map: tensors alias the page cache (no copy).
-            self.map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            # A private, never-written map of the open file (its /proc/self/fd name, so not a
+            # path that may since name another file); torch keeps no descriptor for it,
+            # where Python's mmap would keep a duplicate per input.
+            storage = torch.UntypedStorage.from_file(fd_path(fd, path), False, src.size)
         finally:
             os.close(fd)
-        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
 
     def read(self, raw: str) -> torch.Tensor:
         dtype, shape, begin, nbytes = self.entries[raw]
@@ -132,11 +134,7 @@ class _MappedFile:
         drop_pages(self.bytes.data_ptr() + self.base + begin, nbytes)
 
     def close(self) -> None:
-        self.bytes = None
-        try:
-            self.map.close()
-        except BufferError:  # a caller still holds a view: the map closes when it goes
-            pass
+        self.bytes = None  # unmapped when the last view of it goes
 
 
 def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:

@@ -191,17 +191,21 @@ class Writer:
     keeps_tensors = False
     path: str
 
+    @property
+    def _shown(self) -> str:
+        return getattr(self, "shown", self.path)
+
     def write(self, key: str, tensor: torch.Tensor) -> None:
         try:
             self._write(key, tensor)
         except OSError as e:
-            raise _write_error(self.path, e) from None
+            raise _write_error(self._shown, e) from None
 
     def close(self) -> None:
         try:
             self._close()
         except OSError as e:
-            raise _write_error(self.path, e) from None
+            raise _write_error(self._shown, e) from None
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         raise NotImplementedError
@@ -248,8 +252,10 @@ def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> byt
 class SafetensorsWriter(Writer):
     """Streams tensors into one safetensors file, in the order given by `specs`."""
 
-    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str]):
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
+                 shown: str | None = None):
         self.path = path
+        self.shown = shown or path  # the name errors give: the folder, for a shard
         self._specs = list(specs)
         self._next = 0
         header = safetensors_header(self._specs, metadata)
@@ -258,7 +264,7 @@ class SafetensorsWriter(Writer):
             self._out.file.write(header)
         except OSError as e:
             self._out.abort()
-            raise _write_error(path, e) from None
+            raise _write_error(self.shown, e) from None
         self.bytes_written = sum(s.nbytes for s in self._specs)
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
@@ -305,7 +311,7 @@ class ShardedWriter(Writer):
             self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.",
                                          suffix=".tmp", dir=parent)
         except OSError as e:
-            raise _write_error(path, e) from None
+            raise _write_error(self.path, e) from None
         self._shards = split_shards(list(specs), shard_size)
         n = len(self._shards)
         self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -321,7 +327,7 @@ class ShardedWriter(Writer):
         self._shard += 1
         shard_meta = {**self._metadata, "format": "pt"}
         self._current = SafetensorsWriter(os.path.join(self._tmp, self._names[self._shard]),
-                                          self._shards[self._shard], shard_meta)
+                                          self._shards[self._shard], shard_meta, shown=self.path)
         self._left = len(self._shards[self._shard])
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
@@ -339,7 +345,7 @@ class ShardedWriter(Writer):
         index = {"metadata": {"total_size": self.bytes_written, **self._metadata},
                  "weight_map": weight_map}
         index_path = os.path.join(self._tmp, INDEX_NAME)
-        with open(index_path, "w") as f:
+        with open(index_path, "w") as f:  # an OSError here is named by close()
             json.dump(index, f, indent=2)
             f.flush()
             os.fsync(f.fileno())

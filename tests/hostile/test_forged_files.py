@@ -40,7 +40,7 @@ FORGED = {
     "not json": (b"{not json", b"", "invalid safetensors header"),
     "not an object": (b"[1, 2]", b"", "not a JSON object|not a checkpoint"),
     "deep nesting": (b"{\"a\":" + b"[" * 100000 + b"]" * 100000 + b"}", b"", "nested too deeply|not a tensor entry"),
-    "duplicate names": ('{"a": %s, "a": %s}' % (json.dumps(F32x2), json.dumps(F32x2)), EIGHT, "appears twice"),
+    "duplicate names": ('{"a": ' + json.dumps(F32x2) + ', "a": ' + json.dumps(F32x2) + '}', EIGHT, "appears twice"),
     "overlap": ({"a": F32x2, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, EIGHT, "overlaps"),
     "hole": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, EIGHT, "hole"),
     "trailing bytes": (GOOD, EIGHT + b"xxxx", "trailing bytes"),
@@ -71,7 +71,7 @@ def test_forged_header_is_refused_by_every_entry_point(tmp_path, name):
     with pytest.raises(CheckpointError):
         ckptavg.inspect(p)  # inspect believes nothing average would refuse
     with pytest.raises(CheckpointError):
-        ckptavg.average([p, p.replace("f.", "g.")] if False else [p], tmp_path / "o.safetensors")
+        ckptavg.average([p], tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
 
 

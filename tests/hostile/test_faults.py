@@ -1,0 +1,183 @@
+"""Every failure the machine or the user causes is one line, exit 1 (2 for usage), and
+leaves no temporary file: a full disk, a read-only folder, FIFOs and devices as inputs, too
+many inputs for the descriptor limit, corrupt data files, bad option values."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptavg
+from tests.conftest import ROOT, known_state, leftovers, reference_mean, run_cli, write_safetensors
+
+
+def one_line_error(proc, *needles) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptavg: error: "), proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def cli_with_limits(*args, fsize=None, nofile=None, timeout=120):
+    def limits():
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return subprocess.run([sys.executable, "-m", "ckptavg", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limits, timeout=timeout)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ""])
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, suffix):
+    """RLIMIT_FSIZE makes writes past 256 bytes fail (EFBIG) as a full disk would (ENOSPC)."""
+    paths = write_safetensors(tmp_path, 3)
+    out = tmp_path / f"out{suffix}"
+    proc = cli_with_limits("average", *paths, "-o", out, fsize=256)
+    one_line_error(proc, str(out), "cannot write the output")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_really_full_disk(tmp_path, tiny_fs):
+    big = {"w": torch.randn(64, 1024)}  # 256 KB of output on a 64 KB file system
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"b{i}.safetensors")
+        save_file(big, paths[-1])
+    proc = run_cli("average", *paths, "-o", tiny_fs / "o.safetensors")
+    one_line_error(proc, "No space left on device")
+    assert os.listdir(tiny_fs) == []
+
+
+def test_read_only_folder(tmp_path, tiny_fs):
+    paths = write_safetensors(tmp_path, 2)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    proc = run_cli("average", *paths, "-o", tiny_fs / "o.safetensors")
+    one_line_error(proc, "Read-only file system")
+
+
+def test_fifo_and_device_inputs_are_refused_without_hanging(tmp_path):
+    good = write_safetensors(tmp_path, 1)[0]
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    one_line_error(run_cli("average", good, fifo, "-o", tmp_path / "o.safetensors", timeout=60),
+                   "is a FIFO")
+    one_line_error(run_cli("inspect", "/dev/zero", timeout=60), "character device")
+    assert time.monotonic() - t0 < 60
+
+
+def test_more_inputs_than_file_descriptors(tmp_path):
+    """300 inputs under a limit of 64 descriptors: a mapping keeps no descriptor open."""
+    n = 300
+    for i in range(n):
+        save_file({"w": torch.full((4,), float(i))}, tmp_path / f"e{i:04d}.safetensors")
+    out = tmp_path / "avg.safetensors"
+    proc = cli_with_limits("average", tmp_path / "e*.safetensors", "-o", out, nofile=64)
+    assert proc.returncode == 0, proc.stderr
+    got, _ = ckptavg.load(out)
+    assert got["w"].tolist() == [sum(range(n)) / n] * 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_gzip_data_file(tmp_path, damage):
+    from tests.fakedata import write_mnist
+
+    data = tmp_path / "data"
+    write_mnist(str(data))
+    gz = data / "train-images-idx3-ubyte.gz"
+    raw = gz.read_bytes()
+    gz.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\x1f\x8b" + b"x" * 100)
+    ck = tmp_path / "m.safetensors"
+    from tests.fakedata import tiny_bn
+
+    ckptavg.save(tiny_bn().state_dict(), ck)
+    proc = run_cli("bn-fix", ck, "--model", "tests.fakedata:tiny_bn", "--data", "fashion-mnist",
+                   "--data-dir", data)
+    one_line_error(proc, str(gz), "corrupt or incomplete")
+
+
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--workers", "-1"]])
+def test_bad_option_values_are_usage_errors(tmp_path, args):
+    p = write_safetensors(tmp_path, 1)[0]
+    proc = run_cli("eval", p, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Invalid value" in proc.stderr
+
+
+def test_key_for_a_safetensors_input(tmp_path):
+    p = write_safetensors(tmp_path, 1)[0]
+    one_line_error(run_cli("average", p, "--key", "state_dict_ema", "-o", tmp_path / "o.pt"),
+                   p, "no entry 'state_dict_ema'")
+
+
+def test_input_rewritten_in_place_during_the_run_is_detected(tmp_path, monkeypatch):
+    """Same inode, new bytes (a trainer overwriting its file in place): refused, no output."""
+    from ckptavg import averaging
+
+    paths = write_safetensors(tmp_path, 2)
+    real = averaging.execute
+
+    def execute_then_rewrite(plan, writer, keys=None, progress=None):
+        real(plan, writer, keys, progress)
+        with open(paths[1], "r+b") as f:  # same size, new mtime
+            f.seek(0, 2)
+            f.seek(f.tell() - 1)
+            f.write(b"\x00")
+        os.utime(paths[1], ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    monkeypatch.setattr(averaging, "execute", execute_then_rewrite)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ckptavg.CkptavgError, match="modified while it was being read"):
+        ckptavg.average(paths, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_input_replaced_between_open_and_read_keeps_the_opened_file(tmp_path):
+    """A file renamed over an input after it was opened (header read) is never mixed in:
+    the data comes from the file whose header was read."""
+    paths = write_safetensors(tmp_path, 1)
+    r = ckptavg.open_checkpoint(paths[0])
+    other = tmp_path / "other.safetensors"
+    save_file({k: v * 0 + 1e33 if v.is_floating_point() else v for k, v in known_state(9).items()}, other)
+    os.replace(other, paths[0])
+    try:
+        for k in r.keys():
+            assert torch.equal(r.read(k), known_state(1)[k])
+    finally:
+        r.close()
+
+
+def test_reference_mean_of_many_inputs_under_fd_limit_in_process(tmp_path):
+    """The same in-process, checking every tensor against the float64 reference."""
+    paths = write_safetensors(tmp_path, 40)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, hard))
+    try:
+        ckptavg.average(paths, tmp_path / "o.safetensors")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got, _ = ckptavg.load(tmp_path / "o.safetensors")
+    want = reference_mean([known_state(i) for i in range(1, 41)])
+    assert all(torch.equal(got[k], want[k]) for k in want)
