@@ -140,7 +140,31 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-class AtomicFile:
+class Atomic:
+    """A context manager that commits (`close`) on a clean exit and aborts on an error, also
+    when the commit itself fails."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+class AtomicFile(Atomic):
     """A temporary file beside `path`, renamed over it on commit, removed on abort."""
 
     def __init__(self, path: str):
@@ -163,18 +187,8 @@ class AtomicFile:
         os.replace(self.tmp, self.path)
         _fsync_dir(os.path.dirname(self.path))
 
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.commit()
-        except BaseException:
-            self.abort()
-            raise
+    def close(self) -> None:
+        self.commit()
 
     def abort(self) -> None:
         # Unlink first: closing flushes the buffer, which fails again on a full disk.
@@ -184,7 +198,7 @@ class AtomicFile:
             self.file.close()
 
 
-class Writer:
+class Writer(Atomic):
     """Base of the writers: a context manager that commits on success, aborts on error,
     and turns a failing disk into one OutputError naming the output."""
 
@@ -213,21 +227,6 @@ class Writer:
     def _close(self) -> None:
         raise NotImplementedError
 
-    def abort(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
-        try:
-            self.close()
-        except BaseException:
-            self.abort()
-            raise
 
 
 def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
