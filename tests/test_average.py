@@ -333,3 +333,25 @@ def test_float64_tensors_to_pt_output_are_not_aliased_to_scratch(tmp_path):
     got, _ = ckptavg.load(tmp_path / "o.pt")
     assert torch.equal(got["a"], torch.full((3,), 0.5, dtype=torch.float64))
     assert torch.equal(got["b"], torch.full((2,), 10.5, dtype=torch.float64))
+
+
+def test_into_reports_the_weights_it_applied(tmp_path, ckpts):
+    """Folding 2 new inputs into an average of 2 applies [2/4, 1/4, 1/4], and says so
+    (not [0.5, 0.5]); the means of 2 are exact in binary, so the result is too."""
+    run = tmp_path / "run.safetensors"
+    ckptavg.average(ckpts[:2], run)
+    r = ckptavg.average(ckpts[2:], into=run)
+    assert r.inputs == [str(run), *ckpts[2:]] and r.weights == [0.5, 0.25, 0.25] and r.n == 4
+    got, meta = ckptavg.load(run)
+    assert_state_equal(got, reference_mean([known_state(i) for i in range(1, 5)]))
+    assert json.loads(meta["average.weights"]) == [0.25] * 4
+
+
+def test_input_options_do_not_apply_to_the_running_average(tmp_path, ckpts):
+    run = tmp_path / "run.safetensors"
+    ckptavg.average(ckpts[:1], run)
+    new = tmp_path / "new.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in known_state(2).items()}}, new)
+    ckptavg.average([new], into=run, strip_prefix="model.")
+    got, _ = ckptavg.load(run)
+    assert_state_equal(got, reference_mean([known_state(1), known_state(2)]))

@@ -47,3 +47,34 @@ def test_torchvision_and_user_factories():
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
     with pytest.raises(ModelError, match="cannot import"):
         create_model("nopkg.nomod:f")
+
+
+def test_a_user_registration_keeps_the_builtins_and_names_are_unique():
+    from ckptavg.errors import ModelError
+    from ckptavg.models import register_model
+
+    @register_model
+    def my_net_for_this_test(num_classes: int = 10, in_channels: int = 1):
+        return torch.nn.Linear(in_channels, num_classes)
+
+    assert "preresnet20" in list_models() and "my_net_for_this_test" in list_models()
+    create_model("preresnet20", num_classes=10, in_channels=1)
+
+    def my_net_for_this_test(num_classes: int = 10):  # noqa: F811 - the clash is the test
+        return torch.nn.Linear(1, num_classes)
+
+    with pytest.raises(ModelError, match="already registered"):
+        register_model(my_net_for_this_test)
+
+
+def test_a_bug_inside_a_user_factory_is_a_traceback_not_a_user_error():
+    from ckptavg.errors import ModelError
+
+    with pytest.raises(ModelError, match="takes no argument 'depth'"):
+        create_model("tests.fakedata:tiny_bn", num_classes=3, in_channels=1, depth=3)
+    with pytest.raises(ZeroDivisionError):
+        create_model("tests.test_models:broken_factory", num_classes=3)
+
+
+def broken_factory(num_classes: int = 10):
+    return 1 / 0
