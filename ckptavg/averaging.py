@@ -89,10 +89,6 @@ class Plan:
     def bytes_out(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
-    @property
-    def files(self) -> list[SourceFile]:
-        return [f for r in self.readers for f in r.files]
-
 
 def peak_rss_bytes() -> int:
     """Maximum resident set size of this process so far (Linux reports KiB)."""
@@ -184,15 +180,23 @@ def _carried_metadata(metas: list[dict[str, str]]) -> dict[str, str]:
             if k.startswith(("model.", "data.")) and all(m.get(k) == v for m in metas[1:])}
 
 
+def check_options(accumulate: str, dtype: str | None) -> None:
+    if accumulate not in ("float64", "float32"):
+        raise CkptavgError(f"accumulate {accumulate!r}: use float64 or float32")
+    if dtype is not None and dtype not in OUT_DTYPES:
+        raise CkptavgError(f"dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
+
+
 def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
               n_total: int | None = None, prior_inputs: list | None = None,
               accumulate: Accumulate = "float64", dtype: str | None = None,
-              allow_nonfinite: bool = False, hash_inputs: bool = False,
-              paths: list[str] | None = None) -> Plan:
+              allow_nonfinite: bool = False, hash_inputs: bool = False) -> Plan:
     """Check that the inputs agree and fix the run: specs, ties, metadata.
 
-    `readers` and `weights` are oldest first (with a running average, that comes first).
+    `readers` and `weights` are oldest first. With `prior_inputs` (the `average.inputs` of a
+    running average), `readers[0]` is that running average and `n_total` counts its inputs.
     Raises MismatchError naming each file that differs from the first."""
+    check_options(accumulate, dtype)
     problems = _mismatches(readers)
     if problems:
         raise MismatchError(
@@ -200,10 +204,6 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             + " -- average checkpoints of one architecture (and dtype), or align keys by "
             "stripping a prefix"
         )
-    if accumulate not in ("float64", "float32"):
-        raise CkptavgError(f"accumulate {accumulate!r}: use float64 or float32")
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise CkptavgError(f"dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
     ref = readers[0]
     ties = dict(ref.ties())
     for r in readers[1:]:
@@ -216,10 +216,10 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         floating = info.dtype.is_floating_point
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
     n_total = n_total or len(readers)
-    paths = paths or [r.path for r in readers]
-    entries = [{"file": os.path.basename(p.rstrip(os.sep))} for p in paths]
+    new = readers[1:] if prior_inputs is not None else readers
+    entries = [{"file": os.path.basename(r.path.rstrip(os.sep))} for r in new]
     if hash_inputs:
-        for e, r in zip(entries, readers[len(readers) - len(paths):]):
+        for e, r in zip(entries, new):
             e["sha256"] = sha256_of(r.files)
     has_bn = any(s.key.endswith(("running_mean", "running_var")) for s in specs)
     metadata = {
@@ -382,8 +382,8 @@ def average(
     if output is None and not dry_run:
         raise CkptavgError("no output given; pass an output path (-o OUT: .safetensors, .pt or a folder)")
     output = os.fspath(output) if output is not None else None
-    if output is not None:
-        output_kind(output, shard_size)  # a bad suffix fails before any reading
+    kind = output_kind(output, shard_size) if output is not None else None  # before any reading
+    check_options(accumulate, dtype)
     method: Method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
 
     with contextlib.ExitStack() as stack:
@@ -397,21 +397,19 @@ def average(
         prior, n_total = None, len(chosen)
         if locked is not None:
             running = stack.enter_context(open_checkpoint(into))
-            if running.files and running.files[0].identity != locked.identity and \
-                    os.path.isfile(into):
+            if os.path.isfile(into) and running.files[0].identity != locked.identity:
                 raise CkptavgError(f"{into}: was replaced while being locked; run again")
             n0, prior = _running_n(running)
             readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
-        refuse_shared_files(readers)
+            refuse_shared_files(readers)  # the inputs among themselves: open_candidates
+        in_place = into is not None and _same(into, output)
+        protected = [f for r in (readers[1:] if in_place else readers) for f in r.files]
+        if output is not None:  # before hashing or reading any tensor
+            check_output(output, kind, protected)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
-                         hash_inputs=hash_inputs and not dry_run,
-                         paths=[c.path for c in chosen])
+                         hash_inputs=hash_inputs and not dry_run)
         result = _result(plan, chosen, into, output, method, n_total, dry_run)
-        in_place = into is not None and _same(into, output)
-        protected = [f for r in readers if not (in_place and r is readers[0]) for f in r.files]
-        if output is not None:
-            check_output(output, output_kind(output, shard_size), protected)
         if not dry_run:
             with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                              inputs=protected) as writer:

@@ -563,9 +563,8 @@ def main(argv: list[str] | None = None) -> None:
     2 a usage error (Click's), 130 interrupted (Ctrl-C), 128+N killed by signal N."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        # standalone_mode=False returns the exit code (of --help, --version) instead of exiting
         rc = cli.main(args=argv, prog_name="ckptavg", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -16,7 +16,6 @@ from ckptavg.io.base import (
     ReaderBase,
     SourceFile,
     TensorSpec,
-    file_kind,
     open_source,
 )
 from ckptavg.io.pt import TorchReader
@@ -52,31 +51,38 @@ def _folder_kind(path: str) -> str:
     )
 
 
-def sniff(path: str) -> str:
-    """The format of `path` by content: 'safetensors', 'torch-zip', 'torch-legacy',
-    'safetensors-sharded' or 'safetensors-folder'."""
+def _classify(path: str) -> tuple[str, int | None, SourceFile | None]:
+    """(format, open descriptor, file) of `path`; a folder has no descriptor. Anything that
+    is not a regular file or a folder is refused by `open_source` before it is read."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file; check the path or glob") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if stat.S_ISDIR(mode):
-        return _folder_kind(path)
-    if not stat.S_ISREG(mode):
-        raise CheckpointError(f"{path}: is {file_kind(mode)}; pass a checkpoint file")
-    fd, _ = open_source(path)
+        return _folder_kind(path), None, None
+    fd, src = open_source(path)
     try:
-        return _sniff_fd(fd, path)
-    finally:
+        kind = sniff_bytes(os.pread(fd, 16, 0))
+    except BaseException:
         os.close(fd)
-
-
-def _sniff_fd(fd: int, path: str) -> str:
-    kind = sniff_bytes(os.pread(fd, 16, 0))
+        raise
     if kind is None:
+        os.close(fd)
         raise CheckpointError(
             f"{path}: not a checkpoint ckptavg can read (expected safetensors or a torch.save "
             f"file such as {', '.join(TORCH_SUFFIXES[:4])}); check the file"
         )
+    return kind, fd, src
+
+
+def sniff(path: str) -> str:
+    """The format of `path` by content: 'safetensors', 'torch-zip', 'torch-legacy',
+    'safetensors-sharded' or 'safetensors-folder'."""
+    kind, fd, _ = _classify(path)
+    if fd is not None:
+        os.close(fd)
     return kind
 
 
@@ -98,31 +104,13 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
         ...     w = r.read("fc.weight")
     """
     path = os.fspath(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; check the path or glob") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    if stat.S_ISDIR(mode):
-        _folder_kind(path)
-        _no_key(path, key)
-        return SafetensorsReader(path, strip_prefix=strip_prefix)
-    fd, src = open_source(path)
-    try:
-        kind = _sniff_fd(fd, path)
-        if kind == "safetensors":
-            _no_key(path, key)
-    except BaseException:
-        os.close(fd)
-        raise
-    if kind == "safetensors":
+    kind, fd, src = _classify(path)
+    if kind.startswith("safetensors"):
+        if key is not None:
+            if fd is not None:
+                os.close(fd)
+            raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
+                                  "(entries exist in torch.save files only); drop the key")
         return SafetensorsReader(path, strip_prefix=strip_prefix, fd=fd, src=src)
     return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip",
                        fd=fd, src=src)
-
-
-def _no_key(path: str, key: str | None) -> None:
-    if key is not None:
-        raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
-                              "(entries exist in torch.save files only); drop the key")

@@ -179,21 +179,18 @@ class SafetensorsReader(ReaderBase):
         self.files = [m.src for m in self._maps]
 
     def _open(self, path: str, fd: int | None, src: SourceFile | None) -> None:
-        if fd is not None:
-            self._add(path, fd, src)
-            self._meta = self._maps[0].meta
-            return
-        if not os.path.isdir(path):
-            fd, src = open_source(path)
-            self._add(path, fd, src)
-            self._meta = self._maps[0].meta
-            return
         index_path = os.path.join(path, INDEX_NAME)
-        if not os.path.exists(index_path):
-            shard = os.path.join(path, "model.safetensors")
-            self._add(shard, *open_source(shard))
-            self._meta = self._maps[0].meta
+        if fd is None and os.path.isdir(path) and os.path.exists(index_path):
+            self._open_sharded(path, index_path)
             return
+        if fd is None:
+            if os.path.isdir(path):
+                path = os.path.join(path, "model.safetensors")
+            fd, src = open_source(path)
+        self._add(path, fd, src)
+        self._meta = self._maps[0].meta
+
+    def _open_sharded(self, path: str, index_path: str) -> None:
         self.format = "safetensors-sharded"
         weight_map, meta = _read_index(index_path)
         for name in sorted(set(weight_map.values())):

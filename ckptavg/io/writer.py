@@ -204,10 +204,11 @@ class Writer(Atomic):
 
     keeps_tensors = False
     path: str
+    shown: str | None = None  # the name errors give, when not `path` (a shard: its folder)
 
     @property
     def _shown(self) -> str:
-        return getattr(self, "shown", self.path)
+        return self.shown or self.path
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         try:
@@ -254,7 +255,7 @@ class SafetensorsWriter(Writer):
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  shown: str | None = None):
         self.path = path
-        self.shown = shown or path  # the name errors give: the folder, for a shard
+        self.shown = shown
         self._specs = list(specs)
         self._next = 0
         header = safetensors_header(self._specs, metadata)
@@ -263,7 +264,7 @@ class SafetensorsWriter(Writer):
             self._out.file.write(header)
         except OSError as e:
             self._out.abort()
-            raise _write_error(self.shown, e) from None
+            raise _write_error(self._shown, e) from None
         self.bytes_written = sum(s.nbytes for s in self._specs)
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
