@@ -20,19 +20,17 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 
-from ckptavg import __version__
+from ckptavg import __version__, options
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.writer import Writer, check_output, exclusive_lock, output_kind
+from ckptavg.options import Accumulate, Method, OutDtype, check_choice
 from ckptavg.select import Candidate, close_all, open_candidates, refuse_shared_files, select
 
 Progress = Callable[[int, int], None]
-Method = Literal["uniform", "weighted", "ema"]
-Accumulate = Literal["float64", "float32"]
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
               "float64": torch.float64}
 SHOWN = 3  # problems listed per file in a mismatch error
@@ -45,7 +43,7 @@ class AverageResult:
 
     inputs: list[str]
     weights: list[float]
-    method: str
+    method: Method
     output: str | None
     n: int
     tensors: int
@@ -181,15 +179,14 @@ def _carried_metadata(metas: list[dict[str, str]]) -> dict[str, str]:
 
 
 def check_options(accumulate: str, dtype: str | None) -> None:
-    if accumulate not in ("float64", "float32"):
-        raise CkptavgError(f"accumulate {accumulate!r}: use float64 or float32")
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise CkptavgError(f"dtype {dtype!r}: use one of {', '.join(OUT_DTYPES)}")
+    check_choice("accumulate", accumulate, Accumulate)
+    if dtype is not None:
+        check_choice("dtype", dtype, OutDtype)
 
 
 def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
               n_total: int | None = None, prior_inputs: list | None = None,
-              accumulate: Accumulate = "float64", dtype: str | None = None,
+              accumulate: Accumulate = options.ACCUMULATE, dtype: OutDtype | None = None,
               allow_nonfinite: bool = False, hash_inputs: bool = False) -> Plan:
     """Check that the inputs agree and fix the run: specs, ties, metadata.
 
@@ -339,8 +336,8 @@ def average(
     cycle_ends: bool = False,
     key: str | None = None,
     strip_prefix: str | None = None,
-    accumulate: Accumulate = "float64",
-    dtype: str | None = None,
+    accumulate: Accumulate = options.ACCUMULATE,
+    dtype: OutDtype | None = None,
     shard_size: int | None = None,
     allow_nonfinite: bool = False,
     hash_inputs: bool = False,

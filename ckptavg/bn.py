@@ -13,12 +13,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ckptavg.data import split_batch
+from ckptavg import options
+from ckptavg.checkpoint import save
+from ckptavg.data import get_dataset, make_loader, split_batch
+from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
+from ckptavg.modelio import build_from_checkpoint
+from ckptavg.options import Split, Stats, check_choice
+from ckptavg.results import Result
 
 Progress = Callable[[int, int], None]
 
@@ -62,19 +69,8 @@ class _Pooled:
         m.running_var.copy_((self.m2 / max(self.n - 1, 1)).to(m.running_var.dtype))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CkptavgError(f"--device {device}: no CUDA GPU is available here; use cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CkptavgError(f"--device {device}: use auto, cpu or cuda[:N]") from None
-
-
 @torch.no_grad()
-def recalibrate(model: nn.Module, loader, *, stats: str = "update_bn",
+def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
                 device: str | torch.device | None = None, max_batches: int | None = None,
                 input_key: str | None = None, progress: Progress | None = None) -> dict:
     """Recompute the BatchNorm statistics of `model` in place with one pass over `loader`.
@@ -91,8 +87,7 @@ def recalibrate(model: nn.Module, loader, *, stats: str = "update_bn",
     Example:
         >>> recalibrate(model, train_loader)          # same result as update_bn
     """
-    if stats not in ("update_bn", "exact"):
-        raise CkptavgError(f"--stats {stats}: use update_bn or exact")
+    check_choice("stats", stats, Stats)
     layers = bn_layers(model)
     if not layers:
         return {"bn_layers": 0, "batches": 0, "samples": 0}
@@ -126,48 +121,81 @@ def recalibrate(model: nn.Module, loader, *, stats: str = "update_bn",
             m.momentum = mom
         model.train(was_training)
     if batches == 0:
-        raise CkptavgError("the data pass saw no batch; check the data set and --batches/--fraction")
+        raise CkptavgError("the data pass saw no batch; check the data set and the batch limits "
+                           "(batches/fraction, --batches/--fraction)")
     return {"bn_layers": len(layers), "batches": batches, "samples": samples}
+
+
+@dataclass
+class BnFixResult(Result):
+    """What `bn_fix` did. `output` is None when the model has no BatchNorm (nothing written)."""
+
+    checkpoint: str
+    output: str | None
+    bn_layers: int
+    batches: int
+    samples: int
+    data: str
+    stats: str
+    device: str
+    seconds: float
+    message: str = ""
 
 
 def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
            data: str | None = None, data_dir: str | None = None, download: bool = False,
-           model: str | None = None, model_kwargs: dict | None = None, split: str = "train",
+           model: str | None = None, model_kwargs: dict | None = None, split: Split = "train",
            augment: bool = True, batches: int | None = None, fraction: float | None = None,
-           batch_size: int = 128, workers: int = 0, device: str = "auto", seed: int = 0,
-           stats: str = "update_bn", input_key: str | None = None, subset: int | None = None,
-           progress: Progress | None = None) -> dict:
+           batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
+           device: str = options.DEVICE, seed: int = options.SEED,
+           stats: Stats = options.STATS, input_key: str | None = None,
+           subset: int | None = None, progress: Progress | None = None) -> BnFixResult:
     """Recalibrate the BatchNorm statistics of a checkpoint with a data pass and save it.
 
     Args:
         checkpoint: an averaged checkpoint (any format ckptavg reads).
         output: where to write; in place (atomically) when None.
         data: data set name; default: the checkpoint's `data.name` metadata.
-        model: model name; default: the checkpoint's `model.arch`/`model.kwargs`.
-        batches, fraction: use only this many batches / this share of the data.
-        subset: use only the first N images of the split (e.g. what `train --subset` saw).
+        model, model_kwargs: the network; default: the checkpoint's `model.arch`/`model.kwargs`.
+        split, augment: which images, with or without the training transforms (the paper
+            uses the augmented training set).
+        batches, fraction: use only this many batches, or this share of the batches (not both).
+        subset: use only the first N images of the split. Default: the images the run trained
+            on when the checkpoint records them (`data.train_images`, written by `train`) and
+            the data set is the run's own.
         stats: "update_bn" (torch.optim.swa_utils.update_bn semantics) or "exact".
+        progress: called with (batches done, batches in the pass).
 
     Returns:
-        A summary: output, bn_layers, batches, samples, seconds, device.
+        A BnFixResult; `bn_layers == 0` means the model has no BatchNorm and nothing was
+        written (the checkpoint is marked `bn.stale=false` only when it said otherwise).
 
     Example:
-        >>> ckptavg.bn_fix("swa.safetensors", data="cifar10", data_dir="~/data")
+        >>> ckptavg.bn_fix("swa.safetensors", data="cifar10", data_dir="~/data").samples
     """
-    from ckptavg.checkpoint import save
-    from ckptavg.data import get_dataset, make_loader
-    from ckptavg.modelio import build_from_checkpoint
-
     t0 = time.perf_counter()
+    check_choice("stats", stats, Stats)
+    check_choice("split", split, Split)
+    if batches is not None and fraction is not None:
+        raise CkptavgError("give batches or fraction, not both (--batches/--fraction)")
     if fraction is not None and not 0 < fraction <= 1:
-        raise CkptavgError(f"--fraction {fraction}: must be in (0, 1]")
+        raise CkptavgError(f"fraction {fraction}: must be in (0, 1] (--fraction)")
+    if batches is not None and batches < 1:
+        raise CkptavgError(f"batches {batches}: must be 1 or more (--batches)")
     net, state, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
                                                         data_dir)
     dev = resolve_device(device)
+    path = os.fspath(checkpoint)
     if not bn_layers(net):
-        return {"output": None, "bn_layers": 0, "batches": 0, "samples": 0,
-                "seconds": time.perf_counter() - t0, "device": str(dev),
-                "message": "the model has no BatchNorm layers: nothing to recalibrate"}
+        out = None
+        if meta.get("bn.stale") == "true":  # an older file marked stale: it is not
+            out = os.fspath(output if output is not None else checkpoint)
+            save(state, out, {**meta, "bn.stale": "false"})
+        return BnFixResult(path, out, 0, 0, 0, data_name, stats, str(dev),
+                           time.perf_counter() - t0,
+                           "the model has no BatchNorm layers: nothing to recalibrate")
+    if subset is None and split == "train" and data_name == meta.get("data.name"):
+        subset = _int_or_none(meta.get("data.train_images"))
     torch.manual_seed(seed)
     dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
     loader = make_loader(dataset, batch_size, shuffle=True, workers=workers, seed=seed,
@@ -185,4 +213,12 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save({k: new_state[k] for k in state}, out, new_meta)
-    return {"output": out, **info, "seconds": time.perf_counter() - t0, "device": str(dev)}
+    return BnFixResult(path, out, info["bn_layers"], info["batches"], info["samples"], data_name,
+                       stats, str(dev), time.perf_counter() - t0)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

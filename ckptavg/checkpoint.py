@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import find_ties
+from ckptavg.results import Result
 
 
 def load(path: str | os.PathLike, key: str | None = None,
@@ -57,29 +59,46 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
             writer.write(k, v.detach().cpu())
 
 
+@dataclass
+class InspectResult(Result):
+    """A checkpoint as ckptavg reads it: format, tensors, sizes, ties and metadata."""
+
+    path: str
+    format: str
+    location: str | None  # where in a torch file the state dict was found
+    other_tensor_dicts: list[str]
+    removed_prefixes: list[str]
+    tensors: int
+    parameters: int
+    bytes: int
+    bytes_per_dtype: dict[str, int]
+    tied: dict[str, str]
+    metadata: dict[str, str]
+    keys: list[dict]  # {key, shape, dtype} in file order
+
+
 def inspect(path: str | os.PathLike, key: str | None = None,
-            strip_prefix: str | None = None) -> dict:
-    """Format, tensor count, bytes per dtype, metadata and every key with shape and dtype."""
+            strip_prefix: str | None = None) -> InspectResult:
+    """Format, tensor count, bytes per dtype, metadata and every key with shape and dtype.
+
+    Args:
+        path, key, strip_prefix: as for `load`.
+
+    Returns:
+        An InspectResult.
+
+    Example:
+        >>> ckptavg.inspect("swa.safetensors").metadata["average.n"]
+    """
     path = os.fspath(path)
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
         infos = {k: r.info(k) for k in r.keys()}
         by_dtype: Counter = Counter()
         for i in infos.values():
             by_dtype[str(i.dtype).replace("torch.", "")] += i.nbytes
-        return {
-            "path": path,
-            "format": r.format,
-            "location": r.location,
-            "other_tensor_dicts": list(r.others),
-            "removed_prefixes": list(r.removed_prefixes),
-            "tensors": len(infos),
-            "parameters": sum(i.numel for i in infos.values()),
-            "bytes": sum(by_dtype.values()),
-            "bytes_per_dtype": dict(by_dtype),
-            "tied": r.ties(),
-            "metadata": r.metadata(),
-            "keys": [
-                {"key": k, "shape": list(i.shape), "dtype": str(i.dtype).replace("torch.", "")}
-                for k, i in infos.items()
-            ],
-        }
+        return InspectResult(
+            path, r.format, r.location, list(r.others), list(r.removed_prefixes), len(infos),
+            sum(i.numel for i in infos.values()), sum(by_dtype.values()), dict(by_dtype),
+            r.ties(), r.metadata(),
+            [{"key": k, "shape": list(i.shape), "dtype": str(i.dtype).replace("torch.", "")}
+             for k, i in infos.items()])

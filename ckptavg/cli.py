@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import click
 
-from ckptavg import __version__
+from ckptavg import __version__, options
 from ckptavg.errors import CkptavgError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -98,6 +98,114 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def emit(result, as_json: bool, quiet: bool, text) -> None:
+    """Print a result: its JSON, or `text(result)` lines unless quiet. Warnings go to stderr."""
+    for w in getattr(result, "warnings", []):
+        click.echo(f"ckptavg: warning: {w}", err=True)
+    if as_json:
+        emit_json(result.to_dict())
+    elif not quiet:
+        for line in text(result):
+            click.echo(line)
+
+
+# ------------------------------------------------------------------ option groups (declared once)
+
+def group(*opts):
+    """One decorator applying several click options in the order given."""
+    def apply(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return apply
+
+
+def _json_kwargs(ctx, param, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError:
+        raise click.BadParameter(f"{value!r} is not JSON, e.g. '{{\"width\": 64}}'") from None
+    if not isinstance(out, dict):
+        raise click.BadParameter("must be a JSON object")
+    return out
+
+
+def _weights(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give numbers separated by commas, e.g. 1,2,3") from None
+
+
+def _size(ctx, param, value: str | None) -> int | None:
+    return parse_size(value)
+
+
+def _two_names(ctx, param, value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    names = tuple(x.strip() for x in value.split(","))
+    if len(names) != 2 or not all(names):
+        raise click.BadParameter(f"{value!r}: give two names, e.g. SGD,SWA")
+    return names
+
+
+output_options = group(
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
+)
+input_options = group(
+    click.option("--key", help="Entry of a torch checkpoint that holds the weights "
+                 "(e.g. state_dict_ema)."),
+    click.option("--strip-prefix", help="Remove this prefix from keys (module./_orig_mod. go "
+                 "by themselves)."),
+)
+device_option = click.option("--device", default=options.DEVICE, show_default=True,
+                             help="auto, cpu or cuda[:N].")
+seed_option = click.option("--seed", type=int, default=options.SEED, show_default=True)
+workers_option = click.option("--workers", type=click.IntRange(min=0), default=options.WORKERS,
+                              show_default=True, help="DataLoader worker processes.")
+
+
+def model_options(required: bool = False):
+    default = "" if required else " (default: the checkpoint's model.arch metadata)"
+    return group(
+        click.option("--model", required=required, help="Model name (see `ckptavg models`), "
+                     f"torchvision:NAME, timm:NAME or package.module:factory{default}."),
+        click.option("--model-kwargs", callback=_json_kwargs,
+                     help="JSON keyword arguments for the model factory."),
+    )
+
+
+def data_options(required: bool = False):
+    default = "" if required else " (default: the checkpoint's data.name metadata)"
+    return group(
+        click.option("--data", required=required, help="cifar10, cifar100, fashion-mnist, mnist, "
+                     f"svhn, imagefolder or package.module:function{default}."),
+        click.option("--data-dir", help="Data root (torchvision's root); default $CKPTAVG_DATA "
+                     "or ~/.cache/ckptavg/data."),
+        click.option("--download", is_flag=True, help="Download the data set if missing."),
+    )
+
+
+loader_options = group(
+    click.option("--batch-size", type=click.IntRange(min=1), default=options.EVAL_BATCH_SIZE,
+                 show_default=True),
+    workers_option,
+    click.option("--input-key", help="Key of the input in dict batches."),
+)
+# What every command that runs a stored network over data takes.
+run_options = group(model_options(), data_options(), loader_options, device_option, output_options)
+split_option = click.option("--split", type=click.Choice(options.choices(options.Split)),
+                            default="test", show_default=True)
+
+
+# ------------------------------------------------------------------------------------ commands
+
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckptavg")
 def cli() -> None:
@@ -109,17 +217,8 @@ def cli() -> None:
     ckptavg eval swa.safetensors --data cifar10
 
     Exit codes: 0 success, 1 a problem with inputs or data (one line on stderr),
-    2 a usage error.
+    2 a usage error, 130 interrupted.
     """
-
-
-def _weights(value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give numbers separated by commas, e.g. 1,2,3") from None
 
 
 @cli.command()
@@ -132,23 +231,21 @@ def _weights(value: str | None) -> list[float] | None:
 @click.option("--last", type=int, help="Keep only the last N inputs (after the other filters).")
 @click.option("--every", type=int, help="Keep every K-th input, starting with the first.")
 @click.option("--cycle-ends", is_flag=True, help="Keep inputs whose metadata marks a cycle end.")
-@click.option("--weights", help="Comma-separated weights, one per selected input (normalised).")
+@click.option("--weights", callback=_weights,
+              help="Comma-separated weights, one per selected input (normalised).")
 @click.option("--ema", type=float, help="Exponential weights with this decay; newest heaviest.")
-@click.option("--key", help="Entry of a torch checkpoint that holds the weights (e.g. state_dict_ema).")
-@click.option("--strip-prefix", help="Remove this prefix from keys (module./_orig_mod. go by themselves).")
-@click.option("--accumulate", type=click.Choice(["float64", "float32"]), default="float64",
-              show_default=True, help="Precision of the running sum.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+@input_options
+@click.option("--accumulate", type=click.Choice(options.choices(options.Accumulate)),
+              default=options.ACCUMULATE, show_default=True, help="Precision of the running sum.")
+@click.option("--dtype", type=click.Choice(options.choices(options.OutDtype)),
               help="Output dtype of floating tensors (default: as in the inputs).")
-@click.option("--shard-size", help="Write a sharded folder with shards of at most this size (e.g. 2GB).")
+@click.option("--shard-size", callback=_size,
+              help="Write a sharded folder with shards of at most this size (e.g. 2GB).")
 @click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN/Inf.")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input's sha256 in the metadata.")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def average(inputs, output, into, from_epoch, to_epoch, last, every, cycle_ends, weights, ema,
-            key, strip_prefix, accumulate, dtype, shard_size, allow_nonfinite, hash_inputs,
-            dry_run, as_json, quiet):
+@output_options
+def average(inputs, as_json, quiet, **kwargs):
     """Average checkpoints into one, streaming one tensor at a time.
 
     INPUTS are files or glob patterns: safetensors files, sharded safetensors folders, or
@@ -158,116 +255,73 @@ def average(inputs, output, into, from_epoch, to_epoch, last, every, cycle_ends,
     """
     from ckptavg.averaging import average as run
 
-    size = parse_size(shard_size)
-    with progress_bar(quiet or as_json or dry_run, "average") as bar:
-        result = run(
-            list(inputs), output, weights=_weights(weights), ema=ema, into=into,
-            from_epoch=from_epoch, to_epoch=to_epoch, last=last, every=every,
-            cycle_ends=cycle_ends, key=key, strip_prefix=strip_prefix, accumulate=accumulate,
-            dtype=dtype, shard_size=size, allow_nonfinite=allow_nonfinite,
-            hash_inputs=hash_inputs, dry_run=dry_run, progress=bar,
-        )
-    if as_json:
-        emit_json(result.to_dict())
+    with progress_bar(quiet or as_json or kwargs["dry_run"], "average") as bar:
+        result = run(list(inputs), progress=bar, **kwargs)
+    emit(result, as_json, quiet, _average_lines)
+
+
+def _average_lines(r):
+    if r.dry_run:
+        yield (f"plan: {r.method} average of {len(r.inputs)} input(s), {r.tensors} tensors, "
+               f"read {human_bytes(r.bytes_in)}, write {human_bytes(r.bytes_out)} -> "
+               f"{r.output or '(no output)'}")
+        for path, w, ep, src in zip(r.inputs, r.weights, r.epochs, r.epoch_sources):
+            yield f"  {w:.6f}  epoch {ep if ep is not None else '?':>5} ({src or 'none'})  {path}"
         return
-    if dry_run:
-        click.echo(f"plan: {result.method} average of {len(result.inputs)} input(s), "
-                   f"{result.tensors} tensors, read {human_bytes(result.bytes_in)}, "
-                   f"write {human_bytes(result.bytes_out)} -> {result.output or '(no output)'}")
-        for path, w, ep in zip(result.inputs, result.weights[-len(result.inputs):], result.epochs):
-            click.echo(f"  {w:.6f}  epoch {ep if ep is not None else '?':>5}  {path}")
-        return
-    if not quiet:
-        click.echo(f"averaged {len(result.inputs)} checkpoint(s) ({result.method}, n={result.n}) "
-                   f"-> {result.output}: {human_bytes(result.bytes_out)} in {result.seconds:.1f} s, "
-                   f"peak RSS {human_bytes(result.peak_rss_bytes)}")
+    yield (f"averaged {len(r.inputs)} checkpoint(s) ({r.method}, n={r.n}) -> {r.output}: "
+           f"{human_bytes(r.bytes_out)} in {r.seconds:.1f} s, peak RSS "
+           f"{human_bytes(r.peak_rss_bytes)}")
 
 
 @cli.command()
 @click.argument("path")
-@click.option("--keys", "n_keys", type=int, default=20, show_default=True,
+@click.option("--keys", "n_keys", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many keys to list (0: all).")
-@click.option("--key", help="Entry of a torch checkpoint that holds the weights.")
-@click.option("--strip-prefix", help="Remove this prefix from keys.")
+@input_options
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def inspect(path, n_keys, key, strip_prefix, as_json):
     """Show a checkpoint's format, tensors, sizes per dtype and metadata."""
     from ckptavg.checkpoint import inspect as run
 
-    info = run(path, key=key, strip_prefix=strip_prefix)
-    if as_json:
-        emit_json(info)
-        return
-    click.echo(f"{info['path']}: {info['format']}, {info['tensors']} tensors, "
-               f"{info['parameters']:,} values, {human_bytes(info['bytes'])}")
-    for dt, b in sorted(info["bytes_per_dtype"].items()):
-        click.echo(f"  {dt:<10} {human_bytes(b)}")
-    if info["tied"]:
-        click.echo(f"tied: {', '.join(f'{a} -> {b}' for a, b in info['tied'].items())}")
-    if info["metadata"]:
-        click.echo("metadata:")
-        for k, v in sorted(info["metadata"].items()):
-            click.echo(f"  {k} = {v if len(v) <= 120 else v[:117] + '...'}")
-    keys = info["keys"] if n_keys == 0 else info["keys"][:n_keys]
-    click.echo("keys:")
+    emit(run(path, key=key, strip_prefix=strip_prefix), as_json, False,
+         lambda info: _inspect_lines(info, n_keys))
+
+
+def _inspect_lines(info, n_keys):
+    yield (f"{info.path}: {info.format}, {info.tensors} tensors, {info.parameters:,} values, "
+           f"{human_bytes(info.bytes)}")
+    for dt, b in sorted(info.bytes_per_dtype.items()):
+        yield f"  {dt:<10} {human_bytes(b)}"
+    if info.tied:
+        yield f"tied: {', '.join(f'{a} -> {b}' for a, b in info.tied.items())}"
+    if info.metadata:
+        yield "metadata:"
+        for k, v in sorted(info.metadata.items()):
+            yield f"  {k} = {v if len(v) <= 120 else v[:117] + '...'}"
+    keys = info.keys if n_keys == 0 else info.keys[:n_keys]
+    yield "keys:"
     for e in keys:
-        click.echo(f"  {e['key']:<50} {str(e['shape']):<20} {e['dtype']}")
-    if len(keys) < len(info["keys"]):
-        click.echo(f"  ... {len(info['keys']) - len(keys)} more (--keys 0 lists all)")
-
-
-def _json_kwargs(value: str | None) -> dict | None:
-    if value is None:
-        return None
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError:
-        raise click.BadParameter(f"{value!r} is not JSON, e.g. '{{\"width\": 64}}'") from None
-    if not isinstance(out, dict):
-        raise click.BadParameter("must be a JSON object")
-    return out
-
-
-def data_options(fn):
-    """Options shared by the commands that run a model over data."""
-    opts = [
-        click.option("--data", "data", help="cifar10, cifar100, fashion-mnist, mnist, svhn, "
-                     "imagefolder or package.module:function (default: data.name metadata)."),
-        click.option("--data-dir", help="Data root (torchvision's root); default $CKPTAVG_DATA "
-                     "or ~/.cache/ckptavg/data."),
-        click.option("--download", is_flag=True, help="Download the data set if missing."),
-        click.option("--model", help="Model name, torchvision:NAME or package.module:factory "
-                     "(default: model.arch metadata)."),
-        click.option("--model-kwargs", help="JSON keyword arguments for the model factory."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="DataLoader worker processes."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--input-key", help="Key of the input in dict batches."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+        yield f"  {e['key']:<50} {str(e['shape']):<20} {e['dtype']}"
+    if len(keys) < len(info.keys):
+        yield f"  ... {len(info.keys) - len(keys)} more (--keys 0 lists all)"
 
 
 @cli.command("bn-fix")
 @click.argument("checkpoint")
 @click.option("-o", "--output", help="Where to write (default: the checkpoint, atomically in place).")
-@data_options
-@click.option("--stats", type=click.Choice(["update_bn", "exact"]), default="update_bn",
+@run_options
+@click.option("--stats", type=click.Choice(options.choices(options.Stats)), default=options.STATS,
               show_default=True, help="update_bn: torch's semantics; exact: population statistics.")
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Use the training transforms for the pass (as the SWA paper).")
-@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
-@click.option("--batches", type=int, help="Use only this many batches.")
-@click.option("--fraction", type=float, help="Use only this share of the data (0-1].")
-@click.option("--subset", type=int, help="Use only the first N images (as `train --subset`).")
-@click.option("--seed", type=int, default=0, show_default=True)
-def bn_fix_cmd(checkpoint, output, data, data_dir, download, model, model_kwargs, batch_size,
-               workers, device, input_key, as_json, quiet, stats, augment, split, batches,
-               fraction, subset, seed):
+@click.option("--split", type=click.Choice(options.choices(options.Split)), default="train",
+              show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), help="Use only this many batches.")
+@click.option("--fraction", type=float, help="Use only this share of the batches (0-1].")
+@click.option("--subset", type=click.IntRange(min=1), help="Use only the first N images "
+              "(default: the images the run trained on, from data.train_images metadata).")
+@seed_option
+def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
     """Recompute BatchNorm statistics of an averaged checkpoint with one data pass.
 
     The model is rebuilt from the checkpoint's model.* metadata unless --model is given.
@@ -275,51 +329,53 @@ def bn_fix_cmd(checkpoint, output, data, data_dir, download, model, model_kwargs
     from ckptavg.bn import bn_fix
 
     with progress_bar(quiet or as_json, "bn-fix", unit="batch") as bar:
-        result = bn_fix(checkpoint, output, data=data, data_dir=data_dir, download=download,
-                        model=model, model_kwargs=_json_kwargs(model_kwargs), split=split,
-                        augment=augment, batches=batches, fraction=fraction,
-                        batch_size=batch_size, workers=workers, device=device, seed=seed,
-                        stats=stats, input_key=input_key, subset=subset, progress=bar)
-    if as_json:
-        emit_json(result)
-    elif not quiet:
-        if result["bn_layers"] == 0:
-            click.echo(f"{checkpoint}: {result['message']}")
-        else:
-            click.echo(f"recalibrated {result['bn_layers']} BatchNorm layers on "
-                       f"{result['samples']} samples ({result['batches']} batches, {stats}, "
-                       f"{result['device']}) in {result['seconds']:.1f} s -> {result['output']}")
+        result = bn_fix(checkpoint, progress=bar, **kwargs)
+    emit(result, as_json, quiet, lambda r: [
+        f"{checkpoint}: {r.message}" if r.bn_layers == 0 else
+        f"recalibrated {r.bn_layers} BatchNorm layers on {r.samples} samples ({r.batches} "
+        f"batches, {r.stats}, {r.device}) in {r.seconds:.1f} s -> {r.output}"])
 
 
 @cli.command("eval")
 @click.argument("checkpoint")
-@data_options
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--subset", type=int, help="Evaluate on the first N samples only.")
-def eval_cmd(checkpoint, data, data_dir, download, model, model_kwargs, batch_size, workers,
-             device, input_key, as_json, quiet, split, subset):
+@run_options
+@split_option
+@click.option("--subset", type=click.IntRange(min=1), help="Evaluate on the first N samples only.")
+def eval_cmd(checkpoint, as_json, quiet, **kwargs):
     """Accuracy and mean cross-entropy of a checkpoint on a data split."""
     from ckptavg.evaluation import evaluate
 
     with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
-        result = evaluate(checkpoint, data=data, split=split, data_dir=data_dir,
-                          download=download, model=model, model_kwargs=_json_kwargs(model_kwargs),
-                          batch_size=batch_size, workers=workers, device=device,
-                          input_key=input_key, subset=subset, progress=bar)
-    if result["bn_stale"]:
-        click.echo(f"ckptavg: warning: {checkpoint} has bn.stale=true (averaged, BatchNorm not "
-                   "recalibrated): run `ckptavg bn-fix` first", err=True)
-    if as_json:
-        emit_json(result)
-    elif not quiet:
-        click.echo(f"{checkpoint}: {result['data']} {split}: accuracy {result['accuracy']:.2f} %, "
-                   f"loss {result['loss']:.4f}, {result['samples']} samples")
+        result = evaluate(checkpoint, progress=bar, **kwargs)
+    emit(result, as_json, quiet, lambda r: [
+        f"{checkpoint}: {r.data} {r.split}: accuracy {r.accuracy:.2f} %, loss {r.loss:.4f}, "
+        f"{r.samples} samples"])
+
+
+@cli.command("ensemble")
+@click.argument("checkpoints", nargs=-1, required=True)
+@run_options
+@split_option
+@click.option("--subset", type=click.IntRange(min=1), help="Evaluate on the first N samples only.")
+def ensemble_cmd(checkpoints, as_json, quiet, **kwargs):
+    """Accuracy and loss of the prediction ensemble (mean softmax) of CHECKPOINTS.
+
+    This is what SWA approximates at the cost of one model. Globs are expanded.
+    """
+    from ckptavg.experiments.ensemble import ensemble
+    from ckptavg.select import expand
+
+    with progress_bar(quiet or as_json, "ensemble", unit="model") as bar:
+        result = ensemble(expand(list(checkpoints)), progress=bar, **kwargs)
+    emit(result, as_json, quiet, lambda r: [
+        *(f"  {m.accuracy:6.2f} %  {m.checkpoint}" for m in r.members),
+        f"ensemble of {r.n}: accuracy {r.accuracy:.2f} %, loss {r.loss:.4f} ({r.samples} samples)"])
 
 
 @cli.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print the names as a JSON list.")
 def models_cmd(as_json):
-    """List the registered model names (also: torchvision:NAME, package.module:factory)."""
+    """List the registered model names (also: torchvision:NAME, timm:NAME, package.module:factory)."""
     from ckptavg.models import describe, list_models
 
     names = list_models()
@@ -328,45 +384,43 @@ def models_cmd(as_json):
         return
     for n in names:
         click.echo(f"{n:<18} {describe(n)}")
-    click.echo("also: torchvision:NAME (torchvision's builders), package.module:factory")
+    click.echo("also: torchvision:NAME, timm:NAME (with timm installed), package.module:factory")
 
 
 @cli.command("train")
-@click.option("--model", required=True, help="Model name (see `ckptavg models`), torchvision:NAME "
-              "or package.module:factory.")
-@click.option("--model-kwargs", help="JSON keyword arguments for the model factory.")
-@click.option("--data", required=True, help="Data set (cifar10, fashion-mnist, ...).")
-@click.option("--data-dir", help="Data root; default $CKPTAVG_DATA or ~/.cache/ckptavg/data.")
-@click.option("--download", is_flag=True, help="Download the data set if missing.")
-@click.option("--epochs", type=int, required=True, help="Training budget in epochs.")
-@click.option("--out", required=True, help="Run folder: epoch-NNNN.safetensors, last.pt, metrics.jsonl.")
-@click.option("--schedule", type=click.Choice(["sgd", "swa"]), default="swa", show_default=True)
+@model_options(required=True)
+@data_options(required=True)
+@click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training budget in epochs.")
+@click.option("--out", required=True, help="Run folder (new or empty, or with --resume): "
+              "epoch-NNNN.safetensors, last.pt, metrics.jsonl.")
+@click.option("--schedule", type=click.Choice(options.choices(options.Schedule)), default="swa",
+              show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Initial rate (alpha1 with --cycle).")
 @click.option("--swa-start", type=int, help="Epoch from which the SWA phase starts (swa schedule).")
 @click.option("--swa-lr", type=float, help="SWA rate (alpha2 with --cycle).")
 @click.option("--cycle", type=int, help="Cyclical SWA rate: cycles of C epochs from --swa-start.")
 @click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=options.TRAIN_BATCH_SIZE,
+              show_default=True)
+@seed_option
 @click.option("--amp", is_flag=True, help="Mixed precision (GPU only).")
-@click.option("--subset", type=int, help="Use only the first N training images.")
-@click.option("--holdout", type=int, default=0, help="Hold out the last N training images for validation.")
-@click.option("--save", type=click.Choice(["epoch", "cycle-end", "none"]), default="epoch",
+@click.option("--subset", type=click.IntRange(min=1), help="Use only the first N training images.")
+@click.option("--holdout", type=click.IntRange(min=0), default=0,
+              help="Hold out the last N of the training images for validation.")
+@click.option("--save", type=click.Choice(options.choices(options.SaveWhat)), default="epoch",
               show_default=True, help="Which weights-only checkpoints to write.")
-@click.option("--eval-every", type=int, default=1, show_default=True,
-              help="Test every N epochs (0: only never; the last epoch is always tested when N>0).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
-@click.option("--stop-after", type=int, help="Train at most N epochs in this call (resume later).")
+@click.option("--eval-every", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Score the test set every N epochs and after the last one (0: never).")
+@workers_option
 @click.option("--swa-in-loop", is_flag=True, help="Also keep the running SWA average in memory "
               "(written to OUT/swa-inloop.safetensors).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no per-epoch lines.")
-def train_cmd(model, model_kwargs, data, data_dir, download, epochs, out, schedule, lr, swa_start,
-              swa_lr, cycle, wd, momentum, batch_size, seed, device, amp, subset, holdout, save,
-              eval_every, workers, resume, stop_after, swa_in_loop, as_json, quiet):
+@device_option
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from OUT/last.pt.")
+@click.option("--stop-after", type=click.IntRange(min=1),
+              help="Train at most N epochs in this call (resume later).")
+@output_options
+def train_cmd(device, download, resume, stop_after, as_json, quiet, **kwargs):
     """Train with the SWA paper's SGD or SWA schedule, saving a checkpoint per epoch.
 
     \b
@@ -376,12 +430,7 @@ def train_cmd(model, model_kwargs, data, data_dir, download, epochs, out, schedu
     """
     from ckptavg.train.loop import TrainConfig, train
 
-    cfg = TrainConfig(model=model, data=data, epochs=epochs, out=out, schedule=schedule, lr=lr,
-                      swa_start=swa_start, swa_lr=swa_lr, wd=wd, momentum=momentum,
-                      batch_size=batch_size, seed=seed, cycle=cycle, save=save, subset=subset,
-                      holdout=holdout, eval_every=eval_every,
-                      model_kwargs=_json_kwargs(model_kwargs) or {}, data_dir=data_dir,
-                      workers=workers, amp=amp, swa_in_loop=swa_in_loop)
+    kwargs["model_kwargs"] = kwargs["model_kwargs"] or {}
     show = not (quiet or as_json)
 
     def on_epoch(row):
@@ -391,26 +440,23 @@ def train_cmd(model, model_kwargs, data, data_dir, download, epochs, out, schedu
                 f"{row['train_loss']:.4f}{test}  ({row['seconds']:.1f} s)")
 
     with progress_bar(not show, "train", unit="batch") as bar:
-        summary = train(cfg, device=device, resume=resume, download=download,
-                        stop_after=stop_after, on_batch=bar, on_epoch=on_epoch)
-    if as_json:
-        emit_json(summary)
-    elif not quiet:
-        click.echo(f"trained {summary['epochs_run']} epoch(s) -> {out} "
-                   f"({len(summary['checkpoints'])} checkpoints, saving took "
-                   f"{summary['save_overhead'] * 100:.2f} % of epoch time)")
+        result = train(TrainConfig(**kwargs), device=device, resume=resume, download=download,
+                       stop_after=stop_after, on_batch=bar, on_epoch=on_epoch)
+    emit(result, as_json, quiet, lambda r: [
+        f"trained {r.epochs_run} epoch(s) -> {r.out} ({len(r.checkpoints)} checkpoints, saving "
+        f"took {r.save_overhead * 100:.2f} % of epoch time)"])
 
 
 @cli.command("demo")
 @click.option("--out", help="Keep the run's files in this folder (default: a temporary one).")
-@click.option("--epochs", type=int, help="Override the demo's 32 epochs.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-@click.option("-q", "--quiet", is_flag=True)
+@click.option("--epochs", type=click.IntRange(min=2), help="Override the demo's 32 epochs.")
+@device_option
+@output_options
 def demo_cmd(out, epochs, device, as_json, quiet):
     """Train, average, fix BatchNorm and evaluate on a shipped Fashion-MNIST subset (offline).
 
-    Prints the test accuracy of the final SGD weights and of their SWA average.
+    Prints the test accuracy of the run's last iterate (at the constant SWA rate) and of the
+    SWA average of its last epochs. `ckptavg replicate` compares SWA with an SGD baseline.
     """
     from ckptavg.demo import run_demo
 
@@ -428,114 +474,69 @@ def demo_cmd(out, epochs, device, as_json, quiet):
     with progress_bar(not show, "epoch", unit="batch") as bar:
         result = run_demo(out, device=device, epochs=epochs, on_stage=on_stage, on_batch=bar,
                           on_epoch=on_epoch)
-    if as_json:
-        emit_json(result)
-        return
-    if not quiet:
-        click.echo(f"SGD (final weights, {result['sgd']['checkpoint']}): test accuracy "
-                   f"{result['sgd']['accuracy']:.2f} %, loss {result['sgd']['loss']:.4f}")
-        click.echo(f"SWA (average of {result['averaged']} epochs, BN recalibrated): test accuracy "
-                   f"{result['swa']['accuracy']:.2f} %, loss {result['swa']['loss']:.4f}")
-        if out:
-            click.echo(f"files kept in {out}")
-
-
-@cli.command("ensemble")
-@click.argument("checkpoints", nargs=-1, required=True)
-@data_options
-@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--subset", type=int, help="Evaluate on the first N samples only.")
-def ensemble_cmd(checkpoints, data, data_dir, download, model, model_kwargs, batch_size, workers,
-                 device, input_key, as_json, quiet, split, subset):
-    """Accuracy and loss of the prediction ensemble (mean softmax) of CHECKPOINTS.
-
-    This is what SWA approximates at the cost of one model. Globs are expanded.
-    """
-    from ckptavg.experiments.ensemble import ensemble
-    from ckptavg.select import expand
-
-    with progress_bar(quiet or as_json, "ensemble", unit="model") as bar:
-        result = ensemble(expand(list(checkpoints)), data=data, split=split, data_dir=data_dir,
-                          download=download, model=model, model_kwargs=_json_kwargs(model_kwargs),
-                          batch_size=batch_size, workers=workers, device=device, subset=subset,
-                          progress=bar)
-    if as_json:
-        emit_json(result)
-    elif not quiet:
-        for m in result["members"]:
-            click.echo(f"  {m['accuracy']:6.2f} %  {m['checkpoint']}")
-        click.echo(f"ensemble of {result['n']}: accuracy {result['accuracy']:.2f} %, "
-                   f"loss {result['loss']:.4f} ({result['samples']} samples)")
+    emit(result, as_json, quiet, lambda r: [
+        f"last iterate (epoch {r.epochs}, SWA rate): test accuracy {r.last_iterate.accuracy:.2f} "
+        f"%, loss {r.last_iterate.loss:.4f}",
+        f"SWA (average of {r.averaged} epochs, BN recalibrated): test accuracy "
+        f"{r.swa.accuracy:.2f} %, loss {r.swa.loss:.4f}",
+        *([f"files kept in {r.out}"] if r.out else [])])
 
 
 @cli.command("width")
 @click.argument("a")
 @click.argument("b")
-@click.option("-o", "--output", "plot", default="width.png", show_default=True,
+@click.option("-o", "--output", "plot_path", default="width.png", show_default=True,
               help="The plot (PNG); a CSV of every number is written beside it.")
-@click.option("--data", help="Data set (default: data.name metadata).")
-@click.option("--data-dir", help="Data root.")
-@click.option("--download", is_flag=True)
-@click.option("--model", help="Model name (default: model.arch metadata).")
-@click.option("--model-kwargs", help="JSON keyword arguments for the model factory.")
-@click.option("--labels", help="Two comma-separated names for A and B (e.g. SGD,SWA).")
-@click.option("--rays", type=int, default=10, show_default=True)
-@click.option("--points", type=int, default=21, show_default=True)
-@click.option("--max-distance", type=float, default=10.0, show_default=True)
+@model_options()
+@data_options()
+@click.option("--labels", callback=_two_names,
+              help="Two comma-separated names for A and B (e.g. SGD,SWA).")
+@click.option("--rays", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--points", type=click.IntRange(min=2), default=21, show_default=True)
+@click.option("--max-distance", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True)
 @click.option("--bn-fix/--no-bn-fix", default=True, show_default=True,
               help="Recalibrate BatchNorm at every point.")
-@click.option("--train-subset", type=int, default=5000, show_default=True,
+@click.option("--train-subset", type=click.IntRange(min=0), default=5000, show_default=True,
               help="Training images for the train loss and BatchNorm (0: all).")
-@click.option("--test-subset", type=int, help="Test images (default: all).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("-q", "--quiet", is_flag=True)
-def width_cmd(a, b, plot, data, data_dir, download, model, model_kwargs, labels, rays, points, max_distance, bn_fix,
-              train_subset, test_subset, seed, device, as_json, quiet):
+@click.option("--test-subset", type=click.IntRange(min=1), help="Test images (default: all).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=options.EVAL_BATCH_SIZE,
+              show_default=True)
+@seed_option
+@device_option
+@output_options
+def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
     """Width of two optima along the same random rays (SWA paper, Figure 4)."""
     from ckptavg.experiments.width import width
 
-    names = tuple(labels.split(",")) if labels else None
-    if names is not None and len(names) != 2:
-        raise click.BadParameter("give two names, e.g. SGD,SWA", param_hint="--labels")
-    csv_path = os.path.splitext(plot)[0] + ".csv"
+    csv_path = os.path.splitext(plot_path)[0] + ".csv"
     with progress_bar(quiet or as_json, "width", unit="point") as bar:
-        result = width(a, b, data=data, data_dir=data_dir, download=download, model=model,
-                       model_kwargs=_json_kwargs(model_kwargs), labels=names,
-                       rays=rays, points=points, max_distance=max_distance, bn_fix=bn_fix,
-                       train_subset=train_subset or None, test_subset=test_subset, seed=seed,
-                       device=device, csv_path=csv_path, plot_path=plot, progress=bar)
+        result = width(a, b, labels=labels, train_subset=train_subset or None, csv_path=csv_path, plot_path=plot_path,
+                       progress=bar, **kwargs)
     if as_json:
-        emit_json({k: v for k, v in result.items() if k != "rows"})
-    elif not quiet:
-        for label in result["labels"]:
-            far = [r for r in result["rows"] if r["solution"] == label
-                   and r["distance"] == max_distance]
-            near = next(r for r in result["rows"] if r["solution"] == label and r["distance"] == 0)
-            click.echo(f"{label}: test error {near['test_error']:.2f} % at the centre, median "
-                       f"{sorted(r['test_error'] for r in far)[len(far) // 2]:.2f} % at distance "
-                       f"{max_distance:g}")
-        click.echo(f"wrote {plot} and {csv_path}")
+        result.rows = []  # every number is in the CSV
+    emit(result, as_json, quiet, lambda r: [
+        *(f"{s.label}: test error {s.centre_test_error:.2f} % at the centre, median "
+          f"{s.median_test_error_at_max:.2f} % at distance {r.max_distance:g}" for s in r.summary),
+        f"wrote {r.plot} and {r.csv}"])
 
 
 @cli.command("replicate")
 @click.option("--preset", required=True, help="fashion-mnist, cifar10-vgg16, cifar10-preresnet164, "
-              "cifar10-wrn28-10, cifar100-... (see --list).")
-@click.option("--seeds", type=int, default=3, show_default=True)
+              "cifar10-wrn28-10, cifar100-vgg16, cifar100-preresnet164, cifar100-wrn28-10.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--first-seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Folder for runs, results.json, results.md, curves.png.")
 @click.option("--data-dir", help="Data root.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--budget", type=int, help="Override the preset's budget B (epochs).")
-@click.option("--swa-start", type=int, help="Override the preset's SWA start epoch.")
-@click.option("--subset", type=int, help="Override: use the first N training images.")
-@click.option("--holdout", type=int, help="Override: hold out the last N of them for validation.")
+@device_option
+@click.option("--budget", type=click.IntRange(min=1), help="Override the preset's budget B (epochs).")
+@click.option("--swa-start", type=click.IntRange(min=1), help="Override the preset's SWA start epoch.")
+@click.option("--subset", type=click.IntRange(min=1), help="Override: use the first N training images.")
+@click.option("--holdout", type=click.IntRange(min=0),
+              help="Override: hold out the last N of them for validation.")
 @click.option("--model", help="Override the preset's model.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("-q", "--quiet", is_flag=True)
-def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, budget, swa_start, subset,
-                  holdout, model, as_json, quiet):
+@output_options
+def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, as_json, quiet, **overrides):
     """Reproduce the paper's Table 1 protocol: SGD vs SWA at 1, 1.25 and 1.5 budgets."""
     from ckptavg.experiments.replicate import replicate, results_table
 
@@ -544,13 +545,10 @@ def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, budget, swa_
             say(f"[replicate] {msg}")
 
     result = replicate(preset, out, seeds=seeds, first_seed=first_seed, data_dir=data_dir,
-                       device=device, log=log,
-                       overrides={"budget": budget, "swa_start": swa_start, "subset": subset,
-                                  "holdout": holdout, "model": model})
+                       device=device, log=log, overrides=overrides)
     if as_json:
-        emit_json({k: v for k, v in result.items() if k != "per_seed"})
-    elif not quiet:
-        click.echo(results_table(result))
+        result.per_seed = []  # every number is in OUT/results.json
+    emit(result, as_json, quiet, lambda r: [results_table(r)])
 
 
 def _on_sigterm(signum, frame):

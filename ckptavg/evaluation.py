@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ckptavg.data import split_batch
+from ckptavg import options
+from ckptavg.data import get_dataset, make_loader, split_batch
+from ckptavg.device import resolve_device
 from ckptavg.errors import DataError
+from ckptavg.modelio import build_from_checkpoint
+from ckptavg.options import Split, check_choice
+from ckptavg.results import Result
 
 Progress = Callable[[int, int], None]
 
@@ -45,31 +51,68 @@ def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"accuracy": acc, "loss": nll, "samples": n}
 
 
-def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: str = "test",
+@dataclass
+class EvalResult(Result):
+    """Accuracy (%), mean cross-entropy and sample count of one checkpoint on a split.
+
+    `warnings` lists what makes the numbers doubtful (stale BatchNorm statistics, a data
+    set other than the one the checkpoint was trained on)."""
+
+    checkpoint: str
+    data: str
+    split: str
+    accuracy: float
+    loss: float
+    samples: int
+    bn_stale: bool
+    device: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list[str]:
+    """What a caller should know before trusting a score of this checkpoint."""
+    out = []
+    if meta.get("bn.stale") == "true":
+        out.append(f"{path} has bn.stale=true (averaged, BatchNorm not recalibrated): run "
+                   "bn_fix (`ckptavg bn-fix`) first")
+    trained_on = meta.get("data.name")
+    if trained_on and trained_on != data_name:
+        out.append(f"{path} was trained on {trained_on} (data.name) but is evaluated on "
+                   f"{data_name}")
+    return out
+
+
+def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: Split = "test",
              data_dir: str | None = None, download: bool = False, model: str | None = None,
-             model_kwargs: dict | None = None, batch_size: int = 256, workers: int = 0,
-             device: str = "auto", input_key: str | None = None, subset: int | None = None,
-             progress: Progress | None = None) -> dict:
+             model_kwargs: dict | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
+             workers: int = options.WORKERS, device: str = options.DEVICE,
+             input_key: str | None = None, subset: int | None = None,
+             progress: Progress | None = None) -> EvalResult:
     """Accuracy, mean cross-entropy and sample count of a checkpoint on a data split.
 
-    The result's `bn_stale` is True when the checkpoint's BatchNorm statistics were not
-    recalibrated after averaging (metadata `bn.stale=true`): its accuracy is then not
-    representative; run bn_fix first.
+    Args:
+        checkpoint: any format ckptavg reads; the network comes from its model.* metadata
+            unless `model` is given, the data set from its data.name unless `data` is.
+        split: "test" or "train" (without augmentation); subset: the first N samples only.
+        progress: called with (batches done, batches in the pass).
+
+    Returns:
+        An EvalResult. `bn_stale` is True when the checkpoint's BatchNorm statistics were
+        not recalibrated after averaging: its accuracy is then not representative.
 
     Example:
-        >>> ckptavg.evaluate("swa.safetensors", data="cifar10")["accuracy"]
+        >>> ckptavg.evaluate("swa.safetensors", data="cifar10").accuracy
     """
-    from ckptavg.bn import resolve_device
-    from ckptavg.data import get_dataset, make_loader
-    from ckptavg.modelio import build_from_checkpoint
-
     t0 = time.perf_counter()
-    net, _, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
-                                                    data_dir)
+    check_choice("split", split, Split)
+    path = os.fspath(checkpoint)
+    net, _, meta, data_name = build_from_checkpoint(path, model, model_kwargs, data, data_dir)
     dev = resolve_device(device)
     dataset = get_dataset(data_name, split, data_dir, augment=False, download=download)
     loader = make_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))
     probs, labels = predict(net.to(dev), loader, dev, input_key, progress)
-    return {"checkpoint": os.fspath(checkpoint), "data": data_name, "split": split,
-            **scores(probs, labels), "bn_stale": meta.get("bn.stale") == "true",
-            "device": str(dev), "seconds": time.perf_counter() - t0}
+    s = scores(probs, labels)
+    return EvalResult(path, data_name, split, s["accuracy"], s["loss"], s["samples"],
+                      meta.get("bn.stale") == "true", str(dev), time.perf_counter() - t0,
+                      checkpoint_warnings(path, meta, data_name))

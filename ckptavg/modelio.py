@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from ckptavg.data import data_info, get_dataset
+from ckptavg.checkpoint import load
+from ckptavg.data import INFO, data_info, get_dataset
 from ckptavg.errors import CkptavgError, ModelError
 from ckptavg.models import create_model, names_code
 
@@ -63,14 +64,26 @@ def data_name_of(meta: dict[str, str], data: str | None, path: str) -> str:
 
 
 def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = None):
-    """create_model with num_classes/in_channels from the data set unless given."""
+    """create_model with num_classes/in_channels from the data set unless given.
+
+    A network whose first convolution takes another number of channels than the data set's
+    images is refused here, in one line, rather than failing inside its forward pass."""
     kwargs = dict(kwargs)
-    if "num_classes" not in kwargs or "in_channels" not in kwargs:
-        ds = get_dataset(data_name, "train", data_dir) if data_name == "imagefolder" else None
-        info = data_info(data_name, ds)
-        kwargs.setdefault("num_classes", info.num_classes)
-        kwargs.setdefault("in_channels", info.in_channels)
-    return create_model(arch, **kwargs), kwargs
+    ds = get_dataset(data_name, "train", data_dir) if data_name == "imagefolder" else None
+    info = data_info(data_name, ds)
+    kwargs.setdefault("num_classes", info.num_classes)
+    kwargs.setdefault("in_channels", info.in_channels)
+    net = create_model(arch, **kwargs)
+    if data_name in INFO:
+        first = next((m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
+                     None)
+        if first is not None and first.in_channels != info.in_channels:
+            raise ModelError(
+                f"model {arch} takes {first.in_channels}-channel images but {data_name} has "
+                f"{info.in_channels}-channel images; choose a model for {info.in_channels} "
+                "channels or another data set"
+            )
+    return net, kwargs
 
 
 def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
@@ -94,8 +107,6 @@ def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
 
 def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, data_dir=None):
     """(network with the checkpoint's weights, state, metadata, data set name)."""
-    from ckptavg.checkpoint import load
-
     path = os.fspath(checkpoint)
     state, meta = load(path)
     data_name = data_name_of(meta, data, path)

@@ -122,31 +122,41 @@ def test_subprocess_end_to_end(tmp_path, ckpts):
     assert json.loads(proc.stdout)["metadata"]["average.n"] == "4"
 
 
-def _big_inputs(tmp_path, n=8, mb=64):
-    paths = []
-    for i in range(n):
-        p = str(tmp_path / f"big-{i:02d}.safetensors")
-        save_file({f"t{j}": torch.full((mb * 2**18 // 8,), float(i)) for j in range(8)}, p)
-        paths.append(p)
-    return paths
+# The CLI with a writer slowed to 0.2 s per tensor: a small run is reliably caught mid-write.
+SLOW_WRITER = """
+import sys, time
+from ckptavg.io import writer
+write = writer.SafetensorsWriter.write
+def slow(self, key, tensor):
+    write(self, key, tensor)
+    time.sleep(0.2)
+writer.SafetensorsWriter.write = slow
+from ckptavg.cli import main
+main(sys.argv[1:])
+"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_leaves_old_output_intact(tmp_path, sig):
-    paths = _big_inputs(tmp_path)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"in-{i}.safetensors"))
+        save_file({f"t{j}": torch.full((1 << 14,), float(i)) for j in range(8)}, paths[-1])
     out = tmp_path / "swa.safetensors"
     save_file({"old": torch.ones(3)}, str(out))
     old = out.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-m", "ckptavg", "average", *paths, "-o", str(out), "-q"],
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "average", *paths, "-o", str(out),
+                             "-q"], stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and not any(".tmp" in f for f in os.listdir(tmp_path)):
-        time.sleep(0.002)
+        time.sleep(0.01)
+    time.sleep(0.3)  # a tensor or two written
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    assert proc.returncode != 0, "the run ended before the signal; make the inputs larger"
+    assert proc.returncode != 0, "the run ended before the signal"
     assert out.read_bytes() == old  # the old output, never a partial one
     if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM
         assert leftovers(tmp_path) == []  # a catchable signal also removes the temp file
 
 
@@ -219,6 +229,49 @@ def test_experiment_commands(tmp_path):
     assert r.exit_code == 0, r.output
     assert "SGD: test error" in r.stdout and png.exists() and (tmp_path / "w.csv").exists()
     r = invoke("width", *paths, "--labels", "one")
-    assert r.exit_code == 2
+    assert r.exit_code == 2 and "--labels" in r.output
+    r = invoke("width", *paths, "--data-dir", data, "--rays", 1, "--points", 4,
+               "--max-distance", 0.1, "--no-bn-fix", "-o", png, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert [s["label"] for s in res["summary"]] == ["m0.safetensors", "m1.safetensors"]
     r = invoke("replicate", "--preset", "nope", "--out", tmp_path / "r")
     assert r.exit_code == 1 and "unknown preset" in r.stderr
+
+
+def test_train_command_and_resume(tmp_path):
+    from tests.fakedata import write_mnist
+
+    write_mnist(str(tmp_path / "data"), n_train=40, n_test=10)
+    args = ["train", "--model", "tests.fakedata:tiny_bn", "--data", "fashion-mnist", "--data-dir",
+            tmp_path / "data", "--epochs", 3, "--swa-start", 2, "--swa-lr", 0.01, "--batch-size",
+            16, "--holdout", 8, "--out", tmp_path / "run"]
+    r = invoke(*args, "--stop-after", 2, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["epochs_run"] == 2 and len(res["checkpoints"]) == 2 and "val_acc" in res["last"]
+    r = invoke(*args)
+    assert r.exit_code == 1 and "--resume" in r.stderr
+    r = invoke(*args, "--resume", "--lr", 0.2)
+    assert r.exit_code == 1 and "resuming with lr=0.2" in r.stderr
+    r = invoke(*args, "--resume")
+    assert r.exit_code == 0 and "trained 1 epoch(s)" in r.stdout
+    meta = ckptavg.load(tmp_path / "run" / "epoch-0003.safetensors")[1]
+    assert meta["data.train_images"] == "32"
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["epoch"] for x in rows] == [1, 2, 3]
+
+
+def test_replicate_command_tiny_preset(tmp_path):
+    from tests.fakedata import write_mnist
+
+    write_mnist(str(tmp_path / "data"), n_train=48, n_test=10)
+    r = invoke("replicate", "--preset", "fashion-mnist", "--seeds", 1, "--out", tmp_path / "rep",
+               "--data-dir", tmp_path / "data", "--budget", 4, "--swa-start", 2, "--subset", 40,
+               "--holdout", 8, "--model", "tests.fakedata:tiny_bn", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "| SWA 1.5 budgets |" in r.stdout
+    saved = json.load(open(tmp_path / "rep" / "results.json"))
+    assert saved["config"]["model"] == "tests.fakedata:tiny_bn" and saved["seeds"] == [0]
+    assert [c["epoch"] for c in saved["per_seed"][0]["swa_curve"]] == [2, 3, 4, 5, 6]
+    assert leftovers(tmp_path / "rep") == []

@@ -12,46 +12,73 @@ from ckptavg.experiments.width import width
 from tests.fakedata import tiny_bn, write_cifar10, write_mnist
 
 
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # Fashion-MNIST's normalisation, written out
+
+
 @pytest.fixture
 def two(tmp_path):
-    write_mnist(str(tmp_path / "data"), n_train=40, n_test=20)
-    paths = []
+    arrays = write_mnist(str(tmp_path / "data"), n_train=40, n_test=20)
+    paths, nets = [], []
     for i in range(2):
         torch.manual_seed(i)
+        net = tiny_bn()
+        with torch.no_grad():  # statistics other than the defaults, so eval mode matters
+            net[1].running_mean.uniform_(-0.5, 0.5)
+            net[1].running_var.uniform_(0.5, 2)
         p = tmp_path / f"m{i}.safetensors"
-        ckptavg.save(tiny_bn().state_dict(), p, {"model.arch": "tiny_bn",
-                                                 "data.name": "fashion-mnist"})
+        ckptavg.save(net.state_dict(), p, {"model.arch": "tiny_bn", "data.name": "fashion-mnist"})
         paths.append(str(p))
-    return paths, str(tmp_path / "data")
+        nets.append(net.eval())
+    images, labels = arrays["test"]
+    x = (torch.from_numpy(images).float().div(255).unsqueeze(1) - FMNIST_MEAN) / FMNIST_STD
+    return paths, str(tmp_path / "data"), nets, x, torch.from_numpy(labels).long()
 
 
 def test_ensemble_is_the_mean_of_softmax(two):
-    paths, data = two
+    """Reference: the networks as built in the test, the test images decoded by numpy."""
+    paths, data, nets, x, y = two
     res = ensemble(paths, data_dir=data)
-    from ckptavg.data import get_dataset, make_loader
-    from ckptavg.evaluation import predict, scores
-    from ckptavg.modelio import build_from_checkpoint
-
-    loader = make_loader(get_dataset("fashion-mnist", "test", data), 256)
-    probs = [predict(build_from_checkpoint(p, data_dir=data)[0], loader)[0] for p in paths]
-    y = predict(build_from_checkpoint(paths[0], data_dir=data)[0], loader)[1]
-    expected = scores((probs[0].double() + probs[1]) .div(2).float(), y)
-    assert res["accuracy"] == expected["accuracy"] and res["n"] == 2
-    assert res["loss"] == pytest.approx(expected["loss"], rel=1e-6)
-    assert [m["accuracy"] for m in res["members"]] == [scores(p, y)["accuracy"] for p in probs]
+    with torch.no_grad():
+        probs = [torch.softmax(n(x).double(), 1) for n in nets]
+    mean = (probs[0] + probs[1]) / 2
+    acc = (mean.argmax(1) == y).double().mean().item() * 100
+    nll = -mean.gather(1, y.view(-1, 1)).log().mean().item()
+    assert res.n == 2 and res.samples == 20 and res.accuracy == pytest.approx(acc)
+    assert res.loss == pytest.approx(nll, rel=1e-5)
+    for m, p in zip(res.members, probs):
+        assert m.accuracy == pytest.approx((p.argmax(1) == y).double().mean().item() * 100)
+    member_loss = [-p.gather(1, y.view(-1, 1)).log().mean().item() for p in probs]
+    assert res.loss < max(member_loss) or res.loss == pytest.approx(max(member_loss))
 
 
 def test_width_rows_csv_and_plot(two, tmp_path):
-    paths, data = two
+    """Reference: at distance 0 the test error is the network's own, computed in the test;
+    at every other point it moves (the weights moved)."""
+    paths, data, nets, x, y = two
     png, csv_path = str(tmp_path / "w.png"), str(tmp_path / "w.csv")
     res = width(*paths, data_dir=data, rays=2, points=3, max_distance=5, labels=("SGD", "SWA"),
-                csv_path=csv_path, plot_path=png)
+                bn_fix=False, csv_path=csv_path, plot_path=png)
     rows = list(csv.DictReader(open(csv_path)))
-    assert len(rows) == 2 * 2 * 3
-    assert {r["solution"] for r in rows} == {"SGD", "SWA"}
-    centre = [r for r in rows if float(r["distance"]) == 0 and r["solution"] == "SGD"]
-    assert centre[0]["test_error"] == centre[1]["test_error"]  # the same point on every ray
-    assert os.path.getsize(png) > 1000 and res["labels"] == ["SGD", "SWA"]
+    assert len(rows) == 2 * 2 * 3 and {r["solution"] for r in rows} == {"SGD", "SWA"}
+    with torch.no_grad():
+        own = [100 - (n(x).argmax(1) == y).double().mean().item() * 100 for n in nets]
+    for label, err in zip(("SGD", "SWA"), own):
+        centre = [float(r["test_error"]) for r in rows
+                  if float(r["distance"]) == 0 and r["solution"] == label]
+        assert centre == [pytest.approx(err)] * 2
+    assert [s.centre_test_error for s in res.summary] == [pytest.approx(e) for e in own]
+    far = sorted(float(r["test_error"]) for r in rows
+                 if r["solution"] == "SGD" and float(r["distance"]) == 5)
+    assert res.summary[0].median_test_error_at_max == pytest.approx(sum(far) / 2)
+    assert os.path.getsize(png) > 1000 and res.labels == ["SGD", "SWA"]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_width_summary_with_a_distance_that_is_not_exact_in_floats(two, tmp_path):
+    """0.1 * 3 / 3 != 0.1 in floats: the summary must still find the far points."""
+    paths, data, *_ = two
+    res = width(*paths, data_dir=data, rays=1, points=4, max_distance=0.1, bn_fix=False)
+    assert len(res.summary) == 2 and res.max_distance == 0.1
 
 
 def test_width_directions_are_unit_and_shared():
@@ -70,14 +97,30 @@ def test_replicate_cifar_preset_code_path_at_tiny_scale(tmp_path):
     res = replicate("cifar10-preresnet164", str(out), seeds=2, data_dir=str(tmp_path / "data"),
                     device="cpu", overrides={"budget": 4, "swa_start": 2, "batch_size": 16,
                                              "model": "tests.fakedata:tiny_bn"})
-    assert set(res["summary"]) == {"sgd", "swa_1", "swa_1.25", "swa_1.5", "ensemble_1",
-                                   "ensemble_1.25", "ensemble_1.5"}
-    assert res["paper"]["swa_1.5"] == 95.83
+    assert set(res.summary) == {"sgd", "swa_1", "swa_1.25", "swa_1.5", "ensemble_1",
+                                "ensemble_1.25", "ensemble_1.5"}
+    assert res.paper["swa_1.5"] == 95.83
     saved = json.load(open(out / "results.json"))
     assert len(saved["per_seed"]) == 2 and saved["per_seed"][1]["seed"] == 1
+    assert saved["config"]["model_kwargs"] == {}
     seed0 = saved["per_seed"][0]
     assert [c["epoch"] for c in seed0["swa_curve"]] == [2, 3, 4, 5, 6]
-    assert seed0["swa_1.5"] == seed0["swa_curve"][-1]["accuracy"]
+    # Budgets 1, 1.25, 1.5 x 4 end at epochs 4, 5, 6; each row is the independent
+    # evaluation of the running average folded up to that epoch, here redone from the
+    # run's checkpoints with a float64 mean computed in the test.
+    ckpts = [ckptavg.load(out / "seed-0" / "swa" / f"epoch-{e:04d}.safetensors")[0]
+             for e in range(2, 6)]
+    mean = {k: torch.stack([c[k].double() for c in ckpts]).mean(0) for k in ckpts[0]
+            if ckpts[0][k].is_floating_point()}
+    ref = tmp_path / "ref.safetensors"
+    ckptavg.save({k: (mean[k].float() if k in mean else ckpts[-1][k]) for k in ckpts[0]}, ref,
+                 {"model.arch": "tests.fakedata:tiny_bn", "data.name": "cifar10",
+                  "data.train_images": "40"})
+    ckptavg.bn_fix(ref, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),
+                   seed=0, device="cpu")
+    r = ckptavg.evaluate(ref, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),
+                         device="cpu")
+    assert seed0["swa_1.25"] == pytest.approx(r.accuracy)
     table = open(out / "results.md").read()
     assert "| SWA 1.5 budgets |" in table and "95.83" in table
     assert os.path.getsize(out / "curves.png") > 1000
@@ -90,3 +133,13 @@ def test_unknown_preset():
 
     with pytest.raises(CkptavgError, match="did you mean cifar10-vgg16"):
         replicate("cifar10-vgg61", "/nonexistent")
+
+
+def test_budget_rows_are_different_epochs():
+    from ckptavg.errors import CkptavgError
+    from ckptavg.experiments.replicate import budget_epochs
+
+    assert budget_epochs(3) == {1.0: 3, 1.25: 4, 1.5: 5}  # 4.5 rounds up, not to even
+    assert budget_epochs(20) == {1.0: 20, 1.25: 25, 1.5: 30}
+    with pytest.raises(CkptavgError, match="not three different epochs"):
+        replicate("fashion-mnist", "/nonexistent", overrides={"budget": 2, "swa_start": 1})

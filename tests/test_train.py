@@ -25,70 +25,123 @@ def cfg(data, out, **kw):
 
 
 def test_checkpoints_metadata_and_metrics(data, tmp_path):
-    s = train(cfg(data, tmp_path / "a"), device="cpu")
-    assert [os.path.basename(p) for p in s["checkpoints"]] == [
+    s = train(cfg(data, tmp_path / "a", holdout=8), device="cpu")
+    assert [os.path.basename(p) for p in s.checkpoints] == [
         f"epoch-{i:04d}.safetensors" for i in range(1, 5)]
-    meta = ckptavg.load(s["checkpoints"][2])[1]
+    meta = ckptavg.load(s.checkpoints[2])[1]
     assert meta["train.epoch"] == "3" and meta["train.phase"] == "swa"
-    assert meta["train.step"] == "9" and meta["train.cycle_end"] == "true"
+    assert meta["train.step"] == "9" and meta["train.cycle_end"] == "true"  # 40 images / 16
     assert meta["model.arch"] == "tests.fakedata:tiny_bn" and meta["data.name"] == "fashion-mnist"
+    assert meta["data.train_images"] == "40"  # 48 less the 8 held out
     assert json.loads(meta["model.kwargs"]) == {"in_channels": 1, "num_classes": 10}
-    assert ckptavg.load(s["checkpoints"][0])[1]["train.phase"] == "sgd"
+    assert ckptavg.load(s.checkpoints[0])[1]["train.phase"] == "sgd"
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[0]["lr"] == 0.05 and rows[3]["lr"] == pytest.approx(0.01)
-    assert all("test_acc" in r for r in rows)
+    assert all("test_acc" in r and "val_acc" in r for r in rows)
     last_state, last_meta = ckptavg.load(tmp_path / "a" / "last.pt")  # self-describing
     assert last_meta["train.epoch"] == "4" and last_meta["model.arch"] == "tests.fakedata:tiny_bn"
-    final, _ = ckptavg.load(s["checkpoints"][-1])
+    final, _ = ckptavg.load(s.checkpoints[-1])
     assert all(torch.equal(final[k], last_state[k]) for k in final)
+    assert s.to_dict()["epochs_run"] == 4 and s.last == rows[-1]
 
 
 def test_resume_gives_the_same_weights(data, tmp_path):
     full = train(cfg(data, tmp_path / "full"), device="cpu")
     part = train(cfg(data, tmp_path / "part"), device="cpu", stop_after=2)
-    assert part["epochs_run"] == 2
+    assert part.epochs_run == 2
     rest = train(cfg(data, tmp_path / "part"), device="cpu", resume=True)
-    assert rest["start_epoch"] == 2 and rest["epochs_run"] == 2
-    a, _ = ckptavg.load(full["checkpoints"][-1])
-    b, _ = ckptavg.load(rest["checkpoints"][-1])
+    assert rest.start_epoch == 2 and rest.epochs_run == 2
+    a, _ = ckptavg.load(full.checkpoints[-1])
+    b, _ = ckptavg.load(rest.checkpoints[-1])
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # and the momentum buffers: the optimizer state of last.pt is the same
+    fa = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["optimizer"]["state"]
+    fb = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(fa[i]["momentum_buffer"], fb[i]["momentum_buffer"]) for i in fa)
 
 
-def test_resume_with_other_options_is_refused(data, tmp_path):
+def test_resume_state_handed_to_the_writer_is_a_copy(data, tmp_path, monkeypatch):
+    """last.pt is written by a thread while training goes on: what it writes must be the
+    state at the end of its epoch, not the live optimizer buffers of a later step."""
+    import ckptavg.train.loop as loop
+
+    handed = []
+    monkeypatch.setattr(loop, "_save_resume", lambda state, path: handed.append(state))
+    train(cfg(data, tmp_path / "live", swa_in_loop=True), device="cpu")
+    monkeypatch.undo()
+    train(cfg(data, tmp_path / "ref", swa_in_loop=True), device="cpu", stop_after=2)
+    ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    at2 = handed[1]
+    assert at2["epoch"] == 2
+    for i, buf in ref["optimizer"]["state"].items():
+        assert torch.equal(at2["optimizer"]["state"][i]["momentum_buffer"], buf["momentum_buffer"])
+    for k, v in ref["swa_state"].items():
+        assert torch.equal(at2["swa_state"][k], v), k
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.1}, {"batch_size": 8}, {"wd": 0.0},
+                                    {"momentum": 0.5}, {"subset": 32}, {"holdout": 8},
+                                    {"model_kwargs": {"num_classes": 10}}, {"epochs": 6},
+                                    {"swa_in_loop": True}])
+def test_resume_with_other_settings_is_refused(data, tmp_path, change):
     train(cfg(data, tmp_path / "r"), device="cpu", stop_after=1)
-    with pytest.raises(CkptavgError, match="--resume with lr=0.1"):
-        train(cfg(data, tmp_path / "r", lr=0.1), device="cpu", resume=True)
+    name, value = next(iter(change.items()))
+    with pytest.raises(CkptavgError, match=f"resuming with {name}="):
+        train(cfg(data, tmp_path / "r", **change), device="cpu", resume=True)
+    # what may change between calls: where files are, workers, how often the test set is scored
+    train(cfg(data, tmp_path / "r", eval_every=0, workers=0), device="cpu", resume=True,
+          stop_after=1)
 
 
-def test_offline_average_equals_in_loop_swa(data, tmp_path):
+def test_a_non_empty_run_folder_needs_resume(data, tmp_path):
+    train(cfg(data, tmp_path / "r"), device="cpu", stop_after=1)
+    before = sorted(os.listdir(tmp_path / "r"))
+    metrics = open(tmp_path / "r" / "metrics.jsonl").read()
+    with pytest.raises(CkptavgError, match="not empty.*--resume"):
+        train(cfg(data, tmp_path / "r", seed=4), device="cpu")
+    assert sorted(os.listdir(tmp_path / "r")) == before
+    assert open(tmp_path / "r" / "metrics.jsonl").read() == metrics
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CkptavgError, match="no last.pt"):
+        train(cfg(data, tmp_path / "other"), device="cpu", resume=True)
+
+
+def test_in_loop_swa_equals_torch_averaged_model(data, tmp_path):
+    """Reference: torch.optim.swa_utils.AveragedModel fed the saved SWA-phase weights."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from tests.fakedata import tiny_bn
+
     s = train(cfg(data, tmp_path / "s", epochs=5, swa_in_loop=True), device="cpu")
-    offline = tmp_path / "offline.safetensors"
-    ckptavg.average(s["checkpoints"], offline, from_epoch=2)
-    a, ma = ckptavg.load(offline)
-    b, mb = ckptavg.load(s["swa_inloop"])
-    assert ma["average.n"] == mb["average.n"] == "4"
-    for k in a:
-        if a[k].is_floating_point():
-            assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
+    net = tiny_bn()
+    swa = AveragedModel(net)
+    for path in s.checkpoints[1:]:  # epochs 2..5: the SWA phase
+        net.load_state_dict(ckptavg.load(path)[0])
+        swa.update_parameters(net)
+    inloop, meta = ckptavg.load(s.swa_inloop)
+    assert meta["average.n"] == "4" and int(swa.n_averaged) == 4
+    for name, p in swa.module.named_parameters():
+        torch.testing.assert_close(inloop[name], p.detach(), rtol=0, atol=1e-6)
 
 
 def test_cyclic_schedule_saves_cycle_ends(data, tmp_path):
     s = train(cfg(data, tmp_path / "c", epochs=6, cycle=2, save="cycle-end"), device="cpu")
-    assert [os.path.basename(p) for p in s["checkpoints"]] == [
+    assert [os.path.basename(p) for p in s.checkpoints] == [
         "epoch-0004.safetensors", "epoch-0006.safetensors"]
     rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
     assert rows[3]["lr"] == pytest.approx(0.01)  # cycle end: alpha2
     assert rows[2]["lr"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.01)  # mid-cycle, last iteration
-    r = ckptavg.average(s["checkpoints"], dry_run=True, cycle_ends=True)
+    r = ckptavg.average(s.checkpoints, dry_run=True, cycle_ends=True)
     assert r.epochs == [4, 6]
 
 
 def test_config_errors(data, tmp_path):
     with pytest.raises(CkptavgError, match="needs --swa-start and --swa-lr"):
         train(cfg(data, tmp_path / "x", swa_start=None), device="cpu")
-    with pytest.raises(CkptavgError, match="--amp needs a CUDA device"):
+    with pytest.raises(CkptavgError, match="amp needs a CUDA device"):
         train(cfg(data, tmp_path / "x", amp=True), device="cpu")
 
 

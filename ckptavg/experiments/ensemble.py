@@ -4,42 +4,79 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptavg import options
+from ckptavg.data import get_dataset, make_loader
+from ckptavg.device import resolve_device
+from ckptavg.errors import CkptavgError
+from ckptavg.evaluation import predict, scores
+from ckptavg.modelio import build_from_checkpoint
+from ckptavg.options import Split, check_choice
+from ckptavg.results import Result
 
 
-def ensemble(checkpoints: list[str], *, data: str | None = None, split: str = "test",
-             data_dir: str | None = None, download: bool = False, model: str | None = None,
-             model_kwargs: dict | None = None, batch_size: int = 256, workers: int = 0,
-             device: str = "auto", subset: int | None = None, progress=None) -> dict:
+@dataclass
+class Member(Result):
+    checkpoint: str
+    accuracy: float
+    loss: float
+    samples: int
+
+
+@dataclass
+class EnsembleResult(Result):
+    """Scores of the ensemble (mean softmax of the members) and of each member."""
+
+    data: str
+    split: str
+    members: list[Member]
+    n: int
+    accuracy: float
+    loss: float
+    samples: int
+    seconds: float
+
+
+def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = None,
+             split: Split = "test", data_dir: str | None = None, download: bool = False,
+             model: str | None = None, model_kwargs: dict | None = None,
+             batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
+             device: str = options.DEVICE, input_key: str | None = None,
+             subset: int | None = None, progress=None) -> EnsembleResult:
     """Accuracy and loss of the ensemble (mean of softmax) of `checkpoints`, and of each member.
 
+    Args:
+        checkpoints: files ckptavg reads (globs are expanded by the CLI, not here).
+        data, model: as for `evaluate`; the data set is the first checkpoint's unless given.
+        progress: called with (members done, members).
+
+    Returns:
+        An EnsembleResult.
+
     Example:
-        >>> ensemble(["runs/a/epoch-0126.safetensors", "runs/a/epoch-0127.safetensors"])
+        >>> ensemble(["runs/a/epoch-0126.safetensors", "runs/a/epoch-0127.safetensors"]).accuracy
     """
-    from ckptavg.bn import resolve_device
-    from ckptavg.data import get_dataset, make_loader
-    from ckptavg.evaluation import predict, scores
-    from ckptavg.modelio import build_from_checkpoint
-
+    check_choice("split", split, Split)
     if not checkpoints:
-        from ckptavg.errors import CkptavgError
-
         raise CkptavgError("no checkpoints given to ensemble")
     t0 = time.perf_counter()
     dev = resolve_device(device)
     total, labels, members, data_name = None, None, [], data
     loader = None
     for i, ckpt in enumerate(checkpoints):
-        net, _, meta, name = build_from_checkpoint(ckpt, model, model_kwargs, data_name, data_dir)
+        net, _, _, name = build_from_checkpoint(ckpt, model, model_kwargs, data_name, data_dir)
         if loader is None:
             data_name = name
             ds = get_dataset(name, split, data_dir, augment=False, download=download)
             loader = make_loader(ds, batch_size, workers=workers, subset=subset, device=str(dev))
-        probs, y = predict(net.to(dev), loader, dev)
+        probs, y = predict(net.to(dev), loader, dev, input_key)
         labels = y if labels is None else labels
         total = probs.double() if total is None else total + probs
-        members.append({"checkpoint": os.fspath(ckpt), **scores(probs, y)})
+        members.append(Member(os.fspath(ckpt), **scores(probs, y)))
         if progress:
             progress(i + 1, len(checkpoints))
-    mean = (total / len(checkpoints)).float()
-    return {"data": data_name, "split": split, "members": members, "n": len(checkpoints),
-            **scores(mean, labels), "seconds": time.perf_counter() - t0}
+    s = scores((total / len(checkpoints)).float(), labels)
+    return EnsembleResult(data_name, split, members, len(checkpoints), s["accuracy"], s["loss"],
+                          s["samples"], time.perf_counter() - t0)

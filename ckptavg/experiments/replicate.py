@@ -9,7 +9,9 @@ the SWA budgets, all from one training run. The prediction ensemble of the same 
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -17,6 +19,19 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from ckptavg import options
+from ckptavg.averaging import average
+from ckptavg.bn import bn_fix
+from ckptavg.data import get_dataset, make_loader
+from ckptavg.device import resolve_device
+from ckptavg.errors import CkptavgError
+from ckptavg.evaluation import evaluate, predict, scores
+from ckptavg.experiments.plots import pyplot
+from ckptavg.io.writer import AtomicFile, atomic_text
+from ckptavg.modelio import build_from_checkpoint
+from ckptavg.results import Result
+from ckptavg.train.loop import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,27 @@ PRESETS["fashion-mnist"] = Preset("convnet_bn", "fashion-mnist", budget=20, lr=0
 BUDGETS = (1.0, 1.25, 1.5)
 
 
+def budget_epochs(budget: int) -> dict[float, int]:
+    """The epoch at which each budget fraction ends, rounded half up (1.5 x 3 = 4.5 -> 5)."""
+    return {f: math.floor(f * budget + 0.5) for f in BUDGETS}
+
+
+@dataclass
+class ReplicateResult(Result):
+    """Every number of the protocol: per seed, and mean/std per row over seeds."""
+
+    preset: str
+    config: dict
+    paper: dict | None
+    seeds: list[int]
+    summary: dict  # row -> {mean, std, values}
+    per_seed: list[dict]
+    seconds: float
+    device: str
+    torch: str
+    files: list[str]  # results.json, results.md and (with matplotlib) curves.png
+
+
 def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
@@ -64,12 +100,6 @@ def _mean_std(values: list[float]) -> dict:
 
 def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", log=None) -> dict:
     """One seed of the protocol; returns every number it measured."""
-    from ckptavg.averaging import average
-    from ckptavg.bn import bn_fix
-    from ckptavg.evaluation import evaluate, predict, scores
-    from ckptavg.modelio import build_from_checkpoint
-    from ckptavg.train.loop import TrainConfig, train
-
     log = log or (lambda msg: None)
     common = dict(model=p.model, data=p.data, lr=p.lr, wd=p.wd, batch_size=p.batch_size,
                   seed=seed, model_kwargs=dict(p.model_kwargs), data_dir=data_dir,
@@ -78,7 +108,8 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
     log(f"seed {seed}: SGD, {p.budget} epochs")
     train(TrainConfig(epochs=p.budget, out=os.path.join(out, "sgd"), schedule="sgd",
                       **common), device=device, resume=True)
-    swa_epochs = round(1.5 * p.budget)
+    ends = budget_epochs(p.budget)
+    swa_epochs = ends[BUDGETS[-1]]
     log(f"seed {seed}: SWA schedule, {swa_epochs} epochs from swa_start {p.swa_start}")
     swa_dir = os.path.join(out, "swa")
     train(TrainConfig(epochs=swa_epochs, out=swa_dir, schedule="swa", swa_start=p.swa_start,
@@ -103,11 +134,10 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
         else:
             average([ckpt], running)
         shutil.copyfile(running, fixed)
-        # BatchNorm sees the images the run trained on: the subset less the held-out part.
-        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed, **model,
-               subset=(p.subset - p.holdout) if p.subset else None)
+        # BatchNorm sees the images the run trained on (data.train_images: holdout excluded).
+        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed, **model)
         r = evaluate(fixed, data_dir=data_dir, device=device, **model)
-        curve.append({"epoch": epoch, "accuracy": r["accuracy"], "loss": r["loss"]})
+        curve.append({"epoch": epoch, "accuracy": r.accuracy, "loss": r.loss})
         net, _, _, _ = build_from_checkpoint(ckpt, data_dir=data_dir, **model)
         probs, y = predict_test(net, p.data, data_dir, device, predict)
         labels = y
@@ -121,8 +151,7 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
               "swa_iterates": [{"epoch": r["epoch"], "accuracy": r.get("test_acc")} for r in swa_rows],
               "swa_curve": curve, "ensemble_curve": ens_curve,
               "val": {"sgd": sgd_rows[-1].get("val_acc"), "swa_iterate": swa_rows[-1].get("val_acc")}}
-    for f in BUDGETS:
-        e = round(f * p.budget)
+    for f, e in ends.items():
         if e < p.swa_start:
             continue
         result[f"swa_{f:g}"] = at[e]["accuracy"]
@@ -134,9 +163,6 @@ _TEST_CACHE: dict = {}
 
 
 def predict_test(net, data, data_dir, device, predict):
-    from ckptavg.bn import resolve_device
-    from ckptavg.data import get_dataset, make_loader
-
     dev = resolve_device(device)
     key = (data, data_dir)
     if key not in _TEST_CACHE:
@@ -145,53 +171,73 @@ def predict_test(net, data, data_dir, device, predict):
 
 
 def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int = 0,
-              data_dir: str | None = None, device: str = "auto", overrides: dict | None = None,
-              log=None) -> dict:
-    """Run the protocol for `seeds` seeds; write results.json, results.md and curves.png."""
-    from ckptavg.errors import CkptavgError
+              data_dir: str | None = None, device: str = options.DEVICE,
+              overrides: dict | None = None, log=None) -> ReplicateResult:
+    """Run the protocol for `seeds` seeds; write results.json, results.md and curves.png.
 
+    Args:
+        preset: a name in PRESETS or a Preset.
+        out: the folder for every run and the result files (runs already there resume).
+        overrides: Preset fields to replace (None values are ignored).
+        log: called with one progress line at a time.
+
+    Returns:
+        A ReplicateResult (what results.json holds).
+
+    Example:
+        >>> replicate("fashion-mnist", "results/fmnist", seeds=1).summary["swa_1.5"]["mean"]
+    """
     if isinstance(preset, str):
         if preset not in PRESETS:
-            import difflib
-
             close = difflib.get_close_matches(preset, PRESETS, n=2)
             hint = f"did you mean {', '.join(close)}? " if close else ""
             raise CkptavgError(f"unknown preset {preset!r}; {hint}known: {', '.join(PRESETS)}")
         name, p = preset, PRESETS[preset]
     else:
         name, p = "custom", preset
-    if overrides:
-        p = replace(p, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if overrides.get("model", p.model) != p.model and "model_kwargs" not in overrides:
+        overrides["model_kwargs"] = ()  # the preset's kwargs belong to the preset's model
+    p = replace(p, **overrides)
     if not 1 <= p.swa_start <= p.budget:
         raise CkptavgError(f"swa_start {p.swa_start} must be within the budget {p.budget}")
+    if seeds < 1:
+        raise CkptavgError(f"seeds {seeds}: run at least one (--seeds)")
+    ends = list(budget_epochs(p.budget).values())
+    if len(set(ends)) < len(ends):
+        raise CkptavgError(f"budget {p.budget}: the 1, 1.25 and 1.5 budget rows would end at "
+                           f"epochs {ends}, not three different epochs; use a budget of 4 or "
+                           "more (--budget)")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     per_seed = [run_seed(p, s, os.path.join(out, f"seed-{s}"), data_dir=data_dir, device=device,
                          log=log) for s in range(first_seed, first_seed + seeds)]
     rows = ["sgd"] + [f"swa_{f:g}" for f in BUDGETS] + [f"ensemble_{f:g}" for f in BUDGETS]
     summary = {r: _mean_std([s[r] for s in per_seed]) for r in rows if r in per_seed[0]}
-    result = {"preset": name, "config": {k: v for k, v in asdict(p).items() if k != "paper"},
-              "paper": p.paper, "seeds": [s["seed"] for s in per_seed], "summary": summary,
-              "per_seed": per_seed, "seconds": time.perf_counter() - t0,
-              "device": str(torch.cuda.get_device_name() if torch.cuda.is_available() and
-                            device != "cpu" else "cpu"),
-              "torch": torch.__version__}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    config = {k: v for k, v in asdict(p).items() if k != "paper"}
+    config["model_kwargs"] = dict(p.model_kwargs)
+    result = ReplicateResult(
+        name, config, p.paper, [s["seed"] for s in per_seed], summary, per_seed,
+        time.perf_counter() - t0,
+        torch.cuda.get_device_name() if resolve_device(device).type == "cuda" else "cpu",
+        torch.__version__, [os.path.join(out, "results.json"), os.path.join(out, "results.md")])
+    with atomic_text(result.files[0]) as f:
+        json.dump(result.to_dict(), f, indent=2)
+    with atomic_text(result.files[1]) as f:
         f.write(results_table(result))
     try:
         plot_curves(result, os.path.join(out, "curves.png"))
-        result["plot"] = os.path.join(out, "curves.png")
+        result.files.append(os.path.join(out, "curves.png"))
     except CkptavgError:  # matplotlib not installed: the table and JSON still stand
-        result["plot"] = None
+        pass
     return result
 
 
-def results_table(result: dict) -> str:
-    p = result["config"]
-    lines = [f"# {result['preset']}: test accuracy (%), mean ± std over seeds "
-             f"{result['seeds']}", "",
+def results_table(result: ReplicateResult) -> str:
+    """The Markdown table of results.md."""
+    p = result.config
+    lines = [f"# {result.preset}: test accuracy (%), mean ± std over seeds "
+             f"{result.seeds}", "",
              f"{p['model']} on {p['data']}, budget B = {p['budget']} epochs, lr {p['lr']}, "
              f"wd {p['wd']}, SWA from epoch {p['swa_start']} at lr {p['swa_lr']}"
              + (f", first {p['subset']} training images ({p['holdout']} held out)"
@@ -200,26 +246,24 @@ def results_table(result: dict) -> str:
     names = {"sgd": "SGD (B)", "swa_1": "SWA 1 budget", "swa_1.25": "SWA 1.25 budgets",
              "swa_1.5": "SWA 1.5 budgets", "ensemble_1": "ensemble of SWA snapshots, 1 budget",
              "ensemble_1.25": "ensemble, 1.25 budgets", "ensemble_1.5": "ensemble, 1.5 budgets"}
-    paper = result.get("paper") or {}
-    for key, s in result["summary"].items():
+    paper = result.paper or {}
+    for key, s in result.summary.items():
         ref = f"{paper[key]:.2f}" if key in paper else "-"
         lines.append(f"| {names.get(key, key)} | {s['mean']:.2f} ± {s['std']:.2f} | {ref} |")
-    lines += ["", "Per seed:", "", "| seed | " + " | ".join(result["summary"]) + " |",
-              "|---|" + "---|" * len(result["summary"])]
-    for s in result["per_seed"]:
-        lines.append(f"| {s['seed']} | " + " | ".join(f"{s[k]:.2f}" for k in result["summary"]) + " |")
+    lines += ["", "Per seed:", "", "| seed | " + " | ".join(result.summary) + " |",
+              "|---|" + "---|" * len(result.summary)]
+    for s in result.per_seed:
+        lines.append(f"| {s['seed']} | " + " | ".join(f"{s[k]:.2f}" for k in result.summary) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(result: dict, path: str) -> None:
+def plot_curves(result: ReplicateResult, path: str) -> None:
     """Test error per epoch: SGD, the SWA run's iterates, the running SWA average (mean of seeds)."""
-    from ckptavg.experiments.plots import pyplot
-
     plt = pyplot()
 
     def mean_curve(key):
         by_epoch: dict[int, list] = {}
-        for s in result["per_seed"]:
+        for s in result.per_seed:
             for r in s[key]:
                 if r["accuracy"] is not None:
                     by_epoch.setdefault(r["epoch"], []).append(100 - r["accuracy"])
@@ -233,16 +277,16 @@ def plot_curves(result: dict, path: str) -> None:
                               ("ensemble_curve", "ensemble of the same snapshots", ":")):
         es, errs = mean_curve(key)
         ax.plot(es, errs, style, label=label)
-    b = result["config"]["budget"]
-    for f in BUDGETS:
-        ax.axvline(round(f * b), color="grey", lw=0.5)
+    for e in budget_epochs(result.config["budget"]).values():
+        ax.axvline(e, color="grey", lw=0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     lo = min(min(mean_curve(k)[1]) for k in ("sgd_curve", "swa_curve"))
     ax.set_ylim(lo - 1, lo + 12)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"{result['preset']}: mean over seeds {result['seeds']}")
+    ax.set_title(f"{result.preset}: mean over seeds {result.seeds}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with AtomicFile(path) as out:
+        fig.savefig(out.file, dpi=120, format="png")
     plt.close(fig)

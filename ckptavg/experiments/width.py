@@ -11,9 +11,21 @@ from __future__ import annotations
 import csv
 import math
 import os
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
+
+from ckptavg import options
+from ckptavg.bn import recalibrate
+from ckptavg.data import get_dataset, make_loader
+from ckptavg.device import resolve_device
+from ckptavg.errors import CkptavgError
+from ckptavg.evaluation import predict, scores
+from ckptavg.io.writer import AtomicFile, atomic_text
+from ckptavg.modelio import build_from_checkpoint
+from ckptavg.results import Result
 
 
 def _direction(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -23,29 +35,58 @@ def _direction(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return {n: v / norm for n, v in d.items()}
 
 
+@dataclass
+class WidthSummary(Result):
+    label: str
+    centre_test_error: float
+    median_test_error_at_max: float  # median over rays at the largest distance
+
+
+@dataclass
+class WidthResult(Result):
+    """Every measured point, one summary line per solution, and the files written."""
+
+    labels: list[str]
+    max_distance: float
+    rows: list[dict]  # {solution, ray, distance, test_error, train_loss}
+    summary: list[WidthSummary]
+    csv: str | None
+    plot: str | None
+    seconds: float
+
+
 def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = None,
           download: bool = False, model: str | None = None, model_kwargs: dict | None = None,
           labels: tuple[str, str] | None = None, rays: int = 10,
           points: int = 21, max_distance: float = 10.0, bn_fix: bool = True,
           train_subset: int | None = 5000, test_subset: int | None = None,
-          batch_size: int = 256, seed: int = 0, device: str = "auto",
-          csv_path: str | None = None, plot_path: str | None = None, progress=None) -> dict:
+          batch_size: int = options.EVAL_BATCH_SIZE, seed: int = options.SEED,
+          device: str = options.DEVICE, csv_path: str | None = None,
+          plot_path: str | None = None, progress=None) -> WidthResult:
     """Test error and train loss of two solutions along the same random rays.
 
-    Returns:
-        {"rows": [{solution, ray, distance, test_error, train_loss}, ...], "csv", "plot"}.
-    """
-    from ckptavg.bn import recalibrate, resolve_device
-    from ckptavg.data import get_dataset, make_loader
-    from ckptavg.errors import CkptavgError
-    from ckptavg.evaluation import predict, scores
-    from ckptavg.modelio import build_from_checkpoint
+    Args:
+        a, b: the two checkpoints (e.g. the SGD and SWA solutions).
+        rays, points, max_distance: `points` evenly spaced distances in [0, max_distance]
+            along each of `rays` random unit directions (the same directions for both).
+        bn_fix: recalibrate BatchNorm at every point on `train_subset` training images.
+        csv_path, plot_path: where to write every number and the plot (atomically).
 
+    Returns:
+        A WidthResult; `summary` has each solution's test error at the centre and the
+        median over rays at `max_distance`.
+
+    Example:
+        >>> width("sgd.safetensors", "swa.safetensors", rays=5).summary
+    """
     if rays < 1 or points < 2 or max_distance <= 0:
-        raise CkptavgError("--rays >= 1, --points >= 2 and --max-distance > 0 are needed")
+        raise CkptavgError("width needs rays >= 1, points >= 2 and max_distance > 0 "
+                           "(--rays, --points, --max-distance)")
+    if labels is not None and len(labels) != 2:
+        raise CkptavgError(f"labels {labels!r}: give two names, e.g. SGD,SWA (--labels)")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    labels = labels or (os.path.basename(a), os.path.basename(b))
+    labels = tuple(labels or (os.path.basename(a), os.path.basename(b)))
     nets = []
     for path in (a, b):
         net, _, _, name = build_from_checkpoint(path, model, model_kwargs, data, data_dir)
@@ -58,7 +99,6 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
     distances = [max_distance * i / (points - 1) for i in range(points)]
     bases = [{n: p.detach().clone() for n, p in net.named_parameters()} for net in nets]
     total = rays * points * 2
-    done = 0
     rows: list[dict] = []
     at_zero: dict[int, tuple[float, float]] = {}
 
@@ -72,30 +112,34 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
     for r in range(rays):
         d = _direction(nets[0], seed * 100_003 + r)
         for s, (net, base) in enumerate(zip(nets, bases)):
-            for t in distances:
-                if t == 0 and s in at_zero:
+            for i, t in enumerate(distances):
+                if i == 0 and s in at_zero:
                     err, loss = at_zero[s]  # the centre is the same on every ray
                 else:
                     with torch.no_grad():
                         for n, p in net.named_parameters():
                             p.copy_(base[n] + t * d[n].to(p.device))
                     err, loss = measure(net)
-                    if t == 0:
+                    if i == 0:
                         at_zero[s] = (err, loss)
                 rows.append({"solution": labels[s], "ray": r, "distance": t,
                              "test_error": err, "train_loss": loss})
-                done += 1
                 if progress:
-                    progress(done, total)
+                    progress(len(rows), total)
+    summary = [WidthSummary(label, at_zero[s][0],
+                            statistics.median(row["test_error"] for row in rows
+                                              if row["solution"] == label
+                                              and row["distance"] == distances[-1]))
+               for s, label in enumerate(labels)]
     if csv_path:
-        with open(csv_path, "w", newline="") as f:
+        with atomic_text(csv_path) as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
     if plot_path:
         plot_width(rows, plot_path, title=f"{data}: {labels[0]} vs {labels[1]}")
-    return {"rows": rows, "csv": csv_path, "plot": plot_path, "labels": list(labels),
-            "seconds": time.perf_counter() - t0}
+    return WidthResult(list(labels), max_distance, rows, summary, csv_path, plot_path,
+                       time.perf_counter() - t0)
 
 
 def plot_width(rows: list[dict], path: str, title: str = "") -> None:
@@ -122,5 +166,6 @@ def plot_width(rows: list[dict], path: str, title: str = "") -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with AtomicFile(path) as out:
+        fig.savefig(out.file, dpi=120, format="png")
     plt.close(fig)

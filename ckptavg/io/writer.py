@@ -198,6 +198,18 @@ class AtomicFile(Atomic):
             self.file.close()
 
 
+
+@contextlib.contextmanager
+def atomic_text(path: str) -> Iterator:
+    """A text file written beside `path` and renamed over it when the block ends cleanly."""
+    import io
+
+    with AtomicFile(path) as out:
+        text = io.TextIOWrapper(out.file, encoding="utf-8", newline="")
+        yield text
+        text.flush()
+        text.detach()
+
 class Writer(Atomic):
     """Base of the writers: a context manager that commits on success, aborts on error,
     and turns a failing disk into one OutputError naming the output."""

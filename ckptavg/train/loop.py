@@ -5,14 +5,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
+from ckptavg import options
+from ckptavg.checkpoint import save
+from ckptavg.data import get_dataset, make_loader
+from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
+from ckptavg.evaluation import predict, scores
+from ckptavg.io.pt import load_torch_file
+from ckptavg.io.writer import AtomicFile
+from ckptavg.modelio import build_model
+from ckptavg.options import SaveWhat, Schedule
+from ckptavg.results import Result
 from ckptavg.train.saver import CheckpointSaver, cpu_state
 from ckptavg.train.schedules import cyclic_lr, epoch_lr
 
@@ -25,22 +36,22 @@ class TrainConfig:
     data: str
     epochs: int
     out: str
-    schedule: str = "swa"
+    schedule: Schedule = "swa"
     lr: float = 0.05
     swa_start: int | None = None
     swa_lr: float | None = None
     wd: float = 5e-4
     momentum: float = 0.9
-    batch_size: int = 128
-    seed: int = 0
+    batch_size: int = options.TRAIN_BATCH_SIZE
+    seed: int = options.SEED
     cycle: int | None = None
-    save: str = "epoch"
+    save: SaveWhat = "epoch"
     subset: int | None = None
     holdout: int = 0
     eval_every: int = 1
     model_kwargs: dict = field(default_factory=dict)
     data_dir: str | None = None
-    workers: int = 0
+    workers: int = options.WORKERS
     amp: bool = False
     swa_in_loop: bool = False
 
@@ -71,207 +82,293 @@ class TrainConfig:
         return done > 0 and done % self.cycle == 0
 
 
+# Settings that may change between the calls of one resumed run: where files are, how fast
+# they are read and how often the test set is scored. Every other setting defines the run.
+RESUMABLE_CHANGES = ("out", "data_dir", "workers", "eval_every")
+
+
+@dataclass
+class TrainResult(Result):
+    """What one `train` call did: the epochs it ran and the files it wrote."""
+
+    out: str
+    start_epoch: int
+    epochs_run: int
+    checkpoints: list[str]
+    last: dict | None  # the metrics row of the last epoch run (see metrics.jsonl)
+    swa_inloop: str | None
+    epoch_seconds: float
+    save_blocking_seconds: float
+    save_overhead: float  # blocking save time / training time
+
+
 Callback = Callable[[dict], None]
 
 
-def _seed_all(seed: int) -> None:
-    import random
+@dataclass
+class _Loaders:
+    train: torch.utils.data.DataLoader
+    test: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader | None
+    train_images: int  # the first N training images are trained on (holdout excluded)
 
+
+@dataclass
+class _State:
+    """What carries from one epoch to the next (and through last.pt to a resumed call)."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    epoch: int = 0
+    swa_state: dict | None = None
+    swa_n: int = 0
+
+
+def _seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     # Reseeding at every epoch makes a resumed run draw the same batches and
-    # augmentations as an uninterrupted one.
+    # augmentations as an uninterrupted one (so no generator state is saved).
     return seed * 1_000_003 + epoch
 
 
-@torch.no_grad()
-def _evaluate(model, loader, device) -> tuple[float, float]:
-    from ckptavg.evaluation import predict, scores
-
-    s = scores(*predict(model, loader, device))
-    return s["loss"], s["accuracy"]
-
-
-def train(config: TrainConfig, *, device: str = "auto", resume: bool = False,
+def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = False,
           download: bool = False, stop_after: int | None = None,
           on_batch: Callable[[int, int], None] | None = None,
-          on_epoch: Callback | None = None) -> dict:
+          on_epoch: Callback | None = None) -> TrainResult:
     """Train a model with the SGD or SWA schedule, saving a checkpoint per epoch.
 
     Args:
         config: the run (model, data, epochs, schedule, ...).
-        resume: continue from `out/last.pt` when it exists.
+        resume: continue from `out/last.pt`; every setting but those in RESUMABLE_CHANGES
+            must be the same as when the run started. Without it, `out` must be empty or new.
         stop_after: train at most this many epochs in this call (then resume later).
         on_batch, on_epoch: progress callbacks (batch index, total) and epoch metrics.
 
     Returns:
-        A summary: epochs run, final metrics, checkpoint paths, seconds, saving overhead.
-    """
-    from ckptavg.bn import resolve_device
-    from ckptavg.data import get_dataset, make_loader
-    from ckptavg.modelio import build_model
+        A TrainResult.
 
+    Example:
+        >>> train(TrainConfig(model="convnet_bn", data="fashion-mnist", epochs=20, out="runs/a",
+        ...                   swa_start=16, swa_lr=0.05)).checkpoints
+    """
     config.check()
     dev = resolve_device(device)
     if config.amp and dev.type != "cuda":
-        raise CkptavgError("--amp needs a CUDA device; drop it or use --device cuda")
-    os.makedirs(config.out, exist_ok=True)
+        raise CkptavgError("amp needs a CUDA device; drop it (--amp) or use device cuda")
     last_path = os.path.join(config.out, "last.pt")
-    state = None
-    if resume and os.path.exists(last_path):
-        from ckptavg.io.pt import load_torch_file
-
-        state = load_torch_file(last_path)
-        saved = state.get("config", {})
-        for k in ("model", "data", "schedule", "lr", "swa_start", "swa_lr", "seed", "cycle"):
-            if saved.get(k) != getattr(config, k):
-                raise CkptavgError(f"{last_path}: --resume with {k}={getattr(config, k)!r} but the "
-                                   f"run was started with {saved.get(k)!r}; use the same options")
-
+    saved = _resume_state(config, last_path, resume)
+    os.makedirs(config.out, exist_ok=True)
     _seed_all(config.seed)
-    train_set = get_dataset(config.data, "train", config.data_dir, augment=True, download=download)
-    test_set = get_dataset(config.data, "test", config.data_dir, augment=False, download=download)
-    n_train = len(train_set) if config.subset is None else min(config.subset, len(train_set))
-    val_loader = None
-    if config.holdout:
-        if config.holdout >= n_train:
-            raise CkptavgError(f"--holdout {config.holdout}: must be less than the {n_train} training images")
-        plain = get_dataset(config.data, "train", config.data_dir, augment=False)
-        idx = range(n_train - config.holdout, n_train)
-        val_loader = make_loader(torch.utils.data.Subset(plain, idx), 512, device=str(dev))
-        n_train -= config.holdout
-    train_subset = torch.utils.data.Subset(train_set, range(n_train))
-    generator_seed = _epoch_seed(config.seed, 0)
-    train_loader = make_loader(train_subset, config.batch_size, shuffle=True,
-                               workers=config.workers, seed=generator_seed, device=str(dev))
-    test_loader = make_loader(test_set, 512, device=str(dev))
-
+    loaders = _make_loaders(config, dev, download)
     net, model_kwargs = build_model(config.model, config.model_kwargs, config.data, config.data_dir)
     net.to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.wd)
-    scaler = torch.amp.GradScaler("cuda") if config.amp else None
-    start = 0
-    swa_state, swa_n = None, 0
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["epoch"])
-        swa_state, swa_n = state.get("swa_state"), int(state.get("swa_n", 0))
-
+    st = _State(net, opt, torch.amp.GradScaler("cuda") if config.amp else None)
+    if saved is not None:
+        _restore(st, saved)
     saver = CheckpointSaver(config.out, model_arch=config.model, model_kwargs=model_kwargs,
-                            data_name=config.data, extra_metadata={"train.schedule": config.schedule})
-    iters = len(train_loader)
-    summary: dict = {"out": config.out, "checkpoints": [], "epochs_run": 0, "start_epoch": start}
-    epoch_seconds, save_seconds = [], []
-    metrics_path = os.path.join(config.out, "metrics.jsonl")
-    end = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
-    try:
-        for epoch in range(start, end):
+                            data_name=config.data,
+                            extra_metadata={"train.schedule": config.schedule,
+                                            "data.train_images": loaders.train_images})
+    result = TrainResult(config.out, st.epoch, 0, [], None, None, 0.0, 0.0, 0.0)
+    end = config.epochs if stop_after is None else min(config.epochs, st.epoch + stop_after)
+    with saver:
+        for epoch in range(st.epoch, end):
             t0 = time.perf_counter()
-            _seed_all(_epoch_seed(config.seed, epoch))
-            train_loader.generator.manual_seed(_epoch_seed(config.seed, epoch))
-            cyclic = config.cycle is not None and epoch >= config.swa_start
-            lr = epoch_lr(epoch, schedule=config.schedule, lr_init=config.lr, epochs=config.epochs,
-                          swa_start=config.swa_start, swa_lr=config.swa_lr)
-            net.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for b, (x, y) in enumerate(train_loader):
-                if cyclic:
-                    i = (epoch - config.swa_start) * iters + b + 1
-                    lr = cyclic_lr(i, config.cycle * iters, config.lr, config.swa_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=config.amp):
-                    out = net(x)
-                    loss = F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                if not math.isfinite(loss.item()):
-                    raise CkptavgError(f"epoch {epoch + 1}: the training loss is {loss.item()}; "
-                                       "lower --lr")
-                loss_sum += loss.item() * y.shape[0]
-                correct += (out.argmax(1) == y).sum().item()
-                seen += y.shape[0]
-                if on_batch:
-                    on_batch(b + 1, iters)
-            completed = epoch + 1
+            lr, loss, acc = _train_epoch(config, st, loaders.train, epoch, dev, on_batch)
             train_time = time.perf_counter() - t0
-            phase = "swa" if config.schedule == "swa" and completed >= config.swa_start else "sgd"
-            cycle_end = config.is_cycle_end(completed)
-            t_copy = time.perf_counter()
-            weights = cpu_state(net)  # one host copy per epoch, for the in-loop SWA and last.pt
-            copy_time = time.perf_counter() - t_copy
-            if config.swa_in_loop and cycle_end:
-                # The paper's running mean, kept in float32 like the authors' code.
-                if swa_state is None:
-                    swa_state = {k: v.clone() for k, v in weights.items()}
-                else:
-                    for k, v in weights.items():
-                        if v.is_floating_point():
-                            swa_state[k].mul_(swa_n / (swa_n + 1)).add_(v / (swa_n + 1))
-                        else:
-                            swa_state[k].copy_(v)
-                swa_n += 1
-            t_save = time.perf_counter()
-            if config.save == "epoch" or (config.save == "cycle-end" and cycle_end):
-                path = saver.save(net, epoch=completed, step=completed * iters, lr=lr, phase=phase,
-                                  cycle_end=cycle_end, seed=config.seed)
-                summary["checkpoints"].append(path)
-            resume_state = {"model": weights, "optimizer": opt.state_dict(),
-                            "scaler": scaler.state_dict() if scaler else None,
-                            "epoch": completed, "config": asdict(config),
-                            "swa_state": swa_state, "swa_n": swa_n,
-                            "rng": torch.get_rng_state(),
-                            "metadata": {**saver.base_meta, "train.epoch": str(completed),
-                                         "train.phase": phase}}
-            saver.submit(lambda s=resume_state: _save_resume(s, last_path))
-            save_time = copy_time + time.perf_counter() - t_save
-            row = {"epoch": completed, "lr": lr, "phase": phase, "train_loss": loss_sum / seen,
-                   "train_acc": correct / seen * 100, "seconds": train_time,
-                   "save_seconds": save_time}
-            if val_loader is not None:
-                row["val_loss"], row["val_acc"] = _evaluate(net, val_loader, dev)
-            if config.eval_every and (completed % config.eval_every == 0 or completed == config.epochs):
-                row["test_loss"], row["test_acc"] = _evaluate(net, test_loader, dev)
-            with open(metrics_path, "a") as f:
+            row, path, save_time = _end_epoch(config, st, saver, loaders, lr, dev, last_path)
+            row.update(train_loss=loss, train_acc=acc, seconds=train_time, save_seconds=save_time)
+            with open(os.path.join(config.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-            epoch_seconds.append(train_time)
-            save_seconds.append(save_time)
-            summary["epochs_run"] += 1
-            summary["last"] = row
+            if path:
+                result.checkpoints.append(path)
+            result.epochs_run += 1
+            result.epoch_seconds += train_time
+            result.save_blocking_seconds += save_time
+            result.last = row
             if on_epoch:
                 on_epoch(row)
         saver.flush()
-        if config.swa_in_loop and swa_state is not None:
-            from ckptavg.checkpoint import save
+        if config.swa_in_loop and st.swa_state is not None:
+            result.swa_inloop = os.path.join(config.out, "swa-inloop.safetensors")
+            save(st.swa_state, result.swa_inloop,
+                 {**saver.base_meta, "average.n": str(st.swa_n), "average.method": "uniform",
+                  "bn.stale": "true"})
+    if result.epoch_seconds:
+        result.save_overhead = result.save_blocking_seconds / result.epoch_seconds
+    return result
 
-            path = os.path.join(config.out, "swa-inloop.safetensors")
-            save(swa_state, path, {**saver.base_meta, "average.n": str(swa_n),
-                                   "average.method": "uniform", "bn.stale": "true"})
-            summary["swa_inloop"] = path
-    finally:
-        saver.close()
-    summary["epoch_seconds"] = sum(epoch_seconds)
-    summary["save_blocking_seconds"] = sum(save_seconds)
-    summary["save_overhead"] = (sum(save_seconds) / sum(epoch_seconds)) if epoch_seconds else 0.0
-    return summary
+
+def _resume_state(config: TrainConfig, last_path: str, resume: bool) -> dict | None:
+    """last.pt's contents when resuming (checked against `config`), else None; refuses to
+    train over a folder that holds anything without `resume`."""
+    if os.path.isdir(config.out) and os.listdir(config.out):
+        if not resume:
+            raise CkptavgError(f"{config.out}: the run folder is not empty; continue that run "
+                               "with resume (--resume) or train into a new folder")
+        if not os.path.exists(last_path):
+            raise CkptavgError(f"{config.out}: no last.pt to resume from in a non-empty folder; "
+                               "train into a new folder")
+    elif os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise CkptavgError(f"{config.out}: exists and is not a folder; choose a run folder")
+    if not resume or not os.path.exists(last_path):
+        return None
+    state = load_torch_file(last_path)
+    saved = state.get("config", {})
+    for f in fields(TrainConfig):
+        if f.name in RESUMABLE_CHANGES:
+            continue
+        default = f.default
+        if default is MISSING:
+            default = None if f.default_factory is MISSING else f.default_factory()
+        now, then = getattr(config, f.name), saved.get(f.name, default)
+        if now != then:
+            raise CkptavgError(f"{last_path}: resuming with {f.name}={now!r} but the run was "
+                               f"started with {then!r}; resume with the same settings or "
+                               "train into a new folder")
+    return state
+
+
+def _make_loaders(config: TrainConfig, dev: torch.device, download: bool) -> _Loaders:
+    train_set = get_dataset(config.data, "train", config.data_dir, augment=True, download=download)
+    test_set = get_dataset(config.data, "test", config.data_dir, augment=False, download=download)
+    n_train = len(train_set) if config.subset is None else min(config.subset, len(train_set))
+    val = None
+    if config.holdout:
+        if config.holdout >= n_train:
+            raise CkptavgError(f"holdout {config.holdout}: must be less than the {n_train} "
+                               "training images (--holdout)")
+        plain = get_dataset(config.data, "train", config.data_dir, augment=False)
+        idx = range(n_train - config.holdout, n_train)
+        val = make_loader(torch.utils.data.Subset(plain, idx), 512, device=str(dev))
+        n_train -= config.holdout
+    train = make_loader(torch.utils.data.Subset(train_set, range(n_train)), config.batch_size,
+                        shuffle=True, workers=config.workers, seed=_epoch_seed(config.seed, 0),
+                        device=str(dev))
+    return _Loaders(train, make_loader(test_set, 512, device=str(dev)), val, n_train)
+
+
+def _restore(st: _State, saved: dict) -> None:
+    st.net.load_state_dict(saved["model"])
+    st.opt.load_state_dict(saved["optimizer"])
+    if st.scaler is not None and saved.get("scaler"):
+        st.scaler.load_state_dict(saved["scaler"])
+    st.epoch = int(saved["epoch"])
+    st.swa_state, st.swa_n = saved.get("swa_state"), int(saved.get("swa_n", 0))
+
+
+def _train_epoch(config: TrainConfig, st: _State, loader, epoch: int, dev: torch.device,
+                 on_batch) -> tuple[float, float, float]:
+    """One pass over the training data; returns (last lr, mean loss, accuracy %)."""
+    _seed_all(_epoch_seed(config.seed, epoch))
+    loader.generator.manual_seed(_epoch_seed(config.seed, epoch))
+    iters = len(loader)
+    cyclic = config.cycle is not None and epoch >= config.swa_start
+    lr = epoch_lr(epoch, schedule=config.schedule, lr_init=config.lr, epochs=config.epochs,
+                  swa_start=config.swa_start, swa_lr=config.swa_lr)
+    st.net.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for b, (x, y) in enumerate(loader):
+        if cyclic:
+            i = (epoch - config.swa_start) * iters + b + 1
+            lr = cyclic_lr(i, config.cycle * iters, config.lr, config.swa_lr)
+        for g in st.opt.param_groups:
+            g["lr"] = lr
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=config.amp):
+            out = st.net(x)
+            loss = F.cross_entropy(out, y)
+        st.opt.zero_grad(set_to_none=True)
+        if st.scaler is not None:
+            st.scaler.scale(loss).backward()
+            st.scaler.step(st.opt)
+            st.scaler.update()
+        else:
+            loss.backward()
+            st.opt.step()
+        if not math.isfinite(loss.item()):
+            raise CkptavgError(f"epoch {epoch + 1}: the training loss is {loss.item()}; "
+                               "lower the learning rate (--lr)")
+        loss_sum += loss.item() * y.shape[0]
+        correct += (out.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+        if on_batch:
+            on_batch(b + 1, iters)
+    return lr, loss_sum / seen, correct / seen * 100
+
+
+def _end_epoch(config: TrainConfig, st: _State, saver: CheckpointSaver, loaders: _Loaders,
+               lr: float, dev: torch.device, last_path: str) -> tuple[dict, str | None, float]:
+    """Fold the in-loop SWA average, queue the checkpoint and last.pt, score the epoch.
+
+    Returns (metrics row, checkpoint path or None, seconds the caller waited for saving)."""
+    st.epoch += 1
+    completed = st.epoch
+    phase = "swa" if config.schedule == "swa" and completed >= config.swa_start else "sgd"
+    cycle_end = config.is_cycle_end(completed)
+    t0 = time.perf_counter()
+    weights = cpu_state(st.net)  # the one host copy per epoch: checkpoint, SWA and last.pt
+    if config.swa_in_loop and cycle_end:
+        _fold_swa(st, weights)
+    path = None
+    if config.save == "epoch" or (config.save == "cycle-end" and cycle_end):
+        path = saver.save_state(weights, epoch=completed, step=completed * len(loaders.train),
+                                lr=lr, phase=phase, cycle_end=cycle_end, seed=config.seed)
+    # Everything handed to the writer thread is a copy: training goes on mutating the live
+    # optimizer buffers and the in-loop average while last.pt is written.
+    resume_state = {"model": weights, "optimizer": _host_copy(st.opt.state_dict()),
+                    "scaler": st.scaler.state_dict() if st.scaler else None,
+                    "epoch": completed, "config": asdict(config),
+                    "swa_state": _host_copy(st.swa_state), "swa_n": st.swa_n,
+                    "metadata": {**saver.base_meta, "train.epoch": str(completed),
+                                 "train.phase": phase}}
+    saver.submit(lambda: _save_resume(resume_state, last_path))
+    save_time = time.perf_counter() - t0
+    row = {"epoch": completed, "lr": lr, "phase": phase}
+    if loaders.val is not None:
+        row["val_loss"], row["val_acc"] = _evaluate(st.net, loaders.val, dev)
+    if config.eval_every and (completed % config.eval_every == 0 or completed == config.epochs):
+        row["test_loss"], row["test_acc"] = _evaluate(st.net, loaders.test, dev)
+    return row, path, save_time
+
+
+def _fold_swa(st: _State, weights: dict[str, torch.Tensor]) -> None:
+    """The paper's running mean, kept in float32 like the authors' code."""
+    if st.swa_state is None:
+        st.swa_state = {k: v.clone() for k, v in weights.items()}
+    else:
+        for k, v in weights.items():
+            if v.is_floating_point():
+                st.swa_state[k].mul_(st.swa_n / (st.swa_n + 1)).add_(v / (st.swa_n + 1))
+            else:
+                st.swa_state[k].copy_(v)
+    st.swa_n += 1
+
+
+def _host_copy(obj):
+    """A deep copy of nested dicts/lists with every tensor cloned to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+@torch.no_grad()
+def _evaluate(model, loader, device) -> tuple[float, float]:
+    s = scores(*predict(model, loader, device))
+    return s["loss"], s["accuracy"]
 
 
 def _save_resume(state: dict, path: str) -> None:
-    from ckptavg.io.writer import AtomicFile
-
     with AtomicFile(path) as out:
         torch.save(state, out.file)

@@ -20,6 +20,7 @@ import time
 import torch
 
 from ckptavg import __version__
+from ckptavg.checkpoint import save
 from ckptavg.io.base import tensor_identity
 
 
@@ -76,7 +77,19 @@ class CheckpointSaver:
     def save(self, model, *, epoch: int, step: int | None = None, lr: float | None = None,
              phase: str = "sgd", cycle_end: bool = False, seed: int | None = None,
              metadata: dict | None = None) -> str:
-        """Queue the weights after `epoch` completed epochs; returns the path written."""
+        """Queue the weights after `epoch` completed epochs; returns the path written.
+
+        Only the device-to-host copy of the weights happens on the caller's time."""
+        t0 = time.perf_counter()
+        state = cpu_state(model)
+        self.blocking_seconds += time.perf_counter() - t0
+        return self.save_state(state, epoch=epoch, step=step, lr=lr, phase=phase,
+                               cycle_end=cycle_end, seed=seed, metadata=metadata)
+
+    def save_state(self, state: dict[str, torch.Tensor], *, epoch: int, step: int | None = None,
+                   lr: float | None = None, phase: str = "sgd", cycle_end: bool = False,
+                   seed: int | None = None, metadata: dict | None = None) -> str:
+        """`save` for a host copy the caller made (from `cpu_state`) and will not change."""
         t0 = time.perf_counter()
         self._raise()
         meta = {**self.base_meta, "train.epoch": str(epoch), "train.phase": phase,
@@ -89,7 +102,6 @@ class CheckpointSaver:
             meta["train.seed"] = str(seed)
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
         path = self.path_for(epoch)
-        state = cpu_state(model)  # the only part on the caller's time: a device-to-host copy
         self.submit(lambda: _write_weights(state, path, meta))
         self.blocking_seconds += time.perf_counter() - t0
         return path
@@ -140,6 +152,4 @@ class CheckpointSaver:
 
 
 def _write_weights(state: dict, path: str, meta: dict) -> None:
-    from ckptavg.checkpoint import save
-
     save(state, path, meta)

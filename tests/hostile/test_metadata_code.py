@@ -50,10 +50,10 @@ def test_the_refusal_says_how_to_trust_it_and_that_works(tmp_path):
     with pytest.raises(CkptavgError, match="--model tests.fakedata:tiny_bn"):
         ckptavg.evaluate(p, data_dir=str(tmp_path / "data"))
     r = ckptavg.evaluate(p, data_dir=str(tmp_path / "data"), model="tests.fakedata:tiny_bn")
-    assert r["samples"] == 32
+    assert r.samples == 32
 
 
 def test_registry_and_zoo_names_from_metadata_are_built(tmp_path):
     write_mnist(str(tmp_path / "data"))
     p = evil(tmp_path, {"model.arch": "tiny_bn", "data.name": "fashion-mnist"})
-    assert ckptavg.evaluate(p, data_dir=str(tmp_path / "data"))["samples"] == 32
+    assert ckptavg.evaluate(p, data_dir=str(tmp_path / "data")).samples == 32

@@ -1,0 +1,26 @@
+"""Which torch device a command runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from ckptavg.errors import CkptavgError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` is the first CUDA GPU when there is one, else the CPU.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CkptavgError(f"device {device!r}: no CUDA GPU is available here; use cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CkptavgError(f"device {device!r}: use auto, cpu or cuda[:N]") from None
