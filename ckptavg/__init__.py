@@ -8,9 +8,13 @@ their modules on first use.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# name -> module; each loads (and imports torch) on first use. Training lives in
+# `ckptavg.train` (train, TrainConfig, TrainResult, CheckpointSaver): a subpackage and a
+# function cannot share the name `ckptavg.train`.
 _API = {
     "average": "ckptavg.averaging",
     "AverageResult": "ckptavg.averaging",
@@ -18,16 +22,66 @@ _API = {
     "load": "ckptavg.checkpoint",
     "save": "ckptavg.checkpoint",
     "inspect": "ckptavg.checkpoint",
+    "InspectResult": "ckptavg.checkpoint",
     "open_checkpoint": "ckptavg.io",
     "bn_fix": "ckptavg.bn",
+    "BnFixResult": "ckptavg.bn",
+    "recalibrate": "ckptavg.bn",
     "evaluate": "ckptavg.evaluation",
+    "EvalResult": "ckptavg.evaluation",
+    "ensemble": "ckptavg.experiments.ensemble",
+    "EnsembleResult": "ckptavg.experiments.ensemble",
+    "width": "ckptavg.experiments.width",
+    "WidthResult": "ckptavg.experiments.width",
+    "replicate": "ckptavg.experiments.replicate",
+    "ReplicateResult": "ckptavg.experiments.replicate",
+    "run_demo": "ckptavg.demo",
     "create_model": "ckptavg.models",
     "list_models": "ckptavg.models",
     "register_model": "ckptavg.models",
     "CkptavgError": "ckptavg.errors",
 }
 
-__all__ = sorted(_API) + ["__version__"]
+if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
+    from ckptavg.averaging import AverageResult, average, method_weights
+    from ckptavg.bn import BnFixResult, bn_fix, recalibrate
+    from ckptavg.checkpoint import InspectResult, inspect, load, save
+    from ckptavg.demo import run_demo
+    from ckptavg.errors import CkptavgError
+    from ckptavg.evaluation import EvalResult, evaluate
+    from ckptavg.experiments.ensemble import EnsembleResult, ensemble
+    from ckptavg.experiments.replicate import ReplicateResult, replicate
+    from ckptavg.experiments.width import WidthResult, width
+    from ckptavg.io import open_checkpoint
+    from ckptavg.models import create_model, list_models, register_model
+
+__all__ = [
+    "AverageResult",
+    "BnFixResult",
+    "CkptavgError",
+    "EnsembleResult",
+    "EvalResult",
+    "InspectResult",
+    "ReplicateResult",
+    "WidthResult",
+    "average",
+    "bn_fix",
+    "create_model",
+    "ensemble",
+    "evaluate",
+    "inspect",
+    "list_models",
+    "load",
+    "method_weights",
+    "open_checkpoint",
+    "recalibrate",
+    "register_model",
+    "replicate",
+    "run_demo",
+    "save",
+    "width",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -44,6 +44,16 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
          metadata: dict[str, str] | None = None, shard_size: int | None = None) -> None:
     """Write a state dict atomically; the suffix picks the format (.safetensors, .pt, folder).
 
+    Args:
+        state_dict: name -> tensor (other values are skipped); tied tensors stay tied.
+        path: `.safetensors`, a torch suffix (`.pt .pth .bin .ckpt`) or a folder (sharded
+            safetensors, with `shard_size`).
+        metadata: str -> str entries (the metadata contract in docs/formats.md).
+        shard_size: the largest shard in bytes, for a folder output.
+
+    Returns:
+        None; the file appears complete or not at all.
+
     Example:
         >>> ckptavg.save(model.state_dict(), "epoch-0001.safetensors", {"train.epoch": "1"})
     """

@@ -24,9 +24,11 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 
 class UserError(click.ClickException):
-    """A CkptavgError on its way out: one line on stderr, exit 1."""
+    """A CkptavgError on its way out: one line on stderr, its exit code (1)."""
 
-    exit_code = 1
+    def __init__(self, error: CkptavgError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
 
     def show(self, file=None) -> None:
         click.echo(f"ckptavg: error: {self.message}", err=True)
@@ -37,7 +39,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except CkptavgError as e:
-            raise UserError(str(e)) from None
+            raise UserError(e) from None
         except EOFError as e:  # Click would report it as "Aborted!": it is a bug, show it
             raise RuntimeError("unexpected end of input") from e
 
@@ -154,10 +156,9 @@ def _two_names(ctx, param, value: str | None) -> tuple[str, str] | None:
     return names
 
 
-output_options = group(
-    click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."),
-)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+output_options = group(json_option,
+                       click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."))
 input_options = group(
     click.option("--key", help="Entry of a torch checkpoint that holds the weights "
                  "(e.g. state_dict_ema)."),
@@ -181,13 +182,16 @@ def model_options(required: bool = False):
     )
 
 
+data_dir_option = click.option("--data-dir", help="Data root (torchvision's root); default "
+                               "$CKPTAVG_DATA or ~/.cache/ckptavg/data.")
+
+
 def data_options(required: bool = False):
     default = "" if required else " (default: the checkpoint's data.name metadata)"
     return group(
         click.option("--data", required=required, help="cifar10, cifar100, fashion-mnist, mnist, "
                      f"svhn, imagefolder or package.module:function{default}."),
-        click.option("--data-dir", help="Data root (torchvision's root); default $CKPTAVG_DATA "
-                     "or ~/.cache/ckptavg/data."),
+        data_dir_option,
         click.option("--download", is_flag=True, help="Download the data set if missing."),
     )
 
@@ -278,7 +282,7 @@ def _average_lines(r):
 @click.option("--keys", "n_keys", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many keys to list (0: all).")
 @input_options
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@json_option
 def inspect(path, n_keys, key, strip_prefix, as_json):
     """Show a checkpoint's format, tensors, sizes per dtype and metadata."""
     from ckptavg.checkpoint import inspect as run
@@ -373,7 +377,7 @@ def ensemble_cmd(checkpoints, as_json, quiet, **kwargs):
 
 
 @cli.command("models")
-@click.option("--json", "as_json", is_flag=True, help="Print the names as a JSON list.")
+@json_option
 def models_cmd(as_json):
     """List the registered model names (also: torchvision:NAME, timm:NAME, package.module:factory)."""
     from ckptavg.models import describe, list_models
@@ -527,7 +531,7 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--first-seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Folder for runs, results.json, results.md, curves.png.")
-@click.option("--data-dir", help="Data root.")
+@data_dir_option
 @device_option
 @click.option("--budget", type=click.IntRange(min=1), help="Override the preset's budget B (epochs).")
 @click.option("--swa-start", type=click.IntRange(min=1), help="Override the preset's SWA start epoch.")

@@ -355,3 +355,18 @@ def test_input_options_do_not_apply_to_the_running_average(tmp_path, ckpts):
     ckptavg.average([new], into=run, strip_prefix="model.")
     got, _ = ckptavg.load(run)
     assert_state_equal(got, reference_mean([known_state(1), known_state(2)]))
+
+
+def test_pt_key_order_is_kept(tmp_path):
+    """A torch state dict has an order (load_state_dict error messages, printing): the
+    average keeps the first input's, read back with torch.load itself."""
+    keys = ["z.weight", "a.bias", "m.running_mean", "b.weight"]
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"e{i}.pt")
+        torch.save({k: torch.full((3,), float(i + j)) for j, k in enumerate(keys)}, paths[-1])
+    out = tmp_path / "avg.pt"
+    ckptavg.average(paths, out)
+    got = torch.load(out, weights_only=True)["state_dict"]
+    assert list(got) == keys
+    assert torch.equal(got["a.bias"], torch.full((3,), 1.5))

@@ -11,7 +11,6 @@ from ckptavg.experiments.replicate import replicate
 from ckptavg.experiments.width import width
 from tests.fakedata import tiny_bn, write_cifar10, write_mnist
 
-
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # Fashion-MNIST's normalisation, written out
 
 

@@ -26,7 +26,21 @@ def names_code(name: str) -> bool:
 
 
 def register_model(fn: Callable) -> Callable:
-    """Register a factory under its function name (a name may be registered once)."""
+    """Register a factory under its function name (a name may be registered once).
+
+    Args:
+        fn: a function returning a torch.nn.Module; it may take `num_classes` and
+            `in_channels` (supplied from the data set) and any keyword arguments.
+
+    Returns:
+        `fn` itself, so this works as a decorator. The built-in models stay registered; a
+        name registered twice raises ModelError.
+
+    Example:
+        >>> @register_model
+        ... def my_net(num_classes=10, in_channels=3):
+        ...     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+    """
     _load_builtins()
     if fn.__name__ in _REGISTRY and _REGISTRY[fn.__name__] is not fn:
         raise ModelError(f"a model named {fn.__name__!r} is already registered; "
@@ -43,7 +57,19 @@ def _load_builtins() -> None:
 
 
 def list_models() -> list[str]:
-    """Registered model names, sorted."""
+    """Registered model names, sorted.
+
+    Args:
+        none.
+
+    Returns:
+        The names `create_model` accepts besides `torchvision:NAME`, `timm:NAME` and
+        `package.module:factory`.
+
+    Example:
+        >>> "preresnet164" in list_models()
+        True
+    """
     _load_builtins()
     return sorted(_REGISTRY)
 
