@@ -54,7 +54,11 @@ class AverageResult:
     dry_run: bool = False
     epochs: list[int | None] = field(default_factory=list)
     epoch_sources: list[str] = field(default_factory=list)
+    steps: list[int | None] = field(default_factory=list)
+    step_sources: list[str] = field(default_factory=list)
     into: str | None = None
+    skipped: list[str] = field(default_factory=list)  # already in the running average
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,7 +218,8 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
     n_total = n_total or len(readers)
     new = readers[1:] if prior_inputs is not None else readers
-    entries = [{"file": os.path.basename(r.path.rstrip(os.sep))} for r in new]
+    entries = [{"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint()}
+               for r in new]
     if hash_inputs:
         for e, r in zip(entries, new):
             e["sha256"] = sha256_of(r.files)
@@ -331,6 +336,8 @@ def average(
     into: str | os.PathLike | None = None,
     from_epoch: int | None = None,
     to_epoch: int | None = None,
+    from_step: int | None = None,
+    to_step: int | None = None,
     last: int | None = None,
     every: int | None = None,
     cycle_ends: bool = False,
@@ -354,7 +361,9 @@ def average(
         into: an existing average (with `average.n` metadata) to fold the inputs into,
             under an exclusive lock: the result equals averaging all of its inputs and the
             new ones at once. `key` and `strip_prefix` apply to the inputs, not to it.
-        from_epoch, to_epoch, last, every, cycle_ends: input selection (see select.py).
+        from_epoch, to_epoch, from_step, to_step, last, every, cycle_ends: input selection
+            (see select.py; epochs and steps come from metadata, the checkpoint's own entries
+            or the name, and a step is never taken for an epoch).
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
 
@@ -387,16 +396,21 @@ def average(
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
         cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
         stack.callback(close_all, cands)
-        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last)
-        norm = method_weights(len(chosen), method, weights, ema)
-        raw = list(norm) if method != "uniform" else [1.0] * len(chosen)
-        readers = [c.reader for c in chosen]
-        prior, n_total = None, len(chosen)
+        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step)
+        skipped: list[str] = []
+        running, prior, n0 = None, None, 0
         if locked is not None:
             running = stack.enter_context(open_checkpoint(into))
             if os.path.isfile(into) and running.files[0].identity != locked.identity:
                 raise CkptavgError(f"{into}: was replaced while being locked; run again")
             n0, prior = _running_n(running)
+            chosen, skipped = _not_yet_folded(chosen, prior)
+            if not chosen:
+                return _nothing_to_fold(into, n0, skipped, dry_run, t0)
+        norm = method_weights(len(chosen), method, weights, ema)
+        raw = list(norm) if method != "uniform" else [1.0] * len(chosen)
+        readers, n_total = [c.reader for c in chosen], len(chosen)
+        if running is not None:
             readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
             refuse_shared_files(readers)  # the inputs among themselves: open_candidates
         in_place = into is not None and _same(into, output)
@@ -407,6 +421,9 @@ def average(
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
                          hash_inputs=hash_inputs and not dry_run)
         result = _result(plan, chosen, into, output, method, n_total, dry_run)
+        result.skipped = skipped
+        result.warnings = [f"{p}: already folded into {into} (same fingerprint in its "
+                           "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
         if not dry_run:
             with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                              inputs=protected) as writer:
@@ -428,14 +445,51 @@ def _same(a: str, b: str | None) -> bool:
 def _result(plan: Plan, chosen: list[Candidate], into: str | None, output: str | None,
             method: str, n_total: int, dry_run: bool) -> AverageResult:
     total = plan.total_weight
-    sources = [c.epoch_and_source for c in chosen]
+    pos = [c.position for c in chosen]
     head = [into] if into is not None else []
     return AverageResult(
         inputs=head + [c.path for c in chosen],
         weights=[w / total for w in plan.weights],
         method=method, output=output, n=n_total, tensors=len(plan.specs),
         bytes_in=plan.bytes_in, bytes_out=plan.bytes_out, dry_run=dry_run,
-        epochs=[None] * len(head) + [e for e, _ in sources],
-        epoch_sources=["running average"] * len(head) + [s for _, s in sources],
+        epochs=[None] * len(head) + [p.epoch for p in pos],
+        epoch_sources=["running average"] * len(head) + [p.epoch_from for p in pos],
+        steps=[None] * len(head) + [p.step for p in pos],
+        step_sources=["running average"] * len(head) + [p.step_from for p in pos],
         into=into,
     )
+
+
+def _not_yet_folded(chosen: list[Candidate], prior: list) -> tuple[list[Candidate], list[str]]:
+    """Split the inputs into those not yet in the running average and those already in it
+    (same fingerprint recorded in its average.inputs)."""
+    done = {e.get("fingerprint") for e in prior if isinstance(e, dict)} - {None}
+    if not done:
+        return chosen, []
+    fresh, skipped = [], []
+    for c in chosen:
+        (skipped.append(c.path) if c.reader.fingerprint() in done else fresh.append(c))
+    return fresh, skipped
+
+
+def _nothing_to_fold(into: str, n0: int, skipped: list[str], dry_run: bool,
+                     t0: float) -> AverageResult:
+    return AverageResult(
+        inputs=[], weights=[], method="uniform", output=into, n=n0, tensors=0, bytes_in=0,
+        bytes_out=0, seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(),
+        dry_run=dry_run, into=into, skipped=skipped,
+        warnings=[f"every input is already folded into {into}; nothing was written"])
+
+
+RUN_KEYS = ("train.seed", "train.schedule", "model.arch", "model.kwargs", "data.name")
+
+
+def _mixed_runs(chosen: list[Candidate]) -> list[str]:
+    """A warning when the inputs record different runs (seed, schedule, model, data)."""
+    out = []
+    for k in RUN_KEYS:
+        values = {c.metadata.get(k) for c in chosen} - {None}
+        if len(values) > 1:
+            out.append(f"the inputs come from different runs: {k} is "
+                       f"{' / '.join(sorted(values))}; average one run's checkpoints")
+    return out

@@ -230,8 +230,11 @@ def cli() -> None:
 @click.option("-o", "--output", help="Output: .safetensors, .pt/.pth/.bin/.ckpt, or a folder (sharded).")
 @click.option("--into", type=click.Path(), help="Fold the inputs into this existing average "
               "(running mean from its average.n); written back in place unless -o is given.")
-@click.option("--from-epoch", type=int, help="Keep inputs from this epoch on (train.epoch or name).")
+@click.option("--from-epoch", type=int, help="Keep inputs from this epoch on (from metadata, "
+              "the checkpoint's own epoch entry, or the name).")
 @click.option("--to-epoch", type=int, help="Keep inputs up to this epoch.")
+@click.option("--from-step", type=int, help="Keep inputs from this training step on.")
+@click.option("--to-step", type=int, help="Keep inputs up to this training step.")
 @click.option("--last", type=int, help="Keep only the last N inputs (after the other filters).")
 @click.option("--every", type=int, help="Keep every K-th input, starting with the first.")
 @click.option("--cycle-ends", is_flag=True, help="Keep inputs whose metadata marks a cycle end.")
@@ -264,13 +267,21 @@ def average(inputs, as_json, quiet, **kwargs):
     emit(result, as_json, quiet, _average_lines)
 
 
+def _number(what: str, value, source: str) -> str:
+    return f"{what} {value if value is not None else '?':>6} ({source or 'unknown'})"
+
+
 def _average_lines(r):
     if r.dry_run:
         yield (f"plan: {r.method} average of {len(r.inputs)} input(s), {r.tensors} tensors, "
                f"read {human_bytes(r.bytes_in)}, write {human_bytes(r.bytes_out)} -> "
                f"{r.output or '(no output)'}")
-        for path, w, ep, src in zip(r.inputs, r.weights, r.epochs, r.epoch_sources):
-            yield f"  {w:.6f}  epoch {ep if ep is not None else '?':>5} ({src or 'none'})  {path}"
+        for i, path in enumerate(r.inputs):
+            yield (f"  {r.weights[i]:.6f}  {_number('epoch', r.epochs[i], r.epoch_sources[i])}"
+                   f"  {_number('step', r.steps[i], r.step_sources[i])}  {path}")
+        return
+    if not r.inputs:
+        yield f"nothing to fold into {r.into}: n stays {r.n}"
         return
     yield (f"averaged {len(r.inputs)} checkpoint(s) ({r.method}, n={r.n}) -> {r.output}: "
            f"{human_bytes(r.bytes_out)} in {r.seconds:.1f} s, peak RSS "

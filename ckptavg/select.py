@@ -2,11 +2,19 @@
 
 `open_candidates` opens every input once and keeps it open for the run; an input is never
 opened again. Two inputs that share a file (the same path twice, a hard link, a symlink, a
-shard of a folder given as well) are refused, naming both.
+shard of a folder given as well) or hold the same bytes (a copy) are refused, naming both.
+
+Where a checkpoint was saved in training is read, per number, from the most trusted source
+that has it: ckptavg's metadata (`train.epoch`, `train.step`), then what the training library
+wrote into the checkpoint (Lightning's `epoch`/`global_step`, timm's `epoch`, fairseq's
+iterator epoch and update count, a Hugging Face `trainer_state.json`), then the name
+(`epoch=3`, `step-500`, a Hugging Face `checkpoint-500` folder is a step; another lone number
+is taken as the epoch). A step is never taken for an epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -14,8 +22,29 @@ from dataclasses import dataclass
 
 from ckptavg.errors import CkptavgError
 from ckptavg.io import ReaderBase, open_checkpoint
+from ckptavg.io.base import Position, same_content
 
 _NUMBER = re.compile(r"(\d+)")
+_EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_-]?(\d+)", re.IGNORECASE)
+_STEP_IN_NAME = re.compile(r"(?:^|[^a-z])(?:step|global_step|iter|iteration|update)[=_-]?(\d+)",
+                           re.IGNORECASE)
+_HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def name_position(path: str) -> Position:
+    """Epoch and step as the name states them. A Hugging Face `checkpoint-N` folder is step N;
+    a lone number (epoch-free, step-free) is taken as the epoch, as in `swa_10.pt`."""
+    name = os.path.basename(path.rstrip(os.sep))
+    epoch = _EPOCH_IN_NAME.search(name)
+    step = _STEP_IN_NAME.search(name)
+    hf = _HF_CHECKPOINT.match(name) if os.path.isdir(path) else None
+    e = int(epoch.group(1)) if epoch else None
+    st = int(step.group(1)) if step else int(hf.group(1)) if hf else None
+    if e is None and st is None:
+        numbers = _NUMBER.findall(name)
+        e = int(numbers[-1]) if numbers else None
+        return Position(e, None, "name (its number)" if e is not None else "", "")
+    return Position(e, st, "name" if e is not None else "", "name" if st is not None else "")
 
 
 def _meta_int(meta: dict[str, str], key: str) -> int | None:
@@ -34,18 +63,21 @@ class Candidate:
     def metadata(self) -> dict[str, str]:
         return self.reader.metadata()
 
-    @property
-    def epoch(self) -> int | None:
-        return self.epoch_and_source[0]
+    @functools.cached_property
+    def position(self) -> Position:
+        meta = self.metadata
+        e, st = _meta_int(meta, "train.epoch"), _meta_int(meta, "train.step")
+        ours = Position(e, st, "metadata train.epoch" if e is not None else "",
+                        "metadata train.step" if st is not None else "")
+        return ours.merged(self.reader.position()).merged(name_position(self.path))
 
     @property
-    def epoch_and_source(self) -> tuple[int | None, str]:
-        """(epoch, where it came from: 'metadata', 'name' or 'unknown')."""
-        value = _meta_int(self.metadata, "train.epoch")
-        if value is not None:
-            return value, "metadata"
-        numbers = _NUMBER.findall(os.path.basename(self.path.rstrip(os.sep)))
-        return (int(numbers[-1]), "name") if numbers else (None, "unknown")
+    def epoch(self) -> int | None:
+        return self.position.epoch
+
+    @property
+    def step(self) -> int | None:
+        return self.position.step
 
     @property
     def cycle_end(self) -> bool:
@@ -72,7 +104,8 @@ def expand(patterns: list[str]) -> list[str]:
 
 
 def refuse_shared_files(readers: list[ReaderBase]) -> None:
-    """Raise if two inputs consist of the same file (by device and inode)."""
+    """Raise if two inputs consist of the same file (by device and inode) or of the same
+    bytes (a copy: equal cheap fingerprints, then confirmed byte by byte)."""
     seen: dict[tuple[int, int], tuple[int, str]] = {}
     for i, r in enumerate(readers):
         for f in r.files:
@@ -84,6 +117,14 @@ def refuse_shared_files(readers: list[ReaderBase]) -> None:
                     "counted twice; pass each checkpoint once"
                 )
             seen[f.identity] = (i, r.path)
+    by_print: dict[str, ReaderBase] = {}
+    for r in readers:
+        fp = r.fingerprint()
+        other = by_print.get(fp)
+        if other is not None and same_content(other.files, r.files):
+            raise CkptavgError(f"{r.path}: holds the same bytes as {other.path} (a copy), so "
+                               "one checkpoint would be counted twice; pass each checkpoint once")
+        by_print[fp] = r
 
 
 def open_candidates(patterns: list[str], key: str | None = None,
@@ -109,30 +150,38 @@ def close_all(cands: list[Candidate]) -> None:
 
 
 def order(cands: list[Candidate]) -> list[Candidate]:
-    """By (train.epoch, train.step) when every input has them, else by the numbers in names."""
-    if cands and all(_meta_int(c.metadata, "train.epoch") is not None
-                     or _meta_int(c.metadata, "train.step") is not None for c in cands):
-        return sorted(cands, key=lambda c: (_meta_int(c.metadata, "train.epoch") or 0,
-                                            _meta_int(c.metadata, "train.step") or 0,
-                                            natural_key(c.path)))
+    """By step when every input has one, else by epoch when every input has one (then step),
+    else by the numbers in the names."""
+    if cands and all(c.step is not None for c in cands):
+        return sorted(cands, key=lambda c: (c.step, c.epoch or 0, natural_key(c.path)))
+    if cands and all(c.epoch is not None for c in cands):
+        return sorted(cands, key=lambda c: (c.epoch, c.step or 0, natural_key(c.path)))
     return sorted(cands, key=lambda c: natural_key(c.path))
 
 
+def _window(cands: list[Candidate], what: str, lo: int | None, hi: int | None) -> list[Candidate]:
+    if lo is None and hi is None:
+        return cands
+    missing = [c for c in cands if getattr(c, what) is None]
+    if missing:
+        other = "step" if what == "epoch" else "epoch"
+        hint = (f" (it has a {other}, {getattr(missing[0], other)}: select by {other})"
+                if getattr(missing[0], other) is not None else "")
+        raise CkptavgError(
+            f"{missing[0].path}: {what} unknown{hint}; no metadata, checkpoint entry or name "
+            f"gives it: drop the {what} window"
+        )
+    lo = lo if lo is not None else -(10**18)
+    hi = hi if hi is not None else 10**18
+    return [c for c in cands if lo <= getattr(c, what) <= hi]
+
+
 def select(cands: list[Candidate], from_epoch: int | None = None, to_epoch: int | None = None,
-           cycle_ends: bool = False, every: int | None = None,
-           last: int | None = None) -> list[Candidate]:
-    """Apply, in this order: epoch window, cycle ends, every K-th (from the first), last N."""
-    out = order(cands)
-    if from_epoch is not None or to_epoch is not None:
-        missing = [c.path for c in out if c.epoch is None]
-        if missing:
-            raise CkptavgError(
-                f"{missing[0]}: epoch unknown (no train.epoch metadata, no number in the name); "
-                "drop the epoch window or rename the files"
-            )
-        lo = from_epoch if from_epoch is not None else -(10**18)
-        hi = to_epoch if to_epoch is not None else 10**18
-        out = [c for c in out if lo <= c.epoch <= hi]
+           cycle_ends: bool = False, every: int | None = None, last: int | None = None,
+           from_step: int | None = None, to_step: int | None = None) -> list[Candidate]:
+    """Apply, in this order: epoch window, step window, cycle ends, every K-th (from the
+    first), last N."""
+    out = _window(_window(order(cands), "epoch", from_epoch, to_epoch), "step", from_step, to_step)
     if cycle_ends:
         if not any("train.cycle_end" in c.metadata for c in out):
             raise CkptavgError(

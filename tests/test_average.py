@@ -271,10 +271,12 @@ _arrays = st.lists(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min
 
 
 def _write(folder, rows, prefix):
+    """One file per row; each records its epoch, so equal rows are still distinct
+    checkpoints (a byte-identical copy is refused: see test_a_copy_of_an_input_is_refused)."""
     paths = []
     for i, row in enumerate(rows):
         p = os.path.join(folder, f"{prefix}-{i:03d}.safetensors")
-        save_file({"w": torch.tensor(row, dtype=torch.float32)}, p)
+        save_file({"w": torch.tensor(row, dtype=torch.float32)}, p, {"train.epoch": str(i)})
         paths.append(p)
     return paths
 
@@ -370,3 +372,57 @@ def test_pt_key_order_is_kept(tmp_path):
     got = torch.load(out, weights_only=True)["state_dict"]
     assert list(got) == keys
     assert torch.equal(got["a.bias"], torch.full((3,), 1.5))
+
+
+def test_a_copy_of_an_input_is_refused(tmp_path):
+    """timm's last.pth.tar / model_best.pth.tar are copies where hard links fail."""
+    import shutil
+
+    a = tmp_path / "checkpoint-3.pth.tar"
+    torch.save({"state_dict": {"w": torch.randn(100_000)}, "epoch": 3}, a)
+    b = tmp_path / "checkpoint-4.pth.tar"
+    torch.save({"state_dict": {"w": torch.randn(100_000)}, "epoch": 4}, b)
+    shutil.copyfile(a, tmp_path / "model_best.pth.tar")
+    with pytest.raises(CkptavgError, match="model_best.pth.tar: holds the same bytes as .*checkpoint-3"):
+        ckptavg.average(sorted(map(str, tmp_path.glob("*.pth.tar"))), tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_files_equal_in_the_sampled_blocks_are_not_taken_for_copies(tmp_path):
+    """The fingerprint samples four blocks; files differing elsewhere are distinct."""
+    base = torch.zeros(1_000_000)
+    other = base.clone()
+    other[100_000] = 1.0  # outside the sampled blocks (start, thirds, end)
+    save_file({"w": base}, tmp_path / "a.safetensors")
+    save_file({"w": other}, tmp_path / "b.safetensors")
+    r = ckptavg.average([tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
+                        tmp_path / "o.safetensors")
+    assert r.n == 2 and load_file(tmp_path / "o.safetensors")["w"][100_000] == 0.5
+
+
+def test_into_skips_inputs_already_folded(tmp_path, ckpts):
+    """The cron pattern: fold a glob into the average again and again; each checkpoint
+    counts once."""
+    run = tmp_path / "cron.safetensors"
+    ckptavg.average(ckpts[:2], run)
+    r = ckptavg.average(ckpts, into=run)
+    assert r.n == 4 and r.skipped == [str(p) for p in ckpts[:2]]
+    assert any("already folded" in w for w in r.warnings)
+    ref = {k: torch.stack([known_state(i)[k].double() for i in range(1, 5)]).mean(0)
+           for k in known_state(1) if known_state(1)[k].is_floating_point()}
+    got = load_file(run)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-6, atol=1e-6)
+    before = run.read_bytes()
+    r = ckptavg.average(ckpts, into=run)
+    assert r.n == 4 and r.inputs == [] and run.read_bytes() == before
+
+
+def test_inputs_of_different_runs_are_reported(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"epoch-000{seed + 1}.safetensors")
+        save_file({"w": torch.full((3,), float(seed))}, paths[-1],
+                  {"train.seed": str(seed), "train.epoch": str(seed + 1)})
+    r = ckptavg.average(paths, tmp_path / "o.safetensors")
+    assert any("different runs: train.seed is 0 / 1" in w for w in r.warnings)

@@ -8,6 +8,7 @@ unless it is a regular file, and read through that one descriptor.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import mmap
 import os
@@ -231,6 +232,103 @@ def clean_metadata(meta: object) -> dict[str, str]:
             for k, v in meta.items() if isinstance(k, str)}
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where in training a checkpoint was saved, and where each number was read."""
+
+    epoch: int | None = None
+    step: int | None = None
+    epoch_from: str = ""
+    step_from: str = ""
+
+    def merged(self, later: Position) -> Position:
+        """Fill what this one lacks from `later` (a less trusted source)."""
+        e, ef = (self.epoch, self.epoch_from) if self.epoch is not None else (later.epoch, later.epoch_from)
+        s, sf = (self.step, self.step_from) if self.step is not None else (later.step, later.step_from)
+        return Position(e, s, ef, sf)
+
+
+def whole_number(value: object) -> int | None:
+    """An int from an int (not a bool) or an integral float; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+TRAINER_STATE = "trainer_state.json"  # Hugging Face Trainer's checkpoint-STEP/ record
+MAX_SIDE_FILE = 16 << 20
+
+
+def trainer_state_position(folder: str) -> Position:
+    """Epoch and step from a Hugging Face `trainer_state.json` in `folder`, if there is one."""
+    path = os.path.join(folder, TRAINER_STATE)
+    try:
+        if os.path.getsize(path) > MAX_SIDE_FILE:
+            return Position()
+        with open(path, "rb") as f:
+            state = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):
+        return Position()
+    if not isinstance(state, dict):
+        return Position()
+    epoch, step = whole_number(state.get("epoch")), whole_number(state.get("global_step"))
+    where = f"{TRAINER_STATE} {{}}"
+    return Position(epoch, step, where.format("epoch") if epoch is not None else "",
+                    where.format("global_step") if step is not None else "")
+
+
+FINGERPRINT_BLOCK = 1 << 16
+
+
+def fingerprint(files: list[SourceFile]) -> str:
+    """A cheap content identity: sha256 over each file's size and four 64 KiB blocks (start,
+    thirds, end); the whole file when it is smaller. Equal fingerprints mean very likely the
+    same content (copies included); `same_content` confirms."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.size.to_bytes(8, "little"))
+        fd = _reopen(f)
+        try:
+            if f.size <= 4 * FINGERPRINT_BLOCK:
+                h.update(pread_exact(fd, f.size, 0, f.path))
+            else:
+                for off in (0, f.size // 3, 2 * f.size // 3, f.size - FINGERPRINT_BLOCK):
+                    h.update(pread_exact(fd, FINGERPRINT_BLOCK, off, f.path))
+        finally:
+            os.close(fd)
+    return h.hexdigest()[:32]
+
+
+def same_content(a: list[SourceFile], b: list[SourceFile]) -> bool:
+    """Byte-for-byte equality of two inputs (read in 1 MiB blocks, stopping at the first
+    difference)."""
+    if [f.size for f in a] != [f.size for f in b]:
+        return False
+    for fa, fb in zip(a, b):
+        da, db = _reopen(fa), _reopen(fb)
+        try:
+            for off in range(0, fa.size, 1 << 20):
+                n = min(1 << 20, fa.size - off)
+                if pread_exact(da, n, off, fa.path) != pread_exact(db, n, off, fb.path):
+                    return False
+        finally:
+            os.close(da)
+            os.close(db)
+    return True
+
+
+def _reopen(f: SourceFile) -> int:
+    fd, now = open_source(f.path)
+    if now.identity != f.identity:
+        os.close(fd)
+        raise CheckpointError(f"{f.path}: was replaced during the run; run again")
+    return fd
+
+
 class ReaderBase:
     """What every format offers. Keys are the public, prefix-stripped names.
 
@@ -267,6 +365,23 @@ class ReaderBase:
         return None
 
     def metadata(self) -> dict[str, str]:
+        return {}
+
+    def position(self) -> Position:
+        """Epoch and step recorded by the training library in the checkpoint itself (not
+        ckptavg's metadata, not the name): a Hugging Face trainer_state.json beside it."""
+        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        return trainer_state_position(folder or ".")
+
+    def fingerprint(self) -> str:
+        """`fingerprint(self.files)`, computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = fingerprint(self.files)
+        return self._fingerprint
+
+    def extras(self) -> dict[str, object]:
+        """Non-tensor entries worth carrying into a torch output of the same ecosystem
+        (Lightning hyper-parameters and version, fairseq cfg/args); never optimizer state."""
         return {}
 
     def ties(self) -> dict[str, str]:

@@ -13,12 +13,15 @@ import contextlib
 import os
 import pickle
 import re
+import sys
+import types
 import warnings
 
 import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
+    Position,
     ReaderBase,
     SourceFile,
     TensorSpec,
@@ -28,10 +31,70 @@ from ckptavg.io.base import (
     find_ties,
     open_source,
     strip_keys,
+    whole_number,
 )
 
 # Where training checkpoints keep the model's weights, in the order they are tried.
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
+# Top-level configuration entries carried into a torch output of the same ecosystem:
+# Lightning's (load_from_checkpoint needs the version and rebuilds from the hyper-parameters)
+# and fairseq's cfg/args. Optimizer, loop and callback state never are.
+CARRIED = ("pytorch-lightning_version", "hparams_name", "hyper_parameters",
+           "datamodule_hparams_name", "datamodule_hyper_parameters", "cfg", "args")
+STEP_ENTRIES = ("global_step", "step", "num_updates", "iteration")
+
+
+class Opaque(dict):
+    """Stands in for an object of a class the file names but ckptavg never imports (a
+    user's config class in a Lightning checkpoint's hyper-parameters). Holds what the
+    pickle gave it; nothing of the class runs."""
+
+    global_name = "?"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name}, not imported>"
+
+
+def _opaque(module: str, name: str) -> type:
+    return type(name, (Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__})
+
+
+def _allowed_globals() -> dict[str, object]:
+    from torch import _weights_only_unpickler as wou
+
+    allowed = dict(wou._get_allowed_globals())
+    allowed.update(getattr(wou, "_get_user_allowed_globals", dict)())
+    for obj in _safe_globals():
+        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return allowed
+
+
+# A standard-library global outside the allowlist (os.system, subprocess.Popen, eval) is
+# never a user's data class: such a file is refused, not loaded with a stand-in.
+_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {
+    "builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy"}
+
+
+class _OpaqueUnpickler(pickle.Unpickler):
+    """Torch's weights-only allowlist, and an Opaque stand-in for any other global outside
+    the standard library: the file loads without importing or running anything it names."""
+
+    allowed: dict[str, object] = {}
+
+    def find_class(self, module: str, name: str):
+        obj = self.allowed.get(f"{module}.{name}")
+        if obj is not None:
+            return obj
+        if module.split(".")[0] in _STDLIB:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return _opaque(module, name)
 
 
 def _safe_globals() -> list:
@@ -55,9 +118,16 @@ def _safe_globals() -> list:
     return allowed
 
 
+_LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
+                IndexError, MemoryError, OverflowError, RecursionError, pickle.UnpicklingError)
+
+
 def torch_load(path: str, fd: int, mmap: bool) -> object:
     """`torch.load(weights_only=True)` of the open file `fd`, with clear errors; never an
-    unsafe fallback. torch's own warnings are not passed on to the user."""
+    unsafe fallback. A zip-format file that names a class outside the allowlist (a config
+    object among Lightning's hyper-parameters) is loaded again with that class replaced by an
+    inert `Opaque` stand-in: the tensors are plain, and nothing the file names is imported
+    or run. torch's own warnings are not passed on to the user."""
     ctx = (torch.serialization.safe_globals(_safe_globals())
            if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext())
     try:
@@ -66,17 +136,38 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
             return torch.load(fd_path(fd, path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"the global {m.group(1)}" if m else "content outside the weights-only allowlist"
+        if not mmap or not m:  # a legacy file, or not a matter of globals: refuse
+            what = f"the global {m.group(1)}" if m else "content outside the weights-only allowlist"
+            raise CheckpointError(
+                f"{path}: refused to unpickle {what} (code named by a file is never run); "
+                "re-save the weights with torch.save(model.state_dict()) or as safetensors"
+            ) from None
+    except _LOAD_ERRORS as e:
+        raise _corrupt(path, e) from None
+    unpickler = type("Unpickler", (_OpaqueUnpickler,), {"allowed": _allowed_globals()})
+    module = types.SimpleNamespace(__name__="ckptavg_opaque_pickle", Unpickler=unpickler,
+                                   load=pickle.load, loads=pickle.loads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(fd_path(fd, path), map_location="cpu", weights_only=False,
+                              mmap=True, pickle_module=module)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
-            f"{path}: refused to unpickle {what} (code named by a file is never run); "
-            "re-save the weights with torch.save(model.state_dict()) or as safetensors"
+            f"{path}: refused to unpickle the global {m.group(1) if m else '?'} (code named by "
+            "a file is never run); re-save the weights with torch.save(model.state_dict()) or "
+            "as safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            IndexError, MemoryError, OverflowError, RecursionError) as e:
-        text = str(e).strip()
-        first = text.splitlines()[0][:200] if text else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load torch checkpoint ({first}); the file is "
-                              "corrupt or incomplete") from None
+    except _LOAD_ERRORS as e:
+        raise _corrupt(path, e) from None
+
+
+def _corrupt(path: str, e: BaseException) -> CheckpointError:
+    text = str(e).strip()
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    return CheckpointError(f"{path}: cannot load torch checkpoint ({first}); the file is "
+                           "corrupt or incomplete")
 
 
 def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]:
@@ -143,6 +234,40 @@ def _check_tensor(path: str, key: object, t: torch.Tensor) -> None:
                               "average; convert it to a dense real tensor and re-save")
 
 
+def position_of(obj: object) -> Position:
+    """Epoch and step a training library wrote into the checkpoint: Lightning's `epoch` and
+    `global_step`, timm's `epoch`, fairseq's train_iterator epoch and num_updates."""
+    if not isinstance(obj, dict):
+        return Position()
+    epoch, epoch_from = whole_number(obj.get("epoch")), "checkpoint entry 'epoch'"
+    step, step_from = None, ""
+    for name in STEP_ENTRIES:
+        step = whole_number(obj.get(name))
+        if step is not None:
+            step_from = f"checkpoint entry {name!r}"
+            break
+    extra = obj.get("extra_state")
+    if epoch is None and isinstance(extra, dict) and isinstance(extra.get("train_iterator"), dict):
+        epoch = whole_number(extra["train_iterator"].get("epoch"))
+        epoch_from = "checkpoint entry 'extra_state/train_iterator/epoch'"
+    history = obj.get("optimizer_history")
+    if step is None and isinstance(history, list) and history and isinstance(history[-1], dict):
+        step = whole_number(history[-1].get("num_updates"))
+        step_from = "checkpoint entry 'optimizer_history/num_updates'"
+    return Position(epoch, step, epoch_from if epoch is not None else "",
+                    step_from if step is not None else "")
+
+
+def _has_opaque(obj: object) -> bool:
+    if isinstance(obj, Opaque):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_opaque(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_opaque(v) for v in obj)
+    return False
+
+
 class TorchReader(ReaderBase):
     """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over)."""
 
@@ -160,6 +285,11 @@ class TorchReader(ReaderBase):
         self.files = [src]
         state, self.location = find_state_dict(obj, key, path)
         self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
+        self._position = position_of(obj)
+        top = obj if isinstance(obj, dict) else {}
+        # Entries holding a class ckptavg did not import cannot be written back faithfully.
+        self._extras = {k: top[k] for k in CARRIED if k in top and not _has_opaque(top[k])}
+        self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
         self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
                             and _has_tensor(v)) if isinstance(obj, dict) else ()
         # Optimizer state, epochs, configs: never averaged, never copied.
@@ -189,6 +319,12 @@ class TorchReader(ReaderBase):
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
+
+    def position(self) -> Position:
+        return self._position.merged(super().position())
+
+    def extras(self) -> dict[str, object]:
+        return dict(self._extras)
 
     def close(self) -> None:
         self._tensors = {}

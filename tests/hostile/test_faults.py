@@ -61,11 +61,10 @@ def tiny_fs(tmp_path):
 
 
 def test_really_full_disk(tmp_path, tiny_fs):
-    big = {"w": torch.randn(64, 1024)}  # 256 KB of output on a 64 KB file system
     paths = []
-    for i in range(2):
+    for i in range(2):  # 256 KB of output on a 64 KB file system
         paths.append(tmp_path / f"b{i}.safetensors")
-        save_file(big, paths[-1])
+        save_file({"w": torch.randn(64, 1024)}, paths[-1])
     proc = run_cli("average", *paths, "-o", tiny_fs / "o.safetensors")
     one_line_error(proc, "No space left on device")
     assert os.listdir(tiny_fs) == []

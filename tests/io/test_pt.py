@@ -1,5 +1,5 @@
 import argparse
-import collections
+import decimal
 import os
 
 import pytest
@@ -85,9 +85,26 @@ class Config:  # a user's class: data only, but not on the allowlist
         self.lr = 0.1
 
 
-def test_refused_custom_class(tmp_path):
-    p = save(tmp_path, {"state_dict": SD, "cfg": Config(), "c": collections.Counter(a=1)})
-    with pytest.raises(CheckpointError, match="test_pt.Config"):
+def test_a_users_class_is_never_imported_and_the_weights_still_read(tmp_path, monkeypatch):
+    """A config object among the hyper-parameters: the tensors are plain, so they are read;
+    the class is replaced by an inert stand-in (its module is not even importable here)."""
+    p = save(tmp_path, {"state_dict": SD, "hyper_parameters": {"cfg": Config()},
+                        "pytorch-lightning_version": "2.6.0", "epoch": 3})
+    calls = []
+    monkeypatch.setattr(Config, "__init__", lambda self: calls.append(1))
+    monkeypatch.setattr(Config, "__setstate__", lambda self, s: calls.append(2), raising=False)
+    with open_checkpoint(p) as r:
+        got = {k: r.read(k).clone() for k in r.keys()}
+        assert set(got) == set(SD) and all(torch.equal(got[k], SD[k]) for k in SD)
+        assert r.position().epoch == 3
+        assert r.extras() == {"pytorch-lightning_version": "2.6.0"}  # cfg cannot be re-saved
+        assert r.dropped_extras == ("hyper_parameters",)
+    assert calls == []
+
+
+def test_a_standard_library_global_outside_the_allowlist_is_refused(tmp_path):
+    p = save(tmp_path, {"state_dict": SD, "c": Config(), "d": decimal.Decimal("1.5")})
+    with pytest.raises(CheckpointError, match="refused to unpickle the global decimal.Decimal"):
         open_checkpoint(p)
 
 
