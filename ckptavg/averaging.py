@@ -75,6 +75,8 @@ class Plan:
     metadata: dict[str, str]
     accumulate: Accumulate = "float64"
     allow_nonfinite: bool = False
+    entry: str = "state_dict"  # where a torch output keeps the weights: the newest input's
+    extras: dict = field(default_factory=dict)  # the newest input's carried configuration
 
     @property
     def total_weight(self) -> float:
@@ -235,7 +237,10 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         "average.accumulate": accumulate,
         "bn.stale": "true" if has_bn else "false",
     }
-    return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite)
+    newest = readers[-1]
+    entry = newest.location if newest.location in ("state_dict", "model") else "state_dict"
+    return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite,
+                entry, newest.extras())
 
 
 def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
@@ -314,11 +319,12 @@ def _raise_nonfinite(readers: list[ReaderBase], key: str) -> None:
 
 def _running_n(reader: ReaderBase) -> tuple[int, list]:
     meta = reader.metadata()
-    n0 = meta.get("average.n", "")
+    n0 = meta.get("average.n") or meta.get("swa.n_averaged", "")  # ours, or AveragedModel's
     if not n0.isdigit() or int(n0) < 1:
         raise CkptavgError(
             f"{reader.path}: no average.n metadata, so the number of checkpoints in it is "
-            "unknown; a running average must be a file written by ckptavg average"
+            "unknown; a running average must be a file written by ckptavg average (or an "
+            "AveragedModel state dict with n_averaged)"
         )
     try:
         prior = json.loads(meta.get("average.inputs", "[]"))
@@ -426,7 +432,7 @@ def average(
                            "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
         if not dry_run:
             with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
-                             inputs=protected) as writer:
+                             inputs=protected, entry=plan.entry, extras=plan.extras) as writer:
                 execute(plan, writer, progress=progress)
                 for r in readers:
                     r.check_unchanged()

@@ -23,6 +23,7 @@ from ckptavg.checkpoint import save
 from ckptavg.data import get_dataset, make_loader, split_batch
 from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
+from ckptavg.io import open_checkpoint
 from ckptavg.modelio import build_from_checkpoint
 from ckptavg.options import Split, Stats, check_choice
 from ckptavg.results import Result
@@ -149,7 +150,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
            batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
            device: str = options.DEVICE, seed: int = options.SEED,
            stats: Stats = options.STATS, input_key: str | None = None,
-           subset: int | None = None, progress: Progress | None = None) -> BnFixResult:
+           subset: int | None = None, key: str | None = None, strip_prefix: str | None = None,
+           progress: Progress | None = None) -> BnFixResult:
     """Recalibrate the BatchNorm statistics of a checkpoint with a data pass and save it.
 
     Args:
@@ -164,6 +166,9 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
             on when the checkpoint records them (`data.train_images`, written by `train`) and
             the data set is the run's own.
         stats: "update_bn" (torch.optim.swa_utils.update_bn semantics) or "exact".
+        key, strip_prefix: where the weights are in a training checkpoint (as for
+            `average`); such a file is never rewritten in place (its other entries would be
+            lost): give `output`.
         progress: called with (batches done, batches in the pass).
 
     Returns:
@@ -182,10 +187,12 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         raise CkptavgError(f"fraction {fraction}: must be in (0, 1] (--fraction)")
     if batches is not None and batches < 1:
         raise CkptavgError(f"batches {batches}: must be 1 or more (--batches)")
-    net, state, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
-                                                        data_dir)
-    dev = resolve_device(device)
     path = os.fspath(checkpoint)
+    if output is None:
+        _check_in_place(path, key, strip_prefix)
+    net, state, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
+                                                        data_dir, key, strip_prefix)
+    dev = resolve_device(device)
     if not bn_layers(net):
         out = None
         if meta.get("bn.stale") == "true":  # an older file marked stale: it is not
@@ -215,6 +222,16 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     save({k: new_state[k] for k in state}, out, new_meta)
     return BnFixResult(path, out, info["bn_layers"], info["batches"], info["samples"], data_name,
                        stats, str(dev), time.perf_counter() - t0)
+
+
+def _check_in_place(path: str, key: str | None, strip_prefix: str | None) -> None:
+    """Rewriting a file in place keeps only its weights and metadata: refuse where that would
+    drop anything else (optimizer state, loop state, a prefix)."""
+    with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
+        lost = list(r.other_entries) + [f"the key prefix {p!r}" for p in r.removed_prefixes]
+    if lost:
+        raise CkptavgError(f"{path}: rewriting it in place would drop {', '.join(lost[:4])}; "
+                           "write the recalibrated weights elsewhere (output, -o OUT)")
 
 
 def _int_or_none(value: str | None) -> int | None:

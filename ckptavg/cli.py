@@ -203,7 +203,8 @@ loader_options = group(
     click.option("--input-key", help="Key of the input in dict batches."),
 )
 # What every command that runs a stored network over data takes.
-run_options = group(model_options(), data_options(), loader_options, device_option, output_options)
+run_options = group(input_options, model_options(), data_options(), loader_options, device_option,
+                    output_options)
 split_option = click.option("--split", type=click.Choice(options.choices(options.Split)),
                             default="test", show_default=True)
 

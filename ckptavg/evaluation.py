@@ -87,14 +87,15 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: S
              data_dir: str | None = None, download: bool = False, model: str | None = None,
              model_kwargs: dict | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
              workers: int = options.WORKERS, device: str = options.DEVICE,
-             input_key: str | None = None, subset: int | None = None,
-             progress: Progress | None = None) -> EvalResult:
+             input_key: str | None = None, subset: int | None = None, key: str | None = None,
+             strip_prefix: str | None = None, progress: Progress | None = None) -> EvalResult:
     """Accuracy, mean cross-entropy and sample count of a checkpoint on a data split.
 
     Args:
         checkpoint: any format ckptavg reads; the network comes from its model.* metadata
             unless `model` is given, the data set from its data.name unless `data` is.
         split: "test" or "train" (without augmentation); subset: the first N samples only.
+        key, strip_prefix: where the weights are in a training checkpoint (as for `average`).
         progress: called with (batches done, batches in the pass).
 
     Returns:
@@ -107,7 +108,8 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: S
     t0 = time.perf_counter()
     check_choice("split", split, Split)
     path = os.fspath(checkpoint)
-    net, _, meta, data_name = build_from_checkpoint(path, model, model_kwargs, data, data_dir)
+    net, _, meta, data_name = build_from_checkpoint(path, model, model_kwargs, data, data_dir,
+                                                    key, strip_prefix)
     dev = resolve_device(device)
     dataset = get_dataset(data_name, split, data_dir, augment=False, download=download)
     loader = make_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))

@@ -105,10 +105,12 @@ def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
     net.load_state_dict(state, strict=True)
 
 
-def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, data_dir=None):
-    """(network with the checkpoint's weights, state, metadata, data set name)."""
+def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, data_dir=None,
+                          key=None, strip_prefix=None):
+    """(network with the checkpoint's weights, state, metadata, data set name). `key` and
+    `strip_prefix` find the weights in a training checkpoint, as for `average`."""
     path = os.fspath(checkpoint)
-    state, meta = load(path)
+    state, meta = load(path, key=key, strip_prefix=strip_prefix)
     data_name = data_name_of(meta, data, path)
     arch, kwargs = model_spec(meta, model, model_kwargs, path)
     net, _ = build_model(arch, kwargs, data_name, data_dir)

@@ -233,7 +233,9 @@ def test_pt_inputs_with_ties_and_optimizer_state(tmp_path):
         torch.save(obj, paths[-1])
     out = tmp_path / "avg.pt"
     ckptavg.average(paths, out)
-    raw = torch.load(out, weights_only=True)["state_dict"]
+    obj = torch.load(out, weights_only=True)
+    assert set(obj) == {"model", "metadata"}  # the inputs' entry; no optimizer, no epoch
+    raw = obj["model"]
     assert set(raw) == {"emb.weight", "head.weight", "n"}
     assert raw["emb.weight"].data_ptr() == raw["head.weight"].data_ptr()  # still tied
     assert torch.equal(raw["emb.weight"], torch.ones(2, 2))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckptavg import options
 from ckptavg.data import get_dataset, make_loader
 from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
-from ckptavg.evaluation import predict, scores
+from ckptavg.evaluation import checkpoint_warnings, predict, scores
 from ckptavg.modelio import build_from_checkpoint
 from ckptavg.options import Split, check_choice
 from ckptavg.results import Result
@@ -37,6 +37,7 @@ class EnsembleResult(Result):
     loss: float
     samples: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = None,
@@ -44,12 +45,14 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
              model: str | None = None, model_kwargs: dict | None = None,
              batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
              device: str = options.DEVICE, input_key: str | None = None,
-             subset: int | None = None, progress=None) -> EnsembleResult:
+             subset: int | None = None, key: str | None = None, strip_prefix: str | None = None,
+             progress=None) -> EnsembleResult:
     """Accuracy and loss of the ensemble (mean of softmax) of `checkpoints`, and of each member.
 
     Args:
         checkpoints: files ckptavg reads (globs are expanded by the CLI, not here).
-        data, model: as for `evaluate`; the data set is the first checkpoint's unless given.
+        data, model, key, strip_prefix: as for `evaluate`; the data set is the first
+            checkpoint's unless given.
         progress: called with (members done, members).
 
     Returns:
@@ -63,10 +66,12 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
         raise CkptavgError("no checkpoints given to ensemble")
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    total, labels, members, data_name = None, None, [], data
+    total, labels, members, data_name, warnings = None, None, [], data, []
     loader = None
     for i, ckpt in enumerate(checkpoints):
-        net, _, _, name = build_from_checkpoint(ckpt, model, model_kwargs, data_name, data_dir)
+        net, _, meta, name = build_from_checkpoint(ckpt, model, model_kwargs, data_name, data_dir,
+                                                   key, strip_prefix)
+        warnings += checkpoint_warnings(os.fspath(ckpt), meta, name)
         if loader is None:
             data_name = name
             ds = get_dataset(name, split, data_dir, augment=False, download=download)
@@ -79,4 +84,4 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
             progress(i + 1, len(checkpoints))
     s = scores((total / len(checkpoints)).float(), labels)
     return EnsembleResult(data_name, split, members, len(checkpoints), s["accuracy"], s["loss"],
-                          s["samples"], time.perf_counter() - t0)
+                          s["samples"], time.perf_counter() - t0, warnings)

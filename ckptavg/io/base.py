@@ -200,6 +200,16 @@ def strip_keys(raw: list[str], strip_prefix: str | None, path: str) -> tuple[dic
     return mapping, removed
 
 
+AVERAGED_COUNT = "n_averaged"
+
+
+def is_averaged_model(raw: list[str]) -> bool:
+    """`torch.optim.swa_utils.AveragedModel(...).state_dict()`: `module.*` plus `n_averaged`,
+    the number of models averaged (a count, not a weight)."""
+    return AVERAGED_COUNT in raw and len(raw) > 1 and all(
+        k.startswith("module.") for k in raw if k != AVERAGED_COUNT)
+
+
 def tensor_identity(t: torch.Tensor) -> tuple | None:
     """Equal for two names of one tensor (same storage, offset, shape, strides, dtype);
     None for empty tensors, which share nothing."""
@@ -342,6 +352,7 @@ class ReaderBase:
     location: str = "<top level>"  # where in the file the weights were found
     others: tuple[str, ...] = ()  # other tensor dicts the file holds (torch files)
     removed_prefixes: tuple[str, ...] = ()
+    other_entries: tuple[str, ...] = ()  # a torch file's entries besides weights and metadata
     files: list[SourceFile]
     _names: dict[str, str]
 

@@ -21,6 +21,7 @@ import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
+    AVERAGED_COUNT,
     Position,
     ReaderBase,
     SourceFile,
@@ -29,6 +30,7 @@ from ckptavg.io.base import (
     drop_pages,
     fd_path,
     find_ties,
+    is_averaged_model,
     open_source,
     strip_keys,
     whole_number,
@@ -290,6 +292,9 @@ class TorchReader(ReaderBase):
         # Entries holding a class ckptavg did not import cannot be written back faithfully.
         self._extras = {k: top[k] for k in CARRIED if k in top and not _has_opaque(top[k])}
         self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
+        # Entries besides the weights and our metadata (optimizer, loops, configs).
+        self.other_entries = tuple(str(k) for k, v in top.items()
+                                   if v is not state and k != "metadata")
         self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
                             and _has_tensor(v)) if isinstance(obj, dict) else ()
         # Optimizer state, epochs, configs: never averaged, never copied.
@@ -298,6 +303,9 @@ class TorchReader(ReaderBase):
             if isinstance(v, torch.Tensor):
                 _check_tensor(path, k, v)
                 self._tensors[k] = v
+        if is_averaged_model(list(self._tensors)):
+            count = self._tensors.pop(AVERAGED_COUNT)
+            self._meta.setdefault("swa.n_averaged", str(int(count.item())))
         self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
         self.removed_prefixes = tuple(removed)
         self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})

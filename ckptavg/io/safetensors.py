@@ -17,6 +17,7 @@ import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
+    AVERAGED_COUNT,
     DTYPES,
     INDEX_NAME,
     ReaderBase,
@@ -25,6 +26,7 @@ from ckptavg.io.base import (
     clean_metadata,
     drop_pages,
     fd_path,
+    is_averaged_model,
     open_source,
     pread_exact,
     strip_keys,
@@ -171,6 +173,9 @@ class SafetensorsReader(ReaderBase):
             self._open(path, fd, src)
             if not self._where:
                 raise CheckpointError(f"{path}: holds no tensors; nothing to read")
+            if is_averaged_model(list(self._where)):
+                count = self._where.pop(AVERAGED_COUNT).read(AVERAGED_COUNT)
+                self._meta = {**self._meta, "swa.n_averaged": str(int(count.item()))}
             self._names, removed = strip_keys(list(self._where), strip_prefix, path)
         except BaseException:
             self.close()

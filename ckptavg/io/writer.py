@@ -380,17 +380,29 @@ class ShardedWriter(Writer):
 
 
 class TorchWriter(Writer):
-    """`{"state_dict": ..., "metadata": ...}` through torch.save; holds the model until close."""
+    """A torch.save file in its suffix's ecosystem layout; holds the model until close.
+
+    - `.bin`: a plain state dict, as Hugging Face's `from_pretrained` reads it (no place for
+      metadata: it is dropped; write .safetensors to keep it).
+    - `.pt`, `.pth`, `.ckpt`, `.tar`: `{entry: state dict, "metadata": ..., **extras}`, where
+      `entry` is where the newest input kept its weights (`state_dict`, `model`) and `extras`
+      its carried configuration (Lightning's version and hyper-parameters, so
+      `load_from_checkpoint` accepts a `.ckpt`; fairseq's cfg/args).
+    """
 
     keeps_tensors = True
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                 ties: dict[str, str] | None = None):
+                 ties: dict[str, str] | None = None, entry: str = "state_dict",
+                 extras: dict | None = None):
         self.path = path
         self._order = [s.key for s in specs]
         self._ties = dict(ties or {})
         self._state: dict[str, torch.Tensor] = {}
         self._metadata = dict(metadata)
+        self._entry = entry
+        self._extras = {k: v for k, v in (extras or {}).items() if k not in (entry, "metadata")}
+        self._plain = path.lower().endswith(".bin")
         self._out = AtomicFile(path)
         self.bytes_written = sum(s.nbytes for s in specs if s.key not in self._ties)
 
@@ -402,7 +414,9 @@ class TorchWriter(Writer):
         for k in self._order:
             # Tied names point at one tensor object, so torch.save stores one storage.
             state[k] = state[self._ties[k]] if k in self._ties else self._state[k]
-        torch.save({"state_dict": state, "metadata": self._metadata}, self._out.file)
+        obj = state if self._plain else {**self._extras, self._entry: state,
+                                         "metadata": self._metadata}
+        torch.save(obj, self._out.file)
         self._state.clear()
         self._out.commit()
 
@@ -413,15 +427,17 @@ class TorchWriter(Writer):
 
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 shard_size: int | None = None, ties: dict[str, str] | None = None,
-                inputs: Iterable[SourceFile] = ()) -> Writer:
+                inputs: Iterable[SourceFile] = (), entry: str = "state_dict",
+                extras: dict | None = None) -> Writer:
     """The writer that the output path's suffix asks for, after `check_output`.
 
-    Use it as a context manager: `with make_writer(...) as w: w.write(key, t)` commits
-    on a clean exit and leaves nothing behind on an error."""
+    `entry` and `extras` shape a torch output (see TorchWriter). Use it as a context
+    manager: `with make_writer(...) as w: w.write(key, t)` commits on a clean exit and
+    leaves nothing behind on an error."""
     kind = output_kind(path, shard_size)
     check_output(path, kind, inputs)
     if kind == "torch":
-        return TorchWriter(path, specs, metadata, ties)
+        return TorchWriter(path, specs, metadata, ties, entry, extras)
     if kind == "sharded":
         return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9)
     return SafetensorsWriter(path, specs, metadata)
