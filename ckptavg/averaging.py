@@ -26,7 +26,8 @@ import torch
 from ckptavg import __version__, options
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, make_writer, open_checkpoint
-from ckptavg.io.writer import Writer, check_output, exclusive_lock, output_kind
+from ckptavg.io.base import MAX_SIDE_FILE
+from ckptavg.io.writer import SIDE_FILES, Writer, check_output, exclusive_lock, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, check_choice
 from ckptavg.select import Candidate, close_all, open_candidates, refuse_shared_files, select
 
@@ -431,8 +432,11 @@ def average(
         result.warnings = [f"{p}: already folded into {into} (same fingerprint in its "
                            "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
         if not dry_run:
+            side, notes = side_files(readers) if kind == "sharded" else ({}, [])
+            result.warnings += notes
             with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
-                             inputs=protected, entry=plan.entry, extras=plan.extras) as writer:
+                             inputs=protected, entry=plan.entry, extras=plan.extras,
+                             side_files=side) as writer:
                 execute(plan, writer, progress=progress)
                 for r in readers:
                     r.check_unchanged()
@@ -464,6 +468,23 @@ def _result(plan: Plan, chosen: list[Candidate], into: str | None, output: str |
         step_sources=["running average"] * len(head) + [p.step_from for p in pos],
         into=into,
     )
+
+
+def side_files(readers: list[ReaderBase]) -> tuple[dict[str, bytes], list[str]]:
+    """The model-folder files (config.json, tokenizer files) of folder inputs, for a folder
+    output: the newest input's copy of each, with a warning naming any that differ."""
+    found: dict[str, list[bytes]] = {}
+    for r in readers:
+        if not os.path.isdir(r.path):
+            continue
+        for name in SIDE_FILES:
+            p = os.path.join(r.path, name)
+            if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) <= MAX_SIDE_FILE:
+                with open(p, "rb") as f:
+                    found.setdefault(name, []).append(f.read())
+    notes = [f"{name} differs between the input folders; the newest input's copy was taken"
+             for name, copies in found.items() if len(set(copies)) > 1]
+    return {name: copies[-1] for name, copies in found.items()}, notes
 
 
 def _not_yet_folded(chosen: list[Candidate], prior: list) -> tuple[list[Candidate], list[str]]:

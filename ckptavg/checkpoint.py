@@ -77,6 +77,7 @@ class InspectResult(Result):
     format: str
     location: str | None  # where in a torch file the state dict was found
     other_tensor_dicts: list[str]
+    other_entries: list[str]  # a torch file's entries besides the weights (optimizer, ...)
     removed_prefixes: list[str]
     tensors: int
     parameters: int
@@ -107,7 +108,8 @@ def inspect(path: str | os.PathLike, key: str | None = None,
         for i in infos.values():
             by_dtype[str(i.dtype).replace("torch.", "")] += i.nbytes
         return InspectResult(
-            path, r.format, r.location, list(r.others), list(r.removed_prefixes), len(infos),
+            path, r.format, r.location, list(r.others), list(r.other_entries),
+            list(r.removed_prefixes), len(infos),
             sum(i.numel for i in infos.values()), sum(by_dtype.values()), dict(by_dtype),
             r.ties(), r.metadata(),
             [{"key": k, "shape": list(i.shape), "dtype": str(i.dtype).replace("torch.", "")}

@@ -308,6 +308,15 @@ def _inspect_lines(info, n_keys):
            f"{human_bytes(info.bytes)}")
     for dt, b in sorted(info.bytes_per_dtype.items()):
         yield f"  {dt:<10} {human_bytes(b)}"
+    if info.location not in (None, "<top level>"):
+        yield f"weights from entry: {info.location}"
+    if info.removed_prefixes:
+        yield f"prefixes removed: {', '.join(info.removed_prefixes)}"
+    if info.other_tensor_dicts:
+        yield (f"other tensor dicts: {', '.join(info.other_tensor_dicts)} "
+               "(pick one with --key)")
+    if info.other_entries:
+        yield f"other entries (never averaged): {', '.join(info.other_entries)}"
     if info.tied:
         yield f"tied: {', '.join(f'{a} -> {b}' for a, b in info.tied.items())}"
     if info.metadata:

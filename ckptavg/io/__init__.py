@@ -11,6 +11,8 @@ import stat
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
+    BIN_INDEX_NAME,
+    BIN_NAME,
     INDEX_NAME,
     TORCH_SUFFIXES,
     ReaderBase,
@@ -18,6 +20,7 @@ from ckptavg.io.base import (
     TensorSpec,
     open_source,
 )
+from ckptavg.io.folder import TorchFolderReader
 from ckptavg.io.pt import TorchReader
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
 from ckptavg.io.writer import make_writer
@@ -43,10 +46,21 @@ def _folder_kind(path: str) -> str:
         return "safetensors-sharded"
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return "safetensors-folder"
-    found = sorted(os.listdir(path))[:5]
+    if os.path.exists(os.path.join(path, BIN_INDEX_NAME)):
+        return "torch-sharded"
+    if os.path.exists(os.path.join(path, BIN_NAME)):
+        return "torch-folder"
+    found = sorted(os.listdir(path))
+    if ".metadata" in found and any(f.endswith(".distcp") for f in found):
+        raise CheckpointError(
+            f"{path}: is a torch.distributed.checkpoint (DCP) folder, which ckptavg does not "
+            "read yet; consolidate it first (torch.distributed.checkpoint.format_utils."
+            "dcp_to_torch_save) and average the result"
+        )
     raise CheckpointError(
-        f"{path}: folder has no {INDEX_NAME} or model.safetensors (it holds: "
-        f"{', '.join(found) or 'nothing'}); to average the files in it, pass them: "
+        f"{path}: folder has no {INDEX_NAME}, model.safetensors, {BIN_INDEX_NAME} or "
+        f"{BIN_NAME} (it holds: {', '.join(found[:5]) or 'nothing'}"
+        f"{', ...' if len(found) > 5 else ''}); to average the files in it, pass them: "
         f"{path}/*.safetensors"
     )
 
@@ -105,6 +119,11 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
     """
     path = os.fspath(path)
     kind, fd, src = _classify(path)
+    if kind in ("torch-folder", "torch-sharded"):
+        if key is not None:
+            raise CheckpointError(f"{path}: a Hugging Face folder holds plain state dicts, with "
+                                  f"no entry {key!r} to pick; drop the key")
+        return TorchFolderReader(path, strip_prefix=strip_prefix)
     if kind.startswith("safetensors"):
         if key is not None:
             if fd is not None:

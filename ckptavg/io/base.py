@@ -20,6 +20,8 @@ import torch
 from ckptavg.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"  # Hugging Face's sharded torch layout
+BIN_NAME = "pytorch_model.bin"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 # Wrapper prefixes added by DataParallel/DDP (module.) and torch.compile (_orig_mod.).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -289,6 +291,27 @@ def trainer_state_position(folder: str) -> Position:
     where = f"{TRAINER_STATE} {{}}"
     return Position(epoch, step, where.format("epoch") if epoch is not None else "",
                     where.format("global_step") if step is not None else "")
+
+
+def read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(tensor name -> shard file name, metadata) of a Hugging Face index file, checked:
+    every shard is a plain file name in the index's folder."""
+    fd, _ = open_source(index_path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            index = json.loads(f.read(MAX_SIDE_FILE + 1).decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{index_path}: corrupt index (not JSON)") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: corrupt index (no weight_map)")
+    for k, v in weight_map.items():
+        if not isinstance(v, str) or os.path.basename(v) != v or v in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: tensor {k!r} maps to {v!r}, not a shard file "
+                                  "name in the folder; the index is corrupt")
+    meta = clean_metadata(index.get("metadata") or {})
+    meta.pop("total_size", None)
+    return weight_map, meta
 
 
 FINGERPRINT_BLOCK = 1 << 16

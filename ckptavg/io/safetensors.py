@@ -23,12 +23,12 @@ from ckptavg.io.base import (
     ReaderBase,
     SourceFile,
     TensorSpec,
-    clean_metadata,
     drop_pages,
     fd_path,
     is_averaged_model,
     open_source,
     pread_exact,
+    read_index,
     strip_keys,
 )
 
@@ -139,25 +139,6 @@ class _MappedFile:
         self.bytes = None  # unmapped when the last view of it goes
 
 
-def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
-    fd, _ = open_source(index_path)
-    try:
-        with os.fdopen(fd, "rb") as f:
-            index = json.loads(f.read(MAX_HEADER + 1).decode("utf-8"))
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{index_path}: corrupt index (not JSON)") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: corrupt index (no weight_map)")
-    for k, v in weight_map.items():
-        if not isinstance(v, str) or os.path.basename(v) != v or v in ("", ".", ".."):
-            raise CheckpointError(f"{index_path}: tensor {k!r} maps to {v!r}, not a shard file "
-                                  "name in the folder; the index is corrupt")
-    meta = clean_metadata(index.get("metadata") or {})
-    meta.pop("total_size", None)
-    return weight_map, meta
-
-
 class SafetensorsReader(ReaderBase):
     """A safetensors file, a sharded folder (index + shards), or a folder with
     model.safetensors. Pass `fd`/`src` when the file is already open (it is taken over)."""
@@ -197,7 +178,7 @@ class SafetensorsReader(ReaderBase):
 
     def _open_sharded(self, path: str, index_path: str) -> None:
         self.format = "safetensors-sharded"
-        weight_map, meta = _read_index(index_path)
+        weight_map, meta = read_index(index_path)
         for name in sorted(set(weight_map.values())):
             shard = os.path.join(path, name)
             self._add(shard, *open_source(shard), expected=weight_map)

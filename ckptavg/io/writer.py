@@ -30,6 +30,15 @@ from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, Tenso
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
+# Non-weight files of a Hugging Face model folder, copied into a folder output so that
+# `from_pretrained(output)` works. Only these names, never code or training state.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+              "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+              "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
+SIDE_FILES_KEY = "ckptavg.side_files"
+
+
 def output_kind(path: str, shard_size: int | None = None) -> str:
     """'safetensors', 'sharded' or 'torch' from the output path."""
     lower = path.lower()
@@ -63,9 +72,12 @@ def _ours(folder: str) -> list[str]:
     if INDEX_NAME in entries:
         try:
             with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
+                content = json.load(f)
+            weight_map = content.get("weight_map", {})
             listed = {v for v in weight_map.values() if isinstance(v, str)}
-        except (OSError, ValueError, AttributeError):
+            side = json.loads(content.get("metadata", {}).get(SIDE_FILES_KEY, "[]"))
+            listed |= {n for n in side if isinstance(n, str) and n in SIDE_FILES}
+        except (OSError, ValueError, AttributeError, TypeError):
             listed = set()
     for name in entries:
         full = os.path.join(folder, name)
@@ -314,8 +326,9 @@ class ShardedWriter(Writer):
     (checked again just before the swap)."""
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                 shard_size: int):
+                 shard_size: int, side_files: dict[str, bytes] | None = None):
         self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
+        self._side = dict(side_files or {})
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise OutputError(f"{path}: folder {parent} does not exist; create it first")
@@ -354,7 +367,13 @@ class ShardedWriter(Writer):
         if self._current is not None:
             self._current.close()
         weight_map = {s.key: self._names[i] for i, shard in enumerate(self._shards) for s in shard}
-        index = {"metadata": {"total_size": self.bytes_written, **self._metadata},
+        for name, data in self._side.items():  # config.json, tokenizer files, ...
+            with open(os.path.join(self._tmp, name), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        extra = {SIDE_FILES_KEY: json.dumps(sorted(self._side))} if self._side else {}
+        index = {"metadata": {"total_size": self.bytes_written, **self._metadata, **extra},
                  "weight_map": weight_map}
         index_path = os.path.join(self._tmp, INDEX_NAME)
         with open(index_path, "w") as f:  # an OSError here is named by close()
@@ -428,10 +447,11 @@ class TorchWriter(Writer):
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 shard_size: int | None = None, ties: dict[str, str] | None = None,
                 inputs: Iterable[SourceFile] = (), entry: str = "state_dict",
-                extras: dict | None = None) -> Writer:
+                extras: dict | None = None, side_files: dict[str, bytes] | None = None) -> Writer:
     """The writer that the output path's suffix asks for, after `check_output`.
 
-    `entry` and `extras` shape a torch output (see TorchWriter). Use it as a context
+    `entry` and `extras` shape a torch output (see TorchWriter); `side_files` (name ->
+    bytes, names from SIDE_FILES) go into a folder output. Use it as a context
     manager: `with make_writer(...) as w: w.write(key, t)` commits on a clean exit and
     leaves nothing behind on an error."""
     kind = output_kind(path, shard_size)
@@ -439,7 +459,7 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     if kind == "torch":
         return TorchWriter(path, specs, metadata, ties, entry, extras)
     if kind == "sharded":
-        return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9)
+        return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9, side_files)
     return SafetensorsWriter(path, specs, metadata)
 
 

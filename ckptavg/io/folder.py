@@ -1,0 +1,93 @@
+"""Hugging Face folders of torch files: `pytorch_model.bin`, or shards listed by
+`pytorch_model.bin.index.json`. Each shard is a TorchReader (weights-only, mapped); key
+prefixes are stripped once over the union of the shards' keys."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ckptavg.errors import CheckpointError
+from ckptavg.io.base import (
+    BIN_INDEX_NAME,
+    BIN_NAME,
+    ReaderBase,
+    TensorSpec,
+    find_ties,
+    read_index,
+    strip_keys,
+)
+from ckptavg.io.pt import TorchReader
+
+
+class TorchFolderReader(ReaderBase):
+    """A folder holding `pytorch_model.bin` or an index and its `.bin` shards."""
+
+    format = "torch-folder"
+
+    def __init__(self, path: str, strip_prefix: str | None = None):
+        self.path = path
+        self._shards: list[TorchReader] = []
+        self._where: dict[str, TorchReader] = {}
+        try:
+            self._open(path)
+            self._names, removed = strip_keys(list(self._where), strip_prefix, path)
+        except BaseException:
+            self.close()
+            raise
+        self.removed_prefixes = tuple(removed)
+        self.files = [f for r in self._shards for f in r.files]
+        self._ties = find_ties({k: self._where[raw].read(raw) for k, raw in self._names.items()})
+
+    def _open(self, path: str) -> None:
+        index_path = os.path.join(path, BIN_INDEX_NAME)
+        if not os.path.exists(index_path):
+            self._add(os.path.join(path, BIN_NAME), None)
+            self._meta = {}
+            return
+        self.format = "torch-sharded"
+        weight_map, self._meta = read_index(index_path)
+        for name in sorted(set(weight_map.values())):
+            self._add(os.path.join(path, name), weight_map)
+        missing = [k for k in weight_map if k not in self._where]
+        if missing:
+            raise CheckpointError(f"{index_path}: lists tensor {missing[0]!r} in "
+                                  f"{weight_map[missing[0]]}, which does not hold it; "
+                                  "the folder is incomplete")
+
+    def _add(self, file: str, expected: dict | None) -> None:
+        r = TorchReader(file, strip_prefix=None)
+        self._shards.append(r)
+        for raw in r.keys():
+            if raw in self._where:
+                raise CheckpointError(f"{file}: tensor {raw!r} is also in "
+                                      f"{self._where[raw].path}; the folder is corrupt")
+            if expected is not None and expected.get(raw) != os.path.basename(file):
+                raise CheckpointError(f"{file}: holds tensor {raw!r} that the index does not "
+                                      "place in this shard; the folder is corrupt")
+            self._where[raw] = r
+
+    def info(self, key: str) -> TensorSpec:
+        raw = self._raw(key)
+        spec = self._where[raw].info(raw)
+        return TensorSpec(key, spec.shape, spec.dtype)
+
+    def read(self, key: str) -> torch.Tensor:
+        raw = self._raw(key)
+        return self._where[raw].read(raw)
+
+    def release(self, key: str) -> None:
+        raw = self._raw(key)
+        self._where[raw].release(raw)
+
+    def ties(self) -> dict[str, str]:
+        return dict(self._ties)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def close(self) -> None:
+        for r in self._shards:
+            r.close()
+        self._shards = []

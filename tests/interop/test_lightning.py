@@ -1,0 +1,79 @@
+"""Lightning: ModelCheckpoint files in, a .ckpt that load_from_checkpoint accepts out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from tests.interop.conftest import assert_matches, cli_ok, float64_mean
+
+L = pytest.importorskip("lightning")
+
+
+@dataclass
+class Cfg:  # a config object among the hyper-parameters: not on any allowlist
+    width: int = 4
+
+
+class Net(L.LightningModule):
+    def __init__(self, width: int = 4, cfg: Cfg | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = nn.Sequential(nn.Linear(3, width), nn.BatchNorm1d(width), nn.ReLU(),
+                                   nn.Linear(width, 2))
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _fit(folder, cfg=None):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3), torch.randint(0, 2, (64,)))
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_top_k=-1)
+    trainer = L.Trainer(max_epochs=4, callbacks=[saver], logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Net(width=6, cfg=cfg), torch.utils.data.DataLoader(data, batch_size=16))
+    return sorted(folder.glob("*.ckpt"))
+
+
+def _state(path):
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_lightning_checkpoints_average_into_a_loadable_ckpt(tmp_path):
+    files = _fit(tmp_path / "ck")
+    assert [f.name for f in files] == [f"epoch={e}-step={4 * (e + 1)}.ckpt" for e in range(4)]
+    out = tmp_path / "swa.ckpt"
+    plan = json.loads(cli_ok("average", *files, "--from-epoch", 2, "--dry-run", "--json"))
+    assert plan["epochs"] == [2, 3] and plan["steps"] == [12, 16]  # not the step as epoch
+    cli_ok("average", *files, "--from-epoch", 2, "-o", out)
+    loaded = Net.load_from_checkpoint(out)  # Lightning's own loader, strict
+    assert loaded.hparams.width == 6
+    assert_matches(loaded.state_dict(), float64_mean([_state(f) for f in files[2:]]))
+    raw = torch.load(out, weights_only=False)
+    assert "optimizer_states" not in raw and "loops" not in raw and "callbacks" not in raw
+
+
+def test_a_config_class_in_the_hyper_parameters_is_not_imported(tmp_path):
+    files = _fit(tmp_path / "ck", cfg=Cfg(6))
+    out = tmp_path / "swa.ckpt"
+    cli_ok("average", *files, "-o", out)
+    raw = torch.load(out, weights_only=True)  # nothing outside the allowlist was written
+    assert "hyper_parameters" not in raw
+    loaded = Net.load_from_checkpoint(out, width=6, cfg=Cfg(6))
+    assert_matches(loaded.state_dict(), float64_mean([_state(f) for f in files]))
+
+
+def test_inspect_says_where_the_weights_are(tmp_path):
+    files = _fit(tmp_path / "ck")
+    out = json.loads(cli_ok("inspect", files[-1], "--strip-prefix", "model.", "--json"))
+    assert out["location"] == "state_dict" and out["removed_prefixes"] == ["model."]
+    assert "optimizer_states" in out["other_entries"]

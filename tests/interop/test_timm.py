@@ -1,0 +1,56 @@
+"""timm: CheckpointSaver files (with ModelEmaV3 weights) in, create_model(checkpoint_path=)
+on the output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.interop.conftest import assert_matches, cli_ok, float64_mean
+
+timm = pytest.importorskip("timm")
+from timm.utils import CheckpointSaver, ModelEmaV3  # noqa: E402
+
+ARCH = "test_resnet"
+
+
+def _run(folder, epochs=4):
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=3)
+    ema = ModelEmaV3(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    saver = CheckpointSaver(model, opt, model_ema=ema, checkpoint_dir=str(folder),
+                            recovery_dir=str(folder), max_history=epochs)
+    for epoch in range(epochs):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        saver.save_checkpoint(epoch, metric=float(epoch % 3))
+    return sorted(folder.glob("checkpoint-*.pth.tar"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+
+
+def test_last_and_best_are_copies_and_refused(tmp_path):
+    _run(tmp_path)
+    files = sorted(tmp_path.glob("*.pth.tar"))
+    assert {"last.pth.tar", "model_best.pth.tar"} <= {f.name for f in files}
+    proc = run_cli("average", *files, "-o", tmp_path / "avg.pth")
+    assert proc.returncode == 1 and "counted twice" in proc.stderr
+    assert not (tmp_path / "avg.pth").exists()
+
+
+def test_ema_weights_average_and_timm_loads_them(tmp_path):
+    files = _run(tmp_path)
+    plan = json.loads(cli_ok("average", *files, "--key", "state_dict_ema", "--dry-run", "--json"))
+    assert plan["epochs"] == [0, 1, 2, 3]
+    assert set(plan["epoch_sources"]) == {"checkpoint entry 'epoch'"}
+    out = tmp_path / "avg.pth"
+    cli_ok("average", *files, "--key", "state_dict_ema", "--from-epoch", 1, "-o", out)
+    model = timm.create_model(ARCH, num_classes=3, checkpoint_path=str(out))
+    want = float64_mean([torch.load(f, weights_only=False)["state_dict_ema"] for f in files[1:]])
+    assert_matches(model.state_dict(), want)
