@@ -44,7 +44,7 @@ DATASETS = tuple(INFO)
 
 def default_data_dir() -> str:
     if os.environ.get("CKPTAVG_DATA"):
-        return os.environ["CKPTAVG_DATA"]
+        return os.path.expanduser(os.environ["CKPTAVG_DATA"])
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "ckptavg", "data")
 
@@ -278,7 +278,7 @@ def _user(spec: str, split: str, augment: bool):
 def get_dataset(name: str, split: str = "train", data_dir: str | None = None,
                 augment: bool = False, download: bool = False):
     """A Dataset (or a user's DataLoader) for `name` and `split` ('train' or 'test')."""
-    root = data_dir or default_data_dir()
+    root = os.path.expanduser(data_dir) if data_dir else default_data_dir()
     if split not in ("train", "test"):
         raise DataError(f"split {split!r}: use train or test")
     if ":" in name:
