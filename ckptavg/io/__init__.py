@@ -20,6 +20,7 @@ from ckptavg.io.base import (
     TensorSpec,
     open_source,
 )
+from ckptavg.io.dcp import DCPReader, is_dcp_folder
 from ckptavg.io.folder import TorchFolderReader
 from ckptavg.io.pt import TorchReader
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
@@ -50,16 +51,12 @@ def _folder_kind(path: str) -> str:
         return "torch-sharded"
     if os.path.exists(os.path.join(path, BIN_NAME)):
         return "torch-folder"
+    if is_dcp_folder(path):
+        return "dcp"
     found = sorted(os.listdir(path))
-    if ".metadata" in found and any(f.endswith(".distcp") for f in found):
-        raise CheckpointError(
-            f"{path}: is a torch.distributed.checkpoint (DCP) folder, which ckptavg does not "
-            "read yet; consolidate it first (torch.distributed.checkpoint.format_utils."
-            "dcp_to_torch_save) and average the result"
-        )
     raise CheckpointError(
-        f"{path}: folder has no {INDEX_NAME}, model.safetensors, {BIN_INDEX_NAME} or "
-        f"{BIN_NAME} (it holds: {', '.join(found[:5]) or 'nothing'}"
+        f"{path}: folder has no {INDEX_NAME}, model.safetensors, {BIN_INDEX_NAME}, "
+        f"{BIN_NAME} or DCP .metadata (it holds: {', '.join(found[:5]) or 'nothing'}"
         f"{', ...' if len(found) > 5 else ''}); to average the files in it, pass them: "
         f"{path}/*.safetensors"
     )
@@ -119,6 +116,8 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
     """
     path = os.fspath(path)
     kind, fd, src = _classify(path)
+    if kind == "dcp":
+        return DCPReader(path, key=key, strip_prefix=strip_prefix)
     if kind in ("torch-folder", "torch-sharded"):
         if key is not None:
             raise CheckpointError(f"{path}: a Hugging Face folder holds plain state dicts, with "

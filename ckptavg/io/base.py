@@ -20,6 +20,8 @@ import torch
 from ckptavg.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+# Where training checkpoints keep the model's weights, in the order they are tried.
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"  # Hugging Face's sharded torch layout
 BIN_NAME = "pytorch_model.bin"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")

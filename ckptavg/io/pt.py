@@ -22,6 +22,7 @@ import torch
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
     AVERAGED_COUNT,
+    STATE_DICT_KEYS,
     Position,
     ReaderBase,
     SourceFile,
@@ -36,8 +37,6 @@ from ckptavg.io.base import (
     whole_number,
 )
 
-# Where training checkpoints keep the model's weights, in the order they are tried.
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network")
 # Top-level configuration entries carried into a torch output of the same ecosystem:
 # Lightning's (load_from_checkpoint needs the version and rebuilds from the hyper-parameters)
 # and fairseq's cfg/args. Optimizer, loop and callback state never are.

@@ -1,0 +1,174 @@
+"""torch.distributed.checkpoint (DCP) folders, as FSDP and `dcp.save` write them: a pickled
+`.metadata` and one or more `*.distcp` files holding each tensor chunk as a torch.save blob.
+
+Read without a process group, tensor by tensor: a tensor's chunks (one per rank that held a
+shard of it) are loaded weights-only from their byte ranges and placed at their offsets.
+`.metadata` is a pickle: it is read with an unpickler that admits only DCP's own metadata
+classes, torch dtypes/sizes and pathlib paths. Nested state dicts are flattened by DCP; the
+weights are the entry `state_dict`, `model`, ... (as in a torch file), or `--key`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+
+import torch
+
+from ckptavg.errors import CheckpointError
+from ckptavg.io.base import (
+    STATE_DICT_KEYS,
+    ReaderBase,
+    TensorSpec,
+    open_source,
+    pread_exact,
+    strip_keys,
+)
+
+METADATA = ".metadata"
+_DCP = "torch.distributed.checkpoint."
+_ALLOWED = {
+    _DCP + "metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                        "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                        "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    _DCP + "filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+}
+
+
+def is_dcp_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, METADATA)) and any(
+        n.endswith(".distcp") for n in os.listdir(path))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                               torch.dtype)):
+            return getattr(torch, name)
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+
+def _read_metadata(path: str):
+    file = os.path.join(path, METADATA)
+    fd, src = open_source(file)
+    try:
+        raw = pread_exact(fd, src.size, 0, file)
+    finally:
+        os.close(fd)
+    try:
+        meta = _MetadataUnpickler(io.BytesIO(raw)).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused to unpickle {str(e).replace('GLOBAL ', 'the global ')}"
+                              " (DCP metadata holds only DCP's own classes)") from None
+    except Exception as e:  # a truncated or garbled pickle
+        raise CheckpointError(f"{file}: corrupt DCP metadata ({type(e).__name__})") from None
+    if not hasattr(meta, "state_dict_metadata") or not hasattr(meta, "storage_data"):
+        raise CheckpointError(f"{file}: not DCP metadata")
+    return meta, src
+
+
+class DCPReader(ReaderBase):
+    """A torch.distributed.checkpoint folder."""
+
+    format = "dcp"
+
+    def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None):
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.path = path
+        self._fds: dict[str, int] = {}
+        meta, meta_src = _read_metadata(path)
+        self.files = [meta_src]
+        try:
+            tensors = {fqn: m for fqn, m in meta.state_dict_metadata.items()
+                       if isinstance(m, TensorStorageMetadata)}
+            self._chunks: dict[str, list] = {fqn: [] for fqn in tensors}
+            for index, info in meta.storage_data.items():
+                if index.fqn in self._chunks:
+                    if getattr(info, "transform_descriptors", None):
+                        raise CheckpointError(f"{path}: tensor {index.fqn!r} is stored "
+                                              "transformed (compressed); ckptavg reads plain DCP")
+                    self._chunks[index.fqn].append((index.offset, self._open(info.relative_path),
+                                                    info.offset, info.length))
+            planner = getattr(meta, "planner_data", None) or {}
+            wanted, self.location = _weights_entry(tensors, planner, key, path)
+            self._meta_of = {public: tensors[fqn] for public, fqn in wanted.items()}
+            self._fqn = wanted
+            self._names, removed = strip_keys(list(wanted), strip_prefix, path)
+            self.removed_prefixes = tuple(removed)
+            self.other_entries = tuple(sorted({tuple(planner.get(f, (f,)))[0] for f in tensors
+                                               if f not in wanted.values()}))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, relative: str) -> tuple[int, str]:
+        if os.path.basename(relative) != relative or relative in ("", ".", ".."):
+            raise CheckpointError(f"{self.path}: DCP metadata names {relative!r}, not a file in "
+                                  "the folder; the checkpoint is corrupt")
+        file = os.path.join(self.path, relative)
+        if file not in self._fds:
+            fd, src = open_source(file)
+            self._fds[file] = fd
+            self.files.append(src)
+        return self._fds[file], file
+
+    def info(self, key: str) -> TensorSpec:
+        m = self._meta_of[self._raw(key)]
+        return TensorSpec(key, tuple(m.size), m.properties.dtype)
+
+    def read(self, key: str) -> torch.Tensor:
+        raw = self._raw(key)
+        m, fqn = self._meta_of[raw], self._fqn[raw]
+        out = torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        covered = 0
+        for offsets, (fd, file), start, length in self._chunks[fqn]:
+            blob = pread_exact(fd, length, start, file)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    chunk = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{file}: chunk of {fqn!r} at byte {start} cannot be "
+                                      f"loaded ({type(e).__name__}); the checkpoint is corrupt") from None
+            if not isinstance(chunk, torch.Tensor) or chunk.dtype != out.dtype or \
+                    chunk.dim() != out.dim():
+                raise CheckpointError(f"{file}: chunk of {fqn!r} is not a {out.dtype} tensor of "
+                                      f"{out.dim()} dims; the checkpoint is corrupt")
+            view = out
+            for d, (o, n) in enumerate(zip(offsets, chunk.shape)):
+                if o + n > out.shape[d]:
+                    raise CheckpointError(f"{file}: chunk of {fqn!r} lies outside the tensor")
+                view = view.narrow(d, o, n)
+            view.copy_(chunk)
+            covered += chunk.numel()
+        if covered != out.numel():
+            raise CheckpointError(f"{self.path}: the chunks of {fqn!r} cover {covered} of "
+                                  f"{out.numel()} values; the checkpoint is incomplete")
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def _weights_entry(tensors: dict, planner: dict, key: str | None,
+                   path: str) -> tuple[dict[str, str], str]:
+    """(public name -> DCP fqn, entry): the weights among DCP's flattened entries."""
+    paths = {fqn: tuple(planner.get(fqn, (fqn,))) for fqn in tensors}
+    tops = {p[0] for p in paths.values() if len(p) > 1}
+    if key is None and not tops:
+        return {fqn: fqn for fqn in tensors}, "<top level>"
+    entry = key if key is not None else next((k for k in STATE_DICT_KEYS if k in tops), None)
+    if entry is None or entry not in tops:
+        raise CheckpointError(f"{path}: no entry {entry or 'holding the weights'!r} among the "
+                              f"DCP entries {', '.join(sorted(tops)) or '(none)'}; name one (--key)")
+    return {".".join(map(str, p[1:])): fqn for fqn, p in paths.items()
+            if p[0] == entry and len(p) > 1}, entry

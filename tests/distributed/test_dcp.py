@@ -1,0 +1,71 @@
+"""torch.distributed.checkpoint folders written by 2 real ranks (gloo, 127.0.0.1), read with
+no process group; DCP's pickled .metadata admits only DCP's own classes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptavg
+from ckptavg.errors import CheckpointError
+from tests.conftest import ROOT
+from tests.interop.conftest import assert_matches, float64_mean
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dcp")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", os.path.join(ROOT, "tests", "distributed",
+                                                                 "write_dcp.py"), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_sharded_dcp_checkpoints_average_like_their_full_tensors(dcp_run, tmp_path):
+    folders = [dcp_run / f"step-{e}00" for e in (1, 2, 3)]
+    assert len([f for f in os.listdir(folders[0]) if f.endswith(".distcp")]) == 2  # two ranks
+    r = ckptavg.average(folders, tmp_path / "avg.safetensors", from_step=200)
+    assert r.steps == [200, 300]
+    got, _ = ckptavg.load(tmp_path / "avg.safetensors")
+    fulls = [torch.load(dcp_run / f"full-{e}.pt", weights_only=True) for e in (2, 3)]
+    assert_matches(got, float64_mean(fulls))
+
+
+def test_inspect_names_the_entries(dcp_run):
+    info = ckptavg.inspect(dcp_run / "step-100")
+    assert info.format == "dcp" and info.location == "model" and info.other_entries == ["optim"]
+    assert [k["key"] for k in info.keys] == ["layer.weight", "layer.bias", "bn.num_batches_tracked"]
+
+
+def test_metadata_naming_code_is_refused(tmp_path):
+    d = tmp_path / "evil"
+    d.mkdir()
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (d / ".metadata").write_bytes(pickle.dumps(Evil()))
+    (d / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="refused to unpickle the global posix.system"):
+        ckptavg.inspect(d)
+    assert not marker.exists()
+
+
+def test_a_missing_chunk_file_is_named(dcp_run, tmp_path):
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(dcp_run / "step-100", d)
+    os.unlink(d / "__1_0.distcp")
+    with pytest.raises(CheckpointError, match="__1_0.distcp: no such file"):
+        ckptavg.inspect(d)
