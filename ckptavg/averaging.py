@@ -348,6 +348,9 @@ def average(
     last: int | None = None,
     every: int | None = None,
     cycle_ends: bool = False,
+    best: int | None = None,
+    metric: str | None = None,
+    lowest: bool = False,
     key: str | None = None,
     strip_prefix: str | None = None,
     accumulate: Accumulate = options.ACCUMULATE,
@@ -371,6 +374,9 @@ def average(
         from_epoch, to_epoch, from_step, to_step, last, every, cycle_ends: input selection
             (see select.py; epochs and steps come from metadata, the checkpoint's own entries
             or the name, and a step is never taken for an epoch).
+        best, metric, lowest: keep the `best` inputs by a stored metric (metadata such as
+            train.val_acc, or a number in the checkpoint such as timm's `metric`), highest
+            first unless `lowest`.
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
 
@@ -403,7 +409,8 @@ def average(
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
         cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
         stack.callback(close_all, cands)
-        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step)
+        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step,
+                        best, metric, lowest)
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
         if locked is not None:

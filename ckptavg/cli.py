@@ -66,25 +66,35 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-@contextmanager
-def progress_bar(quiet: bool, desc: str, unit: str = "B"):
-    """A progress callback `(done, total)` drawing tqdm on stderr when it is a terminal."""
-    from tqdm import tqdm
+class _Bar:
+    """A progress callback `(done, total)` over tqdm; `describe(text)` names the current step."""
 
-    disable = quiet or not sys.stderr.isatty()
-    scale = unit == "B"
-    bar = tqdm(total=None, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-               disable=disable, file=sys.stderr, leave=False, dynamic_ncols=True)
+    def __init__(self, bar):
+        self.bar = bar
 
-    def update(done: int, total: int) -> None:
+    def __call__(self, done: int, total: int) -> None:
+        bar = self.bar
         if done < bar.n:  # a new pass (the next epoch): start the bar again
             bar.reset(total=total)
         elif bar.total != total:
             bar.total = total
         bar.update(done - bar.n)
 
+    def describe(self, text: str) -> None:
+        self.bar.set_description_str(text)
+
+
+@contextmanager
+def progress_bar(quiet: bool, desc: str, unit: str = "B"):
+    """A `_Bar` drawing tqdm on stderr when it is a terminal (nothing otherwise)."""
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    scale = unit == "B"
+    bar = tqdm(total=None, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
+               disable=disable, file=sys.stderr, leave=False, dynamic_ncols=True)
     try:
-        yield update
+        yield _Bar(bar)
     finally:
         bar.close()
 
@@ -101,8 +111,9 @@ def emit_json(obj) -> None:
 
 
 def emit(result, as_json: bool, quiet: bool, text) -> None:
-    """Print a result: its JSON, or `text(result)` lines unless quiet. Warnings go to stderr."""
-    for w in getattr(result, "warnings", []):
+    """Print a result: its JSON, or `text(result)` lines unless quiet. Warnings go to stderr
+    unless quiet (they are in the JSON too)."""
+    for w in [] if quiet else getattr(result, "warnings", []):
         click.echo(f"ckptavg: warning: {w}", err=True)
     if as_json:
         emit_json(result.to_dict())
@@ -239,9 +250,15 @@ def cli() -> None:
 @click.option("--last", type=int, help="Keep only the last N inputs (after the other filters).")
 @click.option("--every", type=int, help="Keep every K-th input, starting with the first.")
 @click.option("--cycle-ends", is_flag=True, help="Keep inputs whose metadata marks a cycle end.")
+@click.option("--best", type=click.IntRange(min=1), help="Keep the N inputs with the best --metric.")
+@click.option("--metric", help="Stored score to rank by: a metadata key (train.val_acc) or a "
+              "number in the checkpoint (timm's metric).")
+@click.option("--lowest", is_flag=True, help="With --best: lower is better (a loss).")
 @click.option("--weights", callback=_weights,
               help="Comma-separated weights, one per selected input (normalised).")
-@click.option("--ema", type=float, help="Exponential weights with this decay; newest heaviest.")
+@click.option("--ema", type=float, help="Exponential moving average with this decay, as torch's "
+              "AveragedModel EMA: the oldest input seeds it, each later one is folded in with "
+              "weight 1-decay (so with few inputs the oldest can weigh most).")
 @input_options
 @click.option("--accumulate", type=click.Choice(options.choices(options.Accumulate)),
               default=options.ACCUMULATE, show_default=True, help="Precision of the running sum.")
@@ -294,12 +311,12 @@ def _average_lines(r):
 @click.option("--keys", "n_keys", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many keys to list (0: all).")
 @input_options
-@json_option
-def inspect(path, n_keys, key, strip_prefix, as_json):
+@output_options
+def inspect(path, n_keys, key, strip_prefix, as_json, quiet):
     """Show a checkpoint's format, tensors, sizes per dtype and metadata."""
     from ckptavg.checkpoint import inspect as run
 
-    emit(run(path, key=key, strip_prefix=strip_prefix), as_json, False,
+    emit(run(path, key=key, strip_prefix=strip_prefix), as_json, quiet,
          lambda info: _inspect_lines(info, n_keys))
 
 
@@ -398,14 +415,16 @@ def ensemble_cmd(checkpoints, as_json, quiet, **kwargs):
 
 
 @cli.command("models")
-@json_option
-def models_cmd(as_json):
+@output_options
+def models_cmd(as_json, quiet):
     """List the registered model names (also: torchvision:NAME, timm:NAME, package.module:factory)."""
     from ckptavg.models import describe, list_models
 
     names = list_models()
     if as_json:
         emit_json(names)
+        return
+    if quiet:
         return
     for n in names:
         click.echo(f"{n:<18} {describe(n)}")
@@ -421,8 +440,10 @@ def models_cmd(as_json):
 @click.option("--schedule", type=click.Choice(options.choices(options.Schedule)), default="swa",
               show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Initial rate (alpha1 with --cycle).")
-@click.option("--swa-start", type=int, help="Epoch from which the SWA phase starts (swa schedule).")
-@click.option("--swa-lr", type=float, help="SWA rate (alpha2 with --cycle).")
+@click.option("--swa-start", type=click.FloatRange(min=0, min_open=True),
+              help="Epoch from which the SWA phase starts, or a fraction of --epochs below 1 "
+              "(swa schedule; default 0.75).")
+@click.option("--swa-lr", type=float, help="SWA rate (alpha2 with --cycle; default half of --lr).")
 @click.option("--cycle", type=int, help="Cyclical SWA rate: cycles of C epochs from --swa-start.")
 @click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
@@ -456,6 +477,9 @@ def train_cmd(device, download, resume, stop_after, as_json, quiet, **kwargs):
     from ckptavg.train.loop import TrainConfig, train
 
     kwargs["model_kwargs"] = kwargs["model_kwargs"] or {}
+    if kwargs["swa_start"] is not None and kwargs["swa_start"] >= 1:
+        kwargs["swa_start"] = int(kwargs["swa_start"]) if kwargs["swa_start"].is_integer() \
+            else kwargs["swa_start"]
     show = not (quiet or as_json)
 
     def on_epoch(row):
@@ -466,7 +490,8 @@ def train_cmd(device, download, resume, stop_after, as_json, quiet, **kwargs):
 
     with progress_bar(not show, "train", unit="batch") as bar:
         result = train(TrainConfig(**kwargs), device=device, resume=resume, download=download,
-                       stop_after=stop_after, on_batch=bar, on_epoch=on_epoch)
+                       stop_after=stop_after, on_batch=bar, on_epoch=on_epoch,
+                       on_stage=bar.describe)
     emit(result, as_json, quiet, lambda r: [
         f"trained {r.epochs_run} epoch(s) -> {r.out} ({len(r.checkpoints)} checkpoints, saving "
         f"took {r.save_overhead * 100:.2f} % of epoch time)"])
@@ -496,9 +521,9 @@ def demo_cmd(out, epochs, device, as_json, quiet):
             say(f"  epoch {row['epoch']:>3}  lr {row['lr']:.4f}  loss {row['train_loss']:.4f}"
                 f"  test acc {row.get('test_acc', float('nan')):.2f} %  ({row['seconds']:.1f} s)")
 
-    with progress_bar(not show, "epoch", unit="batch") as bar:
+    with progress_bar(not show, "demo", unit="batch") as bar:
         result = run_demo(out, device=device, epochs=epochs, on_stage=on_stage, on_batch=bar,
-                          on_epoch=on_epoch)
+                          on_epoch=on_epoch, on_step=bar.describe)
     emit(result, as_json, quiet, lambda r: [
         f"last iterate (epoch {r.epochs}, SWA rate): test accuracy {r.last_iterate.accuracy:.2f} "
         f"%, loss {r.last_iterate.loss:.4f}",
@@ -535,11 +560,14 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
     from ckptavg.experiments.width import width
 
     csv_path = os.path.splitext(plot_path)[0] + ".csv"
+    points = kwargs["rays"] * kwargs["points"] * 2
+    if not quiet and points > 100:
+        say(f"ckptavg: note: width measures {points} points (rays x points x 2), each a "
+            f"{'BatchNorm pass and ' if kwargs['bn_fix'] else ''}two evaluations; "
+            "--rays and --points make it shorter")
     with progress_bar(quiet or as_json, "width", unit="point") as bar:
-        result = width(a, b, labels=labels, train_subset=train_subset or None, csv_path=csv_path, plot_path=plot_path,
-                       progress=bar, **kwargs)
-    if as_json:
-        result.rows = []  # every number is in the CSV
+        result = width(a, b, labels=labels, train_subset=train_subset or None, csv_path=csv_path,
+                       plot_path=plot_path, progress=bar, **kwargs)
     emit(result, as_json, quiet, lambda r: [
         *(f"{s.label}: test error {s.centre_test_error:.2f} % at the centre, median "
           f"{s.median_test_error_at_max:.2f} % at distance {r.max_distance:g}" for s in r.summary),

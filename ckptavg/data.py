@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptavg.errors import DataError
+from ckptavg.models import importable_from_cwd
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # SWA authors'
 
@@ -64,7 +65,10 @@ def _download(cls, name: str, root: str, split: str) -> None:
     try:
         cls(root, train=split == "train", download=True)
     except Exception as e:  # network errors come in many types
-        raise DataError(f"{name}: download to {root} failed ({e})") from None
+        text = str(e).strip().splitlines()
+        why = text[0][:200] if text else type(e).__name__
+        raise DataError(f"{name}: download to {root} failed ({why}); check the network, or "
+                        "put the files there yourself and drop --download") from None
 
 
 def read_idx(path: str) -> torch.Tensor:
@@ -266,6 +270,7 @@ def _imagefolder(root: str, split: str, augment: bool):
 
 def _user(spec: str, split: str, augment: bool):
     module_name, _, attr = spec.partition(":")
+    importable_from_cwd()
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
@@ -300,11 +305,24 @@ def get_dataset(name: str, split: str = "train", data_dir: str | None = None,
 
 
 def data_info(name: str, dataset=None) -> DataInfo:
-    """Classes and channels, for building the model."""
+    """Classes and channels, for building the model: known data sets from the table; others
+    from the data set (`classes`, and the channels of its first sample)."""
     if name in INFO and name != "imagefolder":
         return INFO[name]
     classes = getattr(dataset, "classes", None)
-    return DataInfo(name, len(classes) if classes else 10, 3)
+    return DataInfo(name, len(classes) if classes else 10, _channels(dataset))
+
+
+def _channels(dataset) -> int:
+    try:
+        first = next(iter(dataset)) if isinstance(dataset, torch.utils.data.DataLoader) else dataset[0]
+        x, _ = split_batch(first)
+        x = torch.as_tensor(x)
+        if isinstance(dataset, torch.utils.data.DataLoader):
+            return int(x.shape[1]) if x.dim() >= 4 else 1
+        return int(x.shape[0]) if x.dim() >= 3 else 1
+    except Exception:  # a data set we cannot peek into: the usual RGB
+        return 3
 
 
 def make_loader(dataset, batch_size: int = 128, shuffle: bool = False, workers: int = 0,

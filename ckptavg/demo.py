@@ -47,13 +47,14 @@ def demo_data_dir() -> str:
 
 def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: int | None = None,
              on_stage: Callable[[str], None] | None = None, on_batch=None,
-             on_epoch=None) -> DemoResult:
+             on_epoch=None, on_step=None) -> DemoResult:
     """Train, average, fix BatchNorm, evaluate.
 
     Args:
         out: keep the run's files in this (new or empty) folder; default a temporary one.
         epochs: override the demo's 32 epochs (2 or more; SWA starts at 5/8 of them).
-        on_stage, on_batch, on_epoch: progress callbacks.
+        on_stage, on_batch, on_epoch, on_step: progress callbacks (on_step as train's
+            on_stage).
 
     Returns:
         A DemoResult with the test scores of the last iterate and of the SWA average.
@@ -78,7 +79,7 @@ def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: in
                           swa_start=swa_start, swa_lr=DEMO["swa_lr"], wd=DEMO["wd"],
                           batch_size=DEMO["batch_size"], seed=DEMO["seed"])
         stage(f"training {cfg.model} on {data_dir} for {e} epochs (SWA from epoch {swa_start})")
-        run = train(cfg, device=device, on_batch=on_batch, on_epoch=on_epoch)
+        run = train(cfg, device=device, on_batch=on_batch, on_epoch=on_epoch, on_stage=on_step)
         swa_path = os.path.join(out, "swa.safetensors")
         stage(f"averaging epochs {swa_start}..{e}")
         avg = average(run.checkpoints, swa_path, from_epoch=swa_start)

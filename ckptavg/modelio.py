@@ -69,7 +69,9 @@ def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = 
     A network whose first convolution takes another number of channels than the data set's
     images is refused here, in one line, rather than failing inside its forward pass."""
     kwargs = dict(kwargs)
-    ds = get_dataset(data_name, "train", data_dir) if data_name == "imagefolder" else None
+    known = data_name in INFO and data_name != "imagefolder"
+    ds = None if known or {"num_classes", "in_channels"} <= set(kwargs) else \
+        get_dataset(data_name, "train", data_dir)
     info = data_info(data_name, ds)
     kwargs.setdefault("num_classes", info.num_classes)
     kwargs.setdefault("in_channels", info.in_channels)

@@ -79,6 +79,17 @@ class Candidate:
     def step(self) -> int | None:
         return self.position.step
 
+    def metric(self, name: str) -> float | None:
+        """A stored score: metadata `name` (e.g. train.val_acc), else the checkpoint's
+        top-level number `name` (timm's `metric`)."""
+        value = self.metadata.get(name)
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+        return self.reader.scalars().get(name)
+
     @property
     def cycle_end(self) -> bool:
         return self.metadata.get("train.cycle_end", "").lower() == "true"
@@ -176,11 +187,26 @@ def _window(cands: list[Candidate], what: str, lo: int | None, hi: int | None) -
     return [c for c in cands if lo <= getattr(c, what) <= hi]
 
 
+def best_by(cands: list[Candidate], n: int, metric: str, lowest: bool) -> list[Candidate]:
+    """The `n` inputs with the best stored `metric` (highest, or lowest), in training order."""
+    if n < 1:
+        raise CkptavgError(f"best {n}: must be 1 or more")
+    scores = {id(c): c.metric(metric) for c in cands}
+    missing = [c.path for c in cands if scores[id(c)] is None]
+    if missing:
+        raise CkptavgError(f"{missing[0]}: no stored {metric!r} (neither metadata nor a number in "
+                           "the checkpoint); choose another metric or drop --best")
+    ranked = sorted(range(len(cands)), key=lambda i: scores[id(cands[i])], reverse=not lowest)
+    keep = set(ranked[:n])
+    return [c for i, c in enumerate(cands) if i in keep]
+
+
 def select(cands: list[Candidate], from_epoch: int | None = None, to_epoch: int | None = None,
            cycle_ends: bool = False, every: int | None = None, last: int | None = None,
-           from_step: int | None = None, to_step: int | None = None) -> list[Candidate]:
+           from_step: int | None = None, to_step: int | None = None, best: int | None = None,
+           metric: str | None = None, lowest: bool = False) -> list[Candidate]:
     """Apply, in this order: epoch window, step window, cycle ends, every K-th (from the
-    first), last N."""
+    first), best N by a stored metric, last N."""
     out = _window(_window(order(cands), "epoch", from_epoch, to_epoch), "step", from_step, to_step)
     if cycle_ends:
         if not any("train.cycle_end" in c.metadata for c in out):
@@ -193,6 +219,11 @@ def select(cands: list[Candidate], from_epoch: int | None = None, to_epoch: int 
         if every < 1:
             raise CkptavgError(f"every {every}: must be 1 or more")
         out = out[::every]
+    if best is not None:
+        if metric is None:
+            raise CkptavgError("best N needs the metric to rank by (--metric, e.g. train.val_acc "
+                               "or timm's metric)")
+        out = best_by(out, best, metric, lowest)
     if last is not None:
         if last < 1:
             raise CkptavgError(f"last {last}: must be 1 or more")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import ckptavg
 from ckptavg.cli import cli, parse_size
-from tests.conftest import known_state, leftovers, reference_mean, run_cli
+from tests.conftest import ROOT, known_state, leftovers, reference_mean, run_cli
 
 
 def invoke(*args):
@@ -235,6 +235,7 @@ def test_experiment_commands(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert [s["label"] for s in res["summary"]] == ["m0.safetensors", "m1.safetensors"]
+    assert len(res["rows"]) == 2 * 4 and res["rows"][-1]["distance"] == pytest.approx(0.1)
     r = invoke("replicate", "--preset", "nope", "--out", tmp_path / "r")
     assert r.exit_code == 1 and "unknown preset" in r.stderr
 
@@ -275,3 +276,43 @@ def test_replicate_command_tiny_preset(tmp_path):
     assert saved["config"]["model"] == "tests.fakedata:tiny_bn" and saved["seeds"] == [0]
     assert [c["epoch"] for c in saved["per_seed"][0]["swa_curve"]] == [2, 3, 4, 5, 6]
     assert leftovers(tmp_path / "rep") == []
+
+
+def test_quiet_means_silent_and_warnings_otherwise(tmp_path):
+    p, data = _stale(tmp_path)
+    r = invoke("eval", p, "--data-dir", data, "-q")
+    assert r.exit_code == 0 and r.output == ""
+    r = invoke("models", "-q")
+    assert r.exit_code == 0 and r.output == ""
+    r = invoke("inspect", p, "-q")
+    assert r.exit_code == 0 and r.output == ""
+
+
+def test_a_users_model_module_in_the_working_folder_is_found(tmp_path):
+    """As `python -m` does: the current folder is on the import path for --model/--data."""
+    from tests.fakedata import write_mnist
+
+    write_mnist(str(tmp_path / "data"), n_train=16, n_test=8)
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def build(num_classes=10, in_channels=3):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 2, 3), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(2 * 26 * 26, num_classes))\n"
+        "def data(split='train'):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return [(torch.randn(1, 28, 28, generator=g), i % 10) for i in range(12)]\n")
+    import importlib
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        net = importlib.import_module("mynets").build(10, 1)
+    finally:
+        _sys.path.remove(str(tmp_path))
+        _sys.modules.pop("mynets", None)
+    ckptavg.save(net.state_dict(), tmp_path / "m.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "eval", "m.safetensors", "--model",
+                           "mynets:build", "--data", "mynets:data", "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["samples"] == 12  # built with the data's 1 channel

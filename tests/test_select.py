@@ -88,3 +88,18 @@ def test_dry_run_prints_where_each_number_came_from(tmp_path):
     assert res.exit_code == 0, res.output
     assert "epoch      1 (checkpoint entry 'epoch')" in res.output
     assert "step      8 (checkpoint entry 'global_step')" in res.output
+
+
+def test_best_by_a_number_stored_in_the_checkpoint(tmp_path):
+    """timm keeps the eval metric in each checkpoint as `metric`."""
+    paths = []
+    for e, m in enumerate([70.0, 75.5, 71.0, 74.0]):
+        paths.append(tmp_path / f"checkpoint-{e}.pth.tar")
+        torch.save({"state_dict": {"w": torch.full((2,), float(e))}, "epoch": e, "metric": m},
+                   paths[-1])
+    r = ckptavg.average(paths, dry_run=True, best=2, metric="metric")
+    assert r.epochs == [1, 3]  # 75.5 and 74.0, kept in training order
+    with pytest.raises(CkptavgError, match="no stored 'val_acc'"):
+        ckptavg.average(paths, dry_run=True, best=2, metric="val_acc")
+    with pytest.raises(CkptavgError, match="needs the metric"):
+        ckptavg.average(paths, dry_run=True, best=2)

@@ -139,10 +139,29 @@ def test_cyclic_schedule_saves_cycle_ends(data, tmp_path):
 
 
 def test_config_errors(data, tmp_path):
-    with pytest.raises(CkptavgError, match="needs --swa-start and --swa-lr"):
-        train(cfg(data, tmp_path / "x", swa_start=None), device="cpu")
+    with pytest.raises(CkptavgError, match=r"swa_start 7: an epoch in 1\.\.4 or a fraction"):
+        train(cfg(data, tmp_path / "x", swa_start=7), device="cpu")
     with pytest.raises(CkptavgError, match="amp needs a CUDA device"):
         train(cfg(data, tmp_path / "x", amp=True), device="cpu")
+
+
+def test_swa_defaults_and_a_fractional_start():
+    """`train --model M --data D --epochs E --out DIR` works: SWA from 0.75 E at half the rate."""
+    c = TrainConfig(model="m", data="d", epochs=20, out="x", lr=0.1).resolved()
+    assert (c.swa_start, c.swa_lr) == (15, 0.05)
+    c = TrainConfig(model="m", data="d", epochs=10, out="x", swa_start=0.25).resolved()
+    assert c.swa_start == 3  # 2.5 rounds half up
+    assert TrainConfig(model="m", data="d", epochs=10, out="x", swa_start=4).resolved().swa_start == 4
+
+
+def test_validation_scores_are_in_the_metadata_and_select_the_best(data, tmp_path):
+    s = train(cfg(data, tmp_path / "v", holdout=8), device="cpu")
+    rows = [json.loads(line) for line in open(tmp_path / "v" / "metrics.jsonl")]
+    for path, row in zip(s.checkpoints, rows):
+        assert float(ckptavg.load(path)[1]["train.val_acc"]) == row["val_acc"]
+    r = ckptavg.average(s.checkpoints, dry_run=True, best=2, metric="train.val_loss", lowest=True)
+    want = sorted(rows, key=lambda x: x["val_loss"])[:2]
+    assert r.epochs == sorted(x["epoch"] for x in want)
 
 
 def test_saver_in_a_users_loop(tmp_path):

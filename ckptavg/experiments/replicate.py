@@ -16,7 +16,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -91,6 +91,7 @@ class ReplicateResult(Result):
     device: str
     torch: str
     files: list[str]  # results.json, results.md and (with matplotlib) curves.png
+    warnings: list[str] = field(default_factory=list)
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -209,6 +210,13 @@ def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int
                            f"epochs {ends}, not three different epochs; use a budget of 4 or "
                            "more (--budget)")
     os.makedirs(out, exist_ok=True)
+    warnings = []
+    try:
+        pyplot()
+    except CkptavgError as e:  # the numbers still stand without the plot: say so now
+        warnings.append(f"{e}; curves.png will not be drawn")
+        if log:
+            log(warnings[-1])
     t0 = time.perf_counter()
     per_seed = [run_seed(p, s, os.path.join(out, f"seed-{s}"), data_dir=data_dir, device=device,
                          log=log) for s in range(first_seed, first_seed + seeds)]
@@ -220,24 +228,24 @@ def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int
         name, config, p.paper, [s["seed"] for s in per_seed], summary, per_seed,
         time.perf_counter() - t0,
         torch.cuda.get_device_name() if resolve_device(device).type == "cuda" else "cpu",
-        torch.__version__, [os.path.join(out, "results.json"), os.path.join(out, "results.md")])
+        torch.__version__, [os.path.join(out, "results.json"), os.path.join(out, "results.md")],
+        warnings)
     with atomic_text(result.files[0]) as f:
         json.dump(result.to_dict(), f, indent=2)
     with atomic_text(result.files[1]) as f:
         f.write(results_table(result))
-    try:
+    if not warnings:
         plot_curves(result, os.path.join(out, "curves.png"))
         result.files.append(os.path.join(out, "curves.png"))
-    except CkptavgError:  # matplotlib not installed: the table and JSON still stand
-        pass
     return result
 
 
 def results_table(result: ReplicateResult) -> str:
     """The Markdown table of results.md."""
     p = result.config
-    lines = [f"# {result.preset}: test accuracy (%), mean ± std over seeds "
-             f"{result.seeds}", "",
+    over = (f"seed {result.seeds[0]} (one seed: no spread)" if len(result.seeds) == 1
+            else f"mean ± std over seeds {', '.join(map(str, result.seeds))}")
+    lines = [f"# {result.preset}: test accuracy (%), {over}", "",
              f"{p['model']} on {p['data']}, budget B = {p['budget']} epochs, lr {p['lr']}, "
              f"wd {p['wd']}, SWA from epoch {p['swa_start']} at lr {p['swa_lr']}"
              + (f", first {p['subset']} training images ({p['holdout']} held out)"
@@ -249,7 +257,8 @@ def results_table(result: ReplicateResult) -> str:
     paper = result.paper or {}
     for key, s in result.summary.items():
         ref = f"{paper[key]:.2f}" if key in paper else "-"
-        lines.append(f"| {names.get(key, key)} | {s['mean']:.2f} ± {s['std']:.2f} | {ref} |")
+        spread = f" ± {s['std']:.2f}" if len(result.seeds) > 1 else ""
+        lines.append(f"| {names.get(key, key)} | {s['mean']:.2f}{spread} | {ref} |")
     lines += ["", "Per seed:", "", "| seed | " + " | ".join(result.summary) + " |",
               "|---|" + "---|" * len(result.summary)]
     for s in result.per_seed:
@@ -271,21 +280,29 @@ def plot_curves(result: ReplicateResult, path: str) -> None:
         return es, [statistics.fmean(by_epoch[e]) for e in es]
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    shown = []
     for key, label, style in (("sgd_curve", "SGD (SGD schedule)", "-"),
                               ("swa_iterates", "SWA run: individual weights", "--"),
                               ("swa_curve", "SWA: running average, BN fixed", "-"),
                               ("ensemble_curve", "ensemble of the same snapshots", ":")):
         es, errs = mean_curve(key)
         ax.plot(es, errs, style, label=label)
-    for e in budget_epochs(result.config["budget"]).values():
+        shown += errs
+    for f, e in budget_epochs(result.config["budget"]).items():
         ax.axvline(e, color="grey", lw=0.5)
+        ax.annotate(f"{f:g} B", (e, 1), xycoords=("data", "axes fraction"), fontsize=8,
+                    ha="center", va="bottom", color="grey")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
-    lo = min(min(mean_curve(k)[1]) for k in ("sgd_curve", "swa_curve"))
-    ax.set_ylim(lo - 1, lo + 12)
+    # Every curve in view, but not the first epochs' errors that would flatten the rest.
+    lo, hi = min(shown), sorted(shown)[int(0.95 * (len(shown) - 1))]
+    ax.set_ylim(max(0.0, lo - 0.5), hi + 0.5)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"{result.preset}: mean over seeds {result.seeds}")
+    seeds = result.seeds
+    ax.set_title(f"{result.preset}: " + (f"seed {seeds[0]}" if len(seeds) == 1
+                                         else f"mean over seeds {', '.join(map(str, seeds))}"),
+                 pad=14)
     fig.tight_layout()
     with AtomicFile(path) as out:
         fig.savefig(out.file, dpi=120, format="png")

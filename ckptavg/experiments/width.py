@@ -23,6 +23,7 @@ from ckptavg.data import get_dataset, make_loader
 from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
 from ckptavg.evaluation import predict, scores
+from ckptavg.experiments.plots import pyplot
 from ckptavg.io.writer import AtomicFile, atomic_text
 from ckptavg.modelio import build_from_checkpoint
 from ckptavg.results import Result
@@ -84,6 +85,8 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
                            "(--rays, --points, --max-distance)")
     if labels is not None and len(labels) != 2:
         raise CkptavgError(f"labels {labels!r}: give two names, e.g. SGD,SWA (--labels)")
+    if plot_path:
+        pyplot()  # without matplotlib, fail before the long measurement, not after it
     t0 = time.perf_counter()
     dev = resolve_device(device)
     labels = tuple(labels or (os.path.basename(a), os.path.basename(b)))
@@ -144,8 +147,6 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
 
 def plot_width(rows: list[dict], path: str, title: str = "") -> None:
     """Median and min-max band over rays of test error and train loss, per solution."""
-    from ckptavg.experiments.plots import pyplot
-
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label in dict.fromkeys(r["solution"] for r in rows):
@@ -155,9 +156,9 @@ def plot_width(rows: list[dict], path: str, title: str = "") -> None:
             vals = [sorted(r[key] for r in mine if r["distance"] == t) for t in ts]
             med = [v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
                    for v in vals]
-            line, = ax.plot(ts, med, label=label)
+            line, = ax.plot(ts, med, label=f"{label} (median over rays)")
             ax.fill_between(ts, [v[0] for v in vals], [v[-1] for v in vals], alpha=0.2,
-                            color=line.get_color())
+                            color=line.get_color(), label=f"{label}: min to max over rays")
     axes[0].set_ylabel("test error (%)")
     axes[1].set_ylabel("train loss")
     for ax in axes:

@@ -415,6 +415,10 @@ class ReaderBase:
             self._fingerprint = fingerprint(self.files)
         return self._fingerprint
 
+    def scalars(self) -> dict[str, float]:
+        """Numbers a training library stored beside the weights (timm's `metric`); torch files."""
+        return {}
+
     def extras(self) -> dict[str, object]:
         """Non-tensor entries worth carrying into a torch output of the same ecosystem
         (Lightning hyper-parameters and version, fairseq cfg/args); never optimizer state."""

@@ -288,6 +288,8 @@ class TorchReader(ReaderBase):
         self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
         self._position = position_of(obj)
         top = obj if isinstance(obj, dict) else {}
+        self._scalars = {str(k): float(v) for k, v in top.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
         # Entries holding a class ckptavg did not import cannot be written back faithfully.
         self._extras = {k: top[k] for k in CARRIED if k in top and not _has_opaque(top[k])}
         self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
@@ -332,6 +334,9 @@ class TorchReader(ReaderBase):
 
     def extras(self) -> dict[str, object]:
         return dict(self._extras)
+
+    def scalars(self) -> dict[str, float]:
+        return dict(self._scalars)
 
     def close(self) -> None:
         self._tensors = {}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 
 from ckptavg.errors import ModelError
@@ -23,6 +25,14 @@ ZOOS = ("torchvision:", "timm:")
 def names_code(name: str) -> bool:
     """True for `package.module:factory`, a name that would import and call code."""
     return ":" in name and not name.startswith(ZOOS)
+
+
+def importable_from_cwd() -> None:
+    """Put the working folder on the import path, as `python -m` does, so that a user's
+    `--model mynets:build` or `--data mydata:load` in the current folder is found."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def register_model(fn: Callable) -> Callable:
@@ -144,6 +154,7 @@ def create_model(name: str, **kwargs):
         return timm.create_model(arch, pretrained=False, **kwargs)
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        importable_from_cwd()
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except ImportError as e:

@@ -8,7 +8,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from ckptavg.evaluation import predict, scores
 from ckptavg.io.pt import load_torch_file
 from ckptavg.io.writer import AtomicFile
 from ckptavg.modelio import build_model
-from ckptavg.options import SaveWhat, Schedule
+from ckptavg.options import SaveWhat, Schedule, check_choice
 from ckptavg.results import Result
 from ckptavg.train.saver import CheckpointSaver, cpu_state
 from ckptavg.train.schedules import cyclic_lr, epoch_lr
@@ -38,7 +38,7 @@ class TrainConfig:
     out: str
     schedule: Schedule = "swa"
     lr: float = 0.05
-    swa_start: int | None = None
+    swa_start: int | float | None = None  # an epoch, or a fraction of the epochs (0.75)
     swa_lr: float | None = None
     wd: float = 5e-4
     momentum: float = 0.9
@@ -54,6 +54,27 @@ class TrainConfig:
     workers: int = options.WORKERS
     amp: bool = False
     swa_in_loop: bool = False
+
+    def resolved(self) -> TrainConfig:
+        """This run with the SWA defaults filled in: `swa_start` an epoch (a fraction below 1
+        is of the epochs, default SWA_START_FRACTION), `swa_lr` a rate (default half of
+        `lr`, the ratio the paper used on CIFAR-100). Checks every setting."""
+        if self.epochs < 1:
+            raise CkptavgError(f"epochs {self.epochs}: must be 1 or more (--epochs)")
+        check_choice("schedule", self.schedule, Schedule)
+        check_choice("save", self.save, SaveWhat)
+        out = replace(self)
+        if self.schedule == "swa":
+            start = SWA_START_FRACTION if self.swa_start is None else self.swa_start
+            if 0 < start < 1:
+                start = max(1, math.floor(start * self.epochs + 0.5))
+            if start != int(start) or not 1 <= start <= self.epochs:
+                raise CkptavgError(f"swa_start {self.swa_start}: an epoch in 1..{self.epochs} "
+                                   "or a fraction of the epochs such as 0.75 (--swa-start)")
+            out.swa_start = int(start)
+            out.swa_lr = self.lr / 2 if self.swa_lr is None else self.swa_lr
+        out.check()
+        return out
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -85,6 +106,7 @@ class TrainConfig:
 # Settings that may change between the calls of one resumed run: where files are, how fast
 # they are read and how often the test set is scored. Every other setting defines the run.
 RESUMABLE_CHANGES = ("out", "data_dir", "workers", "eval_every")
+SWA_START_FRACTION = 0.75  # as Lightning's StochasticWeightAveraging(swa_epoch_start=0.8) allows
 
 
 @dataclass
@@ -139,7 +161,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = False,
           download: bool = False, stop_after: int | None = None,
           on_batch: Callable[[int, int], None] | None = None,
-          on_epoch: Callback | None = None) -> TrainResult:
+          on_epoch: Callback | None = None,
+          on_stage: Callable[[str], None] | None = None) -> TrainResult:
     """Train a model with the SGD or SWA schedule, saving a checkpoint per epoch.
 
     Args:
@@ -147,7 +170,8 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
         resume: continue from `out/last.pt`; every setting but those in RESUMABLE_CHANGES
             must be the same as when the run started. Without it, `out` must be empty or new.
         stop_after: train at most this many epochs in this call (then resume later).
-        on_batch, on_epoch: progress callbacks (batch index, total) and epoch metrics.
+        on_batch, on_epoch, on_stage: progress callbacks: (batch, batches), the epoch's
+            metrics row, and what is running now ("epoch 3/20", "epoch 3/20: testing").
 
     Returns:
         A TrainResult.
@@ -156,7 +180,7 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
         >>> train(TrainConfig(model="convnet_bn", data="fashion-mnist", epochs=20, out="runs/a",
         ...                   swa_start=16, swa_lr=0.05)).checkpoints
     """
-    config.check()
+    config = config.resolved()
     dev = resolve_device(device)
     if config.amp and dev.type != "cuda":
         raise CkptavgError("amp needs a CUDA device; drop it (--amp) or use device cuda")
@@ -178,11 +202,14 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
                                             "data.train_images": loaders.train_images})
     result = TrainResult(config.out, st.epoch, 0, [], None, None, 0.0, 0.0, 0.0)
     end = config.epochs if stop_after is None else min(config.epochs, st.epoch + stop_after)
+    stage = on_stage or (lambda text: None)
     with saver:
         for epoch in range(st.epoch, end):
+            stage(f"epoch {epoch + 1}/{config.epochs}")
             t0 = time.perf_counter()
             lr, loss, acc = _train_epoch(config, st, loaders.train, epoch, dev, on_batch)
             train_time = time.perf_counter() - t0
+            stage(f"epoch {epoch + 1}/{config.epochs}: saving and scoring")
             row, path, save_time = _end_epoch(config, st, saver, loaders, lr, dev, last_path)
             row.update(train_loss=loss, train_acc=acc, seconds=train_time, save_seconds=save_time)
             with open(os.path.join(config.out, "metrics.jsonl"), "a") as f:
@@ -317,10 +344,18 @@ def _end_epoch(config: TrainConfig, st: _State, saver: CheckpointSaver, loaders:
     weights = cpu_state(st.net)  # the one host copy per epoch: checkpoint, SWA and last.pt
     if config.swa_in_loop and cycle_end:
         _fold_swa(st, weights)
+    row = {"epoch": completed, "lr": lr, "phase": phase}
+    scores, val_time = {}, 0.0
+    if loaders.val is not None:  # before saving: the scores go into the checkpoint's metadata
+        t_val = time.perf_counter()
+        row["val_loss"], row["val_acc"] = _evaluate(st.net, loaders.val, dev)
+        scores = {"train.val_loss": repr(row["val_loss"]), "train.val_acc": repr(row["val_acc"])}
+        val_time = time.perf_counter() - t_val
     path = None
     if config.save == "epoch" or (config.save == "cycle-end" and cycle_end):
         path = saver.save_state(weights, epoch=completed, step=completed * len(loaders.train),
-                                lr=lr, phase=phase, cycle_end=cycle_end, seed=config.seed)
+                                lr=lr, phase=phase, cycle_end=cycle_end, seed=config.seed,
+                                metadata=scores)
     # Everything handed to the writer thread is a copy: training goes on mutating the live
     # optimizer buffers and the in-loop average while last.pt is written.
     resume_state = {"model": weights, "optimizer": _host_copy(st.opt.state_dict()),
@@ -330,10 +365,7 @@ def _end_epoch(config: TrainConfig, st: _State, saver: CheckpointSaver, loaders:
                     "metadata": {**saver.base_meta, "train.epoch": str(completed),
                                  "train.phase": phase}}
     saver.submit(lambda: _save_resume(resume_state, last_path))
-    save_time = time.perf_counter() - t0
-    row = {"epoch": completed, "lr": lr, "phase": phase}
-    if loaders.val is not None:
-        row["val_loss"], row["val_acc"] = _evaluate(st.net, loaders.val, dev)
+    save_time = time.perf_counter() - t0 - val_time
     if config.eval_every and (completed % config.eval_every == 0 or completed == config.epochs):
         row["test_loss"], row["test_acc"] = _evaluate(st.net, loaders.test, dev)
     return row, path, save_time
