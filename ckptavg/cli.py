@@ -445,6 +445,10 @@ def models_cmd(as_json, quiet):
               "(swa schedule; default 0.75).")
 @click.option("--swa-lr", type=float, help="SWA rate (alpha2 with --cycle; default half of --lr).")
 @click.option("--cycle", type=int, help="Cyclical SWA rate: cycles of C epochs from --swa-start.")
+@click.option("--anneal-epochs", type=click.IntRange(min=1), help="Lightning's/SWALR's rule instead "
+              "of the paper's decay: --lr until --swa-start, then annealed to --swa-lr over N epochs.")
+@click.option("--anneal", type=click.Choice(options.choices(options.Anneal)), default="linear",
+              show_default=True, help="Shape of the annealing (with --anneal-epochs).")
 @click.option("--wd", type=float, default=5e-4, show_default=True, help="Weight decay.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=options.TRAIN_BATCH_SIZE,

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 Split = Literal["train", "test"]
 Stats = Literal["update_bn", "exact"]
 Schedule = Literal["sgd", "swa"]
+Anneal = Literal["linear", "cos"]
 SaveWhat = Literal["epoch", "cycle-end", "none"]
 Accumulate = Literal["float64", "float32"]
 OutDtype = Literal["float32", "bfloat16", "float16", "float64"]

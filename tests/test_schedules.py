@@ -30,3 +30,23 @@ def test_cyclic_schedule_per_iteration():
     got = [cyclic_lr(i, c, 0.05, 0.01) for i in range(1, 9)]
     expected = [0.04, 0.03, 0.02, 0.01] * 2  # t = 1/4 .. 1, restarting each cycle
     assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("strategy", ["linear", "cos"])
+def test_annealing_matches_torch_swalr(strategy):
+    """Reference: torch.optim.swa_utils.SWALR stepped once per epoch from the SWA phase on."""
+    import torch
+    from torch.optim.swa_utils import SWALR
+
+    lr, swa_lr, start, n, epochs = 0.1, 0.02, 5, 3, 12
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = None
+    for epoch in range(epochs):
+        if epoch >= start - 1 and sched is None:  # the first epoch of the SWA phase
+            sched = SWALR(opt, swa_lr=swa_lr, anneal_epochs=n, anneal_strategy=strategy)
+        want = opt.param_groups[0]["lr"]
+        got = swa_lr_at(epoch, lr, start, swa_lr, anneal_epochs=n, anneal=strategy)
+        assert got == pytest.approx(want, rel=1e-12), epoch
+        opt.step()
+        if sched is not None:
+            sched.step()

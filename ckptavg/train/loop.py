@@ -22,7 +22,7 @@ from ckptavg.evaluation import predict, scores
 from ckptavg.io.pt import load_torch_file
 from ckptavg.io.writer import AtomicFile
 from ckptavg.modelio import build_model
-from ckptavg.options import SaveWhat, Schedule, check_choice
+from ckptavg.options import Anneal, SaveWhat, Schedule, check_choice
 from ckptavg.results import Result
 from ckptavg.train.saver import CheckpointSaver, cpu_state
 from ckptavg.train.schedules import cyclic_lr, epoch_lr
@@ -54,6 +54,8 @@ class TrainConfig:
     workers: int = options.WORKERS
     amp: bool = False
     swa_in_loop: bool = False
+    anneal_epochs: int | None = None  # Lightning/SWALR-style annealing into swa_lr (else the paper's)
+    anneal: Anneal = "linear"
 
     def resolved(self) -> TrainConfig:
         """This run with the SWA defaults filled in: `swa_start` an epoch (a fraction below 1
@@ -63,6 +65,11 @@ class TrainConfig:
             raise CkptavgError(f"epochs {self.epochs}: must be 1 or more (--epochs)")
         check_choice("schedule", self.schedule, Schedule)
         check_choice("save", self.save, SaveWhat)
+        check_choice("anneal", self.anneal, Anneal)
+        if self.anneal_epochs is not None and (self.anneal_epochs < 1 or self.schedule != "swa"
+                                               or self.cycle is not None):
+            raise CkptavgError("anneal_epochs needs the swa schedule without cycles and 1 or more "
+                               "epochs (--anneal-epochs)")
         out = replace(self)
         if self.schedule == "swa":
             start = SWA_START_FRACTION if self.swa_start is None else self.swa_start
@@ -299,7 +306,8 @@ def _train_epoch(config: TrainConfig, st: _State, loader, epoch: int, dev: torch
     iters = len(loader)
     cyclic = config.cycle is not None and epoch >= config.swa_start
     lr = epoch_lr(epoch, schedule=config.schedule, lr_init=config.lr, epochs=config.epochs,
-                  swa_start=config.swa_start, swa_lr=config.swa_lr)
+                  swa_start=config.swa_start, swa_lr=config.swa_lr,
+                  anneal_epochs=config.anneal_epochs, anneal=config.anneal)
     st.net.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for b, (x, y) in enumerate(loader):
