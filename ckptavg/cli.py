@@ -268,6 +268,9 @@ def cli() -> None:
               help="Write a sharded folder with shards of at most this size (e.g. 2GB).")
 @click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN/Inf.")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input's sha256 in the metadata.")
+@click.option("--threads", type=click.IntRange(min=1), default=options.AVERAGE_THREADS,
+              show_default=True, help="torch threads for the arithmetic (more helps only on an "
+              "otherwise idle machine).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @output_options
 def average(inputs, as_json, quiet, **kwargs):

@@ -24,6 +24,7 @@ WORKERS = 0
 SEED = 0
 ACCUMULATE: Accumulate = "float64"
 STATS: Stats = "update_bn"
+AVERAGE_THREADS = 1  # torch threads for average's arithmetic (docs/performance.md)
 
 
 def choices(literal) -> list[str]:

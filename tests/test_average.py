@@ -428,3 +428,40 @@ def test_inputs_of_different_runs_are_reported(tmp_path):
                   {"train.seed": str(seed), "train.epoch": str(seed + 1)})
     r = ckptavg.average(paths, tmp_path / "o.safetensors")
     assert any("different runs: train.seed is 0 / 1" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_chunked_reduction_is_the_float64_mean_rounded_once(tmp_path, dtype):
+    """Tensors longer than the engine's chunk, of a length that is no multiple of it, with
+    weights: the output is the float64 weighted mean rounded once to the output dtype."""
+    from ckptavg.averaging import CHUNK
+
+    n = 2 * CHUNK + 13
+    tensors, paths = [], []
+    for i in range(3):
+        g = torch.Generator().manual_seed(i)
+        tensors.append((torch.randn(n, generator=g) * 3).to(dtype))
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_file({"w": tensors[-1], "b": tensors[-1][:5].clone()}, paths[-1],
+                  {"train.epoch": str(i + 1)})
+    w = [1.0, 2.0, 5.0]
+    ckptavg.average(paths, tmp_path / "o.safetensors", weights=w)
+    got = load_file(tmp_path / "o.safetensors")["w"]
+    want = (sum(wi * t.double() for wi, t in zip(w, tensors)) / sum(w)).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_an_average_that_overflows_the_output_dtype_is_an_error(tmp_path):
+    paths = []
+    for i, v in enumerate((7e4, 8e4)):  # the mean, 7.5e4, is past float16's 65504
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_file({"w": torch.full((10,), v)}, paths[-1], {"train.epoch": str(i)})
+    with pytest.raises(NonFiniteError, match="overflows .*output dtype float16"):
+        ckptavg.average(paths, tmp_path / "o.safetensors", dtype="float16")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_thread_count_is_restored(tmp_path, ckpts):
+    before = torch.get_num_threads()
+    ckptavg.average(ckpts, tmp_path / "o.safetensors", threads=1)
+    assert torch.get_num_threads() == before

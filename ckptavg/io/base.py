@@ -400,6 +400,10 @@ class ReaderBase:
         """Hint that the caller is done with `key`: mapped pages may be dropped."""
         return None
 
+    def release_range(self, key: str, start: int, nbytes: int) -> None:
+        """Hint that bytes [start, start + nbytes) of `key` are done with (mapped pages)."""
+        return None
+
     def metadata(self) -> dict[str, str]:
         return {}
 

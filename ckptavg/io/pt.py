@@ -326,6 +326,11 @@ class TorchReader(ReaderBase):
             storage = self._tensors[self._raw(key)].untyped_storage()
             drop_pages(storage.data_ptr(), storage.nbytes())
 
+    def release_range(self, key: str, start: int, nbytes: int) -> None:
+        if self._mmap:
+            t = self._tensors[self._raw(key)]
+            drop_pages(t.data_ptr() + start, nbytes)
+
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
 

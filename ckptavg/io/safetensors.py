@@ -131,9 +131,10 @@ class _MappedFile:
             data = data.clone()
         return data.view(dtype).view(shape)
 
-    def release(self, raw: str) -> None:
-        _, _, begin, nbytes = self.entries[raw]
-        drop_pages(self.bytes.data_ptr() + self.base + begin, nbytes)
+    def release(self, raw: str, start: int = 0, nbytes: int | None = None) -> None:
+        _, _, begin, size = self.entries[raw]
+        n = size - start if nbytes is None else nbytes
+        drop_pages(self.bytes.data_ptr() + self.base + begin + start, n)
 
     def close(self) -> None:
         self.bytes = None  # unmapped when the last view of it goes
@@ -213,6 +214,10 @@ class SafetensorsReader(ReaderBase):
     def release(self, key: str) -> None:
         raw = self._raw(key)
         self._where[raw].release(raw)
+
+    def release_range(self, key: str, start: int, nbytes: int) -> None:
+        raw = self._raw(key)
+        self._where[raw].release(raw, start, nbytes)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)

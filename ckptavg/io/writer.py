@@ -17,9 +17,11 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -144,6 +146,16 @@ def _write_error(path: str, e: OSError) -> OutputError:
                        "written: free space or pick another folder")
 
 
+def write_all(file, data: memoryview) -> None:
+    """Write `data` to a file object's descriptor directly. (A BufferedWriter given a large
+    memoryview of tensor memory was measured 13x slower than os.write on this machine.)"""
+    file.flush()
+    fd, view = file.fileno(), data.cast("B") if data.format != "B" else data
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy (little-endian, C order)."""
     t = t.detach().cpu().contiguous()
@@ -254,6 +266,63 @@ class Writer(Atomic):
 
 
 
+class BackgroundWriter:
+    """Runs a writer's `write` on one thread, so that copying a tensor to the file overlaps
+    the arithmetic of the next one. The caller takes a free buffer with `buffer()`, fills it
+    and hands it over with `write`; the buffer comes back free once written. A write error
+    is raised in the caller's thread at the next `buffer()` or at `finish()`."""
+
+    def __init__(self, writer: Writer, buffers: list[torch.Tensor]):
+        self._writer = writer
+        self._free: queue.Queue = queue.Queue()
+        for b in buffers:
+            self._free.put(b)
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="ckptavg-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            key, tensor, buf = job
+            try:
+                if self._error is None:
+                    self._writer.write(key, tensor)
+            except BaseException as e:
+                self._error = e
+            finally:
+                if buf is not None:
+                    self._free.put(buf)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def buffer(self) -> torch.Tensor:
+        self._raise()
+        buf = self._free.get()
+        self._raise()
+        return buf
+
+    def write(self, key: str, tensor: torch.Tensor, buf: torch.Tensor | None = None) -> None:
+        """Queue `tensor` (a view of `buf`, or a tensor nobody else changes)."""
+        self._raise()
+        self._jobs.put((key, tensor, buf))
+
+    def finish(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        self.stop()
+        self._raise()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+
 def safetensors_header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {}
     if metadata:
@@ -295,7 +364,7 @@ class SafetensorsWriter(Writer):
         spec = self._specs[self._next]
         if key != spec.key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise RuntimeError(f"writer expected {spec}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
-        self._out.file.write(tensor_bytes(tensor))
+        write_all(self._out.file, tensor_bytes(tensor))
         self._next += 1
 
     def _close(self) -> None:

@@ -138,8 +138,8 @@ def test_input_rewritten_in_place_during_the_run_is_detected(tmp_path, monkeypat
     paths = write_safetensors(tmp_path, 2)
     real = averaging.execute
 
-    def execute_then_rewrite(plan, writer, keys=None, progress=None):
-        real(plan, writer, keys, progress)
+    def execute_then_rewrite(plan, writer, keys=None, progress=None, **kw):
+        real(plan, writer, keys, progress, **kw)
         with open(paths[1], "r+b") as f:  # same size, new mtime
             f.seek(0, 2)
             f.seek(f.tell() - 1)
