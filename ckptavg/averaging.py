@@ -252,20 +252,35 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
 
 
 def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
-            progress: Progress | None = None, threads: int = options.AVERAGE_THREADS) -> None:
+            progress: Progress | None = None, threads: int | None = options.AVERAGE_THREADS) -> None:
     """The tensor-major loop over `keys` (default: all, in plan order) into `writer`.
 
     Each tensor is reduced chunk by chunk (`_reduce`) into an output buffer; a writer thread
     copies it to the file while the next tensor is reduced into the other of two buffers.
     Inputs are read as views of their mapped files. Scratch memory: two cache-sized chunks
     and two buffers of the largest output tensor, whatever N is. The arithmetic runs on
-    `threads` torch threads (default 1: see docs/performance.md), restored afterwards."""
+    `threads` torch threads (default: the cores idle when it starts; see idle_cores),
+    restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or idle_cores())
     try:
         _execute(plan, writer, keys, progress)
     finally:
         torch.set_num_threads(before)
+
+
+def idle_cores() -> int:
+    """Cores no other runnable task is using right now (/proc/loadavg's running count, which
+    includes this process), at least 1. torch's threads wait for each other at every
+    operation, so one more thread than there are idle cores made a 2-core machine that ran one
+    other busy process 3x slower, while on an idle machine 2 threads were 1.2x faster."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 1
+    return max(1, min(cores, cores - (running - 1)))
 
 
 def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
@@ -416,7 +431,7 @@ def average(
     allow_nonfinite: bool = False,
     hash_inputs: bool = False,
     dry_run: bool = False,
-    threads: int = options.AVERAGE_THREADS,
+    threads: int | None = options.AVERAGE_THREADS,
     progress: Progress | None = None,
 ) -> AverageResult:
     """Average checkpoints into one, streaming one tensor at a time.
@@ -437,8 +452,9 @@ def average(
             first unless `lowest`.
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
-        threads: torch threads for the arithmetic (default 1: on a 2-core machine beside
-            another busy process, 2 threads were 3x slower; alone, 1.2x faster).
+        threads: torch threads for the arithmetic; default: the cores idle at the start
+            (`idle_cores`: beside one busy process on 2 cores, 2 threads were 3x slower than
+            1; alone, 1.2x faster).
 
     Returns:
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.

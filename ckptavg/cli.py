@@ -84,12 +84,23 @@ class _Bar:
         self.bar.set_description_str(text)
 
 
+class _NoBar:
+    def __call__(self, done: int, total: int) -> None:
+        return None
+
+    def describe(self, text: str) -> None:
+        return None
+
+
 @contextmanager
 def progress_bar(quiet: bool, desc: str, unit: str = "B"):
     """A `_Bar` drawing tqdm on stderr when it is a terminal (nothing otherwise)."""
+    if quiet or not sys.stderr.isatty():  # no bar: not even tqdm's import
+        yield _NoBar()
+        return
     from tqdm import tqdm
 
-    disable = quiet or not sys.stderr.isatty()
+    disable = False
     scale = unit == "B"
     bar = tqdm(total=None, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
                disable=disable, file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -269,8 +280,8 @@ def cli() -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN/Inf.")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input's sha256 in the metadata.")
 @click.option("--threads", type=click.IntRange(min=1), default=options.AVERAGE_THREADS,
-              show_default=True, help="torch threads for the arithmetic (more helps only on an "
-              "otherwise idle machine).")
+              help="torch threads for the arithmetic (default: the cores idle at the start; "
+              "more threads than idle cores make it several times slower).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @output_options
 def average(inputs, as_json, quiet, **kwargs):

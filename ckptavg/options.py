@@ -24,7 +24,7 @@ WORKERS = 0
 SEED = 0
 ACCUMULATE: Accumulate = "float64"
 STATS: Stats = "update_bn"
-AVERAGE_THREADS = 1  # torch threads for average's arithmetic (docs/performance.md)
+AVERAGE_THREADS = None  # torch threads for average's arithmetic; None: the idle cores
 
 
 def choices(literal) -> list[str]:
