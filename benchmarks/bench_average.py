@@ -132,6 +132,8 @@ def main() -> None:
                        check=True)
         burner = (subprocess.Popen([py, "-c", "while True: pass"]) if condition == "busy"
                   else None)
+        # the import under the same condition: the floor + import that the target compares with
+        base_wall = min(run([py, "-c", "import torch, safetensors"])[0] for _ in range(3))
         pts = [os.path.join(folder, f"ck-{i:03d}.pt") for i in range(n)]
         sts = [os.path.join(folder, f"ck-{i:03d}.safetensors") for i in range(n)]
         out = os.path.join(folder, "out")
