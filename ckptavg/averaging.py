@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ckptavg import __version__, options
+from ckptavg.distributed import Group, world_size, write_shards
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import MAX_SIDE_FILE
@@ -67,6 +68,8 @@ class AverageResult:
     into: str | None = None
     skipped: list[str] = field(default_factory=list)  # already in the running average
     warnings: list[str] = field(default_factory=list)
+    ranks: int = 1  # torch.distributed ranks that shared the work (torchrun)
+    rank: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -295,6 +298,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
         acc_dtype = torch.float64
     acc_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
     cast_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
+    full_buf = torch.empty(max_numel, dtype=acc_dtype) if len(readers) > GROUP else None
     out_bytes = max((s.nbytes for s in floats), default=0)
     # Two output buffers: the writer thread copies one to the file while the next tensor is
     # computed into the other.
@@ -320,7 +324,8 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
             else:
                 buf = bg.buffer()
                 out = buf[: spec.nbytes].view(spec.dtype).view(spec.shape)
-            _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf)
+            full = None if full_buf is None else full_buf[: info.numel]
+            _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf, full)
             done += info.nbytes * len(readers)
             if progress:
                 progress(done, total_bytes)
@@ -337,36 +342,55 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
 
 
 CHUNK = 1 << 16  # elements per step: a float64 accumulator of 512 KiB stays in L2 cache
-RELEASE = 64 * CHUNK  # elements between page releases of the inputs' maps
+RESIDENT = 64 << 20  # bytes of mapped input pages kept between releases, over a group
+GROUP = 8  # inputs read at once; more are summed group by group (memory flat in N)
+FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
 
 
 def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
-            cast_buf: torch.Tensor) -> None:
+            cast_buf: torch.Tensor, full_buf: torch.Tensor | None) -> None:
     """out = sum(w_i * input_i[key]) / sum(w), chunk by chunk: each chunk of the accumulator
-    stays in cache while every input streams through it, instead of N passes over a
-    tensor-sized accumulator in memory. Inputs' mapped pages are released as they are done."""
-    readers, weights, total_w = plan.readers, plan.weights, plan.total_weight
-    flats = [r.read(key).reshape(-1) for r in readers]
-    numel, itemsize = out.numel(), flats[0].element_size()
-    acc, cast = acc_buf[:CHUNK], cast_buf[:CHUNK]
-    released = 0
-    for off in range(0, numel, CHUNK):
-        n = min(CHUNK, numel - off)
-        a, c = acc[:n], cast[:n]
-        for i, (f, w) in enumerate(zip(flats, weights)):
-            if i == 0:
-                a.copy_(f[off:off + n])
-                if w != 1.0:
-                    a.mul_(w)
-            else:
-                c.copy_(f[off:off + n])  # cast, then a same-dtype add: faster than a mixed add
-                a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
-        a.div_(total_w)
-        out[off:off + n].copy_(a)
-        if off + n - released >= RELEASE or off + n == numel:
-            for r in readers:
-                r.release_range(key, released * itemsize, (off + n - released) * itemsize)
-            released = off + n
+    stays in cache while the inputs stream through it, instead of N passes over a
+    tensor-sized accumulator in memory.
+
+    At most GROUP inputs are read at once: with more, the groups are summed one after the
+    other into a tensor-sized float64 accumulator (`full_buf`), so the input pages mapped at
+    any time, and so memory, do not grow with N. Mapped pages are released as they are done."""
+    readers, weights = plan.readers, plan.weights
+    numel = out.numel()
+    groups = [range(i, min(i + GROUP, len(readers))) for i in range(0, len(readers), GROUP)]
+    for g, members in enumerate(groups):
+        flats = [readers[i].read(key).reshape(-1) for i in members]
+        itemsize = flats[0].element_size()
+        # Release each input's pages often enough that the inputs read together keep at
+        # most RESIDENT bytes mapped in.
+        release_every = max(CHUNK, RESIDENT // (len(members) * itemsize) // CHUNK * CHUNK)
+        released = 0
+        for off in range(0, numel, CHUNK):
+            n = min(CHUNK, numel - off)
+            a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
+            c = cast_buf[:n]
+            for j, i in enumerate(members):
+                w, src = weights[i], flats[j][off:off + n]
+                if g == 0 and j == 0:
+                    a.copy_(src)
+                    if w != 1.0:
+                        a.mul_(w)
+                else:
+                    c.copy_(src)  # cast, then a same-dtype add: faster than a mixed add
+                    a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
+            if full_buf is None:
+                out[off:off + n].copy_(a.div_(plan.total_weight))
+            if off + n - released >= release_every or off + n == numel:
+                # Reach back: faults map pages around them, also some released before.
+                lo = released * itemsize - FAULT_AROUND
+                for i in members:
+                    readers[i].release_range(key, lo, (off + n) * itemsize - lo)
+                released = off + n
+    if full_buf is not None:
+        for off in range(0, numel, CHUNK):
+            n = min(CHUNK, numel - off)
+            out[off:off + n].copy_(full_buf[off:off + n].div_(plan.total_weight))
 
 
 def _hand_over(writer: Writer, bg, key: str, tensor: torch.Tensor, buf) -> None:
@@ -480,6 +504,23 @@ def average(
     kind = output_kind(output, shard_size) if output is not None else None  # before any reading
     check_options(accumulate, dtype)
     method: Method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
+    if world_size() > 1:
+        if into is not None:
+            raise CkptavgError("folding into a running average (--into) runs in one process; "
+                               "run it without torchrun")
+        if not dry_run and kind != "sharded":
+            raise CkptavgError(f"{output}: under torchrun each rank writes one shard, so the "
+                               "output is a folder; give a folder name (-o OUT_DIR)")
+        select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
+                       metric, lowest)
+        with Group() as group:
+            result = _average_ranks(group, [os.fspath(p) for p in inputs], output, kind, method,
+                                    weights, ema, select_args, key, strip_prefix, accumulate,
+                                    dtype, allow_nonfinite, hash_inputs, dry_run, threads,
+                                    progress)
+        result.seconds = time.perf_counter() - t0
+        result.peak_rss_bytes = peak_rss_bytes()
+        return result
 
     with contextlib.ExitStack() as stack:
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
@@ -526,6 +567,38 @@ def average(
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: str | None,
+                   method: Method, weights, ema, select_args: tuple, key, strip_prefix,
+                   accumulate, dtype, allow_nonfinite, hash_inputs, dry_run, threads,
+                   progress) -> AverageResult:
+    """`average` on one of several ranks: the same selection and plan everywhere, then this
+    rank's share of the tensors (see distributed.py). Failures are agreed on, never hung on."""
+    with contextlib.ExitStack() as stack:
+        error, plan, result = None, None, None
+        try:
+            cands = open_candidates(inputs, key, strip_prefix)
+            stack.callback(close_all, cands)
+            chosen = select(cands, *select_args)
+            norm = method_weights(len(chosen), method, weights, ema)
+            raw = list(norm) if method != "uniform" else [1.0] * len(chosen)
+            readers = [c.reader for c in chosen]
+            if output is not None:
+                check_output(output, kind, [f for r in readers for f in r.files])
+            plan = make_plan(readers, raw, method=method, accumulate=accumulate, dtype=dtype,
+                             allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs and not dry_run)
+            result = _result(plan, chosen, None, output, method, len(chosen), dry_run)
+            result.warnings = _mixed_runs(chosen)
+        except BaseException as e:
+            error = e
+        group.agree(error)
+        if not dry_run:
+            side, notes = side_files(plan.readers)
+            result.warnings += notes
+            write_shards(plan, output, group, execute, progress, threads, side)
+        result.ranks, result.rank = group.size, group.rank
+        return result
 
 
 def _same(a: str, b: str | None) -> bool:

@@ -296,7 +296,8 @@ def average(inputs, as_json, quiet, **kwargs):
 
     with progress_bar(quiet or as_json or kwargs["dry_run"], "average") as bar:
         result = run(list(inputs), progress=bar, **kwargs)
-    emit(result, as_json, quiet, _average_lines)
+    if result.rank == 0:  # under torchrun, one summary for the run
+        emit(result, as_json, quiet, _average_lines)
 
 
 def _number(what: str, value, source: str) -> str:
@@ -315,8 +316,9 @@ def _average_lines(r):
     if not r.inputs:
         yield f"nothing to fold into {r.into}: n stays {r.n}"
         return
+    ranks = f" on {r.ranks} ranks" if r.ranks > 1 else ""
     yield (f"averaged {len(r.inputs)} checkpoint(s) ({r.method}, n={r.n}) -> {r.output}: "
-           f"{human_bytes(r.bytes_out)} in {r.seconds:.1f} s, peak RSS "
+           f"{human_bytes(r.bytes_out)} in {r.seconds:.1f} s{ranks}, peak RSS "
            f"{human_bytes(r.peak_rss_bytes)}")
 
 

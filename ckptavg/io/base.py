@@ -401,7 +401,10 @@ class ReaderBase:
         return None
 
     def release_range(self, key: str, start: int, nbytes: int) -> None:
-        """Hint that bytes [start, start + nbytes) of `key` are done with (mapped pages)."""
+        """Hint that bytes [start, start + nbytes) of `key` are done with (mapped pages).
+        `start` may be negative: the kernel maps pages around a faulting one ("fault-around",
+        64 KiB), so reading a tensor maps back some pages just before it, which the caller
+        releases by reaching back."""
         return None
 
     def metadata(self) -> dict[str, str]:

@@ -309,6 +309,8 @@ class TorchReader(ReaderBase):
             self._meta.setdefault("swa.n_averaged", str(int(count.item())))
         self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
         self.removed_prefixes = tuple(removed)
+        self._lowest = min((t.untyped_storage().data_ptr() for t in self._tensors.values()
+                            if t.numel()), default=0)
         self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
 
     def ties(self) -> dict[str, str]:
@@ -329,7 +331,10 @@ class TorchReader(ReaderBase):
     def release_range(self, key: str, start: int, nbytes: int) -> None:
         if self._mmap:
             t = self._tensors[self._raw(key)]
-            drop_pages(t.data_ptr() + start, nbytes)
+            # `start` may be negative: pages of the file before this tensor, never before the
+            # file's first storage (all storages are views of one map of the file).
+            lo = max(t.data_ptr() + start, self._lowest)
+            drop_pages(lo, t.data_ptr() + start + nbytes - lo)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)

@@ -132,9 +132,12 @@ class _MappedFile:
         return data.view(dtype).view(shape)
 
     def release(self, raw: str, start: int = 0, nbytes: int | None = None) -> None:
+        """Drop the mapped pages of bytes [start, start + nbytes) of tensor `raw`; `start`
+        may be negative (pages before the tensor: never before the start of the map)."""
         _, _, begin, size = self.entries[raw]
         n = size - start if nbytes is None else nbytes
-        drop_pages(self.bytes.data_ptr() + self.base + begin + start, n)
+        lo = max(self.base + begin + start, 0)
+        drop_pages(self.bytes.data_ptr() + lo, self.base + begin + start + n - lo)
 
     def close(self) -> None:
         self.bytes = None  # unmapped when the last view of it goes

@@ -398,6 +398,46 @@ def split_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSp
     return shards
 
 
+def commit_folder(tmp: str, path: str, weight_map: dict[str, str], metadata: dict[str, str],
+                  total_size: int, side_files: dict[str, bytes] | None = None) -> None:
+    """Finish a sharded folder built in `tmp` (its shards written): side files, the index
+    last, then swap it in for `path` (which may only hold an earlier output of ours)."""
+    side = dict(side_files or {})
+    for name, data in side.items():  # config.json, tokenizer files, ...
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    extra = {SIDE_FILES_KEY: json.dumps(sorted(side))} if side else {}
+    index = {"metadata": {"total_size": total_size, **metadata, **extra}, "weight_map": weight_map}
+    with open(os.path.join(tmp, INDEX_NAME), "w") as f:  # an OSError here is named by close()
+        json.dump(index, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o755)
+    old = None
+    if os.path.isdir(path):
+        _ours(path)  # still nothing but an earlier output of ours
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old",
+                               dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "x"))
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def temp_folder_beside(path: str) -> str:
+    """A hidden temporary folder in `path`'s parent, for a folder output built atomically."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise OutputError(f"{path}: folder {parent} does not exist; create it first")
+    try:
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
 class ShardedWriter(Writer):
     """A folder of safetensors shards plus model.safetensors.index.json (Hugging Face layout).
 
@@ -408,14 +448,7 @@ class ShardedWriter(Writer):
                  shard_size: int, side_files: dict[str, bytes] | None = None):
         self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
         self._side = dict(side_files or {})
-        parent = os.path.dirname(self.path)
-        if not os.path.isdir(parent):
-            raise OutputError(f"{path}: folder {parent} does not exist; create it first")
-        try:
-            self._tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.",
-                                         suffix=".tmp", dir=parent)
-        except OSError as e:
-            raise _write_error(self.path, e) from None
+        self._tmp = temp_folder_beside(self.path)
         self._shards = split_shards(list(specs), shard_size)
         n = len(self._shards)
         self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -446,30 +479,8 @@ class ShardedWriter(Writer):
         if self._current is not None:
             self._current.close()
         weight_map = {s.key: self._names[i] for i, shard in enumerate(self._shards) for s in shard}
-        for name, data in self._side.items():  # config.json, tokenizer files, ...
-            with open(os.path.join(self._tmp, name), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        extra = {SIDE_FILES_KEY: json.dumps(sorted(self._side))} if self._side else {}
-        index = {"metadata": {"total_size": self.bytes_written, **self._metadata, **extra},
-                 "weight_map": weight_map}
-        index_path = os.path.join(self._tmp, INDEX_NAME)
-        with open(index_path, "w") as f:  # an OSError here is named by close()
-            json.dump(index, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(self._tmp, 0o755)
-        old = None
-        if os.path.isdir(self.path):
-            _ours(self.path)  # still nothing but an earlier output of ours
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.", suffix=".old",
-                                   dir=os.path.dirname(self.path))
-            os.rename(self.path, os.path.join(old, "x"))
-        os.rename(self._tmp, self.path)
-        _fsync_dir(os.path.dirname(self.path))
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_folder(self._tmp, self.path, weight_map, self._metadata, self.bytes_written,
+                      self._side)
 
     def abort(self) -> None:
         if self._current is not None:

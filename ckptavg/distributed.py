@@ -1,0 +1,133 @@
+"""`average` across torch.distributed ranks: `torchrun ... -m ckptavg average INPUTS -o DIR`.
+
+Every rank selects and plans the same run (same inputs, same order, same weights), then
+streams only its share of the tensor names, balanced by bytes, from every input, and writes
+its own safetensors shard into a hidden temporary folder beside the output. The ranks gather
+their weight maps; rank 0 writes the index (and the inputs' config files) and swaps the
+folder in. No tensor crosses the network; the inputs must be on a filesystem every rank
+sees. Each tensor is reduced by the same code as in one process, so the result is bitwise
+the same. A problem found by any rank is shared with all of them at the next agreement
+point, so every rank stops with the same one-line error instead of hanging, and nothing is
+left at the output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch.distributed as dist
+
+from ckptavg.errors import CkptavgError, OutputError
+from ckptavg.io.base import TensorSpec
+
+
+def world_size() -> int:
+    """The number of ranks this process runs among (torchrun's WORLD_SIZE), 1 if none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def partition(specs: list[TensorSpec], ranks: int) -> list[list[str]]:
+    """Tensor names per rank, balanced by bytes: largest first to the least loaded rank
+    (ties: the lower rank), each rank's names kept in plan order. Deterministic."""
+    load = [0] * ranks
+    owner: dict[str, int] = {}
+    for s in sorted(specs, key=lambda s: (-s.nbytes, s.key)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        owner[s.key] = r
+        load[r] += s.nbytes
+    return [[s.key for s in specs if owner[s.key] == r] for r in range(ranks)]
+
+
+class Group:
+    """The process group for one run: joined if torchrun started us and nobody else has."""
+
+    def __enter__(self):
+        self.owned = not dist.is_initialized()
+        if self.owned:
+            dist.init_process_group("gloo")
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def agree(self, error: BaseException | None, what: str = "") -> list:
+        """All ranks exchange (error or None, payload); if any rank failed, every rank raises
+        the first failure (a CkptavgError keeps its message; a bug names the rank)."""
+        mine = (None if error is None else (type(error).__name__, str(error),
+                                            isinstance(error, CkptavgError)), what)
+        gathered: list = [None] * self.size
+        dist.all_gather_object(gathered, mine)
+        for rank, (failure, _) in enumerate(gathered):
+            if failure is not None:
+                if error is not None and rank == self.rank and not failure[2]:
+                    raise error  # a bug on this rank: its own traceback
+                name, message, user = failure
+                raise CkptavgError(message if user else f"rank {rank} failed: {name}: {message}")
+        return [payload for _, payload in gathered]
+
+    def share(self, value):
+        """Rank 0's value, on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def write_shards(plan, output: str, group: Group, execute, progress=None,
+                 threads: int | None = None, side_files: dict[str, bytes] | None = None) -> None:
+    """Reduce this rank's share of `plan` into its shard; rank 0 commits the folder."""
+    from ckptavg.io.writer import SafetensorsWriter, commit_folder, temp_folder_beside
+
+    output = os.path.abspath(output.rstrip(os.sep))
+    tmp, error = None, None
+    try:
+        if group.rank == 0:
+            tmp = temp_folder_beside(output)
+    except BaseException as e:
+        error = e
+    group.agree(error)
+    tmp = group.share(tmp)
+    keys = partition(plan.specs, group.size)
+    n_shards = sum(1 for k in keys if k)
+    mine = keys[group.rank]
+    index = sum(1 for k in keys[: group.rank] if k)
+    name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
+    specs = {s.key: s for s in plan.specs}
+    weight_map, error = {}, None
+    try:
+        if mine:
+            meta = {**plan.metadata, "format": "pt"}
+            with SafetensorsWriter(os.path.join(tmp, name), [specs[k] for k in mine], meta,
+                                   shown=output) as writer:
+                execute(plan, writer, keys=mine, progress=progress, threads=threads)
+                for r in plan.readers:
+                    r.check_unchanged()
+            weight_map = {k: name for k in mine}
+    except BaseException as e:
+        error = e
+    try:
+        maps = group.agree(error, weight_map)
+    except BaseException:
+        if group.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    error = None
+    if group.rank == 0:
+        try:
+            merged = {k: v for m in maps for k, v in m.items()}
+            commit_folder(tmp, output, {s.key: merged[s.key] for s in plan.specs}, plan.metadata,
+                          plan.bytes_out, side_files)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = OutputError(f"{output}: cannot write ({e.strerror})")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e
+    group.agree(error)

@@ -1,0 +1,84 @@
+"""`torchrun --nproc-per-node 2 -m ckptavg average ... -o DIR`: 2 real ranks (gloo,
+127.0.0.1), the tensors split by bytes, one shard per rank; compared bitwise with one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+import ckptavg
+from tests.conftest import ROOT, leftovers
+
+
+def _torchrun(*args, timeout=300):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ckptavg", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _inputs(folder, n=4, bad=None):
+    paths = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        state = {"emb.weight": torch.randn(300, 64, generator=g),
+                 "fc.weight": torch.randn(64, 64, generator=g).to(torch.bfloat16),
+                 "fc.bias": torch.randn(64, generator=g), "bn.running_mean": torch.randn(8),
+                 "bn.num_batches_tracked": torch.tensor(10 * i)}
+        if i == bad:
+            state["fc.bias"] = torch.randn(65, generator=g)
+        paths.append(folder / f"epoch-{i + 1:04d}.safetensors")
+        save_file(state, paths[-1], {"train.epoch": str(i + 1), "model.arch": "x"})
+    return paths
+
+
+def test_two_ranks_write_the_same_average_as_one_process(tmp_path):
+    paths = _inputs(tmp_path)
+    proc = _torchrun("average", *paths, "--from-epoch", 2, "-o", tmp_path / "dist", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one summary, from rank 0
+    assert summary["ranks"] == 2 and summary["n"] == 3
+    index = json.load(open(tmp_path / "dist" / "model.safetensors.index.json"))
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                         "model-00002-of-00002.safetensors"]
+    ckptavg.average(paths, tmp_path / "single", from_epoch=2)
+    got, meta = ckptavg.load(tmp_path / "dist")
+    want, want_meta = ckptavg.load(tmp_path / "single")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert meta["average.n"] == want_meta["average.n"] == "3"
+    assert meta["model.arch"] == "x"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_mismatch_stops_both_ranks_with_one_line_and_leaves_nothing(tmp_path):
+    paths = _inputs(tmp_path, bad=2)
+    proc = _torchrun("average", *paths, "-o", tmp_path / "dist", timeout=120)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("ckptavg: error:")]
+    assert len(lines) == 2 and all("do not match" in x for x in lines), proc.stderr[-3000:]
+    assert not (tmp_path / "dist").exists() and leftovers(tmp_path) == []
+
+
+def test_a_file_output_is_refused_under_torchrun(tmp_path):
+    paths = _inputs(tmp_path, n=2)
+    proc = _torchrun("average", *paths, "-o", tmp_path / "avg.safetensors", timeout=120)
+    assert proc.returncode != 0
+    assert "each rank writes one shard, so the output is a folder" in proc.stderr
+    assert not (tmp_path / "avg.safetensors").exists()
+
+
+def test_partition_balances_bytes():
+    from ckptavg.distributed import partition
+    from ckptavg.io.base import TensorSpec
+
+    specs = [TensorSpec(f"t{i}", (n,), torch.float32) for i, n in enumerate([100, 60, 50, 40, 5])]
+    parts = partition(specs, 2)
+    assert parts == [["t0", "t3"], ["t1", "t2", "t4"]]  # 140 vs 115 elements: largest first
+    assert partition(specs[:1], 3) == [["t0"], [], []]
