@@ -316,6 +316,30 @@ def read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
     return weight_map, meta
 
 
+def place_shard(where: dict, names, holder, file: str, expected: dict[str, str] | None,
+                path_of) -> None:
+    """Record that shard `file` (`holder`) holds tensors `names`, checked against the other
+    shards (`where`, name -> holder; `path_of(holder)` names one) and the index (`expected`,
+    name -> shard file name)."""
+    for raw in names:
+        if raw in where:
+            raise CheckpointError(f"{file}: tensor {raw!r} is also in {path_of(where[raw])}; "
+                                  "the folder is corrupt")
+        if expected is not None and expected.get(raw) != os.path.basename(file):
+            raise CheckpointError(f"{file}: holds tensor {raw!r} that the index does not "
+                                  "place in this shard; the folder is corrupt")
+        where[raw] = holder
+
+
+def check_index_complete(index_path: str, weight_map: dict[str, str], where: dict) -> None:
+    """Every tensor the index lists was found in its shard."""
+    missing = [k for k in weight_map if k not in where]
+    if missing:
+        raise CheckpointError(f"{index_path}: lists tensor {missing[0]!r} in "
+                              f"{weight_map[missing[0]]}, which does not hold it; "
+                              "the folder is incomplete")
+
+
 FINGERPRINT_BLOCK = 1 << 16
 
 

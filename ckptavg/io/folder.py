@@ -8,13 +8,14 @@ import os
 
 import torch
 
-from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
     BIN_INDEX_NAME,
     BIN_NAME,
     ReaderBase,
     TensorSpec,
+    check_index_complete,
     find_ties,
+    place_shard,
     read_index,
     strip_keys,
 )
@@ -50,23 +51,12 @@ class TorchFolderReader(ReaderBase):
         weight_map, self._meta = read_index(index_path)
         for name in sorted(set(weight_map.values())):
             self._add(os.path.join(path, name), weight_map)
-        missing = [k for k in weight_map if k not in self._where]
-        if missing:
-            raise CheckpointError(f"{index_path}: lists tensor {missing[0]!r} in "
-                                  f"{weight_map[missing[0]]}, which does not hold it; "
-                                  "the folder is incomplete")
+        check_index_complete(index_path, weight_map, self._where)
 
     def _add(self, file: str, expected: dict | None) -> None:
         r = TorchReader(file, strip_prefix=None)
         self._shards.append(r)
-        for raw in r.keys():
-            if raw in self._where:
-                raise CheckpointError(f"{file}: tensor {raw!r} is also in "
-                                      f"{self._where[raw].path}; the folder is corrupt")
-            if expected is not None and expected.get(raw) != os.path.basename(file):
-                raise CheckpointError(f"{file}: holds tensor {raw!r} that the index does not "
-                                      "place in this shard; the folder is corrupt")
-            self._where[raw] = r
+        place_shard(self._where, r.keys(), r, file, expected, lambda other: other.path)
 
     def info(self, key: str) -> TensorSpec:
         raw = self._raw(key)
@@ -80,6 +70,10 @@ class TorchFolderReader(ReaderBase):
     def release(self, key: str) -> None:
         raw = self._raw(key)
         self._where[raw].release(raw)
+
+    def release_range(self, key: str, start: int, nbytes: int) -> None:
+        raw = self._raw(key)
+        self._where[raw].release_range(raw, start, nbytes)
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)

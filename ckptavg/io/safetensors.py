@@ -23,10 +23,12 @@ from ckptavg.io.base import (
     ReaderBase,
     SourceFile,
     TensorSpec,
+    check_index_complete,
     drop_pages,
     fd_path,
     is_averaged_model,
     open_source,
+    place_shard,
     pread_exact,
     read_index,
     strip_keys,
@@ -186,24 +188,13 @@ class SafetensorsReader(ReaderBase):
         for name in sorted(set(weight_map.values())):
             shard = os.path.join(path, name)
             self._add(shard, *open_source(shard), expected=weight_map)
-        missing = [k for k in weight_map if k not in self._where]
-        if missing:
-            raise CheckpointError(f"{index_path}: lists tensor {missing[0]!r} in "
-                                  f"{weight_map[missing[0]]}, which does not hold it; "
-                                  "the folder is incomplete")
+        check_index_complete(index_path, weight_map, self._where)
         self._meta = meta or self._maps[0].meta
 
     def _add(self, file: str, fd: int, src: SourceFile, expected: dict | None = None) -> None:
         m = _MappedFile(file, fd, src)
         self._maps.append(m)
-        for raw in m.entries:
-            if raw in self._where:
-                raise CheckpointError(f"{file}: tensor {raw!r} is also in "
-                                      f"{self._where[raw].src.path}; the folder is corrupt")
-            if expected is not None and expected.get(raw) != os.path.basename(file):
-                raise CheckpointError(f"{file}: holds tensor {raw!r} that the index does not "
-                                      "place in this shard; the folder is corrupt")
-            self._where[raw] = m
+        place_shard(self._where, m.entries, m, file, expected, lambda other: other.src.path)
 
     def info(self, key: str) -> TensorSpec:
         raw = self._raw(key)
