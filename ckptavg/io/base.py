@@ -340,6 +340,25 @@ def check_index_complete(index_path: str, weight_map: dict[str, str], where: dic
                               "the folder is incomplete")
 
 
+class Sharded:
+    """Mixin for readers made of shards: `_where` maps each raw name to the shard object that
+    holds it, which offers read(raw), release(raw) and release_range(raw, start, nbytes)."""
+
+    _where: dict
+
+    def read(self, key: str) -> torch.Tensor:
+        raw = self._raw(key)
+        return self._where[raw].read(raw)
+
+    def release(self, key: str) -> None:
+        raw = self._raw(key)
+        self._where[raw].release(raw)
+
+    def release_range(self, key: str, start: int, nbytes: int) -> None:
+        raw = self._raw(key)
+        self._where[raw].release_range(raw, start, nbytes)
+
+
 FINGERPRINT_BLOCK = 1 << 16
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from ckptavg.io.base import (
     BIN_INDEX_NAME,
     BIN_NAME,
     ReaderBase,
+    Sharded,
     TensorSpec,
     check_index_complete,
     find_ties,
@@ -22,7 +21,7 @@ from ckptavg.io.base import (
 from ckptavg.io.pt import TorchReader
 
 
-class TorchFolderReader(ReaderBase):
+class TorchFolderReader(Sharded, ReaderBase):
     """A folder holding `pytorch_model.bin` or an index and its `.bin` shards."""
 
     format = "torch-folder"
@@ -62,18 +61,6 @@ class TorchFolderReader(ReaderBase):
         raw = self._raw(key)
         spec = self._where[raw].info(raw)
         return TensorSpec(key, spec.shape, spec.dtype)
-
-    def read(self, key: str) -> torch.Tensor:
-        raw = self._raw(key)
-        return self._where[raw].read(raw)
-
-    def release(self, key: str) -> None:
-        raw = self._raw(key)
-        self._where[raw].release(raw)
-
-    def release_range(self, key: str, start: int, nbytes: int) -> None:
-        raw = self._raw(key)
-        self._where[raw].release_range(raw, start, nbytes)
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)

@@ -21,6 +21,7 @@ from ckptavg.io.base import (
     DTYPES,
     INDEX_NAME,
     ReaderBase,
+    Sharded,
     SourceFile,
     TensorSpec,
     check_index_complete,
@@ -133,19 +134,21 @@ class _MappedFile:
             data = data.clone()
         return data.view(dtype).view(shape)
 
-    def release(self, raw: str, start: int = 0, nbytes: int | None = None) -> None:
+    def release(self, raw: str) -> None:
+        self.release_range(raw, 0, self.entries[raw][3])
+
+    def release_range(self, raw: str, start: int, nbytes: int) -> None:
         """Drop the mapped pages of bytes [start, start + nbytes) of tensor `raw`; `start`
         may be negative (pages before the tensor: never before the start of the map)."""
-        _, _, begin, size = self.entries[raw]
-        n = size - start if nbytes is None else nbytes
+        begin = self.entries[raw][2]
         lo = max(self.base + begin + start, 0)
-        drop_pages(self.bytes.data_ptr() + lo, self.base + begin + start + n - lo)
+        drop_pages(self.bytes.data_ptr() + lo, self.base + begin + start + nbytes - lo)
 
     def close(self) -> None:
         self.bytes = None  # unmapped when the last view of it goes
 
 
-class SafetensorsReader(ReaderBase):
+class SafetensorsReader(Sharded, ReaderBase):
     """A safetensors file, a sharded folder (index + shards), or a folder with
     model.safetensors. Pass `fd`/`src` when the file is already open (it is taken over)."""
 
@@ -200,18 +203,6 @@ class SafetensorsReader(ReaderBase):
         raw = self._raw(key)
         dtype, shape, _, _ = self._where[raw].entries[raw]
         return TensorSpec(key, shape, dtype)
-
-    def read(self, key: str) -> torch.Tensor:
-        raw = self._raw(key)
-        return self._where[raw].read(raw)
-
-    def release(self, key: str) -> None:
-        raw = self._raw(key)
-        self._where[raw].release(raw)
-
-    def release_range(self, key: str, start: int, nbytes: int) -> None:
-        raw = self._raw(key)
-        self._where[raw].release(raw, start, nbytes)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
