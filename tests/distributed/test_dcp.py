@@ -75,3 +75,20 @@ def test_a_missing_chunk_file_is_named(dcp_run, tmp_path):
     os.unlink(d / "__1_0.distcp")
     with pytest.raises(CheckpointError, match="__1_0.distcp: no such file"):
         ckptavg.inspect(d)
+
+
+def test_two_ranks_average_dcp_inputs_like_one_process(dcp_run, tmp_path):
+    """DCP folders (written by 2 ranks) averaged by 2 other ranks: each reads only its
+    tensors' chunks; every tensor equals the single-process average bitwise."""
+    folders = [dcp_run / f"step-{e}00" for e in (1, 2, 3)]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ckptavg", "average", *map(str, folders),
+                           "-o", str(tmp_path / "dist"), "-q"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckptavg.average(folders, tmp_path / "single.safetensors")
+    got, _ = ckptavg.load(tmp_path / "dist")
+    want, _ = ckptavg.load(tmp_path / "single.safetensors")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
