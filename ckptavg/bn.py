@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ckptavg import options
 from ckptavg.checkpoint import save
 from ckptavg.data import get_dataset, make_loader, split_batch
 from ckptavg.device import resolve_device
+from ckptavg.distributed import Group, world_size
 from ckptavg.errors import CkptavgError
 from ckptavg.io import open_checkpoint
 from ckptavg.modelio import build_from_checkpoint
@@ -70,6 +72,54 @@ class _Pooled:
         m.running_var.copy_((self.m2 / max(self.n - 1, 1)).to(m.running_var.dtype))
 
 
+class _BatchMeans:
+    """Sums, in float64, of a layer's batch means and unbiased batch variances, and the batch
+    count: torch's momentum=None statistics are their averages, and sums can be all-reduced
+    across ranks."""
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm):
+        self.module = module
+        self.n = 0
+        self.sums = torch.zeros(2, module.num_features, dtype=torch.float64)
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        x = args[0].detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        self.sums[0] += x.mean(dim=dims).cpu()
+        self.sums[1] += x.var(dim=dims, correction=1).cpu()
+        self.n += 1
+
+    def apply(self) -> None:
+        self.handle.remove()
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        dist.all_reduce(self.sums)
+        dist.all_reduce(n)
+        m = self.module
+        m.running_mean.copy_((self.sums[0] / n).to(m.running_mean.dtype))
+        m.running_var.copy_((self.sums[1] / n).to(m.running_var.dtype))
+
+
+def _merge_pooled(pooled: list[_Pooled]) -> None:
+    """Each layer's (count, mean, M2) from every rank, merged in rank order (Chan et al.)."""
+    for p in pooled:
+        mine = (p.n, None if p.mean is None else p.mean.cpu(), None if p.m2 is None else p.m2.cpu())
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        p.n, p.mean, p.m2 = 0, None, None
+        for nb, mb, m2b in parts:
+            if not nb:
+                continue
+            if p.mean is None:
+                p.n, p.mean, p.m2 = nb, mb, m2b
+                continue
+            n = p.n + nb
+            delta = mb - p.mean
+            p.mean = p.mean + delta * (nb / n)
+            p.m2 = p.m2 + m2b + delta**2 * (p.n * nb / n)
+            p.n = n
+
+
 @torch.no_grad()
 def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
                 device: str | torch.device | None = None, max_batches: int | None = None,
@@ -85,6 +135,12 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     Returns:
         {"bn_layers", "batches", "samples"}; bn_layers is 0 (and nothing runs) without BN.
 
+    Under torch.distributed (torchrun), every rank iterates the same loader (same seed) and
+    passes batch i through the model when i % world_size == rank; the statistics are then
+    combined across ranks: for "update_bn", the average over all batches of the batch means
+    and unbiased variances (what momentum=None computes in one process); for "exact", each
+    rank's pooled (count, mean, M2) merged in rank order. Counts are totals over all ranks.
+
     Example:
         >>> recalibrate(model, train_loader)          # same result as update_bn
     """
@@ -98,15 +154,20 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
         m.momentum = None
     was_training = model.training
     model.train()
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if ranks > 1 else 0
     pooled = [_Pooled(m) for m in layers] if stats == "exact" else []
+    means = [_BatchMeans(m) for m in layers] if ranks > 1 and stats == "update_bn" else []
     total = len(loader) if hasattr(loader, "__len__") else 0
     if max_batches is not None:
         total = min(total, max_batches) if total else max_batches
     batches = samples = 0
     try:
-        for batch in loader:
-            if max_batches is not None and batches >= max_batches:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
                 break
+            if i % ranks != rank:
+                continue
             x, _ = split_batch(batch, input_key)
             if device is not None:
                 x = x.to(device, non_blocking=True)
@@ -114,8 +175,15 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
             batches += 1
             samples += x.shape[0]
             if progress:
-                progress(batches, total)
+                progress(i + 1, total)
     finally:
+        if ranks > 1:
+            _merge_pooled(pooled)
+            for b in means:
+                b.apply()
+            counts = torch.tensor([batches, samples], dtype=torch.float64)
+            dist.all_reduce(counts)
+            batches, samples = int(counts[0]), int(counts[1])
         for p in pooled:
             p.apply() if batches else p.handle.remove()
         for m, mom in momenta.items():
@@ -211,8 +279,23 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     if fraction is not None:
         max_batches = max(1, round(len(loader) * fraction))
     net.to(dev)
-    info = recalibrate(net, loader, stats=stats, device=dev, max_batches=max_batches,
-                       input_key=input_key, progress=progress)
+    if world_size() > 1:  # under torchrun: the ranks share the pass, rank 0 writes
+        with Group() as group:
+            error, info = None, None
+            try:
+                info = recalibrate(net, loader, stats=stats, device=dev,
+                                   max_batches=max_batches, input_key=input_key,
+                                   progress=progress)
+            except BaseException as e:
+                error = e
+            group.agree(error)
+            if group.rank != 0:
+                return BnFixResult(path, None, info["bn_layers"], info["batches"],
+                                   info["samples"], data_name, stats, str(dev),
+                                   time.perf_counter() - t0, f"rank {group.rank}: rank 0 writes")
+    else:
+        info = recalibrate(net, loader, stats=stats, device=dev, max_batches=max_batches,
+                           input_key=input_key, progress=progress)
     out = os.fspath(output if output is not None else checkpoint)
     new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info["samples"]),
                 "bn.data": f"{data_name}:{split}" + (f":first{subset}" if subset else "")

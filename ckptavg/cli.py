@@ -388,6 +388,8 @@ def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
 
     with progress_bar(quiet or as_json, "bn-fix", unit="batch") as bar:
         result = bn_fix(checkpoint, progress=bar, **kwargs)
+    if result.message.startswith("rank "):  # under torchrun, rank 0 reports
+        return
     emit(result, as_json, quiet, lambda r: [
         f"{checkpoint}: {r.message}" if r.bn_layers == 0 else
         f"recalibrated {r.bn_layers} BatchNorm layers on {r.samples} samples ({r.batches} "

@@ -1,0 +1,40 @@
+"""`torchrun --nproc-per-node 2 -m ckptavg bn-fix`: the ranks share the data pass (batch i on
+rank i % 2) and combine their statistics; the result equals one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptavg
+from tests.conftest import ROOT
+from tests.fakedata import tiny_bn, write_mnist
+
+
+@pytest.mark.parametrize("stats", ["update_bn", "exact"])
+def test_two_ranks_recalibrate_like_one_process(tmp_path, stats):
+    write_mnist(str(tmp_path / "data"), n_train=72, n_test=8)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "swa.safetensors"
+    ckptavg.save(tiny_bn().state_dict(), ckpt, {"data.name": "fashion-mnist", "bn.stale": "true"})
+    common = ["--model", "tests.fakedata:tiny_bn", "--data-dir", str(tmp_path / "data"),
+              "--batch-size", "8", "--stats", stats, "--no-augment", "-q"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ckptavg", "bn-fix", str(ckpt), "-o",
+                           str(tmp_path / "two.safetensors"), *common],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = ckptavg.bn_fix(ckpt, tmp_path / "one.safetensors", model="tests.fakedata:tiny_bn",
+                         data_dir=str(tmp_path / "data"), batch_size=8, stats=stats,
+                         augment=False)
+    a, meta = ckptavg.load(tmp_path / "two.safetensors")
+    b, _ = ckptavg.load(tmp_path / "one.safetensors")
+    assert meta["bn.samples"] == "72" and one.samples == 72
+    for k in ("1.running_mean", "1.running_var"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert torch.equal(a["0.weight"], b["0.weight"])
