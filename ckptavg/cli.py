@@ -407,6 +407,8 @@ def eval_cmd(checkpoint, as_json, quiet, **kwargs):
 
     with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
         result = evaluate(checkpoint, progress=bar, **kwargs)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     emit(result, as_json, quiet, lambda r: [
         f"{checkpoint}: {r.data} {r.split}: accuracy {r.accuracy:.2f} %, loss {r.loss:.4f}, "
         f"{r.samples} samples"])

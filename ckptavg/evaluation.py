@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ckptavg import options
 from ckptavg.data import get_dataset, make_loader, split_batch
 from ckptavg.device import resolve_device
+from ckptavg.distributed import Group, world_size
 from ckptavg.errors import DataError
 from ckptavg.modelio import build_from_checkpoint
 from ckptavg.options import Split, check_choice
@@ -23,12 +24,17 @@ Progress = Callable[[int, int], None]
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device=None, input_key: str | None = None,
-            progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax probabilities [N, C] on CPU, labels [N]) of `model` in eval mode."""
+            progress: Progress | None = None,
+            shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities [N, C] on CPU, labels [N]) of `model` in eval mode; with
+    `shard=(rank, ranks)`, only batches i with i % ranks == rank."""
     model.eval()
     probs, labels = [], []
     total = len(loader) if hasattr(loader, "__len__") else 0
+    rank, ranks = shard
     for i, batch in enumerate(loader):
+        if i % ranks != rank:
+            continue
         x, y = split_batch(batch, input_key)
         if y is None:
             raise DataError("evaluation needs labels; the batches carry none")
@@ -38,8 +44,10 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
         labels.append(torch.as_tensor(y).cpu())
         if progress:
             progress(i + 1, total)
-    if not probs:
+    if not probs and ranks == 1:
         raise DataError("the evaluation data set is empty")
+    if not probs:  # a rank with no batch (fewer batches than ranks)
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(probs), torch.cat(labels)
 
 
@@ -68,6 +76,23 @@ class EvalResult(Result):
     device: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+
+def _scores_across_ranks(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """`scores` over the batches of every rank: correct counts, summed NLL and sample counts
+    all-reduced in float64."""
+    import torch.distributed as dist
+
+    sums = torch.zeros(3, dtype=torch.float64)
+    if labels.numel():
+        sums[0] = (probs.argmax(1) == labels).double().sum()
+        sums[1] = -torch.log(probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12)).double().sum()
+        sums[2] = labels.numel()
+    dist.all_reduce(sums)
+    n = int(sums[2])
+    if n == 0:
+        raise DataError("the evaluation data set is empty")
+    return {"accuracy": float(sums[0]) / n * 100, "loss": float(sums[1]) / n, "samples": n}
 
 
 def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list[str]:
@@ -113,8 +138,14 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: S
     dev = resolve_device(device)
     dataset = get_dataset(data_name, split, data_dir, augment=False, download=download)
     loader = make_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))
-    probs, labels = predict(net.to(dev), loader, dev, input_key, progress)
-    s = scores(probs, labels)
+    if world_size() > 1:  # under torchrun: batch i on rank i % P, sums all-reduced
+        with Group() as group:
+            probs, labels = predict(net.to(dev), loader, dev, input_key, progress,
+                                    shard=(group.rank, group.size))
+            s = _scores_across_ranks(probs, labels)
+    else:
+        probs, labels = predict(net.to(dev), loader, dev, input_key, progress)
+        s = scores(probs, labels)
     return EvalResult(path, data_name, split, s["accuracy"], s["loss"], s["samples"],
                       meta.get("bn.stale") == "true", str(dev), time.perf_counter() - t0,
                       checkpoint_warnings(path, meta, data_name))

@@ -38,3 +38,25 @@ def test_two_ranks_recalibrate_like_one_process(tmp_path, stats):
     for k in ("1.running_mean", "1.running_var"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     assert torch.equal(a["0.weight"], b["0.weight"])
+
+
+def test_two_ranks_evaluate_like_one_process(tmp_path):
+    import json
+
+    write_mnist(str(tmp_path / "data"), n_train=16, n_test=44)
+    torch.manual_seed(1)
+    ckpt = tmp_path / "m.safetensors"
+    ckptavg.save(tiny_bn().state_dict(), ckpt, {"data.name": "fashion-mnist"})
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ckptavg", "eval", str(ckpt), "--model",
+                           "tests.fakedata:tiny_bn", "--data-dir", str(tmp_path / "data"),
+                           "--batch-size", "8", "--json"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout)  # one report: rank 0's
+    one = ckptavg.evaluate(ckpt, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),
+                           batch_size=8)
+    assert two["samples"] == one.samples == 44  # 6 batches: 3 per rank, the last one of 4
+    assert two["accuracy"] == pytest.approx(one.accuracy)
+    assert two["loss"] == pytest.approx(one.loss, rel=1e-6)
