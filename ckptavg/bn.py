@@ -51,9 +51,12 @@ class _Pooled:
         x = args[0].detach()
         dims = [d for d in range(x.dim()) if d != 1]
         x64 = x.to(torch.float64)
-        nb = x.numel() // x.shape[1]
         mb = x64.mean(dim=dims)
         m2b = ((x64 - mb.view([1, -1] + [1] * (x.dim() - 2))) ** 2).sum(dim=dims)
+        self.merge(x.numel() // x.shape[1], mb, m2b)
+
+    def merge(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> None:
+        """Fold in another part's count, mean and M2 (Chan et al.'s parallel update)."""
         if self.mean is None:
             self.n, self.mean, self.m2 = nb, mb, m2b
             return
@@ -108,16 +111,8 @@ def _merge_pooled(pooled: list[_Pooled]) -> None:
         dist.all_gather_object(parts, mine)
         p.n, p.mean, p.m2 = 0, None, None
         for nb, mb, m2b in parts:
-            if not nb:
-                continue
-            if p.mean is None:
-                p.n, p.mean, p.m2 = nb, mb, m2b
-                continue
-            n = p.n + nb
-            delta = mb - p.mean
-            p.mean = p.mean + delta * (nb / n)
-            p.m2 = p.m2 + m2b + delta**2 * (p.n * nb / n)
-            p.n = n
+            if nb:
+                p.merge(nb, mb, m2b)
 
 
 @torch.no_grad()
