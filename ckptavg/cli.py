@@ -483,6 +483,9 @@ def models_cmd(as_json, quiet):
 @click.option("--eval-every", type=click.IntRange(min=0), default=1, show_default=True,
               help="Score the test set every N epochs and after the last one (0: never).")
 @workers_option
+@click.option("--threads", type=click.IntRange(min=1), help="torch threads for training "
+              "(default: torch's). Same seed and same thread count give the same run; another "
+              "thread count gives another (recorded as train.threads).")
 @click.option("--swa-in-loop", is_flag=True, help="Also keep the running SWA average in memory "
               "(written to OUT/swa-inloop.safetensors).")
 @device_option

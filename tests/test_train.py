@@ -185,3 +185,16 @@ def test_saver_surfaces_write_errors():
         with pytest.raises(ZeroDivisionError):
             saver.flush()
         saver.close()
+
+
+def test_same_seed_and_thread_count_reproduce_the_run(data, tmp_path):
+    """What a rerun needs to give the same numbers: the seed and the thread count (recorded
+    as train.threads; another count changes the floating-point order of the reductions)."""
+    before = torch.get_num_threads()
+    a = train(cfg(data, tmp_path / "a", threads=1), device="cpu")
+    b = train(cfg(data, tmp_path / "b", threads=1), device="cpu")
+    assert torch.get_num_threads() == before
+    sa, ma = ckptavg.load(a.checkpoints[-1])
+    sb, _ = ckptavg.load(b.checkpoints[-1])
+    assert ma["train.threads"] == "1"
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -92,6 +92,7 @@ class ReplicateResult(Result):
     torch: str
     files: list[str]  # results.json, results.md and (with matplotlib) curves.png
     warnings: list[str] = field(default_factory=list)
+    threads: int = 0  # torch threads: same seed and same count reproduce a run bit for bit
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -229,7 +230,7 @@ def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int
         time.perf_counter() - t0,
         torch.cuda.get_device_name() if resolve_device(device).type == "cuda" else "cpu",
         torch.__version__, [os.path.join(out, "results.json"), os.path.join(out, "results.md")],
-        warnings)
+        warnings, torch.get_num_threads())
     with atomic_text(result.files[0]) as f:
         json.dump(result.to_dict(), f, indent=2)
     with atomic_text(result.files[1]) as f:

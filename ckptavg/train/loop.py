@@ -53,6 +53,7 @@ class TrainConfig:
     data_dir: str | None = None
     workers: int = options.WORKERS
     amp: bool = False
+    threads: int | None = None  # torch threads for the run (default: torch's); results depend on it
     swa_in_loop: bool = False
     anneal_epochs: int | None = None  # Lightning/SWALR-style annealing into swa_lr (else the paper's)
     anneal: Anneal = "linear"
@@ -188,6 +189,17 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
         ...                   swa_start=16, swa_lr=0.05)).checkpoints
     """
     config = config.resolved()
+    before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, device, resume, download, stop_after, on_batch, on_epoch, on_stage)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: TrainConfig, device, resume, download, stop_after, on_batch, on_epoch,
+           on_stage) -> TrainResult:
     dev = resolve_device(device)
     if config.amp and dev.type != "cuda":
         raise CkptavgError("amp needs a CUDA device; drop it (--amp) or use device cuda")
@@ -206,7 +218,8 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
     saver = CheckpointSaver(config.out, model_arch=config.model, model_kwargs=model_kwargs,
                             data_name=config.data,
                             extra_metadata={"train.schedule": config.schedule,
-                                            "data.train_images": loaders.train_images})
+                                            "data.train_images": loaders.train_images,
+                                            "train.threads": torch.get_num_threads()})
     result = TrainResult(config.out, st.epoch, 0, [], None, None, 0.0, 0.0, 0.0)
     end = config.epochs if stop_after is None else min(config.epochs, st.epoch + stop_after)
     stage = on_stage or (lambda text: None)
