@@ -54,8 +54,10 @@ class Group:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self.owned and dist.is_initialized():
+            if exc_type is None:
+                dist.barrier()  # every rank done with its collectives before teardown
             dist.destroy_process_group()
 
     def agree(self, error: BaseException | None, what: str = "") -> list:

@@ -3,15 +3,11 @@ rank i % 2) and combine their statistics; the result equals one process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import ckptavg
-from tests.conftest import ROOT
+from tests.distributed.conftest import torchrun
 from tests.fakedata import tiny_bn, write_mnist
 
 
@@ -23,11 +19,7 @@ def test_two_ranks_recalibrate_like_one_process(tmp_path, stats):
     ckptavg.save(tiny_bn().state_dict(), ckpt, {"data.name": "fashion-mnist", "bn.stale": "true"})
     common = ["--model", "tests.fakedata:tiny_bn", "--data-dir", str(tmp_path / "data"),
               "--batch-size", "8", "--stats", stats, "--no-augment", "-q"]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "ckptavg", "bn-fix", str(ckpt), "-o",
-                           str(tmp_path / "two.safetensors"), *common],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = torchrun("ckptavg", "bn-fix", ckpt, "-o", tmp_path / "two.safetensors", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = ckptavg.bn_fix(ckpt, tmp_path / "one.safetensors", model="tests.fakedata:tiny_bn",
                          data_dir=str(tmp_path / "data"), batch_size=8, stats=stats,
@@ -47,12 +39,8 @@ def test_two_ranks_evaluate_like_one_process(tmp_path):
     torch.manual_seed(1)
     ckpt = tmp_path / "m.safetensors"
     ckptavg.save(tiny_bn().state_dict(), ckpt, {"data.name": "fashion-mnist"})
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "ckptavg", "eval", str(ckpt), "--model",
-                           "tests.fakedata:tiny_bn", "--data-dir", str(tmp_path / "data"),
-                           "--batch-size", "8", "--json"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = torchrun("ckptavg", "eval", ckpt, "--model", "tests.fakedata:tiny_bn", "--data-dir",
+                    tmp_path / "data", "--batch-size", "8", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout)  # one report: rank 0's
     one = ckptavg.evaluate(ckpt, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),

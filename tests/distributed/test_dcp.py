@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,25 +12,16 @@ import torch
 import ckptavg
 from ckptavg.errors import CheckpointError
 from tests.conftest import ROOT
+from tests.distributed.conftest import torchrun
 from tests.interop.conftest import assert_matches, float64_mean
 
 
 @pytest.fixture(scope="module")
 def dcp_run(tmp_path_factory):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    errors = []
-    # One retry: a run of this suite once saw a rank abort (SIGABRT) while starting gloo on a
-    # loaded 2-core machine; the checkpoints' content does not depend on which attempt wrote them.
-    for attempt in range(2):
-        out = tmp_path_factory.mktemp(f"dcp{attempt}")
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc-per-node", "2",
-                               os.path.join(ROOT, "tests", "distributed", "write_dcp.py"), str(out)],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-        if proc.returncode == 0:
-            return out
-        errors.append(proc.stderr[-3000:])
-    raise AssertionError("\n----\n".join(errors))
+    out = tmp_path_factory.mktemp("dcp")
+    proc = torchrun(os.path.join(ROOT, "tests", "distributed", "write_dcp.py"), out, module=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 def test_sharded_dcp_checkpoints_average_like_their_full_tensors(dcp_run, tmp_path):
@@ -81,11 +70,7 @@ def test_two_ranks_average_dcp_inputs_like_one_process(dcp_run, tmp_path):
     """DCP folders (written by 2 ranks) averaged by 2 other ranks: each reads only its
     tensors' chunks; every tensor equals the single-process average bitwise."""
     folders = [dcp_run / f"step-{e}00" for e in (1, 2, 3)]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "ckptavg", "average", *map(str, folders),
-                           "-o", str(tmp_path / "dist"), "-q"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = torchrun("ckptavg", "average", *folders, "-o", tmp_path / "dist", "-q")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckptavg.average(folders, tmp_path / "single.safetensors")
     got, _ = ckptavg.load(tmp_path / "dist")

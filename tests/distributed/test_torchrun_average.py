@@ -4,22 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import save_file
 
 import ckptavg
-from tests.conftest import ROOT, leftovers
+from tests.conftest import leftovers
+from tests.distributed.conftest import torchrun
 
 
 def _torchrun(*args, timeout=300):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "ckptavg", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return torchrun("ckptavg", *args, timeout=timeout)
 
 
 def _inputs(folder, n=4, bad=None):
