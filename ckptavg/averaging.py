@@ -504,6 +504,8 @@ def average(
     kind = output_kind(output, shard_size) if output is not None else None  # before any reading
     check_options(accumulate, dtype)
     method: Method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
+    select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
+                   metric, lowest)
     if world_size() > 1:
         if into is not None:
             raise CkptavgError("folding into a running average (--into) runs in one process; "
@@ -511,8 +513,6 @@ def average(
         if not dry_run and kind != "sharded":
             raise CkptavgError(f"{output}: under torchrun each rank writes one shard, so the "
                                "output is a folder; give a folder name (-o OUT_DIR)")
-        select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
-                       metric, lowest)
         with Group() as group:
             result = _average_ranks(group, [os.fspath(p) for p in inputs], output, kind, method,
                                     weights, ema, select_args, key, strip_prefix, accumulate,
@@ -526,8 +526,7 @@ def average(
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
         cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
         stack.callback(close_all, cands)
-        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step,
-                        best, metric, lowest)
+        chosen = select(cands, *select_args)
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
         if locked is not None:
@@ -538,8 +537,7 @@ def average(
             chosen, skipped = _not_yet_folded(chosen, prior)
             if not chosen:
                 return _nothing_to_fold(into, n0, skipped, dry_run, t0)
-        norm = method_weights(len(chosen), method, weights, ema)
-        raw = list(norm) if method != "uniform" else [1.0] * len(chosen)
+        raw = _raw_weights(len(chosen), method, weights, ema)
         readers, n_total = [c.reader for c in chosen], len(chosen)
         if running is not None:
             readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
@@ -569,6 +567,13 @@ def average(
     return result
 
 
+def _raw_weights(n: int, method: Method, weights, ema) -> list[float]:
+    """The weights the plan applies: 1 per input for a uniform mean (so --into can weight the
+    running average by its count), else the normalised weights or EMA decays."""
+    norm = method_weights(n, method, weights, ema)
+    return list(norm) if method != "uniform" else [1.0] * n
+
+
 def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: str | None,
                    method: Method, weights, ema, select_args: tuple, key, strip_prefix,
                    accumulate, dtype, allow_nonfinite, hash_inputs, dry_run, threads,
@@ -581,8 +586,7 @@ def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: st
             cands = open_candidates(inputs, key, strip_prefix)
             stack.callback(close_all, cands)
             chosen = select(cands, *select_args)
-            norm = method_weights(len(chosen), method, weights, ema)
-            raw = list(norm) if method != "uniform" else [1.0] * len(chosen)
+            raw = _raw_weights(len(chosen), method, weights, ema)
             readers = [c.reader for c in chosen]
             if output is not None:
                 check_output(output, kind, [f for r in readers for f in r.files])

@@ -121,6 +121,11 @@ def emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def reports() -> bool:
+    """Whether this process prints the result: under torchrun only rank 0 does."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def emit(result, as_json: bool, quiet: bool, text) -> None:
     """Print a result: its JSON, or `text(result)` lines unless quiet. Warnings go to stderr
     unless quiet (they are in the JSON too)."""
@@ -296,7 +301,7 @@ def average(inputs, as_json, quiet, **kwargs):
 
     with progress_bar(quiet or as_json or kwargs["dry_run"], "average") as bar:
         result = run(list(inputs), progress=bar, **kwargs)
-    if result.rank == 0:  # under torchrun, one summary for the run
+    if reports():
         emit(result, as_json, quiet, _average_lines)
 
 
@@ -388,7 +393,7 @@ def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
 
     with progress_bar(quiet or as_json, "bn-fix", unit="batch") as bar:
         result = bn_fix(checkpoint, progress=bar, **kwargs)
-    if result.message.startswith("rank "):  # under torchrun, rank 0 reports
+    if not reports():
         return
     emit(result, as_json, quiet, lambda r: [
         f"{checkpoint}: {r.message}" if r.bn_layers == 0 else
@@ -407,7 +412,7 @@ def eval_cmd(checkpoint, as_json, quiet, **kwargs):
 
     with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
         result = evaluate(checkpoint, progress=bar, **kwargs)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    if not reports():
         return
     emit(result, as_json, quiet, lambda r: [
         f"{checkpoint}: {r.data} {r.split}: accuracy {r.accuracy:.2f} %, loss {r.loss:.4f}, "

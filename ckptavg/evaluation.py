@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ckptavg import options
@@ -51,12 +52,18 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
     return torch.cat(probs), torch.cat(labels)
 
 
+def _per_sample(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1.0 where the top class is the label, cross-entropy), per sample, in float64."""
+    correct = (probs.argmax(1) == labels).double()
+    nll = -torch.log(probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12)).double()
+    return correct, nll
+
+
 def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """Accuracy (%) and mean cross-entropy of probabilities."""
     n = labels.numel()
-    acc = (probs.argmax(1) == labels).double().sum().item() / n * 100
-    nll = -torch.log(probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12)).double().mean().item()
-    return {"accuracy": acc, "loss": nll, "samples": n}
+    correct, nll = _per_sample(probs, labels)
+    return {"accuracy": correct.sum().item() / n * 100, "loss": nll.mean().item(), "samples": n}
 
 
 @dataclass
@@ -81,13 +88,10 @@ class EvalResult(Result):
 def _scores_across_ranks(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """`scores` over the batches of every rank: correct counts, summed NLL and sample counts
     all-reduced in float64."""
-    import torch.distributed as dist
-
     sums = torch.zeros(3, dtype=torch.float64)
     if labels.numel():
-        sums[0] = (probs.argmax(1) == labels).double().sum()
-        sums[1] = -torch.log(probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12)).double().sum()
-        sums[2] = labels.numel()
+        correct, nll = _per_sample(probs, labels)
+        sums[0], sums[1], sums[2] = correct.sum(), nll.sum(), labels.numel()
     dist.all_reduce(sums)
     n = int(sums[2])
     if n == 0:
