@@ -36,6 +36,10 @@ _API = {
     "replicate": "ckptavg.experiments.replicate",
     "ReplicateResult": "ckptavg.experiments.replicate",
     "run_demo": "ckptavg.demo",
+    "soup": "ckptavg.soup",
+    "SoupResult": "ckptavg.soup",
+    "search": "ckptavg.search",
+    "SearchResult": "ckptavg.search",
     "create_model": "ckptavg.models",
     "list_models": "ckptavg.models",
     "register_model": "ckptavg.models",
@@ -54,6 +58,8 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
     from ckptavg.experiments.width import WidthResult, width
     from ckptavg.io import open_checkpoint
     from ckptavg.models import create_model, list_models, register_model
+    from ckptavg.search import SearchResult, search
+    from ckptavg.soup import SoupResult, soup
 
 __all__ = [
     "AverageResult",
@@ -63,6 +69,8 @@ __all__ = [
     "EvalResult",
     "InspectResult",
     "ReplicateResult",
+    "SearchResult",
+    "SoupResult",
     "WidthResult",
     "average",
     "bn_fix",
@@ -79,6 +87,8 @@ __all__ = [
     "replicate",
     "run_demo",
     "save",
+    "search",
+    "soup",
     "width",
     "__version__",
 ]

@@ -236,6 +236,21 @@ split_option = click.option("--split", type=click.Choice(options.choices(options
                             default="test", show_default=True)
 
 
+# Which of one run's checkpoints take part (average, search).
+window_options = group(
+    click.option("--from-epoch", type=int, help="Keep inputs from this epoch on (from metadata, "
+                 "the checkpoint's own epoch entry, or the name)."),
+    click.option("--to-epoch", type=int, help="Keep inputs up to this epoch."),
+    click.option("--last", type=int, help="Keep only the last N inputs (after the other filters)."),
+    click.option("--every", type=int, help="Keep every K-th input, starting with the first."),
+    click.option("--cycle-ends", is_flag=True, help="Keep inputs whose metadata marks a cycle end."),
+)
+stats_option = click.option("--stats", type=click.Choice(options.choices(options.Stats)),
+                            default=options.STATS, show_default=True,
+                            help="BatchNorm statistics: update_bn, torch's semantics; exact, "
+                            "population statistics.")
+
+
 # ------------------------------------------------------------------------------------ commands
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -258,14 +273,9 @@ def cli() -> None:
 @click.option("-o", "--output", help="Output: .safetensors, .pt/.pth/.bin/.ckpt, or a folder (sharded).")
 @click.option("--into", type=click.Path(), help="Fold the inputs into this existing average "
               "(running mean from its average.n); written back in place unless -o is given.")
-@click.option("--from-epoch", type=int, help="Keep inputs from this epoch on (from metadata, "
-              "the checkpoint's own epoch entry, or the name).")
-@click.option("--to-epoch", type=int, help="Keep inputs up to this epoch.")
+@window_options
 @click.option("--from-step", type=int, help="Keep inputs from this training step on.")
 @click.option("--to-step", type=int, help="Keep inputs up to this training step.")
-@click.option("--last", type=int, help="Keep only the last N inputs (after the other filters).")
-@click.option("--every", type=int, help="Keep every K-th input, starting with the first.")
-@click.option("--cycle-ends", is_flag=True, help="Keep inputs whose metadata marks a cycle end.")
 @click.option("--best", type=click.IntRange(min=1), help="Keep the N inputs with the best --metric.")
 @click.option("--metric", help="Stored score to rank by: a metadata key (train.val_acc) or a "
               "number in the checkpoint (timm's metric).")
@@ -373,8 +383,7 @@ def _inspect_lines(info, n_keys):
 @click.argument("checkpoint")
 @click.option("-o", "--output", help="Where to write (default: the checkpoint, atomically in place).")
 @run_options
-@click.option("--stats", type=click.Choice(options.choices(options.Stats)), default=options.STATS,
-              show_default=True, help="update_bn: torch's semantics; exact: population statistics.")
+@stats_option
 @click.option("--augment/--no-augment", default=True, show_default=True,
               help="Use the training transforms for the pass (as the SWA paper).")
 @click.option("--split", type=click.Choice(options.choices(options.Split)), default="train",
@@ -437,6 +446,93 @@ def ensemble_cmd(checkpoints, as_json, quiet, **kwargs):
     emit(result, as_json, quiet, lambda r: [
         *(f"  {m.accuracy:6.2f} %  {m.checkpoint}" for m in r.members),
         f"ensemble of {r.n}: accuracy {r.accuracy:.2f} %, loss {r.loss:.4f} ({r.samples} samples)"])
+
+
+# What soup and search share: the held-out split, the BatchNorm pass before each score, and
+# the one test evaluation of the final choice.
+heldout_options = group(
+    click.option("--holdout", type=click.IntRange(min=1), help="Score on the last N of the "
+                 "training images (of the first --subset), as train --holdout held them out "
+                 "(default: the checkpoints' data.holdout metadata)."),
+    click.option("--subset", type=click.IntRange(min=1), help="The held-out images are the last "
+                 "--holdout of the first N (default: data.train_images + --holdout)."),
+    stats_option,
+    click.option("--bn-batches", type=click.IntRange(min=1),
+                 help="Recalibrate BatchNorm on this many batches (default: all)."),
+    seed_option,
+    click.option("--test", is_flag=True, help="Also score the final choice on the test split "
+                 "(read only then, never during selection)."),
+)
+
+
+def _test_line(r):
+    if r.test_accuracy is not None:
+        yield f"test accuracy of the choice: {r.test_accuracy:.2f} %, loss {r.test_loss:.4f}"
+
+
+@cli.command("soup")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Write the soup here (.safetensors, .pt, a folder).")
+@click.option("--uniform", is_flag=True, help="Average every input (the uniform soup).")
+@heldout_options
+@run_options
+def soup_cmd(inputs, as_json, quiet, **kwargs):
+    """Greedy model soup of INPUTS, chosen on held-out training images.
+
+    Scores every checkpoint on the held-out images, then, best first, adds each to the soup
+    only if the soup's held-out accuracy rises (Wortsman et al. 2022). BatchNorm is
+    recalibrated on the training images before every score.
+    """
+    from ckptavg.soup import soup
+
+    with progress_bar(quiet or as_json, "soup", unit="score") as bar:
+        result = soup(list(inputs), progress=bar, **kwargs)
+    emit(result, as_json, quiet, _soup_lines)
+
+
+def _soup_lines(r):
+    yield f"held-out: {r.holdout} ({r.holdout_samples} images); best first:"
+    for g in r.ingredients:
+        soup = f"  soup -> {g.soup_accuracy:6.2f} %" if g.soup_accuracy is not None else ""
+        yield (f"  {'+' if g.accepted else '-'} {g.holdout_accuracy:6.2f} %{soup}  "
+               f"{g.path}")
+    dest = f" -> {r.output}" if r.output else ""
+    yield (f"{r.method} soup of {len(r.chosen)}: held-out accuracy {r.holdout_accuracy:.2f} %, "
+           f"loss {r.holdout_loss:.4f}{dest} ({r.passes} scores, {r.seconds:.1f} s)")
+    yield from _test_line(r)
+
+
+@cli.command("search")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", help="Write the best window's average here.")
+@click.option("--plot", help="Write held-out accuracy against the start epoch (PNG).")
+@window_options
+@heldout_options
+@run_options
+def search_cmd(inputs, as_json, quiet, **kwargs):
+    """When should averaging start? Score the average from each start to the last checkpoint.
+
+    Each window's average is BatchNorm-recalibrated and scored on held-out training images;
+    the windows share one running sum, so each reads one more checkpoint.
+    """
+    from ckptavg.search import search
+
+    with progress_bar(quiet or as_json, "search", unit="window") as bar:
+        result = search(list(inputs), progress=bar, **kwargs)
+    emit(result, as_json, quiet, _search_lines)
+
+
+def _search_lines(r):
+    yield f"held-out: {r.holdout} ({r.holdout_samples} images); windows ending at {r.end}:"
+    yield "  start epoch      n   held-out acc   loss"
+    for w in r.windows:
+        mark = " <- best" if w is r.best else ""
+        epoch = w.start_epoch if w.start_epoch is not None else "?"
+        yield f"  {epoch!s:>11} {w.n:>6}   {w.holdout_accuracy:9.2f} %  {w.holdout_loss:.4f}{mark}"
+    dest = "".join(f" -> {p}" for p in (r.output, r.plot) if p)
+    yield (f"best: from {r.best.start} ({r.best.n} checkpoints), held-out accuracy "
+           f"{r.best.holdout_accuracy:.2f} %{dest} ({r.passes} scores, {r.seconds:.1f} s)")
+    yield from _test_line(r)
 
 
 @cli.command("models")

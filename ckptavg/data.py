@@ -325,6 +325,17 @@ def _channels(dataset) -> int:
         return 3
 
 
+def holdout_split(n_images: int, subset: int | None, holdout: int) -> tuple[range, range]:
+    """(training images, held-out images) as index ranges: of the first `subset` images (all
+    without one), the last `holdout` are held out. `train --holdout` and the held-out
+    selection of `soup` and `search` split the same way."""
+    n = n_images if subset is None else min(subset, n_images)
+    if holdout < 0 or holdout >= n:
+        raise DataError(f"holdout {holdout}: must be at least 0 and less than the {n} training "
+                        "images it is taken from (--holdout, --subset)")
+    return range(0, n - holdout), range(n - holdout, n)
+
+
 def make_loader(dataset, batch_size: int = 128, shuffle: bool = False, workers: int = 0,
                 seed: int | None = None, subset: int | None = None, device: str = "cpu"):
     """A DataLoader (a user's DataLoader passes through untouched)."""

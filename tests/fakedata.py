@@ -91,3 +91,42 @@ def dict_batches(split: str = "train", augment: bool = False):
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(12, 1, 28, 28, generator=g)
     return [{"image": xs[i], "label": i % 10} for i in range(12)]
+
+
+class Blobs(torch.utils.data.Dataset):
+    """Two classes of 2-D points, split by the sign of the first coordinate."""
+
+    classes = ["left", "right"]
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 2, generator=g)
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def blobs(split: str = "train", augment: bool = False):
+    """A user data function: 600 training points, 200 test points."""
+    return Blobs(600, 0) if split == "train" else Blobs(200, 1)
+
+
+def blobs_no_test(split: str = "train", augment: bool = False):
+    """As `blobs`, but reading the test split is an error (selection must not read it)."""
+    if split == "test":
+        raise AssertionError("the test split was read")
+    return blobs(split, augment)
+
+
+def linear2(num_classes: int = 2, in_channels: int = 1):
+    """Logits W x + b for 2-D points."""
+    return nn.Linear(2, num_classes)
+
+
+def bn2(num_classes: int = 2, in_channels: int = 1):
+    """A 2-D net with BatchNorm: its statistics are the data's mean and variance."""
+    return nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, num_classes))

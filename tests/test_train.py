@@ -33,6 +33,7 @@ def test_checkpoints_metadata_and_metrics(data, tmp_path):
     assert meta["train.step"] == "9" and meta["train.cycle_end"] == "true"  # 40 images / 16
     assert meta["model.arch"] == "tests.fakedata:tiny_bn" and meta["data.name"] == "fashion-mnist"
     assert meta["data.train_images"] == "40"  # 48 less the 8 held out
+    assert meta["data.holdout"] == "8"
     assert json.loads(meta["model.kwargs"]) == {"in_channels": 1, "num_classes": 10}
     assert ckptavg.load(s.checkpoints[0])[1]["train.phase"] == "sgd"
     rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]

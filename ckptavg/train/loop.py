@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ckptavg import options
 from ckptavg.checkpoint import save
-from ckptavg.data import get_dataset, make_loader
+from ckptavg.data import get_dataset, holdout_split, make_loader
 from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
 from ckptavg.evaluation import predict, scores
@@ -219,6 +219,7 @@ def _train(config: TrainConfig, device, resume, download, stop_after, on_batch, 
                             data_name=config.data,
                             extra_metadata={"train.schedule": config.schedule,
                                             "data.train_images": loaders.train_images,
+                                            "data.holdout": config.holdout,
                                             "train.threads": torch.get_num_threads()})
     result = TrainResult(config.out, st.epoch, 0, [], None, None, 0.0, 0.0, 0.0)
     end = config.epochs if stop_after is None else min(config.epochs, st.epoch + stop_after)
@@ -286,17 +287,13 @@ def _resume_state(config: TrainConfig, last_path: str, resume: bool) -> dict | N
 def _make_loaders(config: TrainConfig, dev: torch.device, download: bool) -> _Loaders:
     train_set = get_dataset(config.data, "train", config.data_dir, augment=True, download=download)
     test_set = get_dataset(config.data, "test", config.data_dir, augment=False, download=download)
-    n_train = len(train_set) if config.subset is None else min(config.subset, len(train_set))
+    trained, held = holdout_split(len(train_set), config.subset, config.holdout)
     val = None
     if config.holdout:
-        if config.holdout >= n_train:
-            raise CkptavgError(f"holdout {config.holdout}: must be less than the {n_train} "
-                               "training images (--holdout)")
         plain = get_dataset(config.data, "train", config.data_dir, augment=False)
-        idx = range(n_train - config.holdout, n_train)
-        val = make_loader(torch.utils.data.Subset(plain, idx), 512, device=str(dev))
-        n_train -= config.holdout
-    train = make_loader(torch.utils.data.Subset(train_set, range(n_train)), config.batch_size,
+        val = make_loader(torch.utils.data.Subset(plain, held), 512, device=str(dev))
+    n_train = len(trained)
+    train = make_loader(torch.utils.data.Subset(train_set, trained), config.batch_size,
                         shuffle=True, workers=config.workers, seed=_epoch_seed(config.seed, 0),
                         device=str(dev))
     return _Loaders(train, make_loader(test_set, 512, device=str(dev)), val, n_train)

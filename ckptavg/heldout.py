@@ -1,0 +1,228 @@
+"""Choosing what to average with held-out data: the split, the scoring pass, running sums.
+
+`soup` and `search` score many candidate averages of one run's checkpoints. Every candidate
+goes through the same `HeldOut.score`: its weights are loaded into one network, BatchNorm is
+recalibrated on the training images (same seed, same batches, same augmentation for every
+candidate, so they are compared on equal terms), and it is scored on held-out training
+images, never on the test split. `RunningSum` keeps float64 sums so that growing sets of
+checkpoints cost one read per checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ckptavg.averaging import make_plan
+from ckptavg.bn import bn_layers, recalibrate
+from ckptavg.checkpoint import save
+from ckptavg.data import get_dataset, holdout_split, make_loader
+from ckptavg.device import resolve_device
+from ckptavg.errors import CkptavgError, DataError
+from ckptavg.evaluation import predict, scores
+from ckptavg.io import ReaderBase
+from ckptavg.modelio import build_model, data_name_of, load_weights, model_spec
+from ckptavg.options import Stats, check_choice
+from ckptavg.select import Candidate
+
+
+class RunningSum:
+    """The float64 sum of checkpoints added one at a time, and the mean of what is in it.
+
+    The mean is the float64 sum divided by the count and rounded once to each tensor's dtype:
+    what `average` computes for the same set. Integer and bool tensors are not averaged: the
+    value of the checkpoint latest in training order is kept (as `average` does).
+    Memory: the model in float64 plus one checkpoint."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.kept: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (order, value)
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.n = 0
+
+    @staticmethod
+    def read(reader: ReaderBase) -> dict[str, torch.Tensor]:
+        """Every tensor of a checkpoint, copied out of its mapped file."""
+        out = {}
+        for k in reader.keys():
+            out[k] = reader.read(k).clone()
+            reader.release(k)
+        return out
+
+    def add(self, state: dict[str, torch.Tensor], order: int) -> None:
+        """Fold in one checkpoint; `order` is its place in training (later wins for integers)."""
+        for k, t in state.items():
+            if t.dtype.is_floating_point:
+                if k in self.sums:
+                    self.sums[k].add_(t.to(torch.float64))
+                else:
+                    self.sums[k] = t.to(torch.float64, copy=True)
+                self.dtypes[k] = t.dtype
+            elif k not in self.kept or order >= self.kept[k][0]:
+                self.kept[k] = (order, t)
+        self.n += 1
+
+    def mean(self, extra: dict[str, torch.Tensor] | None = None,
+             extra_order: int = -1) -> dict[str, torch.Tensor]:
+        """The mean of the checkpoints in the sum, and of `extra` too when given (without
+        adding it)."""
+        n = self.n + (extra is not None)
+        if n == 0:
+            raise ValueError("the mean of nothing")
+        out: dict[str, torch.Tensor] = {}
+        keys = self.sums.keys() | self.kept.keys() if self.n else extra.keys()
+        for k in keys:
+            if k in self.sums or (extra is not None and extra[k].dtype.is_floating_point):
+                s = self.sums.get(k)
+                if extra is not None:
+                    s = extra[k].to(torch.float64) if s is None else s + extra[k].to(torch.float64)
+                dtype = self.dtypes.get(k, extra[k].dtype if extra is not None else None)
+                out[k] = (s / n).to(dtype)
+            else:
+                order, value = self.kept.get(k, (-1, None))
+                if extra is not None and (value is None or extra_order >= order):
+                    value = extra[k]
+                out[k] = value
+        return out
+
+
+class HeldOut:
+    """The network, the training images (for BatchNorm) and the held-out images of one
+    selection, and the one scoring pass every candidate goes through.
+
+    The held-out images are the last `holdout` of the first `subset` training images, as
+    `train --holdout` splits them; by default both come from the checkpoints' metadata
+    (`data.holdout`, `data.train_images`). Held-out images that a run trained on are
+    refused. The test split is read only by `test`, after the choice is made."""
+
+    def __init__(self, ref: Candidate, *, data: str | None, data_dir: str | None,
+                 download: bool, model: str | None, model_kwargs: dict | None,
+                 holdout: int | None, subset: int | None, batch_size: int, workers: int,
+                 device: str, seed: int, stats: Stats, bn_batches: int | None,
+                 input_key: str | None) -> None:
+        check_choice("stats", stats, Stats)
+        meta = ref.metadata
+        self.data_name = data_name_of(meta, data, ref.path)
+        arch, kwargs = model_spec(meta, model, model_kwargs, ref.path)
+        self.net, _ = build_model(arch, kwargs, self.data_name, data_dir)
+        self.dev = resolve_device(device)
+        self.net.to(self.dev)
+        self.data_dir, self.download = data_dir, download
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.stats, self.bn_batches, self.input_key = stats, bn_batches, input_key
+        same_data = meta.get("data.name") == self.data_name
+        trained = _meta_int(meta, "data.train_images") if same_data else None
+        if holdout is None:
+            holdout = _meta_int(meta, "data.holdout") if same_data else None
+            if not holdout:
+                raise CkptavgError(
+                    f"{ref.path}: no held-out images recorded (data.holdout metadata, written by "
+                    "train --holdout); pass holdout=N (--holdout N): the last N of the training "
+                    "images (of the first --subset images)")
+        if holdout < 1:
+            raise CkptavgError(f"holdout {holdout}: must be 1 or more (--holdout)")
+        if subset is None and trained is not None:
+            subset = trained + holdout  # the split `train --subset S --holdout N` made
+        train_set = get_dataset(self.data_name, "train", data_dir, augment=True, download=download)
+        plain = get_dataset(self.data_name, "train", data_dir, augment=False)
+        if isinstance(train_set, torch.utils.data.DataLoader):
+            raise DataError(f"data {self.data_name}: gives a DataLoader, which cannot be split "
+                            "into training and held-out images; return a Dataset")
+        fit, held = holdout_split(len(train_set), subset, holdout)
+        if trained is not None and held.start < trained:
+            raise CkptavgError(
+                f"held-out images {held.start}..{held.stop - 1} include images the run trained "
+                f"on (the first {trained}, data.train_images of {ref.path}); choosing on them "
+                "is not honest: hold out images the run did not see (--holdout, --subset)")
+        if trained is not None:
+            fit = range(0, min(trained, fit.stop))
+        self.fit, self.held = fit, held
+        self._train_set = torch.utils.data.Subset(train_set, fit)
+        self._held = make_loader(torch.utils.data.Subset(plain, held), batch_size,
+                                 workers=workers, device=str(self.dev))
+        layers = set(bn_layers(self.net))
+        self.has_bn = bool(layers)
+        self.bn_keys = {f"{name}.{b}" for name, m in self.net.named_modules() if m in layers
+                        for b, _ in m.named_buffers()}
+        self.bn_samples = 0
+        self.passes = 0
+
+    @property
+    def description(self) -> str:
+        """The held-out images, as the output's select.holdout metadata says it."""
+        return f"{self.data_name}:train[{self.held.start}:{self.held.stop}]"
+
+    @property
+    def bn_description(self) -> str:
+        return f"{self.data_name}:train:first{self.fit.stop}:augment"  # as bn_fix says it
+
+    def _recalibrate(self) -> None:
+        # The same batches and augmentations for every candidate: reseed, fresh loader.
+        torch.manual_seed(self.seed)
+        loader = make_loader(self._train_set, self.batch_size, shuffle=True,
+                             workers=self.workers, seed=self.seed, device=str(self.dev))
+        info = recalibrate(self.net, loader, stats=self.stats, device=self.dev,
+                           max_batches=self.bn_batches, input_key=self.input_key)
+        self.bn_samples = info["samples"]
+
+    def load(self, state: dict[str, torch.Tensor], path: str) -> None:
+        """Put a candidate's weights into the network and recalibrate its BatchNorm."""
+        load_weights(self.net, state, path)
+        if self.has_bn:
+            self._recalibrate()
+
+    def score(self, state: dict[str, torch.Tensor], path: str) -> dict:
+        """Held-out accuracy (%), mean cross-entropy and sample count of `state`, with its
+        BatchNorm recalibrated first."""
+        self.load(state, path)
+        self.passes += 1
+        probs, labels = predict(self.net, self._held, self.dev, self.input_key)
+        return scores(probs, labels)
+
+    def fixed(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with the BatchNorm buffers of the network's last recalibration, each in
+        the dtype `state` has: the weights that were scored."""
+        if not self.has_bn:
+            return dict(state)
+        now = self.net.state_dict()
+        return {k: (now[k].detach().to("cpu", v.dtype, copy=True) if k in self.bn_keys else v)
+                for k, v in state.items()}
+
+    def test(self, state: dict[str, torch.Tensor]) -> dict:
+        """Test accuracy of the chosen weights, as scored (BatchNorm as `fixed` left it):
+        the only time the test split is read."""
+        load_weights(self.net, state, "the chosen weights")
+        test_set = get_dataset(self.data_name, "test", self.data_dir, augment=False,
+                               download=self.download)
+        loader = make_loader(test_set, self.batch_size, workers=self.workers, device=str(self.dev))
+        probs, labels = predict(self.net, loader, self.dev, self.input_key)
+        return scores(probs, labels)
+
+
+def _meta_int(meta: dict[str, str], key: str) -> int | None:
+    v = meta.get(key, "")
+    return int(v) if v.isdigit() else None
+
+
+def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torch.Tensor],
+                 heldout: HeldOut, selection: dict[str, str]) -> None:
+    """Write the chosen average: the metadata of `average` over `chosen` (in training
+    order), BatchNorm as recalibrated for scoring, and what chose it (`select.*`)."""
+    plan = make_plan([c.reader for c in chosen], [1.0] * len(chosen))
+    meta = dict(plan.metadata)
+    if heldout.has_bn:
+        meta.update({"bn.stale": "false", "bn.samples": str(heldout.bn_samples),
+                     "bn.data": heldout.bn_description, "bn.stats": heldout.stats})
+    meta.update({"select.holdout": heldout.description, **selection})
+    save(state, output, meta)
+
+
+def check_outputs(paths: Sequence[str | None], cands: Sequence[Candidate]) -> None:
+    """Before any work: refuse output paths that are inputs or not ours (as `average`)."""
+    from ckptavg.io.writer import check_output, output_kind
+
+    files = [f for c in cands for f in c.reader.files]
+    for p in paths:
+        if p is not None:
+            check_output(p, output_kind(p), files)

@@ -1,0 +1,170 @@
+"""Model soups (Wortsman et al. 2022): which checkpoints to average, chosen on held-out data.
+
+The greedy soup scores every checkpoint on held-out training images, sorts them best
+first, starts the soup with the best, and adds each next one only if the held-out accuracy of
+the new average is strictly higher: one pass, as in the paper. The uniform soup averages
+them all. Every candidate (single checkpoint or average) has its BatchNorm recalibrated on
+the training images before it is scored (see heldout.py); the test split is read only with
+`test=True`, for the final soup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ckptavg import options
+from ckptavg.averaging import make_plan
+from ckptavg.heldout import HeldOut, RunningSum, check_outputs, write_choice
+from ckptavg.options import Stats
+from ckptavg.results import Result
+from ckptavg.select import close_all, open_candidates, order
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Ingredient(Result):
+    """One checkpoint of a soup: its own held-out score, and whether it went in."""
+
+    path: str
+    epoch: int | None
+    holdout_accuracy: float
+    holdout_loss: float
+    accepted: bool
+    # Greedy: the held-out accuracy of the soup with this checkpoint added (the first is
+    # the soup's seed); uniform: None.
+    soup_accuracy: float | None = None
+
+
+@dataclass
+class SoupResult(Result):
+    """What a soup chose and how it scored. `ingredients` are best first (by held-out
+    accuracy); `chosen` is the soup in training order. Test figures are None unless asked."""
+
+    method: str  # greedy | uniform
+    output: str | None
+    ingredients: list[Ingredient]
+    chosen: list[str]
+    holdout: str  # the held-out images, e.g. fashion-mnist:train[15000:20000]
+    holdout_accuracy: float
+    holdout_loss: float
+    holdout_samples: int
+    bn_recalibrated: bool
+    passes: int  # scoring passes (one BatchNorm pass and one held-out pass each)
+    seconds: float
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
+         uniform: bool = False, holdout: int | None = None, subset: int | None = None,
+         data: str | None = None, data_dir: str | None = None, download: bool = False,
+         model: str | None = None, model_kwargs: dict | None = None,
+         batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
+         device: str = options.DEVICE, seed: int = options.SEED, stats: Stats = options.STATS,
+         bn_batches: int | None = None, input_key: str | None = None, key: str | None = None,
+         strip_prefix: str | None = None, test: bool = False,
+         progress: Progress | None = None) -> SoupResult:
+    """A greedy (or uniform) soup of checkpoints, chosen on held-out training images.
+
+    Args:
+        inputs: checkpoint paths or glob patterns of one architecture.
+        output: where to write the soup (any output `average` writes); None: only report.
+        uniform: average every input instead of the greedy choice.
+        holdout, subset: the held-out images are the last `holdout` of the first `subset`
+            training images, as `train --subset --holdout` split them; default: the
+            checkpoints' data.holdout / data.train_images metadata. Held-out images the
+            run trained on are refused.
+        data, data_dir, download, model, model_kwargs: as for `evaluate` (default: metadata).
+        seed, stats, bn_batches: the BatchNorm pass before each score (same batches for
+            every candidate); `bn_batches` limits it to that many batches.
+        key, strip_prefix: where the weights are in training checkpoints.
+        test: score the final soup on the test split (read only then).
+        progress: called with (scoring passes done, passes in all).
+
+    Returns:
+        A SoupResult.
+
+    Example:
+        >>> ckptavg.soup(["runs/a/epoch-*.safetensors"], "soup.safetensors", holdout=5000)
+    """
+    t0 = time.perf_counter()
+    output = os.fspath(output) if output is not None else None
+    cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+    try:
+        cands = order(cands)
+        check_outputs([output], cands)
+        make_plan([c.reader for c in cands], [1.0] * len(cands))  # they agree, before scoring
+        held = HeldOut(cands[-1], data=data, data_dir=data_dir, download=download, model=model,
+                       model_kwargs=model_kwargs, holdout=holdout, subset=subset,
+                       batch_size=batch_size, workers=workers, device=device, seed=seed,
+                       stats=stats, bn_batches=bn_batches, input_key=input_key)
+        n = len(cands)
+        total = n + (1 if uniform else n - 1)
+        tick = (lambda: progress(held.passes, total)) if progress else (lambda: None)
+
+        # Every checkpoint alone, keeping the recalibrated weights of the best so far.
+        singles, best_state, best_i = [], None, 0
+        for i, c in enumerate(cands):
+            x = RunningSum.read(c.reader)
+            s = held.score(x, c.path)
+            singles.append(s)
+            tick()
+            if best_state is None or _better(s, singles[best_i]):
+                best_i, best_state = i, held.fixed(x)
+        ranked = sorted(range(n), key=lambda i: (-singles[i]["accuracy"], singles[i]["loss"], i))
+        ingredients = {i: Ingredient(cands[i].path, cands[i].epoch, singles[i]["accuracy"],
+                                     singles[i]["loss"], uniform) for i in range(n)}
+
+        if uniform:
+            total_sum = RunningSum()
+            for i, c in enumerate(cands):
+                total_sum.add(RunningSum.read(c.reader), i)
+            mean = total_sum.mean()
+            current = held.score(mean, "the uniform soup")
+            tick()
+            state, chosen = held.fixed(mean), list(range(n))
+        else:
+            first = ranked[0]
+            running = RunningSum()
+            running.add(RunningSum.read(cands[first].reader), first)
+            current, state, chosen = singles[first], best_state, [first]
+            ingredients[first].accepted = True
+            ingredients[first].soup_accuracy = current["accuracy"]
+            for i in ranked[1:]:
+                x = RunningSum.read(cands[i].reader)
+                candidate = running.mean(extra=x, extra_order=i)
+                s = held.score(candidate, f"the soup with {cands[i].path}")
+                tick()
+                ingredients[i].soup_accuracy = s["accuracy"]
+                if s["accuracy"] > current["accuracy"]:  # strictly higher, as the paper
+                    running.add(x, i)
+                    current, state = s, held.fixed(candidate)
+                    chosen.append(i)
+                    ingredients[i].accepted = True
+            chosen.sort()
+        method = "uniform" if uniform else "greedy"
+        result = SoupResult(method, output, [ingredients[i] for i in ranked],
+                            [cands[i].path for i in chosen], held.description,
+                            current["accuracy"], current["loss"], current["samples"],
+                            held.has_bn, held.passes, 0.0)
+        if test:
+            t = held.test(state)
+            result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]
+        if output is not None:
+            write_choice(output, [cands[i] for i in chosen], state, held,
+                         {"select.method": f"{method}-soup",
+                          "select.holdout_accuracy": f"{current['accuracy']:.4f}"})
+    finally:
+        close_all(cands)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _better(a: dict, b: dict) -> bool:
+    """Higher held-out accuracy, then lower loss."""
+    return (a["accuracy"], -a["loss"]) > (b["accuracy"], -b["loss"])

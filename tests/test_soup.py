@@ -1,0 +1,291 @@
+"""Greedy/uniform soups and the SWA window search, on models whose answer is known by
+construction: linear classifiers of 2-D points whose boundary is rotated by a known angle.
+
+Expected values are computed here with float64 arithmetic on the points, never with
+ckptavg's own scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ckptavg
+from ckptavg.cli import cli
+from ckptavg.errors import CkptavgError
+from ckptavg.heldout import RunningSum
+from tests.fakedata import Blobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = "tests.fakedata:blobs_no_test"  # reading its test split raises
+MODEL = "tests.fakedata:linear2"
+HELD = slice(400, 600)  # holdout=200 of 600 training points
+
+
+def rotated(deg: float, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A classifier whose boundary normal is (cos, sin) of `deg`: 0 degrees is exact."""
+    a = math.radians(deg)
+    n = torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64) * scale
+    return {"weight": torch.stack([-n, n]).float(), "bias": torch.zeros(2)}
+
+
+def accuracy(state: dict[str, torch.Tensor], points: slice = HELD, train: bool = True) -> float:
+    """Accuracy (%) of a linear classifier on the blobs, in float64, by hand."""
+    ds = Blobs(600, 0) if train else Blobs(200, 1)
+    x, y = ds.x[points].double(), ds.y[points]
+    logits = x @ state["weight"].double().T + state["bias"].double()
+    return float((logits.argmax(1) == y).double().mean() * 100)
+
+
+def loss(state: dict[str, torch.Tensor], points: slice = HELD) -> float:
+    """Mean cross-entropy of the same classifier, in float64, by hand."""
+    ds = Blobs(600, 0)
+    x, y = ds.x[points].double(), ds.y[points]
+    logits = x @ state["weight"].double().T + state["bias"].double()
+    picked = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    return float((torch.logsumexp(logits, 1) - picked).mean())
+
+
+def mean64(states: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
+
+
+def write(tmp_path, states: dict[str, dict], meta: dict | None = None) -> list[str]:
+    paths = []
+    for i, (name, st) in enumerate(states.items()):
+        p = str(tmp_path / f"{name}.safetensors")
+        ckptavg.save(st, p, {"model.arch": MODEL, "train.epoch": str(i + 1), **(meta or {})})
+        paths.append(p)
+    return paths
+
+
+def test_greedy_soup_accepts_what_helps_and_rejects_what_does_not(tmp_path):
+    # a and b are each about 83 % right; their mean is the exact boundary (100 %); c alone
+    # is 0 % and adding it to {a, b} keeps the boundary (no strict gain): rejected.
+    states = {"a": rotated(30), "b": rotated(-30), "c": rotated(180)}
+    paths = write(tmp_path, states)
+    out = tmp_path / "soup.safetensors"
+    r = ckptavg.soup(paths, out, holdout=200, data=DATA, model=MODEL, device="cpu")
+    assert r.method == "greedy"
+    assert sorted(r.chosen) == sorted(paths[:2])
+    by_path = {g.path: g for g in r.ingredients}
+    assert not by_path[paths[2]].accepted and by_path[paths[0]].accepted
+    for p, st in zip(paths, states.values()):
+        assert by_path[p].holdout_accuracy == pytest.approx(accuracy(st))
+    assert [g.path for g in r.ingredients][-1] == paths[2]  # worst last
+    assert r.holdout_accuracy == pytest.approx(accuracy(mean64([states["a"], states["b"]])))
+    assert r.holdout_accuracy == 100.0
+    saved, meta = ckptavg.load(out)
+    expect = mean64([states["a"], states["b"]])
+    for k in expect:
+        assert torch.equal(saved[k], expect[k]), k
+    assert meta["average.n"] == "2"
+    assert meta["select.method"] == "greedy-soup"
+    assert meta["select.holdout"] == f"{DATA}:train[400:600]"
+    assert [e["file"] for e in json.loads(meta["average.inputs"])] == ["a.safetensors",
+                                                                       "b.safetensors"]
+    assert r.test_accuracy is None  # and blobs_no_test was never asked for its test split
+
+
+def test_a_soup_that_would_lose_keeps_the_best_single(tmp_path):
+    # b and c each pull the exact a off its boundary: a stays alone.
+    states = {"a": rotated(0), "b": rotated(60), "c": rotated(-80, 3.0)}
+    paths = write(tmp_path, states)
+    r = ckptavg.soup(paths, tmp_path / "s.safetensors", holdout=200, data=DATA, model=MODEL,
+                     device="cpu")
+    assert r.chosen == [paths[0]]
+    saved, _ = ckptavg.load(tmp_path / "s.safetensors")
+    assert torch.equal(saved["weight"], states["a"]["weight"])
+
+
+def test_uniform_soup_is_the_float64_mean_of_all(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    states = {n: {"weight": torch.randn(2, 2, generator=g), "bias": torch.randn(2, generator=g)}
+              for n in "abcd"}
+    paths = write(tmp_path, states)
+    r = ckptavg.soup(paths, tmp_path / "u.safetensors", uniform=True, holdout=200, data=DATA,
+                     model=MODEL, device="cpu")
+    assert r.chosen == paths and all(g.accepted for g in r.ingredients)
+    expect = mean64(list(states.values()))
+    saved, meta = ckptavg.load(tmp_path / "u.safetensors")
+    assert all(torch.equal(saved[k], expect[k]) for k in expect)
+    assert r.holdout_accuracy == pytest.approx(accuracy(expect))
+    assert meta["select.method"] == "uniform-soup"
+
+
+def test_only_the_final_choice_reads_the_test_split(tmp_path):
+    paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)})
+    # Selection alone never asks the data function for its test split (it would raise) ...
+    ckptavg.search(paths, holdout=200, data=DATA, model=MODEL, device="cpu")
+    ckptavg.soup(paths, holdout=200, data=DATA, model=MODEL, device="cpu")
+    # ... and asking for the test score reads it, after the choice.
+    with pytest.raises(AssertionError, match="test split was read"):
+        ckptavg.soup(paths, holdout=200, data=DATA, model=MODEL, device="cpu", test=True)
+    r = ckptavg.soup(paths, holdout=200, data="tests.fakedata:blobs", model=MODEL,
+                     device="cpu", test=True)
+    expect = mean64([rotated(30), rotated(-30)])
+    assert r.test_accuracy == pytest.approx(accuracy(expect, slice(None), train=False))
+
+
+def test_search_scores_every_window_and_writes_the_best(tmp_path):
+    # Epochs 1..5; the windows that start at epoch 2 or 4 average to the exact boundary.
+    degs = [170, 40, -40, 20, -20]
+    states = {f"epoch-{i + 1:04d}": rotated(d) for i, d in enumerate(degs)}
+    paths = write(tmp_path, states)
+    out, png = tmp_path / "best.safetensors", tmp_path / "search.png"
+    r = ckptavg.search(paths, out, plot=png, holdout=200, data=DATA, model=MODEL, device="cpu")
+    seq = list(states.values())
+    assert [w.start_epoch for w in r.windows] == [1, 2, 3, 4, 5]
+    assert [w.n for w in r.windows] == [5, 4, 3, 2, 1]
+    for i, w in enumerate(r.windows):
+        assert w.holdout_accuracy == pytest.approx(accuracy(mean64(seq[i:]))), i
+        assert w.holdout_loss == pytest.approx(loss(mean64(seq[i:])), rel=1e-5), i
+    # Epochs 2 and 4 both give 100 %: the lower held-out loss decides (epoch 4's mean has
+    # the longer normal vector, so more confident correct answers).
+    best = max(range(5), key=lambda i: (accuracy(mean64(seq[i:])), -loss(mean64(seq[i:]))))
+    assert best == 3
+    assert r.best.start_epoch == best + 1
+    # The written window equals `average` over the same files, bit for bit.
+    ckptavg.average(paths[best:], tmp_path / "engine.safetensors")
+    saved, meta = ckptavg.load(out)
+    engine, _ = ckptavg.load(tmp_path / "engine.safetensors")
+    assert all(torch.equal(saved[k], engine[k]) for k in engine)
+    assert meta["select.method"] == "window-search"
+    assert meta["select.start_epoch"] == str(best + 1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_reads_each_checkpoint_once(tmp_path, monkeypatch):
+    paths = write(tmp_path, {f"e{i}": rotated(10 * i) for i in range(6)})
+    reads = []
+    original = RunningSum.read
+    monkeypatch.setattr(RunningSum, "read", staticmethod(lambda r: reads.append(r.path)
+                                                         or original(r)))
+    r = ckptavg.search(paths, holdout=200, data=DATA, model=MODEL, device="cpu")
+    assert len(r.windows) == 6
+    assert sorted(reads) == sorted(paths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_running_sums_equal_one_shot_averages(tmp_path, dtype):
+    g = torch.Generator().manual_seed(1)
+    states = [{"w": (torch.randn(1000, generator=g) * 3).to(dtype),
+               "step": torch.tensor(i)} for i in range(7)]
+    paths = []
+    for i, st in enumerate(states):
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+        ckptavg.save(st, paths[-1])
+    running = RunningSum()
+    for i in reversed(range(7)):  # newest first, as the search builds its windows
+        running.add(states[i], i)
+        got = running.mean()
+        ckptavg.average(paths[i:], tmp_path / "one.safetensors")
+        ref, _ = ckptavg.load(tmp_path / "one.safetensors")
+        assert got["w"].dtype == dtype
+        assert torch.equal(got["w"], ref["w"]), i
+        assert torch.equal(got["step"], ref["step"])  # the newest input's integer
+        with_extra = RunningSum()
+        for j in range(i + 1, 7):
+            with_extra.add(states[j], j)
+        if with_extra.n:
+            assert torch.equal(with_extra.mean(extra=states[i], extra_order=i)["w"], ref["w"])
+
+
+def test_batchnorm_is_recalibrated_on_the_training_part_before_scoring(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    states = {}
+    for n in "ab":
+        net = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 2))
+        with torch.no_grad():
+            net[1].weight.copy_(torch.randn(2, 2, generator=g))
+            net[0].running_mean.fill_(50.0)  # stale statistics: must not survive
+        states[n] = {k: v.clone() for k, v in net.state_dict().items()}
+    paths = []
+    for n, st in states.items():
+        paths.append(str(tmp_path / f"{n}.safetensors"))
+        ckptavg.save(st, paths[-1], {"model.arch": "tests.fakedata:bn2"})
+    out = tmp_path / "u.safetensors"
+    r = ckptavg.soup(paths, out, uniform=True, holdout=200, data=DATA,
+                     model="tests.fakedata:bn2", device="cpu", batch_size=1000)
+    assert r.bn_recalibrated
+    saved, meta = ckptavg.load(out)
+    x = Blobs(600, 0).x[:400].double()  # the training part: one batch of all 400 points
+    assert torch.allclose(saved["0.running_mean"].double(), x.mean(0), atol=1e-6)
+    assert torch.allclose(saved["0.running_var"].double(), x.var(0, unbiased=True), atol=1e-6)
+    expect = mean64(list(states.values()))
+    assert torch.equal(saved["1.weight"], expect["1.weight"])
+    assert meta["bn.stale"] == "false" and meta["bn.samples"] == "400"
+
+
+def test_held_out_split_comes_from_the_runs_metadata_and_may_not_overlap_it(tmp_path):
+    paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)},
+                  {"data.name": DATA, "data.train_images": "300", "data.holdout": "100"})
+    r = ckptavg.soup(paths, data=DATA, model=MODEL, device="cpu")
+    assert r.holdout == f"{DATA}:train[300:400]" and r.holdout_samples == 100
+    assert r.ingredients[0].holdout_accuracy == pytest.approx(
+        accuracy(rotated(30) if r.ingredients[0].path == paths[0] else rotated(-30),
+                 slice(300, 400)))
+    with pytest.raises(CkptavgError, match="include images the run trained on"):
+        ckptavg.soup(paths, data=DATA, model=MODEL, device="cpu", holdout=100, subset=350)
+    (tmp_path / "bare").mkdir()
+    bare = write(tmp_path / "bare", {"x": rotated(1), "y": rotated(2)})
+    with pytest.raises(CkptavgError, match="pass holdout=N"):
+        ckptavg.soup(bare, data=DATA, model=MODEL, device="cpu")
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_scoring(tmp_path):
+    paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)})
+    before = open(paths[0], "rb").read()
+    with pytest.raises(CkptavgError, match="is one of the inputs"):
+        ckptavg.soup(paths, paths[0], holdout=200, data=DATA, model=MODEL, device="cpu")
+    assert open(paths[0], "rb").read() == before
+
+
+def test_cli_soup_json_and_search_table(tmp_path):
+    paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30), "c": rotated(180)})
+    res = CliRunner().invoke(cli, ["soup", *paths, "--holdout", "200", "--data", DATA,
+                                   "--model", MODEL, "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["holdout_accuracy"] == 100.0 and len(out["chosen"]) == 2
+    res = CliRunner().invoke(cli, ["search", *paths, "--holdout", "200", "--data", DATA,
+                                   "--model", MODEL, "--device", "cpu", "--from-epoch", "2"])
+    assert res.exit_code == 0, res.output
+    assert "<- best" in res.stdout and len([ln for ln in res.stdout.splitlines()
+                                            if ln.strip().startswith(("2 ", "3 "))]) == 2
+
+
+def test_cli_subprocess_user_mistake_is_one_line(tmp_path):
+    paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)})
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "search", *paths, "--data", DATA,
+                           "--model", MODEL, "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "pass holdout=N (--holdout N)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_search_and_soup_of_a_train_run_use_its_held_out_images(tmp_path):
+    """`train --holdout 8` on 48 images: selection scores on images 40..47 by default."""
+    from ckptavg.train import TrainConfig, train
+    from tests.fakedata import write_mnist
+
+    data = str(tmp_path / "data")
+    write_mnist(data, n_train=48, n_test=16)
+    run = train(TrainConfig(model="tests.fakedata:tiny_bn", data="fashion-mnist", data_dir=data,
+                            epochs=4, out=str(tmp_path / "run"), schedule="swa", lr=0.05,
+                            swa_start=2, swa_lr=0.01, batch_size=16, holdout=8), device="cpu")
+    common = dict(model="tests.fakedata:tiny_bn", data_dir=data, device="cpu")
+    s = ckptavg.search(run.checkpoints, tmp_path / "w.safetensors", from_epoch=2, **common)
+    assert s.holdout == "fashion-mnist:train[40:48]" and s.holdout_samples == 8
+    assert [w.start_epoch for w in s.windows] == [2, 3, 4]
+    meta = ckptavg.load(tmp_path / "w.safetensors")[1]
+    assert meta["bn.data"] == "fashion-mnist:train:first40:augment" and meta["bn.stale"] == "false"
+    u = ckptavg.soup(run.checkpoints, uniform=True, test=True, **common)
+    assert u.test_accuracy is not None and len(u.chosen) == 4
