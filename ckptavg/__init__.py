@@ -36,10 +36,14 @@ _API = {
     "replicate": "ckptavg.experiments.replicate",
     "ReplicateResult": "ckptavg.experiments.replicate",
     "run_demo": "ckptavg.demo",
-    "soup": "ckptavg.soup",
-    "SoupResult": "ckptavg.soup",
-    "search": "ckptavg.search",
-    "SearchResult": "ckptavg.search",
+    "soup": "ckptavg.soups",
+    "SoupResult": "ckptavg.soups",
+    "search": "ckptavg.windows",
+    "swag": "ckptavg.posterior",
+    "SwagResult": "ckptavg.posterior",
+    "evaluate_swag": "ckptavg.posterior",
+    "SwagEvalResult": "ckptavg.posterior",
+    "SearchResult": "ckptavg.windows",
     "create_model": "ckptavg.models",
     "list_models": "ckptavg.models",
     "register_model": "ckptavg.models",
@@ -58,8 +62,9 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
     from ckptavg.experiments.width import WidthResult, width
     from ckptavg.io import open_checkpoint
     from ckptavg.models import create_model, list_models, register_model
-    from ckptavg.search import SearchResult, search
-    from ckptavg.soup import SoupResult, soup
+    from ckptavg.posterior import SwagEvalResult, SwagResult, evaluate_swag, swag
+    from ckptavg.soups import SoupResult, soup
+    from ckptavg.windows import SearchResult, search
 
 __all__ = [
     "AverageResult",
@@ -71,12 +76,15 @@ __all__ = [
     "ReplicateResult",
     "SearchResult",
     "SoupResult",
+    "SwagEvalResult",
+    "SwagResult",
     "WidthResult",
     "average",
     "bn_fix",
     "create_model",
     "ensemble",
     "evaluate",
+    "evaluate_swag",
     "inspect",
     "list_models",
     "load",
@@ -89,6 +97,7 @@ __all__ = [
     "save",
     "search",
     "soup",
+    "swag",
     "width",
     "__version__",
 ]

@@ -411,21 +411,86 @@ def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
 
 
 @cli.command("eval")
-@click.argument("checkpoint")
+@click.argument("checkpoints", nargs=-1)
 @run_options
 @split_option
 @click.option("--subset", type=click.IntRange(min=1), help="Evaluate on the first N samples only.")
-def eval_cmd(checkpoint, as_json, quiet, **kwargs):
-    """Accuracy and mean cross-entropy of a checkpoint on a data split."""
-    from ckptavg.evaluation import evaluate
+@click.option("--swag", "swag_path", help="A file written by `ckptavg swag`: score its Bayesian "
+              "model average and the SWA mean (CHECKPOINTS, if any, are scored beside them).")
+@click.option("--samples", type=click.IntRange(min=1), default=options.SWAG_SAMPLES, show_default=True,
+              help="With --swag: weight samples averaged in prediction.")
+@click.option("--scale", type=click.FloatRange(min=0), default=options.SWAG_SCALE, show_default=True,
+              help="With --swag: covariance scale of the samples (0: the SWA mean).")
+@click.option("--diag", is_flag=True, help="With --swag: SWAG-diagonal (no low-rank part).")
+@stats_option
+@click.option("--bn-batches", type=click.IntRange(min=1),
+              help="With --swag: recalibrate BatchNorm of each sample on this many batches.")
+@seed_option
+@click.option("--plot", help="With --swag: write a reliability diagram (PNG).")
+def eval_cmd(checkpoints, as_json, quiet, swag_path, samples, scale, diag, stats, bn_batches,
+             seed, plot, **kwargs):
+    """Accuracy and mean cross-entropy of a checkpoint on a data split.
 
-    with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
-        result = evaluate(checkpoint, progress=bar, **kwargs)
-    if not reports():
+    With --swag, SWAG's accuracy, NLL and expected calibration error (15 bins) beside the
+    SWA mean's and those of CHECKPOINTS (e.g. the final SGD weights).
+    """
+    if swag_path is None:
+        if len(checkpoints) != 1 or plot is not None:
+            raise click.UsageError("give one CHECKPOINT (or --swag FILE and any checkpoints to "
+                                   "compare; --plot goes with --swag)")
+        from ckptavg.evaluation import evaluate
+
+        with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
+            result = evaluate(checkpoints[0], progress=bar, **kwargs)
+        if not reports():
+            return
+        emit(result, as_json, quiet, lambda r: [
+            f"{checkpoints[0]}: {r.data} {r.split}: accuracy {r.accuracy:.2f} %, loss "
+            f"{r.loss:.4f}, {r.samples} samples"])
         return
+    from ckptavg.posterior import evaluate_swag
+
+    for name in ("key", "strip_prefix"):
+        if kwargs.pop(name) is not None:
+            raise click.UsageError(f"--{name.replace('_', '-')} does not go with --swag")
+    with progress_bar(quiet or as_json, "swag", unit="pass") as bar:
+        result = evaluate_swag(swag_path, list(checkpoints), samples=samples, scale=scale,
+                               diag=diag, stats=stats, bn_batches=bn_batches, seed=seed,
+                               plot=plot, progress=bar, **kwargs)
+    emit(result, as_json, quiet, _swag_eval_lines)
+
+
+def _swag_eval_lines(r):
+    yield (f"{r.data} {r.split}, {r.rows[0].samples} samples; SWAG: {r.samples} draws, scale "
+           f"{r.scale}, seed {r.seed}")
+    yield f"  {'':<40} {'accuracy':>9} {'NLL':>8} {'ECE':>7}"
+    for row in r.rows:
+        yield f"  {row.name:<40} {row.accuracy:8.2f} % {row.nll:8.4f} {row.ece:7.4f}"
+    if r.plot:
+        yield f"reliability diagram -> {r.plot}"
+
+
+@cli.command("swag")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output: .safetensors or a folder.")
+@click.option("--rank", type=click.IntRange(min=2), default=options.SWAG_RANK, show_default=True,
+              help="K: the last K snapshots are kept as deviations from the mean.")
+@window_options
+@input_options
+@output_options
+def swag_cmd(inputs, as_json, quiet, **kwargs):
+    """Fit SWAG (mean, diagonal variance, rank-K deviations) from a run's snapshots.
+
+    One streaming pass per tensor, in float64; memory stays a few tensors times K.
+    Score it with `ckptavg eval --swag OUTPUT`.
+    """
+    from ckptavg.posterior import swag
+
+    with progress_bar(quiet or as_json, "swag", unit="tensor") as bar:
+        result = swag(list(inputs), progress=bar, **kwargs)
     emit(result, as_json, quiet, lambda r: [
-        f"{checkpoint}: {r.data} {r.split}: accuracy {r.accuracy:.2f} %, loss {r.loss:.4f}, "
-        f"{r.samples} samples"])
+        f"SWAG of {r.n} snapshots (rank {r.rank}: the last {len(r.deviations)}) -> {r.output}: "
+        f"{human_bytes(r.bytes_out)} in {r.seconds:.1f} s, peak RSS {human_bytes(r.peak_rss_bytes)}"])
 
 
 @cli.command("ensemble")
@@ -483,7 +548,7 @@ def soup_cmd(inputs, as_json, quiet, **kwargs):
     only if the soup's held-out accuracy rises (Wortsman et al. 2022). BatchNorm is
     recalibrated on the training images before every score.
     """
-    from ckptavg.soup import soup
+    from ckptavg.soups import soup
 
     with progress_bar(quiet or as_json, "soup", unit="score") as bar:
         result = soup(list(inputs), progress=bar, **kwargs)
@@ -515,7 +580,7 @@ def search_cmd(inputs, as_json, quiet, **kwargs):
     Each window's average is BatchNorm-recalibrated and scored on held-out training images;
     the windows share one running sum, so each reads one more checkpoint.
     """
-    from ckptavg.search import search
+    from ckptavg.windows import search
 
     with progress_bar(quiet or as_json, "search", unit="window") as bar:
         result = search(list(inputs), progress=bar, **kwargs)

@@ -24,6 +24,9 @@ WORKERS = 0
 SEED = 0
 ACCUMULATE: Accumulate = "float64"
 STATS: Stats = "update_bn"
+SWAG_RANK = 20  # K, as the SWAG authors
+SWAG_SAMPLES = 30
+SWAG_SCALE = 0.5
 AVERAGE_THREADS = None  # torch threads for average's arithmetic; None: the idle cores
 
 

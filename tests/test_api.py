@@ -62,3 +62,9 @@ def test_no_option_is_declared_twice_in_the_cli_source():
 
 def test_all_matches_the_lazy_table():
     assert sorted(ckptavg.__all__) == sorted([*ckptavg._API, "__version__"])
+
+
+def test_no_public_name_is_also_a_submodule_name():
+    """`import ckptavg.x` binds ckptavg.x to the module, hiding a function of that name."""
+    for name, module in ckptavg._API.items():
+        assert module != f"ckptavg.{name}", name

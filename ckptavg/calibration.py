@@ -1,0 +1,45 @@
+"""How well predicted probabilities are calibrated: NLL, expected calibration error (ECE) and
+the reliability diagram's bins (Guo et al. 2017; the SWAG paper reports them with 15 bins)."""
+
+from __future__ import annotations
+
+import torch
+
+BINS = 15
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[dict]:
+    """Per confidence bin (i/bins, (i+1)/bins]: sample count, mean confidence and accuracy
+    (confidence = the top class's probability; a bin with no sample has None for both)."""
+    conf, pred = probs.double().max(1)
+    correct = (pred == labels).double()
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of 0 goes to bin 0.
+    index = (torch.ceil(conf * bins) - 1).clamp(0, bins - 1).long()
+    out = []
+    for i in range(bins):
+        mask = index == i
+        n = int(mask.sum())
+        out.append({"lower": i / bins, "upper": (i + 1) / bins, "count": n,
+                    "confidence": float(conf[mask].mean()) if n else None,
+                    "accuracy": float(correct[mask].mean()) if n else None})
+    return out
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
+    """Expected calibration error: sum over bins of (bin share) x |accuracy - confidence|."""
+    n = labels.numel()
+    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"])
+               for b in reliability(probs, labels, bins) if b["count"])
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the labels (probabilities floored at 1e-12)."""
+    picked = probs.double().gather(1, labels.view(-1, 1)).clamp_min(1e-12)
+    return float(-picked.log().mean())
+
+
+def calibration_scores(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict:
+    """{accuracy (%), nll, ece, samples, reliability}."""
+    acc = float((probs.argmax(1) == labels).double().mean() * 100)
+    return {"accuracy": acc, "nll": nll(probs, labels), "ece": ece(probs, labels, bins),
+            "samples": labels.numel(), "reliability": reliability(probs, labels, bins)}

@@ -1,0 +1,200 @@
+"""SWAG from saved snapshots: moments and deviations against float64 references computed
+here, samples against the formula and against their covariance, and the calibration
+metrics on hand-computed examples."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ckptavg
+from ckptavg.calibration import calibration_scores, ece, nll, reliability
+from ckptavg.cli import cli
+from ckptavg.errors import CkptavgError
+from ckptavg.posterior import SwagPosterior
+from tests.fakedata import Blobs
+
+DATA = "tests.fakedata:blobs"
+MODEL = "tests.fakedata:linear2"
+
+
+def snapshots(tmp_path, n=6, seed=0, shape=(2, 2), count=True):
+    g = torch.Generator().manual_seed(seed)
+    states, paths = [], []
+    for i in range(n):
+        st = {"weight": torch.randn(*shape, generator=g) + i * 0.1,
+              "bias": torch.randn(shape[0], generator=g)}
+        if count:
+            st["count"] = torch.tensor(i)
+        p = str(tmp_path / f"epoch-{i + 1:04d}.safetensors")
+        ckptavg.save(st, p, {"model.arch": MODEL, "data.name": DATA, "train.epoch": str(i + 1)})
+        states.append(st)
+        paths.append(p)
+    return states, paths
+
+
+def test_moments_and_deviations_equal_float64_references(tmp_path):
+    states, paths = snapshots(tmp_path, n=6)
+    out = tmp_path / "swag.safetensors"
+    r = ckptavg.swag(paths, out, rank=4)
+    assert r.n == 6 and r.rank == 4 and r.deviations == paths[-4:]
+    saved, meta = ckptavg.load(out)
+    for k in ("weight", "bias"):
+        x = torch.stack([s[k].double() for s in states])  # [N, ...]
+        mean = x.mean(0)
+        assert torch.equal(saved["mean." + k], mean.float())
+        var = x.var(0, unbiased=False).clamp_min(1e-30)  # two-pass, not E[x^2] - mean^2
+        assert torch.allclose(saved["var." + k].double(), var, rtol=1e-6, atol=1e-12)
+        assert saved["dev." + k].shape == (4, *states[0][k].shape)
+        assert torch.allclose(saved["dev." + k].double(), (x[-4:] - mean).float().double(),
+                              atol=1e-7)
+    assert torch.equal(saved["mean.count"], torch.tensor(5))  # the newest input's integer
+    assert "var.count" not in saved and "dev.count" not in saved
+    assert meta["swag.rank"] == "4" and meta["swag.n"] == "6"
+    assert json.loads(meta["swag.deviations"]) == [f"epoch-{i:04d}.safetensors" for i in (3, 4, 5, 6)]
+
+
+def test_variance_is_clamped_and_rank_falls_to_the_snapshot_count(tmp_path):
+    paths = []
+    for i in range(3):
+        p = str(tmp_path / f"c{i}.safetensors")
+        ckptavg.save({"w": torch.tensor([1.0, float(i)])}, p)  # w[0] never moves
+        paths.append(p)
+    r = ckptavg.swag(paths, tmp_path / "s.safetensors")
+    assert r.rank == 3 and r.warnings
+    saved, _ = ckptavg.load(tmp_path / "s.safetensors")
+    assert saved["var.w"][0].item() == pytest.approx(1e-30) and saved["var.w"][0] > 0
+    with pytest.raises(CkptavgError, match="2 or more"):
+        ckptavg.swag(paths, tmp_path / "t.safetensors", rank=1)
+    with pytest.raises(CkptavgError, match="SWAG needs 2 or more"):
+        ckptavg.swag(paths[:1], tmp_path / "t.safetensors")
+
+
+def test_scale_zero_samples_are_the_swa_mean_exactly(tmp_path):
+    states, paths = snapshots(tmp_path)
+    ckptavg.swag(paths, tmp_path / "s.safetensors", rank=3)
+    ckptavg.average(paths, tmp_path / "swa.safetensors")
+    swa, _ = ckptavg.load(tmp_path / "swa.safetensors")
+    with SwagPosterior(tmp_path / "s.safetensors") as post:
+        for diag in (False, True):
+            s = post.sample(0.0, diag, torch.Generator().manual_seed(3))
+            assert all(torch.equal(s[k], swa[k]) for k in swa)
+
+
+def test_a_sample_follows_the_formula(tmp_path):
+    """mean + sqrt(scale) * (sqrt(var) * z1 + dev^T z2 / sqrt(K - 1)), z2 drawn first."""
+    states, paths = snapshots(tmp_path, n=5)
+    ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
+    saved, _ = ckptavg.load(tmp_path / "s.safetensors")
+    with SwagPosterior(tmp_path / "s.safetensors") as post:
+        got = post.sample(0.5, False, torch.Generator().manual_seed(11))
+        diag = post.sample(0.5, True, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    z2 = torch.randn(4, generator=g, dtype=torch.float64)
+    for k in post.keys:
+        if k == "count":
+            continue
+        z1 = torch.randn(saved["mean." + k].shape, generator=g, dtype=torch.float64)
+        var_part = saved["var." + k].double().sqrt() * z1
+        low_rank = sum(z2[j] * saved["dev." + k][j].double() for j in range(4)) / math.sqrt(3)
+        mean = saved["mean." + k].double()
+        assert torch.allclose(got[k].double(), mean + math.sqrt(0.5) * (var_part + low_rank),
+                              atol=1e-6)
+        assert torch.allclose(diag[k].double(), mean + math.sqrt(0.5) * var_part, atol=1e-6)
+
+
+def test_samples_have_the_expected_covariance(tmp_path):
+    """Cov = scale * (diag(var) + D^T D / (K - 1)), checked entry by entry within 5
+    standard errors of a sample covariance over M draws (fixed seed)."""
+    states, paths = snapshots(tmp_path, n=8, seed=5, shape=(2, 1))
+    ckptavg.swag(paths, tmp_path / "s.safetensors", rank=5)
+    saved, _ = ckptavg.load(tmp_path / "s.safetensors")
+    scale, m = 0.7, 4000
+    with SwagPosterior(tmp_path / "s.safetensors") as post:
+        draws = torch.stack([torch.cat([post.sample(scale, False, torch.Generator().manual_seed(i))[k]
+                                        .double().flatten() for k in ("weight", "bias")])
+                             for i in range(m)])
+    var = torch.cat([saved["var." + k].double().flatten() for k in ("weight", "bias")])
+    dev = torch.cat([saved["dev." + k].double().reshape(5, -1) for k in ("weight", "bias")], 1)
+    expect = scale * (torch.diag(var) + dev.T @ dev / 4)
+    mean = torch.cat([saved["mean." + k].double().flatten() for k in ("weight", "bias")])
+    assert torch.allclose(draws.mean(0), mean, atol=5 * math.sqrt(expect.diag().max() / m))
+    got = torch.cov(draws.T)
+    se = ((expect.diag()[:, None] * expect.diag()[None, :] + expect ** 2) / (m - 1)).sqrt()
+    assert ((got - expect).abs() <= 5 * se).all(), (got, expect)
+    # and not the diagonal-only covariance: the low-rank part is there
+    assert ((torch.diag(var) * scale - got).abs() > 5 * se).any()
+
+
+def test_calibration_metrics_on_hand_computed_examples():
+    probs = torch.tensor([[0.9, 0.1], [0.65, 0.35], [0.3, 0.7], [0.2, 0.8]])
+    labels = torch.tensor([0, 1, 1, 0])
+    # confidences 0.9 (right), 0.65 (wrong), 0.7 (right), 0.8 (wrong); 15 bins
+    assert ece(probs, labels) == pytest.approx((0.1 + 0.65 + 0.3 + 0.8) / 4)
+    assert nll(probs, labels) == pytest.approx(-(math.log(0.9) + math.log(0.35)
+                                                 + math.log(0.7) + math.log(0.2)) / 4)
+    bins = reliability(probs, labels)
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == 4
+    assert bins[13]["count"] == 1 and bins[13]["accuracy"] == 1.0  # 0.9 in (13/15, 14/15]
+    assert bins[9]["count"] == 1 and bins[9]["accuracy"] == 0.0  # 0.65 in (9/15, 10/15]
+    # Two samples in one bin: |mean accuracy - mean confidence| of the bin
+    p2 = torch.tensor([[0.95, 0.05], [0.97, 0.03]])
+    assert ece(p2, torch.tensor([0, 1])) == pytest.approx(abs(0.5 - 0.96))
+    s = calibration_scores(probs, labels)
+    assert s["accuracy"] == 50.0 and s["samples"] == 4
+
+
+def test_evaluate_swag_is_the_mean_softmax_of_its_draws(tmp_path):
+    states, paths = snapshots(tmp_path, n=6, seed=1, count=False)
+    ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
+    r = ckptavg.evaluate_swag(tmp_path / "s.safetensors", [paths[-1]], samples=5, scale=0.5,
+                              seed=2, model=MODEL, data=DATA, device="cpu")
+    assert [row.name for row in r.rows] == ["SWAG", "SWA", paths[-1]]
+    x, y = Blobs(200, 1).x.double(), Blobs(200, 1).y
+    probs = torch.zeros(200, 2, dtype=torch.float64)
+    with SwagPosterior(tmp_path / "s.safetensors") as post:
+        for i in range(5):
+            w = post.sample(0.5, False, torch.Generator().manual_seed(2 * 1_000_003 + i))
+            probs += torch.softmax(x @ w["weight"].double().T + w["bias"].double(), 1)
+    probs /= 5
+    assert r.rows[0].accuracy == pytest.approx(float((probs.argmax(1) == y).double().mean() * 100))
+    assert r.rows[0].nll == pytest.approx(nll(probs, y), rel=1e-5)
+    assert r.rows[0].ece == pytest.approx(ece(probs, y), abs=1e-6)
+    last = states[-1]
+    p_last = torch.softmax(x @ last["weight"].double().T + last["bias"].double(), 1)
+    assert r.rows[2].nll == pytest.approx(nll(p_last, y), rel=1e-5)
+    again = ckptavg.evaluate_swag(tmp_path / "s.safetensors", samples=5, scale=0.5, seed=2,
+                                  model=MODEL, data=DATA, device="cpu")
+    assert again.rows[0].nll == r.rows[0].nll  # same seed, same draws
+
+
+def test_swag_of_a_batchnorm_run_and_the_cli(tmp_path):
+    from ckptavg.train import TrainConfig, train
+    from tests.fakedata import write_mnist
+
+    data = str(tmp_path / "data")
+    write_mnist(data, n_train=48, n_test=16)
+    run = train(TrainConfig(model="tests.fakedata:tiny_bn", data="fashion-mnist", data_dir=data,
+                            epochs=4, out=str(tmp_path / "run"), schedule="swa", lr=0.05,
+                            swa_start=2, swa_lr=0.01, batch_size=16), device="cpu")
+    res = CliRunner().invoke(cli, ["swag", *run.checkpoints, "-o", str(tmp_path / "swag"),
+                                   "--rank", "3", "--from-epoch", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n"] == 3
+    assert (tmp_path / "swag" / "model.safetensors.index.json").exists()  # a folder output
+    res = CliRunner().invoke(cli, ["eval", "--swag", str(tmp_path / "swag"), run.checkpoints[-1],
+                                   "--model", "tests.fakedata:tiny_bn", "--data-dir", data,
+                                   "--samples", "2", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [row["name"] for row in out["rows"]] == ["SWAG", "SWA", run.checkpoints[-1]]
+    assert all(0 <= row["ece"] <= 1 and row["samples"] == 16 for row in out["rows"])
+    res = CliRunner().invoke(cli, ["eval", "--swag", run.checkpoints[-1], "--data-dir", data,
+                                   "--model", "tests.fakedata:tiny_bn", "--device", "cpu"])
+    assert res.exit_code == 1 and "not a SWAG file" in res.output
+    res = CliRunner().invoke(cli, ["eval", *run.checkpoints[:2]])
+    assert res.exit_code == 2
