@@ -770,8 +770,13 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
 @cli.command("replicate")
 @click.option("--preset", required=True, help="fashion-mnist, cifar10-vgg16, cifar10-preresnet164, "
               "cifar10-wrn28-10, cifar100-vgg16, cifar100-preresnet164, cifar100-wrn28-10.")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many seeds, from --first-seed.")
 @click.option("--first-seed", type=int, default=0, show_default=True)
+@click.option("--seed", "seed_list", type=int, multiple=True,
+              help="Run these seeds instead (repeat: --seed 7 --seed 11).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Seeds run at once, each in its own process.")
 @click.option("--out", required=True, help="Folder for runs, results.json, results.md, curves.png.")
 @data_dir_option
 @device_option
@@ -782,7 +787,8 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
               help="Override: hold out the last N of them for validation.")
 @click.option("--model", help="Override the preset's model.")
 @output_options
-def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, as_json, quiet, **overrides):
+def replicate_cmd(preset, seeds, first_seed, seed_list, jobs, out, data_dir, device, as_json,
+                  quiet, **overrides):
     """Reproduce the paper's Table 1 protocol: SGD vs SWA at 1, 1.25 and 1.5 budgets."""
     from ckptavg.experiments.replicate import replicate, results_table
 
@@ -790,8 +796,8 @@ def replicate_cmd(preset, seeds, first_seed, out, data_dir, device, as_json, qui
         if not (quiet or as_json):
             say(f"[replicate] {msg}")
 
-    result = replicate(preset, out, seeds=seeds, first_seed=first_seed, data_dir=data_dir,
-                       device=device, log=log, overrides=overrides)
+    result = replicate(preset, out, seeds=list(seed_list) or seeds, first_seed=first_seed,
+                       data_dir=data_dir, device=device, jobs=jobs, log=log, overrides=overrides)
     if as_json:
         result.per_seed = []  # every number is in OUT/results.json
     emit(result, as_json, quiet, lambda r: [results_table(r)])

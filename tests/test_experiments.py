@@ -127,6 +127,23 @@ def test_replicate_cifar_preset_code_path_at_tiny_scale(tmp_path):
     assert meta["average.n"] == "5"  # epochs 2..6 folded one by one with --into
 
 
+def test_replicate_seeds_in_parallel_jobs_equal_one_after_the_other(tmp_path):
+    """Given seeds, 2 spawned jobs of 1 thread give every number a sequential run gives."""
+    write_cifar10(str(tmp_path / "data"), per_batch=8, n_test=10)
+    over = {"budget": 4, "swa_start": 2, "batch_size": 16, "model": "tests.fakedata:tiny_bn",
+            "threads": 1}
+    a = replicate("cifar10-vgg16", str(tmp_path / "a"), seeds=[5, 3], data_dir=str(tmp_path / "data"),
+                  device="cpu", overrides=over)
+    b = replicate("cifar10-vgg16", str(tmp_path / "b"), seeds=[5, 3], data_dir=str(tmp_path / "data"),
+                  device="cpu", overrides=over, jobs=2)
+    assert a.seeds == b.seeds == [5, 3] and a.threads == 1
+    for sa, sb in zip(a.per_seed, b.per_seed):
+        assert {k: v for k, v in sa.items() if k != "train_seconds"} == \
+            {k: v for k, v in sb.items() if k != "train_seconds"}
+    meta = ckptavg.load(tmp_path / "b" / "seed-3" / "swa" / "epoch-0002.safetensors")[1]
+    assert meta["train.threads"] == "1" and meta["train.seed"] == "3"
+
+
 def test_unknown_preset():
     from ckptavg.errors import CkptavgError
 

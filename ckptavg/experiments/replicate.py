@@ -16,6 +16,7 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -47,6 +48,7 @@ class Preset:
     model_kwargs: tuple = ()
     subset: int | None = None
     holdout: int = 0
+    threads: int | None = None  # torch threads per run: a seed reproduces bit for bit at one count
     paper: dict | None = None  # the paper's test accuracy (%): SGD, SWA 1, 1.25, 1.5 budgets
 
 
@@ -101,11 +103,21 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", log=None) -> dict:
-    """One seed of the protocol; returns every number it measured."""
-    log = log or (lambda msg: None)
+    """One seed of the protocol; returns every number it measured. With `p.threads`,
+    training and the evaluations run on that many torch threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    try:
+        return _run_seed(p, seed, out, data_dir, device, log or (lambda msg: None))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_seed(p: Preset, seed: int, out: str, data_dir, device, log) -> dict:
     common = dict(model=p.model, data=p.data, lr=p.lr, wd=p.wd, batch_size=p.batch_size,
                   seed=seed, model_kwargs=dict(p.model_kwargs), data_dir=data_dir,
-                  subset=p.subset, holdout=p.holdout)
+                  subset=p.subset, holdout=p.holdout, threads=p.threads)
     t0 = time.perf_counter()
     log(f"seed {seed}: SGD, {p.budget} epochs")
     train(TrainConfig(epochs=p.budget, out=os.path.join(out, "sgd"), schedule="sgd",
@@ -161,6 +173,30 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
     return result
 
 
+def _run_seeds(p: Preset, seeds: list[int], out: str, data_dir, device, jobs: int,
+               log) -> list[dict]:
+    paths = {s: os.path.join(out, f"seed-{s}") for s in seeds}
+    if jobs == 1 or len(seeds) == 1:
+        return [run_seed(p, s, paths[s], data_dir=data_dir, device=device, log=log)
+                for s in seeds]
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn: a fresh interpreter per job (no forked torch thread pools or CUDA state).
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=ctx) as pool:
+        futures = {pool.submit(run_seed, p, s, paths[s], data_dir=data_dir, device=device): s
+                   for s in seeds}
+        if log:
+            log(f"seeds {', '.join(map(str, seeds))}: {min(jobs, len(seeds))} at a time")
+        done = {}
+        for f in concurrent.futures.as_completed(futures):
+            done[futures[f]] = f.result()
+            if log:
+                log(f"seed {futures[f]}: done")
+    return [done[s] for s in seeds]
+
+
 _TEST_CACHE: dict = {}
 
 
@@ -172,15 +208,19 @@ def predict_test(net, data, data_dir, device, predict):
     return predict(net.to(dev), _TEST_CACHE[key], dev)
 
 
-def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int = 0,
-              data_dir: str | None = None, device: str = options.DEVICE,
-              overrides: dict | None = None, log=None) -> ReplicateResult:
+def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
+              first_seed: int = 0, data_dir: str | None = None, device: str = options.DEVICE,
+              overrides: dict | None = None, jobs: int = 1, log=None) -> ReplicateResult:
     """Run the protocol for `seeds` seeds; write results.json, results.md and curves.png.
 
     Args:
         preset: a name in PRESETS or a Preset.
         out: the folder for every run and the result files (runs already there resume).
+        seeds: how many seeds (from `first_seed`), or the seeds themselves.
         overrides: Preset fields to replace (None values are ignored).
+        jobs: seeds run at once, each in its own process (on CPU, with the preset's thread
+            count per process: 2 jobs of 1 thread use 2 cores without their threads
+            waiting for each other).
         log: called with one progress line at a time.
 
     Returns:
@@ -203,8 +243,14 @@ def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int
     p = replace(p, **overrides)
     if not 1 <= p.swa_start <= p.budget:
         raise CkptavgError(f"swa_start {p.swa_start} must be within the budget {p.budget}")
-    if seeds < 1:
+    seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) \
+        else [int(x) for x in seeds]
+    if not seed_list:
         raise CkptavgError(f"seeds {seeds}: run at least one (--seeds)")
+    if len(set(seed_list)) < len(seed_list):
+        raise CkptavgError(f"seeds {seed_list}: each seed once")
+    if jobs < 1:
+        raise CkptavgError(f"jobs {jobs}: must be 1 or more (--jobs)")
     ends = list(budget_epochs(p.budget).values())
     if len(set(ends)) < len(ends):
         raise CkptavgError(f"budget {p.budget}: the 1, 1.25 and 1.5 budget rows would end at "
@@ -219,8 +265,7 @@ def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int
         if log:
             log(warnings[-1])
     t0 = time.perf_counter()
-    per_seed = [run_seed(p, s, os.path.join(out, f"seed-{s}"), data_dir=data_dir, device=device,
-                         log=log) for s in range(first_seed, first_seed + seeds)]
+    per_seed = _run_seeds(p, seed_list, out, data_dir, device, jobs, log)
     rows = ["sgd"] + [f"swa_{f:g}" for f in BUDGETS] + [f"ensemble_{f:g}" for f in BUDGETS]
     summary = {r: _mean_std([s[r] for s in per_seed]) for r in rows if r in per_seed[0]}
     config = {k: v for k, v in asdict(p).items() if k != "paper"}
@@ -230,7 +275,7 @@ def replicate(preset: str | Preset, out: str, *, seeds: int = 3, first_seed: int
         time.perf_counter() - t0,
         torch.cuda.get_device_name() if resolve_device(device).type == "cuda" else "cpu",
         torch.__version__, [os.path.join(out, "results.json"), os.path.join(out, "results.md")],
-        warnings, torch.get_num_threads())
+        warnings, p.threads or torch.get_num_threads())
     with atomic_text(result.files[0]) as f:
         json.dump(result.to_dict(), f, indent=2)
     with atomic_text(result.files[1]) as f:
