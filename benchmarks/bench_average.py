@@ -18,6 +18,17 @@ Methods:
   ckptavg pt->st / pt->pt / st->st   the tool, float64 accumulation (default)
   classic pt->pt                     torch.load each file whole, sum, divide, torch.save
   floor                              cat every input > /dev/null, then cp one input (output size)
+  fairseq, timm-pt, timm-st          peers' scripts, unmodified (with --peers DIR)
+  mergekit                           mergekit-pytorch linear merge (with --mergekit BIN)
+
+Peers are not part of this repository. `--peers DIR` names a folder holding
+`fairseq_average_checkpoints.py` (fairseq's scripts/average_checkpoints.py) and
+`timm_avg_checkpoints.py` (timm's avg_checkpoints.py), copied from their repositories;
+fairseq's script imports `fairseq.file_io.PathManager` only to open files, so the benchmark
+puts a two-line stand-in for that module on its path instead of installing fairseq. timm's
+script needs timm installed (the `interop` extra). `--mergekit BIN` is the
+`mergekit-pytorch` of a separate venv (`pip install mergekit`: it pins its own click and
+tqdm). Absent peers are skipped with a note.
 """
 
 from __future__ import annotations
@@ -102,6 +113,47 @@ def generate(folder: str, n: int, size_mb: int, dtype: str = "float32",
 
 
 
+FAIRSEQ_SHIM = "class PathManager:\n    open = staticmethod(open)\n"
+
+
+def peer_commands(args, py: str, folder: str, n: int, pts: list[str], sts: list[str],
+                  out: str) -> dict:
+    """The peers' commands for this input set (those that are available)."""
+    cmds = {}
+    if args.peers:
+        fairseq = os.path.join(args.peers, "fairseq_average_checkpoints.py")
+        timm = os.path.join(args.peers, "timm_avg_checkpoints.py")
+        if os.path.isfile(fairseq):
+            shim = os.path.join(folder, "shim", "fairseq")
+            os.makedirs(shim, exist_ok=True)
+            open(os.path.join(shim, "__init__.py"), "w").close()
+            with open(os.path.join(shim, "file_io.py"), "w") as f:
+                f.write(FAIRSEQ_SHIM)
+            cmds["fairseq"] = (f"PYTHONPATH={os.path.dirname(shim)} {py} {fairseq} --inputs "
+                               f"{' '.join(pts)} --output {out}.fairseq.pt > /dev/null", True)
+        else:
+            print(f"note: {fairseq} absent: fairseq skipped")
+        if os.path.isfile(timm):
+            cmds["timm-pt"] = ([py, timm, "--input", folder, "--filter", "ck-*.pt", "--output",
+                                out + ".timm.pth", "--no-use-ema", "--no-sort"], False)
+            cmds["timm-st"] = ([py, timm, "--input", folder, "--filter", "ck-*.safetensors",
+                                "--output", out + ".timm.safetensors", "--no-use-ema",
+                                "--no-sort", "--safetensors"], False)
+        else:
+            print(f"note: {timm} absent: timm skipped")
+    if args.mergekit:
+        if os.path.isfile(args.mergekit):
+            config = os.path.join(folder, "mergekit.yml")
+            with open(config, "w") as f:
+                f.write("merge_method: linear\ndtype: float32\nmodels:\n")
+                for p in sts:
+                    f.write(f"  - model: {os.path.abspath(p)}\n    parameters:\n      weight: 1.0\n")
+            cmds["mergekit"] = ([args.mergekit, config, out + ".mergekit", "--quiet"], False)
+        else:
+            print(f"note: {args.mergekit} absent: mergekit skipped")
+    return cmds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="6", help="comma-separated input counts")
@@ -114,6 +166,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="inputs' dtype (float32, bfloat16)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--peers", help="folder with fairseq's and timm's averaging scripts")
+    ap.add_argument("--mergekit", help="path of a mergekit-pytorch executable")
     args = ap.parse_args()
     py = sys.executable
     methods = args.methods.split(",")
@@ -145,13 +199,17 @@ def main() -> None:
             "pt-pt": ([py, "-m", "ckptavg", "average", *pts, "-o", out + ".b.pt", "-q"], False),
             "st-st": ([py, "-m", "ckptavg", "average", *sts, "-o", out + ".c.safetensors", "-q"], False),
         }
+        peers = peer_commands(args, py, folder, n, pts, sts, out)
+        cmds.update(peers)
+        methods = args.methods.split(",") + [m for m in peers if m not in args.methods.split(",")]
         times: dict[str, list] = {m: [] for m in methods}
         for _ in range(args.repeats):
             for m in methods:
                 cmd, shell = cmds[m]
                 for f in os.listdir(folder):
                     if f.startswith("out"):
-                        os.unlink(os.path.join(folder, f))
+                        p = os.path.join(folder, f)
+                        shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
                 times[m].append(run(cmd, shell=shell, cold=args.cold))
                 if m == "pt-pt":
                     pt_out_size = os.path.getsize(out + ".b.pt")
@@ -171,6 +229,9 @@ def main() -> None:
                       "walls": [t for t, _ in times[m]]}
             print(f"{m:<10} {wall:>8.2f} {rss / 2**20:>13.0f} {extra / 2**20:>17.0f}")
         print("ratios:")
+        for m in peers:
+            best = min(row[x]["wall_s"] for x in ("pt-st", "st-st") if x in row)
+            print(f"  {m:<8} / fastest ckptavg    {row[m]['wall_s'] / best:.2f}  (target >= 2)")
         if "classic" in row and "pt-st" in row:
             print(f"  pt->st / classic         {row['pt-st']['wall_s'] / row['classic']['wall_s']:.2f}  (target <= 0.5)")
         if "floor" in row and "st-st" in row:

@@ -768,7 +768,7 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
 
 
 @cli.command("replicate")
-@click.option("--preset", required=True, help="fashion-mnist, cifar10-vgg16, cifar10-preresnet164, "
+@click.option("--preset", required=True, help="fashion-mnist, fashion-mnist-vgg, cifar10-vgg16, cifar10-preresnet164, "
               "cifar10-wrn28-10, cifar100-vgg16, cifar100-preresnet164, cifar100-wrn28-10.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many seeds, from --first-seed.")
@@ -801,6 +801,36 @@ def replicate_cmd(preset, seeds, first_seed, seed_list, jobs, out, data_dir, dev
     if as_json:
         result.per_seed = []  # every number is in OUT/results.json
     emit(result, as_json, quiet, lambda r: [results_table(r)])
+
+
+@cli.command("beyond")
+@click.argument("out")
+@data_dir_option
+@device_option
+@click.option("--samples", type=click.IntRange(min=1), default=options.SWAG_SAMPLES,
+              show_default=True, help="SWAG weight samples per seed.")
+@click.option("--bn-batches", type=click.IntRange(min=1),
+              help="Recalibrate BatchNorm on this many batches for every candidate.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Seeds run at once, each in its own process.")
+@output_options
+def beyond_cmd(out, data_dir, device, samples, bn_batches, jobs, as_json, quiet):
+    """Soups, SWA window search and SWAG on the runs of `ckptavg replicate --out OUT`.
+
+    Writes OUT/beyond.json, OUT/beyond.md, and per seed a search plot and a reliability
+    diagram. Selection sees only the held-out images; the test split scores each choice once.
+    """
+    from ckptavg.experiments.beyond import beyond, beyond_table
+
+    def log(msg):
+        if not (quiet or as_json):
+            say(f"[beyond] {msg}")
+
+    result = beyond(out, data_dir=data_dir, device=device, samples=samples,
+                    bn_batches=bn_batches, jobs=jobs, log=log)
+    if as_json:
+        result.per_seed = []  # every number is in OUT/beyond.json
+    emit(result, as_json, quiet, lambda r: [beyond_table(r)])
 
 
 def _on_sigterm(signum, frame):

@@ -166,16 +166,16 @@ class HeldOut:
                            max_batches=self.bn_batches, input_key=self.input_key)
         self.bn_samples = info["samples"]
 
-    def load(self, state: dict[str, torch.Tensor], path: str) -> None:
+    def load(self, state: dict[str, torch.Tensor], path: str, recalibrate: bool = True) -> None:
         """Put a candidate's weights into the network and recalibrate its BatchNorm."""
         load_weights(self.net, state, path)
-        if self.has_bn:
+        if self.has_bn and recalibrate:
             self._recalibrate()
 
-    def score(self, state: dict[str, torch.Tensor], path: str) -> dict:
+    def score(self, state: dict[str, torch.Tensor], path: str, recalibrate: bool = True) -> dict:
         """Held-out accuracy (%), mean cross-entropy and sample count of `state`, with its
-        BatchNorm recalibrated first."""
-        self.load(state, path)
+        BatchNorm recalibrated first (unless `recalibrate` is False: its own statistics)."""
+        self.load(state, path, recalibrate)
         self.passes += 1
         probs, labels = predict(self.net, self._held, self.dev, self.input_key)
         return scores(probs, labels)
