@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ckptavg
+from ckptavg.errors import CkptavgError
 from ckptavg.experiments.ensemble import ensemble
 from ckptavg.experiments.replicate import replicate
 from ckptavg.experiments.width import width
@@ -159,3 +160,30 @@ def test_budget_rows_are_different_epochs():
     assert budget_epochs(20) == {1.0: 20, 1.25: 25, 1.5: 30}
     with pytest.raises(CkptavgError, match="not three different epochs"):
         replicate("fashion-mnist", "/nonexistent", overrides={"budget": 2, "swa_start": 1})
+
+
+def test_beyond_on_tiny_replicate_runs(tmp_path):
+    """Soups, search and SWAG on replicate's runs: every row present, the SGD row equal to an
+    independent `evaluate` of the SGD run's last weights, and the per-seed result reused."""
+    from ckptavg.experiments.beyond import ROWS, beyond
+
+    write_cifar10(str(tmp_path / "data"), per_batch=10, n_test=10)
+    out = tmp_path / "rep"
+    data = str(tmp_path / "data")
+    over = {"budget": 4, "swa_start": 2, "batch_size": 16, "model": "tests.fakedata:tiny_bn",
+            "subset": 50, "holdout": 10, "threads": 1}
+    replicate("cifar10-vgg16", str(out), seeds=[0], data_dir=data, device="cpu", overrides=over)
+    with pytest.raises(CkptavgError, match="run ckptavg replicate"):
+        beyond(str(tmp_path / "nothing"), data_dir=data)
+    r = beyond(str(out), data_dir=data, device="cpu", samples=2)
+    assert set(r.selection) == set(ROWS) and r.seeds == [0]
+    seed = r.per_seed[0]
+    sgd = ckptavg.evaluate(out / "seed-0" / "sgd" / "epoch-0004.safetensors",
+                           model="tests.fakedata:tiny_bn", data_dir=data, device="cpu")
+    assert seed["sgd"]["test"] == pytest.approx(sgd.accuracy)
+    assert [w["start_epoch"] for w in seed["windows"]] == [1, 2, 3, 4, 5, 6]
+    assert set(seed["calibration"]) == {"sgd", "swa", "swag_diag", "swag"}
+    assert os.path.exists(out / "beyond.md") and os.path.exists(out / "search-seed0.png")
+    assert os.path.exists(out / "reliability-seed0.png")
+    again = beyond(str(out), data_dir=data, device="cpu", samples=2)  # from seed-0/beyond.json
+    assert again.per_seed == json.loads(json.dumps(r.per_seed))

@@ -62,15 +62,27 @@ def _stats(values: list[float]) -> dict:
 def beyond_seed(folder: str, config: dict, seed: int, *, data_dir: str | None, device: str,
                 samples: int, scale: float, bn_batches: int | None, threads: int | None,
                 plot_dir: str | None = None) -> dict:
-    """Every figure of one seed (see the module docstring)."""
+    """Every figure of one seed (see the module docstring). Kept in FOLDER/beyond.json and
+    reused by a later call with the same settings (as `replicate` resumes its runs)."""
+    cache = os.path.join(folder, "beyond.json")
+    settings = {"samples": samples, "scale": scale, "bn_batches": bn_batches,
+                "threads": threads, "config": config}
+    if os.path.exists(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved.get("settings") == json.loads(json.dumps(settings)):
+            return saved["result"]
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batches,
-                            plot_dir)
+        result = _beyond_seed(folder, config, seed, data_dir, device, samples, scale,
+                              bn_batches, plot_dir)
     finally:
         torch.set_num_threads(before)
+    with atomic_text(cache) as f:
+        json.dump({"settings": settings, "result": result}, f, indent=2)
+    return result
 
 
 def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batches, plot_dir):

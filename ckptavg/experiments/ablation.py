@@ -1,0 +1,121 @@
+"""What SWA's gain over SGD depends on: one preset, one factor changed at a time, scored on
+the held-out images only (the test split is never read).
+
+Per variant: the SGD run (budget B) and the SWA run (1.5 B) of `replicate`'s protocol; the
+SWA average over [swa_start, end] at 1, 1.25 and 1.5 B with BatchNorm recalibrated, the SGD
+run's final weights with their own statistics, all on the preset's held-out images. A
+variant that only changes the SWA rate reuses the baseline's SGD run.
+
+    python -m ckptavg.experiments.ablation OUT --data-dir DIR [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+
+import torch
+
+from ckptavg import options
+from ckptavg.experiments.replicate import BUDGETS, PRESETS, Preset, budget_epochs
+from ckptavg.heldout import HeldOut, RunningSum
+from ckptavg.io.writer import atomic_text
+from ckptavg.select import close_all, open_candidates
+from ckptavg.train.loop import TrainConfig, train
+
+# name -> Preset fields changed from fashion-mnist-vgg
+VARIANTS = {
+    "baseline": {},
+    "swa_lr 0.03": {"swa_lr": 0.03},
+    "2,000 training images": {"subset": 7000},
+    "width 16 (0.42M parameters)": {"model_kwargs": (("width", 16),)},
+}
+
+
+def _runs(p: Preset, seed: int, folder: str, sgd_folder: str | None, data_dir) -> tuple[str, str]:
+    common = dict(model=p.model, data=p.data, lr=p.lr, wd=p.wd, batch_size=p.batch_size,
+                  seed=seed, model_kwargs=dict(p.model_kwargs), data_dir=data_dir,
+                  subset=p.subset, holdout=p.holdout, threads=p.threads, eval_every=0)
+    sgd = sgd_folder or os.path.join(folder, "sgd")
+    if sgd_folder is None:
+        train(TrainConfig(epochs=p.budget, out=sgd, schedule="sgd", **common), device="cpu",
+              resume=True)
+    swa = os.path.join(folder, "swa")
+    train(TrainConfig(epochs=budget_epochs(p.budget)[BUDGETS[-1]], out=swa, schedule="swa",
+                      swa_start=p.swa_start, swa_lr=p.swa_lr, **common), device="cpu",
+          resume=True)
+    return sgd, swa
+
+
+def ablate_variant(p: Preset, seed: int, folder: str, sgd_folder: str | None,
+                   data_dir: str | None) -> dict:
+    """Held-out accuracy of SGD (B) and of SWA at 1, 1.25 and 1.5 B for one variant."""
+    t0 = time.perf_counter()
+    sgd, swa = _runs(p, seed, folder, sgd_folder, data_dir)
+    ends = budget_epochs(p.budget)
+    paths = [os.path.join(swa, f"epoch-{e:04d}.safetensors")
+             for e in range(p.swa_start, ends[BUDGETS[-1]] + 1)]
+    sgd_last = os.path.join(sgd, f"epoch-{p.budget:04d}.safetensors")
+    cands = open_candidates([sgd_last] + paths)
+    try:
+        held = HeldOut(cands[1], data=None, data_dir=data_dir, download=False, model=p.model,
+                       model_kwargs=dict(p.model_kwargs), holdout=None, subset=None,
+                       batch_size=options.EVAL_BATCH_SIZE, workers=0, device="cpu", seed=seed,
+                       stats=options.STATS, bn_batches=None, input_key=None)
+        row = {"sgd": held.score(RunningSum.read(cands[0].reader), sgd_last,
+                                 recalibrate=False)["accuracy"]}
+        total = RunningSum()
+        for i, c in enumerate(cands[1:]):
+            total.add(RunningSum.read(c.reader), i)
+            epoch = p.swa_start + i
+            for f, e in ends.items():
+                if e == epoch:
+                    row[f"swa_{f:g}"] = held.score(total.mean(), c.path)["accuracy"]
+    finally:
+        close_all(cands)
+    row["swa_1.5_minus_sgd"] = row["swa_1.5"] - row["sgd"]
+    row["train_acc"] = json.loads(open(os.path.join(sgd, "metrics.jsonl")).readlines()[-1])[
+        "train_acc"]
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def ablate(out: str, *, preset: str = "fashion-mnist-vgg", seed: int = 1,
+           data_dir: str | None = None, variants: dict | None = None) -> dict:
+    """Every variant of VARIANTS (or `variants`); writes OUT/ablation.json."""
+    base = PRESETS[preset]
+    result = {"preset": preset, "seed": seed, "variants": {}}
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    for name, change in (variants or VARIANTS).items():
+        p = replace(base, **change)
+        folder = os.path.join(out, name.split(" (")[0].replace(" ", "-").replace(",", ""))
+        only_swa = set(change) <= {"swa_lr", "swa_start"} and change
+        sgd = os.path.join(out, "baseline", "sgd") if only_swa else None
+        result["variants"][name] = {"change": {k: v if not isinstance(v, tuple) else dict(v)
+                                               for k, v in change.items()},
+                                    **ablate_variant(p, seed, folder, sgd, data_dir)}
+        with atomic_text(os.path.join(out, "ablation.json")) as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--preset", default="fashion-mnist-vgg")
+    args = ap.parse_args()
+    r = ablate(args.out, preset=args.preset, seed=args.seed, data_dir=args.data_dir)
+    for name, v in r["variants"].items():
+        print(f"{name:<32} SGD {v['sgd']:.2f}  SWA 1/1.25/1.5 B {v['swa_1']:.2f} / "
+              f"{v['swa_1.25']:.2f} / {v['swa_1.5']:.2f}  (1.5 B - SGD {v['swa_1.5_minus_sgd']:+.2f})")
+
+
+if __name__ == "__main__":
+    main()
