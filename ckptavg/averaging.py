@@ -456,6 +456,7 @@ def average(
     hash_inputs: bool = False,
     dry_run: bool = False,
     threads: int | None = options.AVERAGE_THREADS,
+    dcp: bool = False,
     progress: Progress | None = None,
 ) -> AverageResult:
     """Average checkpoints into one, streaming one tensor at a time.
@@ -479,6 +480,10 @@ def average(
         threads: torch threads for the arithmetic; default: the cores idle at the start
             (`idle_cores`: beside one busy process on 2 cores, 2 threads were 3x slower than
             1; alone, 1.2x faster).
+        dcp: write `output` as a torch.distributed.checkpoint folder (new or empty), which
+            `dcp.load` and FSDP read; the weights keep the newest input's entry (`model`,
+            `state_dict`) or stay at the top level. DCP saves a state dict at once, so the
+            output is held in memory until it is written (under torchrun: each rank's share).
 
     Returns:
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
@@ -501,7 +506,7 @@ def average(
     if output is None and not dry_run:
         raise CkptavgError("no output given; pass an output path (-o OUT: .safetensors, .pt or a folder)")
     output = os.fspath(output) if output is not None else None
-    kind = output_kind(output, shard_size) if output is not None else None  # before any reading
+    kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
     check_options(accumulate, dtype)
     method: Method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
     select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
@@ -510,7 +515,7 @@ def average(
         if into is not None:
             raise CkptavgError("folding into a running average (--into) runs in one process; "
                                "run it without torchrun")
-        if not dry_run and kind != "sharded":
+        if not dry_run and kind not in ("sharded", "dcp"):
             raise CkptavgError(f"{output}: under torchrun each rank writes one shard, so the "
                                "output is a folder; give a folder name (-o OUT_DIR)")
         with Group() as group:
@@ -556,15 +561,21 @@ def average(
         if not dry_run:
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
             result.warnings += notes
+            entry = dcp_entry(readers[-1]) if dcp else plan.entry
             with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
-                             inputs=protected, entry=plan.entry, extras=plan.extras,
-                             side_files=side) as writer:
+                             inputs=protected, entry=entry, extras=plan.extras,
+                             side_files=side, dcp=dcp) as writer:
                 execute(plan, writer, progress=progress, threads=threads)
                 for r in readers:
                     r.check_unchanged()
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def dcp_entry(newest: ReaderBase) -> str | None:
+    """Where a DCP output keeps the weights: the newest input's entry, else the top level."""
+    return newest.location if newest.location in ("state_dict", "model") else None
 
 
 def _raw_weights(n: int, method: Method, weights, ema) -> list[float]:
@@ -600,7 +611,8 @@ def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: st
         if not dry_run:
             side, notes = side_files(plan.readers)
             result.warnings += notes
-            write_shards(plan, output, group, execute, progress, threads, side)
+            write_shards(plan, output, group, execute, progress, threads, side,
+                         dcp_entry(plan.readers[-1]) if kind == "dcp" else False)
         result.ranks, result.rank = group.size, group.rank
         return result
 

@@ -297,6 +297,8 @@ def cli() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=options.AVERAGE_THREADS,
               help="torch threads for the arithmetic (default: the cores idle at the start; "
               "more threads than idle cores make it several times slower).")
+@click.option("--dcp", is_flag=True, help="Write a torch.distributed.checkpoint folder (new or "
+              "empty), as FSDP loads it; held in memory until written (per rank under torchrun).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
 @output_options
 def average(inputs, as_json, quiet, **kwargs):

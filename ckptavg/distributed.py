@@ -83,8 +83,14 @@ class Group:
 
 
 def write_shards(plan, output: str, group: Group, execute, progress=None,
-                 threads: int | None = None, side_files: dict[str, bytes] | None = None) -> None:
-    """Reduce this rank's share of `plan` into its shard; rank 0 commits the folder."""
+                 threads: int | None = None, side_files: dict[str, bytes] | None = None,
+                 dcp: str | None | bool = False) -> None:
+    """Reduce this rank's share of `plan` into its shard; rank 0 commits the folder.
+
+    With `dcp` (False: safetensors shards; else the DCP entry, None for the top level), the
+    ranks hold their shares and save one torch.distributed.checkpoint together."""
+    if dcp is not False:
+        return _write_dcp(plan, output, group, execute, progress, threads, dcp)
     from ckptavg.io.writer import SafetensorsWriter, commit_folder, temp_folder_beside
 
     output = os.path.abspath(output.rstrip(os.sep))
@@ -133,3 +139,60 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
             shutil.rmtree(tmp, ignore_errors=True)
             error = e
     group.agree(error)
+
+
+def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
+               entry: str | None) -> None:
+    from ckptavg.io.dcp import commit_dcp, save_dcp
+    from ckptavg.io.writer import temp_folder_beside
+
+    output = os.path.abspath(output.rstrip(os.sep))
+    tmp, error = None, None
+    try:
+        if group.rank == 0:
+            tmp = temp_folder_beside(output)
+    except BaseException as e:
+        error = e
+    group.agree(error)
+    tmp = group.share(tmp)
+    mine = partition(plan.specs, group.size)[group.rank]
+    keep = _Keep()
+    error = None
+    try:
+        execute(plan, keep, keys=mine, progress=progress, threads=threads)
+        for r in plan.readers:
+            r.check_unchanged()
+        for k, v in plan.ties.items():
+            if v in keep.tensors:
+                keep.tensors[k] = keep.tensors[v]
+    except BaseException as e:
+        error = e
+    try:
+        group.agree(error)
+        # A collective: every rank writes its own tensors, rank 0 the checkpoint's metadata.
+        save_dcp(keep.tensors, tmp, entry, plan.metadata if group.rank == 0 else None,
+                 distributed=True)
+        error = None
+    except BaseException as e:
+        if group.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise e
+    if group.rank == 0:
+        try:
+            commit_dcp(tmp, output)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e
+    group.agree(error)
+
+
+class _Keep:
+    """A writer that keeps what it is given (this rank's share of a DCP output)."""
+
+    keeps_tensors = True
+
+    def __init__(self) -> None:
+        self.tensors: dict = {}
+
+    def write(self, key, tensor) -> None:
+        self.tensors[key] = tensor

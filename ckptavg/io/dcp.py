@@ -153,6 +153,9 @@ class DCPReader(ReaderBase):
                                   f"{out.numel()} values; the checkpoint is incomplete")
         return out
 
+    def metadata(self) -> dict[str, str]:
+        return read_side_metadata(self.path)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -172,3 +175,66 @@ def _weights_entry(tensors: dict, planner: dict, key: str | None,
                               f"DCP entries {', '.join(sorted(tops)) or '(none)'}; name one (--key)")
     return {".".join(map(str, p[1:])): fqn for fqn, p in paths.items()
             if p[0] == entry and len(p) > 1}, entry
+
+
+# ------------------------------------------------------------------------------- writing
+
+SIDE_METADATA = "ckptavg.json"  # our str -> str metadata map; DCP has no place for it
+MAX_SIDE_METADATA = 1 << 20
+
+
+def read_side_metadata(path: str) -> dict[str, str]:
+    """The metadata map ckptavg wrote beside a DCP checkpoint (absent: none). JSON only:
+    nothing in it is run."""
+    import json
+
+    file = os.path.join(path, SIDE_METADATA)
+    if not os.path.isfile(file):
+        return {}
+    fd, src = open_source(file)
+    try:
+        if src.size > MAX_SIDE_METADATA:
+            raise CheckpointError(f"{file}: {src.size} bytes of metadata; refused (limit 1 MiB)")
+        raw = pread_exact(fd, src.size, 0, file)
+    finally:
+        os.close(fd)
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{file}: not JSON; the checkpoint's metadata is corrupt") from None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in meta.items()):
+        raise CheckpointError(f"{file}: not a map of strings to strings")
+    return meta
+
+
+def save_dcp(state: dict[str, torch.Tensor], folder: str, entry: str | None,
+             metadata: dict[str, str] | None, distributed: bool) -> None:
+    """`torch.distributed.checkpoint.save` of `state` (under `entry`, or at the top level)
+    into `folder`. With `distributed`, every rank of the default process group calls it with
+    its own keys (a collective: together they make one checkpoint); `metadata` is written by
+    the caller that passes it (rank 0)."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    tree = {entry: state} if entry else state
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(tree, storage_writer=dcp.FileSystemWriter(folder), no_dist=not distributed)
+    if metadata is not None:
+        with open(os.path.join(folder, SIDE_METADATA), "w") as f:
+            json.dump(metadata, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def commit_dcp(tmp: str, path: str) -> None:
+    """Swap a finished DCP folder in for `path`, which may be absent or an empty folder."""
+    from ckptavg.io.writer import _fsync_dir
+
+    os.chmod(tmp, 0o755)
+    if os.path.isdir(path):
+        os.rmdir(path)  # empty: checked before any work (check_output), OSError otherwise
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))

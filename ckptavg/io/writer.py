@@ -42,8 +42,14 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 SIDE_FILES_KEY = "ckptavg.side_files"
 
 
-def output_kind(path: str, shard_size: int | None = None) -> str:
-    """'safetensors', 'sharded' or 'torch' from the output path."""
+def output_kind(path: str, shard_size: int | None = None, dcp: bool = False) -> str:
+    """'safetensors', 'sharded', 'torch' or 'dcp' (asked for) from the output path."""
+    if dcp:
+        if os.path.isfile(path):
+            raise OutputError(f"{path}: exists and is not a folder; a DCP checkpoint is a folder")
+        if shard_size:
+            raise OutputError("a shard size is for safetensors folders; DCP shards by rank")
+        return "dcp"
     lower = path.lower()
     if lower.endswith(TORCH_SUFFIXES):
         if shard_size:
@@ -114,6 +120,11 @@ def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
         return
     except OSError as e:
         raise OutputError(f"{path}: cannot check the output path ({e.strerror})") from None
+    if kind == "dcp":
+        if not stat.S_ISDIR(st.st_mode) or os.listdir(path):
+            raise OutputError(f"{path}: exists and is not an empty folder; a DCP output goes "
+                              "to a new or empty folder (nothing was touched)")
+        return
     if kind == "sharded":
         if not stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{path}: exists and is not a folder; pick another name")
@@ -534,18 +545,54 @@ class TorchWriter(Writer):
         self._out.abort()
 
 
+class DcpWriter(Writer):
+    """A torch.distributed.checkpoint folder (what `dcp.load` and FSDP read), with ckptavg's
+    metadata beside it in ckptavg.json. DCP saves a whole state dict at once, so this writer
+    holds the model until close (under torchrun each rank holds only its share: see
+    distributed.write_shards)."""
+
+    keeps_tensors = True
+
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
+                 ties: dict[str, str] | None, entry: str | None):
+        self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
+        self._tmp = temp_folder_beside(self.path)
+        self._order = [s.key for s in specs]
+        self._meta, self._ties, self._entry = dict(metadata), dict(ties or {}), entry
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def _write(self, key: str, tensor: torch.Tensor) -> None:
+        self._tensors[key] = tensor
+
+    def _close(self) -> None:
+        from ckptavg.io.dcp import commit_dcp, save_dcp
+
+        for k, v in self._ties.items():
+            self._tensors[k] = self._tensors[v]
+        save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
+                 self._meta, distributed=False)
+        commit_dcp(self._tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 shard_size: int | None = None, ties: dict[str, str] | None = None,
                 inputs: Iterable[SourceFile] = (), entry: str = "state_dict",
-                extras: dict | None = None, side_files: dict[str, bytes] | None = None) -> Writer:
+                extras: dict | None = None, side_files: dict[str, bytes] | None = None,
+                dcp: bool = False) -> Writer:
     """The writer that the output path's suffix asks for, after `check_output`.
 
     `entry` and `extras` shape a torch output (see TorchWriter); `side_files` (name ->
     bytes, names from SIDE_FILES) go into a folder output. Use it as a context
     manager: `with make_writer(...) as w: w.write(key, t)` commits on a clean exit and
     leaves nothing behind on an error."""
-    kind = output_kind(path, shard_size)
+    kind = output_kind(path, shard_size, dcp)
     check_output(path, kind, inputs)
+    if kind == "dcp":
+        return DcpWriter(path, specs, metadata, ties, entry if entry in ("state_dict", "model")
+                         else None)
     if kind == "torch":
         return TorchWriter(path, specs, metadata, ties, entry, extras)
     if kind == "sharded":

@@ -77,3 +77,39 @@ def test_partition_balances_bytes():
     parts = partition(specs, 2)
     assert parts == [["t0", "t3"], ["t1", "t2", "t4"]]  # 140 vs 115 elements: largest first
     assert partition(specs[:1], 3) == [["t0"], [], []]
+
+
+def _dcp_load(folder, like: dict, entry: str | None = None) -> dict:
+    """Read a DCP checkpoint with torch's own loader into tensors shaped like `like`."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: torch.empty_like(v) for k, v in like.items()}
+    dcp.load({entry: state} if entry else state, checkpoint_id=str(folder), no_dist=True)
+    return state
+
+
+def test_dcp_output_from_one_process_and_two_ranks_is_what_dcp_load_reads(tmp_path):
+    paths = _inputs(tmp_path)
+    want = {k: (torch.stack([ckptavg.load(p)[0][k].double() for p in paths[1:]]).mean(0)
+                .to(v.dtype) if v.is_floating_point() else ckptavg.load(paths[-1])[0][k])
+            for k, v in ckptavg.load(paths[0])[0].items()}
+    ckptavg.average(paths, tmp_path / "one.dcp", from_epoch=2, dcp=True)
+    one = _dcp_load(tmp_path / "one.dcp", want)
+    for k in want:  # the float64 mean rounded once, and the newest input's integer
+        assert torch.equal(one[k], want[k]), k
+    assert ckptavg.load(tmp_path / "one.dcp")[1]["average.n"] == "3"  # ckptavg.json beside it
+    proc = _torchrun("average", *paths, "--from-epoch", 2, "-o", tmp_path / "two.dcp", "--dcp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = _dcp_load(tmp_path / "two.dcp", want)
+    assert all(torch.equal(two[k], want[k]) for k in want)
+    assert leftovers(tmp_path) == []
+    # A DCP output never replaces a folder with something in it.
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    import pytest
+
+    from ckptavg.errors import OutputError
+
+    with pytest.raises(OutputError, match="not an empty folder"):
+        ckptavg.average(paths, tmp_path / "full", dcp=True)
+    assert (tmp_path / "full" / "mine.txt").read_text() == "x"
