@@ -700,8 +700,8 @@ def train_cmd(device, download, resume, stop_after, as_json, quiet, **kwargs):
 def demo_cmd(out, epochs, device, as_json, quiet):
     """Train, average, fix BatchNorm and evaluate on a shipped Fashion-MNIST subset (offline).
 
-    Prints the test accuracy of the run's last iterate (at the constant SWA rate) and of the
-    SWA average of its last epochs. `ckptavg replicate` compares SWA with an SGD baseline.
+    Prints the test accuracy of the run's last iterate (at the constant SWA rate), of the SWA
+    average of its last epochs, and of an SGD baseline (the same budget with the SGD schedule).
     """
     from ckptavg.demo import run_demo
 
@@ -724,6 +724,8 @@ def demo_cmd(out, epochs, device, as_json, quiet):
         f"%, loss {r.last_iterate.loss:.4f}",
         f"SWA (average of {r.averaged} epochs, BN recalibrated): test accuracy "
         f"{r.swa.accuracy:.2f} %, loss {r.swa.loss:.4f}",
+        *([f"SGD baseline (SGD schedule, {r.epochs} epochs): test accuracy "
+           f"{r.sgd.accuracy:.2f} %, loss {r.sgd.loss:.4f}"] if r.sgd else []),
         *([f"files kept in {r.out}"] if r.out else [])])
 
 

@@ -36,7 +36,7 @@ from ckptavg.evaluation import predict
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import ReaderBase
-from ckptavg.io.writer import AtomicFile
+from ckptavg.io.writer import AtomicFile, output_kind
 from ckptavg.modelio import build_model, data_name_of, load_weights, model_spec
 from ckptavg.options import Split, Stats, check_choice
 from ckptavg.results import Result
@@ -91,6 +91,9 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
         raise CkptavgError(f"rank {rank}: SWAG's low-rank part needs 2 or more snapshots (--rank)")
     if not var_clamp > 0:
         raise CkptavgError(f"var_clamp {var_clamp}: must be more than 0")
+    if output_kind(output, shard_size) == "torch":  # a torch file holds everything until saved
+        raise CkptavgError(f"{output}: a SWAG output is a .safetensors file or a folder, "
+                           "written tensor by tensor")
     cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
     try:
         chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last)

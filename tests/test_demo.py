@@ -28,6 +28,9 @@ def test_demo_short_run_keeps_files(tmp_path):
     # Two epochs on 6000 images learn Fashion-MNIST well past chance (10 %); a broken
     # pipeline (stale BatchNorm, shuffled labels, wrong weights) does not.
     assert res["last_iterate"]["accuracy"] > 50 and res["swa"]["accuracy"] > 50
+    assert res["sgd"]["accuracy"] > 50 and res["sgd"]["samples"] == 2000
+    sgd_meta = ckptavg.load(tmp_path / "sgd" / "epoch-0002.safetensors")[1]
+    assert sgd_meta["train.schedule"] == "sgd" and sgd_meta["train.seed"] == "0"
     # The average is the float64 mean of the two epochs, computed here.
     swa, meta = ckptavg.load(tmp_path / "swa.safetensors")
     e1, e2 = (ckptavg.load(tmp_path / "run" / f"epoch-000{i}.safetensors")[0] for i in (1, 2))

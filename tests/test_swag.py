@@ -72,6 +72,8 @@ def test_variance_is_clamped_and_rank_falls_to_the_snapshot_count(tmp_path):
         ckptavg.swag(paths, tmp_path / "t.safetensors", rank=1)
     with pytest.raises(CkptavgError, match="SWAG needs 2 or more"):
         ckptavg.swag(paths[:1], tmp_path / "t.safetensors")
+    with pytest.raises(CkptavgError, match="a .safetensors file or a folder"):
+        ckptavg.swag(paths, tmp_path / "t.pt")
 
 
 def test_scale_zero_samples_are_the_swa_mean_exactly(tmp_path):
