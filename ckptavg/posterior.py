@@ -346,14 +346,16 @@ def _row(name: str, probs: torch.Tensor, labels: torch.Tensor) -> CalibrationRow
     return CalibrationRow(name, s["accuracy"], s["nll"], s["ece"], s["samples"], s["reliability"])
 
 
-def plot_reliability(rows: Sequence[CalibrationRow], path: str, title: str = "") -> None:
+def plot_reliability(rows: Sequence[CalibrationRow], path: str, title: str = "",
+                     min_count: int = 1) -> None:
     """Reliability diagram: accuracy minus confidence per confidence bin, one line per row
-    (the SWAG paper's presentation: 0 is perfect calibration, below 0 over-confidence)."""
+    (the SWAG paper's presentation: 0 is perfect calibration, below 0 over-confidence);
+    bins with fewer than `min_count` samples are left out."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         pts = [(b["confidence"], b["accuracy"] - b["confidence"]) for b in row.reliability
-               if b["count"]]
+               if b["count"] >= max(1, min_count)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
                 label=f"{os.path.basename(row.name)} (ECE {row.ece:.3f})")
     ax.axhline(0, color="k", lw=0.8)

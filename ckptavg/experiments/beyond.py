@@ -35,6 +35,7 @@ ROWS = {"sgd": "SGD, final weights (budget B)",
         "search": "SWA, best window by held-out search",
         "uniform_soup": "uniform soup of the pool",
         "greedy_soup": "greedy soup of the pool"}
+MIN_BIN = 20  # reliability bins with fewer test images are not drawn (too noisy to read)
 CAL_ROWS = {"sgd": "SGD, final weights", "swa": "SWA (1.5 B)", "swag_diag": "SWAG-diagonal",
             "swag": "SWAG"}
 
@@ -60,8 +61,8 @@ def _stats(values: list[float]) -> dict:
 
 
 def beyond_seed(folder: str, config: dict, seed: int, *, data_dir: str | None, device: str,
-                samples: int, scale: float, bn_batches: int | None, threads: int | None,
-                plot_dir: str | None = None) -> dict:
+                samples: int, scale: float, bn_batches: int | None,
+                threads: int | None) -> dict:
     """Every figure of one seed (see the module docstring). Kept in FOLDER/beyond.json and
     reused by a later call with the same settings (as `replicate` resumes its runs)."""
     cache = os.path.join(folder, "beyond.json")
@@ -77,7 +78,7 @@ def beyond_seed(folder: str, config: dict, seed: int, *, data_dir: str | None, d
         torch.set_num_threads(threads)
     try:
         result = _beyond_seed(folder, config, seed, data_dir, device, samples, scale,
-                              bn_batches, plot_dir)
+                              bn_batches)
     finally:
         torch.set_num_threads(before)
     with atomic_text(cache) as f:
@@ -85,7 +86,7 @@ def beyond_seed(folder: str, config: dict, seed: int, *, data_dir: str | None, d
     return result
 
 
-def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batches, plot_dir):
+def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batches):
     t0 = time.perf_counter()
     budget, start = config["budget"], config["swa_start"]
     snaps = sorted(glob.glob(os.path.join(folder, "swa", "epoch-*.safetensors")))
@@ -99,8 +100,7 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
                   data_dir=data_dir, device=device, seed=seed, bn_batches=bn_batches)
     out: dict = {"seed": seed}
 
-    plot = os.path.join(plot_dir, f"search-seed{seed}.png") if plot_dir else None
-    found = search(snaps, from_epoch=pool_from, plot=plot, test=True, **common)
+    found = search(snaps, from_epoch=pool_from, test=True, **common)
     out["search"] = {"holdout": found.best.holdout_accuracy, "test": found.test_accuracy,
                      "start_epoch": found.best.start_epoch, "n": found.best.n}
     out["windows"] = [{"start_epoch": w.start_epoch, "holdout": w.holdout_accuracy}
@@ -149,10 +149,6 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
         cal["swa"], cal["sgd"] = rows["SWA"], rows[sgd_last]
     out["calibration"] = {k: {"accuracy": v.accuracy, "nll": v.nll, "ece": v.ece,
                               "reliability": v.reliability} for k, v in cal.items()}
-    if plot_dir:
-        plot_reliability([cal[k] for k in ("sgd", "swa", "swag_diag", "swag")],
-                         os.path.join(plot_dir, f"reliability-seed{seed}.png"),
-                         title=f"seed {seed}: test split")
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -186,9 +182,8 @@ def beyond(out: str, *, data_dir: str | None = None, device: str = options.DEVIC
     if not config.get("holdout"):
         raise CkptavgError(f"{out}: the runs held nothing out (preset holdout 0); selection "
                            "needs held-out images")
-    plot_dir = out
     kwargs = dict(data_dir=data_dir, device=device, samples=samples, scale=scale,
-                  bn_batches=bn_batches, threads=config.get("threads"), plot_dir=plot_dir)
+                  bn_batches=bn_batches, threads=config.get("threads"))
     folders = {s: os.path.join(out, f"seed-{s}") for s in seeds}
     if jobs == 1 or len(seeds) == 1:
         per_seed = []
@@ -216,6 +211,11 @@ def beyond(out: str, *, data_dir: str | None = None, device: str = options.DEVIC
     result = BeyondResult(out, seeds, selection, calibration, per_seed, settings,
                           time.perf_counter() - t0)
     result.files = [os.path.join(out, "beyond.json"), os.path.join(out, "beyond.md")]
+    try:
+        result.files += draw(result)
+    except CkptavgError as e:  # no matplotlib: the numbers stand without the plots
+        if log:
+            log(str(e))
     with atomic_text(result.files[0]) as f:
         json.dump(result.to_dict(), f, indent=2)
     with atomic_text(result.files[1]) as f:
@@ -247,3 +247,27 @@ def beyond_table(r: BeyondResult) -> str:
         lines.append(f"| {p['seed']} | " + " | ".join(f"{p[k]['test']:.2f}" for k in ROWS)
                      + f" | {p['search']['start_epoch']} | {len(p['greedy_soup']['chosen'])} |")
     return "\n".join(lines) + "\n"
+
+
+def draw(r: BeyondResult) -> list[str]:
+    """Per seed, from the numbers (so cached seeds are drawn too): held-out accuracy of every
+    window against its start, and the reliability diagram of SGD, SWA, SWAG-diagonal, SWAG."""
+    from ckptavg.posterior import CalibrationRow
+    from ckptavg.windows import SearchResult, Window, plot_search
+
+    cfg = r.settings["config"]
+    held = f"{cfg['data']}:train[{cfg['subset'] - cfg['holdout']}:{cfg['subset']}]"
+    files = []
+    for p in r.per_seed:
+        ws = [Window("", w["start_epoch"], 0, w["holdout"], 0.0) for w in p["windows"]]
+        best = next(w for w in ws if w.start_epoch == p["search"]["start_epoch"])
+        end = f"epoch-{ws[-1].start_epoch:04d}.safetensors"
+        files.append(os.path.join(r.out, f"search-seed{p['seed']}.png"))
+        plot_search(SearchResult(ws, best, end, None, None, held, 0, True, 0, 0.0), files[-1])
+        rows = [CalibrationRow(name, p["calibration"][k]["accuracy"], p["calibration"][k]["nll"],
+                               p["calibration"][k]["ece"], 0, p["calibration"][k]["reliability"])
+                for k, name in CAL_ROWS.items()]
+        files.append(os.path.join(r.out, f"reliability-seed{p['seed']}.png"))
+        plot_reliability(rows, files[-1], title=f"seed {p['seed']}: test split, bins with "
+                         f"{MIN_BIN} or more images", min_count=MIN_BIN)
+    return files
