@@ -296,12 +296,20 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     acc_dtype = torch.float64 if plan.accumulate == "float64" else torch.float32
     if any(ref.info(s.key).dtype == torch.float64 for s in floats):
         acc_dtype = torch.float64
+    # A writer that streams can take a large tensor in slices: then the output buffers (and
+    # the float64 accumulator of more than GROUP inputs) are a slice, not the largest tensor.
+    streams = not writer.keeps_tensors and getattr(writer, "streams_parts", False)
+
+    def slice_of(spec: TensorSpec) -> int:
+        return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
+
     acc_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
     cast_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
-    full_buf = torch.empty(max_numel, dtype=acc_dtype) if len(readers) > GROUP else None
-    out_bytes = max((s.nbytes for s in floats), default=0)
-    # Two output buffers: the writer thread copies one to the file while the next tensor is
-    # computed into the other.
+    most = max((slice_of(s) for s in floats), default=0)
+    full_buf = torch.empty(most, dtype=acc_dtype) if len(readers) > GROUP else None
+    out_bytes = max((slice_of(s) * s.dtype.itemsize for s in floats), default=0)
+    # Two output buffers: the writer thread copies one to the file while the next tensor (or
+    # slice) is computed into the other.
     bg = None if writer.keeps_tensors else BackgroundWriter(
         writer, [torch.empty(out_bytes, dtype=torch.uint8) for _ in range(2)])
     total_bytes, done, last = plan.bytes_in, 0, readers[-1]
@@ -318,22 +326,30 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                 if progress:
                     progress(done, total_bytes)
                 continue
-            if bg is None:
-                out = torch.empty(spec.shape, dtype=spec.dtype)  # the writer keeps it
-                buf = None
-            else:
-                buf = bg.buffer()
-                out = buf[: spec.nbytes].view(spec.dtype).view(spec.shape)
-            full = None if full_buf is None else full_buf[: info.numel]
-            _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf, full)
-            done += info.nbytes * len(readers)
-            if progress:
-                progress(done, total_bytes)
-            # min and max are finite only when every value is (NaN propagates): one cheap pass.
-            if not plan.allow_nonfinite and out.numel() and \
-                    not bool(torch.isfinite(torch.stack(torch.aminmax(out))).all()):
-                _raise_nonfinite(readers, spec.key, spec.dtype)
-            _hand_over(writer, bg, spec.key, out, buf)
+            step = slice_of(spec)
+            for lo in range(0, max(spec.numel, 1), max(step, 1)):
+                n = min(step, spec.numel - lo)
+                if bg is None:
+                    out = torch.empty(spec.shape, dtype=spec.dtype)  # the writer keeps it
+                    buf = None
+                else:
+                    buf = bg.buffer()
+                    out = buf[: n * spec.dtype.itemsize].view(spec.dtype)
+                    if n == spec.numel:
+                        out = out.view(spec.shape)
+                full = None if full_buf is None else full_buf[:n]
+                _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf, full, lo)
+                done += n * info.dtype.itemsize * len(readers)
+                if progress:
+                    progress(done, total_bytes)
+                # min and max are finite only when every value is (NaN propagates): one pass.
+                if not plan.allow_nonfinite and out.numel() and \
+                        not bool(torch.isfinite(torch.stack(torch.aminmax(out))).all()):
+                    _raise_nonfinite(readers, spec.key, spec.dtype)
+                if n == spec.numel:
+                    _hand_over(writer, bg, spec.key, out, buf)
+                else:
+                    bg.write(spec.key, out, buf, part=(lo == 0, lo + n == spec.numel))
         if bg is not None:
             bg.finish()
     finally:
@@ -342,16 +358,23 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
 
 
 CHUNK = 1 << 16  # elements per step: a float64 accumulator of 512 KiB stays in L2 cache
+SLICE = 64 << 20  # output bytes computed and written at a time: a larger tensor goes in slices
+
+
+def _slice_elems(dtype: torch.dtype) -> int:
+    return max(CHUNK, SLICE // dtype.itemsize // CHUNK * CHUNK)
+
+
 RESIDENT = 64 << 20  # bytes of mapped input pages kept between releases, over a group
 GROUP = 8  # inputs read at once; more are summed group by group (memory flat in N)
 FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
 
 
 def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
-            cast_buf: torch.Tensor, full_buf: torch.Tensor | None) -> None:
-    """out = sum(w_i * input_i[key]) / sum(w), chunk by chunk: each chunk of the accumulator
-    stays in cache while the inputs stream through it, instead of N passes over a
-    tensor-sized accumulator in memory.
+            cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int = 0) -> None:
+    """out = sum(w_i * input_i[key][base:base + out.numel()]) / sum(w), chunk by chunk: each
+    chunk of the accumulator stays in cache while the inputs stream through it, instead of N
+    passes over a tensor-sized accumulator in memory.
 
     At most GROUP inputs are read at once: with more, the groups are summed one after the
     other into a tensor-sized float64 accumulator (`full_buf`), so the input pages mapped at
@@ -360,7 +383,7 @@ def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
     numel = out.numel()
     groups = [range(i, min(i + GROUP, len(readers))) for i in range(0, len(readers), GROUP)]
     for g, members in enumerate(groups):
-        flats = [readers[i].read(key).reshape(-1) for i in members]
+        flats = [readers[i].read(key).reshape(-1)[base:base + numel] for i in members]
         itemsize = flats[0].element_size()
         # Release each input's pages often enough that the inputs read together keep at
         # most RESIDENT bytes mapped in.
@@ -383,9 +406,9 @@ def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
                 out[off:off + n].copy_(a.div_(plan.total_weight))
             if off + n - released >= release_every or off + n == numel:
                 # Reach back: faults map pages around them, also some released before.
-                lo = released * itemsize - FAULT_AROUND
+                lo = (base + released) * itemsize - FAULT_AROUND
                 for i in members:
-                    readers[i].release_range(key, lo, (off + n) * itemsize - lo)
+                    readers[i].release_range(key, lo, (base + off + n) * itemsize - lo)
                 released = off + n
     if full_buf is not None:
         for off in range(0, numel, CHUNK):

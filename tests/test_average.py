@@ -483,3 +483,30 @@ def test_more_inputs_than_a_group_are_summed_group_by_group(tmp_path, monkeypatc
     ckptavg.average(paths, tmp_path / "o.safetensors")
     want = (sum(t.double() for t in tensors) / len(tensors)).float()
     assert torch.equal(load_file(tmp_path / "o.safetensors")["w"], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out", ["o.safetensors", "folder"])
+def test_tensors_larger_than_a_slice_are_written_in_slices(tmp_path, monkeypatch, dtype, out):
+    """A tensor larger than SLICE output bytes is reduced and written slice by slice (output
+    buffers of one slice, not of the largest tensor), with more inputs than a group: every
+    value is still the float64 mean rounded once, and the shapes and neighbours are intact."""
+    import ckptavg.averaging as engine
+
+    monkeypatch.setattr(engine, "GROUP", 3)
+    monkeypatch.setattr(engine, "CHUNK", 1000)
+    monkeypatch.setattr(engine, "SLICE", 4000 * dtype.itemsize)  # 4 chunks per slice
+    tensors, paths = [], []
+    for i in range(7):
+        g = torch.Generator().manual_seed(i)
+        tensors.append({"big": (torch.randn(101, 173, generator=g) * 2).to(dtype),  # 17473
+                        "small": torch.randn(7, generator=g).to(dtype),
+                        "steps": torch.tensor([i])})
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_file(tensors[-1], paths[-1], {"train.epoch": str(i)})
+    ckptavg.average(paths, tmp_path / out, shard_size=100_000 if out == "folder" else None)
+    got, _ = ckptavg.load(tmp_path / out)
+    for k in ("big", "small"):
+        want = (sum(t[k].double() for t in tensors) / len(tensors)).to(dtype)
+        assert got[k].shape == want.shape and torch.equal(got[k], want), k
+    assert torch.equal(got["steps"], torch.tensor([6]))

@@ -268,6 +268,16 @@ class Writer(Atomic):
         except OSError as e:
             raise _write_error(self._shown, e) from None
 
+    def write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+        """Write a tensor in consecutive flat slices (writers with `streams_parts`)."""
+        try:
+            self._write_part(key, flat, first, last)
+        except OSError as e:
+            raise _write_error(self._shown, e) from None
+
+    def _write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         try:
             self._close()
@@ -303,10 +313,13 @@ class BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            key, tensor, buf = job
+            key, tensor, buf, part = job
             try:
                 if self._error is None:
-                    self._writer.write(key, tensor)
+                    if part is None:
+                        self._writer.write(key, tensor)
+                    else:
+                        self._writer.write_part(key, tensor, *part)
             except BaseException as e:
                 self._error = e
             finally:
@@ -323,10 +336,12 @@ class BackgroundWriter:
         self._raise()
         return buf
 
-    def write(self, key: str, tensor: torch.Tensor, buf: torch.Tensor | None = None) -> None:
-        """Queue `tensor` (a view of `buf`, or a tensor nobody else changes)."""
+    def write(self, key: str, tensor: torch.Tensor, buf: torch.Tensor | None = None,
+              part: tuple[bool, bool] | None = None) -> None:
+        """Queue `tensor` (a view of `buf`, or a tensor nobody else changes); with `part`
+        (first, last), a flat slice of the tensor (the writer must stream parts)."""
         self._raise()
-        self._jobs.put((key, tensor, buf))
+        self._jobs.put((key, tensor, buf, part))
 
     def finish(self) -> None:
         """Wait for every queued write; raise the first error."""
@@ -376,17 +391,31 @@ class SafetensorsWriter(Writer):
             raise _write_error(self._shown, e) from None
         self.bytes_written = sum(s.nbytes for s in self._specs)
 
+    streams_parts = True
+
     def _write(self, key: str, tensor: torch.Tensor) -> None:
-        spec = self._specs[self._next]
-        if key != spec.key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        spec = self._specs[self._next] if self._next < len(self._specs) else None
+        if spec is None or key != spec.key or tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"writer expected {spec}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
-        data = tensor_bytes(tensor)
+        self._write_part(key, tensor, True, True)
+
+    def _write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+        spec = self._specs[self._next] if self._next < len(self._specs) else None
+        if spec is None or key != spec.key or flat.dtype != spec.dtype:
+            raise RuntimeError(f"writer expected {spec}, got {key} {flat.dtype}")
+        if first:
+            self._part_bytes = 0
+        data = tensor_bytes(flat)
         self._out.file.write(data)
         self._out.file.flush()
         fd = self._out.file.fileno()
         end = os.lseek(fd, 0, os.SEEK_CUR)
         start_writeback(fd, end - data.nbytes, data.nbytes)
-        self._next += 1
+        self._part_bytes += data.nbytes
+        if last:
+            if self._part_bytes != spec.nbytes:
+                raise RuntimeError(f"{key}: {self._part_bytes} bytes written, {spec.nbytes} expected")
+            self._next += 1
 
     def _close(self) -> None:
         if self._next != len(self._specs):
@@ -478,11 +507,20 @@ class ShardedWriter(Writer):
                                           self._shards[self._shard], shard_meta, shown=self.path)
         self._left = len(self._shards[self._shard])
 
+    streams_parts = True
+
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         if self._left == 0:
             self._open_next()
         self._current.write(key, tensor)
         self._left -= 1
+
+    def _write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+        if first and self._left == 0:
+            self._open_next()
+        self._current.write_part(key, flat, first, last)
+        if last:
+            self._left -= 1
 
     def _close(self) -> None:
         while self._shard + 1 < len(self._shards):  # empty model: still write the shard
