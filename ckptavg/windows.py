@@ -150,7 +150,7 @@ def plot_search(result: SearchResult, path: str) -> None:
     ax.plot([xs[b]], [ws[b].holdout_accuracy], "r*", markersize=14, label="chosen")
     ax.set_xlabel("first epoch averaged" if by_epoch else "first checkpoint averaged")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"windows ending at {os.path.basename(result.end)}; held out: {result.holdout}",
+    ax.set_title(f"windows ending at {os.path.basename(result.end)}\nheld out: {result.holdout}",
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
