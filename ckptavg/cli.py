@@ -170,6 +170,15 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
         raise click.BadParameter(f"{value!r}: give numbers separated by commas, e.g. 1,2,3") from None
 
 
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give integers separated by commas, e.g. 1,2,3") from None
+
+
 def _size(ctx, param, value: str | None) -> int | None:
     return parse_size(value)
 
@@ -777,8 +786,8 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many seeds, from --first-seed.")
 @click.option("--first-seed", type=int, default=0, show_default=True)
-@click.option("--seed", "seed_list", type=int, multiple=True,
-              help="Run these seeds instead (repeat: --seed 7 --seed 11).")
+@click.option("--seed-list", callback=lambda ctx, param, v: _int_list(v),
+              help="Run these seeds instead, comma-separated (e.g. 1,2,3).")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Seeds run at once, each in its own process.")
 @click.option("--out", required=True, help="Folder for runs, results.json, results.md, curves.png.")
@@ -800,7 +809,7 @@ def replicate_cmd(preset, seeds, first_seed, seed_list, jobs, out, data_dir, dev
         if not (quiet or as_json):
             say(f"[replicate] {msg}")
 
-    result = replicate(preset, out, seeds=list(seed_list) or seeds, first_seed=first_seed,
+    result = replicate(preset, out, seeds=seed_list or seeds, first_seed=first_seed,
                        data_dir=data_dir, device=device, jobs=jobs, log=log, overrides=overrides)
     if as_json:
         result.per_seed = []  # every number is in OUT/results.json
