@@ -1,7 +1,6 @@
 import json
 import os
 
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -45,8 +44,12 @@ def test_demo_epochs_zero_is_refused():
     assert r.exit_code == 2 and "--epochs" in r.output
 
 
-@pytest.mark.slow
-def test_full_demo_swa_beats_final_sgd():
+def test_full_demo_as_the_readme_quotes_it():
+    """The whole demo (about 90 s): the average beats the weights it averages by more than a
+    point; the SGD baseline is a real SGD-schedule run (at this scale it beats SWA, and the
+    README says so)."""
     r = CliRunner().invoke(cli, ["demo", "--json"], catch_exceptions=False)
     res = json.loads(r.stdout)
-    assert res["swa"]["accuracy"] > res["last_iterate"]["accuracy"]
+    assert res["epochs"] == 32 and res["averaged"] == 13
+    assert res["swa"]["accuracy"] > res["last_iterate"]["accuracy"] + 1
+    assert res["sgd"]["accuracy"] > 80
