@@ -781,7 +781,7 @@ def width_cmd(a, b, labels, train_subset, plot_path, as_json, quiet, **kwargs):
 
 
 @cli.command("replicate")
-@click.option("--preset", required=True, help="fashion-mnist, fashion-mnist-vgg, cifar10-vgg16, cifar10-preresnet164, "
+@click.option("--preset", required=True, help="fashion-mnist, fashion-mnist-vgg, fashion-mnist-preresnet110, cifar10-vgg16, cifar10-preresnet164, "
               "cifar10-wrn28-10, cifar100-vgg16, cifar100-preresnet164, cifar100-wrn28-10.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many seeds, from --first-seed.")
