@@ -91,17 +91,10 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     ranks hold their shares and save one torch.distributed.checkpoint together."""
     if dcp is not False:
         return _write_dcp(plan, output, group, execute, progress, threads, dcp)
-    from ckptavg.io.writer import SafetensorsWriter, commit_folder, temp_folder_beside
+    from ckptavg.io.writer import SafetensorsWriter, commit_folder
 
     output = os.path.abspath(output.rstrip(os.sep))
-    tmp, error = None, None
-    try:
-        if group.rank == 0:
-            tmp = temp_folder_beside(output)
-    except BaseException as e:
-        error = e
-    group.agree(error)
-    tmp = group.share(tmp)
+    tmp = _shared_temp(group, output)
     keys = partition(plan.specs, group.size)
     n_shards = sum(1 for k in keys if k)
     mine = keys[group.rank]
@@ -141,12 +134,10 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     group.agree(error)
 
 
-def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
-               entry: str | None) -> None:
-    from ckptavg.io.dcp import commit_dcp, save_dcp
+def _shared_temp(group: Group, output: str) -> str:
+    """A hidden temporary folder beside `output`, made by rank 0 and named to every rank."""
     from ckptavg.io.writer import temp_folder_beside
 
-    output = os.path.abspath(output.rstrip(os.sep))
     tmp, error = None, None
     try:
         if group.rank == 0:
@@ -154,7 +145,15 @@ def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
     except BaseException as e:
         error = e
     group.agree(error)
-    tmp = group.share(tmp)
+    return group.share(tmp)
+
+
+def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
+               entry: str | None) -> None:
+    from ckptavg.io.dcp import commit_dcp, save_dcp
+
+    output = os.path.abspath(output.rstrip(os.sep))
+    tmp = _shared_temp(group, output)
     mine = partition(plan.specs, group.size)[group.rank]
     keep = _Keep()
     error = None
