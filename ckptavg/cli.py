@@ -34,7 +34,35 @@ class UserError(click.ClickException):
         click.echo(f"ckptavg: error: {self.message}", err=True)
 
 
+class Command(click.Command):
+    """A subcommand: torch is imported before its body runs, with Ctrl-C and SIGTERM held off
+    for the import. A signal that lands inside torch's C++ initialisation would otherwise
+    abort the interpreter (pybind11 turns the KeyboardInterrupt into std::terminate, exit
+    -6); held off, it is raised as soon as the import is done: exit 130 or 143, one line."""
+
+    def invoke(self, ctx):
+        _import_torch_holding_signals()
+        return super().invoke(ctx)
+
+
+def _import_torch_holding_signals() -> None:
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import torch  # noqa: F401
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signal.SIGINT in held:
+        raise KeyboardInterrupt
+    if signal.SIGTERM in held:
+        raise SystemExit(128 + signal.SIGTERM)
+
+
 class Group(click.Group):
+    command_class = Command
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -316,3 +316,25 @@ def test_a_users_model_module_in_the_working_folder_is_found(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["samples"] == 12  # built with the data's 1 channel
+
+
+def test_ctrl_c_during_the_torch_import_is_held_until_it_is_done():
+    """Ctrl-C inside torch's C++ initialisation aborted the interpreter (exit -6); the
+    commands hold SIGINT/SIGTERM for the import and raise them right after it."""
+    script = (
+        "import builtins, os, signal, sys\n"
+        "from ckptavg import cli\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'torch' and 'torch' not in sys.modules:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # lands as the import starts\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "try:\n"
+        "    cli._import_torch_holding_signals()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('held until imported:', 'torch' in sys.modules)\n"
+        "print('handler restored:', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["held until imported: True", "handler restored: True"]
