@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ckptavg import options
 from ckptavg.averaging import make_plan
 from ckptavg.bn import bn_layers, recalibrate
 from ckptavg.checkpoint import save
@@ -96,11 +97,13 @@ class HeldOut:
     (`data.holdout`, `data.train_images`). Held-out images that a run trained on are
     refused. The test split is read only by `test`, after the choice is made."""
 
-    def __init__(self, ref: Candidate, *, data: str | None, data_dir: str | None,
-                 download: bool, model: str | None, model_kwargs: dict | None,
-                 holdout: int | None, subset: int | None, batch_size: int, workers: int,
-                 device: str, seed: int, stats: Stats, bn_batches: int | None,
-                 input_key: str | None) -> None:
+    def __init__(self, ref: Candidate, *, data: str | None = None, data_dir: str | None = None,
+                 download: bool = False, model: str | None = None,
+                 model_kwargs: dict | None = None, holdout: int | None = None,
+                 subset: int | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
+                 workers: int = options.WORKERS, device: str = options.DEVICE,
+                 seed: int = options.SEED, stats: Stats = options.STATS,
+                 bn_batches: int | None = None, input_key: str | None = None) -> None:
         check_choice("stats", stats, Stats)
         meta = ref.metadata
         self.data_name = data_name_of(meta, data, ref.path)
@@ -218,11 +221,13 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
     save(state, output, meta)
 
 
-def check_outputs(paths: Sequence[str | None], cands: Sequence[Candidate]) -> None:
-    """Before any work: refuse output paths that are inputs or not ours (as `average`)."""
+def open_heldout(cands: Sequence[Candidate], output: str | None, **options) -> HeldOut:
+    """What soup and search do before any scoring: refuse an output that is an input or not
+    ours (as `average`), check that the candidates agree (keys, shapes, dtypes), then set up
+    the held-out scoring on the newest candidate (`options`: HeldOut's keywords)."""
     from ckptavg.io.writer import check_output, output_kind
 
-    files = [f for c in cands for f in c.reader.files]
-    for p in paths:
-        if p is not None:
-            check_output(p, output_kind(p), files)
+    if output is not None:
+        check_output(output, output_kind(output), [f for c in cands for f in c.reader.files])
+    make_plan([c.reader for c in cands], [1.0] * len(cands))
+    return HeldOut(cands[-1], **options)

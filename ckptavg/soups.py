@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
-from ckptavg.averaging import make_plan
-from ckptavg.heldout import HeldOut, RunningSum, check_outputs, write_choice
+from ckptavg.heldout import RunningSum, open_heldout, write_choice
 from ckptavg.options import Stats
 from ckptavg.results import Result
 from ckptavg.select import close_all, open_candidates, order
@@ -97,12 +96,12 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
     cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
     try:
         cands = order(cands)
-        check_outputs([output], cands)
-        make_plan([c.reader for c in cands], [1.0] * len(cands))  # they agree, before scoring
-        held = HeldOut(cands[-1], data=data, data_dir=data_dir, download=download, model=model,
-                       model_kwargs=model_kwargs, holdout=holdout, subset=subset,
-                       batch_size=batch_size, workers=workers, device=device, seed=seed,
-                       stats=stats, bn_batches=bn_batches, input_key=input_key)
+        held = open_heldout(cands, output, data=data, data_dir=data_dir, download=download,
+                            model=model, model_kwargs=model_kwargs, holdout=holdout,
+                            subset=subset,
+                            batch_size=batch_size, workers=workers, device=device,
+                            seed=seed, stats=stats, bn_batches=bn_batches,
+                            input_key=input_key)
         n = len(cands)
         total = n + (1 if uniform else n - 1)
         tick = (lambda: progress(held.passes, total)) if progress else (lambda: None)

@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
-from ckptavg.averaging import make_plan
 from ckptavg.errors import CkptavgError
 from ckptavg.experiments.plots import pyplot
-from ckptavg.heldout import HeldOut, RunningSum, check_outputs, write_choice
+from ckptavg.heldout import RunningSum, open_heldout, write_choice
 from ckptavg.io.writer import AtomicFile
 from ckptavg.options import Stats
 from ckptavg.results import Result
@@ -97,12 +96,12 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
     cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
     try:
         pool = select(cands, from_epoch, to_epoch, cycle_ends, every, last)
-        check_outputs([output], pool)
-        make_plan([c.reader for c in pool], [1.0] * len(pool))  # they agree, before scoring
-        held = HeldOut(pool[-1], data=data, data_dir=data_dir, download=download, model=model,
-                       model_kwargs=model_kwargs, holdout=holdout, subset=subset,
-                       batch_size=batch_size, workers=workers, device=device, seed=seed,
-                       stats=stats, bn_batches=bn_batches, input_key=input_key)
+        held = open_heldout(pool, output, data=data, data_dir=data_dir, download=download,
+                            model=model, model_kwargs=model_kwargs, holdout=holdout,
+                            subset=subset,
+                            batch_size=batch_size, workers=workers, device=device,
+                            seed=seed, stats=stats, bn_batches=bn_batches,
+                            input_key=input_key)
         running, windows = RunningSum(), []
         best, best_state, best_scores, best_i = None, None, None, 0
         for i in reversed(range(len(pool))):

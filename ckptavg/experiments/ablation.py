@@ -19,7 +19,6 @@ from dataclasses import replace
 
 import torch
 
-from ckptavg import options
 from ckptavg.experiments.replicate import BUDGETS, PRESETS, Preset, budget_epochs
 from ckptavg.heldout import HeldOut, RunningSum
 from ckptavg.io.writer import atomic_text
@@ -61,10 +60,8 @@ def ablate_variant(p: Preset, seed: int, folder: str, sgd_folder: str | None,
     sgd_last = os.path.join(sgd, f"epoch-{p.budget:04d}.safetensors")
     cands = open_candidates([sgd_last] + paths)
     try:
-        held = HeldOut(cands[1], data=None, data_dir=data_dir, download=False, model=p.model,
-                       model_kwargs=dict(p.model_kwargs), holdout=None, subset=None,
-                       batch_size=options.EVAL_BATCH_SIZE, workers=0, device="cpu", seed=seed,
-                       stats=options.STATS, bn_batches=None, input_key=None)
+        held = HeldOut(cands[1], data_dir=data_dir, model=p.model,
+                       model_kwargs=dict(p.model_kwargs), device="cpu", seed=seed)
         row = {"sgd": held.score(RunningSum.read(cands[0].reader), sgd_last,
                                  recalibrate=False)["accuracy"]}
         total = RunningSum()

@@ -114,10 +114,7 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
 
     cands = open_candidates([sgd_last] + snaps)
     try:
-        held = HeldOut(cands[1], data=None, data_dir=data_dir, download=False,
-                       model=common["model"], model_kwargs=common["model_kwargs"], holdout=None,
-                       subset=None, batch_size=options.EVAL_BATCH_SIZE, workers=0, device=device,
-                       seed=seed, stats=options.STATS, bn_batches=bn_batches, input_key=None)
+        held = HeldOut(cands[1], **common)
 
         def scored(paths: list[str], recalibrate: bool = True) -> dict:
             total = RunningSum()
