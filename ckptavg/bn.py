@@ -21,7 +21,16 @@ from torch import nn
 
 from ckptavg import options
 from ckptavg.checkpoint import save
-from ckptavg.data import get_dataset, make_loader, split_batch
+from ckptavg.data import (
+    PassBatches,
+    batch_seed,
+    get_dataset,
+    own_share,
+    pass_batches,
+    pass_loader,
+    seeded,
+    split_batch,
+)
 from ckptavg.device import resolve_device
 from ckptavg.distributed import Group, world_size
 from ckptavg.errors import CkptavgError
@@ -130,9 +139,10 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     Returns:
         {"bn_layers", "batches", "samples"}; bn_layers is 0 (and nothing runs) without BN.
 
-    Under torch.distributed (torchrun), every rank iterates the same loader (same seed) and
-    passes batch i through the model when i % world_size == rank; the statistics are then
-    combined across ranks: for "update_bn", the average over all batches of the batch means
+    Under torch.distributed (torchrun), batch i of the pass goes through the model on rank
+    i % world_size: a `data.pass_loader` made for this rank loads only those batches; any
+    other loader is iterated whole by every rank (same seed, same order), each rank skipping
+    the others' batches. The statistics are then combined across ranks: for "update_bn", the average over all batches of the batch means
     and unbiased variances (what momentum=None computes in one process); for "exact", each
     rank's pooled (count, mean, M2) merged in rank order. Counts are totals over all ranks.
 
@@ -153,24 +163,32 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     rank = dist.get_rank() if ranks > 1 else 0
     pooled = [_Pooled(m) for m in layers] if stats == "exact" else []
     means = [_BatchMeans(m) for m in layers] if ranks > 1 and stats == "update_bn" else []
-    total = len(loader) if hasattr(loader, "__len__") else 0
+    shared = own_share(loader, rank, ranks) and ranks > 1  # this rank's batches only
+    sampler = getattr(loader, "batch_sampler", None)
+    seed = sampler.seed if isinstance(sampler, PassBatches) else None
+    total = pass_batches(loader) or 0
     if max_batches is not None:
         total = min(total, max_batches) if total else max_batches
     batches = samples = 0
     try:
         for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
+            g = i * ranks + rank if shared else i  # the batch's index in the whole pass
+            if max_batches is not None and g >= max_batches:
                 break
-            if i % ranks != rank:
+            if g % ranks != rank:
                 continue
             x, _ = split_batch(batch, input_key)
             if device is not None:
                 x = x.to(device, non_blocking=True)
-            model(x)
+            if seed is None:
+                model(x)
+            else:  # random layers (dropout) draw the same numbers on any rank
+                with seeded(batch_seed(seed, g), device):
+                    model(x)
             batches += 1
             samples += x.shape[0]
             if progress:
-                progress(i + 1, total)
+                progress(g + 1, total)
     finally:
         if ranks > 1:
             _merge_pooled(pooled)
@@ -229,6 +247,9 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
             on when the checkpoint records them (`data.train_images`, written by `train`) and
             the data set is the run's own.
         stats: "update_bn" (torch.optim.swa_utils.update_bn semantics) or "exact".
+        seed: the pass's image order (torch.randperm) and, per batch, its augmentations and
+            dropout draws: the same result for any `workers` and any number of torchrun ranks
+            (docs/scaling.md). torch's global generator is not touched.
         key, strip_prefix: where the weights are in a training checkpoint (as for
             `average`); such a file is never rewritten in place (its other entries would be
             lost): give `output`.
@@ -266,21 +287,29 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                            "the model has no BatchNorm layers: nothing to recalibrate")
     if subset is None and split == "train" and data_name == meta.get("data.name"):
         subset = _int_or_none(meta.get("data.train_images"))
-    torch.manual_seed(seed)
     dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
-    loader = make_loader(dataset, batch_size, shuffle=True, workers=workers, seed=seed,
-                         subset=subset, device=str(dev))
-    max_batches = batches
-    if fraction is not None:
-        max_batches = max(1, round(len(loader) * fraction))
+
+    def loader(rank: int = 0, ranks: int = 1):
+        """(this rank's loader, a batch limit left to recalibrate: for a user's loader)."""
+        def make(limit=None):
+            return pass_loader(dataset, batch_size, shuffle=True, seed=seed, workers=workers,
+                               subset=subset, limit=limit, rank=rank, ranks=ranks,
+                               device=str(dev))
+        made = make()
+        n = pass_batches(made)
+        limit = batches if fraction is None or n is None else max(1, round(n * fraction))
+        if made is dataset or limit is None:
+            return made, limit
+        return make(limit), None
+
     net.to(dev)
     if world_size() > 1:  # under torchrun: the ranks share the pass, rank 0 writes
         with Group() as group:
             error, info = None, None
             try:
-                info = recalibrate(net, loader, stats=stats, device=dev,
-                                   max_batches=max_batches, input_key=input_key,
-                                   progress=progress)
+                made, limit = loader(group.rank, group.size)
+                info = recalibrate(net, made, stats=stats, device=dev, max_batches=limit,
+                                   input_key=input_key, progress=progress)
             except BaseException as e:
                 error = e
             group.agree(error)
@@ -289,7 +318,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                                    info["samples"], data_name, stats, str(dev),
                                    time.perf_counter() - t0, f"rank {group.rank}: rank 0 writes")
     else:
-        info = recalibrate(net, loader, stats=stats, device=dev, max_batches=max_batches,
+        made, limit = loader()
+        info = recalibrate(net, made, stats=stats, device=dev, max_batches=limit,
                            input_key=input_key, progress=progress)
     out = os.fspath(output if output is not None else checkpoint)
     new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info["samples"]),

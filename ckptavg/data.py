@@ -9,11 +9,13 @@ $CKPTAVG_DATA, else a user cache folder. Fashion-MNIST/MNIST are read from their
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib
 import inspect
 import os
 import pickle
+import random
 import zlib
 from dataclasses import dataclass
 
@@ -350,6 +352,115 @@ def make_loader(dataset, batch_size: int = 128, shuffle: bool = False, workers: 
                                        num_workers=workers, generator=g,
                                        pin_memory=device.startswith("cuda"),
                                        persistent_workers=workers > 0)
+
+
+class PassBatches(torch.utils.data.Sampler):
+    """The batches of one data pass (BatchNorm recalibration, evaluation), the same on every
+    rank: the images in order, or shuffled by `seed` (torch.randperm), cut into batches of
+    `batch_size` (the last one may be short), the first `limit` batches kept. Rank `rank` of
+    `ranks` yields only batch i with i % ranks == rank, so each rank loads only its share.
+
+    Each batch comes as [(batch seed, image index), ...]: `SeededImages` seeds the random
+    transforms of batch i with `batch_seed(seed, i)`, so batch i is the same images with the
+    same augmentations whichever rank, worker process or worker count loads it."""
+
+    def __init__(self, n_images: int, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 limit: int | None = None, rank: int = 0, ranks: int = 1):
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size}: must be 1 or more (--batch-size)")
+        self.n_images, self.batch_size, self.shuffle = n_images, batch_size, shuffle
+        self.seed, self.rank, self.ranks = seed, rank, ranks
+        self.total = -(-n_images // batch_size)  # batches of the whole pass, all ranks
+        if limit is not None:
+            self.total = min(self.total, limit)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.total, self.ranks))
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n_images, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            order = torch.arange(self.n_images)
+        for i in range(self.rank, self.total, self.ranks):
+            s = batch_seed(self.seed, i)
+            yield [(s, j) for j in order[i * self.batch_size:(i + 1) * self.batch_size].tolist()]
+
+
+def batch_seed(seed: int, i: int) -> int:
+    """The seed of batch i's random transforms in a pass seeded with `seed`."""
+    return (seed * 1_000_003 + i) % (1 << 63)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device=None):
+    """Run the block with torch's generators (CPU, and `device` if it is a GPU) seeded with
+    `seed`; the caller's generator states are restored after."""
+    dev = torch.device(device) if device is not None else None
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+        if dev is not None and dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(seed)
+        yield
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """A data set whose items are (seed, index): a batch's random transforms draw from torch's
+    and Python's generators seeded with its batch seed; the caller's generators are left as
+    they were."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items):
+        if not items:
+            return []
+        state = random.getstate()
+        try:
+            with seeded(items[0][0]):
+                random.seed(items[0][0])
+                return [self.dataset[j] for _, j in items]
+        finally:
+            random.setstate(state)
+
+
+def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                workers: int = 0, subset: int | None = None, limit: int | None = None,
+                rank: int = 0, ranks: int = 1, device: str = "cpu"):
+    """A DataLoader for one pass over `dataset` that yields rank `rank`'s share of the
+    batches (`PassBatches`), with per-batch seeded augmentations. A user's DataLoader passes
+    through untouched (every rank then iterates all of it; `own_share` tells the difference)."""
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        return dataset
+    if subset is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
+    batches = PassBatches(len(dataset), batch_size, shuffle, seed, limit, rank, ranks)
+    # its own generator: the loader's draw of the workers' base seed leaves the caller's alone
+    return torch.utils.data.DataLoader(SeededImages(dataset), batch_sampler=batches,
+                                       num_workers=workers,
+                                       generator=torch.Generator().manual_seed(seed),
+                                       pin_memory=device.startswith("cuda"))
+
+
+def pass_batches(loader) -> int | None:
+    """The number of batches of the whole pass (all ranks); None when unknown."""
+    b = getattr(loader, "batch_sampler", None)
+    if isinstance(b, PassBatches):
+        return b.total
+    return len(loader) if hasattr(loader, "__len__") else None
+
+
+def own_share(loader, rank: int, ranks: int) -> bool:
+    """True when `loader` already yields only rank `rank`'s batches of `ranks`
+    (a `pass_loader` made for it), so the caller must not skip any."""
+    b = getattr(loader, "batch_sampler", None)
+    return ranks == 1 or (isinstance(b, PassBatches) and (b.rank, b.ranks) == (rank, ranks))
 
 
 INPUT_KEYS = ("image", "images", "input", "inputs", "x", "pixel_values")

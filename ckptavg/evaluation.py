@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ckptavg import options
-from ckptavg.data import get_dataset, make_loader, split_batch
+from ckptavg.data import get_dataset, own_share, pass_loader, split_batch
 from ckptavg.device import resolve_device
 from ckptavg.distributed import Group, world_size
 from ckptavg.errors import DataError
@@ -33,8 +33,9 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
     probs, labels = [], []
     total = len(loader) if hasattr(loader, "__len__") else 0
     rank, ranks = shard
+    step = 1 if own_share(loader, rank, ranks) else ranks  # else skip the others' batches
     for i, batch in enumerate(loader):
-        if i % ranks != rank:
+        if i % step != rank % step:
             continue
         x, y = split_batch(batch, input_key)
         if y is None:
@@ -141,13 +142,15 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: S
                                                     key, strip_prefix)
     dev = resolve_device(device)
     dataset = get_dataset(data_name, split, data_dir, augment=False, download=download)
-    loader = make_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))
     if world_size() > 1:  # under torchrun: batch i on rank i % P, sums all-reduced
         with Group() as group:
+            loader = pass_loader(dataset, batch_size, workers=workers, subset=subset,
+                                 rank=group.rank, ranks=group.size, device=str(dev))
             probs, labels = predict(net.to(dev), loader, dev, input_key, progress,
                                     shard=(group.rank, group.size))
             s = _scores_across_ranks(probs, labels)
     else:
+        loader = pass_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))
         probs, labels = predict(net.to(dev), loader, dev, input_key, progress)
         s = scores(probs, labels)
     return EvalResult(path, data_name, split, s["accuracy"], s["loss"], s["samples"],

@@ -130,3 +130,36 @@ def linear2(num_classes: int = 2, in_channels: int = 1):
 def bn2(num_classes: int = 2, in_channels: int = 1):
     """A 2-D net with BatchNorm: its statistics are the data's mean and variance."""
     return nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, num_classes))
+
+
+@register_model
+def dropout_bn(num_classes: int = 10, in_channels: int = 1):
+    """Dropout before BatchNorm: the recalibrated statistics depend on the dropout draws."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.Dropout(0.5),
+                         nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+
+class LoggedImages(torch.utils.data.Dataset):
+    """30 fixed random 1x28x28 images whose augmentation adds torch-random noise; every item
+    loaded is appended to $CKPTAVG_TEST_LOG/loaded-$RANK.txt (which images each rank read)."""
+
+    def __init__(self, augment: bool):
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(30, 1, 28, 28, generator=g)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        log = os.environ.get("CKPTAVG_TEST_LOG")
+        if log:
+            with open(os.path.join(log, f"loaded-{os.environ.get('RANK', '0')}.txt"), "a") as f:
+                f.write(f"{i}\n")
+        x = self.x[i] + (torch.rand(()) if self.augment else 0.0)
+        return x, i % 10
+
+
+def logged_images(split: str = "train", augment: bool = False):
+    return LoggedImages(augment)

@@ -101,14 +101,15 @@ def test_bn_fix_checkpoint_end_to_end(stale_ckpt, tmp_path):
     state, meta = ckptavg.load(out)
     assert meta["bn.stale"] == "false" and meta["bn.samples"] == "64"
     assert meta["bn.data"] == "fashion-mnist:train" and meta["average.n"] == "3"
-    # The same as update_bn on the rebuilt model and the same data order.
-    from ckptavg.data import get_dataset, make_loader
+    # The same as update_bn on the rebuilt model and the pass's order: the images shuffled by
+    # torch.randperm with the seed (0), in batches of 16.
+    from ckptavg.data import get_dataset
 
     net = tiny_bn(10, 1)
     net.load_state_dict(ckptavg.load(path)[0])
-    torch.manual_seed(0)
-    update_bn(make_loader(get_dataset("fashion-mnist", "train", data_dir), 16, shuffle=True,
-                          seed=0), net)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    ds = torch.utils.data.Subset(get_dataset("fashion-mnist", "train", data_dir), order)
+    update_bn(torch.utils.data.DataLoader(ds, batch_size=16), net)
     for k, v in net.state_dict().items():
         assert torch.equal(state[k], v), k
 

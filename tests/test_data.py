@@ -113,3 +113,57 @@ def test_real_fashion_mnist_from_shared():
     counts = np.bincount(test.y.numpy(), minlength=10)
     assert counts.tolist() == [1000] * 10
     assert torch.isfinite(train.x[:100]).all()
+
+
+# ------------------------------------------------------------ one data pass, split by rank
+
+
+def _batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("limit", [None, 5])
+def test_pass_batches_of_the_ranks_interleave_into_the_one_process_pass(shuffle, limit):
+    from ckptavg.data import PassBatches, batch_seed
+
+    order = (torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist() if shuffle
+             else list(range(50)))
+    expected = [order[i:i + 8] for i in range(0, 50, 8)][:limit]  # 7 batches, the last of 2
+    one = [[j for _, j in b] for b in PassBatches(50, 8, shuffle, seed=3, limit=limit)]
+    assert one == expected and len(expected[-1]) == (8 if limit else 2)
+    for ranks in (2, 3):
+        parts = [list(PassBatches(50, 8, shuffle, 3, limit, r, ranks)) for r in range(ranks)]
+        assert [len(p) for p in parts] == [len(PassBatches(50, 8, shuffle, 3, limit, r, ranks))
+                                           for r in range(ranks)]
+        for i, batch in enumerate(expected):
+            got = parts[i % ranks][i // ranks]
+            assert [j for _, j in got] == batch
+            assert {s for s, _ in got} == {batch_seed(3, i)}
+
+
+def test_augmented_batches_do_not_depend_on_rank_or_worker_processes(tmp_path):
+    """Batch i holds the same images with the same random crops and flips whether one
+    process, one of two ranks or a worker process loads it; the caller's generators are
+    left as they were."""
+    from ckptavg.data import pass_loader
+
+    write_mnist(str(tmp_path), n_train=40)
+    ds = get_dataset("fashion-mnist", "train", str(tmp_path), augment=True)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    one = _batches(pass_loader(ds, 6, shuffle=True, seed=5))
+    assert torch.equal(torch.get_rng_state(), before)
+    ranks = [_batches(pass_loader(ds, 6, shuffle=True, seed=5, rank=r, ranks=2)) for r in (0, 1)]
+    assert len(one) == 7 and [len(r) for r in ranks] == [4, 3]
+    for i, (x, y) in enumerate(one):
+        rx, ry = ranks[i % 2][i // 2]
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    workers = _batches(pass_loader(ds, 6, shuffle=True, seed=5, workers=2))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, workers))
+    # the augmentation is at work: the same images in order, crops differing between seeds
+    a = _batches(pass_loader(ds, 40, seed=5))[0][0]
+    b = _batches(pass_loader(ds, 40, seed=6))[0][0]
+    plain = torch.stack([get_dataset("fashion-mnist", "train", str(tmp_path))[j][0]
+                         for j in range(40)])
+    assert not torch.equal(a, b) and not torch.equal(a, plain)

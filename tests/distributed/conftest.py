@@ -16,8 +16,9 @@ from tests.conftest import ROOT
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def torchrun(*args, timeout: int = 300, module: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+def torchrun(*args, timeout: int = 300, module: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *(["-m"] if module else []), *map(str, args)]
     for _ in range(2):
