@@ -27,7 +27,7 @@ from ckptavg import __version__, options
 from ckptavg.distributed import Group, world_size, write_shards
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, make_writer, open_checkpoint
-from ckptavg.io.base import MAX_SIDE_FILE
+from ckptavg.io.base import MAX_SIDE_FILE, pread_into
 from ckptavg.io.writer import (
     SIDE_FILES,
     BackgroundWriter,
@@ -304,6 +304,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
         return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
 
     acc_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
+    stage = staging_buffers(min(len(readers), GROUP)) if floats else None
     cast_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
     most = max((slice_of(s) for s in floats), default=0)
     full_buf = torch.empty(most, dtype=acc_dtype) if len(readers) > GROUP else None
@@ -319,8 +320,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                 continue  # the torch writer points tied names at one tensor
             info = ref.info(spec.key)
             if not info.dtype.is_floating_point:
-                value = last.read(spec.key).clone()
-                last.release(spec.key)
+                value = read_copy(last, spec.key)
                 done += info.nbytes
                 _hand_over(writer, bg, spec.key, value.to(spec.dtype), None)
                 if progress:
@@ -338,7 +338,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                     if n == spec.numel:
                         out = out.view(spec.shape)
                 full = None if full_buf is None else full_buf[:n]
-                _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf, full, lo)
+                _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf, full, lo, stage)
                 done += n * info.dtype.itemsize * len(readers)
                 if progress:
                     progress(done, total_bytes)
@@ -371,18 +371,26 @@ FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (
 
 
 def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
-            cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int = 0) -> None:
+            cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int = 0,
+            stage: list | None = None) -> None:
     """out = sum(w_i * input_i[key][base:base + out.numel()]) / sum(w), chunk by chunk: each
     chunk of the accumulator stays in cache while the inputs stream through it, instead of N
     passes over a tensor-sized accumulator in memory.
 
     At most GROUP inputs are read at once: with more, the groups are summed one after the
     other into a tensor-sized float64 accumulator (`full_buf`), so the input pages mapped at
-    any time, and so memory, do not grow with N. Mapped pages are released as they are done."""
+    any time, and so memory, do not grow with N. Inputs that can be located in a file
+    (`ReaderBase.locate`) are read chunk by chunk with pread into the `stage` buffers; the
+    others through their mapping, whose pages are released as they are done."""
     readers, weights = plan.readers, plan.weights
     numel = out.numel()
     groups = [range(i, min(i + GROUP, len(readers))) for i in range(0, len(readers), GROUP)]
     for g, members in enumerate(groups):
+        extents = [readers[i].locate(key) for i in members]
+        if stage is not None and all(extents):
+            _reduce_read(plan, key, out, acc_buf, cast_buf, full_buf, base, g, members,
+                         extents, stage)
+            continue
         flats = [readers[i].read(key).reshape(-1)[base:base + numel] for i in members]
         itemsize = flats[0].element_size()
         # Release each input's pages often enough that the inputs read together keep at
@@ -414,6 +422,59 @@ def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
         for off in range(0, numel, CHUNK):
             n = min(CHUNK, numel - off)
             out[off:off + n].copy_(full_buf[off:off + n].div_(plan.total_weight))
+
+
+def _reduce_read(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
+                 cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int, g: int,
+                 members: range, extents: list, stage: list) -> None:
+    """One group of `_reduce` from files: each chunk of each input is read with pread into
+    its staging buffer (which stays in cache), then cast and added as in `_reduce`."""
+    weights, numel = plan.weights, out.numel()
+    dtype = plan.readers[members[0]].info(key).dtype
+    itemsize = dtype.itemsize
+    for off in range(0, numel, CHUNK):
+        n = min(CHUNK, numel - off)
+        nbytes = n * itemsize
+        a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
+        c = cast_buf[:n]
+        for j, (i, ext) in enumerate(zip(members, extents)):
+            view, tensor = stage[j]
+            pread_into(ext.fd, view[:nbytes], ext.offset + (base + off) * itemsize, ext.path)
+            src = tensor[:nbytes].view(dtype)
+            w = weights[i]
+            if g == 0 and j == 0:
+                a.copy_(src)
+                if w != 1.0:
+                    a.mul_(w)
+            else:
+                c.copy_(src)
+                a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
+        if full_buf is None:
+            out[off:off + n].copy_(a.div_(plan.total_weight))
+
+
+def read_copy(reader: ReaderBase, key: str) -> torch.Tensor:
+    """A copy of one tensor, read with pread where the reader can locate it."""
+    ext = reader.locate(key)
+    if ext is None:
+        value = reader.read(key).clone()
+        reader.release(key)
+        return value
+    info = reader.info(key)
+    raw = bytearray(info.numel * info.dtype.itemsize)
+    pread_into(ext.fd, memoryview(raw), ext.offset, ext.path)
+    return torch.frombuffer(raw, dtype=info.dtype).view(info.shape) if raw else \
+        torch.empty(info.shape, dtype=info.dtype)
+
+
+def staging_buffers(count: int) -> list:
+    """`count` (memoryview, uint8 tensor) pairs over the same bytes, one chunk of the widest
+    dtype each: where pread puts one input's chunk."""
+    found = []
+    for _ in range(count):
+        raw = bytearray(CHUNK * 8)
+        found.append((memoryview(raw), torch.frombuffer(raw, dtype=torch.uint8)))
+    return found
 
 
 def _hand_over(writer: Writer, bg, key: str, tensor: torch.Tensor, buf) -> None:

@@ -15,6 +15,11 @@ import os
 import stat
 from dataclasses import dataclass
 
+try:
+    import resource
+except ImportError:  # not a Unix
+    resource = None
+
 import torch
 
 from ckptavg.errors import CheckpointError
@@ -122,6 +127,40 @@ def pread_exact(fd: int, n: int, offset: int, path: str) -> bytes:
         raise CheckpointError(f"{path}: truncated file (wanted {n} bytes at {offset}); "
                               "the file is incomplete: re-save it")
     return data
+
+
+def pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
+    """Fill `view` with the file's bytes from `offset` (reads until done; a file that ends
+    first was truncated while it was read)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"{path}: ended at byte {offset + done} while it was being "
+                                  "read (truncated during the run?); nothing was written. Run "
+                                  "again once the file is complete")
+        done += got
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where a tensor's raw little-endian bytes lie in an open file: read them with pread
+    instead of touching mapped pages (no page faults, no file pages in RSS, and a file
+    truncated meanwhile is an error rather than SIGBUS)."""
+
+    fd: int
+    offset: int
+    path: str
+
+
+def keep_descriptor(fd: int) -> bool:
+    """Whether a reader may keep `fd` open for reads: while the process uses under half its
+    descriptor limit (descriptors are numbered lowest first), so many inputs of many shards
+    cannot exhaust it; past that, files are read through their mapping only."""
+    if resource is None:
+        return True
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft == resource.RLIM_INFINITY or fd < soft // 2
 
 
 def check_unchanged(files: list[SourceFile]) -> None:
@@ -350,6 +389,10 @@ class Sharded:
         raw = self._raw(key)
         return self._where[raw].read(raw)
 
+    def locate(self, key: str) -> Extent | None:
+        raw = self._raw(key)
+        return self._where[raw].locate(raw)
+
     def release(self, key: str) -> None:
         raw = self._raw(key)
         self._where[raw].release(raw)
@@ -438,6 +481,11 @@ class ReaderBase:
 
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def locate(self, key: str) -> Extent | None:
+        """Where `key`'s bytes lie in an open file, when they are stored raw and
+        contiguous (safetensors); None: read it with `read`."""
+        return None
 
     def release(self, key: str) -> None:
         """Hint that the caller is done with `key`: mapped pages may be dropped."""

@@ -23,6 +23,7 @@ from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
     AVERAGED_COUNT,
     STATE_DICT_KEYS,
+    Extent,
     Position,
     ReaderBase,
     SourceFile,
@@ -32,6 +33,7 @@ from ckptavg.io.base import (
     fd_path,
     find_ties,
     is_averaged_model,
+    keep_descriptor,
     open_source,
     strip_keys,
     whole_number,
@@ -279,10 +281,15 @@ class TorchReader(ReaderBase):
         self._mmap = mmap
         if fd is None:
             fd, src = open_source(path)
+        self._fd = None
         try:
             obj = torch_load(path, fd, mmap=mmap)
+            self._base = _map_start(obj, src) if mmap else None
+            if self._base is not None and keep_descriptor(fd):
+                self._fd = fd  # tensors are then read with pread (see locate)
         finally:
-            os.close(fd)
+            if self._fd is None:
+                os.close(fd)
         self.files = [src]
         state, self.location = find_state_dict(obj, key, path)
         self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
@@ -323,6 +330,12 @@ class TorchReader(ReaderBase):
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[self._raw(key)]
 
+    def locate(self, key: str) -> Extent | None:
+        t = self._tensors[self._raw(key)]
+        if self._fd is None or not t.numel() or not t.is_contiguous():
+            return None
+        return Extent(self._fd, t.data_ptr() - self._base, self.path)
+
     def release(self, key: str) -> None:
         if self._mmap:
             storage = self._tensors[self._raw(key)].untyped_storage()
@@ -350,6 +363,58 @@ class TorchReader(ReaderBase):
 
     def close(self) -> None:
         self._tensors = {}
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _map_start(obj: object, src: SourceFile) -> int | None:
+    """The address at which byte 0 of the file would lie in the map torch made of it, so that
+    a tensor's file offset is its address minus this; None where it cannot be established
+    (not Linux, or the file's storages were byte-swapped on load: their bytes in the file are
+    not the tensor's).
+
+    Found from /proc/self/maps: the mapping that holds a tensor of `obj`, checked to be of
+    this file's inode."""
+    ptr = next((t.untyped_storage().data_ptr() for t in _tensors_in(obj) if t.numel()), None)
+    if ptr is None or not _native_order(src):
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, _, offset, _, inode = line.split(None, 5)[:5]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= ptr < hi:
+                    return lo - int(offset, 16) if int(inode) == src.identity[1] else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _tensors_in(obj: object, depth: int = 0):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 8 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif depth < 8 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
+
+
+def _native_order(src: SourceFile) -> bool:
+    """Whether the zip's `byteorder` record, if any, is this machine's (torch swaps the
+    bytes of a foreign-order file on load, in memory only)."""
+    import zipfile
+
+    try:
+        with open(src.path, "rb") as f, zipfile.ZipFile(f) as z:
+            if (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino) != src.identity:
+                return False
+            names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
+            return not names or z.read(names[0]).decode(errors="replace") == sys.byteorder
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return False
 
 
 def load_torch_file(path: str) -> object:

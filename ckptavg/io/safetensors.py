@@ -20,6 +20,7 @@ from ckptavg.io.base import (
     AVERAGED_COUNT,
     DTYPES,
     INDEX_NAME,
+    Extent,
     ReaderBase,
     Sharded,
     SourceFile,
@@ -28,6 +29,7 @@ from ckptavg.io.base import (
     drop_pages,
     fd_path,
     is_averaged_model,
+    keep_descriptor,
     open_source,
     place_shard,
     pread_exact,
@@ -120,9 +122,14 @@ class _MappedFile:
             # path that may since name another file); torch keeps no descriptor for it,
             # where Python's mmap would keep a duplicate per input.
             storage = torch.UntypedStorage.from_file(fd_path(fd, path), False, src.size)
+            # The averaging engine reads with pread through this descriptor (io.base.Extent).
+            self.fd = fd if keep_descriptor(fd) else None
         finally:
-            os.close(fd)
+            if getattr(self, "fd", None) is None:
+                os.close(fd)
         self.bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
+        if self.fd is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # wider read-ahead
 
     def read(self, raw: str) -> torch.Tensor:
         dtype, shape, begin, nbytes = self.entries[raw]
@@ -133,6 +140,11 @@ class _MappedFile:
         if start % dtype.itemsize:  # the format does not promise aligned offsets
             data = data.clone()
         return data.view(dtype).view(shape)
+
+    def locate(self, raw: str) -> Extent | None:
+        if self.fd is None:
+            return None
+        return Extent(self.fd, self.base + self.entries[raw][2], self.src.path)
 
     def release(self, raw: str) -> None:
         self.release_range(raw, 0, self.entries[raw][3])
@@ -146,6 +158,9 @@ class _MappedFile:
 
     def close(self) -> None:
         self.bytes = None  # unmapped when the last view of it goes
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class SafetensorsReader(Sharded, ReaderBase):

@@ -69,7 +69,7 @@ def test_each_rank_loads_only_its_batches_with_the_same_augmentations(tmp_path):
         mine = [j for i in range(r, 8, 2) for j in order[4 * i:4 * i + 4]]
         read = [int(x) for x in (logs / f"loaded-{r}.txt").read_text().split()]
         assert Counter(read) == Counter(mine + [0] * peeks), r
-    other = ckptavg.bn_fix(ckpt, tmp_path / "other.safetensors", seed=1, **common)
+    ckptavg.bn_fix(ckpt, tmp_path / "other.safetensors", seed=1, **common)
     a, _ = ckptavg.load(tmp_path / "two.safetensors")
     b, _ = ckptavg.load(tmp_path / "one.safetensors")
     c, _ = ckptavg.load(tmp_path / "other.safetensors")

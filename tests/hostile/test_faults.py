@@ -180,3 +180,37 @@ def test_reference_mean_of_many_inputs_under_fd_limit_in_process(tmp_path):
     got, _ = ckptavg.load(tmp_path / "o.safetensors")
     want = reference_mean([known_state(i) for i in range(1, 41)])
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_input_truncated_during_the_run_is_one_error_not_sigbus(tmp_path, suffix):
+    """A trainer truncating a checkpoint while it is averaged: reading a mapped page past the
+    new end of file would kill the process with SIGBUS (leaving its temporary output behind);
+    the engine reads with pread, so it is one clear error and nothing is left. Run as a real
+    subprocess so that a SIGBUS would show as the exit status."""
+    script = tmp_path / "run.py"
+    script.write_text(f'''
+import os, sys, torch, ckptavg
+d = sys.argv[1]
+paths = []
+for i in range(2):
+    state = {{f"t{{k}}": torch.full((1 << 18,), float(i + k)) for k in range(8)}}
+    p = os.path.join(d, f"e{{i}}{suffix}")
+    torch.save(state, p) if p.endswith(".pt") else ckptavg.save(state, p)
+    paths.append(p)
+def progress(done, total):  # after the first tensor: cut the second input to a third
+    if not os.environ.get("CUT"):
+        os.environ["CUT"] = "1"
+        os.truncate(paths[1], os.path.getsize(paths[1]) // 3)
+try:
+    ckptavg.average(paths, os.path.join(d, "out.safetensors"), progress=progress)
+except ckptavg.CkptavgError as e:
+    print(e)
+''')
+    data = tmp_path / "d"
+    data.mkdir()
+    proc = subprocess.run([sys.executable, str(script), str(data)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert f"e1{suffix}: ended at byte" in proc.stdout and "nothing was written" in proc.stdout
+    assert sorted(os.listdir(data)) == [f"e0{suffix}", f"e1{suffix}"]

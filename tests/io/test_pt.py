@@ -161,3 +161,51 @@ def test_release_keeps_data_readable(tmp_path):
         r.release("w")
         assert torch.equal(r.read("w"), a)  # pages fault back in from the file
         assert torch.equal(a, big["w"])
+
+
+# ------------------------------------------------------------------ locate: reads with pread
+
+
+def test_locate_points_at_the_tensor_bytes_in_the_file(tmp_path):
+    """Each located extent, read straight from the file, is the tensor's bytes; a
+    non-contiguous saved view is not located (it is read through its mapping)."""
+    state = {"w": torch.randn(5, 7), "b": torch.arange(9, dtype=torch.int64),
+             "h": torch.randn(3, 3, dtype=torch.float64), "t": torch.randn(4, 6).t()}
+    p = save(tmp_path, {"epoch": 3, "state_dict": state, "optimizer": {"m": torch.ones(2)}})
+    with open_checkpoint(p) as r, open(p, "rb") as f:
+        for k in ("w", "b", "h"):
+            ext = r.locate(k)
+            want = state[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            f.seek(ext.offset)
+            assert f.read(len(want)) == want, k
+        assert r.locate("t") is None
+
+
+def test_a_file_saved_in_the_other_byte_order_is_not_read_raw(tmp_path):
+    """torch swaps the bytes of a file whose byteorder record is not this machine's as it
+    loads it; its raw bytes are then not the tensor: such a file is never located, and the
+    average is of the values torch loads."""
+    import sys
+    import zipfile
+
+    import ckptavg
+
+    other = "big" if sys.byteorder == "little" else "little"
+    src = save(tmp_path, {"w": torch.tensor([1.0, 2.0, 3.0])}, name="native.pt")
+    swapped = str(tmp_path / "swapped.pt")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(swapped, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("/byteorder"):
+                data = other.encode()
+            elif "/data/" in item.filename:
+                data = torch.frombuffer(bytearray(data), dtype=torch.float32).numpy() \
+                    .byteswap().tobytes()
+            zout.writestr(item, data)
+    loaded = torch.load(swapped, mmap=True, weights_only=True)
+    assert loaded["w"].tolist() == [1.0, 2.0, 3.0]  # torch swapped them back on load
+    with open_checkpoint(swapped) as r:
+        assert r.locate("w") is None
+    ckptavg.average([swapped, src], tmp_path / "o.safetensors")
+    got, _ = ckptavg.load(tmp_path / "o.safetensors")
+    assert got["w"].tolist() == [1.0, 2.0, 3.0]
