@@ -98,12 +98,16 @@ class _BatchMeans:
     def __call__(self, module, args):
         x = args[0].detach().to(torch.float64)
         dims = [d for d in range(x.dim()) if d != 1]
-        self.sums[0] += x.mean(dim=dims).cpu()
-        self.sums[1] += x.var(dim=dims, correction=1).cpu()
+        if self.sums.device != x.device:  # summed where the batch is: no sync per batch
+            self.sums = self.sums.to(x.device)
+        self.sums[0] += x.mean(dim=dims)
+        self.sums[1] += x.var(dim=dims, correction=1)
         self.n += 1
 
     def apply(self) -> None:
         self.handle.remove()
+        # A few KB per layer: exchanged through gloo on the CPU, whatever the device.
+        self.sums = self.sums.cpu()
         n = torch.tensor([float(self.n)], dtype=torch.float64)
         dist.all_reduce(self.sums)
         dist.all_reduce(n)
