@@ -19,6 +19,7 @@ Methods:
   classic pt->pt                     torch.load each file whole, sum, divide, torch.save
   floor                              cat every input > /dev/null, then cp one input (output size)
   fairseq, timm-pt, timm-st          peers' scripts, unmodified (with --peers DIR)
+  pt-st-before, st-st-before         the same commands run from an earlier checkout (--before DIR)
   mergekit                           mergekit-pytorch linear merge (with --mergekit BIN)
 
 Peers are not part of this repository. `--peers DIR` names a folder holding
@@ -37,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -168,6 +170,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--peers", help="folder with fairseq's and timm's averaging scripts")
     ap.add_argument("--mergekit", help="path of a mergekit-pytorch executable")
+    ap.add_argument("--before", help="a checkout of an earlier commit (git worktree): adds "
+                    "pt-st-before and st-st-before, that code run side by side with this one")
     args = ap.parse_args()
     py = sys.executable
     methods = args.methods.split(",")
@@ -199,6 +203,10 @@ def main() -> None:
             "pt-pt": ([py, "-m", "ckptavg", "average", *pts, "-o", out + ".b.pt", "-q"], False),
             "st-st": ([py, "-m", "ckptavg", "average", *sts, "-o", out + ".c.safetensors", "-q"], False),
         }
+        if args.before:  # `-m ckptavg` imports the checkout in the working folder
+            cd = f"cd {shlex.quote(os.path.abspath(args.before))} && {shlex.quote(py)} -m ckptavg average"
+            cmds["pt-st-before"] = (f"{cd} {' '.join(map(shlex.quote, pts))} -o {out}.e.safetensors -q", True)
+            cmds["st-st-before"] = (f"{cd} {' '.join(map(shlex.quote, sts))} -o {out}.f.safetensors -q", True)
         peers = peer_commands(args, py, folder, n, pts, sts, out)
         cmds.update(peers)
         methods = args.methods.split(",") + [m for m in peers if m not in args.methods.split(",")]
