@@ -175,6 +175,8 @@ def main() -> None:
     args = ap.parse_args()
     py = sys.executable
     methods = args.methods.split(",")
+    if any(m.endswith("-before") for m in methods) and not args.before:
+        ap.error("the *-before methods need --before DIR (a checkout of the earlier commit)")
     results = []
     # A fresh VM backs guest memory on first touch (about 4x slower writes); touch 8 GiB
     # once so that no method pays for it.
