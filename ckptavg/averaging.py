@@ -19,6 +19,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -260,12 +261,14 @@ def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
 
     Each tensor is reduced chunk by chunk (`_reduce`) into an output buffer; a writer thread
     copies it to the file while the next tensor is reduced into the other of two buffers.
-    Inputs are read as views of their mapped files. Scratch memory: two cache-sized chunks
-    and two buffers of the largest output tensor, whatever N is. The arithmetic runs on
-    `threads` torch threads (default: the cores idle when it starts; see idle_cores),
-    restored afterwards."""
+    Inputs are read with pread by a reader thread one block ahead (or, where a reader cannot
+    locate a tensor in a file, as views of the mapped file). Scratch memory: cache-sized
+    chunks, two staging blocks per input read at once, and two output buffers of the largest
+    tensor or slice, whatever N is. The arithmetic runs on `threads` torch threads
+    (default: the cores idle when it starts, less the one the reader thread keeps busy; see
+    idle_cores), restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or idle_cores())
+    torch.set_num_threads(threads or max(1, idle_cores() - 1))
     try:
         _execute(plan, writer, keys, progress)
     finally:
@@ -304,7 +307,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
         return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
 
     acc_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
-    stage = staging_buffers(min(len(readers), GROUP)) if floats else None
+    stage = Stage(min(len(readers), GROUP)) if floats else None
     cast_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
     most = max((slice_of(s) for s in floats), default=0)
     full_buf = torch.empty(most, dtype=acc_dtype) if len(readers) > GROUP else None
@@ -355,6 +358,8 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     finally:
         if bg is not None:
             bg.stop()
+        if stage is not None:
+            stage.close()
 
 
 CHUNK = 1 << 16  # elements per step: a float64 accumulator of 512 KiB stays in L2 cache
@@ -426,31 +431,55 @@ def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
 
 def _reduce_read(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
                  cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int, g: int,
-                 members: range, extents: list, stage: list) -> None:
-    """One group of `_reduce` from files: each chunk of each input is read with pread into
-    its staging buffer (which stays in cache), then cast and added as in `_reduce`."""
+                 members: range, extents: list, stage: Stage) -> None:
+    """One group of `_reduce` from files: blocks of BLOCK elements of every input are read
+    with pread into staging buffers by the stage's reader thread, one block ahead of the
+    arithmetic (so on an idle core the copy costs no time), then reduced chunk by chunk as
+    in `_reduce`."""
     weights, numel = plan.weights, out.numel()
     dtype = plan.readers[members[0]].info(key).dtype
     itemsize = dtype.itemsize
-    for off in range(0, numel, CHUNK):
-        n = min(CHUNK, numel - off)
-        nbytes = n * itemsize
-        a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
-        c = cast_buf[:n]
-        for j, (i, ext) in enumerate(zip(members, extents)):
-            view, tensor = stage[j]
-            pread_into(ext.fd, view[:nbytes], ext.offset + (base + off) * itemsize, ext.path)
-            src = tensor[:nbytes].view(dtype)
-            w = weights[i]
-            if g == 0 and j == 0:
-                a.copy_(src)
-                if w != 1.0:
-                    a.mul_(w)
-            else:
-                c.copy_(src)
-                a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
-        if full_buf is None:
-            out[off:off + n].copy_(a.div_(plan.total_weight))
+    starts = list(range(0, numel, BLOCK))
+
+    def read(b: int):
+        n = min(BLOCK, numel - starts[b]) * itemsize
+        for ext, (view, _) in zip(extents, stage.sets[b % 2]):
+            pread_into(ext.fd, view[:n], ext.offset + (base + starts[b]) * itemsize, ext.path)
+
+    pending = stage.pool.submit(read, 0)
+    try:
+        for b, first in enumerate(starts):
+            pending.result()
+            pending = stage.pool.submit(read, b + 1) if b + 1 < len(starts) else None
+            tensors = [t for _, t in stage.sets[b % 2]]
+            end = min(first + BLOCK, numel)
+            for off in range(first, end, CHUNK):
+                n = min(CHUNK, end - off)
+                lo = (off - first) * itemsize
+                a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
+                c = cast_buf[:n]
+                for j, i in enumerate(members):
+                    src = tensors[j][lo:lo + n * itemsize].view(dtype)
+                    w = weights[i]
+                    if g == 0 and j == 0:
+                        a.copy_(src)
+                        if w != 1.0:
+                            a.mul_(w)
+                    else:
+                        c.copy_(src)
+                        a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
+                if full_buf is None:
+                    out[off:off + n].copy_(a.div_(plan.total_weight))
+    finally:
+        if pending is not None:  # never leave a read filling buffers about to be reused
+            _settle(pending)
+
+
+def _settle(future) -> None:
+    try:
+        future.result()
+    except Exception:  # an error already on its way out says what went wrong
+        pass
 
 
 def read_copy(reader: ReaderBase, key: str) -> torch.Tensor:
@@ -467,14 +496,25 @@ def read_copy(reader: ReaderBase, key: str) -> torch.Tensor:
         torch.empty(info.shape, dtype=info.dtype)
 
 
-def staging_buffers(count: int) -> list:
-    """`count` (memoryview, uint8 tensor) pairs over the same bytes, one chunk of the widest
-    dtype each: where pread puts one input's chunk."""
-    found = []
-    for _ in range(count):
-        raw = bytearray(CHUNK * 8)
-        found.append((memoryview(raw), torch.frombuffer(raw, dtype=torch.uint8)))
-    return found
+BLOCK = 4 * CHUNK  # elements of each input read ahead at a time
+
+
+class Stage:
+    """Two sets of staging buffers (one block of the widest dtype per input read at once)
+    and the thread that fills them: pread of block b + 1 overlaps the arithmetic on b."""
+
+    def __init__(self, count: int):
+        self.sets = []
+        for _ in range(2):
+            bufs = []
+            for _ in range(count):
+                raw = bytearray(BLOCK * 8)
+                bufs.append((memoryview(raw), torch.frombuffer(raw, dtype=torch.uint8)))
+            self.sets.append(bufs)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def _hand_over(writer: Writer, bg, key: str, tensor: torch.Tensor, buf) -> None:

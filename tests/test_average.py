@@ -431,20 +431,31 @@ def test_inputs_of_different_runs_are_reported(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_chunked_reduction_is_the_float64_mean_rounded_once(tmp_path, dtype):
-    """Tensors longer than the engine's chunk, of a length that is no multiple of it: the
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("block", [None, "odd"])
+def test_chunked_reduction_is_the_float64_mean_rounded_once(tmp_path, monkeypatch, dtype,
+                                                            suffix, block):
+    """Tensors longer than the engine's chunk, of a length that is no multiple of it, read
+    from both formats in one read-ahead block or in several blocks of an odd size: the
     output is the float64 mean rounded once to the output dtype. (Weighted means are checked
     with a tolerance elsewhere: normalised weights round differently from the test's sum.)"""
-    from ckptavg.averaging import CHUNK
+    import ckptavg.averaging as engine
 
-    n = 2 * CHUNK + 13
+    if block:
+        monkeypatch.setattr(engine, "BLOCK", engine.CHUNK // 2 + 7)
+    n = 2 * engine.CHUNK + 13
     tensors, paths = [], []
     for i in range(3):
         g = torch.Generator().manual_seed(i)
         tensors.append((torch.randn(n, generator=g) * 3).to(dtype))
-        paths.append(tmp_path / f"e{i}.safetensors")
-        save_file({"w": tensors[-1], "b": tensors[-1][:5].clone()}, paths[-1],
-                  {"train.epoch": str(i + 1)})
+        paths.append(tmp_path / f"e{i}{suffix}")
+        state = {"w": tensors[-1], "b": tensors[-1][:5].clone()}
+        if suffix == ".pt":
+            torch.save({"state_dict": state, "epoch": i + 1}, paths[-1])
+        else:
+            save_file(state, paths[-1], {"train.epoch": str(i + 1)})
+    with ckptavg.open_checkpoint(paths[0]) as r:
+        assert r.locate("w") is not None  # read with pread, not through the map
     ckptavg.average(paths, tmp_path / "o.safetensors")
     got = load_file(tmp_path / "o.safetensors")["w"]
     want = (sum(t.double() for t in tensors) / len(tensors)).to(dtype)
@@ -474,6 +485,7 @@ def test_more_inputs_than_a_group_are_summed_group_by_group(tmp_path, monkeypatc
 
     monkeypatch.setattr(engine, "GROUP", 2)
     monkeypatch.setattr(engine, "CHUNK", 1000)
+    monkeypatch.setattr(engine, "BLOCK", 1500)  # read ahead in blocks of a chunk and a half
     tensors, paths = [], []
     for i in range(5):
         g = torch.Generator().manual_seed(i)
@@ -495,6 +507,7 @@ def test_tensors_larger_than_a_slice_are_written_in_slices(tmp_path, monkeypatch
 
     monkeypatch.setattr(engine, "GROUP", 3)
     monkeypatch.setattr(engine, "CHUNK", 1000)
+    monkeypatch.setattr(engine, "BLOCK", 3000)
     monkeypatch.setattr(engine, "SLICE", 4000 * dtype.itemsize)  # 4 chunks per slice
     tensors, paths = [], []
     for i in range(7):
