@@ -32,11 +32,18 @@ import time
 RANK_RSS = r"""
 import os, resource, runpy, sys
 sys.argv = ["ckptavg"] + sys.argv[1:]
+def note():
+    with open(os.environ["RSS_OUT"] + "." + os.environ.get("RANK", "0"), "w") as f:
+        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+leave = os._exit
+def _exit(code):  # the CLI leaves a torchrun rank with os._exit: note the peak first
+    note()
+    leave(code)
+os._exit = _exit
 try:
     runpy.run_module("ckptavg", run_name="__main__", alter_sys=True)
 finally:
-    with open(os.environ["RSS_OUT"] + "." + os.environ.get("RANK", "0"), "w") as f:
-        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    note()
 """
 
 
