@@ -97,6 +97,11 @@ def check(out: str, n: int, count: int, tensor_mb: int) -> None:
             r.release(f"layer{j:04d}.weight")
 
 
+def _check_in_child(py: str, out: str, n: int, count: int, tensor_mb: int) -> None:
+    subprocess.run([py, __file__, "--check", out, str(n), str(count), str(tensor_mb)],
+                   check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +115,12 @@ def main() -> None:
     args = ap.parse_args()
     py = sys.executable
     t0 = time.perf_counter()
-    paths = generate(args.dir, args.n, args.size_gb, args.tensor_mb)
+    # Generated and checked in children: this process never imports torch, so the children
+    # it starts do not inherit a large RSS (Linux counts the RSS a child had before exec, a
+    # copy of this process, in its ru_maxrss: that inflated the one-process figure before).
+    subprocess.run([py, __file__, "--generate", args.dir, str(args.n), str(args.size_gb),
+                    str(args.tensor_mb)], check=True)
+    paths = [os.path.join(args.dir, f"in-{i}.safetensors") for i in range(args.n)]
     gen_s = time.perf_counter() - t0
     total = sum(os.path.getsize(p) for p in paths)
     count = max(1, int(args.size_gb * 1024 // args.tensor_mb))
@@ -122,7 +132,7 @@ def main() -> None:
     if "1" in args.ranks.split(","):
         out = os.path.join(args.dir, "out.safetensors")
         wall, rss = run([py, "-m", "ckptavg", "average", *paths, "-o", out, "-q"], env)
-        check(out, args.n, count, args.tensor_mb)
+        _check_in_child(py, out, args.n, count, args.tensor_mb)
         os.unlink(out)
         rows["one_process"] = {"wall_s": wall, "peak_rss": rss}
         print(f"one process : {wall:7.1f} s, peak RSS {rss / 2**20:6.0f} MiB, "
@@ -134,7 +144,7 @@ def main() -> None:
                        "--no-python", py, "-c", RANK_RSS, "average",
                        *paths, "-o", out, "-q"], {**env, "RSS_OUT": rss_out})
         peaks = [int(open(f"{rss_out}.{r}").read()) for r in range(2)]
-        check(out, args.n, count, args.tensor_mb)
+        _check_in_child(py, out, args.n, count, args.tensor_mb)
         shutil.rmtree(out)
         rows["two_ranks"] = {"wall_s": wall, "peak_rss_per_rank": peaks}
         print(f"2 ranks     : {wall:7.1f} s, peak RSS per rank "
@@ -148,4 +158,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--generate"]:
+        folder, n, size_gb, tensor_mb = sys.argv[2:6]
+        generate(folder, int(n), float(size_gb), int(tensor_mb))
+    elif sys.argv[1:2] == ["--check"]:
+        out, n, count, tensor_mb = sys.argv[2:6]
+        check(out, int(n), int(count), int(tensor_mb))
+    else:
+        main()
