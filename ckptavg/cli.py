@@ -47,8 +47,10 @@ class Command(click.Command):
 
 def _import_torch_holding_signals() -> None:
     held: list[int] = []
+    # A signal the process ignores (a background job's SIGINT) stays ignored.
     previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+                for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         import torch  # noqa: F401
     finally:
