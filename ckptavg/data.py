@@ -435,9 +435,14 @@ def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = 
                 rank: int = 0, ranks: int = 1, device: str = "cpu"):
     """A DataLoader for one pass over `dataset` that yields rank `rank`'s share of the
     batches (`PassBatches`), with per-batch seeded augmentations. A user's DataLoader passes
-    through untouched (every rank then iterates all of it; `own_share` tells the difference)."""
+    through untouched, and an iterable data set is read as a stream in its own order: every
+    rank then iterates all of it (`own_share` tells the difference)."""
     if isinstance(dataset, torch.utils.data.DataLoader):
         return dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        # A stream: in its own order (no shuffling, no subset), whole on every rank.
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                           pin_memory=device.startswith("cuda"))
     if subset is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
     batches = PassBatches(len(dataset), batch_size, shuffle, seed, limit, rank, ranks)
@@ -453,7 +458,10 @@ def pass_batches(loader) -> int | None:
     b = getattr(loader, "batch_sampler", None)
     if isinstance(b, PassBatches):
         return b.total
-    return len(loader) if hasattr(loader, "__len__") else None
+    try:
+        return len(loader)
+    except TypeError:  # a stream (an IterableDataset without a length)
+        return None
 
 
 def own_share(loader, rank: int, ranks: int) -> bool:

@@ -31,7 +31,10 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
     `shard=(rank, ranks)`, only batches i with i % ranks == rank."""
     model.eval()
     probs, labels = [], []
-    total = len(loader) if hasattr(loader, "__len__") else 0
+    try:
+        total = len(loader)  # the batches this process iterates
+    except TypeError:  # a stream without a length
+        total = 0
     rank, ranks = shard
     step = 1 if own_share(loader, rank, ranks) else ranks  # else skip the others' batches
     for i, batch in enumerate(loader):

@@ -167,3 +167,39 @@ def test_augmented_batches_do_not_depend_on_rank_or_worker_processes(tmp_path):
     plain = torch.stack([get_dataset("fashion-mnist", "train", str(tmp_path))[j][0]
                          for j in range(40)])
     assert not torch.equal(a, b) and not torch.equal(a, plain)
+
+
+def test_an_iterable_data_set_is_read_as_a_stream():
+    """A user's IterableDataset has no length to split or shuffle: one pass in its own order
+    (every rank would read all of it and keep its batches)."""
+    from ckptavg.data import own_share, pass_batches, pass_loader
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(10):
+                yield torch.full((1, 2, 2), float(i)), i
+
+    loader = pass_loader(Stream(), 4, shuffle=True, seed=3)
+    labels = [y.tolist() for _, y in loader]
+    assert labels == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert pass_batches(loader) is None and own_share(loader, 0, 1) and not own_share(loader, 0, 2)
+
+
+def test_evaluate_and_recalibrate_take_a_stream():
+    """eval and the BatchNorm pass over an IterableDataset (no length): every sample once."""
+    from ckptavg.bn import recalibrate
+    from ckptavg.evaluation import predict
+    from tests.fakedata import tiny_bn
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for i in range(10):
+                yield torch.randn(1, 8, 8, generator=g), i % 10
+
+    from ckptavg.data import pass_loader
+
+    net = tiny_bn()
+    assert recalibrate(net, pass_loader(Stream(), 4))["samples"] == 10
+    probs, labels = predict(net, pass_loader(Stream(), 4))
+    assert probs.shape == (10, 10) and labels.tolist() == list(range(10))
