@@ -377,7 +377,7 @@ FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (
 
 def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
             cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int = 0,
-            stage: list | None = None) -> None:
+            stage: Stage | None = None) -> None:
     """out = sum(w_i * input_i[key][base:base + out.numel()]) / sum(w), chunk by chunk: each
     chunk of the accumulator stays in cache while the inputs stream through it, instead of N
     passes over a tensor-sized accumulator in memory.
@@ -405,16 +405,8 @@ def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
         for off in range(0, numel, CHUNK):
             n = min(CHUNK, numel - off)
             a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
-            c = cast_buf[:n]
-            for j, i in enumerate(members):
-                w, src = weights[i], flats[j][off:off + n]
-                if g == 0 and j == 0:
-                    a.copy_(src)
-                    if w != 1.0:
-                        a.mul_(w)
-                else:
-                    c.copy_(src)  # cast, then a same-dtype add: faster than a mixed add
-                    a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
+            _fold(a, cast_buf[:n], [f[off:off + n] for f in flats],
+                  [weights[i] for i in members], start=g == 0)
             if full_buf is None:
                 out[off:off + n].copy_(a.div_(plan.total_weight))
             if off + n - released >= release_every or off + n == numel:
@@ -427,6 +419,21 @@ def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
         for off in range(0, numel, CHUNK):
             n = min(CHUNK, numel - off)
             out[off:off + n].copy_(full_buf[off:off + n].div_(plan.total_weight))
+
+
+def _fold(a: torch.Tensor, c: torch.Tensor, sources: list[torch.Tensor], weights: list[float],
+          start: bool) -> None:
+    """a += sum of w * source, in order; with `start`, the first source is copied into `a`
+    instead (the first group's). Each other source is cast into `c`, then added: a cast and
+    a same-dtype add are faster than a mixed-dtype add."""
+    for j, (src, w) in enumerate(zip(sources, weights)):
+        if start and j == 0:
+            a.copy_(src)
+            if w != 1.0:
+                a.mul_(w)
+        else:
+            c.copy_(src)
+            a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
 
 
 def _reduce_read(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
@@ -457,17 +464,8 @@ def _reduce_read(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
                 n = min(CHUNK, end - off)
                 lo = (off - first) * itemsize
                 a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
-                c = cast_buf[:n]
-                for j, i in enumerate(members):
-                    src = tensors[j][lo:lo + n * itemsize].view(dtype)
-                    w = weights[i]
-                    if g == 0 and j == 0:
-                        a.copy_(src)
-                        if w != 1.0:
-                            a.mul_(w)
-                    else:
-                        c.copy_(src)
-                        a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
+                _fold(a, cast_buf[:n], [t[lo:lo + n * itemsize].view(dtype) for t in tensors],
+                      [weights[i] for i in members], start=g == 0)
                 if full_buf is None:
                     out[off:off + n].copy_(a.div_(plan.total_weight))
     finally:
