@@ -284,41 +284,41 @@ class TorchReader(ReaderBase):
         self._fd = None
         try:
             obj = torch_load(path, fd, mmap=mmap)
-            self._base = _map_start(obj, src) if mmap else None
+            self.files = [src]
+            state, self.location = find_state_dict(obj, key, path)
+            self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
+            self._position = position_of(obj)
+            top = obj if isinstance(obj, dict) else {}
+            self._scalars = {str(k): float(v) for k, v in top.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # Entries holding a class ckptavg did not import cannot be written back faithfully.
+            self._extras = {k: top[k] for k in CARRIED if k in top and not _has_opaque(top[k])}
+            self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
+            # Entries besides the weights and our metadata (optimizer, loops, configs).
+            self.other_entries = tuple(str(k) for k, v in top.items()
+                                       if v is not state and k != "metadata")
+            self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
+                                and _has_tensor(v)) if isinstance(obj, dict) else ()
+            # Optimizer state, epochs, configs: never averaged, never copied.
+            self._tensors = {}
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    _check_tensor(path, k, v)
+                    self._tensors[k] = v
+            if is_averaged_model(list(self._tensors)):
+                count = self._tensors.pop(AVERAGED_COUNT)
+                self._meta.setdefault("swa.n_averaged", str(int(count.item())))
+            self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
+            self.removed_prefixes = tuple(removed)
+            self._lowest = min((t.untyped_storage().data_ptr() for t in self._tensors.values()
+                                if t.numel()), default=0)
+            self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
+            self._base = _map_start(self._lowest, fd, src) if mmap and self._lowest else None
             if self._base is not None and keep_descriptor(fd):
                 self._fd = fd  # tensors are then read with pread (see locate)
         finally:
             if self._fd is None:
                 os.close(fd)
-        self.files = [src]
-        state, self.location = find_state_dict(obj, key, path)
-        self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
-        self._position = position_of(obj)
-        top = obj if isinstance(obj, dict) else {}
-        self._scalars = {str(k): float(v) for k, v in top.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        # Entries holding a class ckptavg did not import cannot be written back faithfully.
-        self._extras = {k: top[k] for k in CARRIED if k in top and not _has_opaque(top[k])}
-        self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
-        # Entries besides the weights and our metadata (optimizer, loops, configs).
-        self.other_entries = tuple(str(k) for k, v in top.items()
-                                   if v is not state and k != "metadata")
-        self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
-                            and _has_tensor(v)) if isinstance(obj, dict) else ()
-        # Optimizer state, epochs, configs: never averaged, never copied.
-        self._tensors = {}
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor):
-                _check_tensor(path, k, v)
-                self._tensors[k] = v
-        if is_averaged_model(list(self._tensors)):
-            count = self._tensors.pop(AVERAGED_COUNT)
-            self._meta.setdefault("swa.n_averaged", str(int(count.item())))
-        self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
-        self.removed_prefixes = tuple(removed)
-        self._lowest = min((t.untyped_storage().data_ptr() for t in self._tensors.values()
-                            if t.numel()), default=0)
-        self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)
@@ -368,16 +368,15 @@ class TorchReader(ReaderBase):
             self._fd = None
 
 
-def _map_start(obj: object, src: SourceFile) -> int | None:
+def _map_start(ptr: int, fd: int, src: SourceFile) -> int | None:
     """The address at which byte 0 of the file would lie in the map torch made of it, so that
     a tensor's file offset is its address minus this; None where it cannot be established
     (not Linux, or the file's storages were byte-swapped on load: their bytes in the file are
     not the tensor's).
 
-    Found from /proc/self/maps: the mapping that holds a tensor of `obj`, checked to be of
-    this file's inode."""
-    ptr = next((t.untyped_storage().data_ptr() for t in _tensors_in(obj) if t.numel()), None)
-    if ptr is None or not _native_order(src):
+    Found from /proc/self/maps: the mapping that holds `ptr` (a storage of the file), checked
+    to be of this file's inode."""
+    if not _native_order(fd, src.path):
         return None
     try:
         with open("/proc/self/maps") as f:
@@ -391,26 +390,13 @@ def _map_start(obj: object, src: SourceFile) -> int | None:
     return None
 
 
-def _tensors_in(obj: object, depth: int = 0):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 8 and isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, depth + 1)
-    elif depth < 8 and isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v, depth + 1)
-
-
-def _native_order(src: SourceFile) -> bool:
+def _native_order(fd: int, path: str) -> bool:
     """Whether the zip's `byteorder` record, if any, is this machine's (torch swaps the
-    bytes of a foreign-order file on load, in memory only)."""
+    bytes of a foreign-order file on load, in memory only). Read through the open `fd`."""
     import zipfile
 
     try:
-        with open(src.path, "rb") as f, zipfile.ZipFile(f) as z:
-            if (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino) != src.identity:
-                return False
+        with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
             names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
             return not names or z.read(names[0]).decode(errors="replace") == sys.byteorder
     except (OSError, zipfile.BadZipFile, ValueError, KeyError):
