@@ -146,9 +146,10 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     Under torch.distributed (torchrun), batch i of the pass goes through the model on rank
     i % world_size: a `data.pass_loader` made for this rank loads only those batches; any
     other loader is iterated whole by every rank (same seed, same order), each rank skipping
-    the others' batches. The statistics are then combined across ranks: for "update_bn", the average over all batches of the batch means
-    and unbiased variances (what momentum=None computes in one process); for "exact", each
-    rank's pooled (count, mean, M2) merged in rank order. Counts are totals over all ranks.
+    the others' batches. The statistics are then combined across ranks: for "update_bn",
+    the average over all batches of the batch means and unbiased variances (what
+    momentum=None computes in one process); for "exact", each rank's pooled (count, mean,
+    M2) merged in rank order. Counts are totals over all ranks.
 
     Example:
         >>> recalibrate(model, train_loader)          # same result as update_bn

@@ -902,8 +902,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _ranked() -> bool:
-    """Whether this process is a rank of a torchrun launch that used torch.distributed."""
-    return "torch.distributed" in sys.modules and os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+    """Whether this process is a rank of a torchrun launch that used torch.distributed
+    (checked only once torch.distributed is loaded: `--help` never imports torch)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    from ckptavg.distributed import world_size
+
+    return world_size() > 1
 
 
 def _main(argv: list[str] | None) -> None:

@@ -456,11 +456,14 @@ def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = 
 def pass_batches(loader) -> int | None:
     """The number of batches of the whole pass (all ranks); None when unknown."""
     b = getattr(loader, "batch_sampler", None)
-    if isinstance(b, PassBatches):
-        return b.total
+    return b.total if isinstance(b, PassBatches) else batches_here(loader)
+
+
+def batches_here(loader) -> int | None:
+    """The number of batches this process iterates; None for a stream without a length."""
     try:
         return len(loader)
-    except TypeError:  # a stream (an IterableDataset without a length)
+    except TypeError:  # an IterableDataset without a length
         return None
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ckptavg import options
-from ckptavg.data import get_dataset, own_share, pass_loader, split_batch
+from ckptavg.data import batches_here, get_dataset, own_share, pass_loader, split_batch
 from ckptavg.device import resolve_device
 from ckptavg.distributed import Group, world_size
 from ckptavg.errors import DataError
@@ -31,10 +31,7 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
     `shard=(rank, ranks)`, only batches i with i % ranks == rank."""
     model.eval()
     probs, labels = [], []
-    try:
-        total = len(loader)  # the batches this process iterates
-    except TypeError:  # a stream without a length
-        total = 0
+    total = batches_here(loader) or 0
     rank, ranks = shard
     step = 1 if own_share(loader, rank, ranks) else ranks  # else skip the others' batches
     for i, batch in enumerate(loader):
