@@ -22,13 +22,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import torch
+import numpy as np
 
-from ckptavg import __version__, options
+from ckptavg import __version__, arith, options
 from ckptavg.distributed import Group, world_size, write_shards
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
-from ckptavg.io import ReaderBase, SourceFile, TensorSpec, make_writer, open_checkpoint
+from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes, make_writer, open_checkpoint
 from ckptavg.io.base import MAX_SIDE_FILE, pread_into
+from ckptavg.io.dtypes import DType, import_torch
 from ckptavg.io.writer import (
     SIDE_FILES,
     BackgroundWriter,
@@ -41,8 +42,8 @@ from ckptavg.options import Accumulate, Method, OutDtype, check_choice
 from ckptavg.select import Candidate, close_all, open_candidates, refuse_shared_files, select
 
 Progress = Callable[[int, int], None]
-OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-              "float64": torch.float64}
+OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
+              "float64": dtypes.float64}
 SHOWN = 3  # problems listed per file in a mismatch error
 
 
@@ -264,22 +265,23 @@ def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
     Inputs are read with pread by a reader thread one block ahead (or, where a reader cannot
     locate a tensor in a file, as views of the mapped file). Scratch memory: cache-sized
     chunks, two staging blocks per input read at once, and two output buffers of the largest
-    tensor or slice, whatever N is. The arithmetic runs on `threads` torch threads
-    (default: the cores idle when it starts, less the one the reader thread keeps busy; see
-    idle_cores), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, idle_cores() - 1))
+    tensor or slice, whatever N is. The arithmetic (numpy, see arith.py) runs on `threads`
+    threads, each on its own share of every block (default: the cores idle when it starts,
+    less the one the reader thread keeps busy; see idle_cores)."""
+    n = threads or max(1, idle_cores() - 1)
+    pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ckptavg-sum") if n > 1 else None
     try:
-        _execute(plan, writer, keys, progress)
+        _execute(plan, writer, keys, progress, Workers(n, pool))
     finally:
-        torch.set_num_threads(before)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def idle_cores() -> int:
     """Cores no other runnable task is using right now (/proc/loadavg's running count, which
-    includes this process), at least 1. torch's threads wait for each other at every
-    operation, so one more thread than there are idle cores made a 2-core machine that ran one
-    other busy process 3x slower, while on an idle machine 2 threads were 1.2x faster."""
+    includes this process), at least 1. Threads that wait for each other at every step made
+    a 2-core machine that ran one other busy process 3x slower (torch's threads, measured
+    before the engine moved to numpy), while on an idle machine 2 threads were 1.2x faster."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         with open("/proc/loadavg") as f:
@@ -289,16 +291,46 @@ def idle_cores() -> int:
     return max(1, min(cores, cores - (running - 1)))
 
 
+class Workers:
+    """`count` arithmetic threads (the caller's and count - 1 of `pool`): `run(fn, n)` calls
+    fn(scratch, lo, hi) over [0, n) in CHUNK-aligned shares, one per thread, and waits."""
+
+    def __init__(self, count: int, pool: ThreadPoolExecutor | None):
+        self.count, self.pool = count, pool
+        self.scratch: list[arith.Scratch] = []
+
+    def prepare(self, n: int, acc: np.dtype) -> None:
+        self.scratch = [arith.Scratch(n, acc) for _ in range(self.count)]
+
+    def run(self, fn: Callable, n: int) -> None:
+        chunks = -(-n // CHUNK)
+        share = -(-chunks // self.count) * CHUNK
+        parts = [(lo, min(lo + share, n)) for lo in range(0, n, share)] if n else []
+        if self.pool is None or len(parts) < 2:
+            for lo, hi in parts:
+                fn(self.scratch[0], lo, hi)
+            return
+        futures = [self.pool.submit(fn, self.scratch[i + 1], lo, hi)
+                   for i, (lo, hi) in enumerate(parts[1:])]
+        try:
+            fn(self.scratch[0], *parts[0])
+        finally:
+            for f in futures:
+                _settle(f)
+        for f in futures:
+            f.result()
+
+
 def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
-             progress: Progress | None) -> None:
+             progress: Progress | None, workers: Workers) -> None:
     readers, ref = plan.readers, plan.readers[0]
     wanted = set(keys) if keys is not None else None
     specs = [s for s in plan.specs if wanted is None or s.key in wanted]
     floats = [s for s in specs if ref.info(s.key).dtype.is_floating_point]
     max_numel = max((s.numel for s in floats), default=0)
-    acc_dtype = torch.float64 if plan.accumulate == "float64" else torch.float32
-    if any(ref.info(s.key).dtype == torch.float64 for s in floats):
-        acc_dtype = torch.float64
+    wide = plan.accumulate == "float64" or any(ref.info(s.key).dtype == dtypes.float64
+                                               for s in floats)
+    acc = np.dtype(np.float64 if wide else np.float32)
     # A writer that streams can take a large tensor in slices: then the output buffers (and
     # the float64 accumulator of more than GROUP inputs) are a slice, not the largest tensor.
     streams = not writer.keeps_tensors and getattr(writer, "streams_parts", False)
@@ -306,16 +338,15 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     def slice_of(spec: TensorSpec) -> int:
         return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
 
-    acc_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
+    workers.prepare(min(max_numel, CHUNK), acc)
     stage = Stage(min(len(readers), GROUP)) if floats else None
-    cast_buf = torch.empty(min(max_numel, CHUNK), dtype=acc_dtype)
     most = max((slice_of(s) for s in floats), default=0)
-    full_buf = torch.empty(most, dtype=acc_dtype) if len(readers) > GROUP else None
+    full = np.empty(most, acc) if len(readers) > GROUP else None
     out_bytes = max((slice_of(s) * s.dtype.itemsize for s in floats), default=0)
     # Two output buffers: the writer thread copies one to the file while the next tensor (or
     # slice) is computed into the other.
     bg = None if writer.keeps_tensors else BackgroundWriter(
-        writer, [torch.empty(out_bytes, dtype=torch.uint8) for _ in range(2)])
+        writer, [np.empty(out_bytes, np.uint8) for _ in range(2)])
     total_bytes, done, last = plan.bytes_in, 0, readers[-1]
     try:
         for spec in specs:
@@ -323,34 +354,26 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                 continue  # the torch writer points tied names at one tensor
             info = ref.info(spec.key)
             if not info.dtype.is_floating_point:
-                value = read_copy(last, spec.key)
                 done += info.nbytes
-                _hand_over(writer, bg, spec.key, value.to(spec.dtype), None)
+                _hand_over(writer, bg, spec, read_copy(last, spec.key), None)
                 if progress:
                     progress(done, total_bytes)
                 continue
             step = slice_of(spec)
+            kind = arith.storage(spec.dtype)
             for lo in range(0, max(spec.numel, 1), max(step, 1)):
                 n = min(step, spec.numel - lo)
-                if bg is None:
-                    out = torch.empty(spec.shape, dtype=spec.dtype)  # the writer keeps it
-                    buf = None
-                else:
-                    buf = bg.buffer()
-                    out = buf[: n * spec.dtype.itemsize].view(spec.dtype)
-                    if n == spec.numel:
-                        out = out.view(spec.shape)
-                full = None if full_buf is None else full_buf[:n]
-                _reduce(plan, spec.key, out.view(-1), acc_buf, cast_buf, full, lo, stage)
+                buf = bg.buffer() if bg is not None else np.empty(n * spec.dtype.itemsize, np.uint8)
+                out = buf[: n * spec.dtype.itemsize].view(kind)
+                finite = _reduce(plan, spec.key, spec.dtype, out, workers,
+                                 None if full is None else full[:n], lo, stage)
                 done += n * info.dtype.itemsize * len(readers)
                 if progress:
                     progress(done, total_bytes)
-                # min and max are finite only when every value is (NaN propagates): one pass.
-                if not plan.allow_nonfinite and out.numel() and \
-                        not bool(torch.isfinite(torch.stack(torch.aminmax(out))).all()):
+                if not finite and not plan.allow_nonfinite:
                     _raise_nonfinite(readers, spec.key, spec.dtype)
                 if n == spec.numel:
-                    _hand_over(writer, bg, spec.key, out, buf)
+                    _hand_over(writer, bg, spec, out, buf if bg is not None else None)
                 else:
                     bg.write(spec.key, out, buf, part=(lo == 0, lo + n == spec.numel))
         if bg is not None:
@@ -366,7 +389,7 @@ CHUNK = 1 << 16  # elements per step: a float64 accumulator of 512 KiB stays in 
 SLICE = 64 << 20  # output bytes computed and written at a time: a larger tensor goes in slices
 
 
-def _slice_elems(dtype: torch.dtype) -> int:
+def _slice_elems(dtype: DType) -> int:
     return max(CHUNK, SLICE // dtype.itemsize // CHUNK * CHUNK)
 
 
@@ -375,77 +398,95 @@ GROUP = 8  # inputs read at once; more are summed group by group (memory flat in
 FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
 
 
-def _reduce(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
-            cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int = 0,
-            stage: Stage | None = None) -> None:
-    """out = sum(w_i * input_i[key][base:base + out.numel()]) / sum(w), chunk by chunk: each
-    chunk of the accumulator stays in cache while the inputs stream through it, instead of N
-    passes over a tensor-sized accumulator in memory.
+def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Workers,
+            full: np.ndarray | None, base: int = 0, stage: Stage | None = None) -> bool:
+    """out = sum(w_i * input_i[key][base:base + out.size]) / sum(w), rounded once to
+    `out_dtype`, chunk by chunk: each chunk of the accumulator stays in cache while the
+    inputs stream through it, instead of N passes over a tensor-sized accumulator in memory.
+    Returns whether every value of `out` is finite.
 
     At most GROUP inputs are read at once: with more, the groups are summed one after the
-    other into a tensor-sized float64 accumulator (`full_buf`), so the input pages mapped at
-    any time, and so memory, do not grow with N. Inputs that can be located in a file
-    (`ReaderBase.locate`) are read chunk by chunk with pread into the `stage` buffers; the
+    other into a tensor-sized accumulator (`full`), so the input pages mapped at any time,
+    and so memory, do not grow with N. Inputs that can be located in a file
+    (`ReaderBase.locate`) are read block by block with pread into the `stage` buffers; the
     others through their mapping, whose pages are released as they are done."""
     readers, weights = plan.readers, plan.weights
-    numel = out.numel()
+    numel = out.size
+    dtype = readers[0].info(key).dtype
+    kind = arith.storage(dtype)
+    finite = [True]
+
+    def chunks(sources: Callable[[int, int], list[np.ndarray]], members: range, first: bool,
+               finish: bool, start: int = 0) -> Callable:
+        """The work on elements [lo, hi) of the current block (that begins at `start`)."""
+        ws = [weights[i] for i in members]
+
+        def work(s: arith.Scratch, lo: int, hi: int) -> None:
+            for off in range(lo, hi, CHUNK):
+                n = min(CHUNK, hi - off)
+                a = full[start + off:start + off + n] if full is not None else s.acc[:n]
+                arith.fold(a, sources(off, n), ws, dtype, first, s)
+                if finish:
+                    np.divide(a, plan.total_weight, out=a)
+                    o = out[start + off:start + off + n]
+                    arith.narrow(o, a, out_dtype, s)
+                    if not arith.all_finite(o, out_dtype):
+                        finite[0] = False
+
+        return work
+
     groups = [range(i, min(i + GROUP, len(readers))) for i in range(0, len(readers), GROUP)]
+    finish = full is None  # else the groups sum into `full`, divided and rounded at the end
     for g, members in enumerate(groups):
         extents = [readers[i].locate(key) for i in members]
         if stage is not None and all(extents):
-            _reduce_read(plan, key, out, acc_buf, cast_buf, full_buf, base, g, members,
-                         extents, stage)
+            _reduce_read(key, kind, numel, base, extents, stage, workers,
+                         lambda srcs, start, first=g == 0, m=members: chunks(
+                             srcs, m, first, finish, start))
             continue
-        flats = [readers[i].read(key).reshape(-1)[base:base + numel] for i in members]
-        itemsize = flats[0].element_size()
+        flats = [_as_numpy(readers[i].read(key), kind)[base:base + numel] for i in members]
         # Release each input's pages often enough that the inputs read together keep at
         # most RESIDENT bytes mapped in.
-        release_every = max(CHUNK, RESIDENT // (len(members) * itemsize) // CHUNK * CHUNK)
-        released = 0
-        for off in range(0, numel, CHUNK):
-            n = min(CHUNK, numel - off)
-            a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
-            _fold(a, cast_buf[:n], [f[off:off + n] for f in flats],
-                  [weights[i] for i in members], start=g == 0)
-            if full_buf is None:
-                out[off:off + n].copy_(a.div_(plan.total_weight))
-            if off + n - released >= release_every or off + n == numel:
-                # Reach back: faults map pages around them, also some released before.
-                lo = (base + released) * itemsize - FAULT_AROUND
-                for i in members:
-                    readers[i].release_range(key, lo, (base + off + n) * itemsize - lo)
-                released = off + n
-    if full_buf is not None:
-        for off in range(0, numel, CHUNK):
-            n = min(CHUNK, numel - off)
-            out[off:off + n].copy_(full_buf[off:off + n].div_(plan.total_weight))
+        release_every = max(CHUNK, RESIDENT // (len(members) * kind.itemsize) // CHUNK * CHUNK)
+        for lo in range(0, numel, release_every):
+            n = min(release_every, numel - lo)
+            workers.run(chunks(lambda off, k, lo=lo, fs=flats: [f[lo + off:lo + off + k] for f in fs],
+                               members, g == 0, finish, lo), n)
+            # Reach back: faults map pages around them, also some released before.
+            start = (base + lo) * kind.itemsize - FAULT_AROUND
+            for i in members:
+                readers[i].release_range(key, start, (base + lo + n) * kind.itemsize - start)
+    if full is not None:
+        def finish_full(s: arith.Scratch, lo: int, hi: int) -> None:
+            for off in range(lo, hi, CHUNK):
+                n = min(CHUNK, hi - off)
+                a = full[off:off + n]
+                np.divide(a, plan.total_weight, out=a)
+                o = out[off:off + n]
+                arith.narrow(o, a, out_dtype, s)
+                if not arith.all_finite(o, out_dtype):
+                    finite[0] = False
+
+        workers.run(finish_full, numel)
+    return finite[0]
 
 
-def _fold(a: torch.Tensor, c: torch.Tensor, sources: list[torch.Tensor], weights: list[float],
-          start: bool) -> None:
-    """a += sum of w * source, in order; with `start`, the first source is copied into `a`
-    instead (the first group's). Each other source is cast into `c`, then added: a cast and
-    a same-dtype add are faster than a mixed-dtype add."""
-    for j, (src, w) in enumerate(zip(sources, weights)):
-        if start and j == 0:
-            a.copy_(src)
-            if w != 1.0:
-                a.mul_(w)
-        else:
-            c.copy_(src)
-            a.add_(c, alpha=w) if w != 1.0 else a.add_(c)
+def _as_numpy(t, kind: np.dtype) -> np.ndarray:
+    """A read tensor (a view of a mapped file) as a flat numpy array of its raw storage."""
+    torch = import_torch()
+    flat = t.reshape(-1)
+    if flat.dtype in (torch.float64, torch.float32, torch.float16):
+        return flat.numpy()
+    return flat.view(torch.uint8 if kind.itemsize == 1 else torch.int16).numpy().view(kind)
 
 
-def _reduce_read(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
-                 cast_buf: torch.Tensor, full_buf: torch.Tensor | None, base: int, g: int,
-                 members: range, extents: list, stage: Stage) -> None:
+def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list, stage: Stage,
+                 workers: Workers, make: Callable) -> None:
     """One group of `_reduce` from files: blocks of BLOCK elements of every input are read
     with pread into staging buffers by the stage's reader thread, one block ahead of the
-    arithmetic (so on an idle core the copy costs no time), then reduced chunk by chunk as
-    in `_reduce`."""
-    weights, numel = plan.weights, out.numel()
-    dtype = plan.readers[members[0]].info(key).dtype
-    itemsize = dtype.itemsize
+    arithmetic (so on an idle core the copy costs no time); `make(sources, start)` gives the
+    work on one block (see `_reduce`)."""
+    itemsize = kind.itemsize
     starts = list(range(0, numel, BLOCK))
 
     def read(b: int):
@@ -458,16 +499,10 @@ def _reduce_read(plan: Plan, key: str, out: torch.Tensor, acc_buf: torch.Tensor,
         for b, first in enumerate(starts):
             pending.result()
             pending = stage.pool.submit(read, b + 1) if b + 1 < len(starts) else None
-            tensors = [t for _, t in stage.sets[b % 2]]
+            arrays = [a[: BLOCK * itemsize].view(kind) for _, a in stage.sets[b % 2]]
             end = min(first + BLOCK, numel)
-            for off in range(first, end, CHUNK):
-                n = min(CHUNK, end - off)
-                lo = (off - first) * itemsize
-                a = acc_buf[:n] if full_buf is None else full_buf[off:off + n]
-                _fold(a, cast_buf[:n], [t[lo:lo + n * itemsize].view(dtype) for t in tensors],
-                      [weights[i] for i in members], start=g == 0)
-                if full_buf is None:
-                    out[off:off + n].copy_(a.div_(plan.total_weight))
+            workers.run(make(lambda off, n, arrays=arrays: [a[off:off + n] for a in arrays],
+                             first), end - first)
     finally:
         if pending is not None:  # never leave a read filling buffers about to be reused
             _settle(pending)
@@ -480,18 +515,18 @@ def _settle(future) -> None:
         pass
 
 
-def read_copy(reader: ReaderBase, key: str) -> torch.Tensor:
-    """A copy of one tensor, read with pread where the reader can locate it."""
+def read_copy(reader: ReaderBase, key: str):
+    """A copy of one tensor: its raw bytes (a numpy uint8 array) read with pread where the
+    reader can locate it, else a torch tensor."""
     ext = reader.locate(key)
     if ext is None:
         value = reader.read(key).clone()
         reader.release(key)
         return value
     info = reader.info(key)
-    raw = bytearray(info.numel * info.dtype.itemsize)
+    raw = np.empty(info.nbytes, np.uint8)
     pread_into(ext.fd, memoryview(raw), ext.offset, ext.path)
-    return torch.frombuffer(raw, dtype=info.dtype).view(info.shape) if raw else \
-        torch.empty(info.shape, dtype=info.dtype)
+    return raw
 
 
 BLOCK = 4 * CHUNK  # elements of each input read ahead at a time
@@ -506,8 +541,8 @@ class Stage:
         for _ in range(2):
             bufs = []
             for _ in range(count):
-                raw = bytearray(BLOCK * 8)
-                bufs.append((memoryview(raw), torch.frombuffer(raw, dtype=torch.uint8)))
+                raw = np.empty(BLOCK * 8, np.uint8)
+                bufs.append((memoryview(raw), raw))
             self.sets.append(bufs)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")
 
@@ -515,25 +550,61 @@ class Stage:
         self.pool.shutdown(wait=True)
 
 
-def _hand_over(writer: Writer, bg, key: str, tensor: torch.Tensor, buf) -> None:
-    if bg is None:
-        writer.write(key, tensor)
+def _hand_over(writer: Writer, bg, spec: TensorSpec, data, buf) -> None:
+    """Give one whole tensor to the writer: raw bytes (numpy) to a file writer, a torch
+    tensor of the spec's dtype and shape to one that keeps tensors (torch, DCP)."""
+    if writer.keeps_tensors:
+        writer.write(spec.key, _as_tensor(data, spec))
+    elif bg is None:
+        writer.write(spec.key, data)
     else:
-        bg.write(key, tensor, buf)
+        bg.write(spec.key, data, buf)
 
 
-def _raise_nonfinite(readers: list[ReaderBase], key: str, dtype: torch.dtype) -> None:
+def _as_tensor(data, spec: TensorSpec):
+    torch = import_torch()
+    if isinstance(data, torch.Tensor):
+        return data.view(spec.shape)
+    raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8))
+    return raw.view(spec.dtype.torch).view(spec.shape) if spec.numel else \
+        torch.empty(spec.shape, dtype=spec.dtype.torch)
+
+
+def _raise_nonfinite(readers: list[ReaderBase], key: str, dtype: DType) -> None:
     for r in readers:
-        bad = ~torch.isfinite(r.read(key))
-        r.release(key)
-        if bool(bad.any()):
+        bad = _count_nonfinite(r, key)
+        if bad:
             raise NonFiniteError(
-                f"{r.path}: tensor {key!r} holds {int(bad.sum())} NaN/Inf value(s); "
+                f"{r.path}: tensor {key!r} holds {bad} NaN/Inf value(s); "
                 "drop that checkpoint, or allow non-finite values (--allow-nonfinite) to average anyway"
             )
     raise NonFiniteError(f"tensor {key!r}: its average overflows (in a float32 sum, or in the "
-                         f"output dtype {str(dtype).replace('torch.', '')}); accumulate in "
+                         f"output dtype {dtype.name}); accumulate in "
                          "float64 and write a wider dtype (--dtype float32)")
+
+
+def _count_nonfinite(reader: ReaderBase, key: str) -> int:
+    """NaN/Inf values in one input's tensor (read in chunks where it can be located)."""
+    info = reader.info(key)
+    kind = arith.storage(info.dtype)
+    ext = reader.locate(key)
+    flat = None if ext is not None else _as_numpy(reader.read(key), kind)
+    s = arith.Scratch(CHUNK, np.dtype(np.float64))
+    bad = 0
+    for off in range(0, info.numel, CHUNK):
+        n = min(CHUNK, info.numel - off)
+        if flat is None:
+            raw = np.empty(n * kind.itemsize, np.uint8)
+            pread_into(ext.fd, memoryview(raw), ext.offset + off * kind.itemsize, ext.path)
+            src = raw.view(kind)
+        else:
+            src = flat[off:off + n]
+        values = s.cast[:n]
+        arith.widen(values, src, info.dtype, s)
+        bad += int(n - np.isfinite(values).sum())
+    if flat is not None:
+        reader.release(key)
+    return bad
 
 
 def _running_n(reader: ReaderBase) -> tuple[int, list]:

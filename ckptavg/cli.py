@@ -45,21 +45,15 @@ class Command(click.Command):
         return super().invoke(ctx)
 
 
+class TorchWhenNeeded(click.Command):
+    """A subcommand whose library call imports torch only if it needs it (`average` of
+    safetensors files never does), through the same held import (io.dtypes.import_torch)."""
+
+
 def _import_torch_holding_signals() -> None:
-    held: list[int] = []
-    # A signal the process ignores (a background job's SIGINT) stays ignored.
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        import torch  # noqa: F401
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if signal.SIGINT in held:
-        raise KeyboardInterrupt
-    if signal.SIGTERM in held:
-        raise SystemExit(128 + signal.SIGTERM)
+    from ckptavg.io.dtypes import import_torch
+
+    import_torch()
 
 
 class Group(click.Group):
@@ -307,7 +301,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(cls=TorchWhenNeeded)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Output: .safetensors, .pt/.pth/.bin/.ckpt, or a folder (sharded).")
 @click.option("--into", type=click.Path(), help="Fold the inputs into this existing average "
@@ -334,8 +328,8 @@ def cli() -> None:
 @click.option("--allow-nonfinite", is_flag=True, help="Average even if an input holds NaN/Inf.")
 @click.option("--hash", "hash_inputs", is_flag=True, help="Record each input's sha256 in the metadata.")
 @click.option("--threads", type=click.IntRange(min=1), default=options.AVERAGE_THREADS,
-              help="torch threads for the arithmetic (default: the cores idle at the start; "
-              "more threads than idle cores make it several times slower).")
+              help="Threads for the arithmetic (default: the cores idle at the start, less "
+              "the one that reads ahead).")
 @click.option("--dcp", is_flag=True, help="Write a torch.distributed.checkpoint folder (new or "
               "empty), as FSDP loads it; held in memory until written (per rank under torchrun).")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")

@@ -15,17 +15,30 @@ from __future__ import annotations
 
 import os
 import shutil
-
-import torch.distributed as dist
+import sys
 
 from ckptavg.errors import CkptavgError, OutputError
-from ckptavg.io.base import TensorSpec
+from ckptavg.io.base import TensorSpec, import_torch
+
+
+class _Dist:
+    """torch.distributed, imported (with torch) when a group is first used."""
+
+    def __getattr__(self, name: str):
+        import_torch()
+        import torch.distributed
+
+        return getattr(torch.distributed, name)
+
+
+dist = _Dist()
 
 
 def world_size() -> int:
     """The number of ranks this process runs among (torchrun's WORLD_SIZE), 1 if none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+    loaded = sys.modules.get("torch.distributed")  # a group needs torch imported already
+    if loaded is not None and loaded.is_available() and loaded.is_initialized():
+        return loaded.get_world_size()
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from types import SimpleNamespace
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
@@ -18,11 +19,9 @@ from ckptavg.io.base import (
     ReaderBase,
     SourceFile,
     TensorSpec,
+    import_torch,
     open_source,
 )
-from ckptavg.io.dcp import DCPReader, is_dcp_folder
-from ckptavg.io.folder import TorchFolderReader
-from ckptavg.io.pt import TorchReader
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
 from ckptavg.io.writer import make_writer
 
@@ -51,7 +50,7 @@ def _folder_kind(path: str) -> str:
         return "torch-sharded"
     if os.path.exists(os.path.join(path, BIN_NAME)):
         return "torch-folder"
-    if is_dcp_folder(path):
+    if _torch_formats().is_dcp_folder(path):
         return "dcp"
     found = sorted(os.listdir(path))
     raise CheckpointError(
@@ -117,12 +116,12 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
     path = os.fspath(path)
     kind, fd, src = _classify(path)
     if kind == "dcp":
-        return DCPReader(path, key=key, strip_prefix=strip_prefix)
+        return _torch_formats().DCPReader(path, key=key, strip_prefix=strip_prefix)
     if kind in ("torch-folder", "torch-sharded"):
         if key is not None:
             raise CheckpointError(f"{path}: a Hugging Face folder holds plain state dicts, with "
                                   f"no entry {key!r} to pick; drop the key")
-        return TorchFolderReader(path, strip_prefix=strip_prefix)
+        return _torch_formats().TorchFolderReader(path, strip_prefix=strip_prefix)
     if kind.startswith("safetensors"):
         if key is not None:
             if fd is not None:
@@ -130,5 +129,20 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
             raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
                                   "(entries exist in torch.save files only); drop the key")
         return SafetensorsReader(path, strip_prefix=strip_prefix, fd=fd, src=src)
-    return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip",
-                       fd=fd, src=src)
+    try:
+        formats = _torch_formats()
+    except BaseException:
+        os.close(fd)
+        raise
+    return formats.TorchReader(path, key=key, strip_prefix=strip_prefix,
+                               mmap=kind == "torch-zip", fd=fd, src=src)
+
+
+def _torch_formats():
+    """The readers of torch's formats (torch files, Hugging Face .bin folders, DCP),
+    imported with torch on first use: safetensors inputs never import torch."""
+    import_torch()
+    from ckptavg.io import dcp, folder, pt
+
+    return SimpleNamespace(DCPReader=dcp.DCPReader, is_dcp_folder=dcp.is_dcp_folder,
+                           TorchFolderReader=folder.TorchFolderReader, TorchReader=pt.TorchReader)

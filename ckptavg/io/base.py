@@ -20,9 +20,19 @@ try:
 except ImportError:  # not a Unix
     resource = None
 
-import torch
+from typing import TYPE_CHECKING
 
 from ckptavg.errors import CheckpointError
+from ckptavg.io.dtypes import (  # noqa: F401 (the formats import them from here)
+    CODES,
+    DTYPES,
+    DType,
+    dtype_of,
+    import_torch,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 # Where training checkpoints keep the model's weights, in the order they are tried.
@@ -33,19 +43,6 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 # Wrapper prefixes added by DataParallel/DDP (module.) and torch.compile (_orig_mod.).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-# safetensors dtype codes <-> torch dtypes (the newer ones only where torch has them).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor's name, shape and dtype: what a reader knows before reading it, and what a
@@ -53,7 +50,11 @@ class TensorSpec:
 
     key: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType  # a torch dtype given here is taken as its DType
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, DType):
+            object.__setattr__(self, "dtype", dtype_of(self.dtype))
 
     @property
     def numel(self) -> int:

@@ -3,17 +3,19 @@
 A header is untrusted: it is bounded, parsed with duplicate names refused, and believed only
 if its entries tile the data section exactly and the file is exactly as long as they say.
 Each file is opened once; header and data come through that descriptor (the map is made
-from it), so a file replaced by another mid-run cannot mix the two. The descriptor is
-closed once mapped: a run over many inputs holds no file descriptor per input. A tensor is
-a view of the map; `release` drops its pages, so nothing stays resident.
+from it), so a file replaced by another mid-run cannot mix the two. The averaging
+engine reads tensors with pread through that descriptor (kept while the process uses under
+half its descriptor limit; past that the file is mapped at once and the descriptor closed).
+`read` gives a tensor as a view of a map of the file, made (and torch imported) on first
+use; `release` drops its pages, so nothing stays resident.
 """
 
 from __future__ import annotations
 
 import json
 import os
-
-import torch
+import struct
+from typing import TYPE_CHECKING
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
@@ -28,6 +30,7 @@ from ckptavg.io.base import (
     check_index_complete,
     drop_pages,
     fd_path,
+    import_torch,
     is_averaged_model,
     keep_descriptor,
     open_source,
@@ -36,6 +39,9 @@ from ckptavg.io.base import (
     read_index,
     strip_keys,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER = 100_000_000  # the safetensors library's own bound
 
@@ -106,10 +112,13 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[dict, dict[str,
 
 
 class _MappedFile:
-    """One safetensors file: validated header, then mapped through the same descriptor."""
+    """One safetensors file: validated header, then mapped through the same descriptor
+    (when a tensor is first read as a view; the averaging engine reads with pread and never
+    maps, nor imports torch)."""
 
     def __init__(self, path: str, fd: int, src: SourceFile):
         self.src = src
+        self._bytes = None
         try:
             if src.size < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header)")
@@ -118,28 +127,52 @@ class _MappedFile:
                 raise _bad(path, f"header length {n} for a {src.size}-byte file")
             self.entries, self.meta = parse_header(pread_exact(fd, n, 8, path), src.size - 8 - n, path)
             self.base = 8 + n
-            # A private, never-written map of the open file (its /proc/self/fd name, so not a
-            # path that may since name another file); torch keeps no descriptor for it,
-            # where Python's mmap would keep a duplicate per input.
-            storage = torch.UntypedStorage.from_file(fd_path(fd, path), False, src.size)
-            # The averaging engine reads with pread through this descriptor (io.base.Extent).
+            # The averaging engine reads with pread through this descriptor (io.base.Extent);
+            # past half the descriptor limit the file is mapped now and the descriptor closed.
             self.fd = fd if keep_descriptor(fd) else None
+            if self.fd is None:
+                self._map(fd, path)
         finally:
             if getattr(self, "fd", None) is None:
                 os.close(fd)
-        self.bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
         if self.fd is not None and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # wider read-ahead
+
+    def _map(self, fd: int, path: str) -> None:
+        # A private, never-written map of the open file (its /proc/self/fd name, so not a
+        # path that may since name another file); torch keeps no descriptor for it, where
+        # Python's mmap would keep a duplicate per input.
+        torch = import_torch()
+        storage = torch.UntypedStorage.from_file(fd_path(fd, path), False, self.src.size)
+        self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    @property
+    def bytes(self) -> torch.Tensor:
+        if self._bytes is None:
+            if self.fd is None:
+                raise ValueError(f"{self.src.path}: read after close")
+            self._map(self.fd, self.src.path)
+        return self._bytes
 
     def read(self, raw: str) -> torch.Tensor:
         dtype, shape, begin, nbytes = self.entries[raw]
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
+            return import_torch().empty(shape, dtype=dtype.torch)
         start = self.base + begin
         data = self.bytes[start:start + nbytes]
         if start % dtype.itemsize:  # the format does not promise aligned offsets
             data = data.clone()
-        return data.view(dtype).view(shape)
+        return data.view(dtype.torch).view(shape)
+
+    def number(self, raw: str) -> float:
+        """A one-element integer or floating tensor's value (AveragedModel's n_averaged)."""
+        dtype, shape, begin, nbytes = self.entries[raw]
+        formats = {"I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B",
+                   "F64": "<d", "F32": "<f"}
+        if self.fd is None or dtype.code not in formats or nbytes != dtype.itemsize:
+            return self.read(raw).item()
+        return struct.unpack(formats[dtype.code], pread_exact(self.fd, nbytes, self.base + begin,
+                                                              self.src.path))[0]
 
     def locate(self, raw: str) -> Extent | None:
         if self.fd is None:
@@ -152,12 +185,14 @@ class _MappedFile:
     def release_range(self, raw: str, start: int, nbytes: int) -> None:
         """Drop the mapped pages of bytes [start, start + nbytes) of tensor `raw`; `start`
         may be negative (pages before the tensor: never before the start of the map)."""
+        if self._bytes is None:
+            return  # never mapped: no pages to drop
         begin = self.entries[raw][2]
         lo = max(self.base + begin + start, 0)
-        drop_pages(self.bytes.data_ptr() + lo, self.base + begin + start + nbytes - lo)
+        drop_pages(self._bytes.data_ptr() + lo, self.base + begin + start + nbytes - lo)
 
     def close(self) -> None:
-        self.bytes = None  # unmapped when the last view of it goes
+        self._bytes = None  # unmapped when the last view of it goes
         if getattr(self, "fd", None) is not None:
             os.close(self.fd)
             self.fd = None
@@ -179,8 +214,8 @@ class SafetensorsReader(Sharded, ReaderBase):
             if not self._where:
                 raise CheckpointError(f"{path}: holds no tensors; nothing to read")
             if is_averaged_model(list(self._where)):
-                count = self._where.pop(AVERAGED_COUNT).read(AVERAGED_COUNT)
-                self._meta = {**self._meta, "swa.n_averaged": str(int(count.item()))}
+                count = self._where.pop(AVERAGED_COUNT).number(AVERAGED_COUNT)
+                self._meta = {**self._meta, "swa.n_averaged": str(int(count))}
             self._names, removed = strip_keys(list(self._where), strip_prefix, path)
         except BaseException:
             self.close()

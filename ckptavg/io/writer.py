@@ -24,11 +24,16 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Union
 
 from ckptavg.errors import OutputError
-from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, TensorSpec
+from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, TensorSpec, import_torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    Data = Union[torch.Tensor, np.ndarray]  # a tensor, or its raw bytes as numpy holds them
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -172,12 +177,19 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's bytes without a copy (little-endian, C order)."""
+def tensor_bytes(t: Data) -> memoryview:
+    """The tensor's bytes without a copy (little-endian, C order); a numpy array (the
+    averaging engine's output: raw bytes of the spec's dtype) as it is."""
+    if type(t).__module__ == "numpy":
+        return memoryview(t).cast("B") if t.size else memoryview(b"")
     t = t.detach().cpu().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(import_torch().uint8).numpy())
+
+
+def _nbytes(t: Data) -> int:
+    return t.nbytes if type(t).__module__ == "numpy" else t.numel() * t.element_size()
 
 
 class Atomic:
@@ -262,20 +274,20 @@ class Writer(Atomic):
     def _shown(self) -> str:
         return self.shown or self.path
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def write(self, key: str, tensor: Data) -> None:
         try:
             self._write(key, tensor)
         except OSError as e:
             raise _write_error(self._shown, e) from None
 
-    def write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+    def write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         """Write a tensor in consecutive flat slices (writers with `streams_parts`)."""
         try:
             self._write_part(key, flat, first, last)
         except OSError as e:
             raise _write_error(self._shown, e) from None
 
-    def _write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -284,7 +296,7 @@ class Writer(Atomic):
         except OSError as e:
             raise _write_error(self._shown, e) from None
 
-    def _write(self, key: str, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, tensor: Data) -> None:
         raise NotImplementedError
 
     def _close(self) -> None:
@@ -298,7 +310,7 @@ class BackgroundWriter:
     and hands it over with `write`; the buffer comes back free once written. A write error
     is raised in the caller's thread at the next `buffer()` or at `finish()`."""
 
-    def __init__(self, writer: Writer, buffers: list[torch.Tensor]):
+    def __init__(self, writer: Writer, buffers: list[Data]):
         self._writer = writer
         self._free: queue.Queue = queue.Queue()
         for b in buffers:
@@ -330,13 +342,13 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def buffer(self) -> torch.Tensor:
+    def buffer(self) -> Data:
         self._raise()
         buf = self._free.get()
         self._raise()
         return buf
 
-    def write(self, key: str, tensor: torch.Tensor, buf: torch.Tensor | None = None,
+    def write(self, key: str, tensor: Data, buf: Data | None = None,
               part: tuple[bool, bool] | None = None) -> None:
         """Queue `tensor` (a view of `buf`, or a tensor nobody else changes); with `part`
         (first, last), a flat slice of the tensor (the writer must stream parts)."""
@@ -393,15 +405,16 @@ class SafetensorsWriter(Writer):
 
     streams_parts = True
 
-    def _write(self, key: str, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, tensor: Data) -> None:
         spec = self._specs[self._next] if self._next < len(self._specs) else None
-        if spec is None or key != spec.key or tuple(tensor.shape) != spec.shape:
+        if spec is None or key != spec.key or _nbytes(tensor) != spec.nbytes:
             raise RuntimeError(f"writer expected {spec}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
         self._write_part(key, tensor, True, True)
 
-    def _write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         spec = self._specs[self._next] if self._next < len(self._specs) else None
-        if spec is None or key != spec.key or flat.dtype != spec.dtype:
+        if spec is None or key != spec.key or (type(flat).__module__ != "numpy"
+                                               and flat.dtype != spec.dtype):
             raise RuntimeError(f"writer expected {spec}, got {key} {flat.dtype}")
         if first:
             self._part_bytes = 0
@@ -509,13 +522,13 @@ class ShardedWriter(Writer):
 
     streams_parts = True
 
-    def _write(self, key: str, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, tensor: Data) -> None:
         if self._left == 0:
             self._open_next()
         self._current.write(key, tensor)
         self._left -= 1
 
-    def _write_part(self, key: str, flat: torch.Tensor, first: bool, last: bool) -> None:
+    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         if first and self._left == 0:
             self._open_next()
         self._current.write_part(key, flat, first, last)
@@ -574,7 +587,7 @@ class TorchWriter(Writer):
             state[k] = state[self._ties[k]] if k in self._ties else self._state[k]
         obj = state if self._plain else {**self._extras, self._entry: state,
                                          "metadata": self._metadata}
-        torch.save(obj, self._out.file)
+        import_torch().save(obj, self._out.file)
         self._state.clear()
         self._out.commit()
 

@@ -1,0 +1,129 @@
+"""Tensor dtypes without torch, and torch imported only when it is needed.
+
+A reader describes a tensor (`TensorSpec`) before anything reads it, and averaging
+safetensors files needs no torch at all (the engine's arithmetic is numpy's): `DType`
+names a dtype the way torch does (`str` is "torch.float32", `itemsize`, `is_floating_point`,
+and it compares equal to the torch dtype of that name), so the formats and the engine work
+the same whether torch has been imported or not. `.torch` gives the torch dtype (importing
+torch); `dtype_of` goes the other way.
+
+`import_torch` is the one place the package imports torch on demand: in the main thread it
+holds Ctrl-C and SIGTERM off during the import (a signal landing inside torch's C++
+initialisation aborts the interpreter, exit -6) and raises them once it is done.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import ModuleType
+
+
+class DType:
+    """One tensor dtype: its safetensors code (None where safetensors has none), torch name,
+    bytes per element and whether it is averaged (floating point)."""
+
+    __slots__ = ("code", "name", "itemsize", "is_floating_point")
+
+    def __init__(self, code: str | None, name: str, itemsize: int, floating: bool):
+        self.code, self.name, self.itemsize, self.is_floating_point = code, name, itemsize, floating
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"  # as torch prints its dtypes (messages, inspect)
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DType):
+            return self.name == other.name
+        if _is_torch_dtype(other):
+            return str(other) == f"torch.{self.name}"
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(("ckptavg.DType", self.name))
+
+    def __reduce__(self):
+        return (_by_name, (self.name,))
+
+    @property
+    def torch(self):
+        """The torch dtype of this name (imports torch)."""
+        torch = import_torch()
+        dt = getattr(torch, self.name, None)
+        if not _is_torch_dtype(dt):
+            raise TypeError(f"this torch has no dtype {self.name}")
+        return dt
+
+
+def _is_torch_dtype(x: object) -> bool:
+    t = type(x)
+    return t.__name__ == "dtype" and t.__module__ == "torch"
+
+
+# safetensors codes; every dtype torch files may hold is added by name when first seen.
+_TABLE = (
+    ("F64", "float64", 8, True), ("F32", "float32", 4, True), ("F16", "float16", 2, True),
+    ("BF16", "bfloat16", 2, True), ("F8_E4M3", "float8_e4m3fn", 1, True),
+    ("F8_E5M2", "float8_e5m2", 1, True), ("I64", "int64", 8, False), ("I32", "int32", 4, False),
+    ("I16", "int16", 2, False), ("I8", "int8", 1, False), ("U8", "uint8", 1, False),
+    ("BOOL", "bool", 1, False), ("U16", "uint16", 2, False), ("U32", "uint32", 4, False),
+    ("U64", "uint64", 8, False),
+)
+_BY_NAME: dict[str, DType] = {name: DType(code, name, size, fl) for code, name, size, fl in _TABLE}
+DTYPES: dict[str, DType] = {d.code: d for d in _BY_NAME.values() if d.code}  # code -> DType
+CODES: dict[DType, str] = {d: c for c, d in DTYPES.items()}  # DType -> code
+_lock = threading.Lock()
+
+float64, float32, float16, bfloat16 = (_BY_NAME[n] for n in ("float64", "float32", "float16",
+                                                             "bfloat16"))
+
+
+def _by_name(name: str) -> DType:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        return dtype_of(getattr(import_torch(), name))
+
+
+def dtype_of(dt) -> DType:
+    """The DType of a torch dtype (or a DType, returned as it is)."""
+    if isinstance(dt, DType):
+        return dt
+    if not _is_torch_dtype(dt):
+        raise TypeError(f"not a dtype: {dt!r}")
+    name = str(dt)[len("torch."):]
+    with _lock:
+        if name not in _BY_NAME:  # complex, quantised, the rarer float8s: torch files only
+            _BY_NAME[name] = DType(None, name, dt.itemsize, dt.is_floating_point)
+        return _BY_NAME[name]
+
+
+def import_torch() -> ModuleType:
+    """torch, imported now if it was not, with Ctrl-C and SIGTERM held off during the import
+    (in the main thread; elsewhere signals are not delivered to the importing thread)."""
+    if "torch" in sys.modules and hasattr(sys.modules["torch"], "dtype"):
+        return sys.modules["torch"]
+    if threading.current_thread() is not threading.main_thread():
+        import torch
+        return torch
+    held: list[int] = []
+    # A signal the process ignores (a background job's SIGINT) stays ignored.
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        import torch
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signal.SIGINT in held:
+        raise KeyboardInterrupt
+    if signal.SIGTERM in held:
+        raise SystemExit(128 + signal.SIGTERM)
+    return torch
