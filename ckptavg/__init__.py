@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# name -> module; each loads (and imports torch) on first use. Training lives in
+# name -> module; each loads on first use (and imports torch where it needs it). Training lives in
 # `ckptavg.train` (train, TrainConfig, TrainResult, CheckpointSaver): a subpackage and a
 # function cannot share the name `ckptavg.train`.
 _API = {

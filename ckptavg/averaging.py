@@ -670,9 +670,8 @@ def average(
             first unless `lowest`.
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
-        threads: torch threads for the arithmetic; default: the cores idle at the start
-            (`idle_cores`: beside one busy process on 2 cores, 2 threads were 3x slower than
-            1; alone, 1.2x faster).
+        threads: threads for the arithmetic, each on its share of every block; default:
+            the cores idle at the start less the one that reads ahead (`idle_cores`).
         dcp: write `output` as a torch.distributed.checkpoint folder (new or empty), which
             `dcp.load` and FSDP read; the weights keep the newest input's entry (`model`,
             `state_dict`) or stay at the top level. DCP saves a state dict at once, so the

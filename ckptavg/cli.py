@@ -1,7 +1,8 @@
 """The `ckptavg` command: one Click group, each subcommand one call of the Python API.
 
 This is the only module that prints, draws progress bars or exits. It imports torch only
-inside commands, so `ckptavg --help` stays fast.
+inside commands, so `ckptavg --help` stays fast; `average` imports it only when a torch
+format is read or written (averaging safetensors files never needs it).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ STATS: Stats = "update_bn"
 SWAG_RANK = 20  # K, as the SWAG authors
 SWAG_SAMPLES = 30
 SWAG_SCALE = 0.5
-AVERAGE_THREADS = None  # torch threads for average's arithmetic; None: the idle cores
+AVERAGE_THREADS = None  # threads for average's arithmetic; None: the idle cores less one
 
 
 def choices(literal) -> list[str]:

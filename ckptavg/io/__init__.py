@@ -129,20 +129,16 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
             raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
                                   "(entries exist in torch.save files only); drop the key")
         return SafetensorsReader(path, strip_prefix=strip_prefix, fd=fd, src=src)
-    try:
-        formats = _torch_formats()
-    except BaseException:
-        os.close(fd)
-        raise
-    return formats.TorchReader(path, key=key, strip_prefix=strip_prefix,
-                               mmap=kind == "torch-zip", fd=fd, src=src)
+    from ckptavg.io.pt import TorchReader  # imports torch only for what it cannot describe
+
+    return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip",
+                       fd=fd, src=src)
 
 
 def _torch_formats():
-    """The readers of torch's formats (torch files, Hugging Face .bin folders, DCP),
-    imported with torch on first use: safetensors inputs never import torch."""
+    """The readers of Hugging Face .bin folders and DCP, imported with torch on first use."""
     import_torch()
-    from ckptavg.io import dcp, folder, pt
+    from ckptavg.io import dcp, folder
 
     return SimpleNamespace(DCPReader=dcp.DCPReader, is_dcp_folder=dcp.is_dcp_folder,
-                           TorchFolderReader=folder.TorchFolderReader, TorchReader=pt.TorchReader)
+                           TorchFolderReader=folder.TorchFolderReader)

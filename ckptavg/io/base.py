@@ -256,7 +256,10 @@ def is_averaged_model(raw: list[str]) -> bool:
 
 def tensor_identity(t: torch.Tensor) -> tuple | None:
     """Equal for two names of one tensor (same storage, offset, shape, strides, dtype);
-    None for empty tensors, which share nothing."""
+    None for empty tensors, which share nothing. A tensor a file describes (pt.TensorRef)
+    gives its own."""
+    if hasattr(t, "identity"):
+        return t.identity()
     if t.numel() == 0:
         return None
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),

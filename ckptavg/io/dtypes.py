@@ -27,7 +27,15 @@ class DType:
     __slots__ = ("code", "name", "itemsize", "is_floating_point")
 
     def __init__(self, code: str | None, name: str, itemsize: int, floating: bool):
-        self.code, self.name, self.itemsize, self.is_floating_point = code, name, itemsize, floating
+        for k, v in (("code", code), ("name", name), ("itemsize", itemsize),
+                     ("is_floating_point", floating)):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a DType does not change")  # one object per dtype, shared
+
+    def __setstate__(self, state) -> None:
+        raise TypeError("a DType does not change")
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"  # as torch prints its dtypes (messages, inspect)
@@ -76,6 +84,7 @@ _TABLE = (
     ("U64", "uint64", 8, False),
 )
 _BY_NAME: dict[str, DType] = {name: DType(code, name, size, fl) for code, name, size, fl in _TABLE}
+_STANDARD = frozenset(_BY_NAME)
 DTYPES: dict[str, DType] = {d.code: d for d in _BY_NAME.values() if d.code}  # code -> DType
 CODES: dict[DType, str] = {d: c for c, d in DTYPES.items()}  # DType -> code
 _lock = threading.Lock()
@@ -89,6 +98,11 @@ def _by_name(name: str) -> DType:
         return _BY_NAME[name]
     except KeyError:
         return dtype_of(getattr(import_torch(), name))
+
+
+def standard(name: str) -> DType | None:
+    """The DType of a name in the table above (never one added from a torch file)."""
+    return _BY_NAME[name] if name in _STANDARD else None
 
 
 def dtype_of(dt) -> DType:

@@ -9,20 +9,25 @@ hands the pages back, so the resident set is bounded by one tensor per input. Le
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
+import io
 import os
 import pickle
 import re
+import struct
 import sys
 import types
 import warnings
-
-import torch
+import zipfile
+from typing import TYPE_CHECKING
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
     AVERAGED_COUNT,
     STATE_DICT_KEYS,
+    DType,
     Extent,
     Position,
     ReaderBase,
@@ -32,12 +37,18 @@ from ckptavg.io.base import (
     drop_pages,
     fd_path,
     find_ties,
+    import_torch,
     is_averaged_model,
     keep_descriptor,
     open_source,
+    pread_exact,
     strip_keys,
     whole_number,
 )
+from ckptavg.io.dtypes import standard
+
+if TYPE_CHECKING:
+    import torch
 
 # Top-level configuration entries carried into a torch output of the same ecosystem:
 # Lightning's (load_from_checkpoint needs the version and rebuilds from the hyper-parameters)
@@ -131,6 +142,7 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
     object among Lightning's hyper-parameters) is loaded again with that class replaced by an
     inert `Opaque` stand-in: the tensors are plain, and nothing the file names is imported
     or run. torch's own warnings are not passed on to the user."""
+    torch = import_torch()
     ctx = (torch.serialization.safe_globals(_safe_globals())
            if hasattr(torch.serialization, "safe_globals") else contextlib.nullcontext())
     try:
@@ -192,12 +204,12 @@ def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]
         if not isinstance(node, dict) or not _has_tensor(node):
             raise CheckpointError(f"{path}: entry {key!r} holds no tensors; name another entry")
         return node, key
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if obj and all(_is_tensor(v) for v in obj.values()):
         return obj, "<top level>"
     for name in STATE_DICT_KEYS:
         node = obj.get(name)
         if isinstance(node, dict) and _has_tensor(node):
-            if all(isinstance(v, torch.Tensor) for v in node.values()):
+            if all(_is_tensor(v) for v in node.values()):
                 return node, name
             inner, where = find_state_dict(node, None, path)
             return inner, f"{name}/{where}"
@@ -210,7 +222,15 @@ def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]
 
 
 def _has_tensor(d: dict) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in d.values())
+    return any(_is_tensor(v) for v in d.values())
+
+
+def _is_tensor(v: object) -> bool:
+    """A torch tensor, or a tensor the file describes (TensorRef), not yet loaded."""
+    if isinstance(v, TensorRef):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, getattr(torch, "Tensor", ()))
 
 
 def _list(d: dict, n: int = 8) -> str:
@@ -223,6 +243,9 @@ def _check_tensor(path: str, key: object, t: torch.Tensor) -> None:
     if not isinstance(key, str):
         raise CheckpointError(f"{path}: state dict has a non-string key {key!r}; "
                               "state dicts map parameter names to tensors")
+    if isinstance(t, TensorRef):
+        return  # described as a dense tensor of a real dtype (else torch loads the file)
+    torch = import_torch()
     problem = None
     if t.layout != torch.strided:
         problem = f"is a {str(t.layout).replace('torch.', '')} tensor"
@@ -271,19 +294,259 @@ def _has_opaque(obj: object) -> bool:
     return False
 
 
+# ------------------------------------------------------------------ reading without torch
+
+# torch's typed storages, by the name its pickles give them.
+_STORAGES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+             "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+             "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+             "BoolStorage": "bool"}
+MAX_PICKLE = 1 << 28  # a structure pickle this large is left to torch
+
+
+class _Unsupported(Exception):
+    """The file holds something the torch-free reader does not describe: torch loads it."""
+
+
+class _Sealed:
+    """A pickle's BUILD cannot set state on what the structure unpickler hands out."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state) -> None:
+        raise _Unsupported("state set on a tensor record")
+
+
+class _StorageType(_Sealed):
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: DType):
+        self.dtype = dtype
+
+
+class _Storage(_Sealed):
+    """One storage record of the zip (`<prefix>/data/<key>`): its dtype and length, then
+    where its bytes begin in the file."""
+
+    __slots__ = ("key", "dtype", "numel", "offset")
+
+    def __init__(self, key: str, dtype: DType, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+        self.offset = -1  # in the file, once the zip directory has been read
+
+
+class TensorRef(_Sealed):
+    """A tensor as the file's pickle describes it (storage, offset, shape, strides, dtype),
+    not loaded: its bytes stay in the file until read with pread."""
+
+    __slots__ = ("storage", "offset", "shape", "stride", "dtype")
+
+    def __init__(self, storage: _Storage, offset: int, shape: tuple, stride: tuple,
+                 dtype: DType):
+        self.storage, self.offset, self.shape, self.stride, self.dtype = (
+            storage, offset, shape, stride, dtype)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for d, st in zip(reversed(self.shape), reversed(self.stride)):
+            if d != 1 and st != expected:
+                return False
+            expected *= d
+        return True
+
+    def file_offset(self) -> int:
+        return self.storage.offset + self.offset * self.dtype.itemsize
+
+    def identity(self) -> tuple | None:
+        """As base.tensor_identity: equal for two names of one tensor; None when empty."""
+        if self.numel() == 0:
+            return None
+        return (self.storage.key, self.offset, self.shape, self.stride, self.dtype.name)
+
+
+def _whole(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ref(storage: object, offset: object, size: object, stride: object,
+         dtype: DType) -> TensorRef:
+    if not isinstance(storage, _Storage) or not _whole(offset) or offset < 0 \
+            or not isinstance(size, tuple) or not isinstance(stride, tuple) \
+            or len(size) != len(stride) or not all(_whole(d) and d >= 0 for d in size) \
+            or not all(_whole(d) and d >= 0 for d in stride):
+        raise _Unsupported("tensor")
+    if storage.dtype.name == "uint8" and dtype.name != "uint8":  # untyped: bytes
+        limit = storage.numel // dtype.itemsize
+    elif storage.dtype != dtype:
+        raise _Unsupported("dtype")
+    else:
+        limit = storage.numel
+    t = TensorRef(storage, offset, size, stride, dtype)
+    if t.numel() and offset + sum((d - 1) * st for d, st in zip(size, stride)) >= limit:
+        raise _Unsupported("past its storage")
+    return t
+
+
+def _rebuild_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
+    if hooks:
+        raise _Unsupported("hooks")
+    return _ref(storage, offset, size, stride, getattr(storage, "dtype", None))
+
+
+def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    if hooks or not isinstance(dtype, DType):
+        raise _Unsupported("hooks")
+    return _ref(storage, offset, size, stride, dtype)
+
+
+def _parameter(data, requires_grad, hooks, state=None):
+    if not isinstance(data, TensorRef) or hooks or state:
+        raise _Unsupported("parameter")
+    return data
+
+
+def _latin1(text: object, encoding: object = "latin1") -> bytes:
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _Unsupported("codec")
+    return codecs.encode(text, "latin1")
+
+
+class _StructureUnpickler(pickle.Unpickler):
+    """Builds the checkpoint's object with a TensorRef for each tensor. It knows only plain
+    containers and torch's tensor records; any other global (a class, a function, numpy)
+    raises _Unsupported, and torch's weights-only loader takes the file instead. Nothing
+    the file names is imported or called."""
+
+    GLOBALS = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+        ("torch._utils", "_rebuild_parameter"): _parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _parameter,
+        ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+        ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,  # protocol 2
+        ("_codecs", "encode"): _latin1,  # bytes, in pickle protocol 2
+    }
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str):
+        found = self.GLOBALS.get((module, name))
+        if found is not None:
+            return found
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _StorageType(standard("uint8"))
+        if module == "torch" and name in _STORAGES:
+            return _StorageType(standard(_STORAGES[name]))
+        if module == "torch" and standard(name) is not None:
+            return standard(name)  # a dtype (of _rebuild_tensor_v3)
+        raise _Unsupported(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+                and isinstance(pid[3], str) and pid[3].split(":")[0] in ("cpu", "cuda")
+                and _whole(pid[4]) and pid[4] >= 0):
+            raise _Unsupported("storage record")
+        _, kind, key, _, numel = pid
+        st = self.storages.get(key)
+        if st is None:
+            st = self.storages[key] = _Storage(key, kind.dtype, numel)
+        elif (st.dtype, st.numel) != (kind.dtype, numel):
+            raise _Unsupported("one storage, two descriptions")
+        return st
+
+
+_LOCAL_HEADER = struct.Struct("<4s22sHH")  # signature, fields, name length, extra length
+
+
+def read_structure(path: str, fd: int) -> object | None:
+    """The object a zip-format torch file holds, with a TensorRef for each tensor, read
+    without torch; None when it holds anything else (a class, numpy values, a tensor that
+    is not dense and real, a foreign byte order, compressed records): torch loads those.
+
+    Only the pickle and the zip directory are read; every tensor is checked to lie inside
+    its storage record, which is checked to be stored uncompressed and whole."""
+    try:
+        with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1 or infos[pickles[0]].file_size > MAX_PICKLE:
+                return None
+            prefix = pickles[0][: -len("data.pkl")]
+            order = infos.get(prefix + "byteorder")
+            if order is not None and z.read(order) != sys.byteorder.encode():
+                return None
+            up = _StructureUnpickler(z.read(pickles[0]))
+            obj = up.load()
+            for key, st in up.storages.items():
+                info = infos.get(prefix + "data/" + key)
+                if info is None or info.compress_type != zipfile.ZIP_STORED \
+                        or info.file_size != st.numel * st.dtype.itemsize:
+                    return None
+                sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
+                    pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
+                if sig != b"PK\x03\x04":
+                    return None
+                st.offset = info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
+                if st.offset + info.file_size > os.fstat(fd).st_size:
+                    return None
+    except (_Unsupported, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointError,
+            *_LOAD_ERRORS):
+        return None
+    return obj
+
+
+def _ref_number(fd: int, path: str, t: TensorRef) -> float:
+    """The value of a one-element TensorRef (AveragedModel's n_averaged)."""
+    formats = {"int64": "<q", "int32": "<i", "int16": "<h", "int8": "<b", "uint8": "<B",
+               "float64": "<d", "float32": "<f"}
+    if t.numel() != 1 or t.dtype.name not in formats:
+        raise CheckpointError(f"{path}: {AVERAGED_COUNT} is not one number")
+    return struct.unpack(formats[t.dtype.name],
+                         pread_exact(fd, t.dtype.itemsize, t.file_offset(), path))[0]
+
+
+def _has_ref(obj: object) -> bool:
+    if isinstance(obj, TensorRef):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_ref(v) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(_has_ref(v) for v in obj)
+    return False
+
+
 class TorchReader(ReaderBase):
-    """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over)."""
+    """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over).
+
+    A zip-format file of plain containers and tensors is described without torch
+    (`read_structure`): the averaging engine reads its tensors with pread and torch is never
+    imported. Anything else, and any caller that asks for a tensor itself (`read`), goes
+    through torch's weights-only loader (`torch_load`, the file mapped)."""
 
     def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None,
                  mmap: bool = True, fd: int | None = None, src: SourceFile | None = None):
         self.path = path
         self.format = "torch" if mmap else "torch-legacy"
         self._mmap = mmap
+        self._key = key
         if fd is None:
             fd, src = open_source(path)
         self._fd = None
+        self._refs: dict[str, TensorRef] = {}  # raw name -> where it lies (torch-free)
         try:
-            obj = torch_load(path, fd, mmap=mmap)
+            obj = read_structure(path, fd) if mmap and keep_descriptor(fd) else None
+            if obj is None:
+                obj = torch_load(path, fd, mmap=mmap)
             self.files = [src]
             state, self.location = find_state_dict(obj, key, path)
             self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
@@ -300,49 +563,81 @@ class TorchReader(ReaderBase):
             self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
                                 and _has_tensor(v)) if isinstance(obj, dict) else ()
             # Optimizer state, epochs, configs: never averaged, never copied.
-            self._tensors = {}
+            self._tensors: dict = {}
             for k, v in state.items():
-                if isinstance(v, torch.Tensor):
+                if _is_tensor(v):
                     _check_tensor(path, k, v)
                     self._tensors[k] = v
             if is_averaged_model(list(self._tensors)):
                 count = self._tensors.pop(AVERAGED_COUNT)
-                self._meta.setdefault("swa.n_averaged", str(int(count.item())))
+                value = _ref_number(fd, path, count) if isinstance(count, TensorRef) \
+                    else count.item()
+                self._meta.setdefault("swa.n_averaged", str(int(value)))
             self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
             self.removed_prefixes = tuple(removed)
-            self._lowest = min((t.untyped_storage().data_ptr() for t in self._tensors.values()
-                                if t.numel()), default=0)
             self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
-            self._base = _map_start(self._lowest, fd, src) if mmap and self._lowest else None
-            if self._base is not None and keep_descriptor(fd):
-                self._fd = fd  # tensors are then read with pread (see locate)
+            if any(isinstance(t, TensorRef) for t in self._tensors.values()):
+                self._refs = dict(self._tensors)
+                self._fd = fd  # read_structure ran only with a descriptor to keep
+                self._tensors = {}  # loaded by torch if a caller asks for one (read)
+            else:
+                self._find_map(fd, src)
         finally:
             if self._fd is None:
                 os.close(fd)
+
+    def _find_map(self, fd: int, src: SourceFile) -> None:
+        """Where torch's map of the file lies, so that tensors can be located in the file."""
+        self._lowest = min((t.untyped_storage().data_ptr() for t in self._tensors.values()
+                            if t.numel()), default=0)
+        self._base = _map_start(self._lowest, fd, src) if self._mmap and self._lowest else None
+        if self._base is not None and keep_descriptor(fd):
+            self._fd = fd  # tensors are then read with pread (see locate)
+
+    def _tensor(self, raw: str) -> torch.Tensor:
+        """A tensor itself: a file described without torch is loaded by torch now."""
+        if self._refs and not self._tensors:
+            obj = torch_load(self.path, self._fd, mmap=True)
+            state, _ = find_state_dict(obj, self._key, self.path)
+            tensors = {k: state.get(k) for k in self._refs}
+            if not all(_is_tensor(t) and tuple(t.shape) == self._refs[k].shape
+                       and t.dtype == self._refs[k].dtype for k, t in tensors.items()):
+                raise CheckpointError(f"{self.path}: changed while it was being read; run again")
+            self._tensors = tensors
+            self._lowest = min((t.untyped_storage().data_ptr() for t in tensors.values()
+                                if t.numel()), default=0)
+        return self._tensors[raw]
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)
 
     def info(self, key: str) -> TensorSpec:
-        t = self._tensors[self._raw(key)]
+        raw = self._raw(key)
+        t = self._refs[raw] if self._refs else self._tensors[raw]
         return TensorSpec(key, tuple(t.shape), t.dtype)
 
     def read(self, key: str) -> torch.Tensor:
-        return self._tensors[self._raw(key)]
+        return self._tensor(self._raw(key))
 
     def locate(self, key: str) -> Extent | None:
-        t = self._tensors[self._raw(key)]
+        raw = self._raw(key)
+        if self._refs:
+            ref = self._refs[raw]
+            if not ref.numel() or not ref.is_contiguous():
+                return None
+            return Extent(self._fd, ref.file_offset(), self.path)
+        t = self._tensors[raw]
         if self._fd is None or not t.numel() or not t.is_contiguous():
             return None
         return Extent(self._fd, t.data_ptr() - self._base, self.path)
 
     def release(self, key: str) -> None:
-        if self._mmap:
+        if self._mmap and self._tensors:
             storage = self._tensors[self._raw(key)].untyped_storage()
             drop_pages(storage.data_ptr(), storage.nbytes())
 
     def release_range(self, key: str, start: int, nbytes: int) -> None:
-        if self._mmap:
+        if self._mmap and self._tensors:
             t = self._tensors[self._raw(key)]
             # `start` may be negative: pages of the file before this tensor, never before the
             # file's first storage (all storages are views of one map of the file).
@@ -356,6 +651,9 @@ class TorchReader(ReaderBase):
         return self._position.merged(super().position())
 
     def extras(self) -> dict[str, object]:
+        if self._refs and _has_ref(self._extras):  # tensors among them: torch's objects
+            obj = torch_load(self.path, self._fd, mmap=True)
+            return {k: obj[k] for k in self._extras}
         return dict(self._extras)
 
     def scalars(self) -> dict[str, float]:
@@ -363,6 +661,7 @@ class TorchReader(ReaderBase):
 
     def close(self) -> None:
         self._tensors = {}
+        self._refs = {}
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

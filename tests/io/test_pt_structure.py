@@ -1,0 +1,171 @@
+"""Torch files described without torch (pt.read_structure): every tensor's dtype, shape,
+ties and bytes against what torch.load itself gives; anything else left to torch."""
+
+import collections
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from ckptavg.io import open_checkpoint
+from ckptavg.io.base import open_source
+from ckptavg.io.pt import TensorRef, read_structure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _structure(path):
+    fd, _ = open_source(str(path))
+    try:
+        return read_structure(str(path), fd)
+    finally:
+        os.close(fd)
+
+
+def _states():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    sd = m.state_dict()  # an OrderedDict with _metadata
+    sd.update({
+        "bf": torch.randn(7, generator=g).bfloat16(), "h": torch.randn(3, generator=g).half(),
+        "d": torch.randn(2, 2, generator=g).double(), "f8": torch.randn(9, generator=g).to(
+            torch.float8_e5m2), "b": torch.tensor([True, False]), "i8": torch.tensor([-3], dtype=torch.int8),
+        "row": base[2], "rows": base[1:4], "same": base, "alias": base,  # one storage
+        "p": torch.nn.Parameter(torch.ones(3)), "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4), "t": base.t(),  # not contiguous
+    })
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["plain", "lightning", "nested"])
+def test_described_tensors_are_torchs_own(tmp_path, layout):
+    sd = _states()
+    obj = {"plain": sd, "lightning": {"epoch": 4, "global_step": 80, "state_dict": sd,
+                                      "optimizer_states": [{"state": {0: {"m": torch.ones(2)}}}],
+                                      "hyper_parameters": {"lr": 0.1, "tags": {"a", "b"}, "raw": b"\x00\x01"}},
+           "nested": {"model": {"ema": sd, "step": 3}, "epoch": 2}}[layout]
+    p = tmp_path / "x.pt"
+    torch.save(obj, p)
+    desc = _structure(p)
+    assert desc is not None
+    loaded = torch.load(p, weights_only=True)
+    inner = {"plain": lambda o: o, "lightning": lambda o: o["state_dict"],
+             "nested": lambda o: o["model"]["ema"]}[layout]
+    want, got = inner(loaded), inner(desc)
+    assert list(got) == list(want)
+    raw = p.read_bytes()
+    for k, t in want.items():
+        ref = got[k]
+        assert isinstance(ref, TensorRef)
+        assert ref.shape == tuple(t.shape) and ref.dtype == t.dtype, k
+        assert ref.stride == t.stride() and ref.offset == t.storage_offset(), k
+        if t.numel() and t.is_contiguous():
+            n = t.numel() * t.element_size()
+            assert raw[ref.file_offset():ref.file_offset() + n] == \
+                t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), k
+    if layout == "lightning":
+        assert desc["hyper_parameters"] == {"lr": 0.1, "tags": {"a", "b"}, "raw": b"\x00\x01"}
+        assert desc["epoch"] == 4
+
+
+def test_reader_without_torch_equals_reader_with_torch(tmp_path):
+    """The same file through the torch-free description and through torch's loader (forced
+    by a numpy value beside the weights): keys, specs, ties, located bytes, scalars."""
+    sd = _states()
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"state_dict": sd, "epoch": 7}, a)
+    torch.save({"state_dict": sd, "epoch": 7, "rng": np.float64(1.5)}, b)
+    assert _structure(a) is not None and _structure(b) is None
+    with open_checkpoint(str(a)) as ra, open_checkpoint(str(b)) as rb:
+        assert ra.keys() == rb.keys()
+        assert ra.ties() == rb.ties() and ra.ties()  # the views of one storage
+        assert ra.location == rb.location == "state_dict"
+        for k in ra.keys():
+            assert ra.info(k) == rb.info(k), k
+            ea, eb = ra.locate(k), rb.locate(k)
+            assert (ea is None) == (eb is None), k
+            if ea is not None:
+                n = ra.info(k).nbytes
+                assert os.pread(ea.fd, n, ea.offset) == os.pread(eb.fd, n, eb.offset), k
+            assert torch.equal(ra.read(k), rb.read(k)), k  # read loads it with torch
+        assert ra.scalars()["epoch"] == 7.0
+
+
+@pytest.mark.parametrize("what", ["numpy value", "complex", "quantized", "class",
+                                  "compressed", "past storage", "other byte order"])
+def test_anything_else_is_left_to_torch(tmp_path, what):
+    p = tmp_path / "x.pt"
+    sd = {"w": torch.ones(4)}
+    if what == "numpy value":
+        sd["n"] = np.int64(3)
+    elif what == "complex":
+        sd["c"] = torch.ones(2, dtype=torch.complex64)
+    elif what == "quantized":
+        sd["q"] = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
+    elif what == "class":
+        sd["o"] = collections.Counter(a=1)
+    torch.save(sd, p)
+    if what in ("compressed", "other byte order"):
+        q = tmp_path / "y.pt"
+        with zipfile.ZipFile(p) as zin, zipfile.ZipFile(q, "w") as zout:
+            for item in zin.infolist():
+                data = zin.read(item.filename)
+                if what == "other byte order" and item.filename.endswith("/byteorder"):
+                    data = b"big" if sys.byteorder == "little" else b"little"
+                zout.writestr(item.filename, data, zipfile.ZIP_DEFLATED if what == "compressed"
+                              and "/data/" in item.filename else zipfile.ZIP_STORED)
+        p = q
+    if what == "past storage":  # the pickle's tensor is longer than its storage record
+        torch.save({"w": torch.ones(4)}, p)
+        with zipfile.ZipFile(p) as zin:
+            items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zout:
+            for name, data in items:
+                zout.writestr(name, data[:8] if name.endswith("/data/0") else data)
+    assert _structure(p) is None
+
+
+def test_averaging_torch_files_never_imports_torch(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"epoch-{i}.pt"
+        torch.save({"epoch": i, "model": {"w": torch.randn(1000, generator=g),
+                                          "bf": torch.randn(10, generator=g).bfloat16(),
+                                          "n": torch.tensor(i)}}, p)
+        paths.append(str(p))
+    out = tmp_path / "avg.safetensors"
+    script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"
+              f"r = CliRunner().invoke(cli, ['average', *{paths!r}, '-o', {str(out)!r}, '-q'])\n"
+              "print(r.exit_code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    from safetensors.torch import load_file
+
+    got = load_file(out)
+    xs = [torch.load(p, weights_only=True)["model"] for p in paths]
+    assert torch.equal(got["w"], ((xs[0]["w"].double() + xs[1]["w"].double()
+                                   + xs[2]["w"].double()) / 3).float())
+    assert got["n"].item() == 2
+
+
+def test_a_forged_pickle_cannot_change_a_shared_dtype(tmp_path):
+    """BUILD on `torch.float32` (a dtype the structure reader hands out): the file is left
+    to torch, and the process's float32 is still 4 bytes."""
+    from ckptavg.io import dtypes
+
+    forged = (b"\x80\x02ctorch\nfloat32\nN}X\x08\x00\x00\x00itemsizeKcs\x86b.")
+    p = tmp_path / "x.pt"
+    torch.save({"w": torch.ones(2)}, p)
+    with zipfile.ZipFile(p) as zin:
+        items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in items:
+            zout.writestr(name, forged if name.endswith("/data.pkl") else data)
+    assert _structure(p) is None
+    assert dtypes.float32.itemsize == 4
