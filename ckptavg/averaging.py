@@ -339,7 +339,8 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
         return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
 
     workers.prepare(min(max_numel, CHUNK), acc)
-    stage = Stage(min(len(readers), GROUP)) if floats else None
+    widest = max((ref.info(s.key).dtype.itemsize for s in floats), default=1)
+    stage = Stage(min(len(readers), GROUP), widest) if floats else None
     most = max((slice_of(s) for s in floats), default=0)
     full = np.empty(most, acc) if len(readers) > GROUP else None
     out_bytes = max((slice_of(s) * s.dtype.itemsize for s in floats), default=0)
@@ -394,7 +395,7 @@ def _slice_elems(dtype: DType) -> int:
 
 
 RESIDENT = 64 << 20  # bytes of mapped input pages kept between releases, over a group
-GROUP = 8  # inputs read at once; more are summed group by group (memory flat in N)
+GROUP = 32  # inputs read at once; more are summed group by group (memory flat in N)
 FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
 
 
@@ -482,15 +483,16 @@ def _as_numpy(t, kind: np.dtype) -> np.ndarray:
 
 def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list, stage: Stage,
                  workers: Workers, make: Callable) -> None:
-    """One group of `_reduce` from files: blocks of BLOCK elements of every input are read
+    """One group of `_reduce` from files: blocks of `stage.block` elements of every input are read
     with pread into staging buffers by the stage's reader thread, one block ahead of the
     arithmetic (so on an idle core the copy costs no time); `make(sources, start)` gives the
     work on one block (see `_reduce`)."""
     itemsize = kind.itemsize
-    starts = list(range(0, numel, BLOCK))
+    block = stage.block
+    starts = list(range(0, numel, block))
 
     def read(b: int):
-        n = min(BLOCK, numel - starts[b]) * itemsize
+        n = min(block, numel - starts[b]) * itemsize
         for ext, (view, _) in zip(extents, stage.sets[b % 2]):
             pread_into(ext.fd, view[:n], ext.offset + (base + starts[b]) * itemsize, ext.path)
 
@@ -499,8 +501,8 @@ def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list,
         for b, first in enumerate(starts):
             pending.result()
             pending = stage.pool.submit(read, b + 1) if b + 1 < len(starts) else None
-            arrays = [a[: BLOCK * itemsize].view(kind) for _, a in stage.sets[b % 2]]
-            end = min(first + BLOCK, numel)
+            arrays = [a[: block * itemsize].view(kind) for _, a in stage.sets[b % 2]]
+            end = min(first + block, numel)
             workers.run(make(lambda off, n, arrays=arrays: [a[off:off + n] for a in arrays],
                              first), end - first)
     finally:
@@ -529,19 +531,23 @@ def read_copy(reader: ReaderBase, key: str):
     return raw
 
 
-BLOCK = 4 * CHUNK  # elements of each input read ahead at a time
+BLOCK = 4 * CHUNK  # elements of each input read ahead at a time, at most
+STAGE_BYTES = 16 << 20  # one set of staging buffers, at most (when the block allows)
 
 
 class Stage:
-    """Two sets of staging buffers (one block of the widest dtype per input read at once)
-    and the thread that fills them: pread of block b + 1 overlaps the arithmetic on b."""
+    """Two sets of staging buffers (one block of `itemsize`-byte elements per input read at
+    once) and the thread that fills them: pread of block b + 1 overlaps the arithmetic on b.
+    The block shrinks (to one chunk at least) so that a set stays within STAGE_BYTES."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, itemsize: int):
+        fits = STAGE_BYTES // (count * itemsize) // CHUNK * CHUNK
+        self.block = max(min(BLOCK, fits), min(BLOCK, CHUNK))
         self.sets = []
         for _ in range(2):
             bufs = []
             for _ in range(count):
-                raw = np.empty(BLOCK * 8, np.uint8)
+                raw = np.empty(self.block * itemsize, np.uint8)
                 bufs.append((memoryview(raw), raw))
             self.sets.append(bufs)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")

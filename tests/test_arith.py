@@ -143,8 +143,11 @@ def test_weighted_mean_multiplies_then_adds_in_input_order(tmp_path):
     assert np.array_equal(load_file(out)["w"].numpy(), (total / sum(w)).astype(np.float32))
 
 
-@pytest.mark.parametrize("n", [3, 11])  # 11: more inputs than are read at once (GROUP)
-def test_threads_give_the_same_bytes(tmp_path, n):
+@pytest.mark.parametrize("n", [3, 11])  # 11: more inputs than are read at once (GROUP = 4)
+def test_threads_give_the_same_bytes(tmp_path, n, monkeypatch):
+    from ckptavg import averaging
+
+    monkeypatch.setattr(averaging, "GROUP", 4)
     g = torch.Generator().manual_seed(5)
     states = [{"a": torch.randn(700_000, generator=g), "b": torch.randn(5, generator=g).bfloat16()}
               for _ in range(n)]
