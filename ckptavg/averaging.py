@@ -417,6 +417,13 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
     kind = arith.storage(dtype)
     finite = [True]
 
+    def finish_chunk(s: arith.Scratch, a: np.ndarray, o: np.ndarray) -> None:
+        """o = a / sum(w), rounded once to the output dtype; a non-finite value is noted."""
+        np.divide(a, plan.total_weight, out=a)
+        arith.narrow(o, a, out_dtype, s)
+        if not arith.all_finite(o, out_dtype):
+            finite[0] = False
+
     def chunks(sources: Callable[[int, int], list[np.ndarray]], members: range, first: bool,
                finish: bool, start: int = 0) -> Callable:
         """The work on elements [lo, hi) of the current block (that begins at `start`)."""
@@ -428,11 +435,7 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
                 a = full[start + off:start + off + n] if full is not None else s.acc[:n]
                 arith.fold(a, sources(off, n), ws, dtype, first, s)
                 if finish:
-                    np.divide(a, plan.total_weight, out=a)
-                    o = out[start + off:start + off + n]
-                    arith.narrow(o, a, out_dtype, s)
-                    if not arith.all_finite(o, out_dtype):
-                        finite[0] = False
+                    finish_chunk(s, a, out[start + off:start + off + n])
 
         return work
 
@@ -460,13 +463,8 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
     if full is not None:
         def finish_full(s: arith.Scratch, lo: int, hi: int) -> None:
             for off in range(lo, hi, CHUNK):
-                n = min(CHUNK, hi - off)
-                a = full[off:off + n]
-                np.divide(a, plan.total_weight, out=a)
-                o = out[off:off + n]
-                arith.narrow(o, a, out_dtype, s)
-                if not arith.all_finite(o, out_dtype):
-                    finite[0] = False
+                end = min(off + CHUNK, hi)
+                finish_chunk(s, full[off:end], out[off:end])
 
         workers.run(finish_full, numel)
     return finite[0]
