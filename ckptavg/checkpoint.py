@@ -1,15 +1,18 @@
-"""Whole-checkpoint helpers of the public API: load, save, inspect."""
+"""Whole-checkpoint helpers of the public API: load, save, inspect (which, like averaging,
+never imports torch for what it can describe without it)."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
-from ckptavg.io.base import find_ties
+from ckptavg.io.base import find_ties, import_torch
+
+if TYPE_CHECKING:
+    import torch
 from ckptavg.results import Result
 
 
@@ -58,6 +61,7 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
         >>> ckptavg.save(model.state_dict(), "epoch-0001.safetensors", {"train.epoch": "1"})
     """
     path = os.fspath(path)
+    torch = import_torch()
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     ties = find_ties(tensors)

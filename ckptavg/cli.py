@@ -47,8 +47,9 @@ class Command(click.Command):
 
 
 class TorchWhenNeeded(click.Command):
-    """A subcommand whose library call imports torch only if it needs it (`average` of
-    safetensors files never does), through the same held import (io.dtypes.import_torch)."""
+    """A subcommand whose library call imports torch only if it needs it (`average` and
+    `inspect` of safetensors files and plain torch files never do), through the same held
+    import (io.dtypes.import_torch)."""
 
 
 def _import_torch_holding_signals() -> None:
@@ -373,7 +374,7 @@ def _average_lines(r):
            f"{human_bytes(r.peak_rss_bytes)}")
 
 
-@cli.command()
+@cli.command(cls=TorchWhenNeeded)
 @click.argument("path")
 @click.option("--keys", "n_keys", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many keys to list (0: all).")

@@ -169,3 +169,24 @@ def test_a_forged_pickle_cannot_change_a_shared_dtype(tmp_path):
             zout.writestr(name, forged if name.endswith("/data.pkl") else data)
     assert _structure(p) is None
     assert dtypes.float32.itemsize == 4
+
+
+def test_inspect_never_imports_torch_and_lists_torchs_tensors(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    state = {"a.w": torch.randn(3, 2), "a.b": torch.zeros(4, dtype=torch.bfloat16),
+             "n": torch.tensor(5)}
+    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "x.pt")
+    save_file(state, str(tmp_path / "x.safetensors"))
+    for name in ("x.pt", "x.safetensors"):
+        script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"
+                  f"r = CliRunner().invoke(cli, ['inspect', {str(tmp_path / name)!r}, '--json'])\n"
+                  "print(r.output)\nprint('torch imported:', 'torch' in sys.modules)\n")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True)
+        out, last = proc.stdout.rsplit("torch imported:", 1)
+        assert last.strip() == "False", proc.stderr
+        keys = {e["key"]: (e["shape"], e["dtype"]) for e in json.loads(out)["keys"]}
+        assert keys == {k: (list(v.shape), str(v.dtype)[len("torch."):]) for k, v in state.items()}
