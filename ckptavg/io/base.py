@@ -282,11 +282,18 @@ def find_ties(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def clean_metadata(meta: object) -> dict[str, str]:
-    """Keep a metadata map only if it is a dict; str keys, values JSON-encoded unless str."""
+    """Keep a metadata map only if it is a dict; str keys, values JSON-encoded unless str
+    (a value that cannot be, being cyclic or nested too deep, is left out)."""
     if not isinstance(meta, dict):
         return {}
-    return {k: v if isinstance(v, str) else json.dumps(v, default=str)
-            for k, v in meta.items() if isinstance(k, str)}
+    out = {}
+    for k, v in meta.items():
+        if isinstance(k, str):
+            try:
+                out[k] = v if isinstance(v, str) else json.dumps(v, default=str)
+            except (ValueError, RecursionError):
+                continue
+    return out
 
 
 @dataclass(frozen=True)

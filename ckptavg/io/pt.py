@@ -185,8 +185,15 @@ def _corrupt(path: str, e: BaseException) -> CheckpointError:
                            "corrupt or incomplete")
 
 
-def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]:
+MAX_NESTING = 16  # state-dict entries inside state-dict entries (a forged file may cycle)
+
+
+def find_state_dict(obj: object, key: str | None, path: str,
+                    depth: int = 0) -> tuple[dict, str]:
     """(state dict, where it was found) inside a possibly nested training checkpoint."""
+    if depth > MAX_NESTING:
+        raise CheckpointError(f"{path}: state dict entries nested more than {MAX_NESTING} deep "
+                              "(or in a cycle); name the entry that holds the weights (--key)")
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
@@ -211,7 +218,7 @@ def find_state_dict(obj: object, key: str | None, path: str) -> tuple[dict, str]
         if isinstance(node, dict) and _has_tensor(node):
             if all(_is_tensor(v) for v in node.values()):
                 return node, name
-            inner, where = find_state_dict(node, None, path)
+            inner, where = find_state_dict(node, None, path, depth + 1)
             return inner, f"{name}/{where}"
     if _has_tensor(obj) and not any(isinstance(v, dict) and _has_tensor(v) for v in obj.values()):
         return obj, "<top level>"
@@ -284,14 +291,29 @@ def position_of(obj: object) -> Position:
                     step_from if step is not None else "")
 
 
-def _has_opaque(obj: object) -> bool:
-    if isinstance(obj, Opaque):
-        return True
-    if isinstance(obj, dict):
-        return any(_has_opaque(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_has_opaque(v) for v in obj)
-    return False
+MAX_DEPTH = 100  # containers inside containers, in an entry carried into a .pt output
+
+
+def scan(obj: object) -> set[str]:
+    """What an entry of a loaded file holds, walked without recursion (a forged pickle can
+    nest a list 10^5 deep, or put a list inside itself): "opaque" (a class ckptavg did not
+    import), "ref" (a tensor not loaded yet) and "deep" (nested past MAX_DEPTH)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    stack = [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, Opaque):
+            found.add("opaque")
+        elif isinstance(x, TensorRef):
+            found.add("ref")
+        elif isinstance(x, (dict, list, tuple, set, frozenset)) and id(x) not in seen:
+            seen.add(id(x))
+            if depth >= MAX_DEPTH:
+                found.add("deep")
+                continue
+            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
+    return found
 
 
 # ------------------------------------------------------------------ reading without torch
@@ -515,16 +537,6 @@ def _ref_number(fd: int, path: str, t: TensorRef) -> float:
                          pread_exact(fd, t.dtype.itemsize, t.file_offset(), path))[0]
 
 
-def _has_ref(obj: object) -> bool:
-    if isinstance(obj, TensorRef):
-        return True
-    if isinstance(obj, dict):
-        return any(_has_ref(v) for v in obj.values())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return any(_has_ref(v) for v in obj)
-    return False
-
-
 class TorchReader(ReaderBase):
     """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over).
 
@@ -554,8 +566,10 @@ class TorchReader(ReaderBase):
             top = obj if isinstance(obj, dict) else {}
             self._scalars = {str(k): float(v) for k, v in top.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            # Entries holding a class ckptavg did not import cannot be written back faithfully.
-            self._extras = {k: top[k] for k in CARRIED if k in top and not _has_opaque(top[k])}
+            # Entries holding a class ckptavg did not import (or nested past reason) are not
+            # written back: they could not be faithfully.
+            self._extras = {k: top[k] for k in CARRIED
+                            if k in top and not scan(top[k]) & {"opaque", "deep"}}
             self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
             # Entries besides the weights and our metadata (optimizer, loops, configs).
             self.other_entries = tuple(str(k) for k, v in top.items()
@@ -651,7 +665,7 @@ class TorchReader(ReaderBase):
         return self._position.merged(super().position())
 
     def extras(self) -> dict[str, object]:
-        if self._refs and _has_ref(self._extras):  # tensors among them: torch's objects
+        if self._refs and "ref" in scan(self._extras):  # tensors among them: torch's objects
             obj = torch_load(self.path, self._fd, mmap=True)
             return {k: obj[k] for k in self._extras}
         return dict(self._extras)

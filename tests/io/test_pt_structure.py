@@ -190,3 +190,62 @@ def test_inspect_never_imports_torch_and_lists_torchs_tensors(tmp_path):
         assert last.strip() == "False", proc.stderr
         keys = {e["key"]: (e["shape"], e["dtype"]) for e in json.loads(out)["keys"]}
         assert keys == {k: (list(v.shape), str(v.dtype)[len("torch."):]) for k, v in state.items()}
+
+
+def _deep(n):
+    x = [1]
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("via", ["structure", "torch"])
+@pytest.mark.parametrize("shape", ["deep", "cycle"])
+def test_deep_or_cyclic_entries_are_read_and_not_carried(tmp_path, via, shape):
+    """A file whose config entry nests 5000 deep or holds itself: the weights are read and
+    averaged; the deep entry is left out of a .pt output, the cyclic one is carried (pickle
+    keeps cycles); a metadata value that JSON cannot encode is left out. No RecursionError,
+    no hang."""
+    import ckptavg
+
+    cfg = _deep(5000) if shape == "deep" else []
+    if shape == "cycle":
+        cfg.append(cfg)
+    meta = {"ok": "yes", "bad": cfg}
+    paths = []
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # for torch.save of the deep list
+    try:
+        for i in range(2):
+            obj = {"state_dict": {"w": torch.full((3,), float(i))}, "cfg": cfg, "metadata": meta}
+            if via == "torch":
+                obj["rng"] = np.float64(1.0)  # not plain: torch's loader reads it
+            p = tmp_path / f"e{i}.pt"
+            torch.save(obj, p)
+            paths.append(str(p))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert (_structure(paths[0]) is None) == (via == "torch")
+    carried = shape == "cycle"
+    with open_checkpoint(paths[0]) as r:
+        assert r.keys() == ["w"] and ("cfg" in r.extras()) == carried
+        assert r.dropped_extras == (() if carried else ("cfg",))
+        assert r.metadata() == {"ok": "yes"}
+    out = tmp_path / "avg.pt"
+    ckptavg.average(paths, out)
+    got = torch.load(out, weights_only=True)
+    assert torch.equal(got["state_dict"]["w"], torch.full((3,), 0.5))
+    assert ("cfg" in got) == carried
+    if carried:
+        assert got["cfg"][0] is got["cfg"]
+
+
+def test_a_state_dict_entry_holding_itself_is_one_error(tmp_path):
+    from ckptavg.errors import CheckpointError
+
+    d = {"w": torch.ones(2), "x": 1}
+    d["model"] = d
+    p = tmp_path / "x.pt"
+    torch.save(d, p)
+    with pytest.raises(CheckpointError, match="nested more than"):
+        open_checkpoint(str(p))
