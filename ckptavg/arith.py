@@ -151,3 +151,14 @@ def all_finite(out: np.ndarray, dtype: DType) -> bool:
     if dtype.name == "bfloat16":
         return not bool(((out & 0x7F80) == 0x7F80).any())
     return bool(np.isfinite(np.take(_table(dtype, np.dtype(np.float64)), out)).all())
+
+
+def round_once(a: np.ndarray, dtype: DType, chunk: int = 1 << 16) -> np.ndarray:
+    """`a` (float64, any shape) rounded once to `dtype`, as raw storage of that dtype (flat),
+    in chunks so the scratch stays small: what the engine writes for a mean `a`."""
+    flat = np.ascontiguousarray(a, dtype=np.float64).reshape(-1)
+    out = np.empty(flat.size, storage(dtype))
+    s = Scratch(min(flat.size, chunk), np.dtype(np.float64))
+    for lo in range(0, flat.size, chunk):
+        narrow(out[lo:lo + chunk], flat[lo:lo + chunk], dtype, s)
+    return out

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptavg import options
+from ckptavg import arith, options
 from ckptavg.averaging import make_plan
 from ckptavg.bn import bn_layers, recalibrate
 from ckptavg.checkpoint import save
@@ -23,9 +23,19 @@ from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError, DataError
 from ckptavg.evaluation import predict, scores
 from ckptavg.io import ReaderBase
+from ckptavg.io.dtypes import dtype_of
 from ckptavg.modelio import build_model, data_name_of, load_weights, model_spec
 from ckptavg.options import Stats, check_choice
 from ckptavg.select import Candidate
+
+
+def _round_once(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 mean rounded once to `dtype`, as `average` rounds it (torch's `.to()` goes
+    through float32 on the way to bfloat16/float16, rounding twice)."""
+    if dtype in (torch.float64, torch.float32):
+        return mean.to(dtype)
+    raw = arith.round_once(mean.detach().cpu().numpy(), dtype_of(dtype))
+    return torch.from_numpy(raw).view(dtype).view(mean.shape)
 
 
 class RunningSum:
@@ -79,7 +89,7 @@ class RunningSum:
                 if extra is not None:
                     s = extra[k].to(torch.float64) if s is None else s + extra[k].to(torch.float64)
                 dtype = self.dtypes.get(k, extra[k].dtype if extra is not None else None)
-                out[k] = (s / n).to(dtype)
+                out[k] = _round_once(s / n, dtype)
             else:
                 order, value = self.kept.get(k, (-1, None))
                 if extra is not None and (value is None or extra_order >= order):

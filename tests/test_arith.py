@@ -191,3 +191,26 @@ def test_averaging_safetensors_never_imports_torch(tmp_path):
     xs = [load_file(p)["w"].double() for p in paths]
     assert torch.equal(load_file(out)["w"], ((xs[0] + xs[1] + xs[2]) / 3).float())
     assert load_file(out)["n"].item() == 2
+
+
+def test_soups_running_sum_rounds_as_average_does(tmp_path):
+    """heldout.RunningSum (soup, search) writes the mean `average` writes, bfloat16 too."""
+    from ckptavg.heldout import RunningSum
+
+    g = torch.Generator().manual_seed(9)
+    states = [{"w": torch.randn(200_000, generator=g).bfloat16(), "n": torch.tensor(i)}
+              for i in range(3)]
+    rs = RunningSum()
+    for i, s in enumerate(states):
+        rs.add(s, i)
+    out = tmp_path / "avg.safetensors"
+    ckptavg.average(_write(tmp_path, states), out)
+    mean = rs.mean()
+    assert torch.equal(mean["w"].view(torch.int16), load_file(out)["w"].view(torch.int16))
+    assert mean["n"].item() == 2
+    # and a mean near a tie is rounded once (torch's .to() would round it to 1.0)
+    near = torch.tensor([1 + 2 ** -8 + 2 ** -40], dtype=torch.float64)
+    rs2 = RunningSum()
+    rs2.add({"w": near.bfloat16()}, 0)  # only to record the dtype
+    rs2.sums["w"] = near.clone()
+    assert rs2.mean()["w"].view(torch.int16).item() == 0x3F81
