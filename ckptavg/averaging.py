@@ -413,6 +413,8 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
     others through their mapping, whose pages are released as they are done."""
     readers, weights = plan.readers, plan.weights
     numel = out.size
+    if numel == 0:
+        return True  # nothing to read (a torch file would be loaded by torch to read it)
     dtype = readers[0].info(key).dtype
     kind = arith.storage(dtype)
     finite = [True]
@@ -518,12 +520,14 @@ def _settle(future) -> None:
 def read_copy(reader: ReaderBase, key: str):
     """A copy of one tensor: its raw bytes (a numpy uint8 array) read with pread where the
     reader can locate it, else a torch tensor."""
+    info = reader.info(key)
+    if info.numel == 0:
+        return np.empty(0, np.uint8)
     ext = reader.locate(key)
     if ext is None:
         value = reader.read(key).clone()
         reader.release(key)
         return value
-    info = reader.info(key)
     raw = np.empty(info.nbytes, np.uint8)
     pread_into(ext.fd, memoryview(raw), ext.offset, ext.path)
     return raw

@@ -137,7 +137,8 @@ def test_averaging_torch_files_never_imports_torch(tmp_path):
         p = tmp_path / f"epoch-{i}.pt"
         torch.save({"epoch": i, "model": {"w": torch.randn(1000, generator=g),
                                           "bf": torch.randn(10, generator=g).bfloat16(),
-                                          "n": torch.tensor(i)}}, p)
+                                          "n": torch.tensor(i), "e": torch.zeros(0, 3),
+                                          "ei": torch.zeros(0, dtype=torch.int64)}}, p)
         paths.append(str(p))
     out = tmp_path / "avg.safetensors"
     script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"
@@ -151,7 +152,7 @@ def test_averaging_torch_files_never_imports_torch(tmp_path):
     xs = [torch.load(p, weights_only=True)["model"] for p in paths]
     assert torch.equal(got["w"], ((xs[0]["w"].double() + xs[1]["w"].double()
                                    + xs[2]["w"].double()) / 3).float())
-    assert got["n"].item() == 2
+    assert got["n"].item() == 2 and got["e"].shape == (0, 3) and got["ei"].shape == (0,)
 
 
 def test_a_forged_pickle_cannot_change_a_shared_dtype(tmp_path):
