@@ -77,3 +77,33 @@ def test_inspect_says_where_the_weights_are(tmp_path):
     out = json.loads(cli_ok("inspect", files[-1], "--strip-prefix", "model.", "--json"))
     assert out["location"] == "state_dict" and out["removed_prefixes"] == ["model."]
     assert "optimizer_states" in out["other_entries"]
+
+
+def test_lightning_checkpoints_are_averaged_without_importing_torch(tmp_path):
+    """The files ModelCheckpoint writes (plain hyper-parameters) are described by the
+    torch-free reader: a fresh interpreter averages them into safetensors without torch."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from ckptavg.io.base import open_source
+    from ckptavg.io.pt import read_structure
+
+    files = _fit(tmp_path / "ck")
+    for f in files:
+        fd, _ = open_source(str(f))
+        try:
+            assert read_structure(str(f), fd) is not None, f
+        finally:
+            os.close(fd)
+    out = tmp_path / "swa.safetensors"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"
+              f"r = CliRunner().invoke(cli, ['average', *{[str(f) for f in files]!r}, '-o', "
+              f"{str(out)!r}, '-q'])\nprint(r.exit_code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    assert_matches(load_file(out), float64_mean([_state(f) for f in files]))
