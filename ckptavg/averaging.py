@@ -374,7 +374,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                 if not finite and not plan.allow_nonfinite:
                     _raise_nonfinite(readers, spec.key, spec.dtype)
                 if n == spec.numel:
-                    _hand_over(writer, bg, spec, out, buf if bg is not None else None)
+                    _hand_over(writer, bg, spec, out, buf)
                 else:
                     bg.write(spec.key, out, buf, part=(lo == 0, lo + n == spec.numel))
         if bg is not None:
@@ -493,15 +493,16 @@ def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list,
 
     def read(b: int):
         n = min(block, numel - starts[b]) * itemsize
-        for ext, (view, _) in zip(extents, stage.sets[b % 2]):
-            pread_into(ext.fd, view[:n], ext.offset + (base + starts[b]) * itemsize, ext.path)
+        for ext, buf in zip(extents, stage.sets[b % 2]):
+            pread_into(ext.fd, memoryview(buf[:n]), ext.offset + (base + starts[b]) * itemsize,
+                       ext.path)
 
     pending = stage.pool.submit(read, 0)
     try:
         for b, first in enumerate(starts):
             pending.result()
             pending = stage.pool.submit(read, b + 1) if b + 1 < len(starts) else None
-            arrays = [a[: block * itemsize].view(kind) for _, a in stage.sets[b % 2]]
+            arrays = [a[: block * itemsize].view(kind) for a in stage.sets[b % 2]]
             end = min(first + block, numel)
             workers.run(make(lambda off, n, arrays=arrays: [a[off:off + n] for a in arrays],
                              first), end - first)
@@ -545,13 +546,8 @@ class Stage:
     def __init__(self, count: int, itemsize: int):
         fits = STAGE_BYTES // (count * itemsize) // CHUNK * CHUNK
         self.block = max(min(BLOCK, fits), min(BLOCK, CHUNK))
-        self.sets = []
-        for _ in range(2):
-            bufs = []
-            for _ in range(count):
-                raw = np.empty(self.block * itemsize, np.uint8)
-                bufs.append((memoryview(raw), raw))
-            self.sets.append(bufs)
+        self.sets = [[np.empty(self.block * itemsize, np.uint8) for _ in range(count)]
+                     for _ in range(2)]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")
 
     def close(self) -> None:
@@ -598,13 +594,14 @@ def _count_nonfinite(reader: ReaderBase, key: str) -> int:
     ext = reader.locate(key)
     flat = None if ext is not None else _as_numpy(reader.read(key), kind)
     s = arith.Scratch(CHUNK, np.dtype(np.float64))
+    raw = np.empty(CHUNK * kind.itemsize, np.uint8) if flat is None else None
     bad = 0
     for off in range(0, info.numel, CHUNK):
         n = min(CHUNK, info.numel - off)
         if flat is None:
-            raw = np.empty(n * kind.itemsize, np.uint8)
-            pread_into(ext.fd, memoryview(raw), ext.offset + off * kind.itemsize, ext.path)
-            src = raw.view(kind)
+            pread_into(ext.fd, memoryview(raw[: n * kind.itemsize]),
+                       ext.offset + off * kind.itemsize, ext.path)
+            src = raw[: n * kind.itemsize].view(kind)
         else:
             src = flat[off:off + n]
         values = s.cast[:n]

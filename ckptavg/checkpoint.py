@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import find_ties, import_torch
+from ckptavg.results import Result
 
 if TYPE_CHECKING:
     import torch
-from ckptavg.results import Result
 
 
 def load(path: str | os.PathLike, key: str | None = None,

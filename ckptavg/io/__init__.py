@@ -20,6 +20,7 @@ from ckptavg.io.base import (
     SourceFile,
     TensorSpec,
     import_torch,
+    is_dcp_folder,
     open_source,
 )
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
@@ -50,7 +51,7 @@ def _folder_kind(path: str) -> str:
         return "torch-sharded"
     if os.path.exists(os.path.join(path, BIN_NAME)):
         return "torch-folder"
-    if _torch_formats().is_dcp_folder(path):
+    if is_dcp_folder(path):
         return "dcp"
     found = sorted(os.listdir(path))
     raise CheckpointError(
@@ -140,5 +141,4 @@ def _torch_formats():
     import_torch()
     from ckptavg.io import dcp, folder
 
-    return SimpleNamespace(DCPReader=dcp.DCPReader, is_dcp_folder=dcp.is_dcp_folder,
-                           TorchFolderReader=folder.TorchFolderReader)
+    return SimpleNamespace(DCPReader=dcp.DCPReader, TorchFolderReader=folder.TorchFolderReader)

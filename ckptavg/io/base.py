@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass
 
 try:
@@ -40,6 +41,13 @@ STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"  # Hugging Face's sharded torch layout
 BIN_NAME = "pytorch_model.bin"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's plan, beside its *.distcp files
+
+
+def is_dcp_folder(path: str) -> bool:
+    """A torch.distributed.checkpoint folder (told by its files: no torch needed)."""
+    return os.path.isfile(os.path.join(path, DCP_METADATA)) and any(
+        n.endswith(".distcp") for n in os.listdir(path))
 # Wrapper prefixes added by DataParallel/DDP (module.) and torch.compile (_orig_mod.).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -141,6 +149,19 @@ def pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
                                   "read (truncated during the run?); nothing was written. Run "
                                   "again once the file is complete")
         done += got
+
+
+_NUMBER_FORMATS = {"int64": "<q", "int32": "<i", "int16": "<h", "int8": "<b", "uint8": "<B",
+                   "float64": "<d", "float32": "<f"}
+
+
+def pread_number(fd: int, offset: int, dtype: DType, path: str) -> float | None:
+    """The value of a one-element tensor of `dtype` stored at `offset` (AveragedModel's
+    n_averaged); None for a dtype this does not decode."""
+    fmt = _NUMBER_FORMATS.get(dtype.name)
+    if fmt is None:
+        return None
+    return struct.unpack(fmt, pread_exact(fd, dtype.itemsize, offset, path))[0]
 
 
 @dataclass(frozen=True)

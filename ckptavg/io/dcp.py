@@ -19,6 +19,9 @@ import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
+    DCP_METADATA as METADATA,
+)
+from ckptavg.io.base import (
     STATE_DICT_KEYS,
     ReaderBase,
     TensorSpec,
@@ -27,7 +30,6 @@ from ckptavg.io.base import (
     strip_keys,
 )
 
-METADATA = ".metadata"
 _DCP = "torch.distributed.checkpoint."
 _ALLOWED = {
     _DCP + "metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -37,11 +39,6 @@ _ALLOWED = {
     "torch.serialization": {"_get_layout"},
     "pathlib": {"PosixPath", "PurePosixPath", "Path"},
 }
-
-
-def is_dcp_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, METADATA)) and any(
-        n.endswith(".distcp") for n in os.listdir(path))
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -42,6 +42,7 @@ from ckptavg.io.base import (
     keep_descriptor,
     open_source,
     pread_exact,
+    pread_number,
     strip_keys,
     whole_number,
 )
@@ -504,11 +505,11 @@ def read_structure(path: str, fd: int) -> object | None:
             if len(pickles) != 1 or infos[pickles[0]].file_size > MAX_PICKLE:
                 return None
             prefix = pickles[0][: -len("data.pkl")]
-            order = infos.get(prefix + "byteorder")
-            if order is not None and z.read(order) != sys.byteorder.encode():
+            if not _zip_native_order(z):
                 return None
             up = _StructureUnpickler(z.read(pickles[0]))
             obj = up.load()
+            size = os.fstat(fd).st_size
             for key, st in up.storages.items():
                 info = infos.get(prefix + "data/" + key)
                 if info is None or info.compress_type != zipfile.ZIP_STORED \
@@ -519,7 +520,7 @@ def read_structure(path: str, fd: int) -> object | None:
                 if sig != b"PK\x03\x04":
                     return None
                 st.offset = info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
-                if st.offset + info.file_size > os.fstat(fd).st_size:
+                if st.offset + info.file_size > size:
                     return None
     except (_Unsupported, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointError,
             *_LOAD_ERRORS):
@@ -529,12 +530,10 @@ def read_structure(path: str, fd: int) -> object | None:
 
 def _ref_number(fd: int, path: str, t: TensorRef) -> float:
     """The value of a one-element TensorRef (AveragedModel's n_averaged)."""
-    formats = {"int64": "<q", "int32": "<i", "int16": "<h", "int8": "<b", "uint8": "<B",
-               "float64": "<d", "float32": "<f"}
-    if t.numel() != 1 or t.dtype.name not in formats:
+    value = pread_number(fd, t.file_offset(), t.dtype, path) if t.numel() == 1 else None
+    if value is None:
         raise CheckpointError(f"{path}: {AVERAGED_COUNT} is not one number")
-    return struct.unpack(formats[t.dtype.name],
-                         pread_exact(fd, t.dtype.itemsize, t.file_offset(), path))[0]
+    return value
 
 
 class TorchReader(ReaderBase):
@@ -555,6 +554,7 @@ class TorchReader(ReaderBase):
             fd, src = open_source(path)
         self._fd = None
         self._refs: dict[str, TensorRef] = {}  # raw name -> where it lies (torch-free)
+        self._torch_object = None  # what torch loads, once a caller needs torch's tensors
         try:
             obj = read_structure(path, fd) if mmap and keep_descriptor(fd) else None
             if obj is None:
@@ -602,24 +602,27 @@ class TorchReader(ReaderBase):
 
     def _find_map(self, fd: int, src: SourceFile) -> None:
         """Where torch's map of the file lies, so that tensors can be located in the file."""
-        self._lowest = min((t.untyped_storage().data_ptr() for t in self._tensors.values()
-                            if t.numel()), default=0)
+        self._lowest = _lowest_storage(self._tensors)
         self._base = _map_start(self._lowest, fd, src) if self._mmap and self._lowest else None
         if self._base is not None and keep_descriptor(fd):
             self._fd = fd  # tensors are then read with pread (see locate)
 
+    def _loaded(self) -> object:
+        """The object torch loads from a file described without torch (loaded once, mapped)."""
+        if self._torch_object is None:
+            self._torch_object = torch_load(self.path, self._fd, mmap=True)
+        return self._torch_object
+
     def _tensor(self, raw: str) -> torch.Tensor:
         """A tensor itself: a file described without torch is loaded by torch now."""
         if self._refs and not self._tensors:
-            obj = torch_load(self.path, self._fd, mmap=True)
-            state, _ = find_state_dict(obj, self._key, self.path)
+            state, _ = find_state_dict(self._loaded(), self._key, self.path)
             tensors = {k: state.get(k) for k in self._refs}
             if not all(_is_tensor(t) and tuple(t.shape) == self._refs[k].shape
                        and t.dtype == self._refs[k].dtype for k, t in tensors.items()):
                 raise CheckpointError(f"{self.path}: changed while it was being read; run again")
             self._tensors = tensors
-            self._lowest = min((t.untyped_storage().data_ptr() for t in tensors.values()
-                                if t.numel()), default=0)
+            self._lowest = _lowest_storage(tensors)
         return self._tensors[raw]
 
     def ties(self) -> dict[str, str]:
@@ -666,8 +669,7 @@ class TorchReader(ReaderBase):
 
     def extras(self) -> dict[str, object]:
         if self._refs and "ref" in scan(self._extras):  # tensors among them: torch's objects
-            obj = torch_load(self.path, self._fd, mmap=True)
-            return {k: obj[k] for k in self._extras}
+            return {k: self._loaded()[k] for k in self._extras}
         return dict(self._extras)
 
     def scalars(self) -> dict[str, float]:
@@ -676,9 +678,16 @@ class TorchReader(ReaderBase):
     def close(self) -> None:
         self._tensors = {}
         self._refs = {}
+        self._torch_object = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _lowest_storage(tensors: dict) -> int:
+    """The lowest address of the (mapped) storages of `tensors`; 0 when all are empty."""
+    return min((t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()),
+               default=0)
 
 
 def _map_start(ptr: int, fd: int, src: SourceFile) -> int | None:
@@ -706,14 +715,16 @@ def _map_start(ptr: int, fd: int, src: SourceFile) -> int | None:
 def _native_order(fd: int, path: str) -> bool:
     """Whether the zip's `byteorder` record, if any, is this machine's (torch swaps the
     bytes of a foreign-order file on load, in memory only). Read through the open `fd`."""
-    import zipfile
-
     try:
         with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
-            names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
-            return not names or z.read(names[0]).decode(errors="replace") == sys.byteorder
+            return _zip_native_order(z)
     except (OSError, zipfile.BadZipFile, ValueError, KeyError):
         return False
+
+
+def _zip_native_order(z: zipfile.ZipFile) -> bool:
+    names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
+    return not names or z.read(names[0]).decode(errors="replace") == sys.byteorder
 
 
 def load_torch_file(path: str) -> object:

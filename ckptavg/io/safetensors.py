@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import TYPE_CHECKING
 
 from ckptavg.errors import CheckpointError
@@ -36,6 +35,7 @@ from ckptavg.io.base import (
     open_source,
     place_shard,
     pread_exact,
+    pread_number,
     read_index,
     strip_keys,
 )
@@ -167,12 +167,10 @@ class _MappedFile:
     def number(self, raw: str) -> float:
         """A one-element integer or floating tensor's value (AveragedModel's n_averaged)."""
         dtype, shape, begin, nbytes = self.entries[raw]
-        formats = {"I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B",
-                   "F64": "<d", "F32": "<f"}
-        if self.fd is None or dtype.code not in formats or nbytes != dtype.itemsize:
-            return self.read(raw).item()
-        return struct.unpack(formats[dtype.code], pread_exact(self.fd, nbytes, self.base + begin,
-                                                              self.src.path))[0]
+        value = None
+        if self.fd is not None and nbytes == dtype.itemsize:
+            value = pread_number(self.fd, self.base + begin, dtype, self.src.path)
+        return self.read(raw).item() if value is None else value
 
     def locate(self, raw: str) -> Extent | None:
         if self.fd is None:

@@ -180,7 +180,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 def tensor_bytes(t: Data) -> memoryview:
     """The tensor's bytes without a copy (little-endian, C order); a numpy array (the
     averaging engine's output: raw bytes of the spec's dtype) as it is."""
-    if type(t).__module__ == "numpy":
+    if _is_numpy(t):
         return memoryview(t).cast("B") if t.size else memoryview(b"")
     t = t.detach().cpu().contiguous()
     if t.numel() == 0:
@@ -188,8 +188,13 @@ def tensor_bytes(t: Data) -> memoryview:
     return memoryview(t.reshape(-1).view(import_torch().uint8).numpy())
 
 
-def _nbytes(t: Data) -> int:
-    return t.nbytes if type(t).__module__ == "numpy" else t.numel() * t.element_size()
+def _is_numpy(t: Data) -> bool:
+    return type(t).__module__ == "numpy"  # without importing numpy to ask
+
+
+def _fits(t: Data, spec: TensorSpec) -> bool:
+    """A torch tensor has the spec's shape; the engine's numpy output is its raw bytes."""
+    return t.nbytes == spec.nbytes if _is_numpy(t) else tuple(t.shape) == spec.shape
 
 
 class Atomic:
@@ -407,14 +412,13 @@ class SafetensorsWriter(Writer):
 
     def _write(self, key: str, tensor: Data) -> None:
         spec = self._specs[self._next] if self._next < len(self._specs) else None
-        if spec is None or key != spec.key or _nbytes(tensor) != spec.nbytes:
+        if spec is None or key != spec.key or not _fits(tensor, spec):
             raise RuntimeError(f"writer expected {spec}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
         self._write_part(key, tensor, True, True)
 
     def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         spec = self._specs[self._next] if self._next < len(self._specs) else None
-        if spec is None or key != spec.key or (type(flat).__module__ != "numpy"
-                                               and flat.dtype != spec.dtype):
+        if spec is None or key != spec.key or (not _is_numpy(flat) and flat.dtype != spec.dtype):
             raise RuntimeError(f"writer expected {spec}, got {key} {flat.dtype}")
         if first:
             self._part_bytes = 0
