@@ -16,6 +16,11 @@ cache before every run (root only), since real runs read from disk.
 
 Methods:
   ckptavg pt->st / pt->pt / st->st   the tool, float64 accumulation (default)
+  tm-st, lt-st                       timm-style (.pth.tar: state_dict, optimizer momentum,
+                                     `args` Namespace, metric) and Lightning-style (.ckpt:
+                                     optimizer_states, hyper_parameters holding a user's
+                                     class and numpy scalars, loops) inputs of the same
+                                     weights, -> .safetensors; compared with pt-st
   classic pt->pt                     torch.load each file whole, sum, divide, torch.save
   floor                              cat every input > /dev/null, then cp one input (output size)
   fairseq, timm-pt, timm-st          peers' scripts, unmodified (with --peers DIR)
@@ -95,8 +100,16 @@ def run(cmd: list[str], shell: bool = False, cold: bool = False) -> tuple[float,
     return wall, usage.ru_maxrss * 1024
 
 
+class UserConfig:  # a user's config class among Lightning's hyper-parameters
+    def __init__(self, width: int):
+        self.width = width
+
+
 def generate(folder: str, n: int, size_mb: int, dtype: str = "float32",
-             tensor_mb: int = 16) -> None:
+             tensor_mb: int = 16, styles: str = "") -> None:
+    import argparse as ap
+
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -112,6 +125,26 @@ def generate(folder: str, n: int, size_mb: int, dtype: str = "float32",
                   for j in range(n_tensors)}
             torch.save({"model": sd, "epoch": i}, pt)
             save_file(sd, st, metadata={"train.epoch": str(i)})
+        else:
+            sd = None
+        tm, lt = (os.path.join(folder, f"ck-{i:03d}{s}") for s in (".pth.tar", ".ckpt"))
+        if ("tm" in styles and not os.path.exists(tm)) or ("lt" in styles and not os.path.exists(lt)):
+            if sd is None:
+                from safetensors.torch import load_file
+                sd = load_file(st)
+            momentum = {j: {"momentum_buffer": v.clone()} for j, v in enumerate(sd.values())}
+            if "tm" in styles:
+                torch.save({"epoch": i, "arch": "resnet50", "state_dict": sd,
+                            "optimizer": {"state": momentum, "param_groups": [{"lr": 0.1}]},
+                            "version": 2, "args": ap.Namespace(lr=0.1, model="resnet50"),
+                            "metric": float(i)}, tm)
+            if "lt" in styles:
+                torch.save({"epoch": i, "global_step": 100 * i, "pytorch-lightning_version": "2.6.0",
+                            "state_dict": sd, "optimizer_states": [{"state": momentum}],
+                            "lr_schedulers": [], "loops": {"fit_loop": {"epoch_progress": {}}},
+                            "callbacks": {"ModelCheckpoint": {"best_model_score": np.float64(0.5)}},
+                            "hyper_parameters": {"cfg": UserConfig(64), "lr": np.float32(0.1)},
+                            "hparams_name": "kwargs"}, lt)
 
 
 
@@ -189,8 +222,9 @@ def main() -> None:
         folder = os.path.join(os.path.abspath(args.dir), f"n{n}-s{args.size_mb}-{args.dtype}")
         # Generated in a child: this process stays small, so children forked from it do
         # not start with its pages counted in their peak RSS.
-        subprocess.run([py, __file__, "--generate", folder, str(n), str(args.size_mb), args.dtype],
-                       check=True)
+        styles = ",".join(m[:2] for m in methods if m in ("tm-st", "lt-st"))
+        subprocess.run([py, __file__, "--generate", folder, str(n), str(args.size_mb), args.dtype,
+                        styles or "-"], check=True)
         burner = (subprocess.Popen([py, "-c", "while True: pass"]) if condition == "busy"
                   else None)
         # the import under the same condition: the floor + import that the target compares with
@@ -198,13 +232,22 @@ def main() -> None:
         pts = [os.path.join(folder, f"ck-{i:03d}.pt") for i in range(n)]
         sts = [os.path.join(folder, f"ck-{i:03d}.safetensors") for i in range(n)]
         out = os.path.join(folder, "out")
-        subprocess.run(["cat", *pts, *sts], stdout=subprocess.DEVNULL, check=True)  # page cache
+        extra_inputs = [p[:-3] + sfx for p in pts for m, sfx in (("tm-st", ".pth.tar"),
+                                                                  ("lt-st", ".ckpt"))
+                        if m in methods]
+        subprocess.run(["cat", *pts, *sts, *extra_inputs], stdout=subprocess.DEVNULL,
+                       check=True)  # page cache
         cmds = {
             "floor": (f"cat {' '.join(sts)} > /dev/null && cp {sts[0]} {out}.floor", True),
             "classic": ([py, "-c", CLASSIC, *pts, out + ".classic.pt"], False),
             "pt-st": ([py, "-m", "ckptavg", "average", *pts, "-o", out + ".a.safetensors", "-q"], False),
             "pt-pt": ([py, "-m", "ckptavg", "average", *pts, "-o", out + ".b.pt", "-q"], False),
             "st-st": ([py, "-m", "ckptavg", "average", *sts, "-o", out + ".c.safetensors", "-q"], False),
+            "tm-st": ([py, "-m", "ckptavg", "average", *[p[:-3] + ".pth.tar" for p in pts], "-o",
+                       out + ".g.safetensors", "-q"], False),
+            "lt-st": ([py, "-m", "ckptavg", "average", *[p[:-3] + ".ckpt" for p in pts], "-o",
+                       out + ".h.safetensors", "-q"], False),
+            "interpreter": ([py, "-c", "import ckptavg.cli, numpy, isal"], False),
         }
         if args.before:  # `-m ckptavg` imports the checkout in the working folder
             cd = f"cd {shlex.quote(os.path.abspath(args.before))} && {shlex.quote(py)} -m ckptavg average"
@@ -247,6 +290,18 @@ def main() -> None:
                       "(target >= 2)")
         if "classic" in row and "pt-st" in row:
             print(f"  pt->st / classic         {row['pt-st']['wall_s'] / row['classic']['wall_s']:.2f}  (target <= 0.5)")
+        if "pt-pt" in row and "pt-st" in row:
+            print(f"  pt->pt / pt->st          {row['pt-pt']['wall_s'] / row['pt-st']['wall_s']:.2f}  (target <= 1.15)")
+        for m in ("tm-st", "lt-st"):
+            if m in row and "pt-st" in row:
+                print(f"  {m} / pt->st           {row[m]['wall_s'] / row['pt-st']['wall_s']:.2f}  "
+                      "(target <= 1.15)")
+        if "interpreter" in row:
+            for m in ("pt-pt", "pt-st", "tm-st", "lt-st"):
+                if m in row:
+                    above = (row[m]["rss"] - row["interpreter"]["rss"]) / 2**20
+                    print(f"  {m} peak RSS above the interpreter's (ckptavg.cli, numpy, isal "
+                          f"imported)  {above:.0f} MiB  (target <= 100)")
         if "floor" in row and "st-st" in row:
             r = row["st-st"]["wall_s"] / (row["floor"]["wall_s"] + base_wall)
             print(f"  st->st / (floor+import)  {r:.2f}  (target <= 1.3)")
@@ -284,7 +339,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--generate":
-        generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    if len(sys.argv) == 7 and sys.argv[1] == "--generate":
+        generate(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],
+                 styles=sys.argv[6].replace("-", ""))
     else:
         main()

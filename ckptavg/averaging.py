@@ -28,7 +28,7 @@ from ckptavg import __version__, arith, options
 from ckptavg.distributed import Group, world_size, write_shards
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes, make_writer, open_checkpoint
-from ckptavg.io.base import MAX_SIDE_FILE, pread_into
+from ckptavg.io.base import MAX_SIDE_FILE, pread_extent
 from ckptavg.io.dtypes import DType, import_torch
 from ckptavg.io.writer import (
     SIDE_FILES,
@@ -251,9 +251,23 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         "bn.stale": "true" if has_bn else "false",
     }
     newest = readers[-1]
-    entry = newest.location if newest.location in ("state_dict", "model") else "state_dict"
     return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite,
-                entry, newest.extras())
+                torch_entry(newest), newest.extras())
+
+
+def torch_entry(newest: ReaderBase) -> str:
+    """Where a torch output keeps the weights: under the newest input's own top-level entry
+    (`state_dict`, `model`, `model_state_dict`...), so the user's loader finds them where it
+    found the inputs'; `state_dict` for a plain state dict or a nested entry."""
+    loc = newest.location
+    return loc if loc not in ("<top level>", "metadata") and "/" not in loc else "state_dict"
+
+
+def carried_notes(newest: ReaderBase) -> list[str]:
+    """Warnings for what carrying the newest input's configuration into a torch output
+    converted or left out."""
+    return [f"{newest.path}: {n} (a torch output holds plain values only, so that "
+            "torch.load(weights_only=True) reads it)" for n in newest.extras_notes]
 
 
 def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
@@ -333,7 +347,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     acc = np.dtype(np.float64 if wide else np.float32)
     # A writer that streams can take a large tensor in slices: then the output buffers (and
     # the float64 accumulator of more than GROUP inputs) are a slice, not the largest tensor.
-    streams = not writer.keeps_tensors and getattr(writer, "streams_parts", False)
+    streams = writer.streams_parts and not writer.keeps_tensors
 
     def slice_of(spec: TensorSpec) -> int:
         return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
@@ -351,8 +365,8 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     total_bytes, done, last = plan.bytes_in, 0, readers[-1]
     try:
         for spec in specs:
-            if writer.keeps_tensors and spec.key in plan.ties:
-                continue  # the torch writer points tied names at one tensor
+            if writer.shares_ties and spec.key in plan.ties:
+                continue  # torch and DCP writers point tied names at one tensor
             info = ref.info(spec.key)
             if not info.dtype.is_floating_point:
                 done += info.nbytes
@@ -494,8 +508,7 @@ def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list,
     def read(b: int):
         n = min(block, numel - starts[b]) * itemsize
         for ext, buf in zip(extents, stage.sets[b % 2]):
-            pread_into(ext.fd, memoryview(buf[:n]), ext.offset + (base + starts[b]) * itemsize,
-                       ext.path)
+            pread_extent(ext, memoryview(buf[:n]), (base + starts[b]) * itemsize)
 
     pending = stage.pool.submit(read, 0)
     try:
@@ -530,7 +543,7 @@ def read_copy(reader: ReaderBase, key: str):
         reader.release(key)
         return value
     raw = np.empty(info.nbytes, np.uint8)
-    pread_into(ext.fd, memoryview(raw), ext.offset, ext.path)
+    pread_extent(ext, memoryview(raw))
     return raw
 
 
@@ -599,8 +612,7 @@ def _count_nonfinite(reader: ReaderBase, key: str) -> int:
     for off in range(0, info.numel, CHUNK):
         n = min(CHUNK, info.numel - off)
         if flat is None:
-            pread_into(ext.fd, memoryview(raw[: n * kind.itemsize]),
-                       ext.offset + off * kind.itemsize, ext.path)
+            pread_extent(ext, memoryview(raw[: n * kind.itemsize]), off * kind.itemsize)
             src = raw[: n * kind.itemsize].view(kind)
         else:
             src = flat[off:off + n]
@@ -755,6 +767,8 @@ def average(
         result.skipped = skipped
         result.warnings = [f"{p}: already folded into {into} (same fingerprint in its "
                            "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
+        if kind == "torch" and not output.lower().endswith(".bin"):
+            result.warnings += carried_notes(readers[-1])
         if not dry_run:
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
             result.warnings += notes

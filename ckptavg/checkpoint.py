@@ -68,7 +68,7 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
     with make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
                      shard_size, ties) as writer:
         for k, v in tensors.items():
-            if writer.keeps_tensors and k in ties:
+            if writer.shares_ties and k in ties:
                 continue
             writer.write(k, v.detach().cpu())
 

@@ -201,7 +201,8 @@ def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
 class _Keep:
     """A writer that keeps what it is given (this rank's share of a DCP output)."""
 
-    keeps_tensors = True
+    keeps_tensors = shares_ties = True
+    streams_parts = False
 
     def __init__(self) -> None:
         self.tensors: dict = {}

@@ -173,6 +173,14 @@ class Extent:
     fd: int
     offset: int
     path: str
+    check: object = None  # a crc.RecordCheck of the zip record these bytes lie in: feed it
+
+
+def pread_extent(ext: Extent, view: memoryview, start: int = 0) -> None:
+    """Fill `view` with the extent's bytes from `start` on, and feed them to its check."""
+    pread_into(ext.fd, view, ext.offset + start, ext.path)
+    if ext.check is not None:
+        ext.check.update(ext.offset + start, view)
 
 
 def keep_descriptor(fd: int) -> bool:
@@ -496,6 +504,7 @@ class ReaderBase:
     others: tuple[str, ...] = ()  # other tensor dicts the file holds (torch files)
     removed_prefixes: tuple[str, ...] = ()
     other_entries: tuple[str, ...] = ()  # a torch file's entries besides weights and metadata
+    extras_notes: tuple[str, ...] = ()  # what carrying `extras` converted or left out
     files: list[SourceFile]
     _names: dict[str, str]
 
@@ -559,7 +568,14 @@ class ReaderBase:
         return {}
 
     def check_unchanged(self) -> None:
+        """Refuse a result read from files that were damaged or changed: finish the checks
+        of what was read (`verify`), then compare each file with how it was opened."""
+        self.verify()
         check_unchanged(self.files)
+
+    def verify(self) -> None:
+        """Finish checking what was read (a torch zip's CRC-32s); raises on a mismatch."""
+        return None
 
     def close(self) -> None:
         return None

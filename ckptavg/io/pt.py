@@ -9,6 +9,7 @@ hands the pages back, so the resident set is bounded by one tensor per input. Le
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import collections
 import contextlib
@@ -22,6 +23,8 @@ import types
 import warnings
 import zipfile
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import (
@@ -42,11 +45,24 @@ from ckptavg.io.base import (
     keep_descriptor,
     open_source,
     pread_exact,
+    pread_into,
     pread_number,
     strip_keys,
     whole_number,
 )
-from ckptavg.io.dtypes import standard
+from ckptavg.io.crc import RecordCheck
+from ckptavg.io.dtypes import dtype_of, standard
+from ckptavg.io.pickles import (
+    Opaque,
+    RefusedGlobal,
+    carry,
+    left_out,
+    number,
+    python3_name,
+    refuse_global,
+    stand_in,
+)
+from ckptavg.io.torchzip import LEGACY_STORAGES, RawTensor
 
 if TYPE_CHECKING:
     import torch
@@ -59,26 +75,20 @@ CARRIED = ("pytorch-lightning_version", "hparams_name", "hyper_parameters",
 STEP_ENTRIES = ("global_step", "step", "num_updates", "iteration")
 
 
-class Opaque(dict):
-    """Stands in for an object of a class the file names but ckptavg never imports (a
-    user's config class in a Lightning checkpoint's hyper-parameters). Holds what the
-    pickle gave it; nothing of the class runs."""
+class _OpaqueUnpickler(pickle.Unpickler):
+    """Torch's weights-only allowlist, then the one policy of io/pickles.py for any other
+    global: refused by name when it could run code, else an inert stand-in. The file loads
+    without importing or running anything it names."""
 
-    global_name = "?"
+    allowed: dict[str, object] = {}
+    path = "?"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-        self.args = args
-
-    def __setstate__(self, state) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.global_name}, not imported>"
-
-
-def _opaque(module: str, name: str) -> type:
-    return type(name, (Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__})
+    def find_class(self, module: str, name: str):
+        obj = self.allowed.get(f"{module}.{name}")
+        if obj is not None:
+            return obj
+        refuse_global(self.path, module, name)
+        return stand_in(module, name)
 
 
 def _allowed_globals() -> dict[str, object]:
@@ -89,27 +99,6 @@ def _allowed_globals() -> dict[str, object]:
     for obj in _safe_globals():
         allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return allowed
-
-
-# A standard-library global outside the allowlist (os.system, subprocess.Popen, eval) is
-# never a user's data class: such a file is refused, not loaded with a stand-in.
-_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {
-    "builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy"}
-
-
-class _OpaqueUnpickler(pickle.Unpickler):
-    """Torch's weights-only allowlist, and an Opaque stand-in for any other global outside
-    the standard library: the file loads without importing or running anything it names."""
-
-    allowed: dict[str, object] = {}
-
-    def find_class(self, module: str, name: str):
-        obj = self.allowed.get(f"{module}.{name}")
-        if obj is not None:
-            return obj
-        if module.split(".")[0] in _STDLIB:
-            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
-        return _opaque(module, name)
 
 
 def _safe_globals() -> list:
@@ -153,14 +142,16 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not mmap or not m:  # a legacy file, or not a matter of globals: refuse
-            what = f"the global {m.group(1)}" if m else "content outside the weights-only allowlist"
+            what = f"the global {_named(m.group(1))}" if m else \
+                "content outside the weights-only allowlist"
             raise CheckpointError(
                 f"{path}: refused to unpickle {what} (code named by a file is never run); "
                 "re-save the weights with torch.save(model.state_dict()) or as safetensors"
             ) from None
     except _LOAD_ERRORS as e:
         raise _corrupt(path, e) from None
-    unpickler = type("Unpickler", (_OpaqueUnpickler,), {"allowed": _allowed_globals()})
+    unpickler = type("Unpickler", (_OpaqueUnpickler,), {"allowed": _allowed_globals(),
+                                                        "path": path})
     module = types.SimpleNamespace(__name__="ckptavg_opaque_pickle", Unpickler=unpickler,
                                    load=pickle.load, loads=pickle.loads)
     try:
@@ -171,12 +162,18 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
-            f"{path}: refused to unpickle the global {m.group(1) if m else '?'} (code named by "
+            f"{path}: refused to unpickle the global {_named(m.group(1)) if m else '?'} (code named by "
             "a file is never run); re-save the weights with torch.save(model.state_dict()) or "
             "as safetensors"
         ) from None
     except _LOAD_ERRORS as e:
         raise _corrupt(path, e) from None
+
+
+def _named(dotted: str) -> str:
+    """A global as torch's message gives it, by its Python 3 name."""
+    module, _, name = dotted.rpartition(".")
+    return ".".join(python3_name(module, name))
 
 
 def _corrupt(path: str, e: BaseException) -> CheckpointError:
@@ -195,6 +192,11 @@ def find_state_dict(obj: object, key: str | None, path: str,
     if depth > MAX_NESTING:
         raise CheckpointError(f"{path}: state dict entries nested more than {MAX_NESTING} deep "
                               "(or in a cycle); name the entry that holds the weights (--key)")
+    if isinstance(obj, Opaque):
+        raise CheckpointError(
+            f"{path}: holds a {obj.global_name} object, not a dict of tensors (weights are "
+            "never read from a class ckptavg does not import); save model.state_dict() "
+            "instead of the object")
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
@@ -203,7 +205,7 @@ def find_state_dict(obj: object, key: str | None, path: str,
     if key is not None:
         node: object = obj
         for part in key.split("/") if key not in obj else [key]:
-            if not isinstance(node, dict) or part not in node:
+            if not isinstance(node, dict) or isinstance(node, Opaque) or part not in node:
                 raise CheckpointError(
                     f"{path}: no entry {key!r} (top-level keys: {_list(obj)}); name the entry "
                     "that holds the weights"
@@ -216,7 +218,7 @@ def find_state_dict(obj: object, key: str | None, path: str,
         return obj, "<top level>"
     for name in STATE_DICT_KEYS:
         node = obj.get(name)
-        if isinstance(node, dict) and _has_tensor(node):
+        if isinstance(node, dict) and not isinstance(node, Opaque) and _has_tensor(node):
             if all(_is_tensor(v) for v in node.values()):
                 return node, name
             inner, where = find_state_dict(node, None, path, depth + 1)
@@ -273,10 +275,10 @@ def position_of(obj: object) -> Position:
     `global_step`, timm's `epoch`, fairseq's train_iterator epoch and num_updates."""
     if not isinstance(obj, dict):
         return Position()
-    epoch, epoch_from = whole_number(obj.get("epoch")), "checkpoint entry 'epoch'"
+    epoch, epoch_from = whole_number(number(obj.get("epoch"))), "checkpoint entry 'epoch'"
     step, step_from = None, ""
     for name in STEP_ENTRIES:
-        step = whole_number(obj.get(name))
+        step = whole_number(number(obj.get(name)))
         if step is not None:
             step_from = f"checkpoint entry {name!r}"
             break
@@ -292,38 +294,10 @@ def position_of(obj: object) -> Position:
                     step_from if step is not None else "")
 
 
-MAX_DEPTH = 100  # containers inside containers, in an entry carried into a .pt output
-
-
-def scan(obj: object) -> set[str]:
-    """What an entry of a loaded file holds, walked without recursion (a forged pickle can
-    nest a list 10^5 deep, or put a list inside itself): "opaque" (a class ckptavg did not
-    import), "ref" (a tensor not loaded yet) and "deep" (nested past MAX_DEPTH)."""
-    found: set[str] = set()
-    seen: set[int] = set()
-    stack = [(obj, 0)]
-    while stack:
-        x, depth = stack.pop()
-        if isinstance(x, Opaque):
-            found.add("opaque")
-        elif isinstance(x, TensorRef):
-            found.add("ref")
-        elif isinstance(x, (dict, list, tuple, set, frozenset)) and id(x) not in seen:
-            seen.add(id(x))
-            if depth >= MAX_DEPTH:
-                found.add("deep")
-                continue
-            stack.extend((v, depth + 1) for v in (x.values() if isinstance(x, dict) else x))
-    return found
-
-
 # ------------------------------------------------------------------ reading without torch
 
 # torch's typed storages, by the name its pickles give them.
-_STORAGES = {"DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-             "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
-             "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
-             "BoolStorage": "bool"}
+_STORAGES = {v: k for k, v in LEGACY_STORAGES.items()}
 MAX_PICKLE = 1 << 28  # a structure pickle this large is left to torch
 
 
@@ -351,11 +325,12 @@ class _Storage(_Sealed):
     """One storage record of the zip (`<prefix>/data/<key>`): its dtype and length, then
     where its bytes begin in the file."""
 
-    __slots__ = ("key", "dtype", "numel", "offset")
+    __slots__ = ("key", "dtype", "numel", "offset", "check")
 
     def __init__(self, key: str, dtype: DType, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
         self.offset = -1  # in the file, once the zip directory has been read
+        self.check: RecordCheck | None = None  # its CRC-32, summed as it is read
 
 
 class TensorRef(_Sealed):
@@ -457,9 +432,11 @@ class _StructureUnpickler(pickle.Unpickler):
         ("_codecs", "encode"): _latin1,  # bytes, in pickle protocol 2
     }
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, path: str):
         super().__init__(io.BytesIO(data))
         self.storages: dict[str, _Storage] = {}
+        self.path = path
+        self.stand_ins: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str):
         found = self.GLOBALS.get((module, name))
@@ -471,7 +448,13 @@ class _StructureUnpickler(pickle.Unpickler):
             return _StorageType(standard(_STORAGES[name]))
         if module == "torch" and standard(name) is not None:
             return standard(name)  # a dtype (of _rebuild_tensor_v3)
-        raise _Unsupported(f"{module}.{name}")
+        if module == "torch" or module.startswith("torch."):
+            raise _Unsupported(f"{module}.{name}")  # torch's own loader knows its records
+        refuse_global(self.path, module, name)
+        key = (module, name)
+        if key not in self.stand_ins:
+            self.stand_ins[key] = stand_in(module, name)
+        return self.stand_ins[key]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -493,11 +476,14 @@ _LOCAL_HEADER = struct.Struct("<4s22sHH")  # signature, fields, name length, ext
 
 def read_structure(path: str, fd: int) -> object | None:
     """The object a zip-format torch file holds, with a TensorRef for each tensor, read
-    without torch; None when it holds anything else (a class, numpy values, a tensor that
-    is not dense and real, a foreign byte order, compressed records): torch loads those.
+    without torch. Classes the file names are inert stand-ins (io/pickles.py), and one that
+    could run code refuses the file. None, for torch's loader to take, when the file holds
+    a tensor record this does not describe (sparse, quantized, complex; hooks), a foreign
+    byte order or compressed records.
 
-    Only the pickle and the zip directory are read; every tensor is checked to lie inside
-    its storage record, which is checked to be stored uncompressed and whole."""
+    Only the pickle and the zip directory are read. Each storage record must be stored
+    whole, inside the file, and apart from the others; every tensor must lie inside its
+    record; each record gets the CRC-32 check its bytes are summed into as they are read."""
     try:
         with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
             infos = {i.filename: i for i in z.infolist()}
@@ -507,25 +493,54 @@ def read_structure(path: str, fd: int) -> object | None:
             prefix = pickles[0][: -len("data.pkl")]
             if not _zip_native_order(z):
                 return None
-            up = _StructureUnpickler(z.read(pickles[0]))
+            up = _StructureUnpickler(z.read(pickles[0]), path)
             obj = up.load()
             size = os.fstat(fd).st_size
             for key, st in up.storages.items():
                 info = infos.get(prefix + "data/" + key)
-                if info is None or info.compress_type != zipfile.ZIP_STORED \
-                        or info.file_size != st.numel * st.dtype.itemsize:
+                if info is None:
+                    raise _Damaged(f"{path}: data.pkl names the record {prefix}data/{key}, "
+                                   "which the zip does not hold: the file is incomplete or "
+                                   "forged; re-save it")
+                if info.compress_type != zipfile.ZIP_STORED:
                     return None
+                need = st.numel * st.dtype.itemsize
+                if info.file_size != need:
+                    raise _Damaged(f"{path}: record {info.filename} holds {info.file_size} "
+                                   f"bytes where data.pkl describes {need}: the file is "
+                                   "damaged or forged; re-save it")
                 sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
                     pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
                 if sig != b"PK\x03\x04":
-                    return None
+                    raise _Damaged(f"{path}: the zip directory places {info.filename} at "
+                                   f"byte {info.header_offset}, where no record begins: the "
+                                   "file is damaged or forged; re-save it")
                 st.offset = info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
                 if st.offset + info.file_size > size:
-                    return None
+                    raise _Damaged(f"{path}: record {info.filename} runs past the end of the "
+                                   "file: it is truncated or forged; re-save it")
+                st.check = RecordCheck(path, info.filename, st.offset, info.file_size, info.CRC)
+            _check_overlaps(path, up.storages.values())
+    except (RefusedGlobal, _Damaged):
+        raise
     except (_Unsupported, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointError,
             *_LOAD_ERRORS):
         return None
     return obj
+
+
+class _Damaged(CheckpointError):
+    """A zip whose directory contradicts its pickle or itself: torch would fail on it too."""
+
+
+def _check_overlaps(path: str, storages) -> None:
+    """Two storage records whose bytes overlap are a forged zip (torch writes each once)."""
+    spans = sorted((st.offset, st.offset + st.check.size, st.check.name) for st in storages
+                   if st.check.size)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise _Damaged(f"{path}: records {a} and {b} overlap in the file, which torch "
+                           "never writes: the zip is forged or damaged; re-save it")
 
 
 def _ref_number(fd: int, path: str, t: TensorRef) -> float:
@@ -539,10 +554,13 @@ def _ref_number(fd: int, path: str, t: TensorRef) -> float:
 class TorchReader(ReaderBase):
     """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over).
 
-    A zip-format file of plain containers and tensors is described without torch
-    (`read_structure`): the averaging engine reads its tensors with pread and torch is never
-    imported. Anything else, and any caller that asks for a tensor itself (`read`), goes
-    through torch's weights-only loader (`torch_load`, the file mapped)."""
+    A zip-format file is described without torch (`read_structure`), classes among its
+    other entries as inert stand-ins: the averaging engine reads its tensors with pread and
+    torch is never imported; `read` builds a torch tensor from the record's bytes. Each
+    record read is checked against its CRC-32 (summed as the engine reads it in order;
+    `verify` completes what was read out of order). Anything else (legacy files, compressed
+    records, tensor kinds the structure reader does not describe) goes through torch's
+    weights-only loader (`torch_load`, the file mapped)."""
 
     def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None,
                  mmap: bool = True, fd: int | None = None, src: SourceFile | None = None):
@@ -554,7 +572,8 @@ class TorchReader(ReaderBase):
             fd, src = open_source(path)
         self._fd = None
         self._refs: dict[str, TensorRef] = {}  # raw name -> where it lies (torch-free)
-        self._torch_object = None  # what torch loads, once a caller needs torch's tensors
+        self._records: dict[str, np.ndarray] = {}  # storage key -> its bytes, while read
+        self._checks: list[RecordCheck] = []  # a torch-loaded zip's records, by offset
         try:
             obj = read_structure(path, fd) if mmap and keep_descriptor(fd) else None
             if obj is None:
@@ -564,13 +583,9 @@ class TorchReader(ReaderBase):
             self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
             self._position = position_of(obj)
             top = obj if isinstance(obj, dict) else {}
-            self._scalars = {str(k): float(v) for k, v in top.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            # Entries holding a class ckptavg did not import (or nested past reason) are not
-            # written back: they could not be faithfully.
-            self._extras = {k: top[k] for k in CARRIED
-                            if k in top and not scan(top[k]) & {"opaque", "deep"}}
-            self.dropped_extras = tuple(k for k in CARRIED if k in top and k not in self._extras)
+            self._scalars = {str(k): float(n) for k, n in
+                             ((k, number(v)) for k, v in top.items()) if n is not None}
+            self._carry(top)
             # Entries besides the weights and our metadata (optimizer, loops, configs).
             self.other_entries = tuple(str(k) for k, v in top.items()
                                        if v is not state and k != "metadata")
@@ -593,12 +608,33 @@ class TorchReader(ReaderBase):
             if any(isinstance(t, TensorRef) for t in self._tensors.values()):
                 self._refs = dict(self._tensors)
                 self._fd = fd  # read_structure ran only with a descriptor to keep
-                self._tensors = {}  # loaded by torch if a caller asks for one (read)
+                self._tensors = {}
+                for public, raw in self._names.items():  # what each record holds, for errors
+                    check = self._refs[raw].storage.check
+                    check.holds = check.holds or f"tensor {public!r}"
             else:
                 self._find_map(fd, src)
         finally:
             if self._fd is None:
                 os.close(fd)
+
+    def _carry(self, top: dict) -> None:
+        """The carried entries (CARRIED) as plain values; notes on what was converted."""
+        torch = sys.modules.get("torch")
+        keep = (TensorRef,) + ((torch.Tensor,) if torch is not None else ())
+        self._extras: dict[str, object] = {}
+        dropped, notes = [], []
+        for k in CARRIED:
+            if k not in top:
+                continue
+            value, said = carry(top[k], keep)
+            if left_out(value):
+                dropped.append(k)
+            else:
+                self._extras[k] = value
+            notes += [f"entry {k!r}: {n}" for n in said]
+        self.dropped_extras = tuple(dropped)
+        self.extras_notes = tuple(notes)
 
     def _find_map(self, fd: int, src: SourceFile) -> None:
         """Where torch's map of the file lies, so that tensors can be located in the file."""
@@ -606,24 +642,14 @@ class TorchReader(ReaderBase):
         self._base = _map_start(self._lowest, fd, src) if self._mmap and self._lowest else None
         if self._base is not None and keep_descriptor(fd):
             self._fd = fd  # tensors are then read with pread (see locate)
+            self._checks = zip_checks(fd, self.path)
 
-    def _loaded(self) -> object:
-        """The object torch loads from a file described without torch (loaded once, mapped)."""
-        if self._torch_object is None:
-            self._torch_object = torch_load(self.path, self._fd, mmap=True)
-        return self._torch_object
-
-    def _tensor(self, raw: str) -> torch.Tensor:
-        """A tensor itself: a file described without torch is loaded by torch now."""
-        if self._refs and not self._tensors:
-            state, _ = find_state_dict(self._loaded(), self._key, self.path)
-            tensors = {k: state.get(k) for k in self._refs}
-            if not all(_is_tensor(t) and tuple(t.shape) == self._refs[k].shape
-                       and t.dtype == self._refs[k].dtype for k, t in tensors.items()):
-                raise CheckpointError(f"{self.path}: changed while it was being read; run again")
-            self._tensors = tensors
-            self._lowest = _lowest_storage(tensors)
-        return self._tensors[raw]
+    def _check_at(self, offset: int) -> RecordCheck | None:
+        """The record of a torch-loaded zip that holds the byte at `offset`."""
+        i = bisect.bisect_right([c.offset for c in self._checks], offset) - 1
+        if i >= 0 and offset < self._checks[i].offset + self._checks[i].size:
+            return self._checks[i]
+        return None
 
     def ties(self) -> dict[str, str]:
         return dict(self._ties)
@@ -634,7 +660,35 @@ class TorchReader(ReaderBase):
         return TensorSpec(key, tuple(t.shape), t.dtype)
 
     def read(self, key: str) -> torch.Tensor:
-        return self._tensor(self._raw(key))
+        """The tensor (torch imported now): built from its record's bytes, read once and
+        checked whole; for a torch-loaded file, torch's mapped tensor, its record checked."""
+        raw = self._raw(key)
+        torch = import_torch()
+        if not self._refs:
+            t = self._tensors[raw]
+            if self._checks and t.numel():
+                check = self._check_at(t.untyped_storage().data_ptr() - self._base)
+                if check is not None:
+                    check.finish(self._fd)
+            return t
+        ref = self._refs[raw]
+        if not ref.numel():
+            return torch.empty(ref.shape, dtype=ref.dtype.torch)
+        data = self._record(ref.storage)
+        flat = torch.from_numpy(data)
+        size = ref.dtype.itemsize
+        if size > 1:
+            flat = flat[: len(data) // size * size]
+        return flat.view(ref.dtype.torch).as_strided(ref.shape, ref.stride, ref.offset)
+
+    def _record(self, st: _Storage) -> np.ndarray:
+        data = self._records.get(st.key)
+        if data is None:
+            data = np.empty(st.check.size, np.uint8)
+            pread_into(self._fd, memoryview(data), st.offset, self.path)
+            st.check.whole(data)
+            self._records[st.key] = data
+        return data
 
     def locate(self, key: str) -> Extent | None:
         raw = self._raw(key)
@@ -642,14 +696,25 @@ class TorchReader(ReaderBase):
             ref = self._refs[raw]
             if not ref.numel() or not ref.is_contiguous():
                 return None
-            return Extent(self._fd, ref.file_offset(), self.path)
+            return Extent(self._fd, ref.file_offset(), self.path, ref.storage.check)
         t = self._tensors[raw]
         if self._fd is None or not t.numel() or not t.is_contiguous():
             return None
-        return Extent(self._fd, t.data_ptr() - self._base, self.path)
+        offset = t.data_ptr() - self._base
+        return Extent(self._fd, offset, self.path, self._check_at(offset))
+
+    def verify(self) -> None:
+        """Complete the CRC-32 check of every record read in part or out of order."""
+        checks = {id(r.storage.check): r.storage.check for r in self._refs.values()
+                  if r.storage.check is not None}
+        for check in list(checks.values()) + self._checks:
+            if check.started and not check.done:
+                check.finish(self._fd)
 
     def release(self, key: str) -> None:
-        if self._mmap and self._tensors:
+        if self._refs:
+            self._records.pop(self._refs[self._raw(key)].storage.key, None)
+        elif self._mmap and self._tensors:
             storage = self._tensors[self._raw(key)].untyped_storage()
             drop_pages(storage.data_ptr(), storage.nbytes())
 
@@ -668,9 +733,47 @@ class TorchReader(ReaderBase):
         return self._position.merged(super().position())
 
     def extras(self) -> dict[str, object]:
-        if self._refs and "ref" in scan(self._extras):  # tensors among them: torch's objects
-            return {k: self._loaded()[k] for k in self._extras}
-        return dict(self._extras)
+        """The carried entries as plain values, each tensor among them as a RawTensor (its
+        record read and checked), so a torch output can be written without torch."""
+        memo: dict[int, object] = {}
+
+        def raw(x: object) -> object:
+            if isinstance(x, TensorRef):
+                return RawTensor(x.dtype, x.shape, self._ref_bytes(x))
+            if _is_tensor(x):
+                t = x.detach().contiguous()
+                return RawTensor(dtype_of(t.dtype), tuple(t.shape),
+                                 t.reshape(-1).view(import_torch().uint8).numpy().tobytes())
+            if id(x) in memo:
+                return memo[id(x)]
+            if type(x) is dict:
+                out: dict = {}
+                memo[id(x)] = out
+                out.update((k, raw(v)) for k, v in x.items())
+                return out
+            if type(x) is list:
+                items: list = []
+                memo[id(x)] = items
+                items.extend(raw(v) for v in x)
+                return items
+            if type(x) is tuple:
+                return tuple(raw(v) for v in x)
+            return x
+
+        return {k: raw(v) for k, v in self._extras.items()}
+
+    def _ref_bytes(self, ref: TensorRef) -> bytes:
+        """A described tensor's bytes in C order, from its checked record."""
+        if not ref.numel():
+            return b""
+        data = self._record(ref.storage)
+        size = ref.dtype.itemsize
+        elems = np.lib.stride_tricks.as_strided(
+            data[ref.offset * size:].view(f"V{size}"), ref.shape,
+            tuple(st * size for st in ref.stride), writeable=False)
+        out = np.ascontiguousarray(elems).tobytes()
+        self._records.pop(ref.storage.key, None)
+        return out
 
     def scalars(self) -> dict[str, float]:
         return dict(self._scalars)
@@ -678,10 +781,29 @@ class TorchReader(ReaderBase):
     def close(self) -> None:
         self._tensors = {}
         self._refs = {}
-        self._torch_object = None
+        self._records = {}
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def zip_checks(fd: int, path: str) -> list[RecordCheck]:
+    """A CRC-32 check for each stored record of a zip, sorted by where its data begins."""
+    checks = []
+    try:
+        with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    continue
+                sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
+                    pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
+                if sig == b"PK\x03\x04":
+                    checks.append(RecordCheck(path, info.filename, info.header_offset
+                                              + _LOCAL_HEADER.size + n_name + n_extra,
+                                              info.file_size, info.CRC))
+    except (OSError, zipfile.BadZipFile, ValueError, struct.error):
+        return []
+    return sorted(checks, key=lambda c: c.offset)
 
 
 def _lowest_storage(tensors: dict) -> int:

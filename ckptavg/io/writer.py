@@ -28,6 +28,14 @@ from typing import TYPE_CHECKING, Union
 
 from ckptavg.errors import OutputError
 from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, TensorSpec, import_torch
+from ckptavg.io.torchzip import (
+    Pickle,
+    RawTensor,
+    TensorRecord,
+    ZipStream,
+    head_records,
+    tail_records,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -271,7 +279,9 @@ class Writer(Atomic):
     """Base of the writers: a context manager that commits on success, aborts on error,
     and turns a failing disk into one OutputError naming the output."""
 
-    keeps_tensors = False
+    keeps_tensors = False  # takes torch tensors whole, and holds them (DCP)
+    shares_ties = False  # tied names are one tensor: only the first of each is written
+    streams_parts = False  # takes a tensor in consecutive flat slices (write_part)
     path: str
     shown: str | None = None  # the name errors give, when not `path` (a shard: its folder)
 
@@ -555,49 +565,88 @@ class ShardedWriter(Writer):
 
 
 class TorchWriter(Writer):
-    """A torch.save file in its suffix's ecosystem layout; holds the model until close.
+    """A torch.save file in its suffix's ecosystem layout, written without torch and
+    streamed: each storage record is written as the engine hands its slices over (see
+    io/torchzip.py), so memory never holds the model. `torch.load(weights_only=True)` and
+    `mmap=True` read it, with torch's default settings.
 
     - `.bin`: a plain state dict, as Hugging Face's `from_pretrained` reads it (no place for
       metadata: it is dropped; write .safetensors to keep it).
     - `.pt`, `.pth`, `.ckpt`, `.tar`: `{entry: state dict, "metadata": ..., **extras}`, where
-      `entry` is where the newest input kept its weights (`state_dict`, `model`) and `extras`
-      its carried configuration (Lightning's version and hyper-parameters, so
-      `load_from_checkpoint` accepts a `.ckpt`; fairseq's cfg/args).
+      `entry` is where the newest input kept its weights (`state_dict`, `model`,
+      `model_state_dict`...) and `extras` its carried configuration as plain values
+      (Lightning's version and hyper-parameters, so `load_from_checkpoint` accepts a `.ckpt`;
+      fairseq's cfg/args), whose tensors (`RawTensor`) get records of their own.
+
+    Tied names (`ties`: name -> the name whose storage it shares) are one tensor in the
+    pickle and one record; the caller writes only the first name of each tie.
     """
 
-    keeps_tensors = True
+    streams_parts = True
+    shares_ties = True
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  ties: dict[str, str] | None = None, entry: str = "state_dict",
-                 extras: dict | None = None):
+                 extras: dict | None = None, force_zip64: bool = False):
         self.path = path
-        self._order = [s.key for s in specs]
-        self._ties = dict(ties or {})
-        self._state: dict[str, torch.Tensor] = {}
-        self._metadata = dict(metadata)
-        self._entry = entry
-        self._extras = {k: v for k, v in (extras or {}).items() if k not in (entry, "metadata")}
-        self._plain = path.lower().endswith(".bin")
+        ties = dict(ties or {})
+        self._queue = [TensorRecord(str(i), s.dtype, s.shape, s.nbytes)
+                       for i, s in enumerate(s for s in specs if s.key not in ties)]
+        by_key = dict(zip((s.key for s in specs if s.key not in ties), self._queue))
+        state = {s.key: by_key[_root(ties, s.key)] for s in specs}
+        self._blobs: list[tuple[TensorRecord, bytes]] = []
+        extras = {k: v for k, v in (extras or {}).items() if k not in (entry, "metadata")}
+        obj = state if path.lower().endswith(".bin") else {**extras, entry: state,
+                                                           "metadata": dict(metadata)}
+        self._pickled = Pickle(self._blob).dumps(obj)
+        self._next = 0
+        self.bytes_written = sum(r.nbytes for r in self._queue)
         self._out = AtomicFile(path)
-        self.bytes_written = sum(s.nbytes for s in specs if s.key not in self._ties)
+        try:
+            self._zip = ZipStream(self._out.file, force_zip64)
+            head_records(self._zip, self._pickled)
+        except OSError as e:
+            self._out.abort()
+            raise _write_error(path, e) from None
 
-    def _write(self, key: str, tensor: torch.Tensor) -> None:
-        self._state[key] = tensor
+    def _blob(self, value: RawTensor) -> TensorRecord:
+        """A record of its own for a tensor among the carried entries (written at close)."""
+        rec = TensorRecord(f"x{len(self._blobs)}", value.dtype, value.shape, len(value.data))
+        self._blobs.append((rec, value.data))
+        return rec
+
+    def _write(self, key: str, tensor: Data) -> None:
+        self._write_part(key, tensor, True, True)
+
+    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
+        rec = self._queue[self._next] if self._next < len(self._queue) else None
+        if rec is None or (not _is_numpy(flat) and flat.dtype != rec.dtype):
+            raise RuntimeError(f"writer expected {rec}, got {key} {flat.dtype}")
+        if first:
+            self._zip.begin(f"data/{rec.key}", rec.nbytes)
+        self._zip.feed(tensor_bytes(flat))
+        if last:
+            self._zip.end()
+            self._next += 1
 
     def _close(self) -> None:
-        state = {}
-        for k in self._order:
-            # Tied names point at one tensor object, so torch.save stores one storage.
-            state[k] = state[self._ties[k]] if k in self._ties else self._state[k]
-        obj = state if self._plain else {**self._extras, self._entry: state,
-                                         "metadata": self._metadata}
-        import_torch().save(obj, self._out.file)
-        self._state.clear()
+        if self._next != len(self._queue):
+            raise RuntimeError(f"{self.path}: {len(self._queue) - self._next} tensors not written")
+        for rec, data in self._blobs:
+            self._zip.record(f"data/{rec.key}", data)
+        tail_records(self._zip, self._pickled)
         self._out.commit()
 
     def abort(self) -> None:
-        self._state.clear()
         self._out.abort()
+
+
+def _root(ties: dict[str, str], key: str) -> str:
+    seen = set()
+    while key in ties and key not in seen:
+        seen.add(key)
+        key = ties[key]
+    return key
 
 
 class DcpWriter(Writer):
@@ -607,6 +656,7 @@ class DcpWriter(Writer):
     distributed.write_shards)."""
 
     keeps_tensors = True
+    shares_ties = True
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  ties: dict[str, str] | None, entry: str | None):

@@ -54,3 +54,40 @@ def test_ema_weights_average_and_timm_loads_them(tmp_path):
     model = timm.create_model(ARCH, num_classes=3, checkpoint_path=str(out))
     want = float64_mean([torch.load(f, weights_only=False)["state_dict_ema"] for f in files[1:]])
     assert_matches(model.state_dict(), want)
+
+
+def test_files_with_args_average_without_torch_into_a_pth_timm_and_torch_load(tmp_path):
+    """timm's train.py saves `args` (an argparse.Namespace) beside the weights: the files are
+    still read without importing torch, the .pth.tar output is written without it, loads
+    with torch's default weights_only=True, and timm builds the model from it."""
+    import argparse
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(model=ARCH, lr=0.1, epochs=3)
+    saver = CheckpointSaver(model, opt, args=args, checkpoint_dir=str(tmp_path),
+                            recovery_dir=str(tmp_path), max_history=3)
+    for epoch in range(3):
+        loss = model(torch.randn(2, 3, 32, 32)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        saver.save_checkpoint(epoch, metric=float(epoch))
+    files = sorted(tmp_path.glob("checkpoint-*.pth.tar"))
+    assert len(files) == 3 and "args" in torch.load(files[0], weights_only=False)
+    out = tmp_path / "avg.pth.tar"
+    script = ("import sys\nimport ckptavg\nr = ckptavg.average(sys.argv[2:], sys.argv[1])\n"
+              "print('torch' in sys.modules)\nprint(len(r.warnings))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(out), *map(str, files)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == ["False", "1"], proc.stderr
+    raw = torch.load(out)  # torch's default settings: weights_only=True
+    assert raw["args"] == {"model": ARCH, "lr": 0.1, "epochs": 3}
+    built = timm.create_model(ARCH, num_classes=3, checkpoint_path=str(out))
+    want = float64_mean([torch.load(f, weights_only=False)["state_dict"] for f in files])
+    assert_matches(built.state_dict(), want)

@@ -1,5 +1,6 @@
 import argparse
 import decimal
+import functools
 import os
 
 import pytest
@@ -97,15 +98,24 @@ def test_a_users_class_is_never_imported_and_the_weights_still_read(tmp_path, mo
         got = {k: r.read(k).clone() for k in r.keys()}
         assert set(got) == set(SD) and all(torch.equal(got[k], SD[k]) for k in SD)
         assert r.position().epoch == 3
-        assert r.extras() == {"pytorch-lightning_version": "2.6.0"}  # cfg cannot be re-saved
-        assert r.dropped_extras == ("hyper_parameters",)
+        # carried as plain values: the stand-in's fields become a dict
+        assert r.extras() == {"pytorch-lightning_version": "2.6.0",
+                              "hyper_parameters": {"cfg": {"lr": 0.1}}}
+        assert r.dropped_extras == ()
+        assert any("Config carried as a dict" in n for n in r.extras_notes)
     assert calls == []
 
 
-def test_a_standard_library_global_outside_the_allowlist_is_refused(tmp_path):
-    p = save(tmp_path, {"state_dict": SD, "c": Config(), "d": decimal.Decimal("1.5")})
-    with pytest.raises(CheckpointError, match="refused to unpickle the global decimal.Decimal"):
+def test_a_standard_library_global_that_runs_code_is_refused(tmp_path):
+    p = save(tmp_path, {"state_dict": SD, "c": Config(), "d": functools.partial(print, 1)})
+    with pytest.raises(CheckpointError, match="refused to unpickle the global functools.partial"):
         open_checkpoint(p)
+
+
+def test_a_standard_library_data_holder_gets_a_stand_in(tmp_path):
+    p = save(tmp_path, {"state_dict": SD, "d": decimal.Decimal("1.5")})
+    with open_checkpoint(p) as r:
+        assert r.keys() == list(SD)
 
 
 def test_allowlisted_harmless_globals(tmp_path):

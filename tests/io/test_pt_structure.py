@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ckptavg.errors import CheckpointError
 from ckptavg.io import open_checkpoint
 from ckptavg.io.base import open_source
 from ckptavg.io.pt import TensorRef, read_structure
@@ -75,11 +76,11 @@ def test_described_tensors_are_torchs_own(tmp_path, layout):
 
 def test_reader_without_torch_equals_reader_with_torch(tmp_path):
     """The same file through the torch-free description and through torch's loader (forced
-    by a numpy value beside the weights): keys, specs, ties, located bytes, scalars."""
+    by a complex tensor beside the weights): keys, specs, ties, located bytes, scalars."""
     sd = _states()
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     torch.save({"state_dict": sd, "epoch": 7}, a)
-    torch.save({"state_dict": sd, "epoch": 7, "rng": np.float64(1.5)}, b)
+    torch.save({"state_dict": sd, "epoch": 7, "rng": torch.ones(2, dtype=torch.complex64)}, b)
     assert _structure(a) is not None and _structure(b) is None
     with open_checkpoint(str(a)) as ra, open_checkpoint(str(b)) as rb:
         assert ra.keys() == rb.keys()
@@ -96,19 +97,26 @@ def test_reader_without_torch_equals_reader_with_torch(tmp_path):
         assert ra.scalars()["epoch"] == 7.0
 
 
-@pytest.mark.parametrize("what", ["numpy value", "complex", "quantized", "class",
-                                  "compressed", "past storage", "other byte order"])
+def test_numpy_values_and_classes_are_described_with_stand_ins(tmp_path):
+    """numpy scalars and a class beside the weights no longer send the file to torch: they
+    are inert stand-ins, and a numpy scalar still reads as its number."""
+    p = tmp_path / "x.pt"
+    torch.save({"state_dict": {"w": torch.ones(4)}, "n": np.int64(3), "metric": np.float64(0.75),
+                "o": collections.Counter(a=1)}, p)
+    desc = _structure(p)
+    assert desc is not None and isinstance(desc["state_dict"]["w"], TensorRef)
+    with open_checkpoint(str(p)) as r:
+        assert r.scalars() == {"n": 3.0, "metric": 0.75}
+
+
+@pytest.mark.parametrize("what", ["complex", "quantized", "compressed", "other byte order"])
 def test_anything_else_is_left_to_torch(tmp_path, what):
     p = tmp_path / "x.pt"
     sd = {"w": torch.ones(4)}
-    if what == "numpy value":
-        sd["n"] = np.int64(3)
-    elif what == "complex":
+    if what == "complex":
         sd["c"] = torch.ones(2, dtype=torch.complex64)
     elif what == "quantized":
         sd["q"] = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
-    elif what == "class":
-        sd["o"] = collections.Counter(a=1)
     torch.save(sd, p)
     if what in ("compressed", "other byte order"):
         q = tmp_path / "y.pt"
@@ -120,14 +128,19 @@ def test_anything_else_is_left_to_torch(tmp_path, what):
                 zout.writestr(item.filename, data, zipfile.ZIP_DEFLATED if what == "compressed"
                               and "/data/" in item.filename else zipfile.ZIP_STORED)
         p = q
-    if what == "past storage":  # the pickle's tensor is longer than its storage record
-        torch.save({"w": torch.ones(4)}, p)
-        with zipfile.ZipFile(p) as zin:
-            items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
-        with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zout:
-            for name, data in items:
-                zout.writestr(name, data[:8] if name.endswith("/data/0") else data)
     assert _structure(p) is None
+
+
+def test_a_record_shorter_than_its_storage_is_one_line(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"w": torch.ones(4)}, p)
+    with zipfile.ZipFile(p) as zin:
+        items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in items:
+            zout.writestr(name, data[:8] if name.endswith("/data/0") else data)
+    with pytest.raises(CheckpointError, match=r"data/0 holds 8 bytes where data.pkl describes 16"):
+        _structure(p)
 
 
 def test_averaging_torch_files_never_imports_torch(tmp_path):
@@ -220,7 +233,7 @@ def test_deep_or_cyclic_entries_are_read_and_not_carried(tmp_path, via, shape):
         for i in range(2):
             obj = {"state_dict": {"w": torch.full((3,), float(i))}, "cfg": cfg, "metadata": meta}
             if via == "torch":
-                obj["rng"] = np.float64(1.0)  # not plain: torch's loader reads it
+                obj["rng"] = torch.ones(1, dtype=torch.complex64)  # torch's loader reads it
             p = tmp_path / f"e{i}.pt"
             torch.save(obj, p)
             paths.append(str(p))

@@ -1,0 +1,241 @@
+"""What a torch file's pickle may name, and how its non-weight entries are carried.
+
+One policy for every global a checkpoint names, whatever the pickle protocol (GLOBAL or
+STACK_GLOBAL), the nesting or the reader (the torch-free structure reader or torch's
+loader): a global of the standard library that can run code (os.system, subprocess.Popen,
+builtins.eval/getattr, importlib, pickle and copyreg machinery...) refuses the file in one
+line naming it; anything else that is not one of torch's tensor records gets an inert
+`Opaque` stand-in (a user's config class, argparse.Namespace, numpy scalars, omegaconf,
+Lightning's AttributeDict), never imported, never called.
+
+Entries carried into a torch output (Lightning's hyper-parameters, fairseq's cfg/args) are
+converted to plain values by `carry`, so every output loads with `weights_only=True`: a
+stand-in that holds a dict of fields (a Namespace, a dataclass, AttributeDict) becomes a
+dict, a numpy scalar a Python number, a path its string; anything else is left out, with a
+note naming it.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import pathlib
+import sys
+
+from ckptavg.errors import CheckpointError
+
+# Standard-library globals that only hold data: they get stand-ins like a user's class.
+DATA_GLOBALS = frozenset({
+    "argparse.Namespace", "collections.Counter", "collections.defaultdict",
+    "collections.deque", "collections.OrderedDict", "datetime.date", "datetime.datetime",
+    "datetime.time", "datetime.timedelta", "datetime.timezone", "decimal.Decimal",
+    "fractions.Fraction", "uuid.UUID", "pathlib.Path", "pathlib.PosixPath",
+    "pathlib.WindowsPath", "pathlib.PurePath", "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath", "builtins.complex", "builtins.bytearray", "builtins.slice",
+    "builtins.range", "builtins.set", "builtins.frozenset", "builtins.list", "builtins.dict",
+    "builtins.tuple", "builtins.int", "builtins.float", "builtins.str", "builtins.bytes",
+    "builtins.bool", "builtins.object",
+})
+# Every other standard-library global is code a file could run: refused by name.
+STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {
+    "builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy",
+    "pickle", "copyreg", "copy_reg", "_pickle", "marshal", "types", "functools", "operator",
+    "codecs", "_codecs", "io", "shutil", "socket", "ctypes", "pty", "code", "webbrowser"}
+NUMPY_SCALARS = ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+NUMPY_DTYPE = "numpy.dtype"
+
+
+class RefusedGlobal(CheckpointError):
+    """A file names a global that could run code."""
+
+
+def python3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 name of a global as a protocol 0-2 pickle may spell it (Python 2's
+    `__builtin__`, `commands.Popen`...), as the unpickler would map it."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def refuse_global(path: str, module: str, name: str) -> None:
+    """Raise the one-line refusal for a global that would run code; return for any other."""
+    module, name = python3_name(module, name)
+    if f"{module}.{name}" in DATA_GLOBALS or module.split(".")[0] not in STDLIB:
+        return
+    raise RefusedGlobal(
+        f"{path}: refused to unpickle the global {module}.{name} (code named by a file is "
+        "never run); re-save the weights with torch.save(model.state_dict()) or as "
+        "safetensors")
+
+
+class Opaque(dict):
+    """Stands in for an object of a class the file names but ckptavg never imports (a
+    user's config class in a Lightning checkpoint's hyper-parameters). Holds what the
+    pickle gave it (constructor arguments, items, state); nothing of the class runs."""
+
+    global_name = "?"
+    args: tuple = ()
+    state: object = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name}, not imported>"
+
+
+def stand_in(module: str, name: str) -> type:
+    return type(name, (Opaque,), {"global_name": f"{module}.{name}", "__module__": __name__})
+
+
+MAX_DEPTH = 100  # containers inside containers, in an entry carried into a torch output
+
+
+class _LeftOut(Exception):
+    pass
+
+
+def carry(value: object, keep: tuple[type, ...] = ()) -> tuple[object, list[str]]:
+    """`value` as plain containers and numbers (and the `keep` types, tensors, as they are),
+    with notes on what was converted and what was left out. Shared and cyclic containers
+    stay shared. Raises nothing: an entry nested past MAX_DEPTH is left out whole."""
+    notes: dict[str, None] = {}
+    memo: dict[int, object] = {}
+
+    def conv(x: object, depth: int) -> object:
+        if x is None or type(x) in (bool, int, float, str, bytes) or isinstance(x, keep):
+            return x
+        if id(x) in memo:
+            return memo[id(x)]
+        if depth > MAX_DEPTH:
+            raise RecursionError
+        if isinstance(x, Opaque):
+            return opaque(x, depth)
+        if isinstance(x, dict):
+            out: dict = {}
+            memo[id(x)] = out
+            for k, v in x.items():
+                put(out, k, v, depth)
+            return out
+        if isinstance(x, list):
+            items: list = []
+            memo[id(x)] = items
+            items.extend(leaf(v, depth) for v in x)
+            return items
+        if isinstance(x, tuple):
+            return tuple(leaf(v, depth) for v in x)
+        if isinstance(x, (set, frozenset)):
+            return {conv(v, depth + 1) for v in x}
+        return real(x, depth)
+
+    def put(out: dict, k: object, v: object, depth: int) -> None:
+        try:
+            key = conv(k, depth + 1)
+            hash(key)
+            out[key] = conv(v, depth + 1)
+        except _LeftOut as e:
+            notes[f"{e} left out"] = None
+        except TypeError:
+            notes[f"a key of type {type(k).__qualname__} left out"] = None
+
+    def leaf(v: object, depth: int) -> object:
+        try:
+            return conv(v, depth + 1)
+        except _LeftOut as e:
+            notes[f"{e} left out (None in its place)"] = None
+            return None
+
+    def opaque(x: Opaque, depth: int) -> object:
+        g = x.global_name
+        if g in NUMPY_SCALARS:
+            return numpy_scalar(x)
+        if g.startswith("pathlib.") and all(isinstance(a, str) for a in x.args):
+            notes[f"{g} carried as a string"] = None
+            kind = pathlib.PureWindowsPath if "Windows" in g else pathlib.PurePosixPath
+            return str(kind(*x.args))
+        if g == "collections.Counter" and x.args and isinstance(x.args[0], dict):
+            return conv(x.args[0], depth + 1)
+        fields = x.state[0] if isinstance(x.state, tuple) and x.state else x.state
+        if not dict.__len__(x) and not isinstance(fields, dict):
+            raise _LeftOut(g)
+        out: dict = {}
+        memo[id(x)] = out
+        for source in (dict(x.items()), fields if isinstance(fields, dict) else {}):
+            for k, v in source.items():
+                put(out, k, v, depth)
+        notes[f"{g} carried as a dict"] = None
+        return out
+
+    def real(x: object, depth: int) -> object:
+        """An object torch's loader built (its allowlist: Namespace, numpy values, paths)."""
+        kind = f"{type(x).__module__}.{type(x).__qualname__}"
+        if kind == "argparse.Namespace":
+            notes[f"{kind} carried as a dict"] = None
+            return conv(dict(vars(x)), depth + 1)
+        if type(x).__module__ == "numpy" and hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+            value = x.item()
+            if type(value) in (bool, int, float):
+                return value
+        if kind.startswith("pathlib."):
+            notes[f"{kind} carried as a string"] = None
+            return str(x)
+        raise _LeftOut(kind)
+
+    try:
+        return conv(value, 0), list(notes)
+    except RecursionError:
+        return _LEFT_OUT, [f"nested more than {MAX_DEPTH} deep (left out)"]
+    except _LeftOut as e:
+        return _LEFT_OUT, [f"{e} left out"]
+
+
+_LEFT_OUT = object()
+
+
+def left_out(value: object) -> bool:
+    """Whether `carry` left the whole value out."""
+    return value is _LEFT_OUT
+
+
+def numpy_scalar(x: Opaque) -> object:
+    """The Python number of a pickled numpy scalar (numpy's `scalar(dtype, bytes)` record),
+    decoded from its bytes by numpy without calling anything the file names."""
+    import numpy as np
+
+    dt = x.args[0] if len(x.args) == 2 else None
+    raw = x.args[1] if len(x.args) == 2 else None
+    if not (isinstance(dt, Opaque) and dt.global_name == NUMPY_DTYPE and dt.args
+            and isinstance(dt.args[0], str) and isinstance(raw, bytes)):
+        raise _LeftOut("numpy scalar")
+    code = dt.args[0]
+    order = dt.state[1] if isinstance(dt.state, tuple) and len(dt.state) > 1 else "<"
+    try:
+        kind = np.dtype(code)
+    except TypeError:
+        raise _LeftOut(f"numpy scalar of dtype {code!r}") from None
+    if kind.kind not in "biuf" or len(raw) != kind.itemsize or order not in "<>|=":
+        raise _LeftOut(f"numpy scalar of dtype {code!r}")
+    if order in "<>":
+        kind = kind.newbyteorder(order)
+    return np.frombuffer(raw, kind)[0].item()
+
+
+def number(value: object) -> int | float | None:
+    """A number stored beside the weights (an epoch, timm's metric) as Python's, whether
+    plain, a numpy scalar torch's loader built or a stand-in for one; None otherwise."""
+    if type(value) in (int, float):
+        return value
+    if isinstance(value, Opaque) and value.global_name in NUMPY_SCALARS:
+        try:
+            value = numpy_scalar(value)
+        except _LeftOut:
+            return None
+        return value if type(value) in (int, float) else None
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0 \
+            and hasattr(value, "item"):
+        value = value.item()
+        return value if type(value) in (int, float) else None
+    return None
