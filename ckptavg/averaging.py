@@ -26,7 +26,7 @@ import numpy as np
 
 from ckptavg import __version__, arith, options
 from ckptavg.distributed import Group, world_size, write_shards
-from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError
+from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes, make_writer, open_checkpoint
 from ckptavg.io.base import MAX_SIDE_FILE, pread_extent
 from ckptavg.io.dtypes import DType, import_torch
@@ -39,7 +39,14 @@ from ckptavg.io.writer import (
     output_kind,
 )
 from ckptavg.options import Accumulate, Method, OutDtype, check_choice
-from ckptavg.select import Candidate, close_all, open_candidates, refuse_shared_files, select
+from ckptavg.select import (
+    Candidate,
+    close_all,
+    leave_out_outputs,
+    open_candidates,
+    refuse_shared_files,
+    select,
+)
 
 Progress = Callable[[int, int], None]
 OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
@@ -149,14 +156,14 @@ def method_weights(n: int, method: Method, weights: Sequence[float] | None = Non
     if method == "weighted":
         ws = [float(w) for w in weights or []]
         if len(ws) != n:
-            raise CkptavgError(f"{len(ws)} weights given for {n} inputs; give one per input")
+            raise OptionError("weights", f"{len(ws)} given for {n} selected inputs; give one per input")
         if any(w < 0 or not math.isfinite(w) for w in ws) or sum(ws) <= 0:
-            raise CkptavgError("weights must be finite, non-negative and not all zero")
+            raise OptionError("weights", "must be finite, non-negative and not all zero")
         total = sum(ws)
         return [w / total for w in ws]
     if method == "ema":
         if decay is None or not 0.0 <= decay < 1.0:
-            raise CkptavgError(f"EMA decay {decay}: must be in [0, 1)")
+            raise OptionError("ema", "the decay must be in [0, 1)", decay)
         return [decay ** (n - 1)] + [(1 - decay) * decay ** (n - 1 - i) for i in range(1, n)]
     raise CkptavgError(f"unknown averaging method {method!r}")
 
@@ -702,18 +709,18 @@ def average(
     """
     t0 = time.perf_counter()
     if weights is not None and ema is not None:
-        raise CkptavgError("weights and an EMA decay exclude each other; pick one")
+        raise OptionError(("weights", "ema"), "exclude each other; pick one")
     if into is not None:
         into = os.fspath(into)
         if not os.path.exists(into):
             raise CkptavgError(f"{into}: no such file; folding into a running average needs an "
                                "existing one (make the first with an output, -o)")
         if weights is not None or ema is not None:
-            raise CkptavgError("a running average (--into) folds a uniform mean; drop the "
-                               "weights/EMA decay")
+            raise OptionError(("into", "weights", "ema"), "a running average folds a uniform "
+                              "mean; drop the weights or the EMA decay")
         output = into if output is None else output
     if output is None and not dry_run:
-        raise CkptavgError("no output given; pass an output path (-o OUT: .safetensors, .pt or a folder)")
+        raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a folder)")
     output = os.fspath(output) if output is not None else None
     kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
     check_options(accumulate, dtype)
@@ -722,10 +729,10 @@ def average(
                    metric, lowest)
     if world_size() > 1:
         if into is not None:
-            raise CkptavgError("folding into a running average (--into) runs in one process; "
-                               "run it without torchrun")
+            raise OptionError("into", "folding into a running average runs in one process; "
+                              "run it without torchrun")
         if not dry_run and kind not in ("sharded", "dcp"):
-            raise CkptavgError(f"{output}: under torchrun each rank writes one shard, so the "
+            raise OptionError("output", f"{output}: under torchrun each rank writes one shard, so the "
                                "output is a folder; give a folder name (-o OUT_DIR)")
         with Group() as group:
             result = _average_ranks(group, [os.fspath(p) for p in inputs], output, kind, method,
@@ -740,6 +747,7 @@ def average(
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
         cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
         stack.callback(close_all, cands)
+        cands, left_out = leave_out_outputs(cands)
         chosen = select(cands, *select_args)
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
@@ -765,8 +773,12 @@ def average(
                          hash_inputs=hash_inputs and not dry_run)
         result = _result(plan, chosen, into, output, method, n_total, dry_run)
         result.skipped = skipped
-        result.warnings = [f"{p}: already folded into {into} (same fingerprint in its "
+        result.warnings = left_out + [f"{p}: already folded into {into} (same fingerprint in its "
                            "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
+        if n_total == 1:
+            result.warnings.append(f"{chosen[0].path}: the only input, so the output is a copy "
+                                   "of it (with ckptavg's metadata), not an average; select "
+                                   "two or more inputs")
         if kind == "torch" and not output.lower().endswith(".bin"):
             result.warnings += carried_notes(readers[-1])
         if not dry_run:
@@ -807,6 +819,7 @@ def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: st
         try:
             cands = open_candidates(inputs, key, strip_prefix)
             stack.callback(close_all, cands)
+            cands, left_out = leave_out_outputs(cands)
             chosen = select(cands, *select_args)
             raw = _raw_weights(len(chosen), method, weights, ema)
             readers = [c.reader for c in chosen]
@@ -815,7 +828,7 @@ def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: st
             plan = make_plan(readers, raw, method=method, accumulate=accumulate, dtype=dtype,
                              allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs and not dry_run)
             result = _result(plan, chosen, None, output, method, len(chosen), dry_run)
-            result.warnings = _mixed_runs(chosen)
+            result.warnings = left_out + _mixed_runs(chosen)
         except BaseException as e:
             error = e
         group.agree(error)

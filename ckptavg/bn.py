@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from ckptavg.checkpoint import save
 from ckptavg.data import (
     PassBatches,
     batch_seed,
+    describe_data,
     get_dataset,
     own_share,
     pass_batches,
@@ -33,7 +34,7 @@ from ckptavg.data import (
 )
 from ckptavg.device import resolve_device
 from ckptavg.distributed import Group, world_size
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import open_checkpoint
 from ckptavg.modelio import build_from_checkpoint
 from ckptavg.options import Split, Stats, check_choice
@@ -227,6 +228,7 @@ class BnFixResult(Result):
     device: str
     seconds: float
     message: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
@@ -271,11 +273,11 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     check_choice("stats", stats, Stats)
     check_choice("split", split, Split)
     if batches is not None and fraction is not None:
-        raise CkptavgError("give batches or fraction, not both (--batches/--fraction)")
+        raise OptionError(("batches", "fraction"), "give one, not both")
     if fraction is not None and not 0 < fraction <= 1:
-        raise CkptavgError(f"fraction {fraction}: must be in (0, 1] (--fraction)")
+        raise OptionError("fraction", "must be in (0, 1]", fraction)
     if batches is not None and batches < 1:
-        raise CkptavgError(f"batches {batches}: must be 1 or more (--batches)")
+        raise OptionError("batches", "must be 1 or more", batches)
     path = os.fspath(checkpoint)
     if output is None:
         _check_in_place(path, key, strip_prefix)
@@ -328,13 +330,17 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                            input_key=input_key, progress=progress)
     out = os.fspath(output if output is not None else checkpoint)
     new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info["samples"]),
-                "bn.data": f"{data_name}:{split}" + (f":first{subset}" if subset else "")
-                + (":augment" if augment else ""),
+                "bn.data": describe_data(data_name, split, augment, subset),
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save({k: new_state[k] for k in state}, out, new_meta)
-    return BnFixResult(path, out, info["bn_layers"], info["batches"], info["samples"], data_name,
-                       stats, str(dev), time.perf_counter() - t0)
+    result = BnFixResult(path, out, info["bn_layers"], info["batches"], info["samples"],
+                         data_name, stats, str(dev), time.perf_counter() - t0)
+    trained_on = meta.get("data.name")
+    if trained_on and trained_on != data_name:
+        result.warnings.append(f"{path} was trained on {trained_on} (data.name) but its "
+                               f"BatchNorm statistics are now computed on {data_name}")
+    return result
 
 
 def _check_in_place(path: str, key: str | None, strip_prefix: str | None) -> None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import click
 
 from ckptavg import __version__, options
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -25,17 +25,55 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 
 class UserError(click.ClickException):
-    """A CkptavgError on its way out: one line on stderr, its exit code (1)."""
+    """A CkptavgError on its way out: one line on stderr, its exit code (1, or 2 for an
+    option's value)."""
 
-    def __init__(self, error: CkptavgError):
-        super().__init__(str(error))
+    def __init__(self, error: CkptavgError, message: str | None = None):
+        super().__init__(message or str(error))
         self.exit_code = error.exit_code
 
-    def show(self, file=None) -> None:
-        click.echo(f"ckptavg: error: {self.message}", err=True)
+
+def spelled(ctx: click.Context, name: str) -> str:
+    """A library parameter as this command's flag: the spelling the user typed (`-o`), else
+    every spelling (`-o/--output`); an argument by its metavar (INPUTS)."""
+    typed = ctx.meta.get("ckptavg.argv", [])
+    for p in ctx.command.params:
+        if p.name != name:
+            continue
+        if isinstance(p, click.Argument):
+            return p.make_metavar(ctx) if _metavar_takes_ctx() else p.make_metavar()
+        flags = [o for o in p.opts + p.secondary_opts if o.startswith("-")]
+        for o in flags:
+            if any(a == o or a.startswith(o + "=") for a in typed):
+                return o
+        return "/".join(flags)
+    return "--" + name.replace("_", "-")
 
 
-class Command(click.Command):
+def _metavar_takes_ctx() -> bool:
+    import inspect
+
+    return "ctx" in inspect.signature(click.Argument.make_metavar).parameters
+
+
+class TorchWhenNeeded(click.Command):
+    """A subcommand whose library call imports torch only if it needs it (`average` and
+    `inspect` of safetensors files and plain torch files never do), through the same held
+    import (io.dtypes.import_torch). An OptionError from the library names the option as
+    this command spells it, as a usage error (exit 2)."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["ckptavg.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OptionError as e:
+            raise UserError(e, e.render(lambda name: spelled(ctx, name))) from None
+
+
+class Command(TorchWhenNeeded):
     """A subcommand: torch is imported before its body runs, with Ctrl-C and SIGTERM held off
     for the import. A signal that lands inside torch's C++ initialisation would otherwise
     abort the interpreter (pybind11 turns the KeyboardInterrupt into std::terminate, exit
@@ -44,12 +82,6 @@ class Command(click.Command):
     def invoke(self, ctx):
         _import_torch_holding_signals()
         return super().invoke(ctx)
-
-
-class TorchWhenNeeded(click.Command):
-    """A subcommand whose library call imports torch only if it needs it (`average` and
-    `inspect` of safetensors files and plain torch files never do), through the same held
-    import (io.dtypes.import_torch)."""
 
 
 def _import_torch_holding_signals() -> None:
@@ -252,7 +284,10 @@ def data_options(required: bool = False):
     default = "" if required else " (default: the checkpoint's data.name metadata)"
     return group(
         click.option("--data", required=required, help="cifar10, cifar100, fashion-mnist, mnist, "
-                     f"svhn, imagefolder or package.module:function{default}."),
+                     "svhn, imagefolder or package.module:function (looked up in the working "
+                     "folder; called with split='train'|'test' and augment=True|False when it "
+                     "takes those parameters; returns a Dataset or DataLoader of (input, "
+                     f"label) batches){default}."),
         data_dir_option,
         click.option("--download", is_flag=True, help="Download the data set if missing."),
     )
@@ -267,8 +302,11 @@ loader_options = group(
 # What every command that runs a stored network over data takes.
 run_options = group(input_options, model_options(), data_options(), loader_options, device_option,
                     output_options)
-split_option = click.option("--split", type=click.Choice(options.choices(options.Split)),
-                            default="test", show_default=True)
+split_option = click.option(
+    "--split", type=click.Choice(options.choices(options.Split)),
+    help="The data split to score (default: test). A --data package.module:function is "
+    "called with split='train'|'test' and augment=True|False when it takes them; one that "
+    "takes no split cannot be asked for test images, so say which images it returns.")
 
 
 # Which of one run's checkpoints take part (average, search).
@@ -872,6 +910,20 @@ def beyond_cmd(out, data_dir, device, samples, bn_batches, jobs, as_json, quiet)
     emit(result, as_json, quiet, lambda r: [beyond_table(r)])
 
 
+def fail(e: click.ClickException, as_json: bool) -> None:
+    """Leave with one line on stderr (and, with --json, an error object on stdout, so a
+    pipeline that parses stdout gets JSON either way) and the error's exit code: 1 for a
+    problem in the files or data, 2 for a usage error (an option's value, a missing option,
+    an unknown one), Click's or the library's."""
+    message = e.format_message()
+    if isinstance(e, click.UsageError) and e.ctx is not None:
+        message = message.rstrip(".") + f" (see '{e.ctx.command_path} --help')"
+    click.echo(f"ckptavg: error: {message}", err=True)
+    if as_json:
+        emit_json({"error": message, "exit_code": e.exit_code})
+    sys.exit(e.exit_code)
+
+
 def _on_sigterm(signum, frame):
     # Turn SIGTERM into an exception so writers remove their temporary files.
     raise SystemExit(128 + signum)
@@ -909,12 +961,12 @@ def _ranked() -> bool:
 
 def _main(argv: list[str] | None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         # standalone_mode=False returns the exit code (of --help, --version) instead of exiting
-        rc = cli.main(args=argv, prog_name="ckptavg", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="ckptavg", standalone_mode=False)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        fail(e, "--json" in args)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("ckptavg: interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptavg.errors import DataError
+from ckptavg.errors import DataError, OptionError
 from ckptavg.models import importable_from_cwd
+from ckptavg.options import Split, check_choice
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # SWA authors'
 
@@ -63,14 +64,35 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def _download(cls, name: str, root: str, split: str) -> None:
-    """Fetch a torchvision data set into `root` (torchvision checks the archive's md5)."""
+    """Fetch a torchvision data set into `root` (torchvision checks the archive's md5). A
+    failed download takes back the folders it created, empty ones only: nothing that was
+    there before, nothing a user put there."""
+    own = os.path.join(root, cls.__name__)  # torchvision's folders for it
+    made = [d for d in (os.path.join(own, "raw"), os.path.join(own, "processed"), own)
+            if not os.path.exists(d)] + _missing_folders(root)
     try:
         cls(root, train=split == "train", download=True)
     except Exception as e:  # network errors come in many types
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty
         text = str(e).strip().splitlines()
         why = text[0][:200] if text else type(e).__name__
         raise DataError(f"{name}: download to {root} failed ({why}); check the network, or "
                         "put the files there yourself and drop --download") from None
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first."""
+    out = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
 
 
 def read_idx(path: str) -> torch.Tensor:
@@ -270,15 +292,58 @@ def _imagefolder(root: str, split: str, augment: bool):
         raise DataError(f"imagefolder: {folder}: {e}") from None
 
 
-def _user(spec: str, split: str, augment: bool):
+def _user_function(spec: str):
+    """The function a `package.module:function` data spec names (the user named it: run)."""
     module_name, _, attr = spec.partition(":")
     importable_from_cwd()
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise DataError(f"--data {spec}: cannot load it ({e})") from None
-    params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in (("split", split), ("augment", augment)) if k in params}
+        return getattr(importlib.import_module(module_name), attr)
+    except ImportError as e:
+        raise OptionError("data", f"cannot import {module_name} ({e}); modules are looked up "
+                          "in the working folder and on the Python path", spec) from None
+    except AttributeError:
+        raise OptionError("data", f"{module_name} has no {attr!r}", spec) from None
+
+
+def data_takes(name: str) -> frozenset[str]:
+    """Which of `split` and `augment` the data set can be asked for: both for a known data
+    set; for a user's `module:function`, the ones it takes as parameters (or **kwargs)."""
+    if ":" not in name:
+        return frozenset({"split", "augment"})
+    params = inspect.signature(_user_function(name)).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return frozenset({"split", "augment"})
+    return frozenset(p.name for p in params if p.name in ("split", "augment"))
+
+
+def describe_data(name: str, split: str, augment: bool, subset: int | None = None) -> str:
+    """What a pass read, as metadata records it (`bn.data`): only what was asked of the data
+    and could be: `mymodule:loader` for a function that takes neither split nor augment."""
+    takes = data_takes(name)
+    return (name + (f":{split}" if "split" in takes else "")
+            + (f":first{subset}" if subset else "")
+            + (":augment" if augment and "augment" in takes else ""))
+
+
+def eval_split(name: str, split: str | None) -> str:
+    """The split an evaluation reports: `split` when given (the user's word for what a
+    function that takes no split returns); else "test", when the data can be asked for it."""
+    if split is not None:
+        check_choice("split", split, Split)
+        return split
+    if "split" in data_takes(name):
+        return "test"
+    raise OptionError(("data", "split"), f"{name} takes no `split` parameter, so ckptavg "
+                      "cannot ask it for the test images and will not call what it returns "
+                      "test data; give the function a `split` parameter (it is called with "
+                      "split='train' or 'test'), or say which images it returns: split test "
+                      "or split train")
+
+
+def _user(spec: str, split: str, augment: bool):
+    fn = _user_function(spec)
+    takes = data_takes(spec)
+    kwargs = {k: v for k, v in (("split", split), ("augment", augment)) if k in takes}
     return fn(**kwargs)
 
 

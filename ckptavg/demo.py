@@ -21,7 +21,7 @@ from importlib import resources
 from ckptavg import options
 from ckptavg.averaging import average
 from ckptavg.bn import bn_fix
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import OptionError
 from ckptavg.evaluation import EvalResult, evaluate
 from ckptavg.results import Result
 from ckptavg.train.loop import TrainConfig, train
@@ -68,7 +68,7 @@ def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: in
     """
     e = DEMO["epochs"] if epochs is None else epochs
     if e < 2:
-        raise CkptavgError(f"epochs {e}: the demo needs 2 or more (--epochs)")
+        raise OptionError("epochs", "the demo needs 2 or more", e)
     stage = on_stage or (lambda s: None)
     tmp = None
     if out is None:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import OptionError
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -22,7 +22,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CkptavgError(f"device {device!r}: no CUDA GPU is available here; use cpu or auto")
+        raise OptionError("device", "no CUDA GPU is available here; use cpu or auto", repr(device))
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
         try:
             return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
@@ -31,4 +31,4 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError:
-        raise CkptavgError(f"device {device!r}: use auto, cpu or cuda[:N]") from None
+        raise OptionError("device", "use auto, cpu or cuda[:N]", repr(device)) from None

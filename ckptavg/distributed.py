@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 
-from ckptavg.errors import CkptavgError, OutputError
+from ckptavg.errors import CkptavgError
 from ckptavg.io.base import TensorSpec, import_torch
 
 
@@ -104,7 +104,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     ranks hold their shares and save one torch.distributed.checkpoint together."""
     if dcp is not False:
         return _write_dcp(plan, output, group, execute, progress, threads, dcp)
-    from ckptavg.io.writer import SafetensorsWriter, commit_folder
+    from ckptavg.io.writer import SafetensorsWriter, commit_folder, write_error
 
     output = os.path.abspath(output.rstrip(os.sep))
     tmp = _shared_temp(group, output)
@@ -140,7 +140,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
                           plan.bytes_out, side_files)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            error = OutputError(f"{output}: cannot write ({e.strerror})")
+            error = write_error(output, e)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             error = e

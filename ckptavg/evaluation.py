@@ -12,7 +12,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ckptavg import options
-from ckptavg.data import batches_here, get_dataset, own_share, pass_loader, split_batch
+from ckptavg.data import (
+    batches_here,
+    eval_split,
+    get_dataset,
+    own_share,
+    pass_loader,
+    split_batch,
+)
 from ckptavg.device import resolve_device
 from ckptavg.distributed import Group, world_size
 from ckptavg.errors import DataError
@@ -110,10 +117,17 @@ def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list
     if trained_on and trained_on != data_name:
         out.append(f"{path} was trained on {trained_on} (data.name) but is evaluated on "
                    f"{data_name}")
+    bn_data = meta.get("bn.data")
+    if bn_data and meta.get("bn.stale") != "true" and bn_data != data_name \
+            and not bn_data.startswith(data_name + ":"):
+        out.append(f"{path}: its BatchNorm statistics were computed on {bn_data} (bn.data), "
+                   f"but it is evaluated on {data_name}; where the two differ, recompute them "
+                   f"on the data you evaluate on (ckptavg bn-fix {path} --data {data_name})")
     return out
 
 
-def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: Split = "test",
+def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None,
+             split: Split | None = None,
              data_dir: str | None = None, download: bool = False, model: str | None = None,
              model_kwargs: dict | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
              workers: int = options.WORKERS, device: str = options.DEVICE,
@@ -124,7 +138,9 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: S
     Args:
         checkpoint: any format ckptavg reads; the network comes from its model.* metadata
             unless `model` is given, the data set from its data.name unless `data` is.
-        split: "test" or "train" (without augmentation); subset: the first N samples only.
+        split: "test" or "train" (without augmentation); default "test", asked of the data
+            (a user's function that takes no `split` cannot be asked: then say which
+            split it returns, or it is an OptionError); subset: the first N samples only.
         key, strip_prefix: where the weights are in a training checkpoint (as for `average`).
         progress: called with (batches done, batches in the pass).
 
@@ -136,10 +152,12 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None, split: S
         >>> ckptavg.evaluate("swa.safetensors", data="cifar10").accuracy
     """
     t0 = time.perf_counter()
-    check_choice("split", split, Split)
+    if split is not None:
+        check_choice("split", split, Split)
     path = os.fspath(checkpoint)
     net, _, meta, data_name = build_from_checkpoint(path, model, model_kwargs, data, data_dir,
                                                     key, strip_prefix)
+    split = eval_split(data_name, split)
     dev = resolve_device(device)
     dataset = get_dataset(data_name, split, data_dir, augment=False, download=download)
     if world_size() > 1:  # under torchrun: batch i on rank i % P, sums all-reduced

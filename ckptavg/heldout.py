@@ -18,13 +18,19 @@ from ckptavg import arith, options
 from ckptavg.averaging import make_plan
 from ckptavg.bn import bn_layers, recalibrate
 from ckptavg.checkpoint import save
-from ckptavg.data import get_dataset, holdout_split, make_loader
+from ckptavg.data import describe_data, get_dataset, holdout_split, make_loader
 from ckptavg.device import resolve_device
-from ckptavg.errors import CkptavgError, DataError
+from ckptavg.errors import CkptavgError, DataError, OptionError
 from ckptavg.evaluation import predict, scores
 from ckptavg.io import ReaderBase
 from ckptavg.io.dtypes import dtype_of
-from ckptavg.modelio import build_model, data_name_of, load_weights, model_spec
+from ckptavg.modelio import (
+    build_model,
+    data_name_of,
+    load_weights,
+    model_spec,
+    require_model_and_data,
+)
 from ckptavg.options import Stats, check_choice
 from ckptavg.select import Candidate
 
@@ -116,6 +122,7 @@ class HeldOut:
                  bn_batches: int | None = None, input_key: str | None = None) -> None:
         check_choice("stats", stats, Stats)
         meta = ref.metadata
+        require_model_and_data(meta, model, data, ref.path)
         self.data_name = data_name_of(meta, data, ref.path)
         arch, kwargs = model_spec(meta, model, model_kwargs, ref.path)
         self.net, _ = build_model(arch, kwargs, self.data_name, data_dir)
@@ -134,7 +141,7 @@ class HeldOut:
                     "train --holdout); pass holdout=N (--holdout N): the last N of the training "
                     "images (of the first --subset images)")
         if holdout < 1:
-            raise CkptavgError(f"holdout {holdout}: must be 1 or more (--holdout)")
+            raise OptionError("holdout", "must be 1 or more", holdout)
         if subset is None and trained is not None:
             subset = trained + holdout  # the split `train --subset S --holdout N` made
         train_set = get_dataset(self.data_name, "train", data_dir, augment=True, download=download)
@@ -151,6 +158,13 @@ class HeldOut:
         if trained is not None:
             fit = range(0, min(trained, fit.stop))
         self.fit, self.held = fit, held
+        # Held out for sure only when the run recorded which images it trained on.
+        self.verified = trained is not None
+        self.warnings: list[str] = [] if self.verified else [
+            f"{ref.path}: no data.train_images metadata (the run was not trained by ckptavg "
+            f"train on {self.data_name}), so ckptavg cannot know that the held-out images "
+            f"{self.description} were not trained on; if they were, the held-out scores are "
+            "optimistic and the choice is not honest (hold out images your loop never saw)"]
         self._train_set = torch.utils.data.Subset(train_set, fit)
         self._held = make_loader(torch.utils.data.Subset(plain, held), batch_size,
                                  workers=workers, device=str(self.dev))
@@ -168,7 +182,7 @@ class HeldOut:
 
     @property
     def bn_description(self) -> str:
-        return f"{self.data_name}:train:first{self.fit.stop}:augment"  # as bn_fix says it
+        return describe_data(self.data_name, "train", True, self.fit.stop)  # as bn_fix
 
     def _recalibrate(self) -> None:
         # The same batches and augmentations for every candidate: reseed, fresh loader.
@@ -227,7 +241,8 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
     if heldout.has_bn:
         meta.update({"bn.stale": "false", "bn.samples": str(heldout.bn_samples),
                      "bn.data": heldout.bn_description, "bn.stats": heldout.stats})
-    meta.update({"select.holdout": heldout.description, **selection})
+    meta.update({"select.holdout": heldout.description,
+                 "select.holdout_verified": "true" if heldout.verified else "false", **selection})
     save(state, output, meta)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ckptavg.checkpoint import load
 from ckptavg.data import INFO, data_info, get_dataset
-from ckptavg.errors import CkptavgError, ModelError
+from ckptavg.errors import CkptavgError, ModelError, OptionError
 from ckptavg.models import create_model, names_code
 
 # Factory arguments that download or load weights: never taken from a file's metadata.
@@ -48,6 +48,20 @@ def model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | Non
     return arch, kwargs
 
 
+def require_model_and_data(meta: dict[str, str], model: str | None, data: str | None,
+                           path: str) -> None:
+    """Name every option a checkpoint without ckptavg's metadata needs, in one line."""
+    lacking = [(option, key) for option, given, key in (("model", model, "model.arch"),
+                                                         ("data", data, "data.name"))
+               if not given and not meta.get(key)]
+    if lacking:
+        raise OptionError(tuple(o for o, _ in lacking), f"missing: {path} has no "
+                          f"{' or '.join(k for _, k in lacking)} metadata (it was not written "
+                          "by ckptavg train), so name them: a model (`ckptavg models`, "
+                          "torchvision:NAME or package.module:factory) and a data set (cifar10 "
+                          "... or package.module:function)")
+
+
 def data_name_of(meta: dict[str, str], data: str | None, path: str) -> str:
     """--data wins; else the checkpoint's data.name, which may not name code."""
     if data:
@@ -73,9 +87,10 @@ def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = 
     ds = None if known or {"num_classes", "in_channels"} <= set(kwargs) else \
         get_dataset(data_name, "train", data_dir)
     info = data_info(data_name, ds)
+    net = create_model(arch, supplied={"num_classes": info.num_classes,
+                                       "in_channels": info.in_channels}, **kwargs)
     kwargs.setdefault("num_classes", info.num_classes)
     kwargs.setdefault("in_channels", info.in_channels)
-    net = create_model(arch, **kwargs)
     if data_name in INFO:
         first = next((m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
                      None)
@@ -88,10 +103,39 @@ def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = 
     return net, kwargs
 
 
+def wrapper_prefix(expected: list[str], found: list[str]) -> str | None:
+    """The one prefix under which every key the model expects is found (Lightning's `model.`,
+    a wrapper's `net.`): `found` is exactly `expected` with it in front; else None."""
+    if not expected or len(found) != len(expected):
+        return None
+    first = expected[0]
+    for f in found:
+        if f.endswith("." + first) or (f.endswith(first) and f != first):
+            prefix = f[: len(f) - len(first)]
+            if prefix and {prefix + k for k in expected} == set(found):
+                return prefix
+    return None
+
+
+def _prefix_hint(found: list[str]) -> str:
+    """`--strip-prefix P.` when every unexpected key starts with the same component P."""
+    heads = {k.split(".", 1)[0] for k in found}
+    if len(heads) == 1 and all("." in k for k in found):
+        head = heads.pop()
+        return f"; if the weights sit under {head}., pass --strip-prefix {head}."
+    return ""
+
+
 def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
+    """Load `state` into `net` strictly. Weights kept under one wrapper prefix (a Lightning
+    module's `model.`) are found under it, as `average` finds the state dict in the file."""
     result = net.state_dict()
     missing = [k for k in result if k not in state]
     unexpected = [k for k in state if k not in result]
+    prefix = wrapper_prefix(missing, unexpected) if missing and unexpected else None
+    if prefix is not None:
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        missing, unexpected = [], []
     shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in result.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
@@ -102,8 +146,9 @@ def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
             parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"shape {', '.join(shapes[:3])}")
+        hint = _prefix_hint(unexpected) if missing and unexpected else ""
         raise ModelError(f"{path}: weights do not fit the model: {'; '.join(parts)}; "
-                         "check --model/--model-kwargs")
+                         f"check --model/--model-kwargs{hint}")
     net.load_state_dict(state, strict=True)
 
 
@@ -113,6 +158,7 @@ def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, 
     `strip_prefix` find the weights in a training checkpoint, as for `average`."""
     path = os.fspath(checkpoint)
     state, meta = load(path, key=key, strip_prefix=strip_prefix)
+    require_model_and_data(meta, model, data, path)
     data_name = data_name_of(meta, data, path)
     arch, kwargs = model_spec(meta, model, model_kwargs, path)
     net, _ = build_model(arch, kwargs, data_name, data_dir)

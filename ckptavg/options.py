@@ -39,6 +39,6 @@ def check_choice(name: str, value, literal) -> None:
     """Raise a CkptavgError when `value` is not one of `literal`'s values."""
     allowed = choices(literal)
     if value not in allowed:
-        from ckptavg.errors import CkptavgError
+        from ckptavg.errors import OptionError
 
-        raise CkptavgError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+        raise OptionError(name, f"use one of {', '.join(allowed)}", repr(value))

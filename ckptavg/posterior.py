@@ -29,18 +29,24 @@ from ckptavg.averaging import make_plan, peak_rss_bytes
 from ckptavg.bn import bn_layers, recalibrate
 from ckptavg.calibration import BINS, calibration_scores
 from ckptavg.checkpoint import load
-from ckptavg.data import get_dataset, make_loader
+from ckptavg.data import eval_split, get_dataset, make_loader
 from ckptavg.device import resolve_device
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.evaluation import predict
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import ReaderBase
 from ckptavg.io.writer import AtomicFile, output_kind
-from ckptavg.modelio import build_model, data_name_of, load_weights, model_spec
+from ckptavg.modelio import (
+    build_model,
+    data_name_of,
+    load_weights,
+    model_spec,
+    require_model_and_data,
+)
 from ckptavg.options import Split, Stats, check_choice
 from ckptavg.results import Result
-from ckptavg.select import close_all, open_candidates, select
+from ckptavg.select import close_all, leave_out_outputs, open_candidates, select
 
 Progress = Callable[[int, int], None]
 VAR_CLAMP = 1e-30  # the authors' floor for the diagonal variance
@@ -88,20 +94,20 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
     t0 = time.perf_counter()
     output = os.fspath(output)
     if rank < 2:
-        raise CkptavgError(f"rank {rank}: SWAG's low-rank part needs 2 or more snapshots (--rank)")
+        raise OptionError("rank", "SWAG's low-rank part needs 2 or more", rank)
     if not var_clamp > 0:
-        raise CkptavgError(f"var_clamp {var_clamp}: must be more than 0")
+        raise OptionError("var_clamp", "must be more than 0", var_clamp)
     if output_kind(output, shard_size) == "torch":  # a torch file holds everything until saved
-        raise CkptavgError(f"{output}: a SWAG output is a .safetensors file or a folder, "
-                           "written tensor by tensor")
+        raise OptionError("output", f"{output}: a SWAG output is a .safetensors file or a "
+                          "folder, written tensor by tensor")
     cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
     try:
-        chosen = select(cands, from_epoch, to_epoch, cycle_ends, every, last)
+        kept, warnings = leave_out_outputs(cands)
+        chosen = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
         readers = [c.reader for c in chosen]
         n = len(readers)
         if n < 2:
             raise CkptavgError(f"{n} snapshot selected: SWAG needs 2 or more (widen the selection)")
-        warnings = []
         k = min(rank, n)
         if k < rank:
             warnings.append(f"rank {rank} asked for, but only {n} snapshots: rank {k}")
@@ -196,7 +202,7 @@ class SwagPosterior:
     def sample(self, scale: float, diag: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One weight sample. z2 (K values) is drawn first, then z1 per tensor in key order."""
         if scale < 0:
-            raise CkptavgError(f"scale {scale}: must be 0 or more (--scale)")
+            raise OptionError("scale", "must be 0 or more", scale)
         z2 = torch.randn(self.rank, generator=generator, dtype=torch.float64)
         root = math.sqrt(scale)
         out = {}
@@ -249,7 +255,8 @@ class SwagEvalResult(Result):
 
 def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.PathLike] = (), *,
                   samples: int = options.SWAG_SAMPLES, scale: float = options.SWAG_SCALE, diag: bool = False,
-                  data: str | None = None, split: Split = "test", subset: int | None = None,
+                  data: str | None = None, split: Split | None = None,
+                  subset: int | None = None,
                   data_dir: str | None = None, download: bool = False, model: str | None = None,
                   model_kwargs: dict | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
                   workers: int = options.WORKERS, device: str = options.DEVICE,
@@ -279,15 +286,18 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         >>> r = ckptavg.evaluate_swag("swag.safetensors", ["runs/a/epoch-0030.safetensors"])
     """
     t0 = time.perf_counter()
-    check_choice("split", split, Split)
+    if split is not None:
+        check_choice("split", split, Split)
     check_choice("stats", stats, Stats)
     if samples < 1:
-        raise CkptavgError(f"samples {samples}: must be 1 or more (--samples)")
+        raise OptionError("samples", "must be 1 or more", samples)
     if plot is not None:
         pyplot()
     with SwagPosterior(swag_path) as post:
         meta = post.metadata
+        require_model_and_data(meta, model, data, post.path)
         data_name = data_name_of(meta, data, post.path)
+        split = eval_split(data_name, split)
         arch, kwargs = model_spec(meta, model, model_kwargs, post.path)
         net, _ = build_model(arch, kwargs, data_name, data_dir)
         dev = resolve_device(device)

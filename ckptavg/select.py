@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.base import Position, same_content
 
@@ -143,7 +143,7 @@ def open_candidates(patterns: list[str], key: str | None = None,
     """Expand globs and open every input once; on any error, everything opened is closed."""
     paths = expand(patterns)
     if not paths:
-        raise CkptavgError("no input checkpoints given")
+        raise OptionError("inputs", "none given; name checkpoint files or glob patterns")
     cands: list[Candidate] = []
     try:
         for p in paths:
@@ -153,6 +153,27 @@ def open_candidates(patterns: list[str], key: str | None = None,
         close_all(cands)
         raise
     return cands
+
+
+def is_output(c: Candidate) -> bool:
+    """Whether the input is an output of ckptavg (an average, a soup, a SWAG file), not a
+    snapshot of training."""
+    meta = c.metadata
+    return "average.n" in meta or "swag.rank" in meta
+
+
+def leave_out_outputs(cands: list[Candidate]) -> tuple[list[Candidate], list[str]]:
+    """Snapshots without the outputs of ckptavg found among them (`runs/*.pt` catches
+    `runs/swa.pt` written by an earlier run), with a warning naming each; they are closed.
+    Inputs that are all outputs (averaging averages, a soup of SWA models) stay."""
+    outputs = [c for c in cands if is_output(c)]
+    if not outputs or len(outputs) == len(cands):
+        return cands, []
+    notes = [f"{c.path}: an output of ckptavg (average.n={c.metadata.get('average.n', '?')}) "
+             "among the snapshots; left out (fold new snapshots into it with --into "
+             f"{c.path}, or average it on its own with other averages)" for c in outputs]
+    close_all(outputs)
+    return [c for c in cands if not is_output(c)], notes
 
 
 def close_all(cands: list[Candidate]) -> None:
@@ -190,7 +211,7 @@ def _window(cands: list[Candidate], what: str, lo: int | None, hi: int | None) -
 def best_by(cands: list[Candidate], n: int, metric: str, lowest: bool) -> list[Candidate]:
     """The `n` inputs with the best stored `metric` (highest, or lowest), in training order."""
     if n < 1:
-        raise CkptavgError(f"best {n}: must be 1 or more")
+        raise OptionError("best", "must be 1 or more", n)
     scores = {id(c): c.metric(metric) for c in cands}
     missing = [c.path for c in cands if scores[id(c)] is None]
     if missing:
@@ -210,23 +231,23 @@ def select(cands: list[Candidate], from_epoch: int | None = None, to_epoch: int 
     out = _window(_window(order(cands), "epoch", from_epoch, to_epoch), "step", from_step, to_step)
     if cycle_ends:
         if not any("train.cycle_end" in c.metadata for c in out):
-            raise CkptavgError(
-                "cycle ends asked for, but no input carries train.cycle_end metadata; "
-                "save with ckptavg train --save cycle-end, or select every K-th input"
+            raise OptionError(
+                "cycle_ends", "no input carries train.cycle_end metadata; save with ckptavg "
+                "train --save cycle-end, or select every K-th input (every)"
             )
         out = [c for c in out if c.cycle_end]
     if every is not None:
         if every < 1:
-            raise CkptavgError(f"every {every}: must be 1 or more")
+            raise OptionError("every", "must be 1 or more", every)
         out = out[::every]
     if best is not None:
         if metric is None:
-            raise CkptavgError("best N needs the metric to rank by (--metric, e.g. train.val_acc "
-                               "or timm's metric)")
+            raise OptionError(("best", "metric"), "best N ranks by a stored score: name it "
+                              "(metric, e.g. train.val_acc or timm's metric)")
         out = best_by(out, best, metric, lowest)
     if last is not None:
         if last < 1:
-            raise CkptavgError(f"last {last}: must be 1 or more")
+            raise OptionError("last", "must be 1 or more", last)
         out = out[-last:]
     if not out:
         raise CkptavgError(

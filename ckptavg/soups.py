@@ -57,6 +57,8 @@ class SoupResult(Result):
     test_accuracy: float | None = None
     test_loss: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # whether the held-out images are known not to be trained on (data.train_images)
+    holdout_verified: bool = True
 
 
 def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
@@ -151,6 +153,8 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
                             [cands[i].path for i in chosen], held.description,
                             current["accuracy"], current["loss"], current["samples"],
                             held.has_bn, held.passes, 0.0)
+        result.warnings += held.warnings
+        result.holdout_verified = held.verified
         if test:
             t = held.test(state)
             result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import OptionError
 from ckptavg.experiments.plots import pyplot
 from ckptavg.heldout import RunningSum, open_heldout, write_choice
 from ckptavg.io.writer import AtomicFile
 from ckptavg.options import Stats
 from ckptavg.results import Result
-from ckptavg.select import close_all, open_candidates, select
+from ckptavg.select import close_all, leave_out_outputs, open_candidates, select
 
 Progress = Callable[[int, int], None]
 
@@ -54,6 +54,8 @@ class SearchResult(Result):
     test_accuracy: float | None = None
     test_loss: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # whether the held-out images are known not to be trained on (data.train_images)
+    holdout_verified: bool = True
 
 
 def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
@@ -91,11 +93,12 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
     plot = os.fspath(plot) if plot is not None else None
     if plot is not None:
         if not plot.lower().endswith(".png"):
-            raise CkptavgError(f"{plot}: the plot is a PNG file; name it .png (--plot)")
+            raise OptionError("plot", "the plot is a PNG file; name it .png", plot)
         pyplot()  # without matplotlib, fail before the long measurement, not after it
     cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
     try:
-        pool = select(cands, from_epoch, to_epoch, cycle_ends, every, last)
+        kept, left_out = leave_out_outputs(cands)
+        pool = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
         held = open_heldout(pool, output, data=data, data_dir=data_dir, download=download,
                             model=model, model_kwargs=model_kwargs, holdout=holdout,
                             subset=subset,
@@ -120,6 +123,8 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         windows.reverse()
         result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
                               best_scores["samples"], held.has_bn, held.passes, 0.0)
+        result.warnings += left_out + held.warnings
+        result.holdout_verified = held.verified
         if test:
             t = held.test(best_state)
             result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]

@@ -84,23 +84,26 @@ def test_inspect_text_and_json(tmp_path, ckpts):
     assert "torch, 8 tensors" in invoke("inspect", tmp_path / "x.pt", "--keys", 2).output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["missing.safetensors"], "missing.safetensors: no such file"),
-    (["{a}", "--weights", "1,2"], "2 weights given for 1 inputs"),
-    (["{a}", "--ema", "0.9", "--weights", "1"], "exclude each other"),
-    (["{a}", "-o", "{out}.txt"], "unknown output suffix"),
-    (["{a}", "-o", "{a}"], "is one of the inputs"),
-    (["{a}", "{b}", "--from-epoch", "99"], "no input left"),
+@pytest.mark.parametrize("args,message,rc", [
+    (["missing.safetensors"], "missing.safetensors: no such file", 1),
+    (["{a}", "--weights", "1,2"], "--weights: 2 given for 1 selected inputs", 2),
+    (["{a}", "--ema", "0.9", "--weights", "1"], "--weights / --ema: exclude each other", 2),
+    (["{a}", "-o", "{out}.txt"], "-o {out}.txt: unknown output suffix", 2),
+    (["{a}", "-o", "{a}"], "is one of the inputs", 1),
+    (["{a}", "{b}", "--from-epoch", "99"], "no input left", 1),
 ])
-def test_user_errors_are_one_line_exit_1_and_no_output(tmp_path, ckpts, args, message):
+def test_user_errors_are_one_line_and_no_output(tmp_path, ckpts, args, message, rc):
+    """A problem found in the files exits 1; an option's value, a usage error, exits 2 and
+    names the option as typed."""
     out = tmp_path / "out"
     args = [a.format(a=ckpts[0], b=ckpts[1], out=out) for a in args]
     if "-o" not in args:
         args += ["-o", str(out) + ".safetensors"]
     before = set(os.listdir(tmp_path))
     proc = run_cli("average", *args)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == rc, proc.stderr
     lines = proc.stderr.strip().splitlines()
+    message = message.format(out=out)
     assert len(lines) == 1 and lines[0].startswith("ckptavg: error: ") and message in lines[0]
     assert "Traceback" not in proc.stderr
     assert set(os.listdir(tmp_path)) == before

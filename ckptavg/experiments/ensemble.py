@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
-from ckptavg.data import get_dataset, make_loader
+from ckptavg.data import eval_split, get_dataset, make_loader
 from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
 from ckptavg.evaluation import checkpoint_warnings, predict, scores
@@ -41,7 +41,7 @@ class EnsembleResult(Result):
 
 
 def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = None,
-             split: Split = "test", data_dir: str | None = None, download: bool = False,
+             split: Split | None = None, data_dir: str | None = None, download: bool = False,
              model: str | None = None, model_kwargs: dict | None = None,
              batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
              device: str = options.DEVICE, input_key: str | None = None,
@@ -61,7 +61,8 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
     Example:
         >>> ensemble(["runs/a/epoch-0126.safetensors", "runs/a/epoch-0127.safetensors"]).accuracy
     """
-    check_choice("split", split, Split)
+    if split is not None:
+        check_choice("split", split, Split)
     if not checkpoints:
         raise CkptavgError("no checkpoints given to ensemble")
     t0 = time.perf_counter()
@@ -74,6 +75,7 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
         warnings += checkpoint_warnings(os.fspath(ckpt), meta, name)
         if loader is None:
             data_name = name
+            split = eval_split(name, split)
             ds = get_dataset(name, split, data_dir, augment=False, download=download)
             loader = make_loader(ds, batch_size, workers=workers, subset=subset, device=str(dev))
         probs, y = predict(net.to(dev), loader, dev, input_key)

@@ -26,7 +26,7 @@ from ckptavg.averaging import average
 from ckptavg.bn import bn_fix
 from ckptavg.data import get_dataset, make_loader
 from ckptavg.device import resolve_device
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.evaluation import evaluate, predict, scores
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.writer import AtomicFile, atomic_text
@@ -256,20 +256,20 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
         overrides["model_kwargs"] = ()  # the preset's kwargs belong to the preset's model
     p = replace(p, **overrides)
     if not 1 <= p.swa_start <= p.budget:
-        raise CkptavgError(f"swa_start {p.swa_start} must be within the budget {p.budget}")
+        raise OptionError(("swa_start", "budget"), f"the SWA start {p.swa_start} must be within the budget {p.budget}")
     seed_list = list(range(first_seed, first_seed + seeds)) if isinstance(seeds, int) \
         else [int(x) for x in seeds]
     if not seed_list:
-        raise CkptavgError(f"seeds {seeds}: run at least one (--seeds)")
+        raise OptionError("seeds", "run at least one", seeds)
     if len(set(seed_list)) < len(seed_list):
-        raise CkptavgError(f"seeds {seed_list}: each seed once")
+        raise OptionError("seed_list", "each seed once", seed_list)
     if jobs < 1:
-        raise CkptavgError(f"jobs {jobs}: must be 1 or more (--jobs)")
+        raise OptionError("jobs", "must be 1 or more", jobs)
     ends = list(budget_epochs(p.budget).values())
     if len(set(ends)) < len(ends):
-        raise CkptavgError(f"budget {p.budget}: the 1, 1.25 and 1.5 budget rows would end at "
-                           f"epochs {ends}, not three different epochs; use a budget of 4 or "
-                           "more (--budget)")
+        raise OptionError("budget", f"the 1, 1.25 and 1.5 budget rows would end at epochs "
+                          f"{ends}, not three different epochs; use a budget of 4 or more",
+                          p.budget)
     os.makedirs(out, exist_ok=True)
     warnings = []
     try:

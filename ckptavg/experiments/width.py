@@ -21,7 +21,7 @@ from ckptavg import options
 from ckptavg.bn import recalibrate
 from ckptavg.data import get_dataset, make_loader
 from ckptavg.device import resolve_device
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import OptionError
 from ckptavg.evaluation import predict, scores
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.writer import AtomicFile, atomic_text
@@ -81,10 +81,10 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
         >>> width("sgd.safetensors", "swa.safetensors", rays=5).summary
     """
     if rays < 1 or points < 2 or max_distance <= 0:
-        raise CkptavgError("width needs rays >= 1, points >= 2 and max_distance > 0 "
-                           "(--rays, --points, --max-distance)")
+        raise OptionError(("rays", "points", "max_distance"), "need rays >= 1, points >= 2 "
+                          "and max_distance > 0")
     if labels is not None and len(labels) != 2:
-        raise CkptavgError(f"labels {labels!r}: give two names, e.g. SGD,SWA (--labels)")
+        raise OptionError("labels", "give two names, e.g. SGD,SWA", repr(labels))
     if plot_path:
         pyplot()  # without matplotlib, fail before the long measurement, not after it
     t0 = time.perf_counter()

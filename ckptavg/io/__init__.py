@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from types import SimpleNamespace
 
 from ckptavg.errors import CheckpointError
@@ -54,11 +55,15 @@ def _folder_kind(path: str) -> str:
     if is_dcp_folder(path):
         return "dcp"
     found = sorted(os.listdir(path))
+    suffixes = Counter(os.path.splitext(n)[1] for n in found
+                       if n.lower().endswith((".safetensors", *TORCH_SUFFIXES)))
+    pattern = os.path.join(path, "*" + (suffixes.most_common(1)[0][0] if suffixes
+                                        else ".safetensors"))
     raise CheckpointError(
         f"{path}: folder has no {INDEX_NAME}, model.safetensors, {BIN_INDEX_NAME}, "
         f"{BIN_NAME} or DCP .metadata (it holds: {', '.join(found[:5]) or 'nothing'}"
         f"{', ...' if len(found) > 5 else ''}); to average the files in it, pass them: "
-        f"{path}/*.safetensors"
+        f"'{pattern}'"
     )
 
 
@@ -73,6 +78,12 @@ def _classify(path: str) -> tuple[str, int | None, SourceFile | None]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if stat.S_ISDIR(mode):
         return _folder_kind(path), None, None
+    name = os.path.basename(path)
+    if name.endswith(".distcp") or name == ".metadata":
+        folder = os.path.dirname(path) or "."
+        raise CheckpointError(
+            f"{path}: one file of a torch.distributed.checkpoint (DCP) folder, which is read "
+            f"whole: pass the folder, {folder.rstrip(os.sep)}{os.sep}")
     fd, src = open_source(path)
     try:
         kind = sniff_bytes(os.pread(fd, 16, 0))

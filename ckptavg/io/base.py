@@ -176,11 +176,19 @@ class Extent:
     check: object = None  # a crc.RecordCheck of the zip record these bytes lie in: feed it
 
 
+CHECK_PIECE = 256 << 10  # checked bytes are summed while still in the core's cache
+
+
 def pread_extent(ext: Extent, view: memoryview, start: int = 0) -> None:
-    """Fill `view` with the extent's bytes from `start` on, and feed them to its check."""
-    pread_into(ext.fd, view, ext.offset + start, ext.path)
-    if ext.check is not None:
-        ext.check.update(ext.offset + start, view)
+    """Fill `view` with the extent's bytes from `start` on, and feed them to its check,
+    piece by piece: each piece is summed right after it is read, from the cache."""
+    if ext.check is None:
+        pread_into(ext.fd, view, ext.offset + start, ext.path)
+        return
+    for lo in range(0, len(view), CHECK_PIECE):
+        piece = view[lo:lo + CHECK_PIECE]
+        pread_into(ext.fd, piece, ext.offset + start + lo, ext.path)
+        ext.check.update(ext.offset + start + lo, piece)
 
 
 def keep_descriptor(fd: int) -> bool:

@@ -523,8 +523,11 @@ def read_structure(path: str, fd: int) -> object | None:
             _check_overlaps(path, up.storages.values())
     except (RefusedGlobal, _Damaged):
         raise
-    except (_Unsupported, pickle.UnpicklingError, zipfile.BadZipFile, CheckpointError,
-            *_LOAD_ERRORS):
+    except zipfile.BadZipFile as e:
+        raise _Damaged(f"{path}: its zip directory cannot be read ({e}); a torch file is a zip "
+                       "archive, and this one is truncated or damaged: copy or save it "
+                       "again") from None
+    except (_Unsupported, pickle.UnpicklingError, CheckpointError, *_LOAD_ERRORS):
         return None
     return obj
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -26,7 +27,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Union
 
-from ckptavg.errors import OutputError
+from ckptavg.errors import OptionError, OutputError
 from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, TensorSpec, import_torch
 from ckptavg.io.torchzip import (
     Pickle,
@@ -56,31 +57,34 @@ SIDE_FILES_KEY = "ckptavg.side_files"
 
 
 def output_kind(path: str, shard_size: int | None = None, dcp: bool = False) -> str:
-    """'safetensors', 'sharded', 'torch' or 'dcp' (asked for) from the output path."""
+    """'safetensors', 'sharded', 'torch' or 'dcp' (asked for) from the output path; a path
+    that asks for none of them is an OptionError naming the output option."""
     if dcp:
         if os.path.isfile(path):
-            raise OutputError(f"{path}: exists and is not a folder; a DCP checkpoint is a folder")
+            raise OptionError("output", "exists and is not a folder; a DCP checkpoint is a "
+                              "folder", path)
         if shard_size:
-            raise OutputError("a shard size is for safetensors folders; DCP shards by rank")
+            raise OptionError(("shard_size", "dcp"), "a shard size is for safetensors "
+                              "folders; DCP shards by rank")
         return "dcp"
     lower = path.lower()
     if lower.endswith(TORCH_SUFFIXES):
         if shard_size:
-            raise OutputError(f"{path}: a shard size asks for a folder; give a folder name, "
-                              "not a torch file")
+            raise OptionError(("output", "shard_size"), f"{path}: a shard size asks for a "
+                              "folder; give a folder name, not a torch file")
         return "torch"
     if lower.endswith(SAFETENSORS_SUFFIX):
         if shard_size:
-            raise OutputError(f"{path}: a shard size asks for a folder of shards; drop the "
-                              ".safetensors suffix")
+            raise OptionError(("output", "shard_size"), f"{path}: a shard size asks for a "
+                              "folder of shards; drop the .safetensors suffix")
         return "safetensors"
     if os.path.isfile(path):
-        raise OutputError(f"{path}: exists and is not a folder; pick a .safetensors or .pt name")
+        raise OptionError("output", "exists and is not a folder; pick a .safetensors or .pt "
+                          "name", path)
     if shard_size or path.endswith(os.sep) or os.path.isdir(path) or not os.path.splitext(path)[1]:
         return "sharded"
-    raise OutputError(
-        f"{path}: unknown output suffix; use .safetensors, .pt (or .pth/.bin/.ckpt), or a folder"
-    )
+    raise OptionError("output", "unknown output suffix; use .safetensors, .pt (or "
+                      ".pth/.bin/.ckpt/.tar), or a folder", path)
 
 
 def _ours(folder: str) -> list[str]:
@@ -166,9 +170,25 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _write_error(path: str, e: OSError) -> OutputError:
+_WRITE_HINTS = {
+    errno.ENOSPC: "free space, or pick a folder on another disk",
+    errno.EDQUOT: "free space within your quota, or pick another folder",
+    errno.EFBIG: "the file would pass a size limit (ulimit -f, or the file system's largest "
+                 "file): raise the limit, or write a sharded folder output",
+    errno.EACCES: "the folder is not writable by you: pick another folder",
+    errno.EPERM: "the folder is not writable by you: pick another folder",
+    errno.EROFS: "the file system is read-only: pick a folder on a writable one",
+    errno.ENOENT: "the folder is gone: create it, or pick another",
+}
+
+
+def write_error(path: str, e: OSError) -> OutputError:
+    """One line for a failed write: what, where, and the fix the errno points to."""
+    hint = _WRITE_HINTS.get(e.errno, "pick another folder")
     return OutputError(f"{path}: cannot write the output ({e.strerror or e}); nothing was "
-                       "written: free space or pick another folder")
+                       f"written: {hint}")
+
+
 
 
 try:  # Linux: start writing dirty pages back now, so the final fsync has little left to wait for
@@ -241,7 +261,7 @@ class AtomicFile(Atomic):
             fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                             dir=folder)
         except OSError as e:
-            raise _write_error(path, e) from None
+            raise write_error(path, e) from None
         self.file = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
@@ -293,14 +313,14 @@ class Writer(Atomic):
         try:
             self._write(key, tensor)
         except OSError as e:
-            raise _write_error(self._shown, e) from None
+            raise write_error(self._shown, e) from None
 
     def write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         """Write a tensor in consecutive flat slices (writers with `streams_parts`)."""
         try:
             self._write_part(key, flat, first, last)
         except OSError as e:
-            raise _write_error(self._shown, e) from None
+            raise write_error(self._shown, e) from None
 
     def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
         raise NotImplementedError
@@ -309,7 +329,7 @@ class Writer(Atomic):
         try:
             self._close()
         except OSError as e:
-            raise _write_error(self._shown, e) from None
+            raise write_error(self._shown, e) from None
 
     def _write(self, key: str, tensor: Data) -> None:
         raise NotImplementedError
@@ -415,7 +435,7 @@ class SafetensorsWriter(Writer):
             self._out.file.write(header)
         except OSError as e:
             self._out.abort()
-            raise _write_error(self._shown, e) from None
+            raise write_error(self._shown, e) from None
         self.bytes_written = sum(s.nbytes for s in self._specs)
 
     streams_parts = True
@@ -502,7 +522,7 @@ def temp_folder_beside(path: str) -> str:
     try:
         return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
 
 
 class ShardedWriter(Writer):
@@ -607,7 +627,7 @@ class TorchWriter(Writer):
             head_records(self._zip, self._pickled)
         except OSError as e:
             self._out.abort()
-            raise _write_error(path, e) from None
+            raise write_error(path, e) from None
 
     def _blob(self, value: RawTensor) -> TensorRecord:
         """A record of its own for a tensor among the carried entries (written at close)."""

@@ -87,23 +87,25 @@ def list_models() -> list[str]:
 def describe(name: str) -> str:
     _load_builtins()
     doc = inspect.getdoc(_REGISTRY[name]) or ""
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
 
 
-def _accepted(fn: Callable, kwargs: dict, name: str) -> dict:
-    """The kwargs the factory's signature takes. num_classes/in_channels (supplied from the
-    data set) are passed only where the signature names them; anything else the user gave
-    that the factory cannot take is a user error, found before the call."""
+def _accepted(fn: Callable, kwargs: dict, name: str, supplied: dict | None = None) -> dict:
+    """What the factory is called with. Every argument the user gave (`kwargs`) is passed
+    when the signature names it or takes **kwargs, and refused by name otherwise, before the
+    call; `supplied` (num_classes/in_channels inferred from the data set) only where the
+    signature names them."""
+    supplied = {k: v for k, v in (supplied or {}).items() if k not in kwargs}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return kwargs
+        return {**supplied, **kwargs}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    out = {k: v for k, v in kwargs.items() if k in params or (var_kw and k not in ("num_classes", "in_channels"))}
-    unknown = [k for k in kwargs if k not in out and k not in ("num_classes", "in_channels")]
+    unknown = [k for k in kwargs if k not in params and not var_kw]
     if unknown:
         raise ModelError(f"model {name}: the factory takes no argument {unknown[0]!r} "
                          f"(it takes: {', '.join(params) or 'nothing'}); fix the model kwargs")
+    out = {**{k: v for k, v in supplied.items() if k in params}, **kwargs}
     missing = [p.name for p in params.values() if p.default is p.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in out]
     if missing:
@@ -112,14 +114,16 @@ def _accepted(fn: Callable, kwargs: dict, name: str) -> dict:
     return out
 
 
-def create_model(name: str, **kwargs):
+def create_model(name: str, *, supplied: dict | None = None, **kwargs):
     """Build a model by name.
 
     Args:
         name: a registered name, `torchvision:NAME`, `timm:NAME` (when timm is installed) or
             `package.module:factory` (imports and calls your code: pass only names you trust).
-        **kwargs: passed to the factory where its signature takes them (e.g. num_classes=10,
-            in_channels=3).
+        supplied: arguments inferred by the caller (num_classes, in_channels from the data
+            set), passed only where the factory's signature names them.
+        **kwargs: the user's arguments (e.g. num_classes=10), each passed (also through a
+            factory's **kwargs) or refused by name.
 
     Returns:
         A `torch.nn.Module`. An exception raised inside the factory propagates unchanged.
@@ -135,7 +139,7 @@ def create_model(name: str, **kwargs):
             close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=3)
             hint = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
             raise ModelError(f"unknown torchvision model {arch!r}{hint}")
-        kwargs = {k: v for k, v in kwargs.items() if k != "in_channels"}
+        kwargs = {k: v for k, v in {**(supplied or {}), **kwargs}.items() if k != "in_channels"}
         return torchvision.models.get_model(arch, **kwargs)
     if name.startswith("timm:"):
         try:
@@ -147,7 +151,7 @@ def create_model(name: str, **kwargs):
             close = difflib.get_close_matches(arch, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
             raise ModelError(f"unknown timm model {arch!r}{hint}")
-        kwargs = dict(kwargs)
+        kwargs = {**(supplied or {}), **kwargs}
         if "in_channels" in kwargs:
             kwargs["in_chans"] = kwargs.pop("in_channels")
         kwargs.pop("pretrained", None)
@@ -158,17 +162,21 @@ def create_model(name: str, **kwargs):
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except ImportError as e:
-            raise ModelError(f"model {name}: cannot import {module_name} ({e})") from None
+            raise ModelError(f"model {name}: cannot import {module_name} ({e}); modules are "
+                             "looked up in the working folder and on the Python path") from None
         except AttributeError:
             raise ModelError(f"model {name}: {module_name} has no {attr!r}") from None
-        return fn(**_accepted(fn, kwargs, name))
+        return fn(**_accepted(fn, kwargs, name, supplied))
     _load_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
+        if not close and "." in name.strip("."):
+            module, _, fn = name.rpartition(".")
+            hint = f"did you mean {module}:{fn} (package.module:factory, with a colon)? "
         raise ModelError(f"unknown model {name!r}; {hint}`ckptavg models` lists them")
     fn = _REGISTRY[name]
-    return fn(**_accepted(fn, kwargs, name))
+    return fn(**_accepted(fn, kwargs, name, supplied))
 
 
 __all__ = ["ZOOS", "create_model", "list_models", "names_code", "register_model"]

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from ckptavg import options
 from ckptavg.checkpoint import save
-from ckptavg.data import get_dataset, holdout_split, make_loader
+from ckptavg.data import data_takes, get_dataset, holdout_split, make_loader
 from ckptavg.device import resolve_device
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.evaluation import predict, scores
 from ckptavg.io.pt import load_torch_file
 from ckptavg.io.writer import AtomicFile
@@ -63,22 +63,22 @@ class TrainConfig:
         is of the epochs, default SWA_START_FRACTION), `swa_lr` a rate (default half of
         `lr`, the ratio the paper used on CIFAR-100). Checks every setting."""
         if self.epochs < 1:
-            raise CkptavgError(f"epochs {self.epochs}: must be 1 or more (--epochs)")
+            raise OptionError("epochs", "must be 1 or more", self.epochs)
         check_choice("schedule", self.schedule, Schedule)
         check_choice("save", self.save, SaveWhat)
         check_choice("anneal", self.anneal, Anneal)
         if self.anneal_epochs is not None and (self.anneal_epochs < 1 or self.schedule != "swa"
                                                or self.cycle is not None):
-            raise CkptavgError("anneal_epochs needs the swa schedule without cycles and 1 or more "
-                               "epochs (--anneal-epochs)")
+            raise OptionError("anneal_epochs", "needs the swa schedule without cycles, and 1 "
+                              "or more epochs", self.anneal_epochs)
         out = replace(self)
         if self.schedule == "swa":
             start = SWA_START_FRACTION if self.swa_start is None else self.swa_start
             if 0 < start < 1:
                 start = max(1, math.floor(start * self.epochs + 0.5))
             if start != int(start) or not 1 <= start <= self.epochs:
-                raise CkptavgError(f"swa_start {self.swa_start}: an epoch in 1..{self.epochs} "
-                                   "or a fraction of the epochs such as 0.75 (--swa-start)")
+                raise OptionError("swa_start", f"an epoch in 1..{self.epochs} or a fraction of "
+                                  "the epochs such as 0.75", self.swa_start)
             out.swa_start = int(start)
             out.swa_lr = self.lr / 2 if self.swa_lr is None else self.swa_lr
         out.check()
@@ -86,20 +86,20 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.epochs < 1:
-            raise CkptavgError(f"--epochs {self.epochs}: must be 1 or more")
+            raise OptionError("epochs", "must be 1 or more", self.epochs)
         if self.schedule not in ("sgd", "swa"):
-            raise CkptavgError(f"--schedule {self.schedule}: use sgd or swa")
+            raise OptionError("schedule", "use sgd or swa", self.schedule)
         if self.schedule == "swa":
             if self.swa_start is None or self.swa_lr is None:
-                raise CkptavgError("--schedule swa needs --swa-start and --swa-lr")
+                raise OptionError(("schedule", "swa_start", "swa_lr"), "the swa schedule needs a start and a rate")
             if not 1 <= self.swa_start <= self.epochs:
-                raise CkptavgError(f"--swa-start {self.swa_start}: must be in 1..--epochs")
+                raise OptionError("swa_start", f"must be in 1..{self.epochs} (the epochs)", self.swa_start)
         if self.cycle is not None and (self.cycle < 1 or self.schedule != "swa"):
-            raise CkptavgError("--cycle C needs --schedule swa and C >= 1")
+            raise OptionError("cycle", "needs the swa schedule and 1 or more epochs", self.cycle)
         if self.save not in ("epoch", "cycle-end", "none"):
-            raise CkptavgError(f"--save {self.save}: use epoch, cycle-end or none")
+            raise OptionError("save", "use epoch, cycle-end or none", self.save)
         if self.save == "cycle-end" and self.schedule != "swa":
-            raise CkptavgError("--save cycle-end needs --schedule swa (cycle ends are in its SWA phase)")
+            raise OptionError(("save", "schedule"), "saving at cycle ends needs the swa schedule (cycle ends are in its SWA phase)")
 
     def is_cycle_end(self, completed: int) -> bool:
         """Whether the weights after `completed` epochs sit at an LR cycle's low point."""
@@ -202,13 +202,13 @@ def _train(config: TrainConfig, device, resume, download, stop_after, on_batch, 
            on_stage) -> TrainResult:
     dev = resolve_device(device)
     if config.amp and dev.type != "cuda":
-        raise CkptavgError("amp needs a CUDA device; drop it (--amp) or use device cuda")
+        raise OptionError(("amp", "device"), "mixed precision needs a CUDA device; drop amp or use device cuda")
     last_path = os.path.join(config.out, "last.pt")
     saved = _resume_state(config, last_path, resume)
-    os.makedirs(config.out, exist_ok=True)
     _seed_all(config.seed)
     loaders = _make_loaders(config, dev, download)
     net, model_kwargs = build_model(config.model, config.model_kwargs, config.data, config.data_dir)
+    os.makedirs(config.out, exist_ok=True)  # once the data and the model are known good
     net.to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.wd)
@@ -285,7 +285,16 @@ def _resume_state(config: TrainConfig, last_path: str, resume: bool) -> dict | N
 
 
 def _make_loaders(config: TrainConfig, dev: torch.device, download: bool) -> _Loaders:
+    if "split" not in data_takes(config.data):
+        raise OptionError("data", "takes no `split` parameter, so its training and test "
+                          "images cannot be told apart and every test figure would be on "
+                          "training images; give it a `split` parameter (called with "
+                          "split='train' or 'test')", config.data)
     train_set = get_dataset(config.data, "train", config.data_dir, augment=True, download=download)
+    if isinstance(train_set, torch.utils.data.DataLoader):
+        raise OptionError("data", "returns a DataLoader; train batches, shuffles and holds "
+                          "out images itself, so it needs the Dataset of (image, label) pairs: "
+                          "return the loader's .dataset", config.data)
     test_set = get_dataset(config.data, "test", config.data_dir, augment=False, download=download)
     trained, held = holdout_split(len(train_set), config.subset, config.holdout)
     val = None
