@@ -48,6 +48,9 @@ _API = {
     "list_models": "ckptavg.models",
     "register_model": "ckptavg.models",
     "CkptavgError": "ckptavg.errors",
+    "OptionError": "ckptavg.errors",
+    "search_profiles": "ckptavg.profile_search",
+    "ProfileSearchResult": "ckptavg.profile_search",
 }
 
 if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
@@ -55,7 +58,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
     from ckptavg.bn import BnFixResult, bn_fix, recalibrate
     from ckptavg.checkpoint import InspectResult, inspect, load, save
     from ckptavg.demo import run_demo
-    from ckptavg.errors import CkptavgError
+    from ckptavg.errors import CkptavgError, OptionError
     from ckptavg.evaluation import EvalResult, evaluate
     from ckptavg.experiments.ensemble import EnsembleResult, ensemble
     from ckptavg.experiments.replicate import ReplicateResult, replicate
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
     from ckptavg.io import open_checkpoint
     from ckptavg.models import create_model, list_models, register_model
     from ckptavg.posterior import SwagEvalResult, SwagResult, evaluate_swag, swag
+    from ckptavg.profile_search import ProfileSearchResult, search_profiles
     from ckptavg.soups import SoupResult, soup
     from ckptavg.windows import SearchResult, search
 
@@ -73,6 +77,8 @@ __all__ = [
     "EnsembleResult",
     "EvalResult",
     "InspectResult",
+    "OptionError",
+    "ProfileSearchResult",
     "ReplicateResult",
     "SearchResult",
     "SoupResult",
@@ -96,6 +102,7 @@ __all__ = [
     "run_demo",
     "save",
     "search",
+    "search_profiles",
     "soup",
     "swag",
     "width",

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ckptavg import __version__, arith, options
+from ckptavg import __version__, arith, options, profiles
 from ckptavg.distributed import Group, world_size, write_shards
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes, make_writer, open_checkpoint
@@ -42,6 +42,7 @@ from ckptavg.options import Accumulate, Method, OutDtype, check_choice
 from ckptavg.select import (
     Candidate,
     close_all,
+    files_of,
     leave_out_outputs,
     open_candidates,
     refuse_shared_files,
@@ -79,6 +80,8 @@ class AverageResult:
     warnings: list[str] = field(default_factory=list)
     ranks: int = 1  # torch.distributed ranks that shared the work (torchrun)
     rank: int = 0
+    profile: str | None = None  # the --profile spec the weights come from
+    effective_n: float = 0.0  # 1 / sum(w^2) of the weights applied
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,7 +216,8 @@ def check_options(accumulate: str, dtype: str | None) -> None:
 def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
               n_total: int | None = None, prior_inputs: list | None = None,
               accumulate: Accumulate = options.ACCUMULATE, dtype: OutDtype | None = None,
-              allow_nonfinite: bool = False, hash_inputs: bool = False) -> Plan:
+              allow_nonfinite: bool = False, hash_inputs: bool = False,
+              profile: str | None = None) -> Plan:
     """Check that the inputs agree and fix the run: specs, ties, metadata.
 
     `readers` and `weights` are oldest first. With `prior_inputs` (the `average.inputs` of a
@@ -255,6 +259,7 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
                                       else [w / sum(weights) for w in weights]),
         "average.inputs": json.dumps(list(prior_inputs or []) + entries),
         "average.accumulate": accumulate,
+        **({"average.profile": profile} if profile else {}),
         "bn.stale": "true" if has_bn else "false",
     }
     newest = readers[-1]
@@ -653,6 +658,7 @@ def average(
     *,
     weights: Sequence[float] | None = None,
     ema: float | None = None,
+    profile: str | None = None,
     into: str | os.PathLike | None = None,
     from_epoch: int | None = None,
     to_epoch: int | None = None,
@@ -683,6 +689,10 @@ def average(
         output: where to write; the suffix picks the format (.safetensors, .pt, a folder).
             With `into` and no output, the running average is updated in place.
         weights: one weight per selected input (normalised); `ema` a decay instead.
+        profile: weights from where each input was saved (its step, else its epoch), a
+            spec of profiles.py: "ema:halflife=H", "ema:decay=D,per=P",
+            "power:sigma_rel=S", "power:gamma=G", "wsm:linear|minus-sqrt|cosine", "time",
+            "uniform".
         into: an existing average (with `average.n` metadata) to fold the inputs into,
             under an exclusive lock: the result equals averaging all of its inputs and the
             new ones at once. `key` and `strip_prefix` apply to the inputs, not to it.
@@ -710,6 +720,12 @@ def average(
     t0 = time.perf_counter()
     if weights is not None and ema is not None:
         raise OptionError(("weights", "ema"), "exclude each other; pick one")
+    prof = profiles.parse(profile) if profile is not None else None
+    if prof is not None and (weights is not None or ema is not None or into is not None):
+        raise OptionError(("profile", "weights" if weights is not None else "ema"
+                           if ema is not None else "into"),
+                          "exclude each other: a profile gives every weight (and a running "
+                          "average folds a uniform mean)")
     if into is not None:
         into = os.fspath(into)
         if not os.path.exists(into):
@@ -724,7 +740,8 @@ def average(
     output = os.fspath(output) if output is not None else None
     kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
     check_options(accumulate, dtype)
-    method: Method = "ema" if ema is not None else "weighted" if weights is not None else "uniform"
+    method: Method = ("ema" if ema is not None else "weighted" if weights is not None
+                      else "profile" if prof is not None else "uniform")
     select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
                    metric, lowest)
     if world_size() > 1:
@@ -736,7 +753,7 @@ def average(
                                "output is a folder; give a folder name (-o OUT_DIR)")
         with Group() as group:
             result = _average_ranks(group, [os.fspath(p) for p in inputs], output, kind, method,
-                                    weights, ema, select_args, key, strip_prefix, accumulate,
+                                    weights, ema, prof, select_args, key, strip_prefix, accumulate,
                                     dtype, allow_nonfinite, hash_inputs, dry_run, threads,
                                     progress)
         result.seconds = time.perf_counter() - t0
@@ -745,9 +762,9 @@ def average(
 
     with contextlib.ExitStack() as stack:
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
-        cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
-        stack.callback(close_all, cands)
-        cands, left_out = leave_out_outputs(cands)
+        opened = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+        stack.callback(close_all, opened)
+        cands, left_out = leave_out_outputs(opened)
         chosen = select(cands, *select_args)
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
@@ -759,19 +776,20 @@ def average(
             chosen, skipped = _not_yet_folded(chosen, prior)
             if not chosen:
                 return _nothing_to_fold(into, n0, skipped, dry_run, t0)
-        raw = _raw_weights(len(chosen), method, weights, ema)
+        raw = _chosen_weights(chosen, method, weights, ema, prof)
         readers, n_total = [c.reader for c in chosen], len(chosen)
         if running is not None:
             readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
             refuse_shared_files(readers)  # the inputs among themselves: open_candidates
         in_place = into is not None and _same(into, output)
-        protected = [f for r in (readers[1:] if in_place else readers) for f in r.files]
+        protected = [f for r in (readers[1:] if in_place else readers) for f in r.files] + \
+            [f for c in opened if c.reader not in readers for f in c.reader.files]
         if output is not None:  # before hashing or reading any tensor
             check_output(output, kind, protected)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
-                         hash_inputs=hash_inputs and not dry_run)
-        result = _result(plan, chosen, into, output, method, n_total, dry_run)
+                         hash_inputs=hash_inputs and not dry_run, profile=profile)
+        result = _result(plan, chosen, into, output, method, n_total, dry_run, profile)
         result.skipped = skipped
         result.warnings = left_out + [f"{p}: already folded into {into} (same fingerprint in its "
                            "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
@@ -801,6 +819,28 @@ def dcp_entry(newest: ReaderBase) -> str | None:
     return newest.location if newest.location in ("state_dict", "model") else None
 
 
+def _chosen_weights(chosen: list[Candidate], method: Method, weights, ema,
+                    prof: profiles.Profile | None) -> list[float]:
+    """The raw weights of the chosen inputs: a profile's, from their positions, or those of
+    `_raw_weights`."""
+    if prof is None:
+        return _raw_weights(len(chosen), method, weights, ema)
+    return profiles.weights(prof, profile_positions(chosen))
+
+
+def profile_positions(chosen: list[Candidate]) -> list[int]:
+    """Where each input was saved, as a profile counts: every input's step when all have
+    one, else every input's epoch (the positions --dry-run shows)."""
+    if all(c.step is not None for c in chosen):
+        return [c.step for c in chosen]
+    if all(c.epoch is not None for c in chosen):
+        return [c.epoch for c in chosen]
+    lacking = next(c for c in chosen if c.epoch is None)
+    raise OptionError("profile", f"weights inputs by where they were saved, and {lacking.path} "
+                      "has no step or epoch (no metadata, checkpoint entry or number in its "
+                      "name); name the files by epoch or step, or drop the profile")
+
+
 def _raw_weights(n: int, method: Method, weights, ema) -> list[float]:
     """The weights the plan applies: 1 per input for a uniform mean (so --into can weight the
     running average by its count), else the normalised weights or EMA decays."""
@@ -809,7 +849,7 @@ def _raw_weights(n: int, method: Method, weights, ema) -> list[float]:
 
 
 def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: str | None,
-                   method: Method, weights, ema, select_args: tuple, key, strip_prefix,
+                   method: Method, weights, ema, prof, select_args: tuple, key, strip_prefix,
                    accumulate, dtype, allow_nonfinite, hash_inputs, dry_run, threads,
                    progress) -> AverageResult:
     """`average` on one of several ranks: the same selection and plan everywhere, then this
@@ -817,17 +857,19 @@ def _average_ranks(group: Group, inputs: list[str], output: str | None, kind: st
     with contextlib.ExitStack() as stack:
         error, plan, result = None, None, None
         try:
-            cands = open_candidates(inputs, key, strip_prefix)
-            stack.callback(close_all, cands)
-            cands, left_out = leave_out_outputs(cands)
+            opened = open_candidates(inputs, key, strip_prefix)
+            stack.callback(close_all, opened)
+            cands, left_out = leave_out_outputs(opened)
             chosen = select(cands, *select_args)
-            raw = _raw_weights(len(chosen), method, weights, ema)
+            raw = _chosen_weights(chosen, method, weights, ema, prof)
             readers = [c.reader for c in chosen]
             if output is not None:
-                check_output(output, kind, [f for r in readers for f in r.files])
+                check_output(output, kind, files_of(opened))
             plan = make_plan(readers, raw, method=method, accumulate=accumulate, dtype=dtype,
-                             allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs and not dry_run)
-            result = _result(plan, chosen, None, output, method, len(chosen), dry_run)
+                             allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs and not dry_run,
+                             profile=prof.spec if prof else None)
+            result = _result(plan, chosen, None, output, method, len(chosen), dry_run,
+                             prof.spec if prof else None)
             result.warnings = left_out + _mixed_runs(chosen)
         except BaseException as e:
             error = e
@@ -849,10 +891,12 @@ def _same(a: str, b: str | None) -> bool:
 
 
 def _result(plan: Plan, chosen: list[Candidate], into: str | None, output: str | None,
-            method: str, n_total: int, dry_run: bool) -> AverageResult:
+            method: str, n_total: int, dry_run: bool,
+            profile: str | None = None) -> AverageResult:
     total = plan.total_weight
     pos = [c.position for c in chosen]
     head = [into] if into is not None else []
+    applied = [w / total for w in plan.weights]
     return AverageResult(
         inputs=head + [c.path for c in chosen],
         weights=[w / total for w in plan.weights],
@@ -862,7 +906,7 @@ def _result(plan: Plan, chosen: list[Candidate], into: str | None, output: str |
         epoch_sources=["running average"] * len(head) + [p.epoch_from for p in pos],
         steps=[None] * len(head) + [p.step for p in pos],
         step_sources=["running average"] * len(head) + [p.step_from for p in pos],
-        into=into,
+        into=into, profile=profile, effective_n=profiles.effective_n(applied),
     )
 
 

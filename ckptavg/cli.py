@@ -50,6 +50,21 @@ def spelled(ctx: click.Context, name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def typed_value(ctx: click.Context, name: str) -> str | None:
+    """The value given to option `name` on the command line, as typed (None if not given)."""
+    typed = ctx.meta.get("ckptavg.argv", [])
+    for p in ctx.command.params:
+        if p.name != name or not isinstance(p, click.Option) or p.is_flag:
+            continue
+        for i, a in enumerate(typed):
+            for o in p.opts + p.secondary_opts:
+                if a.startswith(o + "="):
+                    return a[len(o) + 1:]
+                if a == o and i + 1 < len(typed):
+                    return typed[i + 1]
+    return None
+
+
 def _metavar_takes_ctx() -> bool:
     import inspect
 
@@ -70,7 +85,8 @@ class TorchWhenNeeded(click.Command):
         try:
             return super().invoke(ctx)
         except OptionError as e:
-            raise UserError(e, e.render(lambda name: spelled(ctx, name))) from None
+            raise UserError(e, e.render(lambda name: spelled(ctx, name),
+                                        lambda name: typed_value(ctx, name))) from None
 
 
 class Command(TorchWhenNeeded):
@@ -250,7 +266,8 @@ def _two_names(ctx, param, value: str | None) -> tuple[str, str] | None:
     return names
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+JSON_FLAG = "--json"
+json_option = click.option(JSON_FLAG, "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 output_options = group(json_option,
                        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."))
 input_options = group(
@@ -303,7 +320,7 @@ loader_options = group(
 run_options = group(input_options, model_options(), data_options(), loader_options, device_option,
                     output_options)
 split_option = click.option(
-    "--split", type=click.Choice(options.choices(options.Split)),
+    "--split", type=click.Choice(options.choices(options.Split)), default=None,
     help="The data split to score (default: test). A --data package.module:function is "
     "called with split='train'|'test' and augment=True|False when it takes them; one that "
     "takes no split cannot be asked for test images, so say which images it returns.")
@@ -336,14 +353,18 @@ def cli() -> None:
     ckptavg bn-fix swa.safetensors --data cifar10
     ckptavg eval swa.safetensors --data cifar10
 
-    Exit codes: 0 success, 1 a problem with inputs or data (one line on stderr),
-    2 a usage error, 130 interrupted.
+    Exit codes: 0 success; 1 a problem found in the inputs, the data or the disk; 2 a
+    usage error (an option's value out of range, missing or in conflict, named as typed);
+    130 interrupted. Each error is one line on stderr (what, where, what to do); with
+    --json, stdout also holds {"error": ..., "exit_code": ...}. Warnings go to stderr
+    (and into --json's "warnings") unless -q.
     """
 
 
 @cli.command(cls=TorchWhenNeeded)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", help="Output: .safetensors, .pt/.pth/.bin/.ckpt, or a folder (sharded).")
+@click.option("-o", "--output", help="Output: .safetensors, .pt/.pth/.ckpt/.tar (torch.load "
+              "reads it with weights_only=True), .bin (a plain state dict), or a folder (sharded).")
 @click.option("--into", type=click.Path(), help="Fold the inputs into this existing average "
               "(running mean from its average.n); written back in place unless -o is given.")
 @window_options
@@ -358,6 +379,11 @@ def cli() -> None:
 @click.option("--ema", type=float, help="Exponential moving average with this decay, as torch's "
               "AveragedModel EMA: the oldest input seeds it, each later one is folded in with "
               "weight 1-decay (so with few inputs the oldest can weigh most).")
+@click.option("--profile", help="Weights from where each input was saved (its step, else its "
+              "epoch), whatever the spacing: ema:halflife=H, ema:decay=D,per=P, "
+              "power:sigma_rel=S (EDM2's power EMA), power:gamma=G, wsm:linear, "
+              "wsm:minus-sqrt, wsm:cosine (WSM merge weights), time (by the time each "
+              "input stands for), uniform. See docs/profiles.md.")
 @input_options
 @click.option("--accumulate", type=click.Choice(options.choices(options.Accumulate)),
               default=options.ACCUMULATE, show_default=True, help="Precision of the running sum.")
@@ -377,10 +403,12 @@ def cli() -> None:
 def average(inputs, as_json, quiet, **kwargs):
     """Average checkpoints into one, streaming one tensor at a time.
 
-    INPUTS are files or glob patterns: safetensors files, sharded safetensors folders, or
-    torch.save files (.pt .pth .bin .ckpt), ordered by train.epoch metadata or the numbers
-    in their names. Floating tensors are averaged in float64; integer tensors keep the
-    newest input's value.
+    INPUTS are files or glob patterns: safetensors files, sharded safetensors folders, DCP
+    folders, or torch.save files (.pt .pth .bin .ckpt .tar), ordered by epoch and step
+    (metadata, the checkpoint's own entries, or the numbers in their names). Floating
+    tensors are averaged in float64; integer tensors keep the newest input's value. Earlier
+    outputs of ckptavg caught among snapshots are left out (with a warning); every torch zip
+    record read is checked against its CRC-32.
     """
     from ckptavg.averaging import average as run
 
@@ -402,6 +430,8 @@ def _average_lines(r):
         for i, path in enumerate(r.inputs):
             yield (f"  {r.weights[i]:.6f}  {_number('epoch', r.epochs[i], r.epoch_sources[i])}"
                    f"  {_number('step', r.steps[i], r.step_sources[i])}  {path}")
+        yield (f"  {'profile ' + r.profile + ', ' if r.profile else ''}effective number of "
+               f"snapshots (1 / sum of squared weights): {r.effective_n:.2f}")
         return
     if not r.inputs:
         yield f"nothing to fold into {r.into}: n stays {r.n}"
@@ -646,20 +676,50 @@ def _soup_lines(r):
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Write the best window's average here.")
 @click.option("--plot", help="Write held-out accuracy against the start epoch (PNG).")
+@click.option("--profiles", help="Score these averaging profiles instead of windows, comma "
+              "separated (e.g. uniform,ema:halflife=5,power:sigma_rel=0.1,wsm:minus-sqrt; "
+              "see average --profile), and write the best.")
 @window_options
 @heldout_options
 @run_options
-def search_cmd(inputs, as_json, quiet, **kwargs):
-    """When should averaging start? Score the average from each start to the last checkpoint.
+def search_cmd(inputs, as_json, quiet, profiles, **kwargs):
+    """When should averaging start, or with which profile? Chosen on held-out images.
 
-    Each window's average is BatchNorm-recalibrated and scored on held-out training images;
-    the windows share one running sum, so each reads one more checkpoint.
+    Each window's average (from each start to the last checkpoint) is BatchNorm-recalibrated
+    and scored on held-out training images; the windows share one running sum, so each reads
+    one more checkpoint. With --profiles, each profile's weighted average of the selection is
+    scored the same way instead.
     """
+    if profiles is not None:
+        from ckptavg.profile_search import search_profiles
+        from ckptavg.profiles import split_specs
+
+        if kwargs.pop("plot") is not None:
+            raise click.UsageError("--plot draws the window search; it does not go with "
+                                   "--profiles")
+        with progress_bar(quiet or as_json, "search", unit="profile") as bar:
+            result = search_profiles(list(inputs), split_specs(profiles), progress=bar, **kwargs)
+        emit(result, as_json, quiet, _profile_lines)
+        return
     from ckptavg.windows import search
 
     with progress_bar(quiet or as_json, "search", unit="window") as bar:
         result = search(list(inputs), progress=bar, **kwargs)
     emit(result, as_json, quiet, _search_lines)
+
+
+def _profile_lines(r):
+    yield (f"held-out: {r.holdout} ({r.holdout_samples} images); {len(r.inputs)} checkpoints "
+           f"at positions {r.positions[0]}..{r.positions[-1]}:")
+    yield "  profile                          eff. n   held-out acc   loss"
+    for p in r.profiles:
+        mark = " <- best" if p is r.best else ""
+        yield (f"  {p.profile:<30} {p.effective_n:8.2f}   {p.holdout_accuracy:9.2f} %  "
+               f"{p.holdout_loss:.4f}{mark}")
+    dest = f" -> {r.output}" if r.output else ""
+    yield (f"best: {r.best.profile}, held-out accuracy {r.best.holdout_accuracy:.2f} %{dest} "
+           f"({r.passes} scores, {r.seconds:.1f} s)")
+    yield from _test_line(r)
 
 
 def _search_lines(r):
@@ -966,7 +1026,7 @@ def _main(argv: list[str] | None) -> None:
         # standalone_mode=False returns the exit code (of --help, --version) instead of exiting
         rc = cli.main(args=args, prog_name="ckptavg", standalone_mode=False)
     except click.ClickException as e:
-        fail(e, "--json" in args)
+        fail(e, JSON_FLAG in args)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("ckptavg: interrupted; nothing was written", err=True)
         sys.exit(130)

@@ -55,8 +55,12 @@ class OptionError(CkptavgError):
         self.value = value
         super().__init__(self.render())
 
-    def render(self, spell=None) -> str:
-        """The message with each option spelled by `spell(name)` (default: the name)."""
+    def render(self, spell=None, typed=None) -> str:
+        """The message with each option spelled by `spell(name)` (default: the name) and the
+        value as `typed(name)` gives it, where it gives one (the CLI: as on the command line)."""
         names = " / ".join((spell or str)(o) for o in self.options)
-        head = names if self.value is _UNSET else f"{names} {self.value}"
+        value = self.value
+        if value is not _UNSET and typed is not None:  # a value to show: as it was typed
+            value = typed(self.options[0]) or value
+        head = names if value is _UNSET else f"{names} {value}"
         return f"{head}: {self.detail}"

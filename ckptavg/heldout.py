@@ -57,6 +57,7 @@ class RunningSum:
         self.kept: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (order, value)
         self.dtypes: dict[str, torch.dtype] = {}
         self.n = 0
+        self.total = 0.0  # the sum of the weights added
 
     @staticmethod
     def read(reader: ReaderBase) -> dict[str, torch.Tensor]:
@@ -67,25 +68,30 @@ class RunningSum:
             reader.release(k)
         return out
 
-    def add(self, state: dict[str, torch.Tensor], order: int) -> None:
-        """Fold in one checkpoint; `order` is its place in training (later wins for integers)."""
+    def add(self, state: dict[str, torch.Tensor], order: int, weight: float = 1.0) -> None:
+        """Fold in one checkpoint with `weight` (multiplied, then added, as `average` does);
+        `order` is its place in training (later wins for integers)."""
         for k, t in state.items():
             if t.dtype.is_floating_point:
+                x = t.to(torch.float64, copy=True)
+                if weight != 1.0:
+                    x.mul_(weight)
                 if k in self.sums:
-                    self.sums[k].add_(t.to(torch.float64))
+                    self.sums[k].add_(x)
                 else:
-                    self.sums[k] = t.to(torch.float64, copy=True)
+                    self.sums[k] = x
                 self.dtypes[k] = t.dtype
             elif k not in self.kept or order >= self.kept[k][0]:
                 self.kept[k] = (order, t)
         self.n += 1
+        self.total += weight
 
     def mean(self, extra: dict[str, torch.Tensor] | None = None,
              extra_order: int = -1) -> dict[str, torch.Tensor]:
         """The mean of the checkpoints in the sum, and of `extra` too when given (without
         adding it)."""
-        n = self.n + (extra is not None)
-        if n == 0:
+        n = self.total + (extra is not None)
+        if self.n + (extra is not None) == 0:
             raise ValueError("the mean of nothing")
         out: dict[str, torch.Tensor] = {}
         keys = self.sums.keys() | self.kept.keys() if self.n else extra.keys()
@@ -233,10 +239,14 @@ def _meta_int(meta: dict[str, str], key: str) -> int | None:
 
 
 def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torch.Tensor],
-                 heldout: HeldOut, selection: dict[str, str]) -> None:
+                 heldout: HeldOut, selection: dict[str, str],
+                 weights: Sequence[float] | None = None, profile: str | None = None) -> None:
     """Write the chosen average: the metadata of `average` over `chosen` (in training
-    order), BatchNorm as recalibrated for scoring, and what chose it (`select.*`)."""
-    plan = make_plan([c.reader for c in chosen], [1.0] * len(chosen))
+    order, with `weights` and the `profile` they came from when not uniform), BatchNorm as
+    recalibrated for scoring, and what chose it (`select.*`)."""
+    plan = make_plan([c.reader for c in chosen],
+                     list(weights) if weights is not None else [1.0] * len(chosen),
+                     method="profile" if profile else "uniform", profile=profile)
     meta = dict(plan.metadata)
     if heldout.has_bn:
         meta.update({"bn.stale": "false", "bn.samples": str(heldout.bn_samples),
@@ -246,13 +256,16 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
     save(state, output, meta)
 
 
-def open_heldout(cands: Sequence[Candidate], output: str | None, **options) -> HeldOut:
+def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequence = (),
+                 **options) -> HeldOut:
     """What soup and search do before any scoring: refuse an output that is an input or not
     ours (as `average`), check that the candidates agree (keys, shapes, dtypes), then set up
-    the held-out scoring on the newest candidate (`options`: HeldOut's keywords)."""
+    the held-out scoring on the newest candidate (`options`: HeldOut's keywords). `protect`:
+    files of inputs opened but not candidates, which the output may not replace either."""
     from ckptavg.io.writer import check_output, output_kind
 
     if output is not None:
-        check_output(output, output_kind(output), [f for c in cands for f in c.reader.files])
+        check_output(output, output_kind(output),
+                     [f for c in cands for f in c.reader.files] + list(protect))
     make_plan([c.reader for c in cands], [1.0] * len(cands))
     return HeldOut(cands[-1], **options)

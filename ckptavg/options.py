@@ -15,7 +15,7 @@ Anneal = Literal["linear", "cos"]
 SaveWhat = Literal["epoch", "cycle-end", "none"]
 Accumulate = Literal["float64", "float32"]
 OutDtype = Literal["float32", "bfloat16", "float16", "float64"]
-Method = Literal["uniform", "weighted", "ema"]
+Method = Literal["uniform", "weighted", "ema", "profile"]
 
 DEVICE = "auto"  # auto, cpu, cuda, cuda:N
 EVAL_BATCH_SIZE = 256  # evaluate, ensemble, width, bn-fix

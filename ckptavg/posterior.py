@@ -46,7 +46,7 @@ from ckptavg.modelio import (
 )
 from ckptavg.options import Split, Stats, check_choice
 from ckptavg.results import Result
-from ckptavg.select import close_all, leave_out_outputs, open_candidates, select
+from ckptavg.select import close_all, files_of, leave_out_outputs, open_candidates, select
 
 Progress = Callable[[int, int], None]
 VAR_CLAMP = 1e-30  # the authors' floor for the diagonal variance
@@ -124,8 +124,7 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
         meta = {**plan.metadata, "swag.n": str(n), "swag.rank": str(k), "swag.var_clamp": repr(var_clamp),
                 "swag.deviations": json.dumps([os.path.basename(r.path.rstrip(os.sep))
                                                for r in readers[-k:]])}
-        files = [f for r in readers for f in r.files]
-        with make_writer(output, specs, meta, shard_size, inputs=files) as writer:
+        with make_writer(output, specs, meta, shard_size, inputs=files_of(cands)) as writer:
             for i, s in enumerate(plan.specs):
                 _write_moments(writer, readers, s.key, k, var_clamp)
                 if progress:

@@ -164,16 +164,21 @@ def is_output(c: Candidate) -> bool:
 
 def leave_out_outputs(cands: list[Candidate]) -> tuple[list[Candidate], list[str]]:
     """Snapshots without the outputs of ckptavg found among them (`runs/*.pt` catches
-    `runs/swa.pt` written by an earlier run), with a warning naming each; they are closed.
-    Inputs that are all outputs (averaging averages, a soup of SWA models) stay."""
+    `runs/swa.pt` written by an earlier run), with a warning naming each. Inputs that are
+    all outputs (averaging averages, a soup of SWA models) stay. What is left out stays open
+    with the others: an output must not replace its files either (`files_of(cands)`)."""
     outputs = [c for c in cands if is_output(c)]
     if not outputs or len(outputs) == len(cands):
         return cands, []
     notes = [f"{c.path}: an output of ckptavg (average.n={c.metadata.get('average.n', '?')}) "
              "among the snapshots; left out (fold new snapshots into it with --into "
              f"{c.path}, or average it on its own with other averages)" for c in outputs]
-    close_all(outputs)
     return [c for c in cands if not is_output(c)], notes
+
+
+def files_of(cands: list[Candidate]) -> list:
+    """Every file of every input opened, chosen or not: what no output may replace."""
+    return [f for c in cands for f in c.reader.files]
 
 
 def close_all(cands: list[Candidate]) -> None:

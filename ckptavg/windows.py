@@ -21,7 +21,7 @@ from ckptavg.heldout import RunningSum, open_heldout, write_choice
 from ckptavg.io.writer import AtomicFile
 from ckptavg.options import Stats
 from ckptavg.results import Result
-from ckptavg.select import close_all, leave_out_outputs, open_candidates, select
+from ckptavg.select import close_all, files_of, leave_out_outputs, open_candidates, select
 
 Progress = Callable[[int, int], None]
 
@@ -99,7 +99,7 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
     try:
         kept, left_out = leave_out_outputs(cands)
         pool = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
-        held = open_heldout(pool, output, data=data, data_dir=data_dir, download=download,
+        held = open_heldout(pool, output, files_of(cands), data=data, data_dir=data_dir, download=download,
                             model=model, model_kwargs=model_kwargs, holdout=holdout,
                             subset=subset,
                             batch_size=batch_size, workers=workers, device=device,

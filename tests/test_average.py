@@ -90,7 +90,7 @@ def test_weighted(tmp_path, ckpts):
 
 
 def test_method_weights_errors():
-    with pytest.raises(CkptavgError, match="3 weights given for 2 inputs"):
+    with pytest.raises(CkptavgError, match="weights: 3 given for 2 selected inputs"):
         method_weights(2, "weighted", [1, 2, 3])
     with pytest.raises(CkptavgError, match="non-negative"):
         method_weights(2, "weighted", [1, -1])

@@ -8,7 +8,7 @@ from torch.optim.swa_utils import update_bn
 
 import ckptavg
 from ckptavg.bn import recalibrate
-from ckptavg.errors import CkptavgError, ModelError
+from ckptavg.errors import CkptavgError, ModelError, OptionError
 from tests.fakedata import tiny_bn, write_cifar10, write_mnist, zero_linear
 
 
@@ -67,7 +67,7 @@ def test_max_batches_and_no_bn():
     assert recalibrate(net, _loader(), max_batches=2)["samples"] == 16
     lin = torch.nn.Linear(3, 3)
     assert recalibrate(lin, _loader())["bn_layers"] == 0
-    with pytest.raises(CkptavgError, match="stats='nope': use one of update_bn, exact"):
+    with pytest.raises(CkptavgError, match="stats 'nope': use one of update_bn, exact"):
         recalibrate(net, _loader(), stats="nope")
 
 
@@ -127,7 +127,7 @@ def test_bn_fix_in_place_fraction_and_subset(stale_ckpt):
 def test_bn_fix_without_model_metadata_says_what_to_pass(tmp_path):
     p = tmp_path / "x.safetensors"
     ckptavg.save({"w": torch.ones(1)}, p, {"data.name": "fashion-mnist"})
-    with pytest.raises(ModelError, match="pass --model NAME"):
+    with pytest.raises(OptionError, match="model: missing: .* has no model.arch metadata"):
         ckptavg.bn_fix(p)
 
 
@@ -151,7 +151,7 @@ def test_evaluate_known_accuracy_and_loss(tmp_path):
 def test_bn_fix_batches_and_fraction_together_are_refused(stale_ckpt):
     path, data_dir = stale_ckpt
     before = open(path, "rb").read()
-    with pytest.raises(CkptavgError, match="batches or fraction, not both"):
+    with pytest.raises(CkptavgError, match="batches / fraction: give one, not both"):
         ckptavg.bn_fix(path, data_dir=data_dir, batches=5, fraction=0.1)
     assert open(path, "rb").read() == before
 

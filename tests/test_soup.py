@@ -289,3 +289,52 @@ def test_search_and_soup_of_a_train_run_use_its_held_out_images(tmp_path):
     assert meta["bn.data"] == "fashion-mnist:train:first40:augment" and meta["bn.stale"] == "false"
     u = ckptavg.soup(run.checkpoints, uniform=True, test=True, **common)
     assert u.test_accuracy is not None and len(u.chosen) == 4
+
+
+def test_profile_search_scores_each_profile_and_writes_the_best(tmp_path):
+    """Each profile's held-out score is that of its float64 weighted mean (computed here,
+    with the profile's weights from the issue's formulas by hand); the written choice is
+    `average --profile` of the same files, bit for bit."""
+    degs = [170, 120, 60, 20, -10]  # the later checkpoints are the better ones
+    states = {f"epoch-{i + 1:04d}": rotated(d) for i, d in enumerate(degs)}
+    paths = write(tmp_path, states)
+    seq = list(states.values())
+    out = tmp_path / "best.safetensors"
+    specs = ["uniform", "wsm:linear", "time", "ema:halflife=0.5"]
+    r = ckptavg.search_profiles(paths, specs, out, holdout=200, data=DATA, model=MODEL,
+                                device="cpu")
+    # epochs 1..5, equal spacing: uniform = wsm:linear = time; ema with a half-life of half an
+    # epoch: weight of epoch i is integral over (i-1, i] of 2^(-2 (5 - t)).
+    ema = [2.0 ** (-2 * (5 - i)) - 2.0 ** (-2 * (5 - i + 1)) for i in range(1, 6)]
+    want_w = {"uniform": [0.2] * 5, "wsm:linear": [0.2] * 5, "time": [0.2] * 5,
+              "ema:halflife=0.5": [w / sum(ema) for w in ema]}
+
+    def wmean(ws):
+        return {k: sum(w * s[k].double() for w, s in zip(ws, seq)).float() for k in seq[0]}
+
+    assert [p.profile for p in r.profiles] == specs
+    for p in r.profiles:
+        assert p.weights == pytest.approx(want_w[p.profile])
+        assert p.holdout_accuracy == pytest.approx(accuracy(wmean(want_w[p.profile])))
+        assert p.holdout_loss == pytest.approx(loss(wmean(want_w[p.profile])), rel=1e-5)
+    best = max(r.profiles, key=lambda p: (p.holdout_accuracy, -p.holdout_loss))
+    assert r.best.profile == best.profile == "ema:halflife=0.5"
+    ckptavg.average(paths, tmp_path / "engine.safetensors", profile=best.profile)
+    saved, meta = ckptavg.load(out)
+    engine, _ = ckptavg.load(tmp_path / "engine.safetensors")
+    assert all(torch.equal(saved[k], engine[k]) for k in engine)
+    assert meta["select.method"] == "profile-search"
+    assert meta["average.profile"] == "ema:halflife=0.5"
+    assert meta["select.profiles"] == ";".join(specs)
+
+
+def test_profile_search_through_the_cli(tmp_path):
+    paths = write(tmp_path, {f"epoch-{i + 1:04d}": rotated(d)
+                             for i, d in enumerate([90, 45, 10])})
+    r = CliRunner().invoke(cli, ["search", *paths, "--profiles",
+                                 "uniform,ema:decay=0.5,per=1,power:gamma=3", "--holdout",
+                                 "200", "--data", DATA, "--model", MODEL, "--json"])
+    assert r.exit_code == 0, r.output
+    body = json.loads(r.stdout)
+    assert [p["profile"] for p in body["profiles"]] == ["uniform", "ema:decay=0.5,per=1",
+                                                         "power:gamma=3"]

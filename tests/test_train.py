@@ -142,7 +142,7 @@ def test_cyclic_schedule_saves_cycle_ends(data, tmp_path):
 def test_config_errors(data, tmp_path):
     with pytest.raises(CkptavgError, match=r"swa_start 7: an epoch in 1\.\.4 or a fraction"):
         train(cfg(data, tmp_path / "x", swa_start=7), device="cpu")
-    with pytest.raises(CkptavgError, match="amp needs a CUDA device"):
+    with pytest.raises(CkptavgError, match="amp / device: mixed precision needs a CUDA device"):
         train(cfg(data, tmp_path / "x", amp=True), device="cpu")
 
 

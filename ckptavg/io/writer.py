@@ -182,6 +182,26 @@ _WRITE_HINTS = {
 }
 
 
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exception a library wrapped it in (DCP's CheckpointException
+    keeps each rank's failure in `failures`), or None."""
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) and f else getattr(f, "exc", f)
+                      for f in failures.values()]  # (exception, traceback) pairs
+        stack += [x.__cause__, x.__context__]
+    return None
+
+
 def write_error(path: str, e: OSError) -> OutputError:
     """One line for a failed write: what, where, and the fix the errno points to."""
     hint = _WRITE_HINTS.get(e.errno, "pick another folder")
@@ -694,8 +714,14 @@ class DcpWriter(Writer):
 
         for k, v in self._ties.items():
             self._tensors[k] = self._tensors[v]
-        save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
-                 self._meta, distributed=False)
+        try:
+            save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
+                     self._meta, distributed=False)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            cause = os_error_in(e)
+            if cause is None:
+                raise
+            raise cause from None  # a full disk inside DCP's writer: one line (Writer.close)
         commit_dcp(self._tmp, self.path)
 
     def abort(self) -> None:

@@ -38,14 +38,45 @@ def cli_with_limits(*args, fsize=None, nofile=None, timeout=120):
                           capture_output=True, text=True, preexec_fn=limits, timeout=timeout)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ""])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".bin", ".ckpt", ".pth.tar", "",
+                                    "dcp"])
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, suffix):
-    """RLIMIT_FSIZE makes writes past 256 bytes fail (EFBIG) as a full disk would (ENOSPC)."""
+    """RLIMIT_FSIZE makes writes past 256 bytes fail (EFBIG) as a full disk would (ENOSPC):
+    every output format, one line that names the output and the limit, no temporary file."""
     paths = write_safetensors(tmp_path, 3)
-    out = tmp_path / f"out{suffix}"
-    proc = cli_with_limits("average", *paths, "-o", out, fsize=256)
-    one_line_error(proc, str(out), "cannot write the output")
+    out = tmp_path / ("out" if suffix == "dcp" else f"out{suffix}")
+    extra = ["--dcp"] if suffix == "dcp" else []
+    proc = cli_with_limits("average", *paths, "-o", out, *extra, fsize=256)
+    one_line_error(proc, str(out), "cannot write the output", "size limit")
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["bn-fix", "swag", "train"])
+def test_disk_full_in_other_commands(tmp_path, command):
+    from tests.fakedata import write_mnist
+
+    data = tmp_path / "data"
+    write_mnist(str(data), n_train=16, n_test=8)
+    paths = write_safetensors(tmp_path, 3)
+    out = tmp_path / ("out.pt" if command == "bn-fix" else "out.safetensors")
+    from tests.fakedata import tiny_bn
+
+    ck = tmp_path / "ck.safetensors"
+    ckptavg.save(tiny_bn().state_dict(), ck, {"data.name": "fashion-mnist", "bn.stale": "true"})
+    args = {"bn-fix": ["bn-fix", ck, "-o", out, "--data-dir", data, "--model",
+                       "tests.fakedata:tiny_bn"],
+            "swag": ["swag", *paths, "-o", out, "--rank", "2"],
+            "train": ["train", "--data", "fashion-mnist", "--data-dir", data, "--model",
+                      "tests.fakedata:tiny_bn",
+                      "--epochs", "1", "--out", tmp_path / "run", "--batch-size", "8"]}[command]
+    proc = cli_with_limits(*args, fsize=256)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("ckptavg: error: ")]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "size limit" in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]  # train's epoch lines come before
+    assert not out.exists() and leftovers(tmp_path) == []
+    if command == "train":
+        assert leftovers(tmp_path / "run") == []
 
 
 @pytest.fixture
@@ -65,16 +96,19 @@ def test_really_full_disk(tmp_path, tiny_fs):
     for i in range(2):  # 256 KB of output on a 64 KB file system
         paths.append(tmp_path / f"b{i}.safetensors")
         save_file({"w": torch.randn(64, 1024)}, paths[-1])
-    proc = run_cli("average", *paths, "-o", tiny_fs / "o.safetensors")
-    one_line_error(proc, "No space left on device")
+    for out in ("o.safetensors", "o.pt"):
+        proc = run_cli("average", *paths, "-o", tiny_fs / out)
+        one_line_error(proc, "No space left on device", "free space")
     assert os.listdir(tiny_fs) == []
 
 
 def test_read_only_folder(tmp_path, tiny_fs):
     paths = write_safetensors(tmp_path, 2)
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
-    proc = run_cli("average", *paths, "-o", tiny_fs / "o.safetensors")
-    one_line_error(proc, "Read-only file system")
+    for out in ("o.safetensors", "o.pt", "o"):
+        proc = run_cli("average", *paths, "-o", tiny_fs / out)
+        one_line_error(proc, "Read-only file system", "pick a folder on a writable one")
+        assert "free space" not in proc.stderr
 
 
 def test_fifo_and_device_inputs_are_refused_without_hanging(tmp_path):

@@ -1,0 +1,140 @@
+"""Which averaging profile? Each chosen on held-out data, as the window search chooses a start.
+
+Every checkpoint of the selection is read once and folded into one float64 sum per profile,
+with that profile's weights (profiles.py, from the checkpoints' steps or epochs); each
+profile's average is BatchNorm-recalibrated and scored on the held-out training images
+(heldout.py). The best (highest held-out accuracy, then lower loss, then the profile given
+first) is written; the test split is read only with `test=True`, for the choice.
+Memory: one float64 model per profile, plus one checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ckptavg import options, profiles
+from ckptavg.averaging import profile_positions
+from ckptavg.errors import OptionError
+from ckptavg.heldout import RunningSum, open_heldout, write_choice
+from ckptavg.options import Stats
+from ckptavg.results import Result
+from ckptavg.select import close_all, files_of, leave_out_outputs, open_candidates, select
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class ProfileScore(Result):
+    """One profile's weights over the selection and its held-out score."""
+
+    profile: str
+    weights: list[float]
+    effective_n: float
+    holdout_accuracy: float
+    holdout_loss: float
+
+
+@dataclass
+class ProfileSearchResult(Result):
+    """Every profile scored (in the order given), the chosen one, and where it was written."""
+
+    profiles: list[ProfileScore]
+    best: ProfileScore
+    inputs: list[str]
+    positions: list[int]
+    output: str | None
+    holdout: str
+    holdout_samples: int
+    bn_recalibrated: bool
+    passes: int
+    seconds: float
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    holdout_verified: bool = True
+
+
+def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
+                    output: str | os.PathLike | None = None, *, from_epoch: int | None = None,
+                    to_epoch: int | None = None, every: int | None = None,
+                    cycle_ends: bool = False, last: int | None = None,
+                    holdout: int | None = None, subset: int | None = None,
+                    data: str | None = None, data_dir: str | None = None, download: bool = False,
+                    model: str | None = None, model_kwargs: dict | None = None,
+                    batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
+                    device: str = options.DEVICE, seed: int = options.SEED,
+                    stats: Stats = options.STATS, bn_batches: int | None = None,
+                    input_key: str | None = None, key: str | None = None,
+                    strip_prefix: str | None = None, test: bool = False,
+                    progress: Progress | None = None) -> ProfileSearchResult:
+    """Score each averaging profile of one run's checkpoints on held-out data.
+
+    Args:
+        inputs: one run's checkpoints (paths or globs), ordered by step or epoch.
+        specs: profile specs (profiles.py), e.g. ["uniform", "ema:halflife=5",
+            "power:sigma_rel=0.1", "wsm:minus-sqrt"].
+        output: write the best profile's average here (BatchNorm recalibrated as scored).
+        from_epoch ... strip_prefix, test: as for `search`.
+        progress: called with (profiles scored, profiles in all).
+
+    Returns:
+        A ProfileSearchResult.
+
+    Example:
+        >>> ckptavg.search_profiles(["runs/a/epoch-*.safetensors"],
+        ...                         ["uniform", "ema:halflife=10"], from_epoch=16).best.profile
+    """
+    t0 = time.perf_counter()
+    parsed = [profiles.parse(s) for s in specs]
+    if not parsed:
+        raise OptionError("profiles", "none given; name one or more, e.g. uniform,wsm:linear")
+    output = os.fspath(output) if output is not None else None
+    cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+    try:
+        kept, left_out = leave_out_outputs(cands)
+        pool = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
+        positions = profile_positions(pool)
+        ws = [profiles.weights(p, positions) for p in parsed]
+        held = open_heldout(pool, output, files_of(cands), data=data, data_dir=data_dir,
+                            download=download, model=model, model_kwargs=model_kwargs,
+                            holdout=holdout, subset=subset, batch_size=batch_size,
+                            workers=workers, device=device, seed=seed, stats=stats,
+                            bn_batches=bn_batches, input_key=input_key)
+        sums = [RunningSum() for _ in parsed]
+        for i, c in enumerate(pool):
+            state = RunningSum.read(c.reader)
+            for s, w in zip(sums, ws):
+                s.add(state, i, w[i])
+        scored, best_i, best_state = [], 0, None
+        for j, (p, s) in enumerate(zip(parsed, sums)):
+            mean = s.mean()
+            r = held.score(mean, f"the {p.spec} average")
+            scored.append(ProfileScore(p.spec, ws[j], profiles.effective_n(ws[j]),
+                                       r["accuracy"], r["loss"]))
+            if best_state is None or (r["accuracy"], -r["loss"]) > (
+                    scored[best_i].holdout_accuracy, -scored[best_i].holdout_loss):
+                best_i, best_state = j, held.fixed(mean)
+            sums[j] = None  # its float64 model is no longer needed
+            if progress:
+                progress(j + 1, len(parsed))
+        best = scored[best_i]
+        result = ProfileSearchResult(scored, best, [c.path for c in pool], positions, output,
+                                     held.description, r["samples"], held.has_bn, held.passes,
+                                     0.0, warnings=left_out + held.warnings,
+                                     holdout_verified=held.verified)
+        if test:
+            t = held.test(best_state)
+            result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]
+        if output is not None:
+            write_choice(output, pool, best_state, held,
+                         {"select.method": "profile-search",
+                          "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}",
+                          "select.profiles": ";".join(p.spec for p in parsed)},
+                         weights=best.weights, profile=best.profile)
+    finally:
+        close_all(cands)
+    result.seconds = time.perf_counter() - t0
+    return result
