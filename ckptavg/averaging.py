@@ -488,6 +488,9 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
             start = (base + lo) * kind.itemsize - FAULT_AROUND
             for i in members:
                 readers[i].release_range(key, start, (base + lo + n) * kind.itemsize - start)
+        if base + numel >= readers[0].info(key).numel:  # the tensor's last slice: done with it
+            for i in members:
+                readers[i].release(key)
     if full is not None:
         def finish_full(s: arith.Scratch, lo: int, hi: int) -> None:
             for off in range(lo, hi, CHUNK):

@@ -81,3 +81,17 @@ def assert_state_equal(a: dict, b: dict) -> None:
 def leftovers(folder) -> list[str]:
     """Temporary files a writer may have left behind."""
     return [f for f in os.listdir(folder) if f.startswith(".") and (".tmp" in f or ".old" in f)]
+
+
+def rezip(src, dst, edit) -> None:
+    """Rewrite a zip (a torch file) record by record, stored, with `edit(name, data)` applied
+    to each record's bytes; a record it returns None for is left out."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin:
+        items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in items:
+            data = edit(name, data)
+            if data is not None:
+                zout.writestr(name, data)

@@ -338,3 +338,26 @@ def test_profile_search_through_the_cli(tmp_path):
     body = json.loads(r.stdout)
     assert [p["profile"] for p in body["profiles"]] == ["uniform", "ema:decay=0.5,per=1",
                                                          "power:gamma=3"]
+
+
+def test_a_plot_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """Outputs written by other code into an atomic file (a matplotlib PNG) fail as the
+    writers do: one line naming the output, no temporary file (RLIMIT_FSIZE stands in for
+    a full disk)."""
+    import resource
+
+    pytest.importorskip("matplotlib")
+    paths = write(tmp_path, {f"epoch-{i + 1:04d}": rotated(d) for i, d in enumerate([90, 10])})
+    png = tmp_path / "search.png"
+
+    def limits():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "search", *paths, "--plot", str(png),
+                           "--holdout", "200", "--data", DATA, "--model", MODEL], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limits)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{png}: cannot write the output" in lines[0], proc.stderr
+    assert not png.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]

@@ -245,9 +245,18 @@ def _fits(t: Data, spec: TensorSpec) -> bool:
     return t.nbytes == spec.nbytes if _is_numpy(t) else tuple(t.shape) == spec.shape
 
 
+# errnos that say the output could not be written (a full disk, a read-only file system, a
+# size limit): whatever code wrote into an atomic output (a plot, a CSV, a state dict), one
+# line naming the output. Other OSErrors inside the block keep their traceback.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
 class Atomic:
     """A context manager that commits (`close`) on a clean exit and aborts on an error, also
-    when the commit itself fails."""
+    when the commit itself fails. A full disk (OUTPUT_ERRNOS) inside the block or in the
+    commit becomes one OutputError naming the output."""
+
+    path: str
 
     def close(self) -> None:
         raise NotImplementedError
@@ -261,11 +270,15 @@ class Atomic:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
+                raise write_error(getattr(self, "shown", None) or self.path, exc) from None
             return
         try:
             self.close()
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+                raise write_error(getattr(self, "shown", None) or self.path, e) from None
             raise
 
 

@@ -9,7 +9,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import ckptavg
 from ckptavg.errors import CheckpointError
 from ckptavg.io import open_checkpoint
 from ckptavg.io.pickles import Opaque, carry, left_out, stand_in
-from tests.conftest import ROOT
+from tests.conftest import ROOT, rezip
 
 MARK = "ZZMARKZZ"
 
@@ -32,18 +31,19 @@ def _with_payload(tmp_path, payload: bytes, nest: int = 0, protocol: int = 4, na
         cfg = [cfg]
     p = tmp_path / name
     torch.save({"state_dict": {"w": torch.ones(3)}, "cfg": cfg}, p, pickle_protocol=protocol)
-    with zipfile.ZipFile(p) as z:
-        items = [(i.filename, z.read(i.filename)) for i in z.infolist()]
     marker = b"\x8c" + bytes([len(MARK)]) + MARK.encode()
-    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
-        for n, data in items:
-            if n.endswith("data.pkl"):
-                assert data.count(marker) == 1
-                data = data.replace(marker, payload)
-                if data[2:3] == b"\x95":  # protocol 4's one frame: its length changed
-                    size = int.from_bytes(data[3:11], "little") + len(payload) - len(marker)
-                    data = data[:3] + size.to_bytes(8, "little") + data[11:]
-            z.writestr(n, data)
+
+    def splice(name: str, data: bytes) -> bytes:
+        if not name.endswith("data.pkl"):
+            return data
+        assert data.count(marker) == 1
+        data = data.replace(marker, payload)
+        if data[2:3] == b"\x95":  # protocol 4's one frame: its length changed
+            size = int.from_bytes(data[3:11], "little") + len(payload) - len(marker)
+            data = data[:3] + size.to_bytes(8, "little") + data[11:]
+        return data
+
+    rezip(p, p, splice)
     return str(p)
 
 

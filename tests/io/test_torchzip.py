@@ -23,7 +23,7 @@ from ckptavg.errors import CheckpointError
 from ckptavg.io import open_checkpoint
 from ckptavg.io.dtypes import standard
 from ckptavg.io.torchzip import Pickle, TensorRecord, ZipStream, head_records, tail_records
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, rezip, run_cli
 
 
 def _states(n=3, seed=0):
@@ -238,15 +238,6 @@ def test_a_torch_loaded_zip_is_checked_too(tmp_path):
     assert not (tmp_path / "avg.safetensors").exists()
 
 
-def _rezip(src, dst, edit):
-    """Rewrite a torch zip record by record (stored), with `edit(name, data)` applied."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for item in zin.infolist():
-            data = edit(item.filename, zin.read(item.filename))
-            if data is not None:
-                zout.writestr(item.filename, data)
-
-
 def test_forged_zips_are_one_line(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"state_dict": {"a": torch.ones(4), "b": torch.full((4,), 2.0)}}, good)
@@ -257,7 +248,7 @@ def test_forged_zips_are_one_line(tmp_path):
                              "holds 4 bytes where data.pkl describes 16")
     for case, (edit, message) in cases.items():
         bad = tmp_path / f"{case}.pt"
-        _rezip(good, bad, edit)
+        rezip(good, bad, edit)
         proc = run_cli("inspect", bad)
         assert proc.returncode == 1 and message in proc.stderr, (case, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
