@@ -767,7 +767,7 @@ def average(
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
         opened = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
         stack.callback(close_all, opened)
-        cands, left_out = leave_out_outputs(opened)
+        cands, left_out = leave_out_outputs(opened, locked.identity if locked else None)
         chosen = select(cands, *select_args)
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
@@ -786,7 +786,8 @@ def average(
             refuse_shared_files(readers)  # the inputs among themselves: open_candidates
         in_place = into is not None and _same(into, output)
         protected = [f for r in (readers[1:] if in_place else readers) for f in r.files] + \
-            [f for c in opened if c.reader not in readers for f in c.reader.files]
+            [f for c in opened if c.reader not in readers for f in c.reader.files
+             if not (in_place and f.identity == locked.identity)]  # left out by the glob
         if output is not None:  # before hashing or reading any tensor
             check_output(output, kind, protected)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,

@@ -162,7 +162,8 @@ def is_output(c: Candidate) -> bool:
     return "average.n" in meta or "swag.rank" in meta
 
 
-def leave_out_outputs(cands: list[Candidate]) -> tuple[list[Candidate], list[str]]:
+def leave_out_outputs(cands: list[Candidate],
+                      running: tuple[int, int] | None = None) -> tuple[list[Candidate], list[str]]:
     """Snapshots without the outputs of ckptavg found among them (`runs/*.pt` catches
     `runs/swa.pt` written by an earlier run), with a warning naming each. Inputs that are
     all outputs (averaging averages, a soup of SWA models) stay. What is left out stays open
@@ -170,9 +171,12 @@ def leave_out_outputs(cands: list[Candidate]) -> tuple[list[Candidate], list[str
     outputs = [c for c in cands if is_output(c)]
     if not outputs or len(outputs) == len(cands):
         return cands, []
+    # The running average of --into (identity `running`), caught by the glob: left out
+    # without a word, since it is folded into already.
     notes = [f"{c.path}: an output of ckptavg (average.n={c.metadata.get('average.n', '?')}) "
              "among the snapshots; left out (fold new snapshots into it with --into "
-             f"{c.path}, or average it on its own with other averages)" for c in outputs]
+             f"{c.path}, or average it on its own with other averages)" for c in outputs
+             if running is None or running not in {f.identity for f in c.reader.files}]
     return [c for c in cands if not is_output(c)], notes
 
 

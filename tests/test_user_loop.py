@@ -238,3 +238,21 @@ def test_the_average_is_the_float64_mean(user):
         if v.is_floating_point():
             want = (sum(s[k].double() for s in states) / len(states)).to(v.dtype)
             assert torch.equal(got[k], want), k
+
+
+def test_a_running_average_in_the_glob_is_the_into_target_not_an_input(user):
+    """`average 'runs/*.pt' --into runs/swa.pt` from cron: the glob catches the running
+    average itself; it is folded into, not averaged in, and no warning is given for it."""
+    pts = _pt(user)
+    first = cli(user, "average", *pts[:2], "-o", "runs/swa.pt")
+    assert first.returncode == 0, first.stderr
+    again = cli(user, "average", "runs/*.pt", "--into", "runs/swa.pt", "--json")
+    assert again.returncode == 0, again.stderr
+    body = json.loads(again.stdout)
+    assert body["n"] == 4 and "swa.pt: an output of ckptavg" not in again.stderr
+    states = [torch.load(p)["model_state_dict"] for p in pts]
+    got = torch.load(user / "runs" / "swa.pt")["model_state_dict"]
+    for k, v in states[0].items():
+        if v.is_floating_point():
+            want = (sum(s[k].double() for s in states) / 4).to(v.dtype)
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
