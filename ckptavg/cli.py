@@ -294,7 +294,7 @@ def model_options(required: bool = False):
 
 
 data_dir_option = click.option("--data-dir", help="Data root (torchvision's root); default "
-                               "$CKPTAVG_DATA or ~/.cache/ckptavg/data.")
+                               "$CKPTAVG_DATA, else $XDG_CACHE_HOME/ckptavg/data, else ~/.cache/ckptavg/data.")
 
 
 def data_options(required: bool = False):

@@ -100,8 +100,9 @@ def _classify(path: str) -> tuple[str, int | None, SourceFile | None]:
 
 
 def sniff(path: str) -> str:
-    """The format of `path` by content: 'safetensors', 'torch-zip', 'torch-legacy',
-    'safetensors-sharded' or 'safetensors-folder'."""
+    """The format of `path` by content: 'safetensors', 'torch-zip', 'torch-legacy' for a
+    file; 'safetensors-sharded', 'safetensors-folder', 'torch-sharded', 'torch-folder' or
+    'dcp' for a folder. Raises CheckpointError for anything else (naming the fix)."""
     kind, fd, _ = _classify(path)
     if fd is not None:
         os.close(fd)
