@@ -52,6 +52,21 @@ def test_two_ranks_write_the_same_average_as_one_process(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_two_ranks_apply_a_profile_as_one_process(tmp_path):
+    """--profile under torchrun: the same weights, metadata and bytes as in one process."""
+    paths = _inputs(tmp_path)
+    proc = _torchrun("average", *paths, "--profile", "ema:halflife=1.5", "-o", tmp_path / "dist",
+                     "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    single = ckptavg.average(paths, tmp_path / "single", profile="ema:halflife=1.5")
+    assert summary["weights"] == single.weights and summary["profile"] == "ema:halflife=1.5"
+    got, meta = ckptavg.load(tmp_path / "dist")
+    want, want_meta = ckptavg.load(tmp_path / "single")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert meta["average.profile"] == want_meta["average.profile"] == "ema:halflife=1.5"
+
+
 def test_a_mismatch_stops_both_ranks_with_one_line_and_leaves_nothing(tmp_path):
     paths = _inputs(tmp_path, bad=2)
     proc = _torchrun("average", *paths, "-o", tmp_path / "dist", timeout=120)
