@@ -724,6 +724,7 @@ def average(
     if weights is not None and ema is not None:
         raise OptionError(("weights", "ema"), "exclude each other; pick one")
     prof = profiles.parse(profile) if profile is not None else None
+    spec = prof.spec if prof is not None else None  # as parsed: what metadata records
     if prof is not None and (weights is not None or ema is not None or into is not None):
         raise OptionError(("profile", "weights" if weights is not None else "ema"
                            if ema is not None else "into"),
@@ -785,15 +786,18 @@ def average(
             readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
             refuse_shared_files(readers)  # the inputs among themselves: open_candidates
         in_place = into is not None and _same(into, output)
-        protected = [f for r in (readers[1:] if in_place else readers) for f in r.files] + \
-            [f for c in opened if c.reader not in readers for f in c.reader.files
-             if not (in_place and f.identity == locked.identity)]  # left out by the glob
+        # Every input opened (chosen, left out by the selection or as an output of ours)
+        # and the running average, unless it is rewritten in place.
+        protected = [f for f in files_of(opened)
+                     if not (in_place and f.identity == locked.identity)]
+        if running is not None and not in_place:
+            protected += running.files
         if output is not None:  # before hashing or reading any tensor
             check_output(output, kind, protected)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
-                         hash_inputs=hash_inputs and not dry_run, profile=profile)
-        result = _result(plan, chosen, into, output, method, n_total, dry_run, profile)
+                         hash_inputs=hash_inputs and not dry_run, profile=spec)
+        result = _result(plan, chosen, into, output, method, n_total, dry_run, spec)
         result.skipped = skipped
         result.warnings = left_out + [f"{p}: already folded into {into} (same fingerprint in its "
                            "average.inputs); skipped" for p in skipped] + _mixed_runs(chosen)
@@ -903,7 +907,7 @@ def _result(plan: Plan, chosen: list[Candidate], into: str | None, output: str |
     applied = [w / total for w in plan.weights]
     return AverageResult(
         inputs=head + [c.path for c in chosen],
-        weights=[w / total for w in plan.weights],
+        weights=applied,
         method=method, output=output, n=n_total, tensors=len(plan.specs),
         bytes_in=plan.bytes_in, bytes_out=plan.bytes_out, dry_run=dry_run,
         epochs=[None] * len(head) + [p.epoch for p in pos],

@@ -33,35 +33,41 @@ class UserError(click.ClickException):
         self.exit_code = error.exit_code
 
 
+def _as_typed(ctx: click.Context, p: click.Parameter) -> tuple[str, str | None] | None:
+    """(the flag as typed, the value typed with it) for option `p`, or None when the command
+    line does not give it."""
+    typed = ctx.meta.get("ckptavg.argv", [])
+    flags = [o for o in p.opts + p.secondary_opts if o.startswith("-")]
+    for i, a in enumerate(typed):
+        for o in flags:
+            if a.startswith(o + "="):
+                return o, a[len(o) + 1:]
+            if a == o:
+                takes_value = isinstance(p, click.Option) and not p.is_flag
+                return o, typed[i + 1] if takes_value and i + 1 < len(typed) else None
+    return None
+
+
 def spelled(ctx: click.Context, name: str) -> str:
     """A library parameter as this command's flag: the spelling the user typed (`-o`), else
     every spelling (`-o/--output`); an argument by its metavar (INPUTS)."""
-    typed = ctx.meta.get("ckptavg.argv", [])
     for p in ctx.command.params:
         if p.name != name:
             continue
         if isinstance(p, click.Argument):
             return p.make_metavar(ctx) if _metavar_takes_ctx() else p.make_metavar()
-        flags = [o for o in p.opts + p.secondary_opts if o.startswith("-")]
-        for o in flags:
-            if any(a == o or a.startswith(o + "=") for a in typed):
-                return o
-        return "/".join(flags)
+        found = _as_typed(ctx, p)
+        return found[0] if found else "/".join(o for o in p.opts + p.secondary_opts
+                                               if o.startswith("-"))
     return "--" + name.replace("_", "-")
 
 
 def typed_value(ctx: click.Context, name: str) -> str | None:
     """The value given to option `name` on the command line, as typed (None if not given)."""
-    typed = ctx.meta.get("ckptavg.argv", [])
     for p in ctx.command.params:
-        if p.name != name or not isinstance(p, click.Option) or p.is_flag:
-            continue
-        for i, a in enumerate(typed):
-            for o in p.opts + p.secondary_opts:
-                if a.startswith(o + "="):
-                    return a[len(o) + 1:]
-                if a == o and i + 1 < len(typed):
-                    return typed[i + 1]
+        if p.name == name and isinstance(p, click.Option):
+            found = _as_typed(ctx, p)
+            return found[1] if found else None
     return None
 
 

@@ -308,9 +308,11 @@ def _user_function(spec: str):
 def data_takes(name: str) -> frozenset[str]:
     """Which of `split` and `augment` the data set can be asked for: both for a known data
     set; for a user's `module:function`, the ones it takes as parameters (or **kwargs)."""
-    if ":" not in name:
-        return frozenset({"split", "augment"})
-    params = inspect.signature(_user_function(name)).parameters.values()
+    return _takes(_user_function(name)) if ":" in name else frozenset({"split", "augment"})
+
+
+def _takes(fn) -> frozenset[str]:
+    params = inspect.signature(fn).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return frozenset({"split", "augment"})
     return frozenset(p.name for p in params if p.name in ("split", "augment"))
@@ -342,7 +344,7 @@ def eval_split(name: str, split: str | None) -> str:
 
 def _user(spec: str, split: str, augment: bool):
     fn = _user_function(spec)
-    takes = data_takes(spec)
+    takes = _takes(fn)
     kwargs = {k: v for k, v in (("split", split), ("augment", augment)) if k in takes}
     return fn(**kwargs)
 

@@ -164,7 +164,7 @@ def _shared_temp(group: Group, output: str) -> str:
 def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
                entry: str | None) -> None:
     from ckptavg.io.dcp import commit_dcp, save_dcp
-    from ckptavg.io.writer import os_error_in, write_error
+    from ckptavg.io.writer import write_error
 
     output = os.path.abspath(output.rstrip(os.sep))
     tmp = _shared_temp(group, output)
@@ -189,9 +189,8 @@ def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
     except BaseException as e:
         if group.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = os_error_in(e)  # a full disk inside DCP's writer: one line
-        if cause is not None:
-            raise write_error(output, cause) from None
+        if isinstance(e, OSError):  # a full disk inside DCP's writer (save_dcp): one line
+            raise write_error(output, e) from None
         raise e
     if group.rank == 0:
         try:

@@ -24,13 +24,7 @@ from ckptavg.errors import CkptavgError, DataError, OptionError
 from ckptavg.evaluation import predict, scores
 from ckptavg.io import ReaderBase
 from ckptavg.io.dtypes import dtype_of
-from ckptavg.modelio import (
-    build_model,
-    data_name_of,
-    load_weights,
-    model_spec,
-    require_model_and_data,
-)
+from ckptavg.modelio import build_model, load_weights, model_and_data
 from ckptavg.options import Stats, check_choice
 from ckptavg.select import Candidate
 
@@ -73,13 +67,11 @@ class RunningSum:
         `order` is its place in training (later wins for integers)."""
         for k, t in state.items():
             if t.dtype.is_floating_point:
-                x = t.to(torch.float64, copy=True)
-                if weight != 1.0:
-                    x.mul_(weight)
+                x = t.to(torch.float64) if weight == 1.0 else t.to(torch.float64) * weight
                 if k in self.sums:
                     self.sums[k].add_(x)
-                else:
-                    self.sums[k] = x
+                else:  # never the caller's tensor itself (a float64 .to() returns it)
+                    self.sums[k] = x.clone() if x is t else x
                 self.dtypes[k] = t.dtype
             elif k not in self.kept or order >= self.kept[k][0]:
                 self.kept[k] = (order, t)
@@ -128,9 +120,8 @@ class HeldOut:
                  bn_batches: int | None = None, input_key: str | None = None) -> None:
         check_choice("stats", stats, Stats)
         meta = ref.metadata
-        require_model_and_data(meta, model, data, ref.path)
-        self.data_name = data_name_of(meta, data, ref.path)
-        arch, kwargs = model_spec(meta, model, model_kwargs, ref.path)
+        self.data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data,
+                                                      ref.path)
         self.net, _ = build_model(arch, kwargs, self.data_name, data_dir)
         self.dev = resolve_device(device)
         self.net.to(self.dev)

@@ -17,17 +17,29 @@ FETCHING_KWARGS = {"weights", "weights_backbone", "pretrained", "pretrained_cfg"
                    "pretrained_cfg_overlay", "checkpoint_path", "pretrained_path"}
 
 
-def model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | None,
-               path: str) -> tuple[str, dict]:
+def model_and_data(meta: dict[str, str], model: str | None, model_kwargs: dict | None,
+                   data: str | None, path: str) -> tuple[str, str, dict]:
+    """(data set name, arch, kwargs) of a checkpoint: --model and --data win, else its
+    model.* and data.name metadata, which may not name code. What neither gives is named in
+    one line (both at once, for a checkpoint not written by ckptavg)."""
+    lacking = [(option, key) for option, given, key in (("model", model, "model.arch"),
+                                                         ("data", data, "data.name"))
+               if not given and not meta.get(key)]
+    if lacking:
+        raise OptionError(tuple(o for o, _ in lacking), f"missing: {path} has no "
+                          f"{' or '.join(k for _, k in lacking)} metadata (it was not written "
+                          "by ckptavg train), so name them: a model (`ckptavg models`, "
+                          "torchvision:NAME or package.module:factory) and a data set (cifar10 "
+                          "... or package.module:function)")
+    return _data_name(meta, data, path), *_model_spec(meta, model, model_kwargs, path)
+
+
+def _model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | None,
+                path: str) -> tuple[str, dict]:
     """(arch, kwargs): --model wins; else the checkpoint's model.arch/model.kwargs."""
     if model:
         return model, dict(model_kwargs or {})
-    arch = meta.get("model.arch")
-    if not arch:
-        raise ModelError(
-            f"{path}: no model.arch metadata, so the network is unknown; pass --model NAME "
-            "(see `ckptavg models`), torchvision:NAME or package.module:factory"
-        )
+    arch = meta["model.arch"]
     if names_code(arch):
         raise ModelError(
             f"{path}: its model.arch metadata names code ({arch!r}), and code named by a file "
@@ -48,27 +60,11 @@ def model_spec(meta: dict[str, str], model: str | None, model_kwargs: dict | Non
     return arch, kwargs
 
 
-def require_model_and_data(meta: dict[str, str], model: str | None, data: str | None,
-                           path: str) -> None:
-    """Name every option a checkpoint without ckptavg's metadata needs, in one line."""
-    lacking = [(option, key) for option, given, key in (("model", model, "model.arch"),
-                                                         ("data", data, "data.name"))
-               if not given and not meta.get(key)]
-    if lacking:
-        raise OptionError(tuple(o for o, _ in lacking), f"missing: {path} has no "
-                          f"{' or '.join(k for _, k in lacking)} metadata (it was not written "
-                          "by ckptavg train), so name them: a model (`ckptavg models`, "
-                          "torchvision:NAME or package.module:factory) and a data set (cifar10 "
-                          "... or package.module:function)")
-
-
-def data_name_of(meta: dict[str, str], data: str | None, path: str) -> str:
+def _data_name(meta: dict[str, str], data: str | None, path: str) -> str:
     """--data wins; else the checkpoint's data.name, which may not name code."""
     if data:
         return data
-    name = meta.get("data.name")
-    if not name:
-        raise CkptavgError(f"{path}: no data.name metadata; pass --data NAME (e.g. cifar10)")
+    name = meta["data.name"]
     if ":" in name:
         raise CkptavgError(
             f"{path}: its data.name metadata names code ({name!r}), and code named by a file "
@@ -158,9 +154,7 @@ def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, 
     `strip_prefix` find the weights in a training checkpoint, as for `average`."""
     path = os.fspath(checkpoint)
     state, meta = load(path, key=key, strip_prefix=strip_prefix)
-    require_model_and_data(meta, model, data, path)
-    data_name = data_name_of(meta, data, path)
-    arch, kwargs = model_spec(meta, model, model_kwargs, path)
+    data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data, path)
     net, _ = build_model(arch, kwargs, data_name, data_dir)
     load_weights(net, state, path)
     return net, state, meta, data_name

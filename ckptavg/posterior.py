@@ -37,13 +37,7 @@ from ckptavg.experiments.plots import pyplot
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import ReaderBase
 from ckptavg.io.writer import AtomicFile, output_kind
-from ckptavg.modelio import (
-    build_model,
-    data_name_of,
-    load_weights,
-    model_spec,
-    require_model_and_data,
-)
+from ckptavg.modelio import build_model, load_weights, model_and_data
 from ckptavg.options import Split, Stats, check_choice
 from ckptavg.results import Result
 from ckptavg.select import close_all, files_of, leave_out_outputs, open_candidates, select
@@ -294,10 +288,8 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         pyplot()
     with SwagPosterior(swag_path) as post:
         meta = post.metadata
-        require_model_and_data(meta, model, data, post.path)
-        data_name = data_name_of(meta, data, post.path)
+        data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data, post.path)
         split = eval_split(data_name, split)
-        arch, kwargs = model_spec(meta, model, model_kwargs, post.path)
         net, _ = build_model(arch, kwargs, data_name, data_dir)
         dev = resolve_device(device)
         net.to(dev)

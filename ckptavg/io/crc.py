@@ -63,10 +63,13 @@ class RecordCheck:
             self.done = True
             self._compare()
 
+    def _restart(self) -> None:
+        self._crc, self._pos, self._skipped = 0, 0, False
+
     def whole(self, data) -> None:
         """Sum the whole record, read at once (a caller that reads it all), and compare."""
         if not self.done:
-            self._crc, self._pos, self._skipped = 0, 0, False
+            self._restart()
             self.update(self.offset, data)
 
     def finish(self, fd: int) -> None:
@@ -75,7 +78,7 @@ class RecordCheck:
         if self.done:
             return
         if self._skipped:
-            self._crc, self._pos, self._skipped = 0, 0, False
+            self._restart()
         while not self.done:
             n = min(1 << 22, self.size - self._pos)
             self.update(self.offset + self._pos,

@@ -205,10 +205,30 @@ def read_side_metadata(path: str) -> dict[str, str]:
     return meta
 
 
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exception a library wrapped it in (DCP's CheckpointException
+    keeps each rank's failure in `failures`), or None."""
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) and f else getattr(f, "exc", f)
+                      for f in failures.values()]  # (exception, traceback) pairs
+        stack += [x.__cause__, x.__context__]
+    return None
+
+
 def save_dcp(state: dict[str, torch.Tensor], folder: str, entry: str | None,
              metadata: dict[str, str] | None, distributed: bool) -> None:
     """`torch.distributed.checkpoint.save` of `state` (under `entry`, or at the top level)
-    into `folder`. With `distributed`, every rank of the default process group calls it with
+    into `folder`; a failed write is raised as its OSError. With `distributed`, every rank of the default process group calls it with
     its own keys (a collective: together they make one checkpoint); `metadata` is written by
     the caller that passes it (rank 0)."""
     import json
@@ -216,9 +236,15 @@ def save_dcp(state: dict[str, torch.Tensor], folder: str, entry: str | None,
     import torch.distributed.checkpoint as dcp
 
     tree = {entry: state} if entry else state
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(tree, storage_writer=dcp.FileSystemWriter(folder), no_dist=not distributed)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(tree, storage_writer=dcp.FileSystemWriter(folder), no_dist=not distributed)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        raise cause from None  # a full disk inside DCP's writer: the callers' one line
     if metadata is not None:
         with open(os.path.join(folder, SIDE_METADATA), "w") as f:
             json.dump(metadata, f, indent=1, sort_keys=True)

@@ -509,13 +509,11 @@ def read_structure(path: str, fd: int) -> object | None:
                     raise _Damaged(f"{path}: record {info.filename} holds {info.file_size} "
                                    f"bytes where data.pkl describes {need}: the file is "
                                    "damaged or forged; re-save it")
-                sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
-                    pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
-                if sig != b"PK\x03\x04":
+                st.offset = data_offset(fd, info, path)
+                if st.offset is None:
                     raise _Damaged(f"{path}: the zip directory places {info.filename} at "
                                    f"byte {info.header_offset}, where no record begins: the "
                                    "file is damaged or forged; re-save it")
-                st.offset = info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
                 if st.offset + info.file_size > size:
                     raise _Damaged(f"{path}: record {info.filename} runs past the end of the "
                                    "file: it is truncated or forged; re-save it")
@@ -534,6 +532,16 @@ def read_structure(path: str, fd: int) -> object | None:
 
 class _Damaged(CheckpointError):
     """A zip whose directory contradicts its pickle or itself: torch would fail on it too."""
+
+
+def data_offset(fd: int, info: zipfile.ZipInfo, path: str) -> int | None:
+    """Where a stored record's bytes begin in the file: after its local header, whose name
+    and extra field lengths only the header itself gives; None where no header begins."""
+    sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
+        pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
+    if sig != b"PK\x03\x04":
+        return None
+    return info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
 
 
 def _check_overlaps(path: str, storages) -> None:
@@ -577,6 +585,7 @@ class TorchReader(ReaderBase):
         self._refs: dict[str, TensorRef] = {}  # raw name -> where it lies (torch-free)
         self._records: dict[str, np.ndarray] = {}  # storage key -> its bytes, while read
         self._checks: list[RecordCheck] = []  # a torch-loaded zip's records, by offset
+        self._check_offsets: list[int] = []  # where each of them begins (for bisect)
         try:
             obj = read_structure(path, fd) if mmap and keep_descriptor(fd) else None
             if obj is None:
@@ -646,10 +655,11 @@ class TorchReader(ReaderBase):
         if self._base is not None and keep_descriptor(fd):
             self._fd = fd  # tensors are then read with pread (see locate)
             self._checks = zip_checks(fd, self.path)
+            self._check_offsets = [c.offset for c in self._checks]
 
     def _check_at(self, offset: int) -> RecordCheck | None:
         """The record of a torch-loaded zip that holds the byte at `offset`."""
-        i = bisect.bisect_right([c.offset for c in self._checks], offset) - 1
+        i = bisect.bisect_right(self._check_offsets, offset) - 1
         if i >= 0 and offset < self._checks[i].offset + self._checks[i].size:
             return self._checks[i]
         return None
@@ -796,14 +806,11 @@ def zip_checks(fd: int, path: str) -> list[RecordCheck]:
     try:
         with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
             for info in z.infolist():
-                if info.compress_type != zipfile.ZIP_STORED:
-                    continue
-                sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
-                    pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
-                if sig == b"PK\x03\x04":
-                    checks.append(RecordCheck(path, info.filename, info.header_offset
-                                              + _LOCAL_HEADER.size + n_name + n_extra,
-                                              info.file_size, info.CRC))
+                offset = data_offset(fd, info, path) \
+                    if info.compress_type == zipfile.ZIP_STORED else None
+                if offset is not None:
+                    checks.append(RecordCheck(path, info.filename, offset, info.file_size,
+                                              info.CRC))
     except (OSError, zipfile.BadZipFile, ValueError, struct.error):
         return []
     return sorted(checks, key=lambda c: c.offset)

@@ -182,33 +182,11 @@ _WRITE_HINTS = {
 }
 
 
-def os_error_in(e: BaseException) -> OSError | None:
-    """The OSError behind an exception a library wrapped it in (DCP's CheckpointException
-    keeps each rank's failure in `failures`), or None."""
-    seen: set[int] = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, OSError):
-            return x
-        failures = getattr(x, "failures", None)
-        if isinstance(failures, dict):
-            stack += [f[0] if isinstance(f, tuple) and f else getattr(f, "exc", f)
-                      for f in failures.values()]  # (exception, traceback) pairs
-        stack += [x.__cause__, x.__context__]
-    return None
-
-
 def write_error(path: str, e: OSError) -> OutputError:
     """One line for a failed write: what, where, and the fix the errno points to."""
     hint = _WRITE_HINTS.get(e.errno, "pick another folder")
     return OutputError(f"{path}: cannot write the output ({e.strerror or e}); nothing was "
                        f"written: {hint}")
-
-
 
 
 try:  # Linux: start writing dirty pages back now, so the final fsync has little left to wait for
@@ -257,6 +235,11 @@ class Atomic:
     commit becomes one OutputError naming the output."""
 
     path: str
+    shown: str | None = None  # the name errors give, when not `path` (a shard: its folder)
+
+    @property
+    def _shown(self) -> str:
+        return self.shown or self.path
 
     def close(self) -> None:
         raise NotImplementedError
@@ -270,16 +253,18 @@ class Atomic:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-            if isinstance(exc, OSError) and exc.errno in OUTPUT_ERRNOS:
-                raise write_error(getattr(self, "shown", None) or self.path, exc) from None
+            self._raise_output_error(exc)
             return
         try:
             self.close()
         except BaseException as e:
             self.abort()
-            if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
-                raise write_error(getattr(self, "shown", None) or self.path, e) from None
+            self._raise_output_error(e)
             raise
+
+    def _raise_output_error(self, e: BaseException) -> None:
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+            raise write_error(self._shown, e) from None
 
 
 class AtomicFile(Atomic):
@@ -335,12 +320,6 @@ class Writer(Atomic):
     keeps_tensors = False  # takes torch tensors whole, and holds them (DCP)
     shares_ties = False  # tied names are one tensor: only the first of each is written
     streams_parts = False  # takes a tensor in consecutive flat slices (write_part)
-    path: str
-    shown: str | None = None  # the name errors give, when not `path` (a shard: its folder)
-
-    @property
-    def _shown(self) -> str:
-        return self.shown or self.path
 
     def write(self, key: str, tensor: Data) -> None:
         try:
@@ -642,11 +621,12 @@ class TorchWriter(Writer):
                  ties: dict[str, str] | None = None, entry: str = "state_dict",
                  extras: dict | None = None, force_zip64: bool = False):
         self.path = path
-        ties = dict(ties or {})
+        ties = dict(ties or {})  # a tied name -> the first name of its tensor (find_ties)
+        own = [s for s in specs if s.key not in ties]
         self._queue = [TensorRecord(str(i), s.dtype, s.shape, s.nbytes)
-                       for i, s in enumerate(s for s in specs if s.key not in ties)]
-        by_key = dict(zip((s.key for s in specs if s.key not in ties), self._queue))
-        state = {s.key: by_key[_root(ties, s.key)] for s in specs}
+                       for i, s in enumerate(own)]
+        by_key = {s.key: r for s, r in zip(own, self._queue)}
+        state = {s.key: by_key[ties.get(s.key, s.key)] for s in specs}
         self._blobs: list[tuple[TensorRecord, bytes]] = []
         extras = {k: v for k, v in (extras or {}).items() if k not in (entry, "metadata")}
         obj = state if path.lower().endswith(".bin") else {**extras, entry: state,
@@ -694,14 +674,6 @@ class TorchWriter(Writer):
         self._out.abort()
 
 
-def _root(ties: dict[str, str], key: str) -> str:
-    seen = set()
-    while key in ties and key not in seen:
-        seen.add(key)
-        key = ties[key]
-    return key
-
-
 class DcpWriter(Writer):
     """A torch.distributed.checkpoint folder (what `dcp.load` and FSDP read), with ckptavg's
     metadata beside it in ckptavg.json. DCP saves a whole state dict at once, so this writer
@@ -727,14 +699,8 @@ class DcpWriter(Writer):
 
         for k, v in self._ties.items():
             self._tensors[k] = self._tensors[v]
-        try:
-            save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
-                     self._meta, distributed=False)
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            cause = os_error_in(e)
-            if cause is None:
-                raise
-            raise cause from None  # a full disk inside DCP's writer: one line (Writer.close)
+        save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
+                 self._meta, distributed=False)
         commit_dcp(self._tmp, self.path)
 
     def abort(self) -> None:
