@@ -72,7 +72,7 @@ torch.save({"state_dict": acc}, out)
 # clear_refs 5), and prints how far the peak rose above the post-import RSS: the memory
 # the averaging itself used, without the import's own transient peak.
 WORK_RSS = r"""
-import sys, torch, safetensors, ckptavg.cli, ckptavg.averaging, ckptavg.io.pt
+import sys, torch, safetensors, ckptavg.cli, ckptavg.engine.average, ckptavg.io.pt
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) * 1024
 base = status('VmRSS:')

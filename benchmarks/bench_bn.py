@@ -16,9 +16,9 @@ import time
 import torch
 from torch.optim.swa_utils import update_bn
 
-from ckptavg.bn import recalibrate
-from ckptavg.data import get_dataset, make_loader
-from ckptavg.models import create_model
+from ckptavg.nn.bn import recalibrate
+from ckptavg.nn.data import get_dataset, make_loader
+from ckptavg.nn.models import create_model
 
 
 def main() -> None:

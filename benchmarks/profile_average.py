@@ -24,8 +24,8 @@ T0 = time.perf_counter()
 import numpy  # noqa: E402,F401
 
 T_NUMPY = time.perf_counter()
-import ckptavg.averaging as averaging  # noqa: E402
-from ckptavg import arith  # noqa: E402
+import ckptavg.engine.average as averaging  # noqa: E402
+from ckptavg.engine import arith, kernel  # noqa: E402
 from ckptavg.io import writer  # noqa: E402
 
 T_IMPORT = time.perf_counter()
@@ -58,7 +58,7 @@ def main() -> None:
     for mod, name, label in ((arith, "widen", "widen (cast to the accumulator)"),
                              (arith, "narrow", "divide's rounding to the output dtype"),
                              (arith, "all_finite", "finite check"),
-                             (averaging, "pread_into", "pread (reader thread)"),
+                             (kernel, "pread_extent", "pread (reader thread)"),
                              (writer.SafetensorsWriter, "_write_part", "file writes (writer thread)"),
                              (writer.AtomicFile, "commit", "fsync + rename"),
                              (averaging, "make_plan", "plan (headers, checks, metadata)"),

@@ -16,59 +16,61 @@ __version__ = "0.1.0"
 # `ckptavg.train` (train, TrainConfig, TrainResult, CheckpointSaver): a subpackage and a
 # function cannot share the name `ckptavg.train`.
 _API = {
-    "average": "ckptavg.averaging",
-    "AverageResult": "ckptavg.averaging",
-    "method_weights": "ckptavg.averaging",
-    "load": "ckptavg.checkpoint",
-    "save": "ckptavg.checkpoint",
-    "inspect": "ckptavg.checkpoint",
-    "InspectResult": "ckptavg.checkpoint",
+    "average": "ckptavg.engine.average",
+    "AverageResult": "ckptavg.engine.result",
+    "method_weights": "ckptavg.engine.plan",
+    "load": "ckptavg.io.checkpoint",
+    "save": "ckptavg.io.checkpoint",
+    "inspect": "ckptavg.io.checkpoint",
+    "InspectResult": "ckptavg.io.checkpoint",
     "open_checkpoint": "ckptavg.io",
-    "bn_fix": "ckptavg.bn",
-    "BnFixResult": "ckptavg.bn",
-    "recalibrate": "ckptavg.bn",
-    "evaluate": "ckptavg.evaluation",
-    "EvalResult": "ckptavg.evaluation",
+    "bn_fix": "ckptavg.nn.bn",
+    "BnFixResult": "ckptavg.nn.bn",
+    "recalibrate": "ckptavg.nn.bn",
+    "evaluate": "ckptavg.nn.evaluation",
+    "EvalResult": "ckptavg.nn.evaluation",
     "ensemble": "ckptavg.experiments.ensemble",
     "EnsembleResult": "ckptavg.experiments.ensemble",
     "width": "ckptavg.experiments.width",
     "WidthResult": "ckptavg.experiments.width",
     "replicate": "ckptavg.experiments.replicate",
     "ReplicateResult": "ckptavg.experiments.replicate",
-    "run_demo": "ckptavg.demo",
-    "soup": "ckptavg.soups",
-    "SoupResult": "ckptavg.soups",
-    "search": "ckptavg.windows",
-    "swag": "ckptavg.posterior",
-    "SwagResult": "ckptavg.posterior",
-    "evaluate_swag": "ckptavg.posterior",
-    "SwagEvalResult": "ckptavg.posterior",
-    "SearchResult": "ckptavg.windows",
-    "create_model": "ckptavg.models",
-    "list_models": "ckptavg.models",
-    "register_model": "ckptavg.models",
+    "run_demo": "ckptavg.experiments.demo",
+    "soup": "ckptavg.selection.soup",
+    "SoupResult": "ckptavg.selection.soup",
+    "search": "ckptavg.selection.search",
+    "swag": "ckptavg.selection.swag",
+    "SwagResult": "ckptavg.selection.swag",
+    "evaluate_swag": "ckptavg.selection.swag",
+    "SwagEvalResult": "ckptavg.selection.swag",
+    "SearchResult": "ckptavg.selection.search",
+    "create_model": "ckptavg.nn.models",
+    "list_models": "ckptavg.nn.models",
+    "register_model": "ckptavg.nn.models",
     "CkptavgError": "ckptavg.errors",
     "OptionError": "ckptavg.errors",
-    "search_profiles": "ckptavg.profile_search",
-    "ProfileSearchResult": "ckptavg.profile_search",
+    "search_profiles": "ckptavg.selection.profile_search",
+    "ProfileSearchResult": "ckptavg.selection.profile_search",
 }
 
 if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
-    from ckptavg.averaging import AverageResult, average, method_weights
-    from ckptavg.bn import BnFixResult, bn_fix, recalibrate
-    from ckptavg.checkpoint import InspectResult, inspect, load, save
-    from ckptavg.demo import run_demo
+    from ckptavg.engine.average import average
+    from ckptavg.engine.plan import method_weights
+    from ckptavg.engine.result import AverageResult
     from ckptavg.errors import CkptavgError, OptionError
-    from ckptavg.evaluation import EvalResult, evaluate
+    from ckptavg.experiments.demo import run_demo
     from ckptavg.experiments.ensemble import EnsembleResult, ensemble
     from ckptavg.experiments.replicate import ReplicateResult, replicate
     from ckptavg.experiments.width import WidthResult, width
     from ckptavg.io import open_checkpoint
-    from ckptavg.models import create_model, list_models, register_model
-    from ckptavg.posterior import SwagEvalResult, SwagResult, evaluate_swag, swag
-    from ckptavg.profile_search import ProfileSearchResult, search_profiles
-    from ckptavg.soups import SoupResult, soup
-    from ckptavg.windows import SearchResult, search
+    from ckptavg.io.checkpoint import InspectResult, inspect, load, save
+    from ckptavg.nn.bn import BnFixResult, bn_fix, recalibrate
+    from ckptavg.nn.evaluation import EvalResult, evaluate
+    from ckptavg.nn.models import create_model, list_models, register_model
+    from ckptavg.selection.profile_search import ProfileSearchResult, search_profiles
+    from ckptavg.selection.search import SearchResult, search
+    from ckptavg.selection.soup import SoupResult, soup
+    from ckptavg.selection.swag import SwagEvalResult, SwagResult, evaluate_swag, swag
 
 __all__ = [
     "AverageResult",

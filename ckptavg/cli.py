@@ -416,7 +416,7 @@ def average(inputs, as_json, quiet, **kwargs):
     outputs of ckptavg caught among snapshots are left out (with a warning); every torch zip
     record read is checked against its CRC-32.
     """
-    from ckptavg.averaging import average as run
+    from ckptavg.engine.average import average as run
 
     with progress_bar(quiet or as_json or kwargs["dry_run"], "average") as bar:
         result = run(list(inputs), progress=bar, **kwargs)
@@ -456,7 +456,7 @@ def _average_lines(r):
 @output_options
 def inspect(path, n_keys, key, strip_prefix, as_json, quiet):
     """Show a checkpoint's format, tensors, sizes per dtype and metadata."""
-    from ckptavg.checkpoint import inspect as run
+    from ckptavg.io.checkpoint import inspect as run
 
     emit(run(path, key=key, strip_prefix=strip_prefix), as_json, quiet,
          lambda info: _inspect_lines(info, n_keys))
@@ -509,7 +509,7 @@ def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
 
     The model is rebuilt from the checkpoint's model.* metadata unless --model is given.
     """
-    from ckptavg.bn import bn_fix
+    from ckptavg.nn.bn import bn_fix
 
     with progress_bar(quiet or as_json, "bn-fix", unit="batch") as bar:
         result = bn_fix(checkpoint, progress=bar, **kwargs)
@@ -549,7 +549,7 @@ def eval_cmd(checkpoints, as_json, quiet, swag_path, samples, scale, diag, stats
         if len(checkpoints) != 1 or plot is not None:
             raise click.UsageError("give one CHECKPOINT (or --swag FILE and any checkpoints to "
                                    "compare; --plot goes with --swag)")
-        from ckptavg.evaluation import evaluate
+        from ckptavg.nn.evaluation import evaluate
 
         with progress_bar(quiet or as_json, "eval", unit="batch") as bar:
             result = evaluate(checkpoints[0], progress=bar, **kwargs)
@@ -559,7 +559,7 @@ def eval_cmd(checkpoints, as_json, quiet, swag_path, samples, scale, diag, stats
             f"{checkpoints[0]}: {r.data} {r.split}: accuracy {r.accuracy:.2f} %, loss "
             f"{r.loss:.4f}, {r.samples} samples"])
         return
-    from ckptavg.posterior import evaluate_swag
+    from ckptavg.selection.swag import evaluate_swag
 
     for name in ("key", "strip_prefix"):
         if kwargs.pop(name) is not None:
@@ -595,7 +595,7 @@ def swag_cmd(inputs, as_json, quiet, **kwargs):
     One streaming pass per tensor, in float64; memory stays a few tensors times K.
     Score it with `ckptavg eval --swag OUTPUT`.
     """
-    from ckptavg.posterior import swag
+    from ckptavg.selection.swag import swag
 
     with progress_bar(quiet or as_json, "swag", unit="tensor") as bar:
         result = swag(list(inputs), progress=bar, **kwargs)
@@ -614,8 +614,8 @@ def ensemble_cmd(checkpoints, as_json, quiet, **kwargs):
 
     This is what SWA approximates at the cost of one model. Globs are expanded.
     """
+    from ckptavg.engine.select import expand
     from ckptavg.experiments.ensemble import ensemble
-    from ckptavg.select import expand
 
     with progress_bar(quiet or as_json, "ensemble", unit="model") as bar:
         result = ensemble(expand(list(checkpoints)), progress=bar, **kwargs)
@@ -659,7 +659,7 @@ def soup_cmd(inputs, as_json, quiet, **kwargs):
     only if the soup's held-out accuracy rises (Wortsman et al. 2022). BatchNorm is
     recalibrated on the training images before every score.
     """
-    from ckptavg.soups import soup
+    from ckptavg.selection.soup import soup
 
     with progress_bar(quiet or as_json, "soup", unit="score") as bar:
         result = soup(list(inputs), progress=bar, **kwargs)
@@ -697,8 +697,8 @@ def search_cmd(inputs, as_json, quiet, profiles, **kwargs):
     scored the same way instead.
     """
     if profiles is not None:
-        from ckptavg.profile_search import search_profiles
-        from ckptavg.profiles import split_specs
+        from ckptavg.engine.profiles import split_specs
+        from ckptavg.selection.profile_search import search_profiles
 
         if kwargs.pop("plot") is not None:
             raise click.UsageError("--plot draws the window search; it does not go with "
@@ -707,7 +707,7 @@ def search_cmd(inputs, as_json, quiet, profiles, **kwargs):
             result = search_profiles(list(inputs), split_specs(profiles), progress=bar, **kwargs)
         emit(result, as_json, quiet, _profile_lines)
         return
-    from ckptavg.windows import search
+    from ckptavg.selection.search import search
 
     with progress_bar(quiet or as_json, "search", unit="window") as bar:
         result = search(list(inputs), progress=bar, **kwargs)
@@ -745,7 +745,7 @@ def _search_lines(r):
 @output_options
 def models_cmd(as_json, quiet):
     """List the registered model names (also: torchvision:NAME, timm:NAME, package.module:factory)."""
-    from ckptavg.models import describe, list_models
+    from ckptavg.nn.models import describe, list_models
 
     names = list_models()
     if as_json:
@@ -842,7 +842,7 @@ def demo_cmd(out, epochs, device, as_json, quiet):
     Prints the test accuracy of the run's last iterate (at the constant SWA rate), of the SWA
     average of its last epochs, and of an SGD baseline (the same budget with the SGD schedule).
     """
-    from ckptavg.demo import run_demo
+    from ckptavg.experiments.demo import run_demo
 
     show = not (quiet or as_json)
 
@@ -1020,7 +1020,7 @@ def _ranked() -> bool:
     (checked only once torch.distributed is loaded: `--help` never imports torch)."""
     if "torch.distributed" not in sys.modules:
         return False
-    from ckptavg.distributed import world_size
+    from ckptavg.parallel import world_size
 
     return world_size() > 1
 

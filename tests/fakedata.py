@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ckptavg.models import register_model
+from ckptavg.nn.models import register_model
 
 
 def write_idx(path: str, array: np.ndarray, compress: bool) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckptavg
-from ckptavg import arith
+from ckptavg.engine import arith
 from ckptavg.io import dtypes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,9 +145,9 @@ def test_weighted_mean_multiplies_then_adds_in_input_order(tmp_path):
 
 @pytest.mark.parametrize("n", [3, 11])  # 11: more inputs than are read at once (GROUP = 4)
 def test_threads_give_the_same_bytes(tmp_path, n, monkeypatch):
-    from ckptavg import averaging
+    from ckptavg.engine import kernel
 
-    monkeypatch.setattr(averaging, "GROUP", 4)
+    monkeypatch.setattr(kernel, "GROUP", 4)
     g = torch.Generator().manual_seed(5)
     states = [{"a": torch.randn(700_000, generator=g), "b": torch.randn(5, generator=g).bfloat16()}
               for _ in range(n)]
@@ -195,7 +195,7 @@ def test_averaging_safetensors_never_imports_torch(tmp_path):
 
 def test_soups_running_sum_rounds_as_average_does(tmp_path):
     """heldout.RunningSum (soup, search) writes the mean `average` writes, bfloat16 too."""
-    from ckptavg.heldout import RunningSum
+    from ckptavg.selection.heldout import RunningSum
 
     g = torch.Generator().manual_seed(9)
     states = [{"w": torch.randn(200_000, generator=g).bfloat16(), "n": torch.tensor(i)}

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import ckptavg
-from ckptavg.averaging import method_weights
+from ckptavg.engine.plan import method_weights
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OutputError
 from tests.conftest import (
     assert_state_equal,
@@ -439,7 +439,7 @@ def test_chunked_reduction_is_the_float64_mean_rounded_once(tmp_path, monkeypatc
     from both formats in one read-ahead block or in several blocks of an odd size: the
     output is the float64 mean rounded once to the output dtype. (Weighted means are checked
     with a tolerance elsewhere: normalised weights round differently from the test's sum.)"""
-    import ckptavg.averaging as engine
+    import ckptavg.engine.kernel as engine
 
     if block:
         monkeypatch.setattr(engine, "BLOCK", engine.CHUNK // 2 + 7)
@@ -481,7 +481,7 @@ def test_the_thread_count_is_restored(tmp_path, ckpts):
 def test_more_inputs_than_a_group_are_summed_group_by_group(tmp_path, monkeypatch):
     """Past GROUP inputs the engine sums groups into a tensor-sized accumulator (memory flat
     in N); the result is still the float64 weighted mean rounded once."""
-    import ckptavg.averaging as engine
+    import ckptavg.engine.kernel as engine
 
     monkeypatch.setattr(engine, "GROUP", 2)
     monkeypatch.setattr(engine, "CHUNK", 1000)
@@ -503,7 +503,7 @@ def test_tensors_larger_than_a_slice_are_written_in_slices(tmp_path, monkeypatch
     """A tensor larger than SLICE output bytes is reduced and written slice by slice (output
     buffers of one slice, not of the largest tensor), with more inputs than a group: every
     value is still the float64 mean rounded once, and the shapes and neighbours are intact."""
-    import ckptavg.averaging as engine
+    import ckptavg.engine.kernel as engine
 
     monkeypatch.setattr(engine, "GROUP", 3)
     monkeypatch.setattr(engine, "CHUNK", 1000)

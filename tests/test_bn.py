@@ -7,8 +7,8 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 import ckptavg
-from ckptavg.bn import recalibrate
 from ckptavg.errors import CkptavgError, ModelError, OptionError
+from ckptavg.nn.bn import recalibrate
 from tests.fakedata import tiny_bn, write_cifar10, write_mnist, zero_linear
 
 
@@ -103,7 +103,7 @@ def test_bn_fix_checkpoint_end_to_end(stale_ckpt, tmp_path):
     assert meta["bn.data"] == "fashion-mnist:train" and meta["average.n"] == "3"
     # The same as update_bn on the rebuilt model and the pass's order: the images shuffled by
     # torch.randperm with the seed (0), in batches of 16.
-    from ckptavg.data import get_dataset
+    from ckptavg.nn.data import get_dataset
 
     net = tiny_bn(10, 1)
     net.load_state_dict(ckptavg.load(path)[0])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckptavg.data import get_dataset, make_loader, read_idx, split_batch
 from ckptavg.errors import DataError
+from ckptavg.nn.data import get_dataset, make_loader, read_idx, split_batch
 from tests.conftest import SHARED_DATA
 from tests.fakedata import write_cifar10, write_cifar100, write_mnist
 
@@ -125,7 +125,7 @@ def _batches(loader):
 @pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("limit", [None, 5])
 def test_pass_batches_of_the_ranks_interleave_into_the_one_process_pass(shuffle, limit):
-    from ckptavg.data import PassBatches, batch_seed
+    from ckptavg.nn.data import PassBatches, batch_seed
 
     order = (torch.randperm(50, generator=torch.Generator().manual_seed(3)).tolist() if shuffle
              else list(range(50)))
@@ -146,7 +146,7 @@ def test_augmented_batches_do_not_depend_on_rank_or_worker_processes(tmp_path):
     """Batch i holds the same images with the same random crops and flips whether one
     process, one of two ranks or a worker process loads it; the caller's generators are
     left as they were."""
-    from ckptavg.data import pass_loader
+    from ckptavg.nn.data import pass_loader
 
     write_mnist(str(tmp_path), n_train=40)
     ds = get_dataset("fashion-mnist", "train", str(tmp_path), augment=True)
@@ -172,7 +172,7 @@ def test_augmented_batches_do_not_depend_on_rank_or_worker_processes(tmp_path):
 def test_an_iterable_data_set_is_read_as_a_stream():
     """A user's IterableDataset has no length to split or shuffle: one pass in its own order
     (every rank would read all of it and keep its batches)."""
-    from ckptavg.data import own_share, pass_batches, pass_loader
+    from ckptavg.nn.data import own_share, pass_batches, pass_loader
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
@@ -187,8 +187,8 @@ def test_an_iterable_data_set_is_read_as_a_stream():
 
 def test_evaluate_and_recalibrate_take_a_stream():
     """eval and the BatchNorm pass over an IterableDataset (no length): every sample once."""
-    from ckptavg.bn import recalibrate
-    from ckptavg.evaluation import predict
+    from ckptavg.nn.bn import recalibrate
+    from ckptavg.nn.evaluation import predict
     from tests.fakedata import tiny_bn
 
     class Stream(torch.utils.data.IterableDataset):
@@ -197,7 +197,7 @@ def test_evaluate_and_recalibrate_take_a_stream():
             for i in range(10):
                 yield torch.randn(1, 8, 8, generator=g), i % 10
 
-    from ckptavg.data import pass_loader
+    from ckptavg.nn.data import pass_loader
 
     net = tiny_bn()
     assert recalibrate(net, pass_loader(Stream(), 4))["samples"] == 10

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import ckptavg
 from ckptavg.cli import cli
-from ckptavg.demo import demo_data_dir
+from ckptavg.experiments.demo import demo_data_dir
 
 
 def test_shipped_subset_is_complete():

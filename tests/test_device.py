@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
+from ckptavg.nn.device import resolve_device
 
 
 def test_cpu_and_auto_without_a_gpu(monkeypatch):

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 PROBE = r"""
 import json, resource, sys
-import ckptavg.averaging as a
+import ckptavg.engine.average as a
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 a.average(sys.argv[2:], sys.argv[1])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

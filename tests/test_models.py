@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ckptavg.errors import ModelError
-from ckptavg.models import create_model, list_models
+from ckptavg.nn.models import create_model, list_models
 
 TEST_MODELS = {"tiny_bn", "zero_linear"}  # registered by tests/fakedata.py
 
@@ -51,7 +51,7 @@ def test_torchvision_and_user_factories():
 
 def test_a_user_registration_keeps_the_builtins_and_names_are_unique():
     from ckptavg.errors import ModelError
-    from ckptavg.models import register_model
+    from ckptavg.nn.models import register_model
 
     @register_model
     def my_net_for_this_test(num_classes: int = 10, in_channels: int = 1):

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckptavg
-from ckptavg import profiles
+from ckptavg.engine import profiles
 from tests.conftest import run_cli
 
 STEPS = [100, 300, 350, 800, 1000]  # unequal spacing

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 import ckptavg
+from ckptavg.engine.select import name_position
 from ckptavg.errors import CkptavgError
-from ckptavg.select import name_position
 
 
 def _lightning(folder, epochs_per_step=4, n=4):

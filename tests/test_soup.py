@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import ckptavg
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
-from ckptavg.heldout import RunningSum
+from ckptavg.selection.heldout import RunningSum
 from tests.fakedata import Blobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

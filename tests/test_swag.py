@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 
 import ckptavg
-from ckptavg.calibration import calibration_scores, ece, nll, reliability
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
-from ckptavg.posterior import SwagPosterior
+from ckptavg.nn.calibration import calibration_scores, ece, nll, reliability
+from ckptavg.selection.swag import SwagPosterior
 from tests.fakedata import Blobs
 
 DATA = "tests.fakedata:blobs"

@@ -208,8 +208,8 @@ def test_messages_name_the_fix(user, case):
 
 
 def test_a_failed_download_takes_back_only_the_folders_it_made(tmp_path):
-    from ckptavg.data import _download
     from ckptavg.errors import DataError
+    from ckptavg.nn.data import _download
 
     class FashionMNIST:  # torchvision keeps its files in ROOT/FashionMNIST/raw
         def __init__(self, root, train, download):

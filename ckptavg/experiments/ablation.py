@@ -19,10 +19,10 @@ from dataclasses import replace
 
 import torch
 
+from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.experiments.replicate import BUDGETS, PRESETS, Preset, budget_epochs
-from ckptavg.heldout import HeldOut, RunningSum
 from ckptavg.io.writer import atomic_text
-from ckptavg.select import close_all, open_candidates
+from ckptavg.selection.heldout import HeldOut, RunningSum
 from ckptavg.train.loop import TrainConfig, train
 
 # name -> Preset fields changed from fashion-mnist-vgg

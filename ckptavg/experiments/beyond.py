@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ckptavg import options
+from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.errors import CkptavgError
-from ckptavg.heldout import HeldOut, RunningSum
 from ckptavg.io.writer import atomic_text
-from ckptavg.posterior import evaluate_swag, plot_reliability, swag
 from ckptavg.results import Result
-from ckptavg.select import close_all, open_candidates
-from ckptavg.soups import soup
-from ckptavg.windows import search
+from ckptavg.selection.heldout import HeldOut, RunningSum
+from ckptavg.selection.search import search
+from ckptavg.selection.soup import soup
+from ckptavg.selection.swag import evaluate_swag, plot_reliability, swag
 
 ROWS = {"sgd": "SGD, final weights (budget B)",
         "best_single": "best single snapshot by held-out accuracy",
@@ -249,8 +249,8 @@ def beyond_table(r: BeyondResult) -> str:
 def draw(r: BeyondResult) -> list[str]:
     """Per seed, from the numbers (so cached seeds are drawn too): held-out accuracy of every
     window against its start, and the reliability diagram of SGD, SWA, SWAG-diagonal, SWAG."""
-    from ckptavg.posterior import CalibrationRow
-    from ckptavg.windows import SearchResult, Window, plot_search
+    from ckptavg.selection.search import SearchResult, Window, plot_search
+    from ckptavg.selection.swag import CalibrationRow
 
     cfg = r.settings["config"]
     held = f"{cfg['data']}:train[{cfg['subset'] - cfg['holdout']}:{cfg['subset']}]"

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
-from ckptavg.data import eval_split, get_dataset, make_loader
-from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError
-from ckptavg.evaluation import checkpoint_warnings, predict, scores
-from ckptavg.modelio import build_from_checkpoint
+from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.data import eval_split, get_dataset, make_loader
+from ckptavg.nn.device import resolve_device
+from ckptavg.nn.evaluation import checkpoint_warnings, predict, scores
 from ckptavg.options import Split, check_choice
 from ckptavg.results import Result
 

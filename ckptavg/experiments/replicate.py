@@ -22,15 +22,15 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ckptavg import options
-from ckptavg.averaging import average
-from ckptavg.bn import bn_fix
-from ckptavg.data import get_dataset, make_loader
-from ckptavg.device import resolve_device
+from ckptavg.engine.average import average
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.evaluation import evaluate, predict, scores
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.writer import AtomicFile, atomic_text
-from ckptavg.modelio import build_from_checkpoint
+from ckptavg.nn.bn import bn_fix
+from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.data import get_dataset, make_loader
+from ckptavg.nn.device import resolve_device
+from ckptavg.nn.evaluation import evaluate, predict, scores
 from ckptavg.results import Result
 from ckptavg.train.loop import TrainConfig, train
 

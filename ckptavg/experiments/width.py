@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from ckptavg import options
-from ckptavg.bn import recalibrate
-from ckptavg.data import get_dataset, make_loader
-from ckptavg.device import resolve_device
 from ckptavg.errors import OptionError
-from ckptavg.evaluation import predict, scores
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.writer import AtomicFile, atomic_text
-from ckptavg.modelio import build_from_checkpoint
+from ckptavg.nn.bn import recalibrate
+from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.data import get_dataset, make_loader
+from ckptavg.nn.device import resolve_device
+from ckptavg.nn.evaluation import predict, scores
 from ckptavg.results import Result
 
 

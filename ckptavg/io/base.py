@@ -362,6 +362,10 @@ def whole_number(value: object) -> int | None:
 
 TRAINER_STATE = "trainer_state.json"  # Hugging Face Trainer's checkpoint-STEP/ record
 MAX_SIDE_FILE = 16 << 20
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+              "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+              "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
 def trainer_state_position(folder: str) -> Position:

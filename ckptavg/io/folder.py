@@ -9,6 +9,8 @@ import os
 from ckptavg.io.base import (
     BIN_INDEX_NAME,
     BIN_NAME,
+    MAX_SIDE_FILE,
+    SIDE_FILES,
     ReaderBase,
     Sharded,
     TensorSpec,
@@ -72,3 +74,20 @@ class TorchFolderReader(Sharded, ReaderBase):
         for r in self._shards:
             r.close()
         self._shards = []
+
+
+def side_files(readers: list[ReaderBase]) -> tuple[dict[str, bytes], list[str]]:
+    """The model-folder files (config.json, tokenizer files) of folder inputs, for a folder
+    output: the newest input's copy of each, with a warning naming any that differ."""
+    found: dict[str, list[bytes]] = {}
+    for r in readers:
+        if not os.path.isdir(r.path):
+            continue
+        for name in SIDE_FILES:
+            p = os.path.join(r.path, name)
+            if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) <= MAX_SIDE_FILE:
+                with open(p, "rb") as f:
+                    found.setdefault(name, []).append(f.read())
+    notes = [f"{name} differs between the input folders; the newest input's copy was taken"
+             for name, copies in found.items() if len(set(copies)) > 1]
+    return {name: copies[-1] for name, copies in found.items()}, notes

@@ -28,7 +28,15 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Union
 
 from ckptavg.errors import OptionError, OutputError
-from ckptavg.io.base import CODES, INDEX_NAME, TORCH_SUFFIXES, SourceFile, TensorSpec, import_torch
+from ckptavg.io.base import (
+    CODES,
+    INDEX_NAME,
+    SIDE_FILES,
+    TORCH_SUFFIXES,
+    SourceFile,
+    TensorSpec,
+    import_torch,
+)
 from ckptavg.io.torchzip import (
     Pickle,
     RawTensor,
@@ -49,10 +57,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 # Non-weight files of a Hugging Face model folder, copied into a folder output so that
 # `from_pretrained(output)` works. Only these names, never code or training state.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
-              "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
-              "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 SIDE_FILES_KEY = "ckptavg.side_files"
 
 

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ckptavg import options
-from ckptavg.checkpoint import save
-from ckptavg.data import data_takes, get_dataset, holdout_split, make_loader
-from ckptavg.device import resolve_device
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.evaluation import predict, scores
+from ckptavg.io.checkpoint import save
 from ckptavg.io.pt import load_torch_file
 from ckptavg.io.writer import AtomicFile
-from ckptavg.modelio import build_model
+from ckptavg.nn.build import build_model
+from ckptavg.nn.data import data_takes, get_dataset, holdout_split, make_loader
+from ckptavg.nn.device import resolve_device
+from ckptavg.nn.evaluation import predict, scores
 from ckptavg.options import Anneal, SaveWhat, Schedule, check_choice
 from ckptavg.results import Result
 from ckptavg.train.saver import CheckpointSaver, cpu_state

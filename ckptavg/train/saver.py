@@ -20,8 +20,8 @@ import time
 import torch
 
 from ckptavg import __version__
-from ckptavg.checkpoint import save
 from ckptavg.io.base import tensor_identity
+from ckptavg.io.checkpoint import save
 
 
 def cpu_state(model_or_state) -> dict[str, torch.Tensor]:

@@ -85,7 +85,7 @@ def test_a_file_output_is_refused_under_torchrun(tmp_path):
 
 
 def test_partition_balances_bytes():
-    from ckptavg.distributed import partition
+    from ckptavg.engine.shards import partition
     from ckptavg.io.base import TensorSpec
 
     specs = [TensorSpec(f"t{i}", (n,), torch.float32) for i, n in enumerate([100, 60, 50, 40, 5])]

@@ -19,30 +19,29 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ckptavg import options
-from ckptavg.averaging import make_plan, peak_rss_bytes
-from ckptavg.bn import bn_layers, recalibrate
-from ckptavg.calibration import BINS, calibration_scores
-from ckptavg.checkpoint import load
-from ckptavg.data import eval_split, get_dataset, make_loader
-from ckptavg.device import resolve_device
+from ckptavg.engine.plan import make_plan
+from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.evaluation import predict
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.base import ReaderBase
+from ckptavg.io.checkpoint import load
 from ckptavg.io.writer import AtomicFile, output_kind
-from ckptavg.modelio import build_model, load_weights, model_and_data
+from ckptavg.nn.bn import bn_layers, recalibrate
+from ckptavg.nn.build import build_model, load_weights, model_and_data
+from ckptavg.nn.calibration import BINS, calibration_scores
+from ckptavg.nn.data import eval_split, get_dataset, make_loader
+from ckptavg.nn.device import resolve_device
+from ckptavg.nn.evaluation import predict
 from ckptavg.options import Split, Stats, check_choice
-from ckptavg.results import Result
-from ckptavg.select import close_all, files_of, leave_out_outputs, open_candidates, select
+from ckptavg.results import Progress, Result, peak_rss_bytes
 
-Progress = Callable[[int, int], None]
 VAR_CLAMP = 1e-30  # the authors' floor for the diagonal variance
 PARTS = ("mean.", "var.", "dev.")
 

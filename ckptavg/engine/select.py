@@ -264,3 +264,18 @@ def select(cands: list[Candidate], from_epoch: int | None = None, to_epoch: int 
             "or --last, or check the files' epochs with ckptavg inspect"
         )
     return out
+
+
+RUN_KEYS = ("train.seed", "train.schedule", "model.arch", "model.kwargs", "data.name")
+
+
+def mixed_runs(chosen: list[Candidate]) -> list[str]:
+    """A warning when the inputs record different runs (seed, schedule, model, data)."""
+    out = []
+    for k in RUN_KEYS:
+        values = {c.metadata.get(k) for c in chosen} - {None}
+        if len(values) > 1:
+            out.append(f"the inputs come from different runs: {k} is "
+                       f"{' / '.join(sorted(values))}; average one run's checkpoints")
+    return out
+

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from importlib import resources
 
 from ckptavg import options
-from ckptavg.averaging import average
-from ckptavg.bn import bn_fix
+from ckptavg.engine.average import average
 from ckptavg.errors import OptionError
-from ckptavg.evaluation import EvalResult, evaluate
+from ckptavg.nn.bn import bn_fix
+from ckptavg.nn.evaluation import EvalResult, evaluate
 from ckptavg.results import Result
 from ckptavg.train.loop import TrainConfig, train
 

@@ -7,10 +7,10 @@ import os
 
 import torch
 
-from ckptavg.checkpoint import load
-from ckptavg.data import INFO, data_info, get_dataset
 from ckptavg.errors import CkptavgError, ModelError, OptionError
-from ckptavg.models import create_model, names_code
+from ckptavg.io.checkpoint import load
+from ckptavg.nn.data import INFO, data_info, get_dataset
+from ckptavg.nn.models import create_model, names_code
 
 # Factory arguments that download or load weights: never taken from a file's metadata.
 FETCHING_KWARGS = {"weights", "weights_backbone", "pretrained", "pretrained_cfg",

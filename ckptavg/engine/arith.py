@@ -163,3 +163,12 @@ def round_once(a: np.ndarray, dtype: DType, chunk: int = 1 << 16) -> np.ndarray:
     for lo in range(0, flat.size, chunk):
         narrow(out[lo:lo + chunk], flat[lo:lo + chunk], dtype, s)
     return out
+
+
+def as_numpy(t, kind: np.dtype) -> np.ndarray:
+    """A read tensor (a view of a mapped file) as a flat numpy array of its raw storage."""
+    torch = import_torch()
+    flat = t.reshape(-1)
+    if flat.dtype in (torch.float64, torch.float32, torch.float16):
+        return flat.numpy()
+    return flat.view(torch.uint8 if kind.itemsize == 1 else torch.int16).numpy().view(kind)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ckptavg import options
-from ckptavg.checkpoint import save
-from ckptavg.data import (
+from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.io import open_checkpoint
+from ckptavg.io.checkpoint import save
+from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.data import (
     PassBatches,
     batch_seed,
     describe_data,
@@ -32,15 +34,10 @@ from ckptavg.data import (
     seeded,
     split_batch,
 )
-from ckptavg.device import resolve_device
-from ckptavg.distributed import Group, world_size
-from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.io import open_checkpoint
-from ckptavg.modelio import build_from_checkpoint
+from ckptavg.nn.device import resolve_device
 from ckptavg.options import Split, Stats, check_choice
-from ckptavg.results import Result
-
-Progress = Callable[[int, int], None]
+from ckptavg.parallel import Group, world_size
+from ckptavg.results import Progress, Result
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ckptavg import options
-from ckptavg.data import (
+from ckptavg.errors import DataError
+from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.data import (
     batches_here,
     eval_split,
     get_dataset,
@@ -20,14 +21,10 @@ from ckptavg.data import (
     pass_loader,
     split_batch,
 )
-from ckptavg.device import resolve_device
-from ckptavg.distributed import Group, world_size
-from ckptavg.errors import DataError
-from ckptavg.modelio import build_from_checkpoint
+from ckptavg.nn.device import resolve_device
 from ckptavg.options import Split, check_choice
-from ckptavg.results import Result
-
-Progress = Callable[[int, int], None]
+from ckptavg.parallel import Group, world_size
+from ckptavg.results import Progress, Result
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        importlib.import_module("ckptavg.models.cifar")
+        importlib.import_module("ckptavg.nn.models.cifar")
 
 
 def list_models() -> list[str]:

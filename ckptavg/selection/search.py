@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
+from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
 from ckptavg.experiments.plots import pyplot
-from ckptavg.heldout import RunningSum, open_heldout, write_choice
 from ckptavg.io.writer import AtomicFile
 from ckptavg.options import Stats
-from ckptavg.results import Result
-from ckptavg.select import close_all, files_of, leave_out_outputs, open_candidates, select
-
-Progress = Callable[[int, int], None]
+from ckptavg.results import Progress, Result
+from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
 
 
 @dataclass

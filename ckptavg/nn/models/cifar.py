@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ckptavg.models import register_model
+from ckptavg.nn.models import register_model
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 

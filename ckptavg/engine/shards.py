@@ -13,36 +13,26 @@ left at the output.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import sys
 
-from ckptavg.errors import CkptavgError
-from ckptavg.io.base import TensorSpec, import_torch
-
-
-class _Dist:
-    """torch.distributed, imported (with torch) when a group is first used."""
-
-    def __getattr__(self, name: str):
-        import_torch()
-        import torch.distributed
-
-        return getattr(torch.distributed, name)
-
-
-dist = _Dist()
-
-
-def world_size() -> int:
-    """The number of ranks this process runs among (torchrun's WORLD_SIZE), 1 if none."""
-    loaded = sys.modules.get("torch.distributed")  # a group needs torch imported already
-    if loaded is not None and loaded.is_available() and loaded.is_initialized():
-        return loaded.get_world_size()
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+from ckptavg.engine.kernel import execute
+from ckptavg.engine.plan import chosen_weights, dcp_entry, make_plan
+from ckptavg.engine.result import AverageResult, make_result
+from ckptavg.engine.select import (
+    close_all,
+    files_of,
+    leave_out_outputs,
+    mixed_runs,
+    open_candidates,
+    select,
+)
+from ckptavg.io import TensorSpec
+from ckptavg.io.folder import side_files
+from ckptavg.io.writer import check_output
+from ckptavg.options import Method
+from ckptavg.parallel import Group
 
 
 def partition(specs: list[TensorSpec], ranks: int) -> list[list[str]]:
@@ -57,42 +47,39 @@ def partition(specs: list[TensorSpec], ranks: int) -> list[list[str]]:
     return [[s.key for s in specs if owner[s.key] == r] for r in range(ranks)]
 
 
-class Group:
-    """The process group for one run: joined if torchrun started us and nobody else has."""
-
-    def __enter__(self):
-        self.owned = not dist.is_initialized()
-        if self.owned:
-            dist.init_process_group("gloo")
-        self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.owned and dist.is_initialized():
-            if exc_type is None:
-                dist.barrier()  # every rank done with its collectives before teardown
-            dist.destroy_process_group()
-
-    def agree(self, error: BaseException | None, what: str = "") -> list:
-        """All ranks exchange (error or None, payload); if any rank failed, every rank raises
-        the first failure (a CkptavgError keeps its message; a bug names the rank)."""
-        mine = (None if error is None else (type(error).__name__, str(error),
-                                            isinstance(error, CkptavgError)), what)
-        gathered: list = [None] * self.size
-        dist.all_gather_object(gathered, mine)
-        for rank, (failure, _) in enumerate(gathered):
-            if failure is not None:
-                if error is not None and rank == self.rank and not failure[2]:
-                    raise error  # a bug on this rank: its own traceback
-                name, message, user = failure
-                raise CkptavgError(message if user else f"rank {rank} failed: {name}: {message}")
-        return [payload for _, payload in gathered]
-
-    def share(self, value):
-        """Rank 0's value, on every rank."""
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+def average_ranks(group: Group, inputs: list[str], output: str | None, kind: str | None,
+                   method: Method, weights, ema, prof, select_args: tuple, key, strip_prefix,
+                   accumulate, dtype, allow_nonfinite, hash_inputs, dry_run, threads,
+                   progress) -> AverageResult:
+    """`average` on one of several ranks: the same selection and plan everywhere, then this
+    rank's share of the tensors (see distributed.py). Failures are agreed on, never hung on."""
+    with contextlib.ExitStack() as stack:
+        error, plan, result = None, None, None
+        try:
+            opened = open_candidates(inputs, key, strip_prefix)
+            stack.callback(close_all, opened)
+            cands, left_out = leave_out_outputs(opened)
+            chosen = select(cands, *select_args)
+            raw = chosen_weights(chosen, method, weights, ema, prof)
+            readers = [c.reader for c in chosen]
+            if output is not None:
+                check_output(output, kind, files_of(opened))
+            plan = make_plan(readers, raw, method=method, accumulate=accumulate, dtype=dtype,
+                             allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs and not dry_run,
+                             profile=prof.spec if prof else None)
+            result = make_result(plan, chosen, None, output, method, len(chosen), dry_run,
+                             prof.spec if prof else None)
+            result.warnings = left_out + mixed_runs(chosen)
+        except BaseException as e:
+            error = e
+        group.agree(error)
+        if not dry_run:
+            side, notes = side_files(plan.readers)
+            result.warnings += notes
+            write_shards(plan, output, group, execute, progress, threads, side,
+                         dcp_entry(plan.readers[-1]) if kind == "dcp" else False)
+        result.ranks, result.rank = group.size, group.rank
+        return result
 
 
 def write_shards(plan, output: str, group: Group, execute, progress=None,

@@ -14,19 +14,20 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptavg import arith, options
-from ckptavg.averaging import make_plan
-from ckptavg.bn import bn_layers, recalibrate
-from ckptavg.checkpoint import save
-from ckptavg.data import describe_data, get_dataset, holdout_split, make_loader
-from ckptavg.device import resolve_device
+from ckptavg import options
+from ckptavg.engine import arith
+from ckptavg.engine.plan import make_plan
+from ckptavg.engine.select import Candidate
 from ckptavg.errors import CkptavgError, DataError, OptionError
-from ckptavg.evaluation import predict, scores
 from ckptavg.io import ReaderBase
+from ckptavg.io.checkpoint import save
 from ckptavg.io.dtypes import dtype_of
-from ckptavg.modelio import build_model, load_weights, model_and_data
+from ckptavg.nn.bn import bn_layers, recalibrate
+from ckptavg.nn.build import build_model, load_weights, model_and_data
+from ckptavg.nn.data import describe_data, get_dataset, holdout_split, make_loader
+from ckptavg.nn.device import resolve_device
+from ckptavg.nn.evaluation import predict, scores
 from ckptavg.options import Stats, check_choice
-from ckptavg.select import Candidate
 
 
 def _round_once(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

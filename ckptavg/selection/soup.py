@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ckptavg import options
-from ckptavg.heldout import RunningSum, open_heldout, write_choice
+from ckptavg.engine.select import close_all, open_candidates, order
 from ckptavg.options import Stats
-from ckptavg.results import Result
-from ckptavg.select import close_all, open_candidates, order
-
-Progress = Callable[[int, int], None]
+from ckptavg.results import Progress, Result
+from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ckptavg.errors import DataError, OptionError
-from ckptavg.models import importable_from_cwd
+from ckptavg.nn.models import importable_from_cwd
 from ckptavg.options import Split, check_choice
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # SWA authors'

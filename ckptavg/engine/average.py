@@ -1,0 +1,243 @@
+"""`average`: select the inputs, plan the run, execute it into a writer.
+
+`select` (select.py) opens each input once and orders and filters them; `make_plan`
+(plan.py) fixes what the run will do; `execute` (kernel.py) reduces tensor by tensor. This
+module strings the three together, folds into a running average under a lock (`into`),
+and hands a torchrun launch to shards.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Sequence
+
+from ckptavg import options
+from ckptavg.engine import profiles
+from ckptavg.engine.kernel import execute
+from ckptavg.engine.plan import carried_notes, check_options, chosen_weights, dcp_entry, make_plan
+from ckptavg.engine.result import AverageResult, make_result, nothing_to_fold
+from ckptavg.engine.select import (
+    Candidate,
+    close_all,
+    files_of,
+    leave_out_outputs,
+    mixed_runs,
+    open_candidates,
+    refuse_shared_files,
+    select,
+)
+from ckptavg.engine.shards import average_ranks
+from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.io import ReaderBase, make_writer, open_checkpoint
+from ckptavg.io.folder import side_files
+from ckptavg.io.writer import check_output, exclusive_lock, output_kind
+from ckptavg.options import Accumulate, Method, OutDtype
+from ckptavg.parallel import Group, world_size
+from ckptavg.results import Progress, peak_rss_bytes
+
+
+def _running_n(reader: ReaderBase) -> tuple[int, list]:
+    meta = reader.metadata()
+    n0 = meta.get("average.n") or meta.get("swa.n_averaged", "")  # ours, or AveragedModel's
+    if not n0.isdigit() or int(n0) < 1:
+        raise CkptavgError(
+            f"{reader.path}: no average.n metadata, so the number of checkpoints in it is "
+            "unknown; a running average must be a file written by ckptavg average (or an "
+            "AveragedModel state dict with n_averaged)"
+        )
+    try:
+        prior = json.loads(meta.get("average.inputs", "[]"))
+    except json.JSONDecodeError:
+        prior = []
+    return int(n0), prior if isinstance(prior, list) else []
+
+
+def average(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    ema: float | None = None,
+    profile: str | None = None,
+    into: str | os.PathLike | None = None,
+    from_epoch: int | None = None,
+    to_epoch: int | None = None,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    last: int | None = None,
+    every: int | None = None,
+    cycle_ends: bool = False,
+    best: int | None = None,
+    metric: str | None = None,
+    lowest: bool = False,
+    key: str | None = None,
+    strip_prefix: str | None = None,
+    accumulate: Accumulate = options.ACCUMULATE,
+    dtype: OutDtype | None = None,
+    shard_size: int | None = None,
+    allow_nonfinite: bool = False,
+    hash_inputs: bool = False,
+    dry_run: bool = False,
+    threads: int | None = options.AVERAGE_THREADS,
+    dcp: bool = False,
+    progress: Progress | None = None,
+) -> AverageResult:
+    """Average checkpoints into one, streaming one tensor at a time.
+
+    Args:
+        inputs: checkpoint paths or glob patterns (safetensors, sharded folders, torch files).
+        output: where to write; the suffix picks the format (.safetensors, .pt, a folder).
+            With `into` and no output, the running average is updated in place.
+        weights: one weight per selected input (normalised); `ema` a decay instead.
+        profile: weights from where each input was saved (its step, else its epoch), a
+            spec of profiles.py: "ema:halflife=H", "ema:decay=D,per=P",
+            "power:sigma_rel=S", "power:gamma=G", "wsm:linear|minus-sqrt|cosine", "time",
+            "uniform".
+        into: an existing average (with `average.n` metadata) to fold the inputs into,
+            under an exclusive lock: the result equals averaging all of its inputs and the
+            new ones at once. `key` and `strip_prefix` apply to the inputs, not to it.
+        from_epoch, to_epoch, from_step, to_step, last, every, cycle_ends: input selection
+            (see select.py; epochs and steps come from metadata, the checkpoint's own entries
+            or the name, and a step is never taken for an epoch).
+        best, metric, lowest: keep the `best` inputs by a stored metric (metadata such as
+            train.val_acc, or a number in the checkpoint such as timm's `metric`), highest
+            first unless `lowest`.
+        accumulate: "float64" (default) or "float32".
+        dtype: output dtype for floating tensors; default: each tensor's input dtype.
+        threads: threads for the arithmetic, each on its share of every block; default:
+            the cores idle at the start less the one that reads ahead (`idle_cores`).
+        dcp: write `output` as a torch.distributed.checkpoint folder (new or empty), which
+            `dcp.load` and FSDP read; the weights keep the newest input's entry (`model`,
+            `state_dict`) or stay at the top level. DCP saves a state dict at once, so the
+            output is held in memory until it is written (under torchrun: each rank's share).
+
+    Returns:
+        An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
+
+    Example:
+        >>> ckptavg.average(["runs/a/epoch-0126.safetensors", ...], "swa.safetensors")
+    """
+    t0 = time.perf_counter()
+    if weights is not None and ema is not None:
+        raise OptionError(("weights", "ema"), "exclude each other; pick one")
+    prof = profiles.parse(profile) if profile is not None else None
+    spec = prof.spec if prof is not None else None  # as parsed: what metadata records
+    if prof is not None and (weights is not None or ema is not None or into is not None):
+        raise OptionError(("profile", "weights" if weights is not None else "ema"
+                           if ema is not None else "into"),
+                          "exclude each other: a profile gives every weight (and a running "
+                          "average folds a uniform mean)")
+    if into is not None:
+        into = os.fspath(into)
+        if not os.path.exists(into):
+            raise CkptavgError(f"{into}: no such file; folding into a running average needs an "
+                               "existing one (make the first with an output, -o)")
+        if weights is not None or ema is not None:
+            raise OptionError(("into", "weights", "ema"), "a running average folds a uniform "
+                              "mean; drop the weights or the EMA decay")
+        output = into if output is None else output
+    if output is None and not dry_run:
+        raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a folder)")
+    output = os.fspath(output) if output is not None else None
+    kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
+    check_options(accumulate, dtype)
+    method: Method = ("ema" if ema is not None else "weighted" if weights is not None
+                      else "profile" if prof is not None else "uniform")
+    select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
+                   metric, lowest)
+    if world_size() > 1:
+        if into is not None:
+            raise OptionError("into", "folding into a running average runs in one process; "
+                              "run it without torchrun")
+        if not dry_run and kind not in ("sharded", "dcp"):
+            raise OptionError("output", f"{output}: under torchrun each rank writes one shard, so the "
+                               "output is a folder; give a folder name (-o OUT_DIR)")
+        with Group() as group:
+            result = average_ranks(group, [os.fspath(p) for p in inputs], output, kind, method,
+                                    weights, ema, prof, select_args, key, strip_prefix, accumulate,
+                                    dtype, allow_nonfinite, hash_inputs, dry_run, threads,
+                                    progress)
+        result.seconds = time.perf_counter() - t0
+        result.peak_rss_bytes = peak_rss_bytes()
+        return result
+
+    with contextlib.ExitStack() as stack:
+        locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
+        opened = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+        stack.callback(close_all, opened)
+        cands, left_out = leave_out_outputs(opened, locked.identity if locked else None)
+        chosen = select(cands, *select_args)
+        skipped: list[str] = []
+        running, prior, n0 = None, None, 0
+        if locked is not None:
+            running = stack.enter_context(open_checkpoint(into))
+            if os.path.isfile(into) and running.files[0].identity != locked.identity:
+                raise CkptavgError(f"{into}: was replaced while being locked; run again")
+            n0, prior = _running_n(running)
+            chosen, skipped = _not_yet_folded(chosen, prior)
+            if not chosen:
+                return nothing_to_fold(into, n0, skipped, dry_run, t0)
+        raw = chosen_weights(chosen, method, weights, ema, prof)
+        readers, n_total = [c.reader for c in chosen], len(chosen)
+        if running is not None:
+            readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
+            refuse_shared_files(readers)  # the inputs among themselves: open_candidates
+        in_place = into is not None and _same(into, output)
+        # Every input opened (chosen, left out by the selection or as an output of ours)
+        # and the running average, unless it is rewritten in place.
+        protected = [f for f in files_of(opened)
+                     if not (in_place and f.identity == locked.identity)]
+        if running is not None and not in_place:
+            protected += running.files
+        if output is not None:  # before hashing or reading any tensor
+            check_output(output, kind, protected)
+        plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
+                         accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                         hash_inputs=hash_inputs and not dry_run, profile=spec)
+        result = make_result(plan, chosen, into, output, method, n_total, dry_run, spec)
+        result.skipped = skipped
+        result.warnings = left_out + [f"{p}: already folded into {into} (same fingerprint in its "
+                           "average.inputs); skipped" for p in skipped] + mixed_runs(chosen)
+        if n_total == 1:
+            result.warnings.append(f"{chosen[0].path}: the only input, so the output is a copy "
+                                   "of it (with ckptavg's metadata), not an average; select "
+                                   "two or more inputs")
+        if kind == "torch" and not output.lower().endswith(".bin"):
+            result.warnings += carried_notes(readers[-1])
+        if not dry_run:
+            side, notes = side_files(readers) if kind == "sharded" else ({}, [])
+            result.warnings += notes
+            entry = dcp_entry(readers[-1]) if dcp else plan.entry
+            with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
+                             inputs=protected, entry=entry, extras=plan.extras,
+                             side_files=side, dcp=dcp) as writer:
+                execute(plan, writer, progress=progress, threads=threads)
+                for r in readers:
+                    r.check_unchanged()
+    result.seconds = time.perf_counter() - t0
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _same(a: str, b: str | None) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _not_yet_folded(chosen: list[Candidate], prior: list) -> tuple[list[Candidate], list[str]]:
+    """Split the inputs into those not yet in the running average and those already in it
+    (same fingerprint recorded in its average.inputs)."""
+    done = {e.get("fingerprint") for e in prior if isinstance(e, dict)} - {None}
+    if not done:
+        return chosen, []
+    fresh, skipped = [], []
+    for c in chosen:
+        (skipped.append(c.path) if c.reader.fingerprint() in done else fresh.append(c))
+    return fresh, skipped
+
+

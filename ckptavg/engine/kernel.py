@@ -1,0 +1,347 @@
+"""The kernel: the tensor-major loop that reduces every input into the output.
+
+`execute(plan, writer, keys)` walks tensor by tensor over any subset of keys: for each key
+the tensor is read from every input in turn and folded into one float64 (or float32)
+accumulator, chunk by chunk, so peak memory is a few tensors: never the model, never the
+number of inputs. Integer and bool tensors are not averaged: the newest input's value is
+kept. The arithmetic is numpy's (arith.py); reads are pread into staging buffers one block
+ahead; a writer thread copies each result to the file while the next is computed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ckptavg import options
+from ckptavg.engine import arith
+from ckptavg.engine.nonfinite import raise_nonfinite
+from ckptavg.engine.plan import Plan
+from ckptavg.io import ReaderBase, TensorSpec, dtypes
+from ckptavg.io.base import pread_extent
+from ckptavg.io.dtypes import DType, import_torch
+from ckptavg.io.writer import BackgroundWriter, Writer
+from ckptavg.results import Progress
+
+
+def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
+            progress: Progress | None = None, threads: int | None = options.AVERAGE_THREADS) -> None:
+    """The tensor-major loop over `keys` (default: all, in plan order) into `writer`.
+
+    Each tensor is reduced chunk by chunk (`_reduce`) into an output buffer; a writer thread
+    copies it to the file while the next tensor is reduced into the other of two buffers.
+    Inputs are read with pread by a reader thread one block ahead (or, where a reader cannot
+    locate a tensor in a file, as views of the mapped file). Scratch memory: cache-sized
+    chunks, two staging blocks per input read at once, and two output buffers of the largest
+    tensor or slice, whatever N is. The arithmetic (numpy, see arith.py) runs on `threads`
+    threads, each on its own share of every block (default: the cores idle when it starts,
+    less the one the reader thread keeps busy; see idle_cores)."""
+    n = threads or max(1, idle_cores() - 1)
+    pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ckptavg-sum") if n > 1 else None
+    try:
+        _execute(plan, writer, keys, progress, Workers(n, pool))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def idle_cores() -> int:
+    """Cores no other runnable task is using right now (/proc/loadavg's running count, which
+    includes this process), at least 1. Threads that wait for each other at every step made
+    a 2-core machine that ran one other busy process 3x slower (torch's threads, measured
+    before the engine moved to numpy), while on an idle machine 2 threads were 1.2x faster."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return 1
+    return max(1, min(cores, cores - (running - 1)))
+
+
+class Workers:
+    """`count` arithmetic threads (the caller's and count - 1 of `pool`): `run(fn, n)` calls
+    fn(scratch, lo, hi) over [0, n) in CHUNK-aligned shares, one per thread, and waits."""
+
+    def __init__(self, count: int, pool: ThreadPoolExecutor | None):
+        self.count, self.pool = count, pool
+        self.scratch: list[arith.Scratch] = []
+
+    def prepare(self, n: int, acc: np.dtype) -> None:
+        self.scratch = [arith.Scratch(n, acc) for _ in range(self.count)]
+
+    def run(self, fn: Callable, n: int) -> None:
+        chunks = -(-n // CHUNK)
+        share = -(-chunks // self.count) * CHUNK
+        parts = [(lo, min(lo + share, n)) for lo in range(0, n, share)] if n else []
+        if self.pool is None or len(parts) < 2:
+            for lo, hi in parts:
+                fn(self.scratch[0], lo, hi)
+            return
+        futures = [self.pool.submit(fn, self.scratch[i + 1], lo, hi)
+                   for i, (lo, hi) in enumerate(parts[1:])]
+        try:
+            fn(self.scratch[0], *parts[0])
+        finally:
+            for f in futures:
+                _settle(f)
+        for f in futures:
+            f.result()
+
+
+def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
+             progress: Progress | None, workers: Workers) -> None:
+    readers, ref = plan.readers, plan.readers[0]
+    wanted = set(keys) if keys is not None else None
+    specs = [s for s in plan.specs if wanted is None or s.key in wanted]
+    floats = [s for s in specs if ref.info(s.key).dtype.is_floating_point]
+    max_numel = max((s.numel for s in floats), default=0)
+    wide = plan.accumulate == "float64" or any(ref.info(s.key).dtype == dtypes.float64
+                                               for s in floats)
+    acc = np.dtype(np.float64 if wide else np.float32)
+    # A writer that streams can take a large tensor in slices: then the output buffers (and
+    # the float64 accumulator of more than GROUP inputs) are a slice, not the largest tensor.
+    streams = writer.streams_parts and not writer.keeps_tensors
+
+    def slice_of(spec: TensorSpec) -> int:
+        return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
+
+    workers.prepare(min(max_numel, CHUNK), acc)
+    widest = max((ref.info(s.key).dtype.itemsize for s in floats), default=1)
+    stage = Stage(min(len(readers), GROUP), widest) if floats else None
+    most = max((slice_of(s) for s in floats), default=0)
+    full = np.empty(most, acc) if len(readers) > GROUP else None
+    out_bytes = max((slice_of(s) * s.dtype.itemsize for s in floats), default=0)
+    # Two output buffers: the writer thread copies one to the file while the next tensor (or
+    # slice) is computed into the other.
+    bg = None if writer.keeps_tensors else BackgroundWriter(
+        writer, [np.empty(out_bytes, np.uint8) for _ in range(2)])
+    total_bytes, done, last = plan.bytes_in, 0, readers[-1]
+    try:
+        for spec in specs:
+            if writer.shares_ties and spec.key in plan.ties:
+                continue  # torch and DCP writers point tied names at one tensor
+            info = ref.info(spec.key)
+            if not info.dtype.is_floating_point:
+                done += info.nbytes
+                _hand_over(writer, bg, spec, read_copy(last, spec.key), None)
+                if progress:
+                    progress(done, total_bytes)
+                continue
+            step = slice_of(spec)
+            kind = arith.storage(spec.dtype)
+            for lo in range(0, max(spec.numel, 1), max(step, 1)):
+                n = min(step, spec.numel - lo)
+                buf = bg.buffer() if bg is not None else np.empty(n * spec.dtype.itemsize, np.uint8)
+                out = buf[: n * spec.dtype.itemsize].view(kind)
+                finite = _reduce(plan, spec.key, spec.dtype, out, workers,
+                                 None if full is None else full[:n], lo, stage)
+                done += n * info.dtype.itemsize * len(readers)
+                if progress:
+                    progress(done, total_bytes)
+                if not finite and not plan.allow_nonfinite:
+                    raise_nonfinite(readers, spec.key, spec.dtype)
+                if n == spec.numel:
+                    _hand_over(writer, bg, spec, out, buf)
+                else:
+                    bg.write(spec.key, out, buf, part=(lo == 0, lo + n == spec.numel))
+        if bg is not None:
+            bg.finish()
+    finally:
+        if bg is not None:
+            bg.stop()
+        if stage is not None:
+            stage.close()
+
+
+CHUNK = 1 << 16  # elements per step: a float64 accumulator of 512 KiB stays in L2 cache
+
+
+SLICE = 64 << 20  # output bytes computed and written at a time: a larger tensor goes in slices
+
+
+def _slice_elems(dtype: DType) -> int:
+    return max(CHUNK, SLICE // dtype.itemsize // CHUNK * CHUNK)
+
+
+RESIDENT = 64 << 20  # bytes of mapped input pages kept between releases, over a group
+
+
+GROUP = 32  # inputs read at once; more are summed group by group (memory flat in N)
+
+
+FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
+
+
+def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Workers,
+            full: np.ndarray | None, base: int = 0, stage: Stage | None = None) -> bool:
+    """out = sum(w_i * input_i[key][base:base + out.size]) / sum(w), rounded once to
+    `out_dtype`, chunk by chunk: each chunk of the accumulator stays in cache while the
+    inputs stream through it, instead of N passes over a tensor-sized accumulator in memory.
+    Returns whether every value of `out` is finite.
+
+    At most GROUP inputs are read at once: with more, the groups are summed one after the
+    other into a tensor-sized accumulator (`full`), so the input pages mapped at any time,
+    and so memory, do not grow with N. Inputs that can be located in a file
+    (`ReaderBase.locate`) are read block by block with pread into the `stage` buffers; the
+    others through their mapping, whose pages are released as they are done."""
+    readers, weights = plan.readers, plan.weights
+    numel = out.size
+    if numel == 0:
+        return True  # nothing to read (a torch file would be loaded by torch to read it)
+    dtype = readers[0].info(key).dtype
+    kind = arith.storage(dtype)
+    finite = [True]
+
+    def finish_chunk(s: arith.Scratch, a: np.ndarray, o: np.ndarray) -> None:
+        """o = a / sum(w), rounded once to the output dtype; a non-finite value is noted."""
+        np.divide(a, plan.total_weight, out=a)
+        arith.narrow(o, a, out_dtype, s)
+        if not arith.all_finite(o, out_dtype):
+            finite[0] = False
+
+    def chunks(sources: Callable[[int, int], list[np.ndarray]], members: range, first: bool,
+               finish: bool, start: int = 0) -> Callable:
+        """The work on elements [lo, hi) of the current block (that begins at `start`)."""
+        ws = [weights[i] for i in members]
+
+        def work(s: arith.Scratch, lo: int, hi: int) -> None:
+            for off in range(lo, hi, CHUNK):
+                n = min(CHUNK, hi - off)
+                a = full[start + off:start + off + n] if full is not None else s.acc[:n]
+                arith.fold(a, sources(off, n), ws, dtype, first, s)
+                if finish:
+                    finish_chunk(s, a, out[start + off:start + off + n])
+
+        return work
+
+    groups = [range(i, min(i + GROUP, len(readers))) for i in range(0, len(readers), GROUP)]
+    finish = full is None  # else the groups sum into `full`, divided and rounded at the end
+    for g, members in enumerate(groups):
+        extents = [readers[i].locate(key) for i in members]
+        if stage is not None and all(extents):
+            _reduce_read(key, kind, numel, base, extents, stage, workers,
+                         lambda srcs, start, first=g == 0, m=members: chunks(
+                             srcs, m, first, finish, start))
+            continue
+        flats = [arith.as_numpy(readers[i].read(key), kind)[base:base + numel] for i in members]
+        # Release each input's pages often enough that the inputs read together keep at
+        # most RESIDENT bytes mapped in.
+        release_every = max(CHUNK, RESIDENT // (len(members) * kind.itemsize) // CHUNK * CHUNK)
+        for lo in range(0, numel, release_every):
+            n = min(release_every, numel - lo)
+            workers.run(chunks(lambda off, k, lo=lo, fs=flats: [f[lo + off:lo + off + k] for f in fs],
+                               members, g == 0, finish, lo), n)
+            # Reach back: faults map pages around them, also some released before.
+            start = (base + lo) * kind.itemsize - FAULT_AROUND
+            for i in members:
+                readers[i].release_range(key, start, (base + lo + n) * kind.itemsize - start)
+        if base + numel >= readers[0].info(key).numel:  # the tensor's last slice: done with it
+            for i in members:
+                readers[i].release(key)
+    if full is not None:
+        def finish_full(s: arith.Scratch, lo: int, hi: int) -> None:
+            for off in range(lo, hi, CHUNK):
+                end = min(off + CHUNK, hi)
+                finish_chunk(s, full[off:end], out[off:end])
+
+        workers.run(finish_full, numel)
+    return finite[0]
+
+
+def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list, stage: Stage,
+                 workers: Workers, make: Callable) -> None:
+    """One group of `_reduce` from files: blocks of `stage.block` elements of every input are read
+    with pread into staging buffers by the stage's reader thread, one block ahead of the
+    arithmetic (so on an idle core the copy costs no time); `make(sources, start)` gives the
+    work on one block (see `_reduce`)."""
+    itemsize = kind.itemsize
+    block = stage.block
+    starts = list(range(0, numel, block))
+
+    def read(b: int):
+        n = min(block, numel - starts[b]) * itemsize
+        for ext, buf in zip(extents, stage.sets[b % 2]):
+            pread_extent(ext, memoryview(buf[:n]), (base + starts[b]) * itemsize)
+
+    pending = stage.pool.submit(read, 0)
+    try:
+        for b, first in enumerate(starts):
+            pending.result()
+            pending = stage.pool.submit(read, b + 1) if b + 1 < len(starts) else None
+            arrays = [a[: block * itemsize].view(kind) for a in stage.sets[b % 2]]
+            end = min(first + block, numel)
+            workers.run(make(lambda off, n, arrays=arrays: [a[off:off + n] for a in arrays],
+                             first), end - first)
+    finally:
+        if pending is not None:  # never leave a read filling buffers about to be reused
+            _settle(pending)
+
+
+def _settle(future) -> None:
+    try:
+        future.result()
+    except Exception:  # an error already on its way out says what went wrong
+        pass
+
+
+def read_copy(reader: ReaderBase, key: str):
+    """A copy of one tensor: its raw bytes (a numpy uint8 array) read with pread where the
+    reader can locate it, else a torch tensor."""
+    info = reader.info(key)
+    if info.numel == 0:
+        return np.empty(0, np.uint8)
+    ext = reader.locate(key)
+    if ext is None:
+        value = reader.read(key).clone()
+        reader.release(key)
+        return value
+    raw = np.empty(info.nbytes, np.uint8)
+    pread_extent(ext, memoryview(raw))
+    return raw
+
+
+BLOCK = 4 * CHUNK  # elements of each input read ahead at a time, at most
+
+
+STAGE_BYTES = 16 << 20  # one set of staging buffers, at most (when the block allows)
+
+
+class Stage:
+    """Two sets of staging buffers (one block of `itemsize`-byte elements per input read at
+    once) and the thread that fills them: pread of block b + 1 overlaps the arithmetic on b.
+    The block shrinks (to one chunk at least) so that a set stays within STAGE_BYTES."""
+
+    def __init__(self, count: int, itemsize: int):
+        fits = STAGE_BYTES // (count * itemsize) // CHUNK * CHUNK
+        self.block = max(min(BLOCK, fits), min(BLOCK, CHUNK))
+        self.sets = [[np.empty(self.block * itemsize, np.uint8) for _ in range(count)]
+                     for _ in range(2)]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _hand_over(writer: Writer, bg, spec: TensorSpec, data, buf) -> None:
+    """Give one whole tensor to the writer: raw bytes (numpy) to a file writer, a torch
+    tensor of the spec's dtype and shape to one that keeps tensors (torch, DCP)."""
+    if writer.keeps_tensors:
+        writer.write(spec.key, _as_tensor(data, spec))
+    elif bg is None:
+        writer.write(spec.key, data)
+    else:
+        bg.write(spec.key, data, buf)
+
+
+def _as_tensor(data, spec: TensorSpec):
+    torch = import_torch()
+    if isinstance(data, torch.Tensor):
+        return data.view(spec.shape)
+    raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8))
+    return raw.view(spec.dtype.torch).view(spec.shape) if spec.numel else \
+        torch.empty(spec.shape, dtype=spec.dtype.torch)
+

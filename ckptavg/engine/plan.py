@@ -1,0 +1,252 @@
+"""The plan of an averaging run: everything it will do, fixed before any tensor is read.
+
+`make_plan` checks that the inputs agree (keys, shapes, dtypes) and fixes the weights, the
+output tensor specs, ties, metadata and bytes: what a dry run reports and what `execute`
+(kernel.py) carries out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ckptavg import __version__, options
+from ckptavg.engine import profiles
+from ckptavg.engine.select import Candidate
+from ckptavg.errors import CkptavgError, MismatchError, OptionError
+from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
+from ckptavg.options import Accumulate, Method, OutDtype, check_choice
+
+OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
+              "float64": dtypes.float64}
+
+
+SHOWN = 3  # problems listed per file in a mismatch error
+
+
+@dataclass
+class Plan:
+    """Everything a run will do, fixed before any tensor is read."""
+
+    readers: list[ReaderBase]
+    weights: list[float]  # raw weights; the average divides by their sum
+    specs: list[TensorSpec]  # output specs, in output order
+    ties: dict[str, str]
+    metadata: dict[str, str]
+    accumulate: Accumulate = "float64"
+    allow_nonfinite: bool = False
+    entry: str = "state_dict"  # where a torch output keeps the weights: the newest input's
+    extras: dict = field(default_factory=dict)  # the newest input's carried configuration
+
+    @property
+    def total_weight(self) -> float:
+        return sum(self.weights)
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read: every input's floating tensors, and the newest input's others."""
+        last = self.readers[-1]
+        return sum(r.info(s.key).nbytes for r in self.readers for s in self.specs
+                   if r is last or r.info(s.key).dtype.is_floating_point)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def sha256_of(files: list[SourceFile]) -> str:
+    """sha256 of the files an input consists of, refusing a file changed since it was opened."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        with open(f.path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (f.dev, f.ino, f.size, f.mtime_ns):
+                raise CkptavgError(f"{f.path}: changed since it was opened; run again")
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def method_weights(n: int, method: Method, weights: Sequence[float] | None = None,
+                   decay: float | None = None) -> list[float]:
+    """Normalised per-input weights, oldest first.
+
+    Args:
+        n: number of inputs.
+        method: "uniform", "weighted" (uses `weights`) or "ema" (uses `decay`).
+
+    Returns:
+        n weights that sum to 1.
+
+    EMA follows torch's AveragedModel: the first input starts the average and each later one
+    is folded in as `avg = decay * avg + (1 - decay) * w`; the oldest input keeps
+    `decay ** (n - 1)`, each later one `(1 - decay) * decay ** (n - 1 - i)`.
+
+    Example:
+        >>> method_weights(3, "ema", decay=0.5)
+        [0.25, 0.25, 0.5]
+    """
+    if method == "uniform":
+        return [1.0 / n] * n
+    if method == "weighted":
+        ws = [float(w) for w in weights or []]
+        if len(ws) != n:
+            raise OptionError("weights", f"{len(ws)} given for {n} selected inputs; give one per input")
+        if any(w < 0 or not math.isfinite(w) for w in ws) or sum(ws) <= 0:
+            raise OptionError("weights", "must be finite, non-negative and not all zero")
+        total = sum(ws)
+        return [w / total for w in ws]
+    if method == "ema":
+        if decay is None or not 0.0 <= decay < 1.0:
+            raise OptionError("ema", "the decay must be in [0, 1)", decay)
+        return [decay ** (n - 1)] + [(1 - decay) * decay ** (n - 1 - i) for i in range(1, n)]
+    raise CkptavgError(f"unknown averaging method {method!r}")
+
+
+def _mismatches(readers: list[ReaderBase]) -> list[str]:
+    """Problems (one string per file) where an input differs from the first."""
+    ref = readers[0]
+    ref_keys = ref.keys()
+    ref_set = set(ref_keys)
+    problems = []
+    for r in readers[1:]:
+        keys = set(r.keys())
+        parts = []
+        missing = [k for k in ref_keys if k not in keys]
+        extra = [k for k in r.keys() if k not in ref_set]
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) ({', '.join(missing[:SHOWN])})")
+        if extra:
+            parts.append(f"extra {len(extra)} key(s) ({', '.join(extra[:SHOWN])})")
+        diffs = []
+        for k in ref_keys:
+            if k in keys:
+                a, b = ref.info(k), r.info(k)
+                if a.shape != b.shape:
+                    diffs.append(f"{k} {list(b.shape)} vs {list(a.shape)}")
+                elif a.dtype != b.dtype:
+                    diffs.append(f"{k} {b.dtype} vs {a.dtype}".replace("torch.", ""))
+        if diffs:
+            parts.append(f"{len(diffs)} shape/dtype difference(s) ({', '.join(diffs[:SHOWN])})")
+        if parts:
+            problems.append(f"{r.path}: {'; '.join(parts)}")
+    return problems
+
+
+def _carried_metadata(metas: list[dict[str, str]]) -> dict[str, str]:
+    """model.* and data.* entries on which every input agrees."""
+    return {k: v for k, v in metas[0].items()
+            if k.startswith(("model.", "data.")) and all(m.get(k) == v for m in metas[1:])}
+
+
+def check_options(accumulate: str, dtype: str | None) -> None:
+    check_choice("accumulate", accumulate, Accumulate)
+    if dtype is not None:
+        check_choice("dtype", dtype, OutDtype)
+
+
+def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
+              n_total: int | None = None, prior_inputs: list | None = None,
+              accumulate: Accumulate = options.ACCUMULATE, dtype: OutDtype | None = None,
+              allow_nonfinite: bool = False, hash_inputs: bool = False,
+              profile: str | None = None) -> Plan:
+    """Check that the inputs agree and fix the run: specs, ties, metadata.
+
+    `readers` and `weights` are oldest first. With `prior_inputs` (the `average.inputs` of a
+    running average), `readers[0]` is that running average and `n_total` counts its inputs.
+    Raises MismatchError naming each file that differs from the first."""
+    check_options(accumulate, dtype)
+    problems = _mismatches(readers)
+    if problems:
+        raise MismatchError(
+            f"inputs do not match {readers[0].path}: " + " | ".join(problems)
+            + " -- average checkpoints of one architecture (and dtype), or align keys by "
+            "stripping a prefix"
+        )
+    ref = readers[0]
+    ties = dict(ref.ties())
+    for r in readers[1:]:
+        other = r.ties()
+        ties = {k: v for k, v in ties.items() if other.get(k) == v}
+    out_dtype = OUT_DTYPES.get(dtype) if dtype else None
+    specs = []
+    for k in ref.keys():
+        info = ref.info(k)
+        floating = info.dtype.is_floating_point
+        specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
+    n_total = n_total or len(readers)
+    new = readers[1:] if prior_inputs is not None else readers
+    entries = [{"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint()}
+               for r in new]
+    if hash_inputs:
+        for e, r in zip(entries, new):
+            e["sha256"] = sha256_of(r.files)
+    has_bn = any(s.key.endswith(("running_mean", "running_var")) for s in specs)
+    metadata = {
+        "ckptavg.version": __version__,
+        **_carried_metadata([r.metadata() for r in readers]),
+        "average.n": str(n_total),
+        "average.method": method,
+        "average.weights": json.dumps([1.0 / n_total] * n_total if prior_inputs is not None
+                                      else [w / sum(weights) for w in weights]),
+        "average.inputs": json.dumps(list(prior_inputs or []) + entries),
+        "average.accumulate": accumulate,
+        **({"average.profile": profile} if profile else {}),
+        "bn.stale": "true" if has_bn else "false",
+    }
+    newest = readers[-1]
+    return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite,
+                torch_entry(newest), newest.extras())
+
+
+def torch_entry(newest: ReaderBase) -> str:
+    """Where a torch output keeps the weights: under the newest input's own top-level entry
+    (`state_dict`, `model`, `model_state_dict`...), so the user's loader finds them where it
+    found the inputs'; `state_dict` for a plain state dict or a nested entry."""
+    loc = newest.location
+    return loc if loc not in ("<top level>", "metadata") and "/" not in loc else "state_dict"
+
+
+def carried_notes(newest: ReaderBase) -> list[str]:
+    """Warnings for what carrying the newest input's configuration into a torch output
+    converted or left out."""
+    return [f"{newest.path}: {n} (a torch output holds plain values only, so that "
+            "torch.load(weights_only=True) reads it)" for n in newest.extras_notes]
+
+
+def chosen_weights(chosen: list[Candidate], method: Method, weights, ema,
+                    prof: profiles.Profile | None) -> list[float]:
+    """The raw weights of the chosen inputs: a profile's, from their positions, or those of
+    `_raw_weights`."""
+    if prof is None:
+        return raw_weights(len(chosen), method, weights, ema)
+    return profiles.weights(prof, profile_positions(chosen))
+
+
+def profile_positions(chosen: list[Candidate]) -> list[int]:
+    """Where each input was saved, as a profile counts: every input's step when all have
+    one, else every input's epoch (the positions --dry-run shows)."""
+    if all(c.step is not None for c in chosen):
+        return [c.step for c in chosen]
+    if all(c.epoch is not None for c in chosen):
+        return [c.epoch for c in chosen]
+    lacking = next(c for c in chosen if c.epoch is None)
+    raise OptionError("profile", f"weights inputs by where they were saved, and {lacking.path} "
+                      "has no step or epoch (no metadata, checkpoint entry or number in its "
+                      "name); name the files by epoch or step, or drop the profile")
+
+
+def raw_weights(n: int, method: Method, weights, ema) -> list[float]:
+    """The weights the plan applies: 1 per input for a uniform mean (so --into can weight the
+    running average by its count), else the normalised weights or EMA decays."""
+    norm = method_weights(n, method, weights, ema)
+    return list(norm) if method != "uniform" else [1.0] * n
+
+
+def dcp_entry(newest: ReaderBase) -> str | None:
+    """Where a DCP output keeps the weights: the newest input's entry, else the top level."""
+    return newest.location if newest.location in ("state_dict", "model") else None
