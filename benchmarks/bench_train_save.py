@@ -35,7 +35,7 @@ def main() -> None:
             for save in res:
                 cfg = TrainConfig(model=args.model, data=args.data, data_dir=args.data_dir,
                                   epochs=args.epochs, out=os.path.join(d, f"{save}-{r}"),
-                                  schedule="sgd", lr=0.05, subset=args.subset, save=save,
+                                  schedule="sgd", lr=0.05, train_images=args.subset, save=save,
                                   eval_every=0, amp=args.amp)
                 s = train(cfg, device=args.device)
                 res[save].append(s["epoch_seconds"] / s["epochs_run"])

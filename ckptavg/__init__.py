@@ -50,6 +50,12 @@ _API = {
     "CkptavgError": "ckptavg.errors",
     "OptionError": "ckptavg.errors",
     "search_profiles": "ckptavg.selection.profile_search",
+    "Selection": "ckptavg.options",
+    "Reading": "ckptavg.options",
+    "ModelOptions": "ckptavg.options",
+    "DataOptions": "ckptavg.options",
+    "LoaderOptions": "ckptavg.options",
+    "HeldOutOptions": "ckptavg.options",
     "ProfileSearchResult": "ckptavg.selection.profile_search",
 }
 
@@ -67,6 +73,14 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
     from ckptavg.nn.bn import BnFixResult, bn_fix, recalibrate
     from ckptavg.nn.evaluation import EvalResult, evaluate
     from ckptavg.nn.models import create_model, list_models, register_model
+    from ckptavg.options import (
+        DataOptions,
+        HeldOutOptions,
+        LoaderOptions,
+        ModelOptions,
+        Reading,
+        Selection,
+    )
     from ckptavg.selection.profile_search import ProfileSearchResult, search_profiles
     from ckptavg.selection.search import SearchResult, search
     from ckptavg.selection.soup import SoupResult, soup
@@ -74,6 +88,12 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
 
 __all__ = [
     "AverageResult",
+    "DataOptions",
+    "HeldOutOptions",
+    "LoaderOptions",
+    "ModelOptions",
+    "Reading",
+    "Selection",
     "BnFixResult",
     "CkptavgError",
     "EnsembleResult",

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import ckptavg
 from ckptavg.engine.plan import method_weights
 from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OutputError
+from ckptavg.options import Reading, Selection
 from tests.conftest import (
     assert_state_equal,
     known_state,
@@ -171,12 +172,12 @@ def test_refuses_to_overwrite_an_input(tmp_path, ckpts):
 
 def test_selection_window_last_every(tmp_path):
     paths = write_safetensors(tmp_path, 12)
-    r = ckptavg.average(paths, dry_run=True, from_epoch=5, to_epoch=11)
+    r = ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=5, to_epoch=11))
     assert r.epochs == [5, 6, 7, 8, 9, 10, 11]
-    r = ckptavg.average(paths, dry_run=True, from_epoch=5, every=2, last=3)
+    r = ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=5, every=2, last=3))
     assert r.epochs == [7, 9, 11]
     with pytest.raises(CkptavgError, match="no input left"):
-        ckptavg.average(paths, dry_run=True, from_epoch=50)
+        ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=50))
 
 
 def test_natural_order_by_name_without_metadata(tmp_path):
@@ -196,7 +197,7 @@ def test_cycle_ends(tmp_path):
         save_file({"w": torch.full((1,), float(i))}, p,
                   metadata={"train.epoch": str(i), "train.cycle_end": str(i % 2 == 0).lower()})
         paths.append(p)
-    r = ckptavg.average(paths, tmp_path / "c.safetensors", cycle_ends=True)
+    r = ckptavg.average(paths, tmp_path / "c.safetensors", selection=Selection(cycle_ends=True))
     assert r.epochs == [2, 4, 6]
     assert ckptavg.load(tmp_path / "c.safetensors")[0]["w"].item() == 4.0
 
@@ -356,7 +357,7 @@ def test_input_options_do_not_apply_to_the_running_average(tmp_path, ckpts):
     ckptavg.average(ckpts[:1], run)
     new = tmp_path / "new.pt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in known_state(2).items()}}, new)
-    ckptavg.average([new], into=run, strip_prefix="model.")
+    ckptavg.average([new], into=run, reading=Reading(strip_prefix="model."))
     got, _ = ckptavg.load(run)
     assert_state_equal(got, reference_mean([known_state(1), known_state(2)]))
 

@@ -9,6 +9,7 @@ from torch.optim.swa_utils import update_bn
 import ckptavg
 from ckptavg.errors import CkptavgError, ModelError, OptionError
 from ckptavg.nn.bn import recalibrate
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
 from tests.fakedata import tiny_bn, write_cifar10, write_mnist, zero_linear
 
 
@@ -34,7 +35,7 @@ def test_same_result_as_torch_update_bn():
     info = recalibrate(b, loader)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
-    assert info == {"bn_layers": 2, "batches": 6, "samples": 44}
+    assert (info.bn_layers, info.batches, info.samples) == (2, 6, 44)
     assert not b.training and b[5].momentum == 0.3  # modes and momenta restored
 
 
@@ -64,9 +65,9 @@ def test_exact_stats_are_population_statistics():
 
 def test_max_batches_and_no_bn():
     net = _net()
-    assert recalibrate(net, _loader(), max_batches=2)["samples"] == 16
+    assert recalibrate(net, _loader(), max_batches=2).samples == 16
     lin = torch.nn.Linear(3, 3)
-    assert recalibrate(lin, _loader())["bn_layers"] == 0
+    assert recalibrate(lin, _loader()).bn_layers == 0
     with pytest.raises(CkptavgError, match="stats 'nope': use one of update_bn, exact"):
         recalibrate(net, _loader(), stats="nope")
 
@@ -96,7 +97,7 @@ def stale_ckpt(tmp_path):
 def test_bn_fix_checkpoint_end_to_end(stale_ckpt, tmp_path):
     path, data_dir = stale_ckpt
     out = tmp_path / "fixed.safetensors"
-    res = ckptavg.bn_fix(path, out, data_dir=data_dir, augment=False, batch_size=16)
+    res = ckptavg.bn_fix(path, out, augment=False, data=DataOptions(data_dir=data_dir), loader=LoaderOptions(batch_size=16))
     assert res.bn_layers == 1 and res.samples == 64 and res.batches == 4
     state, meta = ckptavg.load(out)
     assert meta["bn.stale"] == "false" and meta["bn.samples"] == "64"
@@ -116,9 +117,9 @@ def test_bn_fix_checkpoint_end_to_end(stale_ckpt, tmp_path):
 
 def test_bn_fix_in_place_fraction_and_subset(stale_ckpt):
     path, data_dir = stale_ckpt
-    res = ckptavg.bn_fix(path, data_dir=data_dir, fraction=0.5, batch_size=16)
+    res = ckptavg.bn_fix(path, fraction=0.5, data=DataOptions(data_dir=data_dir), loader=LoaderOptions(batch_size=16))
     assert res.output == str(path) and res.batches == 2
-    res = ckptavg.bn_fix(path, data_dir=data_dir, subset=40, batch_size=16, augment=False)
+    res = ckptavg.bn_fix(path, bn_images=40, augment=False, data=DataOptions(data_dir=data_dir), loader=LoaderOptions(batch_size=16))
     assert res.samples == 40 and ckptavg.load(path)[1]["bn.data"] == "fashion-mnist:train:first40"
     assert ckptavg.load(path)[1]["bn.stale"] == "false"
     assert [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".")] == []
@@ -134,7 +135,7 @@ def test_bn_fix_without_model_metadata_says_what_to_pass(tmp_path):
 def test_bn_fix_wrong_model_names_the_keys(stale_ckpt):
     path, data_dir = stale_ckpt
     with pytest.raises(ModelError, match="weights do not fit the model: missing"):
-        ckptavg.bn_fix(path, data_dir=data_dir, model="convnet_bn")
+        ckptavg.bn_fix(path, data=DataOptions(data_dir=data_dir), model="convnet_bn")
 
 
 def test_evaluate_known_accuracy_and_loss(tmp_path):
@@ -142,7 +143,7 @@ def test_evaluate_known_accuracy_and_loss(tmp_path):
     p = tmp_path / "z.safetensors"
     ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "zero_linear",
                                                  "data.name": "fashion-mnist"})
-    res = ckptavg.evaluate(p, data_dir=str(tmp_path))
+    res = ckptavg.evaluate(p, data=DataOptions(data_dir=str(tmp_path)))
     assert res.samples == 30 and res.accuracy == pytest.approx(10.0)  # labels i % 10
     assert res.loss == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=1e-6)
     assert res.bn_stale is False
@@ -152,22 +153,21 @@ def test_bn_fix_batches_and_fraction_together_are_refused(stale_ckpt):
     path, data_dir = stale_ckpt
     before = open(path, "rb").read()
     with pytest.raises(CkptavgError, match="batches / fraction: give one, not both"):
-        ckptavg.bn_fix(path, data_dir=data_dir, batches=5, fraction=0.1)
+        ckptavg.bn_fix(path, batches=5, fraction=0.1, data=DataOptions(data_dir=data_dir))
     assert open(path, "rb").read() == before
 
 
 def test_bn_fix_uses_the_images_the_run_trained_on(stale_ckpt):
-    """`train --subset 40 --holdout 8` trains on the first 32 images and records it."""
+    """`train --train-images 40 --holdout 8` trains on the first 32 images and records it."""
     path, data_dir = stale_ckpt
     state, meta = ckptavg.load(path)
     ckptavg.save(state, path, {**meta, "data.train_images": "32"})
-    res = ckptavg.bn_fix(path, data_dir=data_dir, batch_size=16)
+    res = ckptavg.bn_fix(path, data=DataOptions(data_dir=data_dir), loader=LoaderOptions(batch_size=16))
     assert res.samples == 32
     assert ckptavg.load(path)[1]["bn.data"] == "fashion-mnist:train:first32:augment"
     # Another data set than the run's: the record says nothing about it.
     write_mnist(str(os.path.dirname(path)) + "/mnist", n_train=48, n_test=8)
-    res = ckptavg.bn_fix(path, data="mnist", data_dir=str(os.path.dirname(path)) + "/mnist",
-                         batch_size=16)
+    res = ckptavg.bn_fix(path, data=DataOptions(data="mnist", data_dir=str(os.path.dirname(path)) + "/mnist"), loader=LoaderOptions(batch_size=16))
     assert res.samples == 48
 
 
@@ -176,18 +176,17 @@ def test_bn_fix_of_a_model_without_batchnorm_clears_a_stale_flag(tmp_path):
     p = tmp_path / "lin.safetensors"
     ckptavg.save(zero_linear().state_dict(), p, {"model.arch": "zero_linear",
                                                  "data.name": "fashion-mnist", "bn.stale": "true"})
-    res = ckptavg.bn_fix(p, data_dir=str(tmp_path / "data"))
+    res = ckptavg.bn_fix(p, data=DataOptions(data_dir=str(tmp_path / "data")))
     assert res.bn_layers == 0 and "no BatchNorm" in res.message
     assert ckptavg.load(p)[1]["bn.stale"] == "false"
-    r = ckptavg.evaluate(p, data_dir=str(tmp_path / "data"))
+    r = ckptavg.evaluate(p, data=DataOptions(data_dir=str(tmp_path / "data")))
     assert r.bn_stale is False and r.warnings == []
 
 
 def test_eval_warns_about_another_data_set_and_refuses_wrong_channels(stale_ckpt, tmp_path):
     path, data_dir = stale_ckpt
-    r = ckptavg.evaluate(path, data="mnist", data_dir=data_dir)
+    r = ckptavg.evaluate(path, data=DataOptions(data="mnist", data_dir=data_dir))
     assert any("trained on fashion-mnist" in w and "mnist" in w for w in r.warnings)
     write_cifar10(str(tmp_path / "c10"), per_batch=4, n_test=4)
     with pytest.raises(CkptavgError, match="takes 1-channel images but cifar10 has 3-channel"):
-        ckptavg.evaluate(path, data="cifar10", data_dir=str(tmp_path / "c10"),
-                         model_kwargs={"in_channels": 1})
+        ckptavg.evaluate(path, data=DataOptions(data="cifar10", data_dir=str(tmp_path / "c10")), model=ModelOptions(model_kwargs={"in_channels": 1}))

@@ -27,7 +27,7 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok', len(cli.commands))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "ok 14"
+    assert proc.stdout.strip().splitlines()[-1] == "ok 15"
     modules = subprocess.run([sys.executable, "-c", "import sys, ckptavg; print(' '.join(sys.modules))"],
                              capture_output=True, text=True).stdout.split()
     assert "ckptavg" in modules and "torch" not in modules
@@ -239,7 +239,7 @@ def test_experiment_commands(tmp_path):
     res = json.loads(r.stdout)
     assert [s["label"] for s in res["summary"]] == ["m0.safetensors", "m1.safetensors"]
     assert len(res["rows"]) == 2 * 4 and res["rows"][-1]["distance"] == pytest.approx(0.1)
-    r = invoke("replicate", "--preset", "nope", "--out", tmp_path / "r")
+    r = invoke("replicate", "--preset", "nope", "-o", tmp_path / "r")
     assert r.exit_code == 1 and "unknown preset" in r.stderr
 
 
@@ -249,7 +249,7 @@ def test_train_command_and_resume(tmp_path):
     write_mnist(str(tmp_path / "data"), n_train=40, n_test=10)
     args = ["train", "--model", "tests.fakedata:tiny_bn", "--data", "fashion-mnist", "--data-dir",
             tmp_path / "data", "--epochs", 3, "--swa-start", 2, "--swa-lr", 0.01, "--batch-size",
-            16, "--holdout", 8, "--out", tmp_path / "run"]
+            16, "--holdout", 8, "-o", tmp_path / "run"]
     r = invoke(*args, "--stop-after", 2, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
@@ -270,8 +270,8 @@ def test_replicate_command_tiny_preset(tmp_path):
     from tests.fakedata import write_mnist
 
     write_mnist(str(tmp_path / "data"), n_train=48, n_test=10)
-    r = invoke("replicate", "--preset", "fashion-mnist", "--seeds", 1, "--out", tmp_path / "rep",
-               "--data-dir", tmp_path / "data", "--budget", 4, "--swa-start", 2, "--subset", 40,
+    r = invoke("replicate", "--preset", "fashion-mnist", "--seeds", 1, "-o", tmp_path / "rep",
+               "--data-dir", tmp_path / "data", "--budget", 4, "--swa-start", 2, "--train-images", 40,
                "--holdout", 8, "--model", "tests.fakedata:tiny_bn", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "| SWA 1.5 budgets |" in r.stdout

@@ -138,9 +138,9 @@ def test_warnings_reach_stderr_with_json_too(tmp_path, files):
     (["bn-fix", "{ck}", "--fraction", "2"], "--fraction 2: must be in (0, 1]"),
     (["bn-fix", "{ck}", "--batches", "1", "--fraction", "0.5"], "--batches / --fraction"),
     (["train", "--epochs", "3", "--swa-start", "50", "--data", "fashion-mnist", "--model",
-      "tiny", "--out", "{tmp}/run"], "--swa-start 50: an epoch in 1..3"),
+      "tiny", "-o", "{tmp}/run"], "--swa-start 50: an epoch in 1..3"),
     (["train", "--epochs", "3", "--cycle", "0", "--data", "fashion-mnist", "--model", "tiny",
-      "--out", "{tmp}/run"], "--cycle 0"),
+      "-o", "{tmp}/run"], "--cycle 0"),
 ])
 def test_other_commands_name_the_option_too(capsys, tmp_path, files, args, named):
     args = [a.format(ck=files[0], tmp=tmp_path) for a in args]

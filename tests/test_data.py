@@ -200,6 +200,6 @@ def test_evaluate_and_recalibrate_take_a_stream():
     from ckptavg.nn.data import pass_loader
 
     net = tiny_bn()
-    assert recalibrate(net, pass_loader(Stream(), 4))["samples"] == 10
+    assert recalibrate(net, pass_loader(Stream(), 4)).samples == 10
     probs, labels = predict(net, pass_loader(Stream(), 4))
     assert probs.shape == (10, 10) and labels.tolist() == list(range(10))

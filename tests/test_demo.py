@@ -19,7 +19,7 @@ def test_shipped_subset_is_complete():
 
 
 def test_demo_short_run_keeps_files(tmp_path):
-    r = CliRunner().invoke(cli, ["demo", "--epochs", "2", "--out", str(tmp_path), "--json"],
+    r = CliRunner().invoke(cli, ["demo", "--epochs", "2", "-o", str(tmp_path), "--json"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)

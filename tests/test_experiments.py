@@ -10,6 +10,7 @@ from ckptavg.errors import CkptavgError
 from ckptavg.experiments.ensemble import ensemble
 from ckptavg.experiments.replicate import replicate
 from ckptavg.experiments.width import width
+from ckptavg.options import DataOptions, LoaderOptions
 from tests.fakedata import tiny_bn, write_cifar10, write_mnist
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # Fashion-MNIST's normalisation, written out
@@ -37,7 +38,7 @@ def two(tmp_path):
 def test_ensemble_is_the_mean_of_softmax(two):
     """Reference: the networks as built in the test, the test images decoded by numpy."""
     paths, data, nets, x, y = two
-    res = ensemble(paths, data_dir=data)
+    res = ensemble(paths, data=DataOptions(data_dir=data))
     with torch.no_grad():
         probs = [torch.softmax(n(x).double(), 1) for n in nets]
     mean = (probs[0] + probs[1]) / 2
@@ -56,8 +57,7 @@ def test_width_rows_csv_and_plot(two, tmp_path):
     at every other point it moves (the weights moved)."""
     paths, data, nets, x, y = two
     png, csv_path = str(tmp_path / "w.png"), str(tmp_path / "w.csv")
-    res = width(*paths, data_dir=data, rays=2, points=3, max_distance=5, labels=("SGD", "SWA"),
-                bn_fix=False, csv_path=csv_path, plot_path=png)
+    res = width(*paths, rays=2, points=3, max_distance=5, labels=("SGD", "SWA"), bn_fix=False, csv_path=csv_path, plot_path=png, data=DataOptions(data_dir=data))
     rows = list(csv.DictReader(open(csv_path)))
     assert len(rows) == 2 * 2 * 3 and {r["solution"] for r in rows} == {"SGD", "SWA"}
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_width_rows_csv_and_plot(two, tmp_path):
 def test_width_summary_with_a_distance_that_is_not_exact_in_floats(two, tmp_path):
     """0.1 * 3 / 3 != 0.1 in floats: the summary must still find the far points."""
     paths, data, *_ = two
-    res = width(*paths, data_dir=data, rays=1, points=4, max_distance=0.1, bn_fix=False)
+    res = width(*paths, rays=1, points=4, max_distance=0.1, bn_fix=False, data=DataOptions(data_dir=data))
     assert len(res.summary) == 2 and res.max_distance == 0.1
 
 
@@ -116,10 +116,8 @@ def test_replicate_cifar_preset_code_path_at_tiny_scale(tmp_path):
     ckptavg.save({k: (mean[k].float() if k in mean else ckpts[-1][k]) for k in ckpts[0]}, ref,
                  {"model.arch": "tests.fakedata:tiny_bn", "data.name": "cifar10",
                   "data.train_images": "40"})
-    ckptavg.bn_fix(ref, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),
-                   seed=0, device="cpu")
-    r = ckptavg.evaluate(ref, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),
-                         device="cpu")
+    ckptavg.bn_fix(ref, seed=0, model="tests.fakedata:tiny_bn", data=DataOptions(data_dir=str(tmp_path / "data")), loader=LoaderOptions(device="cpu"))
+    r = ckptavg.evaluate(ref, model="tests.fakedata:tiny_bn", data=DataOptions(data_dir=str(tmp_path / "data")), loader=LoaderOptions(device="cpu"))
     assert seed0["swa_1.25"] == pytest.approx(r.accuracy)
     table = open(out / "results.md").read()
     assert "| SWA 1.5 budgets |" in table and "95.83" in table
@@ -178,8 +176,7 @@ def test_beyond_on_tiny_replicate_runs(tmp_path):
     r = beyond(str(out), data_dir=data, device="cpu", samples=2)
     assert set(r.selection) == set(ROWS) and r.seeds == [0]
     seed = r.per_seed[0]
-    sgd = ckptavg.evaluate(out / "seed-0" / "sgd" / "epoch-0004.safetensors",
-                           model="tests.fakedata:tiny_bn", data_dir=data, device="cpu")
+    sgd = ckptavg.evaluate(out / "seed-0" / "sgd" / "epoch-0004.safetensors", model="tests.fakedata:tiny_bn", data=DataOptions(data_dir=data), loader=LoaderOptions(device="cpu"))
     assert seed["sgd"]["test"] == pytest.approx(sgd.accuracy)
     assert [w["start_epoch"] for w in seed["windows"]] == [1, 2, 3, 4, 5, 6]
     assert set(seed["calibration"]) == {"sgd", "swa", "swag_diag", "swag"}

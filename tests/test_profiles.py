@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import ckptavg
 from ckptavg.engine import profiles
+from ckptavg.options import Selection
 from tests.conftest import run_cli
 
 STEPS = [100, 300, 350, 800, 1000]  # unequal spacing
@@ -151,7 +152,7 @@ def test_the_output_is_the_float64_weighted_mean(tmp_path, spec):
 def test_profiles_go_with_selection_and_torch_outputs(tmp_path):
     paths = _run(tmp_path, STEPS)
     out = tmp_path / "avg.pt"
-    r = ckptavg.average(paths, out, profile="ema:halflife=300", from_step=300)
+    r = ckptavg.average(paths, out, profile="ema:halflife=300", selection=Selection(from_step=300))
     w = profiles.weights(profiles.parse("ema:halflife=300"), STEPS[1:])
     assert r.weights == pytest.approx(w)
     got = torch.load(out)

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 import ckptavg
 from ckptavg.engine.select import name_position
 from ckptavg.errors import CkptavgError
+from ckptavg.options import Selection
 
 
 def _lightning(folder, epochs_per_step=4, n=4):
@@ -27,12 +28,12 @@ def _lightning(folder, epochs_per_step=4, n=4):
 
 def test_lightning_epochs_and_steps_come_from_the_checkpoint(tmp_path):
     paths = _lightning(tmp_path)
-    r = ckptavg.average(paths, dry_run=True, from_epoch=1)
+    r = ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=1))
     assert r.epochs == [1, 2, 3] and r.steps == [8, 12, 16]
     assert set(r.epoch_sources) == {"checkpoint entry 'epoch'"}
     assert set(r.step_sources) == {"checkpoint entry 'global_step'"}
-    assert ckptavg.average(paths, dry_run=True, to_epoch=1).epochs == [0, 1]
-    assert ckptavg.average(paths, dry_run=True, from_step=9, to_step=12).steps == [12]
+    assert ckptavg.average(paths, dry_run=True, selection=Selection(to_epoch=1)).epochs == [0, 1]
+    assert ckptavg.average(paths, dry_run=True, selection=Selection(from_step=9, to_step=12)).steps == [12]
 
 
 def test_hugging_face_checkpoint_folders_are_steps(tmp_path):
@@ -45,9 +46,9 @@ def test_hugging_face_checkpoint_folders_are_steps(tmp_path):
     r = ckptavg.average(paths, dry_run=True)
     assert r.steps == [500, 1000, 1500] and r.epochs == [1, 2, None]  # 2.5 is no epoch
     assert r.step_sources[0] == "trainer_state.json global_step"
-    assert ckptavg.average(paths, dry_run=True, from_step=1000).steps == [1000, 1500]
+    assert ckptavg.average(paths, dry_run=True, selection=Selection(from_step=1000)).steps == [1000, 1500]
     with pytest.raises(CkptavgError, match="epoch unknown .*it has a step, 1500.*select by step"):
-        ckptavg.average(paths, dry_run=True, from_epoch=1)
+        ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=1))
     # without trainer_state.json the folder name still says step, never epoch
     for p in paths:
         os.unlink(p / "trainer_state.json")
@@ -97,9 +98,9 @@ def test_best_by_a_number_stored_in_the_checkpoint(tmp_path):
         paths.append(tmp_path / f"checkpoint-{e}.pth.tar")
         torch.save({"state_dict": {"w": torch.full((2,), float(e))}, "epoch": e, "metric": m},
                    paths[-1])
-    r = ckptavg.average(paths, dry_run=True, best=2, metric="metric")
+    r = ckptavg.average(paths, dry_run=True, selection=Selection(best=2, metric="metric"))
     assert r.epochs == [1, 3]  # 75.5 and 74.0, kept in training order
     with pytest.raises(CkptavgError, match="no stored 'val_acc'"):
-        ckptavg.average(paths, dry_run=True, best=2, metric="val_acc")
+        ckptavg.average(paths, dry_run=True, selection=Selection(best=2, metric="val_acc"))
     with pytest.raises(CkptavgError, match="best N ranks by a stored score"):
-        ckptavg.average(paths, dry_run=True, best=2)
+        ckptavg.average(paths, dry_run=True, selection=Selection(best=2))

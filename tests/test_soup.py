@@ -19,6 +19,7 @@ from click.testing import CliRunner
 import ckptavg
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
+from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, Selection
 from ckptavg.selection.heldout import RunningSum
 from tests.fakedata import Blobs
 
@@ -71,7 +72,7 @@ def test_greedy_soup_accepts_what_helps_and_rejects_what_does_not(tmp_path):
     states = {"a": rotated(30), "b": rotated(-30), "c": rotated(180)}
     paths = write(tmp_path, states)
     out = tmp_path / "soup.safetensors"
-    r = ckptavg.soup(paths, out, holdout=200, data=DATA, model=MODEL, device="cpu")
+    r = ckptavg.soup(paths, out, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     assert r.method == "greedy"
     assert sorted(r.chosen) == sorted(paths[:2])
     by_path = {g.path: g for g in r.ingredients}
@@ -97,8 +98,7 @@ def test_a_soup_that_would_lose_keeps_the_best_single(tmp_path):
     # b and c each pull the exact a off its boundary: a stays alone.
     states = {"a": rotated(0), "b": rotated(60), "c": rotated(-80, 3.0)}
     paths = write(tmp_path, states)
-    r = ckptavg.soup(paths, tmp_path / "s.safetensors", holdout=200, data=DATA, model=MODEL,
-                     device="cpu")
+    r = ckptavg.soup(paths, tmp_path / "s.safetensors", heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     assert r.chosen == [paths[0]]
     saved, _ = ckptavg.load(tmp_path / "s.safetensors")
     assert torch.equal(saved["weight"], states["a"]["weight"])
@@ -109,8 +109,7 @@ def test_uniform_soup_is_the_float64_mean_of_all(tmp_path):
     states = {n: {"weight": torch.randn(2, 2, generator=g), "bias": torch.randn(2, generator=g)}
               for n in "abcd"}
     paths = write(tmp_path, states)
-    r = ckptavg.soup(paths, tmp_path / "u.safetensors", uniform=True, holdout=200, data=DATA,
-                     model=MODEL, device="cpu")
+    r = ckptavg.soup(paths, tmp_path / "u.safetensors", uniform=True, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     assert r.chosen == paths and all(g.accepted for g in r.ingredients)
     expect = mean64(list(states.values()))
     saved, meta = ckptavg.load(tmp_path / "u.safetensors")
@@ -122,13 +121,12 @@ def test_uniform_soup_is_the_float64_mean_of_all(tmp_path):
 def test_only_the_final_choice_reads_the_test_split(tmp_path):
     paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)})
     # Selection alone never asks the data function for its test split (it would raise) ...
-    ckptavg.search(paths, holdout=200, data=DATA, model=MODEL, device="cpu")
-    ckptavg.soup(paths, holdout=200, data=DATA, model=MODEL, device="cpu")
+    ckptavg.search(paths, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
+    ckptavg.soup(paths, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     # ... and asking for the test score reads it, after the choice.
     with pytest.raises(AssertionError, match="test split was read"):
-        ckptavg.soup(paths, holdout=200, data=DATA, model=MODEL, device="cpu", test=True)
-    r = ckptavg.soup(paths, holdout=200, data="tests.fakedata:blobs", model=MODEL,
-                     device="cpu", test=True)
+        ckptavg.soup(paths, test=True, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
+    r = ckptavg.soup(paths, test=True, heldout=HeldOutOptions(holdout=200), data="tests.fakedata:blobs", model=MODEL, loader=LoaderOptions(device="cpu"))
     expect = mean64([rotated(30), rotated(-30)])
     assert r.test_accuracy == pytest.approx(accuracy(expect, slice(None), train=False))
 
@@ -139,7 +137,7 @@ def test_search_scores_every_window_and_writes_the_best(tmp_path):
     states = {f"epoch-{i + 1:04d}": rotated(d) for i, d in enumerate(degs)}
     paths = write(tmp_path, states)
     out, png = tmp_path / "best.safetensors", tmp_path / "search.png"
-    r = ckptavg.search(paths, out, plot=png, holdout=200, data=DATA, model=MODEL, device="cpu")
+    r = ckptavg.search(paths, out, plot=png, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     seq = list(states.values())
     assert [w.start_epoch for w in r.windows] == [1, 2, 3, 4, 5]
     assert [w.n for w in r.windows] == [5, 4, 3, 2, 1]
@@ -167,7 +165,7 @@ def test_search_reads_each_checkpoint_once(tmp_path, monkeypatch):
     original = RunningSum.read
     monkeypatch.setattr(RunningSum, "read", staticmethod(lambda r: reads.append(r.path)
                                                          or original(r)))
-    r = ckptavg.search(paths, holdout=200, data=DATA, model=MODEL, device="cpu")
+    r = ckptavg.search(paths, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     assert len(r.windows) == 6
     assert sorted(reads) == sorted(paths)
 
@@ -211,8 +209,7 @@ def test_batchnorm_is_recalibrated_on_the_training_part_before_scoring(tmp_path)
         paths.append(str(tmp_path / f"{n}.safetensors"))
         ckptavg.save(st, paths[-1], {"model.arch": "tests.fakedata:bn2"})
     out = tmp_path / "u.safetensors"
-    r = ckptavg.soup(paths, out, uniform=True, holdout=200, data=DATA,
-                     model="tests.fakedata:bn2", device="cpu", batch_size=1000)
+    r = ckptavg.soup(paths, out, uniform=True, heldout=HeldOutOptions(holdout=200), data=DATA, model="tests.fakedata:bn2", loader=LoaderOptions(device="cpu", batch_size=1000))
     assert r.bn_recalibrated
     saved, meta = ckptavg.load(out)
     x = Blobs(600, 0).x[:400].double()  # the training part: one batch of all 400 points
@@ -226,24 +223,24 @@ def test_batchnorm_is_recalibrated_on_the_training_part_before_scoring(tmp_path)
 def test_held_out_split_comes_from_the_runs_metadata_and_may_not_overlap_it(tmp_path):
     paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)},
                   {"data.name": DATA, "data.train_images": "300", "data.holdout": "100"})
-    r = ckptavg.soup(paths, data=DATA, model=MODEL, device="cpu")
+    r = ckptavg.soup(paths, data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     assert r.holdout == f"{DATA}:train[300:400]" and r.holdout_samples == 100
     assert r.ingredients[0].holdout_accuracy == pytest.approx(
         accuracy(rotated(30) if r.ingredients[0].path == paths[0] else rotated(-30),
                  slice(300, 400)))
     with pytest.raises(CkptavgError, match="include images the run trained on"):
-        ckptavg.soup(paths, data=DATA, model=MODEL, device="cpu", holdout=100, subset=350)
+        ckptavg.soup(paths, data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"), heldout=HeldOutOptions(holdout=100, train_images=350))
     (tmp_path / "bare").mkdir()
     bare = write(tmp_path / "bare", {"x": rotated(1), "y": rotated(2)})
     with pytest.raises(CkptavgError, match="pass holdout=N"):
-        ckptavg.soup(bare, data=DATA, model=MODEL, device="cpu")
+        ckptavg.soup(bare, data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
 
 
 def test_an_output_that_is_an_input_is_refused_before_any_scoring(tmp_path):
     paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30)})
     before = open(paths[0], "rb").read()
     with pytest.raises(CkptavgError, match="is one of the inputs"):
-        ckptavg.soup(paths, paths[0], holdout=200, data=DATA, model=MODEL, device="cpu")
+        ckptavg.soup(paths, paths[0], heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     assert open(paths[0], "rb").read() == before
 
 
@@ -281,8 +278,10 @@ def test_search_and_soup_of_a_train_run_use_its_held_out_images(tmp_path):
     run = train(TrainConfig(model="tests.fakedata:tiny_bn", data="fashion-mnist", data_dir=data,
                             epochs=4, out=str(tmp_path / "run"), schedule="swa", lr=0.05,
                             swa_start=2, swa_lr=0.01, batch_size=16, holdout=8), device="cpu")
-    common = dict(model="tests.fakedata:tiny_bn", data_dir=data, device="cpu")
-    s = ckptavg.search(run.checkpoints, tmp_path / "w.safetensors", from_epoch=2, **common)
+    common = dict(model="tests.fakedata:tiny_bn", data=DataOptions(data_dir=data),
+                  loader=LoaderOptions(device="cpu"))
+    s = ckptavg.search(run.checkpoints, tmp_path / "w.safetensors",
+                       selection=Selection(from_epoch=2), **common)
     assert s.holdout == "fashion-mnist:train[40:48]" and s.holdout_samples == 8
     assert [w.start_epoch for w in s.windows] == [2, 3, 4]
     meta = ckptavg.load(tmp_path / "w.safetensors")[1]
@@ -301,8 +300,7 @@ def test_profile_search_scores_each_profile_and_writes_the_best(tmp_path):
     seq = list(states.values())
     out = tmp_path / "best.safetensors"
     specs = ["uniform", "wsm:linear", "time", "ema:halflife=0.5"]
-    r = ckptavg.search_profiles(paths, specs, out, holdout=200, data=DATA, model=MODEL,
-                                device="cpu")
+    r = ckptavg.search_profiles(paths, specs, out, heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
     # epochs 1..5, equal spacing: uniform = wsm:linear = time; ema with a half-life of half an
     # epoch: weight of epoch i is integral over (i-1, i] of 2^(-2 (5 - t)).
     ema = [2.0 ** (-2 * (5 - i)) - 2.0 ** (-2 * (5 - i + 1)) for i in range(1, 6)]

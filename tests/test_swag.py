@@ -15,6 +15,7 @@ import ckptavg
 from ckptavg.cli import cli
 from ckptavg.errors import CkptavgError
 from ckptavg.nn.calibration import calibration_scores, ece, nll, reliability
+from ckptavg.options import LoaderOptions
 from ckptavg.selection.swag import SwagPosterior
 from tests.fakedata import Blobs
 
@@ -147,14 +148,13 @@ def test_calibration_metrics_on_hand_computed_examples():
     p2 = torch.tensor([[0.95, 0.05], [0.97, 0.03]])
     assert ece(p2, torch.tensor([0, 1])) == pytest.approx(abs(0.5 - 0.96))
     s = calibration_scores(probs, labels)
-    assert s["accuracy"] == 50.0 and s["samples"] == 4
+    assert s.accuracy == 50.0 and s.samples == 4
 
 
 def test_evaluate_swag_is_the_mean_softmax_of_its_draws(tmp_path):
     states, paths = snapshots(tmp_path, n=6, seed=1, count=False)
     ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
-    r = ckptavg.evaluate_swag(tmp_path / "s.safetensors", [paths[-1]], samples=5, scale=0.5,
-                              seed=2, model=MODEL, data=DATA, device="cpu")
+    r = ckptavg.evaluate_swag(tmp_path / "s.safetensors", [paths[-1]], samples=5, scale=0.5, seed=2, model=MODEL, data=DATA, loader=LoaderOptions(device="cpu"))
     assert [row.name for row in r.rows] == ["SWAG", "SWA", paths[-1]]
     x, y = Blobs(200, 1).x.double(), Blobs(200, 1).y
     probs = torch.zeros(200, 2, dtype=torch.float64)
@@ -169,8 +169,7 @@ def test_evaluate_swag_is_the_mean_softmax_of_its_draws(tmp_path):
     last = states[-1]
     p_last = torch.softmax(x @ last["weight"].double().T + last["bias"].double(), 1)
     assert r.rows[2].nll == pytest.approx(nll(p_last, y), rel=1e-5)
-    again = ckptavg.evaluate_swag(tmp_path / "s.safetensors", samples=5, scale=0.5, seed=2,
-                                  model=MODEL, data=DATA, device="cpu")
+    again = ckptavg.evaluate_swag(tmp_path / "s.safetensors", samples=5, scale=0.5, seed=2, model=MODEL, data=DATA, loader=LoaderOptions(device="cpu"))
     assert again.rows[0].nll == r.rows[0].nll  # same seed, same draws
 
 

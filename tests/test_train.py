@@ -6,6 +6,7 @@ import torch
 
 import ckptavg
 from ckptavg.errors import CkptavgError
+from ckptavg.options import Selection
 from ckptavg.train import CheckpointSaver, TrainConfig, train
 from tests.fakedata import write_mnist
 
@@ -83,7 +84,7 @@ def test_resume_state_handed_to_the_writer_is_a_copy(data, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("change", [{"lr": 0.1}, {"batch_size": 8}, {"wd": 0.0},
-                                    {"momentum": 0.5}, {"subset": 32}, {"holdout": 8},
+                                    {"momentum": 0.5}, {"train_images": 32}, {"holdout": 8},
                                     {"model_kwargs": {"num_classes": 10}}, {"epochs": 6},
                                     {"swa_in_loop": True}])
 def test_resume_with_other_settings_is_refused(data, tmp_path, change):
@@ -135,7 +136,7 @@ def test_cyclic_schedule_saves_cycle_ends(data, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
     assert rows[3]["lr"] == pytest.approx(0.01)  # cycle end: alpha2
     assert rows[2]["lr"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.01)  # mid-cycle, last iteration
-    r = ckptavg.average(s.checkpoints, dry_run=True, cycle_ends=True)
+    r = ckptavg.average(s.checkpoints, dry_run=True, selection=Selection(cycle_ends=True))
     assert r.epochs == [4, 6]
 
 
@@ -160,7 +161,7 @@ def test_validation_scores_are_in_the_metadata_and_select_the_best(data, tmp_pat
     rows = [json.loads(line) for line in open(tmp_path / "v" / "metrics.jsonl")]
     for path, row in zip(s.checkpoints, rows):
         assert float(ckptavg.load(path)[1]["train.val_acc"]) == row["val_acc"]
-    r = ckptavg.average(s.checkpoints, dry_run=True, best=2, metric="train.val_loss", lowest=True)
+    r = ckptavg.average(s.checkpoints, dry_run=True, selection=Selection(best=2, metric="train.val_loss", lowest=True))
     want = sorted(rows, key=lambda x: x["val_loss"])[:2]
     assert r.epochs == sorted(x["epoch"] for x in want)
 
@@ -192,8 +193,8 @@ def test_same_seed_and_thread_count_reproduce_the_run(data, tmp_path):
     """What a rerun needs to give the same numbers: the seed and the thread count (recorded
     as train.threads; another count changes the floating-point order of the reductions)."""
     before = torch.get_num_threads()
-    a = train(cfg(data, tmp_path / "a", threads=1), device="cpu")
-    b = train(cfg(data, tmp_path / "b", threads=1), device="cpu")
+    a = train(cfg(data, tmp_path / "a", torch_threads=1), device="cpu")
+    b = train(cfg(data, tmp_path / "b", torch_threads=1), device="cpu")
     assert torch.get_num_threads() == before
     sa, ma = ckptavg.load(a.checkpoints[-1])
     sb, _ = ckptavg.load(b.checkpoints[-1])

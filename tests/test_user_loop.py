@@ -155,11 +155,11 @@ def test_lightning_style_prefix_is_found_and_kwargs_reach_a_kwargs_factory(user)
 
 def test_train_from_a_loader_function_refuses_and_leaves_no_folder(user):
     proc = cli(user, "train", "--data", "mymodule:as_loader", "--model", "mymodule:build",
-               "--epochs", "1", "--out", "runs2")
+               "--epochs", "1", "-o", "runs2")
     one_line(proc, 2, "--data mymodule:as_loader: returns a DataLoader")
     assert not (user / "runs2").exists()
     proc = cli(user, "train", "--data", "mymodule:loader", "--model", "mymodule:build",
-               "--epochs", "1", "--out", "runs3")
+               "--epochs", "1", "-o", "runs3")
     one_line(proc, 2, "takes no `split` parameter")
     assert not (user / "runs3").exists()
 

@@ -17,7 +17,14 @@ from collections.abc import Sequence
 from ckptavg import options
 from ckptavg.engine import profiles
 from ckptavg.engine.kernel import execute
-from ckptavg.engine.plan import carried_notes, check_options, chosen_weights, dcp_entry, make_plan
+from ckptavg.engine.plan import (
+    Request,
+    carried_notes,
+    check_options,
+    chosen_weights,
+    dcp_entry,
+    make_plan,
+)
 from ckptavg.engine.result import AverageResult, make_result, nothing_to_fold
 from ckptavg.engine.select import (
     Candidate,
@@ -34,7 +41,7 @@ from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.folder import side_files
 from ckptavg.io.writer import check_output, exclusive_lock, output_kind
-from ckptavg.options import Accumulate, Method, OutDtype
+from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, peak_rss_bytes
 
@@ -63,18 +70,8 @@ def average(
     ema: float | None = None,
     profile: str | None = None,
     into: str | os.PathLike | None = None,
-    from_epoch: int | None = None,
-    to_epoch: int | None = None,
-    from_step: int | None = None,
-    to_step: int | None = None,
-    last: int | None = None,
-    every: int | None = None,
-    cycle_ends: bool = False,
-    best: int | None = None,
-    metric: str | None = None,
-    lowest: bool = False,
-    key: str | None = None,
-    strip_prefix: str | None = None,
+    selection: Selection | None = None,
+    reading: Reading | None = None,
     accumulate: Accumulate = options.ACCUMULATE,
     dtype: OutDtype | None = None,
     shard_size: int | None = None,
@@ -99,12 +96,12 @@ def average(
         into: an existing average (with `average.n` metadata) to fold the inputs into,
             under an exclusive lock: the result equals averaging all of its inputs and the
             new ones at once. `key` and `strip_prefix` apply to the inputs, not to it.
-        from_epoch, to_epoch, from_step, to_step, last, every, cycle_ends: input selection
-            (see select.py; epochs and steps come from metadata, the checkpoint's own entries
-            or the name, and a step is never taken for an epoch).
-        best, metric, lowest: keep the `best` inputs by a stored metric (metadata such as
-            train.val_acc, or a number in the checkpoint such as timm's `metric`), highest
-            first unless `lowest`.
+        selection: which inputs take part (`Selection`: epoch and step windows, cycle
+            ends, every K-th, the best N by a stored metric, the last N); epochs and steps
+            come from metadata, the checkpoint's own entries or the name, and a step is never
+            taken for an epoch. Default: every input.
+        reading: where the weights are in each input (`Reading`: a torch checkpoint's
+            entry, a key prefix to strip). `into` is read as it is.
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
         threads: threads for the arithmetic, each on its share of every block; default:
@@ -146,8 +143,7 @@ def average(
     check_options(accumulate, dtype)
     method: Method = ("ema" if ema is not None else "weighted" if weights is not None
                       else "profile" if prof is not None else "uniform")
-    select_args = (from_epoch, to_epoch, cycle_ends, every, last, from_step, to_step, best,
-                   metric, lowest)
+    selection, reading = Selection.of(selection), Reading.of(reading)
     if world_size() > 1:
         if into is not None:
             raise OptionError("into", "folding into a running average runs in one process; "
@@ -156,20 +152,21 @@ def average(
             raise OptionError("output", f"{output}: under torchrun each rank writes one shard, so the "
                                "output is a folder; give a folder name (-o OUT_DIR)")
         with Group() as group:
-            result = average_ranks(group, [os.fspath(p) for p in inputs], output, kind, method,
-                                    weights, ema, prof, select_args, key, strip_prefix, accumulate,
-                                    dtype, allow_nonfinite, hash_inputs, dry_run, threads,
-                                    progress)
+            req = Request(tuple(os.fspath(p) for p in inputs), output, kind, method,
+                          None if weights is None else tuple(weights), ema, prof, selection,
+                          reading, accumulate, dtype, allow_nonfinite, hash_inputs, dry_run,
+                          threads)
+            result = average_ranks(group, req, progress)
         result.seconds = time.perf_counter() - t0
         result.peak_rss_bytes = peak_rss_bytes()
         return result
 
     with contextlib.ExitStack() as stack:
         locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
-        opened = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+        opened = open_candidates([os.fspath(p) for p in inputs], reading.key, reading.strip_prefix)
         stack.callback(close_all, opened)
         cands, left_out = leave_out_outputs(opened, locked.identity if locked else None)
-        chosen = select(cands, *select_args)
+        chosen = select(cands, selection)
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
         if locked is not None:

@@ -19,13 +19,39 @@ from ckptavg.engine import profiles
 from ckptavg.engine.select import Candidate
 from ckptavg.errors import CkptavgError, MismatchError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
-from ckptavg.options import Accumulate, Method, OutDtype, check_choice
+from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection, check_choice
 
 OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
               "float64": dtypes.float64}
 
 
 SHOWN = 3  # problems listed per file in a mismatch error
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `average` was asked, checked and resolved: the same on every torchrun rank."""
+
+    inputs: tuple[str, ...]
+    output: str | None
+    kind: str | None  # output_kind: "file", "sharded", "torch", "dcp"...
+    method: Method
+    weights: tuple[float, ...] | None
+    ema: float | None
+    profile: profiles.Profile | None
+    selection: Selection
+    reading: Reading
+    accumulate: Accumulate
+    dtype: OutDtype | None
+    allow_nonfinite: bool
+    hash_inputs: bool
+    dry_run: bool
+    threads: int | None
+
+    @property
+    def spec(self) -> str | None:
+        """The profile as parsed: what metadata records."""
+        return self.profile.spec if self.profile is not None else None
 
 
 @dataclass

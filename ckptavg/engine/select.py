@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.base import Position, same_content
+from ckptavg.options import Selection
 
 _NUMBER = re.compile(r"(\d+)")
 _EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_-]?(\d+)", re.IGNORECASE)
@@ -231,12 +232,13 @@ def best_by(cands: list[Candidate], n: int, metric: str, lowest: bool) -> list[C
     return [c for i, c in enumerate(cands) if i in keep]
 
 
-def select(cands: list[Candidate], from_epoch: int | None = None, to_epoch: int | None = None,
-           cycle_ends: bool = False, every: int | None = None, last: int | None = None,
-           from_step: int | None = None, to_step: int | None = None, best: int | None = None,
-           metric: str | None = None, lowest: bool = False) -> list[Candidate]:
+def select(cands: list[Candidate], selection: Selection | None = None) -> list[Candidate]:
     """Apply, in this order: epoch window, step window, cycle ends, every K-th (from the
-    first), best N by a stored metric, last N."""
+    first), best N by a stored metric, last N (see `Selection`)."""
+    s = Selection.of(selection)
+    from_epoch, to_epoch, from_step, to_step = s.from_epoch, s.to_epoch, s.from_step, s.to_step
+    cycle_ends, every, best, metric, lowest, last = (s.cycle_ends, s.every, s.best, s.metric,
+                                                     s.lowest, s.last)
     out = _window(_window(order(cands), "epoch", from_epoch, to_epoch), "step", from_step, to_step)
     if cycle_ends:
         if not any("train.cycle_end" in c.metadata for c in out):

@@ -18,7 +18,7 @@ import os
 import shutil
 
 from ckptavg.engine.kernel import execute
-from ckptavg.engine.plan import chosen_weights, dcp_entry, make_plan
+from ckptavg.engine.plan import Request, chosen_weights, dcp_entry, make_plan
 from ckptavg.engine.result import AverageResult, make_result
 from ckptavg.engine.select import (
     close_all,
@@ -31,7 +31,6 @@ from ckptavg.engine.select import (
 from ckptavg.io import TensorSpec
 from ckptavg.io.folder import side_files
 from ckptavg.io.writer import check_output
-from ckptavg.options import Method
 from ckptavg.parallel import Group
 
 
@@ -47,37 +46,34 @@ def partition(specs: list[TensorSpec], ranks: int) -> list[list[str]]:
     return [[s.key for s in specs if owner[s.key] == r] for r in range(ranks)]
 
 
-def average_ranks(group: Group, inputs: list[str], output: str | None, kind: str | None,
-                   method: Method, weights, ema, prof, select_args: tuple, key, strip_prefix,
-                   accumulate, dtype, allow_nonfinite, hash_inputs, dry_run, threads,
-                   progress) -> AverageResult:
+def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
     """`average` on one of several ranks: the same selection and plan everywhere, then this
-    rank's share of the tensors (see distributed.py). Failures are agreed on, never hung on."""
+    rank's share of the tensors (see `write_shards`). Failures are agreed on, never hung on."""
     with contextlib.ExitStack() as stack:
         error, plan, result = None, None, None
         try:
-            opened = open_candidates(inputs, key, strip_prefix)
+            opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
             stack.callback(close_all, opened)
             cands, left_out = leave_out_outputs(opened)
-            chosen = select(cands, *select_args)
-            raw = chosen_weights(chosen, method, weights, ema, prof)
+            chosen = select(cands, req.selection)
+            raw = chosen_weights(chosen, req.method, req.weights, req.ema, req.profile)
             readers = [c.reader for c in chosen]
-            if output is not None:
-                check_output(output, kind, files_of(opened))
-            plan = make_plan(readers, raw, method=method, accumulate=accumulate, dtype=dtype,
-                             allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs and not dry_run,
-                             profile=prof.spec if prof else None)
-            result = make_result(plan, chosen, None, output, method, len(chosen), dry_run,
-                             prof.spec if prof else None)
+            if req.output is not None:
+                check_output(req.output, req.kind, files_of(opened))
+            plan = make_plan(readers, raw, method=req.method, accumulate=req.accumulate,
+                             dtype=req.dtype, allow_nonfinite=req.allow_nonfinite,
+                             hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec)
+            result = make_result(plan, chosen, None, req.output, req.method, len(chosen),
+                                 req.dry_run, req.spec)
             result.warnings = left_out + mixed_runs(chosen)
         except BaseException as e:
             error = e
         group.agree(error)
-        if not dry_run:
+        if not req.dry_run:
             side, notes = side_files(plan.readers)
             result.warnings += notes
-            write_shards(plan, output, group, execute, progress, threads, side,
-                         dcp_entry(plan.readers[-1]) if kind == "dcp" else False)
+            write_shards(plan, req.output, group, execute, progress, req.threads, side,
+                         dcp_entry(plan.readers[-1]) if req.kind == "dcp" else False)
         result.ranks, result.rank = group.size, group.rank
         return result
 

@@ -6,22 +6,24 @@ SWA average over [swa_start, end] at 1, 1.25 and 1.5 B with BatchNorm recalibrat
 run's final weights with their own statistics, all on the preset's held-out images. A
 variant that only changes the SWA rate reuses the baseline's SGD run.
 
-    python -m ckptavg.experiments.ablation OUT --data-dir DIR [--seed 1]
+    ckptavg ablation -o OUT --data-dir DIR [--seed 1]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ckptavg.engine.select import close_all, open_candidates
+from ckptavg.errors import OptionError
 from ckptavg.experiments.replicate import BUDGETS, PRESETS, Preset, budget_epochs
 from ckptavg.io.writer import atomic_text
+from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, ModelOptions
+from ckptavg.results import Result
 from ckptavg.selection.heldout import HeldOut, RunningSum
 from ckptavg.train.loop import TrainConfig, train
 
@@ -37,7 +39,8 @@ VARIANTS = {
 def _runs(p: Preset, seed: int, folder: str, sgd_folder: str | None, data_dir) -> tuple[str, str]:
     common = dict(model=p.model, data=p.data, lr=p.lr, wd=p.wd, batch_size=p.batch_size,
                   seed=seed, model_kwargs=dict(p.model_kwargs), data_dir=data_dir,
-                  subset=p.subset, holdout=p.holdout, threads=p.threads, eval_every=0)
+                  train_images=p.subset, holdout=p.holdout, torch_threads=p.threads,
+                  eval_every=0)
     sgd = sgd_folder or os.path.join(folder, "sgd")
     if sgd_folder is None:
         train(TrainConfig(epochs=p.budget, out=sgd, schedule="sgd", **common), device="cpu",
@@ -60,17 +63,18 @@ def ablate_variant(p: Preset, seed: int, folder: str, sgd_folder: str | None,
     sgd_last = os.path.join(sgd, f"epoch-{p.budget:04d}.safetensors")
     cands = open_candidates([sgd_last] + paths)
     try:
-        held = HeldOut(cands[1], data_dir=data_dir, model=p.model,
-                       model_kwargs=dict(p.model_kwargs), device="cpu", seed=seed)
+        held = HeldOut(cands[1], model=ModelOptions(p.model, dict(p.model_kwargs)),
+                       data=DataOptions(data_dir=data_dir), loader=LoaderOptions(device="cpu"),
+                       heldout=HeldOutOptions(seed=seed))
         row = {"sgd": held.score(RunningSum.read(cands[0].reader), sgd_last,
-                                 recalibrate=False)["accuracy"]}
+                                 recalibrate=False).accuracy}
         total = RunningSum()
         for i, c in enumerate(cands[1:]):
             total.add(RunningSum.read(c.reader), i)
             epoch = p.swa_start + i
             for f, e in ends.items():
                 if e == epoch:
-                    row[f"swa_{f:g}"] = held.score(total.mean(), c.path)["accuracy"]
+                    row[f"swa_{f:g}"] = held.score(total.mean(), c.path).accuracy
     finally:
         close_all(cands)
     row["swa_1.5_minus_sgd"] = row["swa_1.5"] - row["sgd"]
@@ -80,11 +84,22 @@ def ablate_variant(p: Preset, seed: int, folder: str, sgd_folder: str | None,
     return row
 
 
+@dataclass
+class AblationResult(Result):
+    """Per variant: its change to the preset and the held-out accuracies of SGD and SWA."""
+
+    preset: str
+    seed: int
+    variants: dict = field(default_factory=dict)
+
+
 def ablate(out: str, *, preset: str = "fashion-mnist-vgg", seed: int = 1,
-           data_dir: str | None = None, variants: dict | None = None) -> dict:
-    """Every variant of VARIANTS (or `variants`); writes OUT/ablation.json."""
+           data_dir: str | None = None, variants: dict | None = None) -> AblationResult:
+    """Every variant of VARIANTS (or `variants`); writes OUT/ablation.json after each."""
+    if preset not in PRESETS:
+        raise OptionError("preset", f"use one of {', '.join(PRESETS)}", repr(preset))
     base = PRESETS[preset]
-    result = {"preset": preset, "seed": seed, "variants": {}}
+    result = AblationResult(preset, seed)
     if base.threads:
         torch.set_num_threads(base.threads)
     for name, change in (variants or VARIANTS).items():
@@ -92,27 +107,9 @@ def ablate(out: str, *, preset: str = "fashion-mnist-vgg", seed: int = 1,
         folder = os.path.join(out, name.split(" (")[0].replace(" ", "-").replace(",", ""))
         only_swa = set(change) <= {"swa_lr", "swa_start"} and change
         sgd = os.path.join(out, "baseline", "sgd") if only_swa else None
-        result["variants"][name] = {"change": {k: v if not isinstance(v, tuple) else dict(v)
+        result.variants[name] = {"change": {k: v if not isinstance(v, tuple) else dict(v)
                                                for k, v in change.items()},
                                     **ablate_variant(p, seed, folder, sgd, data_dir)}
         with atomic_text(os.path.join(out, "ablation.json")) as f:
-            json.dump(result, f, indent=2)
+            json.dump(result.to_dict(), f, indent=2)
     return result
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out")
-    ap.add_argument("--data-dir")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--preset", default="fashion-mnist-vgg")
-    args = ap.parse_args()
-    r = ablate(args.out, preset=args.preset, seed=args.seed, data_dir=args.data_dir)
-    for name, v in r["variants"].items():
-        print(f"{name:<32} SGD {v['sgd']:.2f}  SWA 1/1.25/1.5 B {v['swa_1']:.2f} / "
-              f"{v['swa_1.25']:.2f} / {v['swa_1.5']:.2f}  (1.5 B - SGD {v['swa_1.5_minus_sgd']:+.2f})")
-
-
-if __name__ == "__main__":
-    main()

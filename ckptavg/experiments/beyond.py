@@ -23,6 +23,7 @@ from ckptavg import options
 from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.errors import CkptavgError
 from ckptavg.io.writer import atomic_text
+from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, ModelOptions, Selection
 from ckptavg.results import Result
 from ckptavg.selection.heldout import HeldOut, RunningSum
 from ckptavg.selection.search import search
@@ -96,11 +97,13 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
                            f"sgd/epoch-{budget:04d}.safetensors); run ckptavg replicate first")
     pool_from = max(1, start // 2)
     # The model is the one the protocol names (trusted), never one read from a file.
-    common = dict(model=config["model"], model_kwargs=dict(config.get("model_kwargs") or {}),
-                  data_dir=data_dir, device=device, seed=seed, bn_batches=bn_batches)
+    model = ModelOptions(config["model"], dict(config.get("model_kwargs") or {}))
+    data, loader = DataOptions(data_dir=data_dir), LoaderOptions(device=device)
+    common = dict(model=model, data=data, loader=loader,
+                  heldout=HeldOutOptions(seed=seed, bn_batches=bn_batches))
     out: dict = {"seed": seed}
 
-    found = search(snaps, from_epoch=pool_from, test=True, **common)
+    found = search(snaps, selection=Selection(from_epoch=pool_from), test=True, **common)
     out["search"] = {"holdout": found.best.holdout_accuracy, "test": found.test_accuracy,
                      "start_epoch": found.best.start_epoch, "n": found.best.n}
     out["windows"] = [{"start_epoch": w.start_epoch, "holdout": w.holdout_accuracy}
@@ -123,7 +126,7 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
                     total.add(RunningSum.read(c.reader), i)
             mean = total.mean()
             h = held.score(mean, paths[0], recalibrate)
-            return {"holdout": h["accuracy"], "test": held.test(held.fixed(mean))["accuracy"]}
+            return {"holdout": h.accuracy, "test": held.test(held.fixed(mean)).accuracy}
 
         out["sgd"] = scored([sgd_last], recalibrate=False)  # its own BatchNorm statistics
         out["swa"] = scored(snaps[start - 1:])
@@ -136,11 +139,12 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
         close_all(cands)
 
     swag_path = os.path.join(folder, "swag.safetensors")
-    swag(snaps, swag_path, from_epoch=start)
+    swag(snaps, swag_path, selection=Selection(from_epoch=start))
     cal = {}
     for diag in (True, False):
         r = evaluate_swag(swag_path, [sgd_last], samples=samples, scale=scale, diag=diag,
-                          **{k: v for k, v in common.items()})
+                          model=model, data=data, loader=loader, seed=seed,
+                          bn_batches=bn_batches)
         rows = {row.name: row for row in r.rows}
         cal["swag_diag" if diag else "swag"] = rows["SWAG-diagonal" if diag else "SWAG"]
         cal["swa"], cal["sgd"] = rows["SWA"], rows[sgd_last]

@@ -23,6 +23,7 @@ from ckptavg.engine.average import average
 from ckptavg.errors import OptionError
 from ckptavg.nn.bn import bn_fix
 from ckptavg.nn.evaluation import EvalResult, evaluate
+from ckptavg.options import DataOptions, LoaderOptions, Selection
 from ckptavg.results import Result
 from ckptavg.train.loop import TrainConfig, train
 
@@ -86,12 +87,13 @@ def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: in
         run = train(cfg, device=device, on_batch=on_batch, on_epoch=on_epoch, on_stage=on_step)
         swa_path = os.path.join(out, "swa.safetensors")
         stage(f"averaging epochs {swa_start}..{e}")
-        avg = average(run.checkpoints, swa_path, from_epoch=swa_start)
+        avg = average(run.checkpoints, swa_path, selection=Selection(from_epoch=swa_start))
         stage("recalibrating BatchNorm on the training images")
-        bn = bn_fix(swa_path, data_dir=data_dir, device=device)
+        where = dict(data=DataOptions(data_dir=data_dir), loader=LoaderOptions(device=device))
+        bn = bn_fix(swa_path, **where)
         stage("evaluating on the test images")
-        last = evaluate(run.checkpoints[-1], data_dir=data_dir, device=device)
-        swa = evaluate(swa_path, data_dir=data_dir, device=device)
+        last = evaluate(run.checkpoints[-1], **where)
+        swa = evaluate(swa_path, **where)
         base = None
         seconds = run.epoch_seconds
         if sgd:
@@ -100,7 +102,7 @@ def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: in
                               swa_lr=None)
             sgd_run = train(sgd_cfg, device=device, on_batch=on_batch, on_epoch=on_epoch,
                             on_stage=on_step)
-            base = evaluate(sgd_run.checkpoints[-1], data_dir=data_dir, device=device)
+            base = evaluate(sgd_run.checkpoints[-1], **where)
             seconds += sgd_run.epoch_seconds
         return DemoResult(out if tmp is None else None, e, swa_start, avg.n, bn.samples, last,
                           swa, seconds, base)

@@ -7,13 +7,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ckptavg import options
 from ckptavg.errors import CkptavgError
 from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import eval_split, get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import checkpoint_warnings, predict, scores
-from ckptavg.options import Split, check_choice
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions, Reading, Split, check_choice
 from ckptavg.results import Result
 
 
@@ -40,19 +39,17 @@ class EnsembleResult(Result):
     warnings: list[str] = field(default_factory=list)
 
 
-def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = None,
-             split: Split | None = None, data_dir: str | None = None, download: bool = False,
-             model: str | None = None, model_kwargs: dict | None = None,
-             batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
-             device: str = options.DEVICE, input_key: str | None = None,
-             subset: int | None = None, key: str | None = None, strip_prefix: str | None = None,
+def ensemble(checkpoints: Sequence[str | os.PathLike], *,
+             model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
+             loader: LoaderOptions | None = None, reading: Reading | None = None,
+             split: Split | None = None, eval_images: int | None = None,
              progress=None) -> EnsembleResult:
     """Accuracy and loss of the ensemble (mean of softmax) of `checkpoints`, and of each member.
 
     Args:
         checkpoints: files ckptavg reads (globs are expanded by the CLI, not here).
-        data, model, key, strip_prefix: as for `evaluate`; the data set is the first
-            checkpoint's unless given.
+        model, data, loader, reading, split, eval_images: as for `evaluate`; the data
+            set is the first checkpoint's unless given.
         progress: called with (members done, members).
 
     Returns:
@@ -61,6 +58,12 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
     Example:
         >>> ensemble(["runs/a/epoch-0126.safetensors", "runs/a/epoch-0127.safetensors"]).accuracy
     """
+    m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
+                    Reading.of(reading))
+    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
+    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
+    key, strip_prefix = rd.key, rd.strip_prefix
+    subset = eval_images
     if split is not None:
         check_choice("split", split, Split)
     if not checkpoints:
@@ -81,9 +84,10 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *, data: str | None = Non
         probs, y = predict(net.to(dev), loader, dev, input_key)
         labels = y if labels is None else labels
         total = probs.double() if total is None else total + probs
-        members.append(Member(os.fspath(ckpt), **scores(probs, y)))
+        s = scores(probs, y)
+        members.append(Member(os.fspath(ckpt), s.accuracy, s.loss, s.samples))
         if progress:
             progress(i + 1, len(checkpoints))
     s = scores((total / len(checkpoints)).float(), labels)
-    return EnsembleResult(data_name, split, members, len(checkpoints), s["accuracy"], s["loss"],
-                          s["samples"], time.perf_counter() - t0, warnings)
+    return EnsembleResult(data_name, split, members, len(checkpoints), s.accuracy, s.loss,
+                          s.samples, time.perf_counter() - t0, warnings)

@@ -31,6 +31,7 @@ from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import evaluate, predict, scores
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
 from ckptavg.results import Result
 from ckptavg.train.loop import TrainConfig, train
 
@@ -131,7 +132,7 @@ def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", lo
 def _run_seed(p: Preset, seed: int, out: str, data_dir, device, log) -> dict:
     common = dict(model=p.model, data=p.data, lr=p.lr, wd=p.wd, batch_size=p.batch_size,
                   seed=seed, model_kwargs=dict(p.model_kwargs), data_dir=data_dir,
-                  subset=p.subset, holdout=p.holdout, threads=p.threads)
+                  train_images=p.subset, holdout=p.holdout, torch_threads=p.threads)
     t0 = time.perf_counter()
     log(f"seed {seed}: SGD, {p.budget} epochs")
     train(TrainConfig(epochs=p.budget, out=os.path.join(out, "sgd"), schedule="sgd",
@@ -144,7 +145,7 @@ def _run_seed(p: Preset, seed: int, out: str, data_dir, device, log) -> dict:
                       swa_lr=p.swa_lr, **common), device=device, resume=True)
     train_seconds = time.perf_counter() - t0
     # The model is the one this protocol names (trusted), never one read from a file.
-    model = {"model": p.model, "model_kwargs": dict(p.model_kwargs)}
+    model = ModelOptions(p.model, dict(p.model_kwargs))
 
     sgd_rows = [json.loads(x) for x in open(os.path.join(out, "sgd", "metrics.jsonl"))]
     swa_rows = [json.loads(x) for x in open(os.path.join(swa_dir, "metrics.jsonl"))]
@@ -163,15 +164,18 @@ def _run_seed(p: Preset, seed: int, out: str, data_dir, device, log) -> dict:
             average([ckpt], running)
         shutil.copyfile(running, fixed)
         # BatchNorm sees the images the run trained on (data.train_images: holdout excluded).
-        bn_fix(fixed, data_dir=data_dir, device=device, seed=seed, **model)
-        r = evaluate(fixed, data_dir=data_dir, device=device, **model)
+        bn_fix(fixed, model=model, data=DataOptions(data_dir=data_dir),
+               loader=LoaderOptions(device=device), seed=seed)
+        r = evaluate(fixed, model=model, data=DataOptions(data_dir=data_dir),
+                     loader=LoaderOptions(device=device))
         curve.append({"epoch": epoch, "accuracy": r.accuracy, "loss": r.loss})
-        net, _, _, _ = build_from_checkpoint(ckpt, data_dir=data_dir, **model)
+        net, _, _, _ = build_from_checkpoint(ckpt, model.model, model.model_kwargs,
+                                             data_dir=data_dir)
         probs, y = predict_test(net, p.data, data_dir, device, predict)
         labels = y
         prob_sum = probs.double() if prob_sum is None else prob_sum + probs
         s = scores((prob_sum / (epoch - p.swa_start + 1)).float(), labels)
-        ens_curve.append({"epoch": epoch, "accuracy": s["accuracy"], "loss": s["loss"]})
+        ens_curve.append({"epoch": epoch, "accuracy": s.accuracy, "loss": s.loss})
     at = {e["epoch"]: e for e in curve}
     ens_at = {e["epoch"]: e for e in ens_curve}
     result = {"seed": seed, "sgd": sgd_rows[-1]["test_acc"], "train_seconds": train_seconds,

@@ -26,7 +26,10 @@ from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict, scores
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
 from ckptavg.results import Result
+
+WIDTH_TRAIN_IMAGES = 5000  # training images for the train loss and BatchNorm, by default
 
 
 def _direction(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -56,13 +59,12 @@ class WidthResult(Result):
     seconds: float
 
 
-def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = None,
-          download: bool = False, model: str | None = None, model_kwargs: dict | None = None,
+def width(a: str, b: str, *, model: ModelOptions | str | None = None,
+          data: DataOptions | str | None = None, loader: LoaderOptions | None = None,
           labels: tuple[str, str] | None = None, rays: int = 10,
           points: int = 21, max_distance: float = 10.0, bn_fix: bool = True,
-          train_subset: int | None = 5000, test_subset: int | None = None,
-          batch_size: int = options.EVAL_BATCH_SIZE, seed: int = options.SEED,
-          device: str = options.DEVICE, csv_path: str | None = None,
+          train_images: int | None = WIDTH_TRAIN_IMAGES, eval_images: int | None = None,
+          seed: int = options.SEED, csv_path: str | None = None,
           plot_path: str | None = None, progress=None) -> WidthResult:
     """Test error and train loss of two solutions along the same random rays.
 
@@ -70,7 +72,10 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
         a, b: the two checkpoints (e.g. the SGD and SWA solutions).
         rays, points, max_distance: `points` evenly spaced distances in [0, max_distance]
             along each of `rays` random unit directions (the same directions for both).
-        bn_fix: recalibrate BatchNorm at every point on `train_subset` training images.
+        model, data, loader: as for `evaluate` (`loader`'s batch size and device are used).
+        bn_fix: recalibrate BatchNorm at every point.
+        train_images: the first N training images give the train loss and the BatchNorm
+            pass (None: all); eval_images: the first N test images (None: all).
         csv_path, plot_path: where to write every number and the plot (atomically).
 
     Returns:
@@ -80,6 +85,9 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
     Example:
         >>> width("sgd.safetensors", "swa.safetensors", rays=5).summary
     """
+    m, d, ld = ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader)
+    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
+    batch_size, device = ld.batch_size, ld.device
     if rays < 1 or points < 2 or max_distance <= 0:
         raise OptionError(("rays", "points", "max_distance"), "need rays >= 1, points >= 2 "
                           "and max_distance > 0")
@@ -97,8 +105,8 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
         data = data or name
     train = get_dataset(data, "train", data_dir, augment=False, download=download)
     test = get_dataset(data, "test", data_dir, augment=False, download=download)
-    train_loader = make_loader(train, batch_size, subset=train_subset, device=str(dev))
-    test_loader = make_loader(test, batch_size, subset=test_subset, device=str(dev))
+    train_loader = make_loader(train, batch_size, subset=train_images, device=str(dev))
+    test_loader = make_loader(test, batch_size, subset=eval_images, device=str(dev))
     distances = [max_distance * i / (points - 1) for i in range(points)]
     bases = [{n: p.detach().clone() for n, p in net.named_parameters()} for net in nets]
     total = rays * points * 2
@@ -110,7 +118,7 @@ def width(a: str, b: str, *, data: str | None = None, data_dir: str | None = Non
             recalibrate(net, train_loader, device=dev)
         test_s = scores(*predict(net, test_loader, dev))
         train_s = scores(*predict(net, train_loader, dev))
-        return 100.0 - test_s["accuracy"], train_s["loss"]
+        return 100.0 - test_s.accuracy, train_s.loss
 
     for r in range(rays):
         d = _direction(nets[0], seed * 100_003 + r)

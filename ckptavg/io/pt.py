@@ -124,6 +124,22 @@ def _safe_globals() -> list:
 
 _LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
                 IndexError, MemoryError, OverflowError, RecursionError, pickle.UnpicklingError)
+# What a malformed pickle makes torch or pickle raise, but also what a bug raises: these mean
+# a bad file only when raised outside ckptavg's own code.
+_BUG_LIKE = (KeyError, TypeError, AttributeError)
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def raise_if_ours(e: BaseException) -> None:
+    """Re-raise `e` when it is a KeyError/TypeError/AttributeError raised by ckptavg's own
+    code (a bug: a traceback), so that only the file's content becomes "damaged file"."""
+    if not isinstance(e, _BUG_LIKE):
+        return
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is not None and last.tb_frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
+        raise e
 
 
 def torch_load(path: str, fd: int, mmap: bool) -> object:
@@ -149,6 +165,7 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
                 "re-save the weights with torch.save(model.state_dict()) or as safetensors"
             ) from None
     except _LOAD_ERRORS as e:
+        raise_if_ours(e)
         raise _corrupt(path, e) from None
     unpickler = type("Unpickler", (_OpaqueUnpickler,), {"allowed": _allowed_globals(),
                                                         "path": path})
@@ -167,6 +184,7 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
             "as safetensors"
         ) from None
     except _LOAD_ERRORS as e:
+        raise_if_ours(e)
         raise _corrupt(path, e) from None
 
 
@@ -526,7 +544,7 @@ def read_structure(path: str, fd: int) -> object | None:
                        "archive, and this one is truncated or damaged: copy or save it "
                        "again") from None
     except (_Unsupported, pickle.UnpicklingError, CheckpointError, *_LOAD_ERRORS):
-        return None
+        return None  # torch's loader gives its own verdict on what this reader does not know
     return obj
 
 

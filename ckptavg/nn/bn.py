@@ -35,7 +35,15 @@ from ckptavg.nn.data import (
     split_batch,
 )
 from ckptavg.nn.device import resolve_device
-from ckptavg.options import Split, Stats, check_choice
+from ckptavg.options import (
+    DataOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+    Split,
+    Stats,
+    check_choice,
+)
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, Result
 
@@ -126,10 +134,19 @@ def _merge_pooled(pooled: list[_Pooled]) -> None:
                 p.merge(nb, mb, m2b)
 
 
+@dataclass
+class Recalibration(Result):
+    """What one BatchNorm pass saw: the layers recalibrated, batches and samples."""
+
+    bn_layers: int
+    batches: int
+    samples: int
+
+
 @torch.no_grad()
 def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
                 device: str | torch.device | None = None, max_batches: int | None = None,
-                input_key: str | None = None, progress: Progress | None = None) -> dict:
+                input_key: str | None = None, progress: Progress | None = None) -> Recalibration:
     """Recompute the BatchNorm statistics of `model` in place with one pass over `loader`.
 
     Args:
@@ -139,7 +156,8 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
         max_batches: stop after this many batches.
 
     Returns:
-        {"bn_layers", "batches", "samples"}; bn_layers is 0 (and nothing runs) without BN.
+        A `Recalibration` (bn_layers, batches, samples); bn_layers is 0 (and nothing runs)
+        without BatchNorm.
 
     Under torch.distributed (torchrun), batch i of the pass goes through the model on rank
     i % world_size: a `data.pass_loader` made for this rank loads only those batches; any
@@ -155,7 +173,7 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     check_choice("stats", stats, Stats)
     layers = bn_layers(model)
     if not layers:
-        return {"bn_layers": 0, "batches": 0, "samples": 0}
+        return Recalibration(0, 0, 0)
     momenta = {m: m.momentum for m in layers}
     for m in layers:
         m.reset_running_stats()
@@ -208,7 +226,7 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     if batches == 0:
         raise CkptavgError("the data pass saw no batch; check the data set and the batch limits "
                            "(batches/fraction, --batches/--fraction)")
-    return {"bn_layers": len(layers), "batches": batches, "samples": samples}
+    return Recalibration(len(layers), batches, samples)
 
 
 @dataclass
@@ -229,25 +247,26 @@ class BnFixResult(Result):
 
 
 def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = None, *,
-           data: str | None = None, data_dir: str | None = None, download: bool = False,
-           model: str | None = None, model_kwargs: dict | None = None, split: Split = "train",
-           augment: bool = True, batches: int | None = None, fraction: float | None = None,
-           batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
-           device: str = options.DEVICE, seed: int = options.SEED,
-           stats: Stats = options.STATS, input_key: str | None = None,
-           subset: int | None = None, key: str | None = None, strip_prefix: str | None = None,
+           model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
+           loader: LoaderOptions | None = None, reading: Reading | None = None,
+           split: Split = "train", augment: bool = True, batches: int | None = None,
+           fraction: float | None = None, bn_images: int | None = None,
+           seed: int = options.SEED, stats: Stats = options.STATS,
            progress: Progress | None = None) -> BnFixResult:
     """Recalibrate the BatchNorm statistics of a checkpoint with a data pass and save it.
 
     Args:
         checkpoint: an averaged checkpoint (any format ckptavg reads).
         output: where to write; in place (atomically) when None.
-        data: data set name; default: the checkpoint's `data.name` metadata.
-        model, model_kwargs: the network; default: the checkpoint's `model.arch`/`model.kwargs`.
+        model: the network (`ModelOptions` or a name); default: the checkpoint's
+            `model.arch`/`model.kwargs`.
+        data: the data set (`DataOptions` or a name); default: the checkpoint's `data.name`.
+        loader: batch size, workers, dict-batch input key, device (`LoaderOptions`).
+        reading: where the weights are in the checkpoint (`Reading`).
         split, augment: which images, with or without the training transforms (the paper
             uses the augmented training set).
         batches, fraction: use only this many batches, or this share of the batches (not both).
-        subset: use only the first N images of the split. Default: the images the run trained
+        bn_images: use only the first N images of the split. Default: the images the run trained
             on when the checkpoint records them (`data.train_images`, written by `train`) and
             the data set is the run's own.
         stats: "update_bn" (torch.optim.swa_utils.update_bn semantics) or "exact".
@@ -266,6 +285,12 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     Example:
         >>> ckptavg.bn_fix("swa.safetensors", data="cifar10", data_dir="~/data").samples
     """
+    m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
+                    Reading.of(reading))
+    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
+    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
+    key, strip_prefix = rd.key, rd.strip_prefix
+    subset = bn_images
     t0 = time.perf_counter()
     check_choice("stats", stats, Stats)
     check_choice("split", split, Split)
@@ -318,20 +343,20 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                 error = e
             group.agree(error)
             if group.rank != 0:
-                return BnFixResult(path, None, info["bn_layers"], info["batches"],
-                                   info["samples"], data_name, stats, str(dev),
+                return BnFixResult(path, None, info.bn_layers, info.batches,
+                                   info.samples, data_name, stats, str(dev),
                                    time.perf_counter() - t0, f"rank {group.rank}: rank 0 writes")
     else:
         made, limit = loader()
         info = recalibrate(net, made, stats=stats, device=dev, max_batches=limit,
                            input_key=input_key, progress=progress)
     out = os.fspath(output if output is not None else checkpoint)
-    new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info["samples"]),
+    new_meta = {**meta, "bn.stale": "false", "bn.samples": str(info.samples),
                 "bn.data": describe_data(data_name, split, augment, subset),
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     save({k: new_state[k] for k in state}, out, new_meta)
-    result = BnFixResult(path, out, info["bn_layers"], info["batches"], info["samples"],
+    result = BnFixResult(path, out, info.bn_layers, info.batches, info.samples,
                          data_name, stats, str(dev), time.perf_counter() - t0)
     trained_on = meta.get("data.name")
     if trained_on and trained_on != data_name:

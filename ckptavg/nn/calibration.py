@@ -3,7 +3,11 @@ the reliability diagram's bins (Guo et al. 2017; the SWAG paper reports them wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from ckptavg.results import Result
 
 BINS = 15
 
@@ -38,8 +42,20 @@ def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-picked.log().mean())
 
 
-def calibration_scores(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict:
-    """{accuracy (%), nll, ece, samples, reliability}."""
+@dataclass
+class CalibrationScores(Result):
+    """Accuracy (%), NLL, expected calibration error, samples and the reliability bins."""
+
+    accuracy: float
+    nll: float
+    ece: float
+    samples: int
+    reliability: list[dict]
+
+
+def calibration_scores(probs: torch.Tensor, labels: torch.Tensor,
+                       bins: int = BINS) -> CalibrationScores:
+    """Accuracy, NLL, ECE and the reliability bins of class probabilities against labels."""
     acc = float((probs.argmax(1) == labels).double().mean() * 100)
-    return {"accuracy": acc, "nll": nll(probs, labels), "ece": ece(probs, labels, bins),
-            "samples": labels.numel(), "reliability": reliability(probs, labels, bins)}
+    return CalibrationScores(acc, nll(probs, labels), ece(probs, labels, bins), labels.numel(),
+                             reliability(probs, labels, bins))

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ckptavg import options
 from ckptavg.errors import DataError
 from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import (
@@ -22,7 +21,7 @@ from ckptavg.nn.data import (
     split_batch,
 )
 from ckptavg.nn.device import resolve_device
-from ckptavg.options import Split, check_choice
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions, Reading, Split, check_choice
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, Result
 
@@ -64,11 +63,34 @@ def _per_sample(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return correct, nll
 
 
-def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy (%) and mean cross-entropy of probabilities."""
+@dataclass
+class Scores(Result):
+    """Accuracy (%), mean cross-entropy and the number of samples scored."""
+
+    accuracy: float
+    loss: float
+    samples: int
+
+
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> Scores:
+    """Accuracy (%) and mean cross-entropy of class probabilities against labels.
+
+    Args:
+        probs: (N, classes) probabilities.
+        labels: (N,) class indices.
+
+    Returns:
+        Scores(accuracy, loss, samples).
+
+    Example:
+        >>> import torch
+        >>> s = scores(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
+        >>> s.accuracy, s.samples
+        (50.0, 2)
+    """
     n = labels.numel()
     correct, nll = _per_sample(probs, labels)
-    return {"accuracy": correct.sum().item() / n * 100, "loss": nll.mean().item(), "samples": n}
+    return Scores(correct.sum().item() / n * 100, nll.mean().item(), n)
 
 
 @dataclass
@@ -90,7 +112,7 @@ class EvalResult(Result):
     warnings: list[str] = field(default_factory=list)
 
 
-def _scores_across_ranks(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+def _scores_across_ranks(probs: torch.Tensor, labels: torch.Tensor) -> Scores:
     """`scores` over the batches of every rank: correct counts, summed NLL and sample counts
     all-reduced in float64."""
     sums = torch.zeros(3, dtype=torch.float64)
@@ -101,7 +123,7 @@ def _scores_across_ranks(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     n = int(sums[2])
     if n == 0:
         raise DataError("the evaluation data set is empty")
-    return {"accuracy": float(sums[0]) / n * 100, "loss": float(sums[1]) / n, "samples": n}
+    return Scores(float(sums[0]) / n * 100, float(sums[1]) / n, n)
 
 
 def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list[str]:
@@ -123,13 +145,11 @@ def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list
     return out
 
 
-def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None,
-             split: Split | None = None,
-             data_dir: str | None = None, download: bool = False, model: str | None = None,
-             model_kwargs: dict | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
-             workers: int = options.WORKERS, device: str = options.DEVICE,
-             input_key: str | None = None, subset: int | None = None, key: str | None = None,
-             strip_prefix: str | None = None, progress: Progress | None = None) -> EvalResult:
+def evaluate(checkpoint: str | os.PathLike, *,
+             model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
+             loader: LoaderOptions | None = None, reading: Reading | None = None,
+             split: Split | None = None, eval_images: int | None = None,
+             progress: Progress | None = None) -> EvalResult:
     """Accuracy, mean cross-entropy and sample count of a checkpoint on a data split.
 
     Args:
@@ -137,8 +157,12 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None,
             unless `model` is given, the data set from its data.name unless `data` is.
         split: "test" or "train" (without augmentation); default "test", asked of the data
             (a user's function that takes no `split` cannot be asked: then say which
-            split it returns, or it is an OptionError); subset: the first N samples only.
-        key, strip_prefix: where the weights are in a training checkpoint (as for `average`).
+            split it returns, or it is an OptionError).
+        eval_images: score only the first N images of the split.
+        model, data: `ModelOptions`/`DataOptions` (or just a name) when the metadata does
+            not say, or says otherwise.
+        loader: batch size, workers, dict-batch input key, device (`LoaderOptions`).
+        reading: where the weights are in a training checkpoint (`Reading`, as for `average`).
         progress: called with (batches done, batches in the pass).
 
     Returns:
@@ -148,6 +172,12 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None,
     Example:
         >>> ckptavg.evaluate("swa.safetensors", data="cifar10").accuracy
     """
+    m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
+                    Reading.of(reading))
+    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
+    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
+    key, strip_prefix = rd.key, rd.strip_prefix
+    subset = eval_images
     t0 = time.perf_counter()
     if split is not None:
         check_choice("split", split, Split)
@@ -168,6 +198,6 @@ def evaluate(checkpoint: str | os.PathLike, *, data: str | None = None,
         loader = pass_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))
         probs, labels = predict(net.to(dev), loader, dev, input_key, progress)
         s = scores(probs, labels)
-    return EvalResult(path, data_name, split, s["accuracy"], s["loss"], s["samples"],
+    return EvalResult(path, data_name, split, s.accuracy, s.loss, s.samples,
                       meta.get("bn.stale") == "true", str(dev), time.perf_counter() - t0,
                       checkpoint_warnings(path, meta, data_name))

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ckptavg import options
 from ckptavg.engine import arith
 from ckptavg.engine.plan import make_plan
 from ckptavg.engine.select import Candidate
@@ -26,8 +25,15 @@ from ckptavg.nn.bn import bn_layers, recalibrate
 from ckptavg.nn.build import build_model, load_weights, model_and_data
 from ckptavg.nn.data import describe_data, get_dataset, holdout_split, make_loader
 from ckptavg.nn.device import resolve_device
-from ckptavg.nn.evaluation import predict, scores
-from ckptavg.options import Stats, check_choice
+from ckptavg.nn.evaluation import Scores, predict, scores
+from ckptavg.options import (
+    DataOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    ModelOptions,
+    Stats,
+    check_choice,
+)
 
 
 def _round_once(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,21 +113,23 @@ class HeldOut:
     """The network, the training images (for BatchNorm) and the held-out images of one
     selection, and the one scoring pass every candidate goes through.
 
-    The held-out images are the last `holdout` of the first `subset` training images, as
+    The held-out images are the last `holdout` of the first `train_images` training images, as
     `train --holdout` splits them; by default both come from the checkpoints' metadata
     (`data.holdout`, `data.train_images`). Held-out images that a run trained on are
     refused. The test split is read only by `test`, after the choice is made."""
 
-    def __init__(self, ref: Candidate, *, data: str | None = None, data_dir: str | None = None,
-                 download: bool = False, model: str | None = None,
-                 model_kwargs: dict | None = None, holdout: int | None = None,
-                 subset: int | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
-                 workers: int = options.WORKERS, device: str = options.DEVICE,
-                 seed: int = options.SEED, stats: Stats = options.STATS,
-                 bn_batches: int | None = None, input_key: str | None = None) -> None:
+    def __init__(self, ref: Candidate, *, heldout: HeldOutOptions | None = None,
+                 model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
+                 loader: LoaderOptions | None = None) -> None:
+        h, m, d, ld = (HeldOutOptions.of(heldout), ModelOptions.of(model), DataOptions.of(data),
+                       LoaderOptions.of(loader))
+        holdout, subset, seed, stats, bn_batches = (h.holdout, h.train_images, h.seed, h.stats,
+                                                    h.bn_batches)
+        data_dir, download = d.data_dir, d.download
+        batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
         check_choice("stats", stats, Stats)
         meta = ref.metadata
-        self.data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data,
+        self.data_name, arch, kwargs = model_and_data(meta, m.model, m.model_kwargs, d.data,
                                                       ref.path)
         self.net, _ = build_model(arch, kwargs, self.data_name, data_dir)
         self.dev = resolve_device(device)
@@ -137,11 +145,11 @@ class HeldOut:
                 raise CkptavgError(
                     f"{ref.path}: no held-out images recorded (data.holdout metadata, written by "
                     "train --holdout); pass holdout=N (--holdout N): the last N of the training "
-                    "images (of the first --subset images)")
+                    "images (of the first --train-images images)")
         if holdout < 1:
             raise OptionError("holdout", "must be 1 or more", holdout)
         if subset is None and trained is not None:
-            subset = trained + holdout  # the split `train --subset S --holdout N` made
+            subset = trained + holdout  # the split `train --train-images S --holdout N` made
         train_set = get_dataset(self.data_name, "train", data_dir, augment=True, download=download)
         plain = get_dataset(self.data_name, "train", data_dir, augment=False)
         if isinstance(train_set, torch.utils.data.DataLoader):
@@ -152,7 +160,7 @@ class HeldOut:
             raise CkptavgError(
                 f"held-out images {held.start}..{held.stop - 1} include images the run trained "
                 f"on (the first {trained}, data.train_images of {ref.path}); choosing on them "
-                "is not honest: hold out images the run did not see (--holdout, --subset)")
+                "is not honest: hold out images the run did not see (--holdout, --train-images)")
         if trained is not None:
             fit = range(0, min(trained, fit.stop))
         self.fit, self.held = fit, held
@@ -189,7 +197,7 @@ class HeldOut:
                              workers=self.workers, seed=self.seed, device=str(self.dev))
         info = recalibrate(self.net, loader, stats=self.stats, device=self.dev,
                            max_batches=self.bn_batches, input_key=self.input_key)
-        self.bn_samples = info["samples"]
+        self.bn_samples = info.samples
 
     def load(self, state: dict[str, torch.Tensor], path: str, recalibrate: bool = True) -> None:
         """Put a candidate's weights into the network and recalibrate its BatchNorm."""
@@ -197,7 +205,7 @@ class HeldOut:
         if self.has_bn and recalibrate:
             self._recalibrate()
 
-    def score(self, state: dict[str, torch.Tensor], path: str, recalibrate: bool = True) -> dict:
+    def score(self, state: dict[str, torch.Tensor], path: str, recalibrate: bool = True) -> Scores:
         """Held-out accuracy (%), mean cross-entropy and sample count of `state`, with its
         BatchNorm recalibrated first (unless `recalibrate` is False: its own statistics)."""
         self.load(state, path, recalibrate)
@@ -214,7 +222,7 @@ class HeldOut:
         return {k: (now[k].detach().to("cpu", v.dtype, copy=True) if k in self.bn_keys else v)
                 for k, v in state.items()}
 
-    def test(self, state: dict[str, torch.Tensor]) -> dict:
+    def test(self, state: dict[str, torch.Tensor]) -> Scores:
         """Test accuracy of the chosen weights, as scored (BatchNorm as `fixed` left it):
         the only time the test split is read."""
         load_weights(self.net, state, "the chosen weights")
@@ -248,11 +256,13 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
     save(state, output, meta)
 
 
-def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequence = (),
-                 **options) -> HeldOut:
+def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequence = (), *,
+                 heldout: HeldOutOptions | None = None, model: ModelOptions | str | None = None,
+                 data: DataOptions | str | None = None,
+                 loader: LoaderOptions | None = None) -> HeldOut:
     """What soup and search do before any scoring: refuse an output that is an input or not
     ours (as `average`), check that the candidates agree (keys, shapes, dtypes), then set up
-    the held-out scoring on the newest candidate (`options`: HeldOut's keywords). `protect`:
+    the held-out scoring on the newest candidate (see `HeldOut`). `protect`:
     files of inputs opened but not candidates, which the output may not replace either."""
     from ckptavg.io.writer import check_output, output_kind
 
@@ -260,4 +270,4 @@ def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequen
         check_output(output, output_kind(output),
                      [f for c in cands for f in c.reader.files] + list(protect))
     make_plan([c.reader for c in cands], [1.0] * len(cands))
-    return HeldOut(cands[-1], **options)
+    return HeldOut(cands[-1], heldout=heldout, model=model, data=data, loader=loader)

@@ -15,12 +15,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ckptavg import options
 from ckptavg.engine import profiles
 from ckptavg.engine.plan import profile_positions
 from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
-from ckptavg.options import Stats
+from ckptavg.options import (
+    DataOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+    Selection,
+)
 from ckptavg.results import Progress, Result
 from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
 
@@ -57,17 +63,10 @@ class ProfileSearchResult(Result):
 
 
 def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
-                    output: str | os.PathLike | None = None, *, from_epoch: int | None = None,
-                    to_epoch: int | None = None, every: int | None = None,
-                    cycle_ends: bool = False, last: int | None = None,
-                    holdout: int | None = None, subset: int | None = None,
-                    data: str | None = None, data_dir: str | None = None, download: bool = False,
-                    model: str | None = None, model_kwargs: dict | None = None,
-                    batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
-                    device: str = options.DEVICE, seed: int = options.SEED,
-                    stats: Stats = options.STATS, bn_batches: int | None = None,
-                    input_key: str | None = None, key: str | None = None,
-                    strip_prefix: str | None = None, test: bool = False,
+                    output: str | os.PathLike | None = None, *, selection: Selection | None = None,
+         heldout: HeldOutOptions | None = None, model: ModelOptions | str | None = None,
+         data: DataOptions | str | None = None, loader: LoaderOptions | None = None,
+         reading: Reading | None = None, test: bool = False,
                     progress: Progress | None = None) -> ProfileSearchResult:
     """Score each averaging profile of one run's checkpoints on held-out data.
 
@@ -76,7 +75,7 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
         specs: profile specs (profiles.py), e.g. ["uniform", "ema:halflife=5",
             "power:sigma_rel=0.1", "wsm:minus-sqrt"].
         output: write the best profile's average here (BatchNorm recalibrated as scored).
-        from_epoch ... strip_prefix, test: as for `search`.
+        selection, heldout, model, data, loader, reading, test: as for `search`.
         progress: called with (profiles scored, profiles in all).
 
     Returns:
@@ -84,24 +83,22 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
 
     Example:
         >>> ckptavg.search_profiles(["runs/a/epoch-*.safetensors"],
-        ...                         ["uniform", "ema:halflife=10"], from_epoch=16).best.profile
+        ...                         ["uniform", "ema:halflife=10"], selection=Selection(from_epoch=16)).best.profile
     """
     t0 = time.perf_counter()
     parsed = [profiles.parse(s) for s in specs]
     if not parsed:
         raise OptionError("profiles", "none given; name one or more, e.g. uniform,wsm:linear")
     output = os.fspath(output) if output is not None else None
-    cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+    cands = open_candidates([os.fspath(p) for p in inputs], Reading.of(reading).key,
+                            Reading.of(reading).strip_prefix)
     try:
         kept, left_out = leave_out_outputs(cands)
-        pool = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
+        pool = select(kept, selection)
         positions = profile_positions(pool)
         ws = [profiles.weights(p, positions) for p in parsed]
-        held = open_heldout(pool, output, files_of(cands), data=data, data_dir=data_dir,
-                            download=download, model=model, model_kwargs=model_kwargs,
-                            holdout=holdout, subset=subset, batch_size=batch_size,
-                            workers=workers, device=device, seed=seed, stats=stats,
-                            bn_batches=bn_batches, input_key=input_key)
+        held = open_heldout(pool, output, files_of(cands), heldout=heldout, model=model, data=data,
+                            loader=loader)
         sums = [RunningSum() for _ in parsed]
         for i, c in enumerate(pool):
             state = RunningSum.read(c.reader)
@@ -112,8 +109,8 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
             mean = s.mean()
             r = held.score(mean, f"the {p.spec} average")
             scored.append(ProfileScore(p.spec, ws[j], profiles.effective_n(ws[j]),
-                                       r["accuracy"], r["loss"]))
-            if best_state is None or (r["accuracy"], -r["loss"]) > (
+                                       r.accuracy, r.loss))
+            if best_state is None or (r.accuracy, -r.loss) > (
                     scored[best_i].holdout_accuracy, -scored[best_i].holdout_loss):
                 best_i, best_state = j, held.fixed(mean)
             sums[j] = None  # its float64 model is no longer needed
@@ -121,12 +118,12 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
                 progress(j + 1, len(parsed))
         best = scored[best_i]
         result = ProfileSearchResult(scored, best, [c.path for c in pool], positions, output,
-                                     held.description, r["samples"], held.has_bn, held.passes,
+                                     held.description, r.samples, held.has_bn, held.passes,
                                      0.0, warnings=left_out + held.warnings,
                                      holdout_verified=held.verified)
         if test:
             t = held.test(best_state)
-            result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]
+            result.test_accuracy, result.test_loss = t.accuracy, t.loss
         if output is not None:
             write_choice(output, pool, best_state, held,
                          {"select.method": "profile-search",

@@ -14,12 +14,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ckptavg import options
 from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.writer import AtomicFile
-from ckptavg.options import Stats
+from ckptavg.options import (
+    DataOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+    Selection,
+)
 from ckptavg.results import Progress, Result
 from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
 
@@ -57,15 +63,10 @@ class SearchResult(Result):
 
 
 def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
-           plot: str | os.PathLike | None = None, from_epoch: int | None = None,
-           to_epoch: int | None = None, every: int | None = None, cycle_ends: bool = False,
-           last: int | None = None, holdout: int | None = None, subset: int | None = None,
-           data: str | None = None, data_dir: str | None = None, download: bool = False,
-           model: str | None = None, model_kwargs: dict | None = None,
-           batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
-           device: str = options.DEVICE, seed: int = options.SEED, stats: Stats = options.STATS,
-           bn_batches: int | None = None, input_key: str | None = None, key: str | None = None,
-           strip_prefix: str | None = None, test: bool = False,
+           plot: str | os.PathLike | None = None, selection: Selection | None = None,
+         heldout: HeldOutOptions | None = None, model: ModelOptions | str | None = None,
+         data: DataOptions | str | None = None, loader: LoaderOptions | None = None,
+         reading: Reading | None = None, test: bool = False,
            progress: Progress | None = None) -> SearchResult:
     """Score the average from each candidate start to the last checkpoint on held-out data.
 
@@ -73,10 +74,9 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         inputs: one run's checkpoints (paths or globs), ordered by epoch as `average` does.
         output: write the best window's average here (BatchNorm recalibrated as scored).
         plot: write a PNG of held-out accuracy against the start epoch (needs matplotlib).
-        from_epoch, to_epoch, every, cycle_ends, last: which checkpoints take part (as for
-            `average`); with `every K` or `cycle_ends` the windows are made of cycle ends.
-        holdout, subset, data, model, seed, stats, bn_batches, key, strip_prefix, test: as
-            for `soup`.
+        selection: which checkpoints take part (`Selection`, as for `average`); with
+            `every` or `cycle_ends` the windows are made of cycle ends.
+        heldout, model, data, loader, reading, test: as for `soup`.
         progress: called with (windows scored, windows in all).
 
     Returns:
@@ -93,16 +93,13 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         if not plot.lower().endswith(".png"):
             raise OptionError("plot", "the plot is a PNG file; name it .png", plot)
         pyplot()  # without matplotlib, fail before the long measurement, not after it
-    cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+    cands = open_candidates([os.fspath(p) for p in inputs], Reading.of(reading).key,
+                            Reading.of(reading).strip_prefix)
     try:
         kept, left_out = leave_out_outputs(cands)
-        pool = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
-        held = open_heldout(pool, output, files_of(cands), data=data, data_dir=data_dir, download=download,
-                            model=model, model_kwargs=model_kwargs, holdout=holdout,
-                            subset=subset,
-                            batch_size=batch_size, workers=workers, device=device,
-                            seed=seed, stats=stats, bn_batches=bn_batches,
-                            input_key=input_key)
+        pool = select(kept, selection)
+        held = open_heldout(pool, output, files_of(cands), heldout=heldout, model=model, data=data,
+                            loader=loader)
         running, windows = RunningSum(), []
         best, best_state, best_scores, best_i = None, None, None, 0
         for i in reversed(range(len(pool))):
@@ -110,22 +107,22 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
             running.add(RunningSum.read(c.reader), i)
             mean = running.mean()
             s = held.score(mean, f"the average from {c.path}")
-            w = Window(c.path, c.epoch, running.n, s["accuracy"], s["loss"])
+            w = Window(c.path, c.epoch, running.n, s.accuracy, s.loss)
             windows.append(w)
             # Later starts come first: an equal score moves the choice to more checkpoints.
-            if best is None or (s["accuracy"], -s["loss"]) >= (best_scores["accuracy"],
-                                                                -best_scores["loss"]):
+            if best is None or (s.accuracy, -s.loss) >= (best_scores.accuracy,
+                                                                -best_scores.loss):
                 best, best_state, best_scores, best_i = w, held.fixed(mean), s, i
             if progress:
                 progress(len(windows), len(pool))
         windows.reverse()
         result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
-                              best_scores["samples"], held.has_bn, held.passes, 0.0)
+                              best_scores.samples, held.has_bn, held.passes, 0.0)
         result.warnings += left_out + held.warnings
         result.holdout_verified = held.verified
         if test:
             t = held.test(best_state)
-            result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]
+            result.test_accuracy, result.test_loss = t.accuracy, t.loss
         if output is not None:
             write_choice(output, pool[best_i:], best_state, held,
                          {"select.method": "window-search",

@@ -14,12 +14,21 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ckptavg import options
 from ckptavg.engine.select import close_all, open_candidates, order
-from ckptavg.options import Stats
+from ckptavg.options import (
+    DataOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+)
 from ckptavg.results import Progress, Result
 from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
+
+if TYPE_CHECKING:
+    from ckptavg.nn.evaluation import Scores
 
 
 @dataclass
@@ -60,13 +69,10 @@ class SoupResult(Result):
 
 
 def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
-         uniform: bool = False, holdout: int | None = None, subset: int | None = None,
-         data: str | None = None, data_dir: str | None = None, download: bool = False,
-         model: str | None = None, model_kwargs: dict | None = None,
-         batch_size: int = options.EVAL_BATCH_SIZE, workers: int = options.WORKERS,
-         device: str = options.DEVICE, seed: int = options.SEED, stats: Stats = options.STATS,
-         bn_batches: int | None = None, input_key: str | None = None, key: str | None = None,
-         strip_prefix: str | None = None, test: bool = False,
+         uniform: bool = False, heldout: HeldOutOptions | None = None,
+         model: ModelOptions | str | None = None,
+         data: DataOptions | str | None = None, loader: LoaderOptions | None = None,
+         reading: Reading | None = None, test: bool = False,
          progress: Progress | None = None) -> SoupResult:
     """A greedy (or uniform) soup of checkpoints, chosen on held-out training images.
 
@@ -74,14 +80,15 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         inputs: checkpoint paths or glob patterns of one architecture.
         output: where to write the soup (any output `average` writes); None: only report.
         uniform: average every input instead of the greedy choice.
-        holdout, subset: the held-out images are the last `holdout` of the first `subset`
-            training images, as `train --subset --holdout` split them; default: the
-            checkpoints' data.holdout / data.train_images metadata. Held-out images the
-            run trained on are refused.
-        data, data_dir, download, model, model_kwargs: as for `evaluate` (default: metadata).
-        seed, stats, bn_batches: the BatchNorm pass before each score (same batches for
-            every candidate); `bn_batches` limits it to that many batches.
-        key, strip_prefix: where the weights are in training checkpoints.
+        heldout: the held-out images and the BatchNorm pass before each score
+            (`HeldOutOptions`): the last `holdout` of the first `train_images` training
+            images, as `train --train-images --holdout` split them; default: the
+            checkpoints' data.holdout / data.train_images metadata. Held-out images the run
+            trained on are refused. The same batches recalibrate every candidate.
+        model, data: the network and the data set (`ModelOptions`, `DataOptions`, or just
+            a name); default: the checkpoints' model.* and data.name metadata.
+        loader: batch size, workers, dict-batch input key and device (`LoaderOptions`).
+        reading: where the weights are in training checkpoints (`Reading`).
         test: score the final soup on the test split (read only then).
         progress: called with (scoring passes done, passes in all).
 
@@ -89,19 +96,17 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         A SoupResult.
 
     Example:
-        >>> ckptavg.soup(["runs/a/epoch-*.safetensors"], "soup.safetensors", holdout=5000)
+        >>> ckptavg.soup(["runs/a/epoch-*.safetensors"], "soup.safetensors",
+        ...              heldout=HeldOutOptions(holdout=5000))
     """
     t0 = time.perf_counter()
     output = os.fspath(output) if output is not None else None
-    cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+    cands = open_candidates([os.fspath(p) for p in inputs], Reading.of(reading).key,
+                            Reading.of(reading).strip_prefix)
     try:
         cands = order(cands)
-        held = open_heldout(cands, output, data=data, data_dir=data_dir, download=download,
-                            model=model, model_kwargs=model_kwargs, holdout=holdout,
-                            subset=subset,
-                            batch_size=batch_size, workers=workers, device=device,
-                            seed=seed, stats=stats, bn_batches=bn_batches,
-                            input_key=input_key)
+        held = open_heldout(cands, output, heldout=heldout, model=model, data=data,
+                            loader=loader)
         n = len(cands)
         total = n + (1 if uniform else n - 1)
         tick = (lambda: progress(held.passes, total)) if progress else (lambda: None)
@@ -115,9 +120,9 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
             tick()
             if best_state is None or _better(s, singles[best_i]):
                 best_i, best_state = i, held.fixed(x)
-        ranked = sorted(range(n), key=lambda i: (-singles[i]["accuracy"], singles[i]["loss"], i))
-        ingredients = {i: Ingredient(cands[i].path, cands[i].epoch, singles[i]["accuracy"],
-                                     singles[i]["loss"], uniform) for i in range(n)}
+        ranked = sorted(range(n), key=lambda i: (-singles[i].accuracy, singles[i].loss, i))
+        ingredients = {i: Ingredient(cands[i].path, cands[i].epoch, singles[i].accuracy,
+                                     singles[i].loss, uniform) for i in range(n)}
 
         if uniform:
             total_sum = RunningSum()
@@ -133,14 +138,14 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
             running.add(RunningSum.read(cands[first].reader), first)
             current, state, chosen = singles[first], best_state, [first]
             ingredients[first].accepted = True
-            ingredients[first].soup_accuracy = current["accuracy"]
+            ingredients[first].soup_accuracy = current.accuracy
             for i in ranked[1:]:
                 x = RunningSum.read(cands[i].reader)
                 candidate = running.mean(extra=x, extra_order=i)
                 s = held.score(candidate, f"the soup with {cands[i].path}")
                 tick()
-                ingredients[i].soup_accuracy = s["accuracy"]
-                if s["accuracy"] > current["accuracy"]:  # strictly higher, as the paper
+                ingredients[i].soup_accuracy = s.accuracy
+                if s.accuracy > current.accuracy:  # strictly higher, as the paper
                     running.add(x, i)
                     current, state = s, held.fixed(candidate)
                     chosen.append(i)
@@ -149,23 +154,23 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         method = "uniform" if uniform else "greedy"
         result = SoupResult(method, output, [ingredients[i] for i in ranked],
                             [cands[i].path for i in chosen], held.description,
-                            current["accuracy"], current["loss"], current["samples"],
+                            current.accuracy, current.loss, current.samples,
                             held.has_bn, held.passes, 0.0)
         result.warnings += held.warnings
         result.holdout_verified = held.verified
         if test:
             t = held.test(state)
-            result.test_accuracy, result.test_loss = t["accuracy"], t["loss"]
+            result.test_accuracy, result.test_loss = t.accuracy, t.loss
         if output is not None:
             write_choice(output, [cands[i] for i in chosen], state, held,
                          {"select.method": f"{method}-soup",
-                          "select.holdout_accuracy": f"{current['accuracy']:.4f}"})
+                          "select.holdout_accuracy": f"{current.accuracy:.4f}"})
     finally:
         close_all(cands)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _better(a: dict, b: dict) -> bool:
+def _better(a: Scores, b: Scores) -> bool:
     """Higher held-out accuracy, then lower loss."""
-    return (a["accuracy"], -a["loss"]) > (b["accuracy"], -b["loss"])
+    return (a.accuracy, -a.loss) > (b.accuracy, -b.loss)

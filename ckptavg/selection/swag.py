@@ -39,7 +39,16 @@ from ckptavg.nn.calibration import BINS, calibration_scores
 from ckptavg.nn.data import eval_split, get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict
-from ckptavg.options import Split, Stats, check_choice
+from ckptavg.options import (
+    DataOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+    Selection,
+    Split,
+    Stats,
+    check_choice,
+)
 from ckptavg.results import Progress, Result, peak_rss_bytes
 
 VAR_CLAMP = 1e-30  # the authors' floor for the diagonal variance
@@ -63,10 +72,8 @@ class SwagResult(Result):
 
 
 def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank: int = options.SWAG_RANK,
-         var_clamp: float = VAR_CLAMP, from_epoch: int | None = None,
-         to_epoch: int | None = None, every: int | None = None, cycle_ends: bool = False,
-         last: int | None = None, key: str | None = None, strip_prefix: str | None = None,
-         shard_size: int | None = None, progress: Progress | None = None) -> SwagResult:
+         var_clamp: float = VAR_CLAMP, selection: Selection | None = None,
+         reading: Reading | None = None, shard_size: int | None = None, progress: Progress | None = None) -> SwagResult:
     """Fit SWAG's mean, diagonal variance and rank-K deviations from checkpoints, streaming.
 
     Args:
@@ -75,14 +82,15 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
         rank: K, the number of last snapshots kept as deviations (at least 2; fewer inputs
             than K: all of them, with a warning).
         var_clamp: floor of the diagonal variance.
-        from_epoch, to_epoch, every, cycle_ends, last, key, strip_prefix: as for `average`.
+        selection, reading: as for `average`.
         progress: called with (tensors done, tensors in all).
 
     Returns:
         A SwagResult.
 
     Example:
-        >>> ckptavg.swag(["runs/a/epoch-*.safetensors"], "swag.safetensors", from_epoch=161)
+        >>> ckptavg.swag(["runs/a/epoch-*.safetensors"], "swag.safetensors",
+        ...              selection=Selection(from_epoch=161))
     """
     t0 = time.perf_counter()
     output = os.fspath(output)
@@ -93,10 +101,11 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
     if output_kind(output, shard_size) == "torch":  # a torch file holds everything until saved
         raise OptionError("output", f"{output}: a SWAG output is a .safetensors file or a "
                           "folder, written tensor by tensor")
-    cands = open_candidates([os.fspath(p) for p in inputs], key, strip_prefix)
+    reading = Reading.of(reading)
+    cands = open_candidates([os.fspath(p) for p in inputs], reading.key, reading.strip_prefix)
     try:
         kept, warnings = leave_out_outputs(cands)
-        chosen = select(kept, from_epoch, to_epoch, cycle_ends, every, last)
+        chosen = select(kept, selection)
         readers = [c.reader for c in chosen]
         n = len(readers)
         if n < 2:
@@ -247,14 +256,11 @@ class SwagEvalResult(Result):
 
 def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.PathLike] = (), *,
                   samples: int = options.SWAG_SAMPLES, scale: float = options.SWAG_SCALE, diag: bool = False,
-                  data: str | None = None, split: Split | None = None,
-                  subset: int | None = None,
-                  data_dir: str | None = None, download: bool = False, model: str | None = None,
-                  model_kwargs: dict | None = None, batch_size: int = options.EVAL_BATCH_SIZE,
-                  workers: int = options.WORKERS, device: str = options.DEVICE,
-                  seed: int = options.SEED, stats: Stats = options.STATS,
-                  bn_batches: int | None = None, input_key: str | None = None,
-                  plot: str | os.PathLike | None = None,
+                  model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
+                  loader: LoaderOptions | None = None, split: Split | None = None,
+                  eval_images: int | None = None, seed: int = options.SEED,
+                  stats: Stats = options.STATS,
+                  bn_batches: int | None = None, plot: str | os.PathLike | None = None,
                   progress: Progress | None = None) -> SwagEvalResult:
     """Accuracy, NLL and ECE of SWAG (mean softmax of `samples` weight draws), the SWA mean,
     and each baseline checkpoint (e.g. the final SGD weights), on one split.
@@ -264,6 +270,8 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         baselines: other checkpoints to score the same way (their BatchNorm is recalibrated
             only when their metadata says it is stale).
         samples, scale, diag: the draws; `diag` drops the low-rank part (SWAG-diagonal).
+        model, data, loader: as for `evaluate` (default: the SWAG file's metadata).
+        split, eval_images: the split scored (default: test) and only its first N images.
         seed: sample i draws from a generator seeded with (seed, i); the BatchNorm pass of
             every draw uses the same seed, so a run is reproducible.
         stats, bn_batches: the BatchNorm recalibration of every draw and of the mean, on the
@@ -278,6 +286,9 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         >>> r = ckptavg.evaluate_swag("swag.safetensors", ["runs/a/epoch-0030.safetensors"])
     """
     t0 = time.perf_counter()
+    m, d, ld = ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader)
+    data_dir, download = d.data_dir, d.download
+    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
     if split is not None:
         check_choice("split", split, Split)
     check_choice("stats", stats, Stats)
@@ -287,7 +298,7 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         pyplot()
     with SwagPosterior(swag_path) as post:
         meta = post.metadata
-        data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data, post.path)
+        data_name, arch, kwargs = model_and_data(meta, m.model, m.model_kwargs, d.data, post.path)
         split = eval_split(data_name, split)
         net, _ = build_model(arch, kwargs, data_name, data_dir)
         dev = resolve_device(device)
@@ -299,7 +310,7 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         train_set = get_dataset(data_name, "train", data_dir, augment=True, download=download) \
             if has_bn else None
         eval_set = get_dataset(data_name, split, data_dir, augment=False, download=download)
-        eval_loader = make_loader(eval_set, batch_size, workers=workers, subset=subset,
+        eval_loader = make_loader(eval_set, batch_size, workers=workers, subset=eval_images,
                                   device=str(dev))
         total = samples + 1 + len(baselines)
         done = 0
@@ -343,7 +354,7 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
 
 def _row(name: str, probs: torch.Tensor, labels: torch.Tensor) -> CalibrationRow:
     s = calibration_scores(probs, labels)
-    return CalibrationRow(name, s["accuracy"], s["nll"], s["ece"], s["samples"], s["reliability"])
+    return CalibrationRow(name, s.accuracy, s.nll, s.ece, s.samples, s.reliability)
 
 
 def plot_reliability(rows: Sequence[CalibrationRow], path: str, title: str = "",

@@ -8,7 +8,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,99 +22,10 @@ from ckptavg.nn.build import build_model
 from ckptavg.nn.data import data_takes, get_dataset, holdout_split, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict, scores
-from ckptavg.options import Anneal, SaveWhat, Schedule, check_choice
 from ckptavg.results import Result
+from ckptavg.train.config import RESUMABLE_CHANGES, TrainConfig
 from ckptavg.train.saver import CheckpointSaver, cpu_state
 from ckptavg.train.schedules import cyclic_lr, epoch_lr
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in last.pt so --resume continues it)."""
-
-    model: str
-    data: str
-    epochs: int
-    out: str
-    schedule: Schedule = "swa"
-    lr: float = 0.05
-    swa_start: int | float | None = None  # an epoch, or a fraction of the epochs (0.75)
-    swa_lr: float | None = None
-    wd: float = 5e-4
-    momentum: float = 0.9
-    batch_size: int = options.TRAIN_BATCH_SIZE
-    seed: int = options.SEED
-    cycle: int | None = None
-    save: SaveWhat = "epoch"
-    subset: int | None = None
-    holdout: int = 0
-    eval_every: int = 1
-    model_kwargs: dict = field(default_factory=dict)
-    data_dir: str | None = None
-    workers: int = options.WORKERS
-    amp: bool = False
-    threads: int | None = None  # torch threads for the run (default: torch's); results depend on it
-    swa_in_loop: bool = False
-    anneal_epochs: int | None = None  # Lightning/SWALR-style annealing into swa_lr (else the paper's)
-    anneal: Anneal = "linear"
-
-    def resolved(self) -> TrainConfig:
-        """This run with the SWA defaults filled in: `swa_start` an epoch (a fraction below 1
-        is of the epochs, default SWA_START_FRACTION), `swa_lr` a rate (default half of
-        `lr`, the ratio the paper used on CIFAR-100). Checks every setting."""
-        if self.epochs < 1:
-            raise OptionError("epochs", "must be 1 or more", self.epochs)
-        check_choice("schedule", self.schedule, Schedule)
-        check_choice("save", self.save, SaveWhat)
-        check_choice("anneal", self.anneal, Anneal)
-        if self.anneal_epochs is not None and (self.anneal_epochs < 1 or self.schedule != "swa"
-                                               or self.cycle is not None):
-            raise OptionError("anneal_epochs", "needs the swa schedule without cycles, and 1 "
-                              "or more epochs", self.anneal_epochs)
-        out = replace(self)
-        if self.schedule == "swa":
-            start = SWA_START_FRACTION if self.swa_start is None else self.swa_start
-            if 0 < start < 1:
-                start = max(1, math.floor(start * self.epochs + 0.5))
-            if start != int(start) or not 1 <= start <= self.epochs:
-                raise OptionError("swa_start", f"an epoch in 1..{self.epochs} or a fraction of "
-                                  "the epochs such as 0.75", self.swa_start)
-            out.swa_start = int(start)
-            out.swa_lr = self.lr / 2 if self.swa_lr is None else self.swa_lr
-        out.check()
-        return out
-
-    def check(self) -> None:
-        if self.epochs < 1:
-            raise OptionError("epochs", "must be 1 or more", self.epochs)
-        if self.schedule not in ("sgd", "swa"):
-            raise OptionError("schedule", "use sgd or swa", self.schedule)
-        if self.schedule == "swa":
-            if self.swa_start is None or self.swa_lr is None:
-                raise OptionError(("schedule", "swa_start", "swa_lr"), "the swa schedule needs a start and a rate")
-            if not 1 <= self.swa_start <= self.epochs:
-                raise OptionError("swa_start", f"must be in 1..{self.epochs} (the epochs)", self.swa_start)
-        if self.cycle is not None and (self.cycle < 1 or self.schedule != "swa"):
-            raise OptionError("cycle", "needs the swa schedule and 1 or more epochs", self.cycle)
-        if self.save not in ("epoch", "cycle-end", "none"):
-            raise OptionError("save", "use epoch, cycle-end or none", self.save)
-        if self.save == "cycle-end" and self.schedule != "swa":
-            raise OptionError(("save", "schedule"), "saving at cycle ends needs the swa schedule (cycle ends are in its SWA phase)")
-
-    def is_cycle_end(self, completed: int) -> bool:
-        """Whether the weights after `completed` epochs sit at an LR cycle's low point."""
-        if self.schedule != "swa" or completed < self.swa_start:
-            return False
-        if self.cycle is None:
-            return True  # constant SWA rate: every epoch end is a sampling point
-        done = completed - self.swa_start
-        return done > 0 and done % self.cycle == 0
-
-
-# Settings that may change between the calls of one resumed run: where files are, how fast
-# they are read and how often the test set is scored. Every other setting defines the run.
-RESUMABLE_CHANGES = ("out", "data_dir", "workers", "eval_every")
-SWA_START_FRACTION = 0.75  # as Lightning's StochasticWeightAveraging(swa_epoch_start=0.8) allows
 
 
 @dataclass
@@ -190,8 +101,8 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
     """
     config = config.resolved()
     before = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     try:
         return _train(config, device, resume, download, stop_after, on_batch, on_epoch, on_stage)
     finally:
@@ -269,7 +180,7 @@ def _resume_state(config: TrainConfig, last_path: str, resume: bool) -> dict | N
     if not resume or not os.path.exists(last_path):
         return None
     state = load_torch_file(last_path)
-    saved = state.get("config", {})
+    saved = TrainConfig.upgrade(state.get("config", {}))
     for f in fields(TrainConfig):
         if f.name in RESUMABLE_CHANGES:
             continue
@@ -296,7 +207,7 @@ def _make_loaders(config: TrainConfig, dev: torch.device, download: bool) -> _Lo
                           "out images itself, so it needs the Dataset of (image, label) pairs: "
                           "return the loader's .dataset", config.data)
     test_set = get_dataset(config.data, "test", config.data_dir, augment=False, download=download)
-    trained, held = holdout_split(len(train_set), config.subset, config.holdout)
+    trained, held = holdout_split(len(train_set), config.train_images, config.holdout)
     val = None
     if config.holdout:
         plain = get_dataset(config.data, "train", config.data_dir, augment=False)
@@ -425,7 +336,7 @@ def _host_copy(obj):
 @torch.no_grad()
 def _evaluate(model, loader, device) -> tuple[float, float]:
     s = scores(*predict(model, loader, device))
-    return s["loss"], s["accuracy"]
+    return s.loss, s.accuracy
 
 
 def _save_resume(state: dict, path: str) -> None:

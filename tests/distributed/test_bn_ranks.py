@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ckptavg
+from ckptavg.options import DataOptions, LoaderOptions
 from tests.distributed.conftest import torchrun
 from tests.fakedata import dropout_bn, tiny_bn, write_mnist
 
@@ -26,9 +27,7 @@ def test_two_ranks_recalibrate_like_one_process(tmp_path, stats, augment):
     proc = torchrun("ckptavg", "bn-fix", ckpt, "-o", tmp_path / "two.safetensors", *common,
                     "--augment" if augment else "--no-augment")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = ckptavg.bn_fix(ckpt, tmp_path / "one.safetensors", model="tests.fakedata:tiny_bn",
-                         data_dir=str(tmp_path / "data"), batch_size=8, stats=stats,
-                         augment=augment)
+    one = ckptavg.bn_fix(ckpt, tmp_path / "one.safetensors", stats=stats, augment=augment, model="tests.fakedata:tiny_bn", data=DataOptions(data_dir=str(tmp_path / "data")), loader=LoaderOptions(batch_size=8))
     a, meta = ckptavg.load(tmp_path / "two.safetensors")
     b, _ = ckptavg.load(tmp_path / "one.safetensors")
     assert meta["bn.samples"] == "72" and one.samples == 72
@@ -45,7 +44,7 @@ def test_each_rank_loads_only_its_batches_with_the_same_augmentations(tmp_path):
     ckpt = tmp_path / "m.safetensors"
     ckptavg.save(dropout_bn().state_dict(), ckpt, {"bn.stale": "true"})
     common = dict(model="tests.fakedata:dropout_bn", data="tests.fakedata:logged_images",
-                  batch_size=4)
+                  loader=LoaderOptions(batch_size=4))
     logs = tmp_path / "logs"
     logs.mkdir()
     proc = torchrun("ckptavg", "bn-fix", ckpt, "-o", tmp_path / "two.safetensors", "--model",
@@ -90,8 +89,7 @@ def test_two_ranks_evaluate_like_one_process(tmp_path):
                     tmp_path / "data", "--batch-size", "8", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout)  # one report: rank 0's
-    one = ckptavg.evaluate(ckpt, model="tests.fakedata:tiny_bn", data_dir=str(tmp_path / "data"),
-                           batch_size=8)
+    one = ckptavg.evaluate(ckpt, model="tests.fakedata:tiny_bn", data=DataOptions(data_dir=str(tmp_path / "data")), loader=LoaderOptions(batch_size=8))
     assert two["samples"] == one.samples == 44  # 6 batches: 3 per rank, the last one of 4
     assert two["accuracy"] == pytest.approx(one.accuracy)
     assert two["loss"] == pytest.approx(one.loss, rel=1e-6)

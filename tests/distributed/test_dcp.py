@@ -11,6 +11,7 @@ import torch
 
 import ckptavg
 from ckptavg.errors import CheckpointError
+from ckptavg.options import Selection
 from tests.conftest import ROOT
 from tests.distributed.conftest import torchrun
 from tests.interop.conftest import assert_matches, float64_mean
@@ -27,7 +28,7 @@ def dcp_run(tmp_path_factory):
 def test_sharded_dcp_checkpoints_average_like_their_full_tensors(dcp_run, tmp_path):
     folders = [dcp_run / f"step-{e}00" for e in (1, 2, 3)]
     assert len([f for f in os.listdir(folders[0]) if f.endswith(".distcp")]) == 2  # two ranks
-    r = ckptavg.average(folders, tmp_path / "avg.safetensors", from_step=200)
+    r = ckptavg.average(folders, tmp_path / "avg.safetensors", selection=Selection(from_step=200))
     assert r.steps == [200, 300]
     got, _ = ckptavg.load(tmp_path / "avg.safetensors")
     fulls = [torch.load(dcp_run / f"full-{e}.pt", weights_only=True) for e in (2, 3)]

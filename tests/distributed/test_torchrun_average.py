@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptavg
+from ckptavg.options import Selection
 from tests.conftest import leftovers
 from tests.distributed.conftest import torchrun
 
@@ -41,7 +42,7 @@ def test_two_ranks_write_the_same_average_as_one_process(tmp_path):
     index = json.load(open(tmp_path / "dist" / "model.safetensors.index.json"))
     assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
                                                          "model-00002-of-00002.safetensors"]
-    ckptavg.average(paths, tmp_path / "single", from_epoch=2)
+    ckptavg.average(paths, tmp_path / "single", selection=Selection(from_epoch=2))
     got, meta = ckptavg.load(tmp_path / "dist")
     want, want_meta = ckptavg.load(tmp_path / "single")
     assert sorted(got) == sorted(want)
@@ -108,7 +109,7 @@ def test_dcp_output_from_one_process_and_two_ranks_is_what_dcp_load_reads(tmp_pa
     want = {k: (torch.stack([ckptavg.load(p)[0][k].double() for p in paths[1:]]).mean(0)
                 .to(v.dtype) if v.is_floating_point() else ckptavg.load(paths[-1])[0][k])
             for k, v in ckptavg.load(paths[0])[0].items()}
-    ckptavg.average(paths, tmp_path / "one.dcp", from_epoch=2, dcp=True)
+    ckptavg.average(paths, tmp_path / "one.dcp", dcp=True, selection=Selection(from_epoch=2))
     one = _dcp_load(tmp_path / "one.dcp", want)
     for k in want:  # the float64 mean rounded once, and the newest input's integer
         assert torch.equal(one[k], want[k]), k

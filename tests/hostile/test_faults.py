@@ -68,7 +68,7 @@ def test_disk_full_in_other_commands(tmp_path, command):
             "swag": ["swag", *paths, "-o", out, "--rank", "2"],
             "train": ["train", "--data", "fashion-mnist", "--data-dir", data, "--model",
                       "tests.fakedata:tiny_bn",
-                      "--epochs", "1", "--out", tmp_path / "run", "--batch-size", "8"]}[command]
+                      "--epochs", "1", "-o", tmp_path / "run", "--batch-size", "8"]}[command]
     proc = cli_with_limits(*args, fsize=256)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     errors = [x for x in proc.stderr.splitlines() if x.startswith("ckptavg: error: ")]

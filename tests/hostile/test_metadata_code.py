@@ -9,6 +9,7 @@ import torch
 
 import ckptavg
 from ckptavg.errors import CkptavgError
+from ckptavg.options import DataOptions
 from tests.conftest import run_cli
 from tests.fakedata import tiny_bn, write_mnist
 
@@ -48,12 +49,12 @@ def test_the_refusal_says_how_to_trust_it_and_that_works(tmp_path):
     write_mnist(str(tmp_path / "data"))
     p = evil(tmp_path, {"model.arch": "tests.fakedata:tiny_bn", "data.name": "fashion-mnist"})
     with pytest.raises(CkptavgError, match="--model tests.fakedata:tiny_bn"):
-        ckptavg.evaluate(p, data_dir=str(tmp_path / "data"))
-    r = ckptavg.evaluate(p, data_dir=str(tmp_path / "data"), model="tests.fakedata:tiny_bn")
+        ckptavg.evaluate(p, data=DataOptions(data_dir=str(tmp_path / "data")))
+    r = ckptavg.evaluate(p, data=DataOptions(data_dir=str(tmp_path / "data")), model="tests.fakedata:tiny_bn")
     assert r.samples == 32
 
 
 def test_registry_and_zoo_names_from_metadata_are_built(tmp_path):
     write_mnist(str(tmp_path / "data"))
     p = evil(tmp_path, {"model.arch": "tiny_bn", "data.name": "fashion-mnist"})
-    assert ckptavg.evaluate(p, data_dir=str(tmp_path / "data")).samples == 32
+    assert ckptavg.evaluate(p, data=DataOptions(data_dir=str(tmp_path / "data"))).samples == 32

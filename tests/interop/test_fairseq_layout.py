@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 import ckptavg
+from ckptavg.options import Selection
 from tests.interop.conftest import assert_matches, float64_mean
 
 
@@ -29,7 +30,7 @@ def test_fairseq_checkpoints_round_trip(tmp_path):
     assert plan.epochs == [1, 2, 3] and plan.steps == [100, 200, 300]
     assert plan.epoch_sources[0] == "checkpoint entry 'extra_state/train_iterator/epoch'"
     out = tmp_path / "avg.pt"
-    ckptavg.average(paths, out, from_epoch=2)
+    ckptavg.average(paths, out, selection=Selection(from_epoch=2))
     obj = torch.load(out, weights_only=True)
     assert set(obj) == {"model", "cfg", "args", "metadata"}  # no optimizer, no iterator state
     assert obj["cfg"] == {"model": {"arch": "transformer"}, "task": {"data": "x"}}
