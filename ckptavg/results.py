@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -21,3 +22,9 @@ class Result:
 def peak_rss_bytes() -> int:
     """Maximum resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mean_std(values: list[float]) -> dict:
+    """{"mean", "std" (sample standard deviation; 0 for one value), "values"} of seeds' figures."""
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}

@@ -203,3 +203,21 @@ def test_evaluate_and_recalibrate_take_a_stream():
     assert recalibrate(net, pass_loader(Stream(), 4)).samples == 10
     probs, labels = predict(net, pass_loader(Stream(), 4))
     assert probs.shape == (10, 10) and labels.tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"CKPTAVG_DATA": "/d", "XDG_CACHE_HOME": "/x"}, "/d"),
+    ({"CKPTAVG_DATA": "", "XDG_CACHE_HOME": "/x"}, "/x/ckptavg/data"),
+    ({"XDG_CACHE_HOME": "relative/cache"}, "HOME/.cache/ckptavg/data"),
+    ({"XDG_CACHE_HOME": ""}, "HOME/.cache/ckptavg/data"),
+    ({}, "HOME/.cache/ckptavg/data"),
+])
+def test_the_data_folder_follows_the_documented_precedence(monkeypatch, env, expected):
+    from ckptavg.nn.data import default_data_dir
+
+    for k in ("CKPTAVG_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", "/home/u")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert default_data_dir() == expected.replace("HOME", "/home/u")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
-from ckptavg.io.base import Position, same_content
+from ckptavg.io.base import Position, meta_int, same_content
 from ckptavg.options import Selection
 
 _NUMBER = re.compile(r"(\d+)")
@@ -48,11 +48,6 @@ def name_position(path: str) -> Position:
     return Position(e, st, "name" if e is not None else "", "name" if st is not None else "")
 
 
-def _meta_int(meta: dict[str, str], key: str) -> int | None:
-    v = meta.get(key)
-    return int(v) if v is not None and v.lstrip("-").isdigit() else None
-
-
 @dataclass
 class Candidate:
     """One open input and what it says of its place in training."""
@@ -67,7 +62,7 @@ class Candidate:
     @functools.cached_property
     def position(self) -> Position:
         meta = self.metadata
-        e, st = _meta_int(meta, "train.epoch"), _meta_int(meta, "train.step")
+        e, st = meta_int(meta, "train.epoch"), meta_int(meta, "train.step")
         ours = Position(e, st, "metadata train.epoch" if e is not None else "",
                         "metadata train.step" if st is not None else "")
         return ours.merged(self.reader.position()).merged(name_position(self.path))

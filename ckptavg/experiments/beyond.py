@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.errors import CkptavgError
 from ckptavg.io.writer import atomic_text
 from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, ModelOptions, Selection
-from ckptavg.results import Result
+from ckptavg.results import Result, mean_std
 from ckptavg.selection.heldout import HeldOut, RunningSum
 from ckptavg.selection.search import search
 from ckptavg.selection.soup import soup
@@ -54,11 +53,6 @@ class BeyondResult(Result):
     settings: dict
     seconds: float
     files: list[str] = field(default_factory=list)
-
-
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
 
 def beyond_seed(folder: str, config: dict, seed: int, *, data_dir: str | None, device: str,
@@ -201,9 +195,9 @@ def beyond(out: str, *, data_dir: str | None = None, device: str = options.DEVIC
             futures = {s: pool.submit(beyond_seed, folders[s], config, s, **kwargs)
                        for s in seeds}
             per_seed = [futures[s].result() for s in seeds]
-    selection = {k: {"holdout": _stats([p[k]["holdout"] for p in per_seed]),
-                     "test": _stats([p[k]["test"] for p in per_seed])} for k in ROWS}
-    calibration = {k: {m: _stats([p["calibration"][k][m] for p in per_seed])
+    selection = {k: {"holdout": mean_std([p[k]["holdout"] for p in per_seed]),
+                     "test": mean_std([p[k]["test"] for p in per_seed])} for k in ROWS}
+    calibration = {k: {m: mean_std([p["calibration"][k][m] for p in per_seed])
                        for m in ("accuracy", "nll", "ece")} for k in CAL_ROWS}
     settings = {"samples": samples, "scale": scale, "bn_batches": bn_batches,
                 "pool_from_epoch": max(1, config["swa_start"] // 2), "swag_rank": options.SWAG_RANK,

@@ -32,7 +32,7 @@ from ckptavg.nn.data import get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import evaluate, predict, scores
 from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
-from ckptavg.results import Result
+from ckptavg.results import Result, mean_std
 from ckptavg.train.loop import TrainConfig, train
 
 
@@ -110,11 +110,6 @@ class ReplicateResult(Result):
     files: list[str]  # results.json, results.md and (with matplotlib) curves.png
     warnings: list[str] = field(default_factory=list)
     threads: int = 0  # torch threads: same seed and same count reproduce a run bit for bit
-
-
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
 
 
 def run_seed(p: Preset, seed: int, out: str, *, data_dir=None, device="auto", log=None) -> dict:
@@ -285,7 +280,7 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
     t0 = time.perf_counter()
     per_seed = _run_seeds(p, seed_list, out, data_dir, device, jobs, log)
     rows = ["sgd"] + [f"swa_{f:g}" for f in BUDGETS] + [f"ensemble_{f:g}" for f in BUDGETS]
-    summary = {r: _mean_std([s[r] for s in per_seed]) for r in rows if r in per_seed[0]}
+    summary = {r: mean_std([s[r] for s in per_seed]) for r in rows if r in per_seed[0]}
     config = {k: v for k, v in asdict(p).items() if k != "paper"}
     config["model_kwargs"] = dict(p.model_kwargs)
     result = ReplicateResult(

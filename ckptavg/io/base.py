@@ -318,6 +318,21 @@ def find_ties(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return ties
 
 
+def meta_int(meta: dict[str, str], key: str, minimum: int | None = None) -> int | None:
+    """The integer a metadata entry holds (signed decimal digits), else None; with
+    `minimum`, a smaller value counts as absent (a count of images cannot be negative).
+
+    Example:
+        >>> meta_int({"train.epoch": "12"}, "train.epoch"), meta_int({"x": "-3"}, "x", minimum=0)
+        (12, None)
+    """
+    v = meta.get(key)
+    if v is None or not v.strip().lstrip("+-").isdigit():
+        return None
+    n = int(v)
+    return None if minimum is not None and n < minimum else n
+
+
 def clean_metadata(meta: object) -> dict[str, str]:
     """Keep a metadata map only if it is a dict; str keys, values JSON-encoded unless str
     (a value that cannot be, being cyclic or nested too deep, is left out)."""

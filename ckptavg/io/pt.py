@@ -125,21 +125,26 @@ def _safe_globals() -> list:
 _LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
                 IndexError, MemoryError, OverflowError, RecursionError, pickle.UnpicklingError)
 # What a malformed pickle makes torch or pickle raise, but also what a bug raises: these mean
-# a bad file only when raised outside ckptavg's own code.
+# a bad file only when torch's or the standard library's unpickling code raised them.
 _BUG_LIKE = (KeyError, TypeError, AttributeError)
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOADER_FILES = ("pickle.py", "zipfile.py", "_compression.py", "serialization.py")
 
 
 def raise_if_ours(e: BaseException) -> None:
-    """Re-raise `e` when it is a KeyError/TypeError/AttributeError raised by ckptavg's own
-    code (a bug: a traceback), so that only the file's content becomes "damaged file"."""
+    """Re-raise `e`, a KeyError/TypeError/AttributeError, unless the innermost frame that
+    raised it is torch's or the standard library's loading code (the file's content made it
+    fail): anywhere else it is a bug, ours or a caller's, and a bug is a traceback."""
     if not isinstance(e, _BUG_LIKE):
         return
     tb, last = e.__traceback__, None
     while tb is not None:
         last, tb = tb, tb.tb_next
-    if last is not None and last.tb_frame.f_code.co_filename.startswith(_PACKAGE + os.sep):
-        raise e
+    where = last.tb_frame.f_code.co_filename if last is not None else ""
+    torch = sys.modules.get("torch")
+    torch_dir = os.path.dirname(torch.__file__) + os.sep if torch is not None else None
+    if (torch_dir and where.startswith(torch_dir)) or os.path.basename(where) in _LOADER_FILES:
+        return
+    raise e
 
 
 def torch_load(path: str, fd: int, mmap: bool) -> object:

@@ -21,6 +21,7 @@ from torch import nn
 from ckptavg import options
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import open_checkpoint
+from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import save
 from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import (
@@ -315,7 +316,7 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                            time.perf_counter() - t0,
                            "the model has no BatchNorm layers: nothing to recalibrate")
     if subset is None and split == "train" and data_name == meta.get("data.name"):
-        subset = _int_or_none(meta.get("data.train_images"))
+        subset = meta_int(meta, "data.train_images", minimum=0)
     dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
 
     def loader(rank: int = 0, ranks: int = 1):
@@ -373,10 +374,3 @@ def _check_in_place(path: str, key: str | None, strip_prefix: str | None) -> Non
     if lost:
         raise CkptavgError(f"{path}: rewriting it in place would drop {', '.join(lost[:4])}; "
                            "write the recalibrated weights elsewhere (output, -o OUT)")
-
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None

@@ -36,10 +36,16 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
                for b in reliability(probs, labels, bins) if b["count"])
 
 
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log-likelihood of the labels (probabilities floored at 1e-12)."""
+def nll_per_sample(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log p(label) of each sample, in float64 (probabilities floored at 1e-12): the one
+    cross-entropy every score (evaluation loss, SWAG's NLL) is made of."""
     picked = probs.double().gather(1, labels.view(-1, 1)).clamp_min(1e-12)
-    return float(-picked.log().mean())
+    return -picked.log().view(-1)
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the labels."""
+    return float(nll_per_sample(probs, labels).mean())
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from ckptavg.errors import DataError, OptionError
 from ckptavg.nn.models import importable_from_cwd
-from ckptavg.options import Split, check_choice
+from ckptavg.options import SEED, Split, check_choice
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # SWA authors'
 
@@ -47,9 +47,14 @@ DATASETS = tuple(INFO)
 
 
 def default_data_dir() -> str:
+    """$CKPTAVG_DATA when set and not empty; else $XDG_CACHE_HOME/ckptavg/data when
+    XDG_CACHE_HOME is an absolute path (the XDG rule: a relative one is ignored); else
+    ~/.cache/ckptavg/data."""
     if os.environ.get("CKPTAVG_DATA"):
         return os.path.expanduser(os.environ["CKPTAVG_DATA"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):
+        cache = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "ckptavg", "data")
 
 
@@ -431,7 +436,7 @@ class PassBatches(torch.utils.data.Sampler):
     transforms of batch i with `batch_seed(seed, i)`, so batch i is the same images with the
     same augmentations whichever rank, worker process or worker count loads it."""
 
-    def __init__(self, n_images: int, batch_size: int, shuffle: bool = False, seed: int = 0,
+    def __init__(self, n_images: int, batch_size: int, shuffle: bool = False, seed: int = SEED,
                  limit: int | None = None, rank: int = 0, ranks: int = 1):
         if batch_size < 1:
             raise DataError(f"batch size {batch_size}: must be 1 or more (--batch-size)")
@@ -497,7 +502,7 @@ class SeededImages(torch.utils.data.Dataset):
             random.setstate(state)
 
 
-def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = SEED,
                 workers: int = 0, subset: int | None = None, limit: int | None = None,
                 rank: int = 0, ranks: int = 1, device: str = "cpu"):
     """A DataLoader for one pass over `dataset` that yields rank `rank`'s share of the

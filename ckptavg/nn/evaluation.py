@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ckptavg.errors import DataError
 from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.calibration import nll_per_sample
 from ckptavg.nn.data import (
     batches_here,
     eval_split,
@@ -59,8 +60,7 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
 def _per_sample(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(1.0 where the top class is the label, cross-entropy), per sample, in float64."""
     correct = (probs.argmax(1) == labels).double()
-    nll = -torch.log(probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12)).double()
-    return correct, nll
+    return correct, nll_per_sample(probs, labels)
 
 
 @dataclass

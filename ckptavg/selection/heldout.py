@@ -19,6 +19,7 @@ from ckptavg.engine.plan import make_plan
 from ckptavg.engine.select import Candidate
 from ckptavg.errors import CkptavgError, DataError, OptionError
 from ckptavg.io import ReaderBase
+from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import save
 from ckptavg.io.dtypes import dtype_of
 from ckptavg.nn.bn import bn_layers, recalibrate
@@ -138,9 +139,9 @@ class HeldOut:
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.stats, self.bn_batches, self.input_key = stats, bn_batches, input_key
         same_data = meta.get("data.name") == self.data_name
-        trained = _meta_int(meta, "data.train_images") if same_data else None
+        trained = meta_int(meta, "data.train_images", minimum=0) if same_data else None
         if holdout is None:
-            holdout = _meta_int(meta, "data.holdout") if same_data else None
+            holdout = meta_int(meta, "data.holdout", minimum=0) if same_data else None
             if not holdout:
                 raise CkptavgError(
                     f"{ref.path}: no held-out images recorded (data.holdout metadata, written by "
@@ -231,11 +232,6 @@ class HeldOut:
         loader = make_loader(test_set, self.batch_size, workers=self.workers, device=str(self.dev))
         probs, labels = predict(self.net, loader, self.dev, self.input_key)
         return scores(probs, labels)
-
-
-def _meta_int(meta: dict[str, str], key: str) -> int | None:
-    v = meta.get(key, "")
-    return int(v) if v.isdigit() else None
 
 
 def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torch.Tensor],

@@ -219,3 +219,28 @@ def test_a_file_saved_in_the_other_byte_order_is_not_read_raw(tmp_path):
     ckptavg.average([swapped, src], tmp_path / "o.safetensors")
     got, _ = ckptavg.load(tmp_path / "o.safetensors")
     assert got["w"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_bug_in_our_reading_code_is_a_traceback_not_a_damaged_file(tmp_path, monkeypatch):
+    """KeyError/TypeError/AttributeError mean "damaged file" only when the file's content
+    made torch or pickle raise them; raised by ckptavg's own code they are bugs."""
+    import ckptavg.io.pt as pt
+    from ckptavg.errors import CheckpointError
+
+    path = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def broken(*a, **k):
+            raise TypeError("a bug of ours")
+
+        monkeypatch.setattr(pt, "fd_path", broken)
+        with pytest.raises(TypeError, match="a bug of ours"):
+            pt.torch_load(str(path), fd, mmap=False)
+        monkeypatch.undo()
+        with open(path, "r+b") as f:  # now a file torch's unpickler chokes on
+            f.truncate(40)
+        with pytest.raises(CheckpointError):
+            pt.torch_load(str(path), fd, mmap=False)
+    finally:
+        os.close(fd)
