@@ -193,21 +193,48 @@ def test_averaging_safetensors_never_imports_torch(tmp_path):
     assert load_file(out)["n"].item() == 2
 
 
-def test_soups_running_sum_rounds_as_average_does(tmp_path):
-    """heldout.RunningSum (soup, search) writes the mean `average` writes, bfloat16 too."""
+def _bf16_nearest(q) -> int:
+    """The bfloat16 bit pattern nearest the rational q (ties to even), found by comparing
+    exact rationals with the representable neighbours: an independent rounding."""
+    from fractions import Fraction
+
+    f32 = np.array([float(q)], np.float32).view(np.uint32)[0]
+    base = int(f32) >> 16
+    best = None
+    for c in (base - 1, base, base + 1, base + 2):
+        if not 0 <= c <= 0xFFFF or (c >> 7) & 0xFF == 0xFF:  # outside 16 bits, inf/NaN
+            continue
+        v = Fraction(float(np.array([c << 16], np.uint32).view(np.float32)[0]))
+        key = (abs(v - q), c & 1)
+        if best is None or key < best[0]:
+            best = (key, c)
+    return best[1]
+
+
+def test_soups_running_sum_rounds_once_to_the_nearest_bfloat16(tmp_path):
+    """heldout.RunningSum (soup, search): the mean of bfloat16 inputs is the exact rational
+    mean rounded once to the nearest bfloat16 (computed here with fractions), as `average`'s
+    is; and the newest input's integer is kept."""
+    from fractions import Fraction
+
     from ckptavg.selection.heldout import RunningSum
 
     g = torch.Generator().manual_seed(9)
-    states = [{"w": torch.randn(200_000, generator=g).bfloat16(), "n": torch.tensor(i)}
+    states = [{"w": torch.randn(3000, generator=g).bfloat16(), "n": torch.tensor(i)}
               for i in range(3)]
     rs = RunningSum()
     for i, s in enumerate(states):
         rs.add(s, i)
+    mean = rs.mean()
+    got = mean["w"].view(torch.int16).numpy().view(np.uint16)
+    cols = [s["w"].float().numpy() for s in states]
+    for k in range(3000):
+        q = sum(Fraction(float(c[k])) for c in cols) / 3
+        assert int(got[k]) == _bf16_nearest(q), k
+    assert mean["n"].item() == 2
     out = tmp_path / "avg.safetensors"
     ckptavg.average(_write(tmp_path, states), out)
-    mean = rs.mean()
     assert torch.equal(mean["w"].view(torch.int16), load_file(out)["w"].view(torch.int16))
-    assert mean["n"].item() == 2
     # and a mean near a tie is rounded once (torch's .to() would round it to 1.0)
     near = torch.tensor([1 + 2 ** -8 + 2 ** -40], dtype=torch.float64)
     rs2 = RunningSum()

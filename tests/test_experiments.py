@@ -52,33 +52,53 @@ def test_ensemble_is_the_mean_of_softmax(two):
     assert res.loss < max(member_loss) or res.loss == pytest.approx(max(member_loss))
 
 
-def test_width_rows_csv_and_plot(two, tmp_path):
-    """Reference: at distance 0 the test error is the network's own, computed in the test;
-    at every other point it moves (the weights moved)."""
-    paths, data, nets, x, y = two
-    png, csv_path = str(tmp_path / "w.png"), str(tmp_path / "w.csv")
-    res = width(*paths, rays=2, points=3, max_distance=5, labels=("SGD", "SWA"), bn_fix=False, csv_path=csv_path, plot_path=png, data=DataOptions(data_dir=data))
-    rows = list(csv.DictReader(open(csv_path)))
-    assert len(rows) == 2 * 2 * 3 and {r["solution"] for r in rows} == {"SGD", "SWA"}
+def _test_error_at(net, direction, t, x, y):
+    """The test error (%) of `net` moved by t along `direction` (unit length over all
+    parameters), computed here on a copy of the network built by the test."""
+    import copy
+
+    norm = sum(float((v.double() ** 2).sum()) for v in direction.values()) ** 0.5
+    moved = copy.deepcopy(net)
     with torch.no_grad():
-        own = [100 - (n(x).argmax(1) == y).double().mean().item() * 100 for n in nets]
-    for label, err in zip(("SGD", "SWA"), own):
-        centre = [float(r["test_error"]) for r in rows
-                  if float(r["distance"]) == 0 and r["solution"] == label]
-        assert centre == [pytest.approx(err)] * 2
-    assert [s.centre_test_error for s in res.summary] == [pytest.approx(e) for e in own]
-    far = sorted(float(r["test_error"]) for r in rows
-                 if r["solution"] == "SGD" and float(r["distance"]) == 5)
-    assert res.summary[0].median_test_error_at_max == pytest.approx(sum(far) / 2)
+        for n, p in moved.named_parameters():
+            p.add_((t * direction[n].double() / norm).float())
+        return 100 - (moved(x).argmax(1) == y).double().mean().item() * 100
+
+
+def test_width_every_point_is_the_test_error_of_the_moved_network(two, tmp_path):
+    """Reference: directions drawn in the test, every point's test error computed in the
+    test from the networks it built; the CSV, the rows and the summary must all agree."""
+    paths, data, nets, x, y = two
+    g = torch.Generator().manual_seed(11)
+    dirs = [{n: torch.randn(p.shape, generator=g) for n, p in nets[0].named_parameters()}
+            for _ in range(3)]
+    png, csv_path = str(tmp_path / "w.png"), str(tmp_path / "w.csv")
+    res = width(*paths, points=3, max_distance=5, labels=("SGD", "SWA"), bn_fix=False,
+                directions=dirs, csv_path=csv_path, plot_path=png, data=DataOptions(data_dir=data))
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 3 * 2 * 3 and {r["solution"] for r in rows} == {"SGD", "SWA"}
+    for r in rows:
+        net = nets[0 if r["solution"] == "SGD" else 1]
+        want = _test_error_at(net, dirs[int(r["ray"])], float(r["distance"]), x, y)
+        assert float(r["test_error"]) == pytest.approx(want, abs=1e-9), r
+    for s, net in zip(res.summary, nets):
+        far = sorted(_test_error_at(net, d, 5.0, x, y) for d in dirs)
+        assert s.centre_test_error == pytest.approx(_test_error_at(net, dirs[0], 0.0, x, y))
+        assert s.median_test_error_at_max == pytest.approx(far[1])
     assert os.path.getsize(png) > 1000 and res.labels == ["SGD", "SWA"]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_width_summary_with_a_distance_that_is_not_exact_in_floats(two, tmp_path):
-    """0.1 * 3 / 3 != 0.1 in floats: the summary must still find the far points."""
-    paths, data, *_ = two
-    res = width(*paths, rays=1, points=4, max_distance=0.1, bn_fix=False, data=DataOptions(data_dir=data))
-    assert len(res.summary) == 2 and res.max_distance == 0.1
+    """0.1 * 3 / 3 != 0.1 in floats: the summary still takes the far points (the median
+    over the one ray is that ray's test error at 0.1, computed here)."""
+    paths, data, nets, x, y = two
+    d = {n: torch.ones(p.shape) for n, p in nets[0].named_parameters()}
+    res = width(*paths, points=4, max_distance=0.1, bn_fix=False, directions=[d],
+                data=DataOptions(data_dir=data))
+    assert res.max_distance == 0.1
+    for s, net in zip(res.summary, nets):
+        assert s.median_test_error_at_max == pytest.approx(_test_error_at(net, d, 0.1, x, y))
 
 
 def test_width_directions_are_unit_and_shared():

@@ -151,26 +151,70 @@ def test_calibration_metrics_on_hand_computed_examples():
     assert s.accuracy == 50.0 and s.samples == 4
 
 
-def test_evaluate_swag_is_the_mean_softmax_of_its_draws(tmp_path):
+def _swa_probs(states, x):
+    """Softmax of the float64 mean of the snapshots: the SWA prediction, computed here."""
+    w = torch.stack([s["weight"].double() for s in states]).mean(0)
+    b = torch.stack([s["bias"].double() for s in states]).mean(0)
+    return torch.softmax(x @ w.T + b, 1)
+
+
+def test_evaluate_swag_at_scale_0_is_the_swa_mean(tmp_path):
+    """scale 0: every draw is the SWA mean, so SWAG's row is the softmax of the float64 mean
+    of the snapshots computed here (not by the code under test)."""
     states, paths = snapshots(tmp_path, n=6, seed=1, count=False)
     ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
-    r = ckptavg.evaluate_swag(tmp_path / "s.safetensors", [paths[-1]], samples=5, scale=0.5, seed=2, model=MODEL, data=DATA, loader=LoaderOptions(device="cpu"))
+    r = ckptavg.evaluate_swag(tmp_path / "s.safetensors", [paths[-1]], samples=3, scale=0.0,
+                              seed=2, model=MODEL, data=DATA, loader=LoaderOptions(device="cpu"))
     assert [row.name for row in r.rows] == ["SWAG", "SWA", paths[-1]]
     x, y = Blobs(200, 1).x.double(), Blobs(200, 1).y
-    probs = torch.zeros(200, 2, dtype=torch.float64)
-    with SwagPosterior(tmp_path / "s.safetensors") as post:
-        for i in range(5):
-            w = post.sample(0.5, False, torch.Generator().manual_seed(2 * 1_000_003 + i))
-            probs += torch.softmax(x @ w["weight"].double().T + w["bias"].double(), 1)
-    probs /= 5
-    assert r.rows[0].accuracy == pytest.approx(float((probs.argmax(1) == y).double().mean() * 100))
-    assert r.rows[0].nll == pytest.approx(nll(probs, y), rel=1e-5)
-    assert r.rows[0].ece == pytest.approx(ece(probs, y), abs=1e-6)
+    probs = _swa_probs(states, x)
+    for row in r.rows[:2]:
+        assert row.accuracy == pytest.approx(float((probs.argmax(1) == y).double().mean() * 100))
+        assert row.nll == pytest.approx(-float(probs[torch.arange(200), y].log().mean()), rel=1e-5)
     last = states[-1]
     p_last = torch.softmax(x @ last["weight"].double().T + last["bias"].double(), 1)
-    assert r.rows[2].nll == pytest.approx(nll(p_last, y), rel=1e-5)
-    again = ckptavg.evaluate_swag(tmp_path / "s.safetensors", samples=5, scale=0.5, seed=2, model=MODEL, data=DATA, loader=LoaderOptions(device="cpu"))
-    assert again.rows[0].nll == r.rows[0].nll  # same seed, same draws
+    assert r.rows[2].nll == pytest.approx(-float(p_last[torch.arange(200), y].log().mean()),
+                                          rel=1e-5)
+
+
+def test_swag_draws_have_the_papers_mean_and_covariance(tmp_path):
+    """Draws at scale s: mean theta_SWA and covariance s * (diag(var) + D D^T / (K - 1))
+    (Maddox et al. 2019, Eq. 1 with the authors' scale), D the last K snapshots minus the
+    mean; moments of 20,000 draws against the covariance built here from the snapshots."""
+    states, paths = snapshots(tmp_path, n=6, seed=3, count=False)
+    ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
+    x = torch.stack([torch.cat([s["weight"].double().reshape(-1), s["bias"].double()])
+                     for s in states])  # [6, 6]
+    mean = x.mean(0)
+    dev = x[-4:] - mean
+    scale = 0.5
+    cov = scale * (torch.diag(x.var(0, unbiased=False)) + dev.T @ dev / 3)
+    g = torch.Generator().manual_seed(0)
+    with SwagPosterior(tmp_path / "s.safetensors") as post:
+        draws = torch.stack([torch.cat([d["weight"].double().reshape(-1), d["bias"].double()])
+                             for d in (post.sample(scale, False, g) for _ in range(20_000))])
+    assert torch.allclose(draws.mean(0), mean, atol=4 * cov.diag().max().sqrt() / 141)
+    emp = torch.cov(draws.T)
+    assert torch.allclose(emp, cov, atol=0.05 * cov.abs().max())
+    diag_only = SwagPosterior(tmp_path / "s.safetensors")
+    with diag_only as post:
+        d = torch.stack([torch.cat([s["weight"].double().reshape(-1), s["bias"].double()])
+                         for s in (post.sample(scale, True, g) for _ in range(20_000))])
+    want = scale * x.var(0, unbiased=False)
+    assert torch.allclose(torch.cov(d.T).diag(), want, rtol=0.05)
+    off = torch.cov(d.T) - torch.diag(torch.cov(d.T).diag())
+    assert off.abs().max() < 0.05 * want.max()  # SWAG-diagonal: no correlations
+
+
+def test_evaluate_swag_draws_are_seeded(tmp_path):
+    states, paths = snapshots(tmp_path, n=6, seed=1, count=False)
+    ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
+    kw = dict(samples=5, scale=0.5, model=MODEL, data=DATA, loader=LoaderOptions(device="cpu"))
+    a = ckptavg.evaluate_swag(tmp_path / "s.safetensors", seed=2, **kw)
+    b = ckptavg.evaluate_swag(tmp_path / "s.safetensors", seed=2, **kw)
+    c = ckptavg.evaluate_swag(tmp_path / "s.safetensors", seed=3, **kw)
+    assert a.rows[0].nll == b.rows[0].nll and a.rows[0].nll != c.rows[0].nll
+    assert a.rows[1].nll == c.rows[1].nll  # the SWA row takes no draw
 
 
 def test_swag_of_a_batchnorm_run_and_the_cli(tmp_path):

@@ -115,7 +115,13 @@ def average(
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
 
     Example:
-        >>> ckptavg.average(["runs/a/epoch-0126.safetensors", ...], "swa.safetensors")
+        >>> r = ckptavg.average(["runs/a/epoch-0004.safetensors", "runs/a/epoch-0005.safetensors",
+        ...                      "runs/a/epoch-0006.safetensors"], "swa.safetensors")
+        >>> r.n, r.method, [round(w, 3) for w in r.weights]
+        (3, 'uniform', [0.333, 0.333, 0.333])
+        >>> ckptavg.average(["runs/a/*.safetensors"], dry_run=True,
+        ...                 selection=ckptavg.Selection(from_epoch=4)).epochs
+        [4, 5, 6]
     """
     t0 = time.perf_counter()
     if weights is not None and ema is not None:

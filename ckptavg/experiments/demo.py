@@ -65,7 +65,9 @@ def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: in
         baseline.
 
     Example:
-        >>> run_demo(epochs=4).swa.accuracy
+        Trains for a minute, so the example is not run:
+
+        >>> run_demo(epochs=4).swa.accuracy  # doctest: +SKIP
     """
     e = DEMO["epochs"] if epochs is None else epochs
     if e < 2:

@@ -56,7 +56,10 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *,
         An EnsembleResult.
 
     Example:
-        >>> ensemble(["runs/a/epoch-0126.safetensors", "runs/a/epoch-0127.safetensors"]).accuracy
+        >>> r = ensemble(["runs/a/epoch-0005.safetensors", "runs/a/epoch-0006.safetensors"],
+        ...              eval_images=300)
+        >>> r.n, r.samples, [m.samples for m in r.members]
+        (2, 300, [300, 300])
     """
     m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
                     Reading.of(reading))

@@ -240,7 +240,10 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
         A ReplicateResult (what results.json holds).
 
     Example:
+        Trains for minutes (docs/results.md has the figures), so the example is not run:
+
         >>> replicate("fashion-mnist", "results/fmnist", seeds=1).summary["swa_1.5"]["mean"]
+        ... # doctest: +SKIP
     """
     if isinstance(preset, str):
         if preset not in PRESETS:

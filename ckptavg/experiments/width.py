@@ -39,6 +39,18 @@ def _direction(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return {n: v / norm for n, v in d.items()}
 
 
+def _unit(d: dict, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A caller's direction over every parameter of `net`, scaled to unit length."""
+    missing = [n for n, _ in net.named_parameters() if n not in d]
+    if missing:
+        raise OptionError("directions", f"each direction gives every parameter; missing "
+                          f"{', '.join(missing[:3])}")
+    norm = math.sqrt(sum(float((d[n].double() ** 2).sum()) for n, _ in net.named_parameters()))
+    if not norm > 0:
+        raise OptionError("directions", "a direction of length 0 goes nowhere")
+    return {n: (d[n].double() / norm).to(p.dtype) for n, p in net.named_parameters()}
+
+
 @dataclass
 class WidthSummary(Result):
     label: str
@@ -64,8 +76,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
           labels: tuple[str, str] | None = None, rays: int = 10,
           points: int = 21, max_distance: float = 10.0, bn_fix: bool = True,
           train_images: int | None = WIDTH_TRAIN_IMAGES, eval_images: int | None = None,
-          seed: int = options.SEED, csv_path: str | None = None,
-          plot_path: str | None = None, progress=None) -> WidthResult:
+          seed: int = options.SEED, directions: list[dict] | None = None,
+          csv_path: str | None = None, plot_path: str | None = None, progress=None) -> WidthResult:
     """Test error and train loss of two solutions along the same random rays.
 
     Args:
@@ -76,6 +88,10 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         bn_fix: recalibrate BatchNorm at every point.
         train_images: the first N training images give the train loss and the BatchNorm
             pass (None: all); eval_images: the first N test images (None: all).
+        seed: ray r's direction is drawn from a generator seeded with seed * 100003 + r.
+        directions: the rays themselves instead (one {parameter name: tensor} each, any
+            norm: each is scaled to unit length over all parameters); `rays` is then their
+            number.
         csv_path, plot_path: where to write every number and the plot (atomically).
 
     Returns:
@@ -83,11 +99,16 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         median over rays at `max_distance`.
 
     Example:
-        >>> width("sgd.safetensors", "swa.safetensors", rays=5).summary
+        >>> r = width("runs/a/epoch-0001.safetensors", "swa.safetensors", rays=1, points=2,
+        ...           bn_fix=False, eval_images=200, train_images=200)
+        >>> len(r.rows), [s.label for s in r.summary]
+        (4, ['epoch-0001.safetensors', 'swa.safetensors'])
     """
     m, d, ld = ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader)
     model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
     batch_size, device = ld.batch_size, ld.device
+    if directions is not None:
+        rays = len(directions)
     if rays < 1 or points < 2 or max_distance <= 0:
         raise OptionError(("rays", "points", "max_distance"), "need rays >= 1, points >= 2 "
                           "and max_distance > 0")
@@ -121,7 +142,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         return 100.0 - test_s.accuracy, train_s.loss
 
     for r in range(rays):
-        d = _direction(nets[0], seed * 100_003 + r)
+        d = _direction(nets[0], seed * 100_003 + r) if directions is None else \
+            _unit(directions[r], nets[0])
         for s, (net, base) in enumerate(zip(nets, bases)):
             for i, t in enumerate(distances):
                 if i == 0 and s in at_zero:

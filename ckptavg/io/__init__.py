@@ -123,8 +123,9 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
         use it as a context manager.
 
     Example:
-        >>> with ckptavg.open_checkpoint("epoch-0001.safetensors") as r:
-        ...     w = r.read("fc.weight")
+        >>> with ckptavg.open_checkpoint("runs/a/epoch-0001.safetensors") as r:
+        ...     r.format, r.info("fc.weight").shape, r.metadata()["train.epoch"]
+        ('safetensors', (10, 128), '1')
     """
     path = os.fspath(path)
     kind, fd, src = _classify(path)

@@ -28,7 +28,9 @@ def load(path: str | os.PathLike, key: str | None = None,
         (state dict of tensors, metadata map).
 
     Example:
-        >>> state, meta = ckptavg.load("swa.safetensors")
+        >>> state, meta = ckptavg.load("runs/a/epoch-0001.safetensors")
+        >>> meta["model.arch"], state["fc.weight"].shape
+        ('convnet_bn', torch.Size([10, 128]))
     """
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
         state = {}
@@ -58,7 +60,10 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
         None; the file appears complete or not at all.
 
     Example:
-        >>> ckptavg.save(model.state_dict(), "epoch-0001.safetensors", {"train.epoch": "1"})
+        >>> import torch
+        >>> ckptavg.save({"w": torch.ones(2)}, "copy.pt", {"train.epoch": "1"})
+        >>> ckptavg.load("copy.pt")[1]["train.epoch"]
+        '1'
     """
     path = os.fspath(path)
     torch = import_torch()
@@ -103,7 +108,9 @@ def inspect(path: str | os.PathLike, key: str | None = None,
         An InspectResult.
 
     Example:
-        >>> ckptavg.inspect("swa.safetensors").metadata["average.n"]
+        >>> info = ckptavg.inspect("runs/a/epoch-0001.safetensors")
+        >>> info.format, info.tensors, info.metadata["data.name"]
+        ('safetensors', 20, 'fashion-mnist')
     """
     path = os.fspath(path)
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:

@@ -169,7 +169,12 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
     M2) merged in rank order. Counts are totals over all ranks.
 
     Example:
-        >>> recalibrate(model, train_loader)          # same result as update_bn
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> loader = [torch.randn(8, 3) for _ in range(5)]
+        >>> r = recalibrate(net, loader)  # the statistics torch.optim.swa_utils.update_bn sets
+        >>> r.bn_layers, r.batches, r.samples
+        (1, 5, 40)
     """
     check_choice("stats", stats, Stats)
     layers = bn_layers(model)
@@ -284,7 +289,9 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         written (the checkpoint is marked `bn.stale=false` only when it said otherwise).
 
     Example:
-        >>> ckptavg.bn_fix("swa.safetensors", data="cifar10", data_dir="~/data").samples
+        >>> r = ckptavg.bn_fix("swa.safetensors", data="fashion-mnist", batches=2)
+        >>> r.bn_layers, r.samples, ckptavg.load("swa.safetensors")[1]["bn.stale"]
+        (3, 512, 'false')
     """
     m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
                     Reading.of(reading))

@@ -82,8 +82,12 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
         A ProfileSearchResult.
 
     Example:
-        >>> ckptavg.search_profiles(["runs/a/epoch-*.safetensors"],
-        ...                         ["uniform", "ema:halflife=10"], selection=Selection(from_epoch=16)).best.profile
+        >>> r = ckptavg.search_profiles(["runs/a/epoch-*.safetensors"],
+        ...                             ["uniform", "ema:halflife=2"],
+        ...                             selection=ckptavg.Selection(from_epoch=3),
+        ...                             heldout=ckptavg.HeldOutOptions(bn_batches=1))
+        >>> [p.profile for p in r.profiles], r.positions
+        (['uniform', 'ema:halflife=2'], [3, 4, 5, 6])
     """
     t0 = time.perf_counter()
     parsed = [profiles.parse(s) for s in specs]

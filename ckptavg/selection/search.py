@@ -84,7 +84,10 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         held-out loss, then more checkpoints).
 
     Example:
-        >>> ckptavg.search(["runs/a/epoch-*.safetensors"], plot="search.png").best.start_epoch
+        >>> r = ckptavg.search(["runs/a/epoch-*.safetensors"], "best.safetensors",
+        ...                    heldout=ckptavg.HeldOutOptions(bn_batches=1))
+        >>> [w.start_epoch for w in r.windows], r.holdout
+        ([1, 2, 3, 4, 5, 6], 'fashion-mnist:train[5000:6000]')
     """
     t0 = time.perf_counter()
     output = os.fspath(output) if output is not None else None

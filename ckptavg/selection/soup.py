@@ -96,8 +96,10 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         A SoupResult.
 
     Example:
-        >>> ckptavg.soup(["runs/a/epoch-*.safetensors"], "soup.safetensors",
-        ...              heldout=HeldOutOptions(holdout=5000))
+        >>> r = ckptavg.soup(["runs/a/epoch-*.safetensors"], "soup.safetensors",
+        ...                  heldout=ckptavg.HeldOutOptions(bn_batches=1))
+        >>> r.method, r.holdout_samples, 1 <= len(r.chosen) <= 6
+        ('greedy', 1000, True)
     """
     t0 = time.perf_counter()
     output = os.fspath(output) if output is not None else None

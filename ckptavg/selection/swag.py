@@ -89,8 +89,10 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
         A SwagResult.
 
     Example:
-        >>> ckptavg.swag(["runs/a/epoch-*.safetensors"], "swag.safetensors",
-        ...              selection=Selection(from_epoch=161))
+        >>> r = ckptavg.swag(["runs/a/epoch-*.safetensors"], "swag.safetensors", rank=3,
+        ...                  selection=ckptavg.Selection(from_epoch=2))
+        >>> r.n, r.rank, len(r.deviations)
+        (5, 3, 3)
     """
     t0 = time.perf_counter()
     output = os.fspath(output)
@@ -283,7 +285,10 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         A SwagEvalResult: rows "SWAG" (or "SWAG-diagonal"), "SWA", then the baselines.
 
     Example:
-        >>> r = ckptavg.evaluate_swag("swag.safetensors", ["runs/a/epoch-0030.safetensors"])
+        >>> r = ckptavg.evaluate_swag("swag.safetensors", ["runs/a/epoch-0006.safetensors"],
+        ...                           samples=2, bn_batches=1, eval_images=300)
+        >>> [row.name for row in r.rows], r.rows[0].samples
+        (['SWAG', 'SWA', 'runs/a/epoch-0006.safetensors'], 300)
     """
     t0 = time.perf_counter()
     m, d, ld = ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader)

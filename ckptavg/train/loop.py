@@ -96,8 +96,11 @@ def train(config: TrainConfig, *, device: str = options.DEVICE, resume: bool = F
         A TrainResult.
 
     Example:
-        >>> train(TrainConfig(model="convnet_bn", data="fashion-mnist", epochs=20, out="runs/a",
-        ...                   swa_start=16, swa_lr=0.05)).checkpoints
+        >>> r = train(TrainConfig(model="convnet_bn", data="fashion-mnist", epochs=2,
+        ...                       out="runs/b", train_images=512, swa_start=2, swa_lr=0.05,
+        ...                       eval_every=0), device="cpu")
+        >>> [os.path.basename(p) for p in r.checkpoints]
+        ['epoch-0001.safetensors', 'epoch-0002.safetensors']
     """
     config = config.resolved()
     before = torch.get_num_threads()

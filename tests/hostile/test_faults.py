@@ -91,24 +91,42 @@ def tiny_fs(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
+def _digests(paths) -> dict:
+    """sha256 and mtime of each file: what "inputs unchanged" means."""
+    import hashlib
+
+    return {str(p): (hashlib.sha256(open(p, "rb").read()).hexdigest(), os.stat(p).st_mtime_ns)
+            for p in paths}
+
+
 def test_really_full_disk(tmp_path, tiny_fs):
+    """docs/reliability.md: one line naming the fix, no output (not even a temporary file)
+    left on the full file system, the inputs unchanged."""
     paths = []
     for i in range(2):  # 256 KB of output on a 64 KB file system
         paths.append(tmp_path / f"b{i}.safetensors")
         save_file({"w": torch.randn(64, 1024)}, paths[-1])
-    for out in ("o.safetensors", "o.pt"):
-        proc = run_cli("average", *paths, "-o", tiny_fs / out)
+    before = _digests(paths)
+    for out in ("o.safetensors", "o.pt", "o"):
+        shard = ["--shard-size", "100KB"] if out == "o" else []  # a folder of 3 shards
+        proc = run_cli("average", *paths, "-o", tiny_fs / out, *shard)
         one_line_error(proc, "No space left on device", "free space")
-    assert os.listdir(tiny_fs) == []
+        assert os.listdir(tiny_fs) == [], out  # hidden temporaries included
+    assert _digests(paths) == before
 
 
 def test_read_only_folder(tmp_path, tiny_fs):
+    """One line naming the fix; nothing appears on the read-only file system; the inputs
+    are unchanged."""
     paths = write_safetensors(tmp_path, 2)
+    before = _digests(paths)
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     for out in ("o.safetensors", "o.pt", "o"):
         proc = run_cli("average", *paths, "-o", tiny_fs / out)
         one_line_error(proc, "Read-only file system", "pick a folder on a writable one")
         assert "free space" not in proc.stderr
+        assert os.listdir(tiny_fs) == []
+    assert _digests(paths) == before
 
 
 def test_fifo_and_device_inputs_are_refused_without_hanging(tmp_path):

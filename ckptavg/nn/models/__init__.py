@@ -47,9 +47,12 @@ def register_model(fn: Callable) -> Callable:
         name registered twice raises ModelError.
 
     Example:
+        >>> import torch
         >>> @register_model
         ... def my_net(num_classes=10, in_channels=3):
         ...     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+        >>> "my_net" in list_models()
+        True
     """
     _load_builtins()
     if fn.__name__ in _REGISTRY and _REGISTRY[fn.__name__] is not fn:
@@ -129,7 +132,9 @@ def create_model(name: str, *, supplied: dict | None = None, **kwargs):
         A `torch.nn.Module`. An exception raised inside the factory propagates unchanged.
 
     Example:
-        >>> create_model("preresnet20", num_classes=10, in_channels=1)
+        >>> net = create_model("preresnet20", num_classes=10, in_channels=1)
+        >>> sum(p.numel() for p in net.parameters())
+        271994
     """
     if name.startswith("torchvision:"):
         import torchvision
