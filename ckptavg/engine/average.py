@@ -39,8 +39,9 @@ from ckptavg.engine.select import (
 from ckptavg.engine.shards import average_ranks
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, make_writer, open_checkpoint
+from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.folder import side_files
-from ckptavg.io.writer import check_output, exclusive_lock, output_kind
+from ckptavg.io.writer import check_output, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, peak_rss_bytes

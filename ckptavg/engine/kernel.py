@@ -22,7 +22,7 @@ from ckptavg.engine.nonfinite import raise_nonfinite
 from ckptavg.engine.plan import Plan
 from ckptavg.io import ReaderBase, TensorSpec, dtypes
 from ckptavg.io.base import pread_extent
-from ckptavg.io.dtypes import DType, import_torch
+from ckptavg.io.dtypes import DType
 from ckptavg.io.writer import BackgroundWriter, Writer
 from ckptavg.results import Progress
 
@@ -327,21 +327,9 @@ class Stage:
 
 
 def _hand_over(writer: Writer, bg, spec: TensorSpec, data, buf) -> None:
-    """Give one whole tensor to the writer: raw bytes (numpy) to a file writer, a torch
-    tensor of the spec's dtype and shape to one that keeps tensors (torch, DCP)."""
-    if writer.keeps_tensors:
-        writer.write(spec.key, _as_tensor(data, spec))
-    elif bg is None:
+    """Give one whole tensor to the writer (its raw bytes; the writer makes what it keeps),
+    through the background writer when there is one."""
+    if bg is None:
         writer.write(spec.key, data)
     else:
         bg.write(spec.key, data, buf)
-
-
-def _as_tensor(data, spec: TensorSpec):
-    torch = import_torch()
-    if isinstance(data, torch.Tensor):
-        return data.view(spec.shape)
-    raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8))
-    return raw.view(spec.dtype.torch).view(spec.shape) if spec.numel else \
-        torch.empty(spec.shape, dtype=spec.dtype.torch)
-

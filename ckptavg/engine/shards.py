@@ -87,7 +87,8 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     ranks hold their shares and save one torch.distributed.checkpoint together."""
     if dcp is not False:
         return _write_dcp(plan, output, group, execute, progress, threads, dcp)
-    from ckptavg.io.writer import SafetensorsWriter, commit_folder, write_error
+    from ckptavg.io.atomic import write_error
+    from ckptavg.io.writer import SafetensorsWriter, commit_folder
 
     output = os.path.abspath(output.rstrip(os.sep))
     tmp = _shared_temp(group, output)
@@ -132,7 +133,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
 
 def _shared_temp(group: Group, output: str) -> str:
     """A hidden temporary folder beside `output`, made by rank 0 and named to every rank."""
-    from ckptavg.io.writer import temp_folder_beside
+    from ckptavg.io.atomic import temp_folder_beside
 
     tmp, error = None, None
     try:
@@ -146,13 +147,13 @@ def _shared_temp(group: Group, output: str) -> str:
 
 def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
                entry: str | None) -> None:
+    from ckptavg.io.atomic import write_error
     from ckptavg.io.dcp import commit_dcp, save_dcp
-    from ckptavg.io.writer import write_error
 
     output = os.path.abspath(output.rstrip(os.sep))
     tmp = _shared_temp(group, output)
     mine = partition(plan.specs, group.size)[group.rank]
-    keep = _Keep()
+    keep = _Keep(plan.specs)
     error = None
     try:
         execute(plan, keep, keys=mine, progress=progress, threads=threads)
@@ -190,8 +191,11 @@ class _Keep:
     keeps_tensors = shares_ties = True
     streams_parts = False
 
-    def __init__(self) -> None:
+    def __init__(self, specs) -> None:
         self.tensors: dict = {}
+        self._specs = {s.key: s for s in specs}
 
     def write(self, key, tensor) -> None:
-        self.tensors[key] = tensor
+        from ckptavg.io.writer import as_array, as_tensor
+
+        self.tensors[key] = as_tensor(as_array(tensor), self._specs[key])

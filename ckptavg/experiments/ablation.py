@@ -21,7 +21,7 @@ import torch
 from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.errors import OptionError
 from ckptavg.experiments.replicate import BUDGETS, PRESETS, Preset, budget_epochs
-from ckptavg.io.writer import atomic_text
+from ckptavg.io.atomic import atomic_text
 from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, ModelOptions
 from ckptavg.results import Result
 from ckptavg.selection.heldout import HeldOut, RunningSum

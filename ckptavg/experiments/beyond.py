@@ -21,7 +21,7 @@ import torch
 from ckptavg import options
 from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.errors import CkptavgError
-from ckptavg.io.writer import atomic_text
+from ckptavg.io.atomic import atomic_text
 from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, ModelOptions, Selection
 from ckptavg.results import Result, mean_std
 from ckptavg.selection.heldout import HeldOut, RunningSum

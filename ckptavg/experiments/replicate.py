@@ -25,7 +25,7 @@ from ckptavg import options
 from ckptavg.engine.average import average
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.experiments.plots import pyplot
-from ckptavg.io.writer import AtomicFile, atomic_text
+from ckptavg.io.atomic import AtomicFile, atomic_text
 from ckptavg.nn.bn import bn_fix
 from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import get_dataset, make_loader

@@ -20,7 +20,7 @@ import torch
 from ckptavg import options
 from ckptavg.errors import OptionError
 from ckptavg.experiments.plots import pyplot
-from ckptavg.io.writer import AtomicFile, atomic_text
+from ckptavg.io.atomic import AtomicFile, atomic_text
 from ckptavg.nn.bn import recalibrate
 from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import get_dataset, make_loader

@@ -7,6 +7,7 @@ unless it is a regular file, and read through that one descriptor.
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import hashlib
 import json
@@ -517,7 +518,7 @@ def _reopen(f: SourceFile) -> int:
     return fd
 
 
-class ReaderBase:
+class ReaderBase(abc.ABC):
     """What every format offers. Keys are the public, prefix-stripped names.
 
     A reader lists tensor names, describes each one without reading it, and reads one
@@ -534,6 +535,7 @@ class ReaderBase:
     extras_notes: tuple[str, ...] = ()  # what carrying `extras` converted or left out
     files: list[SourceFile]
     _names: dict[str, str]
+    _fingerprint: str | None = None
 
     def keys(self) -> list[str]:
         return list(self._names)
@@ -544,11 +546,13 @@ class ReaderBase:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}") from None
 
+    @abc.abstractmethod
     def info(self, key: str) -> TensorSpec:
-        raise NotImplementedError
+        """The tensor's name, shape and dtype, from the file's header: nothing is read."""
 
+    @abc.abstractmethod
     def read(self, key: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The tensor (possibly a view of a mapped file, valid until `release(key)`)."""
 
     def locate(self, key: str) -> Extent | None:
         """Where `key`'s bytes lie in an open file, when they are stored raw and
@@ -577,7 +581,7 @@ class ReaderBase:
 
     def fingerprint(self) -> str:
         """`fingerprint(self.files)`, computed once."""
-        if getattr(self, "_fingerprint", None) is None:
+        if self._fingerprint is None:
             self._fingerprint = fingerprint(self.files)
         return self._fingerprint
 

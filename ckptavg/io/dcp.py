@@ -13,11 +13,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import warnings
 
 import torch
 
 from ckptavg.errors import CheckpointError
+from ckptavg.io.atomic import fsync_dir, temp_folder_beside
 from ckptavg.io.base import (
     DCP_METADATA as METADATA,
 )
@@ -29,6 +31,7 @@ from ckptavg.io.base import (
     pread_exact,
     strip_keys,
 )
+from ckptavg.io.writer import Writer, as_tensor
 
 _DCP = "torch.distributed.checkpoint."
 _ALLOWED = {
@@ -254,10 +257,41 @@ def save_dcp(state: dict[str, torch.Tensor], folder: str, entry: str | None,
 
 def commit_dcp(tmp: str, path: str) -> None:
     """Swap a finished DCP folder in for `path`, which may be absent or an empty folder."""
-    from ckptavg.io.writer import _fsync_dir
 
     os.chmod(tmp, 0o755)
     if os.path.isdir(path):
         os.rmdir(path)  # empty: checked before any work (check_output), OSError otherwise
     os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
+
+
+class DcpWriter(Writer):
+    """A torch.distributed.checkpoint folder (what `dcp.load` and FSDP read), with ckptavg's
+    metadata beside it in ckptavg.json. DCP saves a whole state dict at once, so this writer
+    holds the model until close (under torchrun each rank holds only its share: see
+    engine/shards.write_shards)."""
+
+    keeps_tensors = True
+    shares_ties = True
+
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
+                 ties: dict[str, str] | None, entry: str | None):
+        self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
+        self._tmp = temp_folder_beside(self.path)
+        self._order = [s.key for s in specs]
+        self._specs = {s.key: s for s in specs}
+        self._meta, self._ties, self._entry = dict(metadata), dict(ties or {}), entry
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def _write(self, key: str, tensor) -> None:
+        self._tensors[key] = as_tensor(tensor, self._specs[key])
+
+    def _close(self) -> None:
+        for k, v in self._ties.items():
+            self._tensors[k] = self._tensors[v]
+        save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
+                 self._meta, distributed=False)
+        commit_dcp(self._tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)

@@ -13,10 +13,7 @@ sharded output of ours.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fcntl
+import abc
 import json
 import os
 import queue
@@ -24,10 +21,20 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Union
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ckptavg.errors import OptionError, OutputError
+from ckptavg.io.atomic import (
+    Atomic,
+    AtomicFile,
+    fsync_dir,
+    start_writeback,
+    temp_folder_beside,
+    write_error,
+)
 from ckptavg.io.base import (
     CODES,
     INDEX_NAME,
@@ -47,10 +54,7 @@ from ckptavg.io.torchzip import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
-
-    Data = Union[torch.Tensor, np.ndarray]  # a tensor, or its raw bytes as numpy holds them
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -161,185 +165,74 @@ def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
     refuse_if_input(path)
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-_WRITE_HINTS = {
-    errno.ENOSPC: "free space, or pick a folder on another disk",
-    errno.EDQUOT: "free space within your quota, or pick another folder",
-    errno.EFBIG: "the file would pass a size limit (ulimit -f, or the file system's largest "
-                 "file): raise the limit, or write a sharded folder output",
-    errno.EACCES: "the folder is not writable by you: pick another folder",
-    errno.EPERM: "the folder is not writable by you: pick another folder",
-    errno.EROFS: "the file system is read-only: pick a folder on a writable one",
-    errno.ENOENT: "the folder is gone: create it, or pick another",
-}
 
 
-def write_error(path: str, e: OSError) -> OutputError:
-    """One line for a failed write: what, where, and the fix the errno points to."""
-    hint = _WRITE_HINTS.get(e.errno, "pick another folder")
-    return OutputError(f"{path}: cannot write the output ({e.strerror or e}); nothing was "
-                       f"written: {hint}")
 
 
-try:  # Linux: start writing dirty pages back now, so the final fsync has little left to wait for
-    _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-except (OSError, AttributeError):
-    _sync_file_range = None
-_SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to begin writing [offset, offset + nbytes) to disk, without waiting."""
-    if _sync_file_range is not None and nbytes > 0:
-        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def tensor_bytes(t: Data) -> memoryview:
-    """The tensor's bytes without a copy (little-endian, C order); a numpy array (the
-    averaging engine's output: raw bytes of the spec's dtype) as it is."""
-    if _is_numpy(t):
-        return memoryview(t).cast("B") if t.size else memoryview(b"")
+def as_array(t) -> np.ndarray:
+    """The one array type every writer takes: a tensor's raw bytes (little-endian, C order)
+    as a flat numpy uint8 array. A numpy array (the engine's output, already the raw bytes of
+    the spec's dtype) is viewed as it is; a torch tensor is made contiguous on the CPU and
+    viewed without a copy. This is the only place the two are told apart."""
+    if isinstance(t, np.ndarray):
+        return t.reshape(-1).view(np.uint8)
     t = t.detach().cpu().contiguous()
     if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(import_torch().uint8).numpy())
+        return np.empty(0, np.uint8)
+    return t.reshape(-1).view(import_torch().uint8).numpy()
 
 
-def _is_numpy(t: Data) -> bool:
-    return type(t).__module__ == "numpy"  # without importing numpy to ask
+def as_tensor(data: np.ndarray, spec: TensorSpec) -> torch.Tensor:
+    """A writer's bytes as the torch tensor of `spec` (for writers that keep tensors)."""
+    torch = import_torch()
+    if spec.numel == 0:
+        return torch.empty(spec.shape, dtype=spec.dtype.torch)
+    return torch.from_numpy(data).view(spec.dtype.torch).view(spec.shape)
 
 
-def _fits(t: Data, spec: TensorSpec) -> bool:
-    """A torch tensor has the spec's shape; the engine's numpy output is its raw bytes."""
-    return t.nbytes == spec.nbytes if _is_numpy(t) else tuple(t.shape) == spec.shape
-
-
-# errnos that say the output could not be written (a full disk, a read-only file system, a
-# size limit): whatever code wrote into an atomic output (a plot, a CSV, a state dict), one
-# line naming the output. Other OSErrors inside the block keep their traceback.
-OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
-
-
-class Atomic:
-    """A context manager that commits (`close`) on a clean exit and aborts on an error, also
-    when the commit itself fails. A full disk (OUTPUT_ERRNOS) inside the block or in the
-    commit becomes one OutputError naming the output."""
-
-    path: str
-    shown: str | None = None  # the name errors give, when not `path` (a shard: its folder)
-
-    @property
-    def _shown(self) -> str:
-        return self.shown or self.path
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            self._raise_output_error(exc)
-            return
-        try:
-            self.close()
-        except BaseException as e:
-            self.abort()
-            self._raise_output_error(e)
-            raise
-
-    def _raise_output_error(self, e: BaseException) -> None:
-        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
-            raise write_error(self._shown, e) from None
-
-
-class AtomicFile(Atomic):
-    """A temporary file beside `path`, renamed over it on commit, removed on abort."""
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        folder = os.path.dirname(self.path)
-        if not os.path.isdir(folder):
-            raise OutputError(f"{path}: folder {folder} does not exist; create it first")
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                            dir=folder)
-        except OSError as e:
-            raise write_error(path, e) from None
-        self.file = os.fdopen(fd, "wb")
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
-        _fsync_dir(os.path.dirname(self.path))
-
-    def close(self) -> None:
-        self.commit()
-
-    def abort(self) -> None:
-        # Unlink first: closing flushes the buffer, which fails again on a full disk.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
-        with contextlib.suppress(OSError, ValueError):
-            self.file.close()
+def _fits(data: np.ndarray, spec: TensorSpec) -> bool:
+    return data.nbytes == spec.nbytes
 
 
 
-@contextlib.contextmanager
-def atomic_text(path: str) -> Iterator:
-    """A text file written beside `path` and renamed over it when the block ends cleanly."""
-    import io
 
-    with AtomicFile(path) as out:
-        text = io.TextIOWrapper(out.file, encoding="utf-8", newline="")
-        yield text
-        text.flush()
-        text.detach()
 
-class Writer(Atomic):
+
+
+
+
+
+class Writer(Atomic, abc.ABC):
     """Base of the writers: a context manager that commits on success, aborts on error,
     and turns a failing disk into one OutputError naming the output."""
 
-    keeps_tensors = False  # takes torch tensors whole, and holds them (DCP)
+    # Declared capabilities, read by the engine (never probed with hasattr):
+    keeps_tensors = False  # holds every tensor until close (DCP): give it fresh buffers
     shares_ties = False  # tied names are one tensor: only the first of each is written
     streams_parts = False  # takes a tensor in consecutive flat slices (write_part)
 
-    def write(self, key: str, tensor: Data) -> None:
+    def write(self, key: str, tensor) -> None:
+        """Write one whole tensor: a torch tensor, or its raw bytes as a numpy array."""
         try:
-            self._write(key, tensor)
+            self._write(key, as_array(tensor))
         except OSError as e:
             raise write_error(self._shown, e) from None
 
-    def write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
+    def write_part(self, key: str, flat, first: bool, last: bool) -> None:
         """Write a tensor in consecutive flat slices (writers with `streams_parts`)."""
         try:
-            self._write_part(key, flat, first, last)
+            self._write_part(key, as_array(flat), first, last)
         except OSError as e:
             raise write_error(self._shown, e) from None
 
-    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
-        raise NotImplementedError
+    def _write_part(self, key: str, flat: np.ndarray, first: bool, last: bool) -> None:
+        raise NotImplementedError(f"{type(self).__name__} takes whole tensors")
 
     def close(self) -> None:
         try:
@@ -347,11 +240,13 @@ class Writer(Atomic):
         except OSError as e:
             raise write_error(self._shown, e) from None
 
-    def _write(self, key: str, tensor: Data) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _write(self, key: str, tensor: np.ndarray) -> None:
+        """Write one tensor's bytes (`as_array`'s form)."""
 
+    @abc.abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Finish and commit the output."""
 
 
 
@@ -361,7 +256,7 @@ class BackgroundWriter:
     and hands it over with `write`; the buffer comes back free once written. A write error
     is raised in the caller's thread at the next `buffer()` or at `finish()`."""
 
-    def __init__(self, writer: Writer, buffers: list[Data]):
+    def __init__(self, writer: Writer, buffers: list[np.ndarray]):
         self._writer = writer
         self._free: queue.Queue = queue.Queue()
         for b in buffers:
@@ -393,13 +288,13 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def buffer(self) -> Data:
+    def buffer(self) -> np.ndarray:
         self._raise()
         buf = self._free.get()
         self._raise()
         return buf
 
-    def write(self, key: str, tensor: Data, buf: Data | None = None,
+    def write(self, key: str, tensor: np.ndarray, buf: np.ndarray | None = None,
               part: tuple[bool, bool] | None = None) -> None:
         """Queue `tensor` (a view of `buf`, or a tensor nobody else changes); with `part`
         (first, last), a flat slice of the tensor (the writer must stream parts)."""
@@ -456,19 +351,19 @@ class SafetensorsWriter(Writer):
 
     streams_parts = True
 
-    def _write(self, key: str, tensor: Data) -> None:
+    def _write(self, key: str, tensor: np.ndarray) -> None:
         spec = self._specs[self._next] if self._next < len(self._specs) else None
         if spec is None or key != spec.key or not _fits(tensor, spec):
-            raise RuntimeError(f"writer expected {spec}, got {key} {tuple(tensor.shape)} {tensor.dtype}")
+            raise RuntimeError(f"writer expected {spec}, got {key} of {tensor.nbytes} bytes")
         self._write_part(key, tensor, True, True)
 
-    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
+    def _write_part(self, key: str, flat: np.ndarray, first: bool, last: bool) -> None:
         spec = self._specs[self._next] if self._next < len(self._specs) else None
-        if spec is None or key != spec.key or (not _is_numpy(flat) and flat.dtype != spec.dtype):
-            raise RuntimeError(f"writer expected {spec}, got {key} {flat.dtype}")
+        if spec is None or key != spec.key:
+            raise RuntimeError(f"writer expected {spec}, got {key}")
         if first:
             self._part_bytes = 0
-        data = tensor_bytes(flat)
+        data = memoryview(flat)
         self._out.file.write(data)
         self._out.file.flush()
         fd = self._out.file.fileno()
@@ -525,20 +420,11 @@ def commit_folder(tmp: str, path: str, weight_map: dict[str, str], metadata: dic
                                dir=os.path.dirname(path))
         os.rename(path, os.path.join(old, "x"))
     os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def temp_folder_beside(path: str) -> str:
-    """A hidden temporary folder in `path`'s parent, for a folder output built atomically."""
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise OutputError(f"{path}: folder {parent} does not exist; create it first")
-    try:
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise write_error(path, e) from None
 
 
 class ShardedWriter(Writer):
@@ -572,13 +458,13 @@ class ShardedWriter(Writer):
 
     streams_parts = True
 
-    def _write(self, key: str, tensor: Data) -> None:
+    def _write(self, key: str, tensor: np.ndarray) -> None:
         if self._left == 0:
             self._open_next()
         self._current.write(key, tensor)
         self._left -= 1
 
-    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
+    def _write_part(self, key: str, flat: np.ndarray, first: bool, last: bool) -> None:
         if first and self._left == 0:
             self._open_next()
         self._current.write_part(key, flat, first, last)
@@ -652,16 +538,16 @@ class TorchWriter(Writer):
         self._blobs.append((rec, value.data))
         return rec
 
-    def _write(self, key: str, tensor: Data) -> None:
+    def _write(self, key: str, tensor: np.ndarray) -> None:
         self._write_part(key, tensor, True, True)
 
-    def _write_part(self, key: str, flat: Data, first: bool, last: bool) -> None:
+    def _write_part(self, key: str, flat: np.ndarray, first: bool, last: bool) -> None:
         rec = self._queue[self._next] if self._next < len(self._queue) else None
-        if rec is None or (not _is_numpy(flat) and flat.dtype != rec.dtype):
-            raise RuntimeError(f"writer expected {rec}, got {key} {flat.dtype}")
+        if rec is None:
+            raise RuntimeError(f"writer expected no more tensors, got {key}")
         if first:
             self._zip.begin(f"data/{rec.key}", rec.nbytes)
-        self._zip.feed(tensor_bytes(flat))
+        self._zip.feed(memoryview(flat))
         if last:
             self._zip.end()
             self._next += 1
@@ -678,37 +564,6 @@ class TorchWriter(Writer):
         self._out.abort()
 
 
-class DcpWriter(Writer):
-    """A torch.distributed.checkpoint folder (what `dcp.load` and FSDP read), with ckptavg's
-    metadata beside it in ckptavg.json. DCP saves a whole state dict at once, so this writer
-    holds the model until close (under torchrun each rank holds only its share: see
-    distributed.write_shards)."""
-
-    keeps_tensors = True
-    shares_ties = True
-
-    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                 ties: dict[str, str] | None, entry: str | None):
-        self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
-        self._tmp = temp_folder_beside(self.path)
-        self._order = [s.key for s in specs]
-        self._meta, self._ties, self._entry = dict(metadata), dict(ties or {}), entry
-        self._tensors: dict[str, torch.Tensor] = {}
-
-    def _write(self, key: str, tensor: torch.Tensor) -> None:
-        self._tensors[key] = tensor
-
-    def _close(self) -> None:
-        from ckptavg.io.dcp import commit_dcp, save_dcp
-
-        for k, v in self._ties.items():
-            self._tensors[k] = self._tensors[v]
-        save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
-                 self._meta, distributed=False)
-        commit_dcp(self._tmp, self.path)
-
-    def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
@@ -725,6 +580,8 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     kind = output_kind(path, shard_size, dcp)
     check_output(path, kind, inputs)
     if kind == "dcp":
+        from ckptavg.io.dcp import DcpWriter
+
         return DcpWriter(path, specs, metadata, ties, entry if entry in ("state_dict", "model")
                          else None)
     if kind == "torch":
@@ -732,29 +589,3 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     if kind == "sharded":
         return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9, side_files)
     return SafetensorsWriter(path, specs, metadata)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str) -> Iterator[SourceFile]:
-    """Hold an exclusive lock on the file (or folder) at `path` for a read-fold-replace.
-
-    The lock is on the inode. A writer that replaces the path by rename leaves waiters
-    holding the old inode, so after locking, the path is checked to still be that inode;
-    if not, the newer file is locked instead. Yields the locked file's identity."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise OutputError(f"{path}: cannot open to lock it ({e.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            st = os.fstat(fd)
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                yield SourceFile.of(path, st)
-                return
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
 from ckptavg.experiments.plots import pyplot
-from ckptavg.io.writer import AtomicFile
+from ckptavg.io.atomic import AtomicFile
 from ckptavg.options import (
     DataOptions,
     HeldOutOptions,

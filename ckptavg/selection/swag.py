@@ -30,9 +30,10 @@ from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_c
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
+from ckptavg.io.atomic import AtomicFile
 from ckptavg.io.base import ReaderBase
 from ckptavg.io.checkpoint import load
-from ckptavg.io.writer import AtomicFile, output_kind
+from ckptavg.io.writer import output_kind
 from ckptavg.nn.bn import bn_layers, recalibrate
 from ckptavg.nn.build import build_model, load_weights, model_and_data
 from ckptavg.nn.calibration import BINS, calibration_scores

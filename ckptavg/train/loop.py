@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from ckptavg import options
 from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.io.atomic import AtomicFile
 from ckptavg.io.checkpoint import save
 from ckptavg.io.pt import load_torch_file
-from ckptavg.io.writer import AtomicFile
 from ckptavg.nn.build import build_model
 from ckptavg.nn.data import data_takes, get_dataset, holdout_split, make_loader
 from ckptavg.nn.device import resolve_device
