@@ -194,6 +194,8 @@ def _main(argv: list[str] | None) -> None:
     except click.ClickException as e:
         fail(e, JSON_FLAG in args)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("ckptavg: interrupted; nothing was written", err=True)
+        click.echo("ckptavg: interrupted; no output was written (an average into a folder "
+                   "keeps its finished shards: the same command with --resume finishes it)",
+                   err=True)
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -41,6 +41,7 @@ from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.folder import side_files
+from ckptavg.io.staging import describe
 from ckptavg.io.writer import check_output, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
 from ckptavg.parallel import Group, world_size
@@ -81,6 +82,7 @@ def average(
     dry_run: bool = False,
     threads: int | None = options.AVERAGE_THREADS,
     dcp: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> AverageResult:
     """Average checkpoints into one, streaming one tensor at a time.
@@ -111,6 +113,11 @@ def average(
             `dcp.load` and FSDP read; the weights keep the newest input's entry (`model`,
             `state_dict`) or stay at the top level. DCP saves a state dict at once, so the
             output is held in memory until it is written (under torchrun: each rank's share).
+        resume: finish a folder output that a failed or killed run left unfinished: the
+            shards it completed are kept in `.NAME.ckptavg-partial` beside the output with
+            the run's plan; they are checked (size, sha256) and only the missing ones are
+            reduced. Inputs or options that would change a shard are refused by name. The
+            result is bitwise that of an uninterrupted run. Folder outputs only.
 
     Returns:
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
@@ -147,6 +154,10 @@ def average(
         raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a folder)")
     output = os.fspath(output) if output is not None else None
     kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
+    if resume and kind != "sharded":
+        raise OptionError("resume", "finishes a folder of safetensors shards (-o FOLDER); a "
+                          "file" + (" or a DCP folder" if dcp else "") + " is written in one "
+                          "go: run again without --resume")
     check_options(accumulate, dtype)
     method: Method = ("ema" if ema is not None else "weighted" if weights is not None
                       else "profile" if prof is not None else "uniform")
@@ -162,7 +173,7 @@ def average(
             req = Request(tuple(os.fspath(p) for p in inputs), output, kind, method,
                           None if weights is None else tuple(weights), ema, prof, selection,
                           reading, accumulate, dtype, allow_nonfinite, hash_inputs, dry_run,
-                          threads)
+                          threads, resume)
             result = average_ranks(group, req, progress)
         result.seconds = time.perf_counter() - t0
         result.peak_rss_bytes = peak_rss_bytes()
@@ -215,12 +226,24 @@ def average(
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
             result.warnings += notes
             entry = dcp_entry(readers[-1]) if dcp else plan.entry
-            with make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
-                             inputs=protected, entry=entry, extras=plan.extras,
-                             side_files=side, dcp=dcp) as writer:
-                execute(plan, writer, progress=progress, threads=threads)
-                for r in readers:
-                    r.check_unchanged()
+            run = describe(readers, plan.specs, plan.metadata) if kind == "sharded" else None
+            writer = make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
+                                 inputs=protected, entry=entry, extras=plan.extras,
+                                 side_files=side, dcp=dcp, run=run, resume=resume)
+            try:
+                with writer:
+                    keys = writer.pending_keys() if run is not None else None
+                    execute(plan, writer, keys, progress=progress, threads=threads)
+                    for r in readers:
+                        r.check_unchanged()
+            except CkptavgError as e:
+                kept = getattr(writer, "kept", None)
+                if not kept:
+                    raise
+                again = CkptavgError(f"{e}; {kept}")
+                again.exit_code = e.exit_code
+                raise again from None
+            result.warnings += getattr(writer, "notes", [])
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result

@@ -47,6 +47,7 @@ class Request:
     hash_inputs: bool
     dry_run: bool
     threads: int | None
+    resume: bool = False
 
     @property
     def spec(self) -> str | None:

@@ -28,8 +28,10 @@ from ckptavg.engine.select import (
     open_candidates,
     select,
 )
+from ckptavg.errors import CkptavgError
 from ckptavg.io import TensorSpec
 from ckptavg.io.folder import side_files
+from ckptavg.io.staging import Staging, describe, record_done
 from ckptavg.io.writer import check_output
 from ckptavg.parallel import Group
 
@@ -72,63 +74,93 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
         if not req.dry_run:
             side, notes = side_files(plan.readers)
             result.warnings += notes
-            write_shards(plan, req.output, group, execute, progress, req.threads, side,
-                         dcp_entry(plan.readers[-1]) if req.kind == "dcp" else False)
+            result.warnings += write_shards(
+                plan, req.output, group, execute, progress, req.threads, side,
+                dcp_entry(plan.readers[-1]) if req.kind == "dcp" else False, req.resume)
         result.ranks, result.rank = group.size, group.rank
         return result
 
 
 def write_shards(plan, output: str, group: Group, execute, progress=None,
                  threads: int | None = None, side_files: dict[str, bytes] | None = None,
-                 dcp: str | None | bool = False) -> None:
+                 dcp: str | None | bool = False, resume: bool = False) -> list[str]:
     """Reduce this rank's share of `plan` into its shard; rank 0 commits the folder.
 
     With `dcp` (False: safetensors shards; else the DCP entry, None for the top level), the
-    ranks hold their shares and save one torch.distributed.checkpoint together."""
+    ranks hold their shares and save one torch.distributed.checkpoint together.
+
+    Safetensors shards are built in the output's staging folder (io/staging.py), rank 0
+    holding its lock: each rank records its shard when done, a failed run keeps the done
+    ones, and with `resume` a rank whose shard is done (and checks out) skips it. Returns
+    the notes to report."""
     if dcp is not False:
-        return _write_dcp(plan, output, group, execute, progress, threads, dcp)
+        _write_dcp(plan, output, group, execute, progress, threads, dcp)
+        return []
     from ckptavg.io.atomic import write_error
     from ckptavg.io.writer import SafetensorsWriter, commit_folder
 
     output = os.path.abspath(output.rstrip(os.sep))
-    tmp = _shared_temp(group, output)
     keys = partition(plan.specs, group.size)
     n_shards = sum(1 for k in keys if k)
-    mine = keys[group.rank]
-    index = sum(1 for k in keys[: group.rank] if k)
-    name = f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
+    names = [f"model-{sum(1 for k in keys[:r] if k) + 1:05d}-of-{n_shards:05d}.safetensors"
+             for r in range(group.size)]
+    mine, name = keys[group.rank], names[group.rank]
+    staging, error = None, None
+    try:
+        if group.rank == 0:
+            want = {**describe(plan.readers, plan.specs, plan.metadata),
+                    "shards": {names[r]: keys[r] for r in range(group.size) if keys[r]}}
+            staging = Staging(output, want, resume)
+    except BaseException as e:
+        error = e
+    group.agree(error)
+    tmp, done, notes = group.share((staging.path, sorted(staging.done), staging.notes)
+                                   if staging is not None else None)
     specs = {s.key: s for s in plan.specs}
     weight_map, error = {}, None
     try:
-        if mine:
+        if mine and name in done:
+            weight_map = {k: name for k in mine}
+        elif mine:
             meta = {**plan.metadata, "format": "pt"}
             with SafetensorsWriter(os.path.join(tmp, name), [specs[k] for k in mine], meta,
                                    shown=output) as writer:
                 execute(plan, writer, keys=mine, progress=progress, threads=threads)
                 for r in plan.readers:
                     r.check_unchanged()
+            record_done(tmp, name)
             weight_map = {k: name for k in mine}
     except BaseException as e:
         error = e
     try:
         maps = group.agree(error, weight_map)
+    except CkptavgError as e:
+        kept = staging.keep_or_drop() if staging is not None else None
+        if not kept:
+            raise
+        again = CkptavgError(f"{e}; {kept}")
+        again.exit_code = e.exit_code
+        raise again from None
     except BaseException:
-        if group.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging is not None:
+            staging.keep_or_drop()
         raise
     error = None
     if group.rank == 0:
         try:
             merged = {k: v for m in maps for k, v in m.items()}
+            staging.settle()
             commit_folder(tmp, output, {s.key: merged[s.key] for s in plan.specs}, plan.metadata,
                           plan.bytes_out, side_files)
+            staging.release()
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            staging.keep_or_drop()
             error = write_error(output, e)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            staging.keep_or_drop()
             error = e
     group.agree(error)
+    return notes
 
 
 def _shared_temp(group: Group, output: str) -> str:

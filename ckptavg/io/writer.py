@@ -434,23 +434,58 @@ class ShardedWriter(Writer):
     (checked again just before the swap)."""
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                 shard_size: int, side_files: dict[str, bytes] | None = None):
+                 shard_size: int, side_files: dict[str, bytes] | None = None,
+                 run: dict | None = None, resume: bool = False):
         self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
         self._side = dict(side_files or {})
-        self._tmp = temp_folder_beside(self.path)
         self._shards = split_shards(list(specs), shard_size)
         n = len(self._shards)
         self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        # With `run` (what fixes the shards' bytes: staging.describe), the shards are built
+        # in the output's staging folder and each finished one is recorded, so that a
+        # failed or killed run can be finished with `resume`; else in a temporary folder.
+        self.staging = None
+        self.kept: str | None = None
+        self.notes: list[str] = []
+        if run is not None:
+            from ckptavg.io.staging import Staging
+
+            shards = {name: [s.key for s in shard] for name, shard in zip(self._names, self._shards)}
+            self.staging = Staging(self.path, {**run, "shards": shards}, resume)
+            self._tmp, self.notes = self.staging.path, self.staging.notes
+        else:
+            self._tmp = temp_folder_beside(self.path)
         self._metadata = dict(metadata)
         self._current: SafetensorsWriter | None = None
         self._shard = -1
         self._left = 0
         self.bytes_written = sum(s.nbytes for s in specs)
 
-    def _open_next(self) -> None:
+    def pending_keys(self) -> list[str] | None:
+        """The keys of the shards still to write (None: all of them)."""
+        done = self.staging.done if self.staging is not None else set()
+        if not done:
+            return None
+        return [s.key for name, shard in zip(self._names, self._shards) if name not in done
+                for s in shard]
+
+    def _next_shard(self) -> int:
+        done = self.staging.done if self.staging is not None else set()
+        i = self._shard + 1
+        while i < len(self._shards) and self._names[i] in done:
+            i += 1
+        return i
+
+    def _finish_current(self) -> None:
         if self._current is not None:
             self._current.close()
-        self._shard += 1
+            self._current = None
+            if self.staging is not None:
+                self.staging.finished(self._names[self._shard])
+
+    def _open_next(self) -> None:
+        self._finish_current()
+        self._shard = self._next_shard()
         shard_meta = {**self._metadata, "format": "pt"}
         self._current = SafetensorsWriter(os.path.join(self._tmp, self._names[self._shard]),
                                           self._shards[self._shard], shard_meta, shown=self.path)
@@ -472,18 +507,24 @@ class ShardedWriter(Writer):
             self._left -= 1
 
     def _close(self) -> None:
-        while self._shard + 1 < len(self._shards):  # empty model: still write the shard
+        while self._next_shard() < len(self._shards):  # an empty shard is still written
             self._open_next()
-        if self._current is not None:
-            self._current.close()
+        self._finish_current()
         weight_map = {s.key: self._names[i] for i, shard in enumerate(self._shards) for s in shard}
+        if self.staging is not None:
+            self.staging.settle()
         commit_folder(self._tmp, self.path, weight_map, self._metadata, self.bytes_written,
                       self._side)
+        if self.staging is not None:
+            self.staging.release()
 
     def abort(self) -> None:
         if self._current is not None:
             self._current.abort()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self.staging is not None:
+            self.kept = self.staging.keep_or_drop()
+        else:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class TorchWriter(Writer):
@@ -570,7 +611,8 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 shard_size: int | None = None, ties: dict[str, str] | None = None,
                 inputs: Iterable[SourceFile] = (), entry: str = "state_dict",
                 extras: dict | None = None, side_files: dict[str, bytes] | None = None,
-                dcp: bool = False) -> Writer:
+                dcp: bool = False, run: dict | None = None,
+                resume: bool = False) -> Writer:
     """The writer that the output path's suffix asks for, after `check_output`.
 
     `entry` and `extras` shape a torch output (see TorchWriter); `side_files` (name ->
@@ -587,5 +629,6 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     if kind == "torch":
         return TorchWriter(path, specs, metadata, ties, entry, extras)
     if kind == "sharded":
-        return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9, side_files)
+        return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9, side_files, run,
+                             resume)
     return SafetensorsWriter(path, specs, metadata)

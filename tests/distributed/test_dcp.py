@@ -78,3 +78,21 @@ def test_two_ranks_average_dcp_inputs_like_one_process(dcp_run, tmp_path):
     want, _ = ckptavg.load(tmp_path / "single.safetensors")
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+
+
+def test_dcp_checkpoints_of_different_layouts_average_exactly(dcp_run, tmp_path):
+    """A 2-rank checkpoint (DTensor Shard(0) over two .distcp files) averaged with one that
+    one process saved whole (one .distcp): each tensor is assembled from its chunks, so the
+    mean is exact. (Megatron's merge refuses checkpoints of different layouts.)"""
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.load(dcp_run / "full-1.pt", weights_only=True)
+    other = {k: v * 3 + 1 if v.is_floating_point() else v for k, v in full.items()}
+    one = tmp_path / "one-process"
+    dcp.save({"model": other}, checkpoint_id=str(one), no_dist=True)
+    assert len([f for f in os.listdir(one) if f.endswith(".distcp")]) == 1
+    two = dcp_run / "step-200"
+    r = ckptavg.average([two, one], tmp_path / "avg.safetensors")
+    assert r.n == 2
+    got, _ = ckptavg.load(tmp_path / "avg.safetensors")
+    assert_matches(got, float64_mean([torch.load(dcp_run / "full-2.pt", weights_only=True), other]))

@@ -129,3 +129,40 @@ def test_dcp_output_from_one_process_and_two_ranks_is_what_dcp_load_reads(tmp_pa
     with pytest.raises(OutputError, match="not an empty folder"):
         ckptavg.average(paths, tmp_path / "full", dcp=True)
     assert (tmp_path / "full" / "mine.txt").read_text() == "x"
+
+
+def test_an_interrupted_two_rank_run_is_resumed_under_torchrun(tmp_path):
+    """Rank 1 cannot write its shard (a full disk, injected through sitecustomize in that
+    rank only): rank 0's finished shard is kept; the same torchrun command with --resume
+    reduces only rank 1's share and gives the bytes of an uninterrupted run."""
+    import os
+
+    from ckptavg.io.staging import staging_path
+
+    paths = _inputs(tmp_path)
+    assert _torchrun("average", *paths, "-o", tmp_path / "whole", "-q").returncode == 0
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from ckptavg.io import writer\n"
+        "    def broken(self, *a, **k):\n"
+        "        raise OSError(28, 'No space left on device')\n"
+        "    writer.SafetensorsWriter.__init__ = broken\n")
+    out = tmp_path / "out"
+    failed = torchrun("ckptavg", "average", *paths, "-o", out, "-q",
+                      env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert failed.returncode != 0 and not out.exists()
+    assert "1 finished shard(s) are kept in" in failed.stderr, failed.stderr[-2000:]
+    staging = staging_path(str(out))
+    assert sorted(n for n in os.listdir(staging) if n.endswith(".done")) == [
+        "model-00001-of-00002.safetensors.done"]
+    resumed = _torchrun("average", *paths, "-o", out, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert any("1 of 2 shard(s) already done" in w for w in json.loads(resumed.stdout)["warnings"])
+    files = sorted(os.listdir(tmp_path / "whole"))
+    assert sorted(os.listdir(out)) == files
+    for name in files:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert not os.path.exists(staging)
