@@ -38,9 +38,10 @@ from ckptavg.engine.select import (
 )
 from ckptavg.engine.shards import average_ranks
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.io import ReaderBase, make_writer, open_checkpoint
+from ckptavg.io import ReaderBase, make_writer, open_checkpoint, remote
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.folder import side_files
+from ckptavg.io.remote import is_remote
 from ckptavg.io.staging import describe
 from ckptavg.io.writer import check_output, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
@@ -132,6 +133,12 @@ def average(
         [4, 5, 6]
     """
     t0 = time.perf_counter()
+    if output is not None and is_remote(os.fspath(output)):
+        return _to_remote(os.fspath(output), dict(
+            inputs=inputs, weights=weights, ema=ema, profile=profile, into=into,
+            selection=selection, reading=reading, accumulate=accumulate, dtype=dtype,
+            shard_size=shard_size, allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs,
+            dry_run=dry_run, threads=threads, dcp=dcp, resume=resume, progress=progress))
     if weights is not None and ema is not None:
         raise OptionError(("weights", "ema"), "exclude each other; pick one")
     prof = profiles.parse(profile) if profile is not None else None
@@ -268,3 +275,20 @@ def _not_yet_folded(chosen: list[Candidate], prior: list) -> tuple[list[Candidat
     return fresh, skipped
 
 
+def _to_remote(url: str, kwargs: dict) -> AverageResult:
+    """`average` into object storage: into a local copy, uploaded when complete."""
+    for name in ("into", "resume"):
+        if kwargs[name]:
+            raise OptionError((name, "output"), "work on local files; a remote output is "
+                              "written once, whole: average into a local path first")
+    if kwargs["dcp"] or world_size() > 1:
+        raise OptionError("output", f"{url}: a remote output is written by one process as "
+                          "safetensors or a torch file; under torchrun or with --dcp, write a "
+                          "local folder and copy it")
+    if kwargs["dry_run"]:
+        return average(output=None, **kwargs)
+    kind = output_kind(url, kwargs["shard_size"], False)
+    with remote.upload(url, folder=kind == "sharded") as local:
+        result = average(output=local, **kwargs)
+    result.output = url
+    return result

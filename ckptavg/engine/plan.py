@@ -89,12 +89,11 @@ def sha256_of(files: list[SourceFile]) -> str:
     """sha256 of the files an input consists of, refusing a file changed since it was opened."""
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
-        with open(f.path, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (f.dev, f.ino, f.size, f.mtime_ns):
-                raise CkptavgError(f"{f.path}: changed since it was opened; run again")
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        if f.changed():
+            raise CkptavgError(f"{f.path}: changed since it was opened; run again")
+        with f.reader() as read:
+            for off in range(0, f.size, 1 << 22):
+                h.update(read(min(1 << 22, f.size - off), off))
     return h.hexdigest()
 
 

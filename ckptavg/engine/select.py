@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.base import Position, meta_int, same_content
+from ckptavg.io.remote import expand as expand_remote
+from ckptavg.io.remote import is_remote
 from ckptavg.options import Selection
 
 _NUMBER = re.compile(r"(\d+)")
@@ -100,7 +102,9 @@ def expand(patterns: list[str]) -> list[str]:
     """Paths as given; patterns with wildcards that are not existing paths are globbed."""
     out: list[str] = []
     for p in patterns:
-        if not os.path.exists(p) and any(c in p for c in "*?["):
+        if is_remote(p):
+            out.extend(sorted(expand_remote(p), key=natural_key))
+        elif not os.path.exists(p) and any(c in p for c in "*?["):
             matches = sorted(glob.glob(p), key=natural_key)
             if not matches:
                 raise CkptavgError(f"{p}: the pattern matches no file; check the path")

@@ -24,6 +24,7 @@ from ckptavg.io.base import (
     is_dcp_folder,
     open_source,
 )
+from ckptavg.io.remote import is_remote, open_remote
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
 from ckptavg.io.writer import make_writer
 
@@ -128,6 +129,8 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
         ('safetensors', (10, 128), '1')
     """
     path = os.fspath(path)
+    if is_remote(path):
+        return open_remote(path, key=key, strip_prefix=strip_prefix)
     kind, fd, src = _classify(path)
     if kind == "dcp":
         return _torch_formats().DCPReader(path, key=key, strip_prefix=strip_prefix)

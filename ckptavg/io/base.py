@@ -8,6 +8,7 @@ unless it is a regular file, and read through that one descriptor.
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -95,6 +96,27 @@ class SourceFile:
     def of(cls, path: str, st: os.stat_result) -> SourceFile:
         return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
+    @contextlib.contextmanager
+    def reader(self):
+        """`read(n, offset) -> bytes` over the file as it was opened (refusing a file
+        replaced since): what fingerprints, copy checks and hashes read through. An object
+        in remote storage (io/remote.py) reads with ranged GETs instead."""
+        fd = _reopen(self)
+        try:
+            yield lambda n, offset: pread_exact(fd, n, offset, self.path)
+        finally:
+            os.close(fd)
+
+    def changed(self) -> bool:
+        """Whether the file was rewritten in place since it was opened (same inode, another
+        size or mtime). A file replaced by rename is not: its old bytes were what was read."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False  # removed or renamed away: what was mapped stays intact
+        return (st.st_dev, st.st_ino) == self.identity and \
+            (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns)
+
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -175,6 +197,7 @@ class Extent:
     offset: int
     path: str
     check: object = None  # a crc.RecordCheck of the zip record these bytes lie in: feed it
+    source: object = None  # an object in remote storage (remote.RemoteFile): read from it
 
 
 CHECK_PIECE = 256 << 10  # checked bytes are summed while still in the core's cache
@@ -183,6 +206,11 @@ CHECK_PIECE = 256 << 10  # checked bytes are summed while still in the core's ca
 def pread_extent(ext: Extent, view: memoryview, start: int = 0) -> None:
     """Fill `view` with the extent's bytes from `start` on, and feed them to its check,
     piece by piece: each piece is summed right after it is read, from the cache."""
+    if ext.source is not None:
+        ext.source.pread(view, ext.offset + start)
+        if ext.check is not None:
+            ext.check.update(ext.offset + start, view)
+        return
     if ext.check is None:
         pread_into(ext.fd, view, ext.offset + start, ext.path)
         return
@@ -208,11 +236,7 @@ def check_unchanged(files: list[SourceFile]) -> None:
     A file replaced by rename is harmless: its old contents stay mapped and are what was
     read. The same inode with another size or mtime means its bytes changed under us."""
     for f in files:
-        try:
-            st = os.stat(f.path)
-        except OSError:
-            continue  # removed or renamed away: what was mapped stays intact
-        if (st.st_dev, st.st_ino) == f.identity and (st.st_size, st.st_mtime_ns) != (f.size, f.mtime_ns):
+        if f.changed():
             raise CheckpointError(
                 f"{f.path}: was modified while it was being read, so the result would mix two "
                 "versions of it; nothing was written. Run again once the file is complete "
@@ -480,15 +504,12 @@ def fingerprint(files: list[SourceFile]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.size.to_bytes(8, "little"))
-        fd = _reopen(f)
-        try:
+        with f.reader() as read:
             if f.size <= 4 * FINGERPRINT_BLOCK:
-                h.update(pread_exact(fd, f.size, 0, f.path))
+                h.update(read(f.size, 0))
             else:
                 for off in (0, f.size // 3, 2 * f.size // 3, f.size - FINGERPRINT_BLOCK):
-                    h.update(pread_exact(fd, FINGERPRINT_BLOCK, off, f.path))
-        finally:
-            os.close(fd)
+                    h.update(read(FINGERPRINT_BLOCK, off))
     return h.hexdigest()[:32]
 
 
@@ -498,15 +519,11 @@ def same_content(a: list[SourceFile], b: list[SourceFile]) -> bool:
     if [f.size for f in a] != [f.size for f in b]:
         return False
     for fa, fb in zip(a, b):
-        da, db = _reopen(fa), _reopen(fb)
-        try:
+        with fa.reader() as ra, fb.reader() as rb:
             for off in range(0, fa.size, 1 << 20):
                 n = min(1 << 20, fa.size - off)
-                if pread_exact(da, n, off, fa.path) != pread_exact(db, n, off, fb.path):
+                if ra(n, off) != rb(n, off):
                     return False
-        finally:
-            os.close(da)
-            os.close(db)
     return True
 
 

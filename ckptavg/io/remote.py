@@ -1,0 +1,372 @@
+"""Checkpoints in object storage (s3://, gs://, hf://, any fsspec URL), read in place.
+
+Outputs (`-o s3://...`) are written to a local temporary copy, then uploaded (`upload`).
+Inputs are safetensors files and sharded safetensors folders: the header is read with two
+ranged GETs, then the engine reads each tensor's byte spans as it needs them, through a
+read-ahead window per object whose next window is fetched in the background (several GETs
+in flight across the inputs), so memory stays a few windows per input and nothing is
+downloaded whole. A failed GET (a dropped connection, a timeout) is retried with backoff,
+then is one line naming the object and the bytes. An object rewritten while it is read
+(another ETag or size) refuses the result, as a local file rewritten in place does.
+
+fsspec and the scheme's package (s3fs, gcsfs, huggingface_hub) are the `remote` extra;
+credentials come from their standard environment and configuration files, and no URL
+query, key or token is ever written into metadata (only the object's base name is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ckptavg.errors import CheckpointError, CkptavgError
+from ckptavg.io.base import (
+    AVERAGED_COUNT,
+    INDEX_NAME,
+    MAX_SIDE_FILE,
+    Extent,
+    Position,
+    ReaderBase,
+    Sharded,
+    SourceFile,
+    TensorSpec,
+    check_index_complete,
+    import_torch,
+    is_averaged_model,
+    place_shard,
+    strip_keys,
+)
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+RETRIES = 4  # tries of one ranged GET before the run stops
+BACKOFF = 0.2  # seconds before the second try, doubling
+WINDOW = 8 << 20  # bytes fetched per ranged GET when reading ahead
+_POOL = ThreadPoolExecutor(8, thread_name_prefix="ckptavg-get")
+
+
+def is_remote(path) -> bool:
+    """Whether `path` is a URL of remote storage (`file://` is local)."""
+    return isinstance(path, str) and bool(_URL.match(path)) and not path.startswith("file://")
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path in it) of `url`, or one line saying what to install."""
+    try:
+        import fsspec
+    except ImportError:
+        raise CkptavgError(f"{url}: reading object storage needs fsspec and the scheme's "
+                           "package: pip install 'ckptavg[remote]' (s3fs), or gcsfs for gs://"
+                           ) from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise CkptavgError(f"{url}: {e}; install the package for this scheme (s3fs for s3://, "
+                           "gcsfs for gs://, huggingface_hub for hf://)") from None
+
+
+def _url(fs, path: str) -> str:
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return f"{protocol}://{path.lstrip('/')}"
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def expand(pattern: str) -> list[str]:
+    """The objects and folders a remote pattern names (globbed remotely), sorted; a pattern
+    ending in '/' names folders."""
+    fs, path = filesystem(pattern)
+    try:
+        if any(c in path for c in "*?["):
+            found = sorted(fs.glob(path.rstrip("/")))
+        else:
+            found = [path.rstrip("/")] if fs.exists(path.rstrip("/")) else []
+    except Exception as e:  # the store's own errors (credentials, network) have no base class
+        raise CkptavgError(f"{pattern}: cannot list it ({_short(e)}); check the URL and the "
+                           "credentials") from None
+    if not found:
+        raise CkptavgError(f"{pattern}: no such object or folder in {_url(fs, '')}; check the "
+                           "bucket, the key and the pattern")
+    return [_url(fs, p) for p in found]
+
+
+@dataclass(frozen=True)
+class RemoteFile(SourceFile):
+    """One object, as it was when opened (size and ETag), read with ranged GETs."""
+
+    fs: object = field(default=None, compare=False, repr=False)
+    key: str = ""  # its path in `fs`
+    etag: str | None = None
+    _window: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def identity(self) -> tuple:
+        return ("remote", self.path)
+
+    @classmethod
+    def open(cls, url: str, fs=None, key: str | None = None) -> RemoteFile:
+        if fs is None:
+            fs, key = filesystem(url)
+        try:
+            info = fs.info(key)
+        except FileNotFoundError:
+            raise CheckpointError(f"{url}: no such object; check the bucket and the key") from None
+        except Exception as e:
+            raise CheckpointError(f"{url}: cannot read it ({_short(e)}); check the URL and the "
+                                  "credentials") from None
+        if info.get("type") == "directory":
+            raise CheckpointError(f"{url}: a folder; pass its files, or a folder with "
+                                  f"{INDEX_NAME}")
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        return cls(url, 0, 0, int(info["size"]), 0, fs, key, etag)
+
+    def get(self, offset: int, n: int) -> bytes:
+        """Bytes [offset, offset + n) with one ranged GET, retried; a short answer (the
+        object shrank) or a last failure is one line naming the object."""
+        if n == 0:
+            return b""
+        error = None
+        for attempt in range(RETRIES):
+            try:
+                data = self.fs.cat_file(self.key, start=offset, end=offset + n)
+                if len(data) != n:
+                    raise CheckpointError(f"{self.path}: ended at byte {offset + len(data)} "
+                                          f"while it was being read ({self.size} when opened); "
+                                          "nothing was written. Run again once it is complete")
+                return data
+            except CheckpointError:
+                raise
+            except FileNotFoundError:
+                raise CheckpointError(f"{self.path}: was deleted during the run; nothing was "
+                                      "written") from None
+            except Exception as e:  # connection resets, timeouts: the store's own types
+                error = e
+                time.sleep(BACKOFF * 2 ** attempt)
+        raise CheckpointError(f"{self.path}: reading bytes {offset}..{offset + n - 1} failed "
+                              f"after {RETRIES} tries ({_short(error)}); nothing was written. "
+                              "Check the connection and run again")
+
+    def pread(self, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset`, through a read-ahead window: a read inside the current
+        window is a copy; one past it fetches the next window (already on its way when the
+        reads go forward) and starts fetching the one after."""
+        n = len(view)
+        w = self._window
+        with w.setdefault("lock", threading.Lock()):
+            start, data = w.get("start", -1), w.get("data", b"")
+            if not (start <= offset and offset + n <= start + len(data)):
+                nxt = w.pop("next", None)
+                if nxt is not None and nxt[0] == offset and nxt[0] + WINDOW >= offset + n:
+                    start, data = offset, nxt[1].result()
+                    if offset + n > start + len(data):
+                        start, data = offset, self.get(offset, min(max(n, WINDOW), self.size - offset))
+                else:
+                    start, data = offset, self.get(offset, min(max(n, WINDOW), self.size - offset))
+                w["start"], w["data"] = start, data
+                ahead = start + len(data)
+                if ahead < self.size:
+                    w["next"] = (ahead, _POOL.submit(self.get, ahead,
+                                                     min(WINDOW, self.size - ahead)))
+            view[:] = data[offset - start:offset - start + n]
+
+    @contextlib.contextmanager
+    def reader(self):
+        yield lambda n, offset: self.get(offset, n)
+
+    def changed(self) -> bool:
+        try:
+            info = self.fs.info(self.key)
+        except FileNotFoundError:
+            return False  # removed: what was read stays what it was
+        except Exception:
+            return False
+        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        return int(info["size"]) != self.size or (etag is not None and etag != self.etag)
+
+    def close(self) -> None:
+        nxt = self._window.pop("next", None)
+        if nxt is not None:
+            nxt[1].cancel()
+        self._window.pop("data", None)
+
+
+class _RemoteShard:
+    """One remote safetensors object: its validated header, and reads of its tensors."""
+
+    def __init__(self, src: RemoteFile):
+        from ckptavg.io.safetensors import MAX_HEADER, _bad, parse_header
+
+        self.src = src
+        if src.size < 8:
+            raise CheckpointError(f"{src.path}: truncated safetensors file (no header)")
+        n = int.from_bytes(src.get(0, 8), "little")
+        if n == 0 or n > MAX_HEADER or n > src.size - 8:
+            raise _bad(src.path, f"header length {n} for a {src.size}-byte object")
+        self.entries, self.meta = parse_header(src.get(8, n), src.size - 8 - n, src.path)
+        self.base = 8 + n
+
+    def read(self, raw: str):
+        torch = import_torch()
+        dtype, shape, begin, nbytes = self.entries[raw]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype.torch)
+        data = bytearray(self.src.get(self.base + begin, nbytes))
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype.torch).view(shape)
+
+    def number(self, raw: str) -> float:
+        return self.read(raw).item()
+
+    def locate(self, raw: str) -> Extent:
+        return Extent(-1, self.base + self.entries[raw][2], self.src.path, source=self.src)
+
+    def release(self, raw: str) -> None:
+        return None
+
+    def release_range(self, raw: str, start: int, nbytes: int) -> None:
+        return None
+
+
+class RemoteSafetensorsReader(Sharded, ReaderBase):
+    """A safetensors object, or a folder of shards with model.safetensors.index.json (or a
+    model.safetensors), in remote storage."""
+
+    format = "safetensors"
+
+    def __init__(self, url: str, strip_prefix: str | None = None):
+        self.path = url.rstrip("/")
+        fs, key = filesystem(self.path)
+        self._shards: list[_RemoteShard] = []
+        self._where: dict[str, _RemoteShard] = {}
+        if fs.isdir(key):
+            self._open_folder(fs, key)
+        else:
+            self._add(RemoteFile.open(self.path, fs, key))
+            self._meta = self._shards[0].meta
+        if not self._where:
+            raise CheckpointError(f"{self.path}: holds no tensors; nothing to read")
+        if is_averaged_model(list(self._where)):
+            count = self._where.pop(AVERAGED_COUNT).number(AVERAGED_COUNT)
+            self._meta = {**self._meta, "swa.n_averaged": str(int(count))}
+        self._names, removed = strip_keys(list(self._where), strip_prefix, self.path)
+        self.removed_prefixes = tuple(removed)
+        self.files = [s.src for s in self._shards]
+
+    def _open_folder(self, fs, key: str) -> None:
+        import json
+
+        index = f"{key.rstrip('/')}/{INDEX_NAME}"
+        if not fs.exists(index):
+            single = f"{key.rstrip('/')}/model.safetensors"
+            if fs.exists(single):
+                self._add(RemoteFile.open(_url(fs, single), fs, single))
+                self._meta = self._shards[0].meta
+                return
+            raise CheckpointError(f"{self.path}: a folder without {INDEX_NAME} or "
+                                  "model.safetensors; pass its files ('.../*.safetensors')")
+        src = RemoteFile.open(_url(fs, index), fs, index)
+        if src.size > MAX_SIDE_FILE:
+            raise CheckpointError(f"{src.path}: larger than {MAX_SIDE_FILE} bytes; not an index")
+        try:
+            doc = json.loads(src.get(0, src.size).decode("utf-8"))
+            weight_map = doc["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{src.path}: not a shard index (JSON with a weight_map)") \
+                from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and "/" not in v and v not in (".", "..")
+                for v in weight_map.values()):
+            raise CheckpointError(f"{src.path}: shard names must be plain names in the folder")
+        self.format = "safetensors-sharded"
+        for name in sorted(set(weight_map.values())):
+            shard = f"{key.rstrip('/')}/{name}"
+            self._add(RemoteFile.open(_url(fs, shard), fs, shard), weight_map)
+        check_index_complete(src.path, weight_map, self._where)
+        meta = doc.get("metadata") or {}
+        self._meta = ({k: v for k, v in meta.items() if isinstance(v, str)}
+                      or self._shards[0].meta)
+
+    def _add(self, src: RemoteFile, expected: dict | None = None) -> None:
+        shard = _RemoteShard(src)
+        self._shards.append(shard)
+        place_shard(self._where, shard.entries, shard, src.path, expected,
+                    lambda other: other.src.path)
+
+    def info(self, key: str) -> TensorSpec:
+        raw = self._raw(key)
+        dtype, shape, _, _ = self._where[raw].entries[raw]
+        return TensorSpec(key, shape, dtype)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def position(self) -> Position:
+        return Position()  # no trainer_state.json is looked for beside a remote object
+
+    def close(self) -> None:
+        for s in self._shards:
+            s.src.close()
+
+
+def open_remote(url: str, key: str | None = None,
+                strip_prefix: str | None = None) -> RemoteSafetensorsReader:
+    """A reader of a remote checkpoint: safetensors objects and folders (torch files and DCP
+    folders in object storage are not read in place: copy them first)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar")) or name == ".metadata":
+        raise CheckpointError(f"{url}: torch files and DCP folders are read from local disk "
+                              "only; copy it first (e.g. aws s3 cp), or save safetensors")
+    if key is not None:
+        raise CheckpointError(f"{url}: --key picks an entry of a torch file; a safetensors "
+                              "checkpoint has none")
+    return RemoteSafetensorsReader(url, strip_prefix)
+
+
+@contextlib.contextmanager
+def upload(url: str, folder: bool):
+    """Yield a local path to write an output to; on success upload it to `url`: a file as one
+    object (s3fs sends a large one as a multipart upload, which the store shows only once it
+    is complete), a folder's files with its index last (a reader finds the folder only once
+    it is whole). A failure uploads nothing, or removes what it uploaded; the local copy
+    always goes. Needs local space for the output (in $TMPDIR)."""
+    import shutil
+    import tempfile
+
+    fs, key = filesystem(url)
+    key = key.rstrip("/")
+    try:
+        exists = fs.exists(key)
+    except Exception as e:
+        raise CkptavgError(f"{url}: cannot reach it ({_short(e)}); check the URL and the "
+                           "credentials") from None
+    if exists and (folder or fs.isdir(key)):
+        raise CkptavgError(f"{url}: exists; a remote output is a new object or prefix (remove "
+                           "it, or choose another)")
+    tmp = tempfile.mkdtemp(prefix="ckptavg-upload-")
+    local = os.path.join(tmp, key.rsplit("/", 1)[-1])
+    sent: list[str] = []
+    try:
+        yield local
+        try:
+            if folder:
+                names = sorted(os.listdir(local), key=lambda n: n == INDEX_NAME)  # index last
+                for name in names:
+                    fs.put_file(os.path.join(local, name), f"{key}/{name}")
+                    sent.append(f"{key}/{name}")
+            else:
+                fs.put_file(local, key)
+        except Exception as e:
+            for k in sent:
+                with contextlib.suppress(Exception):
+                    fs.rm_file(k)
+            raise CkptavgError(f"{url}: the upload failed ({_short(e)}); nothing was left "
+                               "there. Check the connection and the permissions and run "
+                               "again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

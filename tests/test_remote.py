@@ -1,0 +1,317 @@
+"""Inputs in object storage (issue #27), against a real S3 server: moto's server mode on
+127.0.0.1, started here. Checked: the exact float64 mean of objects globbed remotely and of
+sharded folders; a missing key named in one line; a connection dropped mid-body (through a
+proxy on 127.0.0.1 that cuts it) retried, and failing in one line when it keeps dropping;
+an object rewritten during the run refused; no credential in the output's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptavg
+from ckptavg.errors import CkptavgError
+from tests.conftest import ROOT
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+KEY_ID, SECRET = "testing-key-id", "testing-secret-value"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch):
+    """A fresh bucket; the standard environment variables point s3fs at the local server."""
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = f"b{_free_port()}"
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket=name)
+    return name
+
+
+def _put(bucket: str, key: str, path) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(str(path), bucket, key)
+
+
+def _states(n=3):
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        out.append({"w": torch.randn(3_000_000, generator=g),  # 12 MB: several windows
+                    "b": torch.randn(7, generator=g).to(torch.bfloat16),
+                    "n": torch.tensor(i)})
+    return out
+
+
+def _mean64(states):
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype)
+            if states[0][k].is_floating_point() else states[-1][k] for k in states[0]}
+
+
+def _upload_run(tmp_path, bucket, states, prefix="run"):
+    for i, s in enumerate(states):
+        p = tmp_path / f"epoch-{i + 1:04d}.safetensors"
+        save_file(s, str(p), metadata={"train.epoch": str(i + 1)})
+        _put(bucket, f"{prefix}/epoch-{i + 1:04d}.safetensors", p)
+
+
+def test_objects_globbed_remotely_average_to_the_exact_mean(tmp_path, bucket):
+    states = _states()
+    _upload_run(tmp_path, bucket, states)
+    out = tmp_path / "avg.safetensors"
+    r = ckptavg.average([f"s3://{bucket}/run/epoch-*.safetensors"], out)
+    assert r.n == 3 and r.epochs == [1, 2, 3]
+    got, want = load_file(str(out)), _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    meta = ckptavg.load(out)[1]
+    assert KEY_ID not in json.dumps(meta) and SECRET not in json.dumps(meta)
+    assert [e["file"] for e in json.loads(meta["average.inputs"])] == [
+        "epoch-0001.safetensors", "epoch-0002.safetensors", "epoch-0003.safetensors"]
+
+
+def test_sharded_folders_in_s3_average_exactly(tmp_path, bucket):
+    states = _states(2)
+    for i, s in enumerate(states):
+        src = tmp_path / f"src{i}.safetensors"
+        save_file(s, str(src))
+        folder = tmp_path / f"step-{i + 1}"
+        ckptavg.average([src], folder, shard_size=5_000_000)
+        for name in os.listdir(folder):
+            _put(bucket, f"ckpt/step-{i + 1}/{name}", folder / name)
+    out = tmp_path / "avg.safetensors"
+    r = ckptavg.average([f"s3://{bucket}/ckpt/step-*/"], out)
+    assert r.n == 2
+    got, want = load_file(str(out)), _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_command_line_reads_s3_with_the_standard_credentials(tmp_path, bucket):
+    states = _states(2)
+    _upload_run(tmp_path, bucket, states)
+    out = tmp_path / "cli.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "average",
+                           f"s3://{bucket}/run/epoch-*.safetensors", "-o", str(out), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n"] == 2
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+def test_a_missing_key_is_named_in_one_line(tmp_path, bucket):
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "average",
+                           f"s3://{bucket}/run/nope.safetensors", "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ckptavg: error: s3://{bucket}/run/nope.safetensors: no such object or folder in "
+        "s3://; check the bucket, the key and the pattern"]
+
+
+class _CuttingProxy:
+    """A TCP proxy on 127.0.0.1 to the S3 server that closes the first `cuts` connections
+    carrying a ranged GET after forwarding 64 KiB of the answer (a connection dropped
+    mid-body); `cuts=None` cuts every one."""
+
+    def __init__(self, target: str, cuts: int | None):
+        self.host, self.port = target.split("//")[1].split(":")
+        self.cuts, self.cut = cuts, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client):
+        upstream = socket.create_connection((self.host, int(self.port)))
+        lock = threading.Lock()
+        state = {"ranged": False, "sent": 0}
+
+        def up():
+            try:
+                while data := client.recv(65536):
+                    if b"\r\nrange:" in data.lower() or b"\r\nRange:" in data:
+                        state["ranged"] = True
+                    upstream.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=up, daemon=True).start()
+        try:
+            while data := upstream.recv(65536):
+                with lock:
+                    if state["ranged"] and (self.cuts is None or self.cut < self.cuts) \
+                            and state["sent"] + len(data) > 65536:
+                        self.cut += 1
+                        client.sendall(data[: max(0, 65536 - state["sent"])])
+                        break
+                    state["sent"] += len(data)
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_dropped_connection_is_retried(tmp_path, bucket, monkeypatch, s3):
+    import s3fs
+
+    states = _states(2)
+    _upload_run(tmp_path, bucket, states)
+    proxy = _CuttingProxy(s3, cuts=2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        out = tmp_path / "avg.safetensors"
+        ckptavg.average([f"s3://{bucket}/run/epoch-*.safetensors"], out)
+        assert proxy.cut == 2
+        got, want = load_file(str(out)), _mean64(states)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        proxy.close()
+
+
+def test_a_connection_that_keeps_dropping_is_one_line(tmp_path, bucket, monkeypatch, s3):
+    import s3fs
+
+    from ckptavg.io import remote
+
+    _upload_run(tmp_path, bucket, _states(2))
+    proxy = _CuttingProxy(s3, cuts=None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setattr(remote, "BACKOFF", 0.01)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        out = tmp_path / "avg.safetensors"
+        with pytest.raises(CkptavgError, match=r"epoch-0001.safetensors: reading bytes .* failed "
+                           r"after 4 tries .*Check the connection and run again"):
+            ckptavg.average([f"s3://{bucket}/run/epoch-*.safetensors"], out)
+        assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    finally:
+        proxy.close()
+
+
+def test_an_object_rewritten_during_the_run_is_refused(tmp_path, bucket, monkeypatch):
+    from ckptavg.engine import average as engine
+
+    states = _states(2)
+    _upload_run(tmp_path, bucket, states)
+    real = engine.execute
+
+    def execute_then_rewrite(plan, writer, keys=None, **kw):
+        real(plan, writer, keys, **kw)
+        save_file({k: v * 0 for k, v in states[1].items()}, str(tmp_path / "x.safetensors"))
+        _put(bucket, "run/epoch-0002.safetensors", tmp_path / "x.safetensors")
+
+    monkeypatch.setattr(engine, "execute", execute_then_rewrite)
+    out = tmp_path / "avg.safetensors"
+    with pytest.raises(CkptavgError, match="epoch-0002.safetensors: was modified while it was "
+                       "being read"):
+        ckptavg.average([f"s3://{bucket}/run/epoch-*.safetensors"], out)
+    assert not out.exists()
+
+
+def test_a_torch_file_in_s3_is_one_line_naming_the_fix(tmp_path, bucket):
+    torch.save({"w": torch.ones(2)}, tmp_path / "last.pt")
+    _put(bucket, "run/last.pt", tmp_path / "last.pt")
+    with pytest.raises(CkptavgError, match="read from local disk only; copy it first"):
+        ckptavg.average([f"s3://{bucket}/run/last.pt"], tmp_path / "o.safetensors")
+
+
+def test_outputs_in_s3_appear_whole(tmp_path, bucket):
+    """`-o s3://...`: a file, and a folder (its index uploaded last); read back from the
+    server they are the exact mean; a folder prefix that exists is refused."""
+    import s3fs
+
+    states = _states(3)
+    _upload_run(tmp_path, bucket, states)
+    want = _mean64(states)
+    src = f"s3://{bucket}/run/epoch-*.safetensors"
+    r = ckptavg.average([src], f"s3://{bucket}/merged/swa.safetensors")
+    assert r.output == f"s3://{bucket}/merged/swa.safetensors"
+    got, meta = ckptavg.load(f"s3://{bucket}/merged/swa.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want) and meta["average.n"] == "3"
+    ckptavg.average([src], f"s3://{bucket}/merged/folder/", shard_size=5_000_000)
+    fs = s3fs.S3FileSystem()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/merged/folder"))
+    assert names == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+    got, _ = ckptavg.load(f"s3://{bucket}/merged/folder")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(CkptavgError, match="exists; a remote output is a new object or prefix"):
+        ckptavg.average([src], f"s3://{bucket}/merged/folder/", shard_size=5_000_000)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_no_object_is_visible_after_a_kill(tmp_path, bucket):
+    """kill -9 while the average is computed: nothing appears at the output URL."""
+    import signal
+    import time
+
+    import s3fs
+
+    big = [{f"t{j}": torch.full((4_000_000,), float(i)) for j in range(12)} for i in range(3)]
+    _upload_run(tmp_path, bucket, big, prefix="big")
+    dest = f"s3://{bucket}/out/avg.safetensors"
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "ckptavg", "average",
+                             f"s3://{bucket}/big/epoch-*.safetensors", "-o", dest, "-q"],
+                            cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)})
+    t0 = time.monotonic()  # kill once the local copy is being written
+    while time.monotonic() - t0 < 60 and proc.poll() is None:
+        if any(os.listdir(tmp / d) for d in os.listdir(tmp)):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert not s3fs.S3FileSystem().exists(dest.removeprefix("s3://"))
