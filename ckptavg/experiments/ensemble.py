@@ -12,7 +12,15 @@ from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import eval_split, get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import checkpoint_warnings, predict, scores
-from ckptavg.options import DataOptions, LoaderOptions, ModelOptions, Reading, Split, check_choice
+from ckptavg.options import (
+    DataOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+    Split,
+    check_choice,
+    network_fields,
+)
 from ckptavg.results import Result
 
 
@@ -61,11 +69,8 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *,
         >>> r.n, r.samples, [m.samples for m in r.members]
         (2, 300, [300, 300])
     """
-    m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
-                    Reading.of(reading))
-    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
-    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
-    key, strip_prefix = rd.key, rd.strip_prefix
+    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
+     key, strip_prefix) = network_fields(model, data, loader, reading)
     subset = eval_images
     if split is not None:
         check_choice("split", split, Split)

@@ -44,6 +44,7 @@ from ckptavg.options import (
     Split,
     Stats,
     check_choice,
+    network_fields,
 )
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, Result
@@ -293,11 +294,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         >>> r.bn_layers, r.samples, ckptavg.load("swa.safetensors")[1]["bn.stale"]
         (3, 512, 'false')
     """
-    m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
-                    Reading.of(reading))
-    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
-    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
-    key, strip_prefix = rd.key, rd.strip_prefix
+    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
+     key, strip_prefix) = network_fields(model, data, loader, reading)
     subset = bn_images
     t0 = time.perf_counter()
     check_choice("stats", stats, Stats)

@@ -22,7 +22,15 @@ from ckptavg.nn.data import (
     split_batch,
 )
 from ckptavg.nn.device import resolve_device
-from ckptavg.options import DataOptions, LoaderOptions, ModelOptions, Reading, Split, check_choice
+from ckptavg.options import (
+    DataOptions,
+    LoaderOptions,
+    ModelOptions,
+    Reading,
+    Split,
+    check_choice,
+    network_fields,
+)
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, Result
 
@@ -174,11 +182,8 @@ def evaluate(checkpoint: str | os.PathLike, *,
         >>> r.split, r.samples, 0 <= r.accuracy <= 100
         ('test', 500, True)
     """
-    m, d, ld, rd = (ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader),
-                    Reading.of(reading))
-    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
-    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
-    key, strip_prefix = rd.key, rd.strip_prefix
+    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
+     key, strip_prefix) = network_fields(model, data, loader, reading)
     subset = eval_images
     t0 = time.perf_counter()
     if split is not None:
