@@ -315,3 +315,23 @@ def test_no_object_is_visible_after_a_kill(tmp_path, bucket):
         pytest.skip("the run finished before it could be killed")
     s3fs.S3FileSystem.clear_instance_cache()
     assert not s3fs.S3FileSystem().exists(dest.removeprefix("s3://"))
+
+
+def test_read_ahead_stays_within_its_budget(tmp_path, bucket):
+    """Many objects read at once share the read-ahead budget: 8 MiB windows for a few, down
+    to 1 MiB each for many (two windows each within 128 MiB); the mean stays exact."""
+    from ckptavg.io import remote
+
+    assert remote.window_size() == 8 << 20
+    remote._LIVE[0] = 40
+    try:
+        assert remote.window_size() == max(1 << 20, (128 << 20) // 80)
+    finally:
+        remote._LIVE[0] = 0
+    states = _states(3)
+    _upload_run(tmp_path, bucket, states)
+    out = tmp_path / "avg.safetensors"
+    ckptavg.average([f"s3://{bucket}/run/epoch-*.safetensors"], out)
+    assert remote._LIVE[0] == 0  # every window released with its reader
+    got, want = load_file(str(out)), _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)

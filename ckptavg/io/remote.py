@@ -4,8 +4,8 @@ Outputs (`-o s3://...`) are written to a local temporary copy, then uploaded (`u
 Inputs are safetensors files and sharded safetensors folders: the header is read with two
 ranged GETs, then the engine reads each tensor's byte spans as it needs them, through a
 read-ahead window per object whose next window is fetched in the background (several GETs
-in flight across the inputs), so memory stays a few windows per input and nothing is
-downloaded whole. A failed GET (a dropped connection, a timeout) is retried with backoff,
+in flight across the inputs). Windows are 8 MiB, smaller when many objects are read at once,
+so that all of them stay within 128 MiB; nothing is downloaded whole. A failed GET (a dropped connection, a timeout) is retried with backoff,
 then is one line naming the object and the bytes. An object rewritten while it is read
 (another ETag or size) refuses the result, as a local file rewritten in place does.
 
@@ -45,7 +45,15 @@ from ckptavg.io.base import (
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 4  # tries of one ranged GET before the run stops
 BACKOFF = 0.2  # seconds before the second try, doubling
-WINDOW = 8 << 20  # bytes fetched per ranged GET when reading ahead
+WINDOW = 8 << 20  # bytes fetched per ranged GET when reading ahead, at most
+BUDGET = 128 << 20  # read-ahead bytes of all objects read at once (two windows each)
+_LIVE = [0]  # objects with a read-ahead window right now
+
+
+def window_size() -> int:
+    """Each object's window: WINDOW, smaller when many are read at once, so that their
+    windows (the current one and the next) stay within BUDGET; 1 MiB at least."""
+    return max(1 << 20, min(WINDOW, BUDGET // (2 * max(_LIVE[0], 1))))
 _POOL = ThreadPoolExecutor(8, thread_name_prefix="ckptavg-get")
 
 
@@ -159,21 +167,25 @@ class RemoteFile(SourceFile):
         reads go forward) and starts fetching the one after."""
         n = len(view)
         w = self._window
-        with w.setdefault("lock", threading.Lock()):
+        if "lock" not in w:
+            w["lock"] = threading.Lock()
+            _LIVE[0] += 1
+        size = window_size()
+        with w["lock"]:
             start, data = w.get("start", -1), w.get("data", b"")
             if not (start <= offset and offset + n <= start + len(data)):
                 nxt = w.pop("next", None)
-                if nxt is not None and nxt[0] == offset and nxt[0] + WINDOW >= offset + n:
+                if nxt is not None and nxt[0] == offset and nxt[0] + size >= offset + n:
                     start, data = offset, nxt[1].result()
                     if offset + n > start + len(data):
-                        start, data = offset, self.get(offset, min(max(n, WINDOW), self.size - offset))
+                        start, data = offset, self.get(offset, min(max(n, size), self.size - offset))
                 else:
-                    start, data = offset, self.get(offset, min(max(n, WINDOW), self.size - offset))
+                    start, data = offset, self.get(offset, min(max(n, size), self.size - offset))
                 w["start"], w["data"] = start, data
                 ahead = start + len(data)
                 if ahead < self.size:
                     w["next"] = (ahead, _POOL.submit(self.get, ahead,
-                                                     min(WINDOW, self.size - ahead)))
+                                                     min(size, self.size - ahead)))
             view[:] = data[offset - start:offset - start + n]
 
     @contextlib.contextmanager
@@ -195,6 +207,8 @@ class RemoteFile(SourceFile):
         if nxt is not None:
             nxt[1].cancel()
         self._window.pop("data", None)
+        if self._window.pop("lock", None) is not None:
+            _LIVE[0] -= 1
 
 
 class _RemoteShard:
