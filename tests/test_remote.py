@@ -335,3 +335,21 @@ def test_read_ahead_stays_within_its_budget(tmp_path, bucket):
     assert remote._LIVE[0] == 0  # every window released with its reader
     got, want = load_file(str(out)), _mean64(states)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_two_torchrun_ranks_read_s3_like_one_process(tmp_path, bucket):
+    """Under torchrun each rank reads its share of the tensors from the objects itself
+    (ranged GETs of its own byte spans): the folder it writes holds the one-process bytes."""
+    from tests.distributed.conftest import torchrun
+
+    states = _states(3)
+    _upload_run(tmp_path, bucket, states)
+    src = f"s3://{bucket}/run/epoch-*.safetensors"
+    one = tmp_path / "one"
+    ckptavg.average([src], one)
+    two = tmp_path / "two"
+    proc = torchrun("ckptavg", "average", src, "-o", two, "-q", env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = ckptavg.load(one)[0], ckptavg.load(two)[0]
+    want = _mean64(states)
+    assert all(torch.equal(a[k], want[k]) and torch.equal(b[k], want[k]) for k in want)
