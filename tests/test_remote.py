@@ -296,7 +296,7 @@ def test_no_object_is_visible_after_a_kill(tmp_path, bucket):
 
     import s3fs
 
-    big = [{f"t{j}": torch.full((4_000_000,), float(i)) for j in range(12)} for i in range(3)]
+    big = [{f"t{j}": torch.full((1_000_000,), float(i)) for j in range(24)} for i in range(3)]
     _upload_run(tmp_path, bucket, big, prefix="big")
     dest = f"s3://{bucket}/out/avg.safetensors"
     tmp = tmp_path / "t"
