@@ -353,3 +353,18 @@ def test_two_torchrun_ranks_read_s3_like_one_process(tmp_path, bucket):
     a, b = ckptavg.load(one)[0], ckptavg.load(two)[0]
     want = _mean64(states)
     assert all(torch.equal(a[k], want[k]) and torch.equal(b[k], want[k]) for k in want)
+
+
+def test_inspect_and_load_read_s3_too(tmp_path, bucket):
+    states = _states(1)
+    _upload_run(tmp_path, bucket, states)
+    url = f"s3://{bucket}/run/epoch-0001.safetensors"
+    info = ckptavg.inspect(url)
+    assert info.format == "safetensors" and info.tensors == 3
+    assert info.metadata["train.epoch"] == "1"
+    got, meta = ckptavg.load(url)
+    assert all(torch.equal(got[k], states[0][k]) for k in states[0])
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "inspect", url, "--json"],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tensors"] == 3
