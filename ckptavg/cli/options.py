@@ -133,11 +133,7 @@ def from_fields(cls, into: str | None = None, *, only=None, exclude=(), required
                     given = kwargs.pop(f"_old_{f.name}_{i}")
                     if given is None:
                         continue
-                    new = flag.names[-1]
-                    if any(_typed(n) for n in flag.names):
-                        raise click.UsageError(f"{old} and {new} are one option; give {new} only")
-                    click.echo(f"ckptavg: warning: {old} is deprecated (since {options.DEPRECATED_IN}) "
-                               f"and goes in the next release; use {new}", err=True)
+                    _deprecated(old, flag.names)
                     values[f.name] = given
             if into is None:
                 kwargs.update(values)
@@ -169,11 +165,17 @@ def resolve_alias(kwargs: dict, old: str, new: str, name: str) -> None:
     given = kwargs.pop(f"_old_{name}", None)
     if given is None:
         return
-    if _typed(new) or (new == "--output" and _typed("-o")):
-        raise click.UsageError(f"{old} and {new} are one option; give {new} only")
-    click.echo(f"ckptavg: warning: {old} is deprecated (since {options.DEPRECATED_IN}) and goes "
-               f"in the next release; use {new}", err=True)
+    _deprecated(old, ("-o", new) if new == "--output" else (new,))
     kwargs[name] = given
+
+
+def _deprecated(old: str, new: tuple[str, ...]) -> None:
+    """An old spelling was given: a usage error when one of the new spellings `new` was
+    typed too, else a warning naming the long one."""
+    if any(_typed(n) for n in new):
+        raise click.UsageError(f"{old} and {new[-1]} are one option; give {new[-1]} only")
+    click.echo(f"ckptavg: warning: {old} is deprecated (since {options.DEPRECATED_IN}) and goes "
+               f"in the next release; use {new[-1]}", err=True)
 
 
 def group(*opts):

@@ -42,7 +42,7 @@ from ckptavg.io import ReaderBase, make_writer, open_checkpoint, remote
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote
-from ckptavg.io.staging import describe
+from ckptavg.io.staging import describe, with_kept
 from ckptavg.io.writer import check_output, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
 from ckptavg.parallel import Group, world_size
@@ -244,13 +244,8 @@ def average(
                     for r in readers:
                         r.check_unchanged()
             except CkptavgError as e:
-                kept = getattr(writer, "kept", None)
-                if not kept:
-                    raise
-                again = CkptavgError(f"{e}; {kept}")
-                again.exit_code = e.exit_code
-                raise again from None
-            result.warnings += getattr(writer, "notes", [])
+                raise with_kept(e, writer.kept) from None
+            result.warnings += writer.notes
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result

@@ -31,7 +31,7 @@ from ckptavg.engine.select import (
 from ckptavg.errors import CkptavgError
 from ckptavg.io import TensorSpec
 from ckptavg.io.folder import side_files
-from ckptavg.io.staging import Staging, describe, record_done
+from ckptavg.io.staging import Staging, describe, record_done, with_kept
 from ckptavg.io.writer import check_output
 from ckptavg.parallel import Group
 
@@ -135,12 +135,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     try:
         maps = group.agree(error, weight_map)
     except CkptavgError as e:
-        kept = staging.keep_or_drop() if staging is not None else None
-        if not kept:
-            raise
-        again = CkptavgError(f"{e}; {kept}")
-        again.exit_code = e.exit_code
-        raise again from None
+        raise with_kept(e, staging.keep_or_drop() if staging is not None else None) from None
     except BaseException:
         if staging is not None:
             staging.keep_or_drop()

@@ -26,7 +26,7 @@ from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.data import get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict, scores
-from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions, network_fields
 from ckptavg.results import Result
 
 WIDTH_TRAIN_IMAGES = 5000  # training images for the train loss and BatchNorm, by default
@@ -104,9 +104,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         >>> len(r.rows), [s.label for s in r.summary]
         (4, ['epoch-0001.safetensors', 'swa.safetensors'])
     """
-    m, d, ld = ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader)
-    model, model_kwargs, data, data_dir, download = m.model, m.model_kwargs, d.data, d.data_dir, d.download
-    batch_size, device = ld.batch_size, ld.device
+    (model, model_kwargs, data, data_dir, download, batch_size, _, device, _,
+     _, _) = network_fields(model, data, loader)
     if directions is not None:
         rays = len(directions)
     if rays < 1 or points < 2 or max_distance <= 0:

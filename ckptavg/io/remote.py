@@ -105,6 +105,11 @@ def expand(pattern: str) -> list[str]:
     return [_url(fs, p) for p in found]
 
 
+def _etag(info: dict) -> str | None:
+    """An object's version tag as its store names it (S3's ETag, GCS's md5Hash)."""
+    return info.get("ETag") or info.get("etag") or info.get("md5Hash")
+
+
 @dataclass(frozen=True)
 class RemoteFile(SourceFile):
     """One object, as it was when opened (size and ETag), read with ranged GETs."""
@@ -132,8 +137,7 @@ class RemoteFile(SourceFile):
         if info.get("type") == "directory":
             raise CheckpointError(f"{url}: a folder; pass its files, or a folder with "
                                   f"{INDEX_NAME}")
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-        return cls(url, 0, 0, int(info["size"]), 0, fs, key, etag)
+        return cls(url, 0, 0, int(info["size"]), 0, fs, key, _etag(info))
 
     def get(self, offset: int, n: int) -> bytes:
         """Bytes [offset, offset + n) with one ranged GET, retried; a short answer (the
@@ -195,11 +199,9 @@ class RemoteFile(SourceFile):
     def changed(self) -> bool:
         try:
             info = self.fs.info(self.key)
-        except FileNotFoundError:
-            return False  # removed: what was read stays what it was
-        except Exception:
+        except Exception:  # removed, or unreachable now: what was read stays what it was
             return False
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+        etag = _etag(info)
         return int(info["size"]) != self.size or (etag is not None and etag != self.etag)
 
     def close(self) -> None:

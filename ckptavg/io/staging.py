@@ -19,6 +19,7 @@ each rank owns one shard and writes its own `.done`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -156,7 +157,7 @@ class Staging:
             else:
                 self.notes.append(f"{shard}: does not match its record (damaged since); made again")
                 for p in (shard, shard + DONE):
-                    with _ignore():
+                    with contextlib.suppress(OSError):
                         os.unlink(p)
         return done
 
@@ -169,7 +170,7 @@ class Staging:
                 if os.path.isdir(p):
                     shutil.rmtree(p, ignore_errors=True)
                 else:
-                    with _ignore():
+                    with contextlib.suppress(OSError):
                         os.unlink(p)
 
     def finished(self, name: str) -> None:
@@ -199,6 +200,16 @@ class Staging:
             self._lock = None
 
 
+def with_kept(e: CkptavgError, kept: str | None) -> CkptavgError:
+    """The error a failed run raises: `e`, with the line saying how to finish the output
+    when finished shards were kept (same exit code)."""
+    if not kept:
+        return e
+    again = CkptavgError(f"{e}; {kept}")
+    again.exit_code = e.exit_code
+    return again
+
+
 def record_done(path: str, name: str) -> None:
     """Record shard `name` of the staging folder `path` as done (its size and sha256), once
     its file is complete and renamed into place."""
@@ -214,13 +225,6 @@ def _empty(path: str) -> None:
         else:
             os.unlink(p)
 
-
-class _ignore:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def refuse_changes(found: dict, want: dict, where: str) -> None:

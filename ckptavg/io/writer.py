@@ -215,6 +215,8 @@ class Writer(Atomic, abc.ABC):
     # Declared capabilities, read by the engine (never probed with hasattr):
     keeps_tensors = False  # holds every tensor until close (DCP): give it fresh buffers
     shares_ties = False  # tied names are one tensor: only the first of each is written
+    kept: str | None = None  # after a failure: what was kept for --resume, and how to finish
+    notes: tuple[str, ...] | list[str] = ()  # warnings the writer has for the result
     streams_parts = False  # takes a tensor in consecutive flat slices (write_part)
 
     def write(self, key: str, tensor) -> None:
@@ -445,8 +447,7 @@ class ShardedWriter(Writer):
         # in the output's staging folder and each finished one is recorded, so that a
         # failed or killed run can be finished with `resume`; else in a temporary folder.
         self.staging = None
-        self.kept: str | None = None
-        self.notes: list[str] = []
+        self.notes = []
         if run is not None:
             from ckptavg.io.staging import Staging
 
@@ -461,16 +462,21 @@ class ShardedWriter(Writer):
         self._left = 0
         self.bytes_written = sum(s.nbytes for s in specs)
 
+    @property
+    def _done(self) -> set[str]:
+        """The shards a resumed run found done (none without a staging folder)."""
+        return self.staging.done if self.staging is not None else set()
+
     def pending_keys(self) -> list[str] | None:
         """The keys of the shards still to write (None: all of them)."""
-        done = self.staging.done if self.staging is not None else set()
+        done = self._done
         if not done:
             return None
         return [s.key for name, shard in zip(self._names, self._shards) if name not in done
                 for s in shard]
 
     def _next_shard(self) -> int:
-        done = self.staging.done if self.staging is not None else set()
+        done = self._done
         i = self._shard + 1
         while i < len(self._shards) and self._names[i] in done:
             i += 1

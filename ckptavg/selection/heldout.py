@@ -34,6 +34,7 @@ from ckptavg.options import (
     ModelOptions,
     Stats,
     check_choice,
+    network_fields,
 )
 
 
@@ -122,15 +123,14 @@ class HeldOut:
     def __init__(self, ref: Candidate, *, heldout: HeldOutOptions | None = None,
                  model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
                  loader: LoaderOptions | None = None) -> None:
-        h, m, d, ld = (HeldOutOptions.of(heldout), ModelOptions.of(model), DataOptions.of(data),
-                       LoaderOptions.of(loader))
+        h = HeldOutOptions.of(heldout)
         holdout, subset, seed, stats, bn_batches = (h.holdout, h.train_images, h.seed, h.stats,
                                                     h.bn_batches)
-        data_dir, download = d.data_dir, d.download
-        batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
+        (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
+         _, _) = network_fields(model, data, loader)
         check_choice("stats", stats, Stats)
         meta = ref.metadata
-        self.data_name, arch, kwargs = model_and_data(meta, m.model, m.model_kwargs, d.data,
+        self.data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data,
                                                       ref.path)
         self.net, _ = build_model(arch, kwargs, self.data_name, data_dir)
         self.dev = resolve_device(device)

@@ -49,6 +49,7 @@ from ckptavg.options import (
     Split,
     Stats,
     check_choice,
+    network_fields,
 )
 from ckptavg.results import Progress, Result, peak_rss_bytes
 
@@ -292,9 +293,8 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         (['SWAG', 'SWA', 'runs/a/epoch-0006.safetensors'], 300)
     """
     t0 = time.perf_counter()
-    m, d, ld = ModelOptions.of(model), DataOptions.of(data), LoaderOptions.of(loader)
-    data_dir, download = d.data_dir, d.download
-    batch_size, workers, device, input_key = ld.batch_size, ld.workers, ld.device, ld.input_key
+    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
+     _, _) = network_fields(model, data, loader)
     if split is not None:
         check_choice("split", split, Split)
     check_choice("stats", stats, Stats)
@@ -304,7 +304,7 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         pyplot()
     with SwagPosterior(swag_path) as post:
         meta = post.metadata
-        data_name, arch, kwargs = model_and_data(meta, m.model, m.model_kwargs, d.data, post.path)
+        data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data, post.path)
         split = eval_split(data_name, split)
         net, _ = build_model(arch, kwargs, data_name, data_dir)
         dev = resolve_device(device)
