@@ -257,11 +257,89 @@ def test_an_object_rewritten_during_the_run_is_refused(tmp_path, bucket, monkeyp
     assert not out.exists()
 
 
-def test_a_torch_file_in_s3_is_one_line_naming_the_fix(tmp_path, bucket):
-    torch.save({"w": torch.ones(2)}, tmp_path / "last.pt")
+def _put_folder(bucket: str, prefix: str, folder) -> None:
+    for name in os.listdir(folder):
+        _put(bucket, f"{prefix}/{name}", folder / name)
+
+
+def test_torch_files_in_s3_average_exactly_and_are_crc_checked(tmp_path, bucket):
+    """torch.save training checkpoints (weights under 'state_dict', an optimizer beside
+    them) are read in place: the exact mean; a byte flipped in a tensor record fails its
+    CRC-32 in one line naming the object, and nothing is written."""
+    states = _states()
+    for i, s in enumerate(states):
+        p = tmp_path / f"e{i}.ckpt"
+        torch.save({"state_dict": s, "epoch": i + 1, "optimizer": {"m": torch.zeros(3)}}, p)
+        _put(bucket, f"pt/epoch-{i + 1}.ckpt", p)
+    out = tmp_path / "avg.safetensors"
+    r = ckptavg.average([f"s3://{bucket}/pt/*.ckpt"], out)
+    assert r.n == 3 and r.epochs == [1, 2, 3]
+    got, want = load_file(str(out)), _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    bad = bytearray((tmp_path / "e1.ckpt").read_bytes())
+    bad[len(bad) // 2] ^= 0xFF  # inside the 12 MB record of "w"
+    (tmp_path / "bad.ckpt").write_bytes(bytes(bad))
+    _put(bucket, "pt/epoch-2.ckpt", tmp_path / "bad.ckpt")
+    out.unlink()
+    with pytest.raises(CkptavgError, match=rf"s3://{bucket}/pt/epoch-2.ckpt: record .* fails "
+                                           "its CRC-32 check"):
+        ckptavg.average([f"s3://{bucket}/pt/*.ckpt"], out)
+    assert not out.exists()
+
+
+def test_a_legacy_torch_file_in_s3_is_one_line_naming_the_fix(tmp_path, bucket):
+    torch.save({"w": torch.ones(2)}, tmp_path / "last.pt", _use_new_zipfile_serialization=False)
     _put(bucket, "run/last.pt", tmp_path / "last.pt")
-    with pytest.raises(CkptavgError, match="read from local disk only; copy it first"):
-        ckptavg.average([f"s3://{bucket}/run/last.pt"], tmp_path / "o.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "average", f"s3://{bucket}/run/last.pt",
+                           "-o", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"ckptavg: error: s3://{bucket}/run/last.pt: this torch file needs torch's own loader "
+        "(a legacy or compressed file, or tensors of a kind only torch reads), which reads "
+        "local files only; copy it to local disk first, or save it as safetensors"]
+
+
+def test_hugging_face_bin_folders_in_s3_average_exactly(tmp_path, bucket):
+    """Folders of pytorch_model-*.bin shards with their index, as transformers writes them:
+    the exact mean, into a folder output that gets the inputs' config.json."""
+    states = _states(2)
+    for i, s in enumerate(states):
+        folder = tmp_path / f"checkpoint-{i + 1}"
+        folder.mkdir()
+        parts = [{"w": s["w"]}, {"b": s["b"], "n": s["n"]}]
+        weight_map = {}
+        for j, part in enumerate(parts):
+            name = f"pytorch_model-0000{j + 1}-of-00002.bin"
+            torch.save(part, folder / name)
+            weight_map.update({k: name for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        (folder / "config.json").write_text('{"model_type": "toy"}')
+        (folder / "trainer_state.json").write_text(
+            json.dumps({"epoch": float(i + 1), "global_step": 100 * (i + 1)}))
+        _put_folder(bucket, f"hf/checkpoint-{i + 1}", folder)
+    out = tmp_path / "merged"
+    r = ckptavg.average([f"s3://{bucket}/hf/checkpoint-*/"], out)
+    assert r.n == 2 and r.epochs == [1, 2]  # from each folder's trainer_state.json
+    got, want = ckptavg.load(out)[0], _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (out / "config.json").read_text() == '{"model_type": "toy"}'
+
+
+def test_dcp_folders_in_s3_average_exactly(tmp_path, bucket):
+    import torch.distributed.checkpoint as dcp
+
+    states = _states(2)
+    for i, s in enumerate(states):
+        folder = tmp_path / f"dcp-{i}"
+        dcp.save({"model": s}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+        _put_folder(bucket, f"dcp/step-{i + 1}", folder)
+    out = tmp_path / "avg.safetensors"
+    r = ckptavg.average([f"s3://{bucket}/dcp/step-*/"], out)
+    assert r.n == 2
+    got, want = load_file(str(out)), _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_outputs_in_s3_appear_whole(tmp_path, bucket):

@@ -1,7 +1,8 @@
 """Checkpoint formats behind one small interface.
 
 `open_checkpoint(path)` opens the file once, tells its format by content and hands the open
-descriptor to that format's reader (base.py holds what the formats share).
+file (or the folder) to that format's reader; a path in object storage is opened the same
+way, as a remote.RemoteFile or RemoteFolder (base.py holds what the formats share).
 """
 
 from __future__ import annotations
@@ -9,22 +10,25 @@ from __future__ import annotations
 import os
 import stat
 from collections import Counter
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from ckptavg.errors import CheckpointError
+from ckptavg.io import remote
 from ckptavg.io.base import (
     BIN_INDEX_NAME,
     BIN_NAME,
     INDEX_NAME,
     TORCH_SUFFIXES,
+    Folder,
+    OpenFile,
     ReaderBase,
     SourceFile,
     TensorSpec,
     import_torch,
     is_dcp_folder,
-    open_source,
 )
-from ckptavg.io.remote import is_remote, open_remote
+from ckptavg.io.remote import is_remote
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
 from ckptavg.io.writer import make_writer
 
@@ -44,70 +48,91 @@ def sniff_bytes(head: bytes) -> str | None:
     return None
 
 
-def _folder_kind(path: str) -> str:
-    if os.path.exists(os.path.join(path, INDEX_NAME)):
+def _folder_kind(folder: Folder) -> str:
+    if folder.has(INDEX_NAME):
         return "safetensors-sharded"
-    if os.path.exists(os.path.join(path, "model.safetensors")):
+    if folder.has("model.safetensors"):
         return "safetensors-folder"
-    if os.path.exists(os.path.join(path, BIN_INDEX_NAME)):
+    if folder.has(BIN_INDEX_NAME):
         return "torch-sharded"
-    if os.path.exists(os.path.join(path, BIN_NAME)):
+    if folder.has(BIN_NAME):
         return "torch-folder"
-    if is_dcp_folder(path):
+    if is_dcp_folder(folder):
         return "dcp"
-    found = sorted(os.listdir(path))
+    found = folder.names()
     suffixes = Counter(os.path.splitext(n)[1] for n in found
                        if n.lower().endswith((".safetensors", *TORCH_SUFFIXES)))
-    pattern = os.path.join(path, "*" + (suffixes.most_common(1)[0][0] if suffixes
-                                        else ".safetensors"))
+    pattern = folder.join("*" + (suffixes.most_common(1)[0][0] if suffixes
+                                 else ".safetensors"))
     raise CheckpointError(
-        f"{path}: folder has no {INDEX_NAME}, model.safetensors, {BIN_INDEX_NAME}, "
+        f"{folder.path}: folder has no {INDEX_NAME}, model.safetensors, {BIN_INDEX_NAME}, "
         f"{BIN_NAME} or DCP .metadata (it holds: {', '.join(found[:5]) or 'nothing'}"
         f"{', ...' if len(found) > 5 else ''}); to average the files in it, pass them: "
         f"'{pattern}'"
     )
 
 
-def _classify(path: str) -> tuple[str, int | None, SourceFile | None]:
-    """(format, open descriptor, file) of `path`; a folder has no descriptor. Anything that
-    is not a regular file or a folder is refused by `open_source` before it is read."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file; check the path or glob") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    if stat.S_ISDIR(mode):
-        return _folder_kind(path), None, None
-    name = os.path.basename(path)
+@dataclass
+class _Found:
+    """What a path names, told by content: its format, and the open file or the folder."""
+
+    kind: str
+    file: OpenFile | None = None  # an open file (base.OpenFile, remote.RemoteFile)
+    src: SourceFile | None = None
+    folder: Folder | None = None  # a folder (base.Folder, remote.RemoteFolder)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _classify(path: str) -> _Found:
+    """The format of `path` (a local path or a remote URL) and its open file or folder.
+    Anything that is not a regular file or a folder is refused by `open_source` before it
+    is read."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
     if name.endswith(".distcp") or name == ".metadata":
-        folder = os.path.dirname(path) or "."
+        folder = path.rstrip("/")[: -len(name)] or "./"
         raise CheckpointError(
             f"{path}: one file of a torch.distributed.checkpoint (DCP) folder, which is read "
-            f"whole: pass the folder, {folder.rstrip(os.sep)}{os.sep}")
-    fd, src = open_source(path)
+            f"whole: pass the folder, {folder}")
+    if is_remote(path):
+        where = remote.locate(path)
+        if isinstance(where, remote.RemoteFolder):
+            return _Found(_folder_kind(where), folder=where)
+        file, src = where, where
+    else:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file; check the path or glob") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        if stat.S_ISDIR(mode):
+            folder = Folder(path)
+            return _Found(_folder_kind(folder), folder=folder)
+        file, src = OpenFile.of(path)
     try:
-        kind = sniff_bytes(os.pread(fd, 16, 0))
+        kind = sniff_bytes(file.get(0, min(16, src.size)))
     except BaseException:
-        os.close(fd)
+        file.close()
         raise
     if kind is None:
-        os.close(fd)
+        file.close()
         raise CheckpointError(
             f"{path}: not a checkpoint ckptavg can read (expected safetensors or a torch.save "
             f"file such as {', '.join(TORCH_SUFFIXES[:4])}); check the file"
         )
-    return kind, fd, src
+    return _Found(kind, file, src)
 
 
 def sniff(path: str) -> str:
     """The format of `path` by content: 'safetensors', 'torch-zip', 'torch-legacy' for a
     file; 'safetensors-sharded', 'safetensors-folder', 'torch-sharded', 'torch-folder' or
     'dcp' for a folder. Raises CheckpointError for anything else (naming the fix)."""
-    kind, fd, _ = _classify(path)
-    if fd is not None:
-        os.close(fd)
-    return kind
+    found = _classify(path)
+    found.close()
+    return found.kind
 
 
 def open_checkpoint(path: str | os.PathLike, key: str | None = None,
@@ -115,7 +140,9 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
     """Open a checkpoint for streaming reads.
 
     Args:
-        path: a safetensors file, a sharded safetensors folder, or a torch.save file.
+        path: a safetensors file, a sharded safetensors folder, a torch.save file, a
+            Hugging Face .bin folder or a DCP folder; on local disk, or in object storage
+            (`s3://...`, any fsspec URL: read in place with ranged GETs).
         key: for torch files, the entry that holds the state dict (e.g. "state_dict_ema").
         strip_prefix: a key prefix to remove (e.g. Lightning's "model.").
 
@@ -129,27 +156,37 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
         ('safetensors', (10, 128), '1')
     """
     path = os.fspath(path)
-    if is_remote(path):
-        return open_remote(path, key=key, strip_prefix=strip_prefix)
-    kind, fd, src = _classify(path)
+    found = _classify(path)
+    reader = _open(path, found, key, strip_prefix)  # takes the open file over
+    if found.file is not None and found.file.remote:
+        reader.folder = remote.parent(found.file)  # a trainer_state.json beside it
+    return reader
+
+
+def _open(path: str, found: _Found, key: str | None, strip_prefix: str | None) -> ReaderBase:
+    kind, file, src, folder = found.kind, found.file, found.src, found.folder
     if kind == "dcp":
-        return _torch_formats().DCPReader(path, key=key, strip_prefix=strip_prefix)
+        return _torch_formats().DCPReader(path, key=key, strip_prefix=strip_prefix,
+                                          folder=folder)
     if kind in ("torch-folder", "torch-sharded"):
         if key is not None:
             raise CheckpointError(f"{path}: a Hugging Face folder holds plain state dicts, with "
                                   f"no entry {key!r} to pick; drop the key")
-        return _torch_formats().TorchFolderReader(path, strip_prefix=strip_prefix)
+        return _torch_formats().TorchFolderReader(path, strip_prefix=strip_prefix,
+                                                  folder=folder)
     if kind.startswith("safetensors"):
         if key is not None:
-            if fd is not None:
-                os.close(fd)
+            found.close()
             raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
                                   "(entries exist in torch.save files only); drop the key")
-        return SafetensorsReader(path, strip_prefix=strip_prefix, fd=fd, src=src)
+        if is_remote(path):
+            return remote.RemoteSafetensorsReader(path, strip_prefix, folder=folder, file=file)
+        return SafetensorsReader(path, strip_prefix=strip_prefix,
+                                 fd=file.fd if file is not None else None, src=src)
     from ckptavg.io.pt import TorchReader  # imports torch only for what it cannot describe
 
     return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip",
-                       fd=fd, src=src)
+                       file=file, src=src)
 
 
 def _torch_formats():

@@ -46,10 +46,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's plan, beside its *.distcp files
 
 
-def is_dcp_folder(path: str) -> bool:
-    """A torch.distributed.checkpoint folder (told by its files: no torch needed)."""
-    return os.path.isfile(os.path.join(path, DCP_METADATA)) and any(
-        n.endswith(".distcp") for n in os.listdir(path))
+def is_dcp_folder(path) -> bool:
+    """A torch.distributed.checkpoint folder (told by its files: no torch needed); `path`
+    is a folder's path or a Folder."""
+    folder = path if isinstance(path, Folder) else Folder(path)
+    return folder.has(DCP_METADATA) and any(n.endswith(".distcp") for n in folder.names())
+
 # Wrapper prefixes added by DataParallel/DDP (module.) and torch.compile (_orig_mod.).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -185,6 +187,103 @@ def pread_number(fd: int, offset: int, dtype: DType, path: str) -> float | None:
     if fmt is None:
         return None
     return struct.unpack(fmt, pread_exact(fd, dtype.itemsize, offset, path))[0]
+
+
+def number_at(file, offset: int, dtype: DType) -> float | None:
+    """`pread_number` through an open file (OpenFile, remote.RemoteFile)."""
+    fmt = _NUMBER_FORMATS.get(dtype.name)
+    return None if fmt is None else struct.unpack(fmt, file.get(offset, dtype.itemsize))[0]
+
+
+class OpenFile:
+    """An open local file, read by offset: what the formats read a file through. An object
+    in remote storage (remote.RemoteFile) answers the same calls with ranged GETs, so a
+    format reads either without knowing which it has."""
+
+    remote = False
+
+    def __init__(self, fd: int, src: SourceFile):
+        self.fd, self.path, self.size = fd, src.path, src.size
+
+    @classmethod
+    def of(cls, path: str) -> tuple[OpenFile, SourceFile]:
+        """Open `path` (`open_source`): (the open file, what it is)."""
+        fd, src = open_source(path)
+        return cls(fd, src), src
+
+    def get(self, offset: int, n: int) -> bytes:
+        """Bytes [offset, offset + n); a file that ends first is one line."""
+        return pread_exact(self.fd, n, offset, self.path)
+
+    def pread(self, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset`."""
+        pread_into(self.fd, view, offset, self.path)
+
+    def open(self):
+        """A file object of this open file (for zipfile), closed by the caller."""
+        return open(fd_path(self.fd, self.path), "rb")
+
+    def extent(self, offset: int, check: object = None) -> Extent:
+        """Where a tensor's bytes lie, for the engine's reads (`pread_extent`)."""
+        return Extent(self.fd, offset, self.path, check)
+
+    def number(self, offset: int, dtype: DType) -> float | None:
+        """The value of a one-element tensor stored at `offset` (`pread_number`)."""
+        return number_at(self, offset, dtype)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Folder:
+    """A folder of checkpoint files on local disk. A folder in remote storage
+    (remote.RemoteFolder) answers the same calls, so the folder formats (sharded
+    safetensors, Hugging Face .bin folders, DCP) read either."""
+
+    remote = False
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def join(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def has(self, name: str) -> bool:
+        """Whether the folder holds a file `name`."""
+        return os.path.isfile(self.join(name))
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.path))
+
+    def open(self, name: str) -> tuple[OpenFile, SourceFile]:
+        """The file `name`, opened once (`open_source`)."""
+        return OpenFile.of(self.join(name))
+
+    def read(self, name: str, limit: int) -> bytes:
+        """The whole of a small file of the folder (an index, metadata); a larger one than
+        `limit` is refused in one line."""
+        f, src = self.open(name)
+        try:
+            if src.size > limit:
+                raise CheckpointError(f"{src.path}: {src.size} bytes; refused (a {name} is "
+                                      f"at most {limit} bytes)")
+            return f.get(0, src.size)
+        finally:
+            f.close()
+
+    def side_file(self, name: str, limit: int = 16 << 20) -> bytes | None:
+        """A side file's bytes (config.json, trainer_state.json): None when it is absent,
+        a link, or larger than `limit`."""
+        p = self.join(name)
+        if not os.path.isfile(p) or os.path.islink(p) or os.path.getsize(p) > limit:
+            return None
+        try:
+            with open(p, "rb") as f:
+                return f.read(limit + 1)
+        except OSError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -408,15 +507,12 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
-def trainer_state_position(folder: str) -> Position:
+def trainer_state_position(folder: Folder) -> Position:
     """Epoch and step from a Hugging Face `trainer_state.json` in `folder`, if there is one."""
-    path = os.path.join(folder, TRAINER_STATE)
+    raw = folder.side_file(TRAINER_STATE, MAX_SIDE_FILE)
     try:
-        if os.path.getsize(path) > MAX_SIDE_FILE:
-            return Position()
-        with open(path, "rb") as f:
-            state = json.loads(f.read())
-    except (OSError, ValueError, RecursionError):
+        state = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):
         return Position()
     if not isinstance(state, dict):
         return Position()
@@ -426,13 +522,12 @@ def trainer_state_position(folder: str) -> Position:
                     where.format("global_step") if step is not None else "")
 
 
-def read_index(index_path: str) -> tuple[dict[str, str], dict[str, str]]:
-    """(tensor name -> shard file name, metadata) of a Hugging Face index file, checked:
-    every shard is a plain file name in the index's folder."""
-    fd, _ = open_source(index_path)
+def read_index(folder: Folder, name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(tensor name -> shard file name, metadata) of the Hugging Face index file `name` of
+    `folder`, checked: every shard is a plain file name in the index's folder."""
+    index_path = folder.join(name)
     try:
-        with os.fdopen(fd, "rb") as f:
-            index = json.loads(f.read(MAX_SIDE_FILE + 1).decode("utf-8"))
+        index = json.loads(folder.read(name, MAX_SIDE_FILE).decode("utf-8"))
     except (ValueError, RecursionError):
         raise CheckpointError(f"{index_path}: corrupt index (not JSON)") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -551,6 +646,9 @@ class ReaderBase(abc.ABC):
     other_entries: tuple[str, ...] = ()  # a torch file's entries besides weights and metadata
     extras_notes: tuple[str, ...] = ()  # what carrying `extras` converted or left out
     files: list[SourceFile]
+    # The folder the checkpoint is, or lies in, where a reader knows it (remote inputs): its
+    # side files (trainer_state.json, config.json) are read from there.
+    folder: Folder | None = None
     _names: dict[str, str]
     _fingerprint: str | None = None
 
@@ -593,8 +691,11 @@ class ReaderBase(abc.ABC):
     def position(self) -> Position:
         """Epoch and step recorded by the training library in the checkpoint itself (not
         ckptavg's metadata, not the name): a Hugging Face trainer_state.json beside it."""
-        folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
-        return trainer_state_position(folder or ".")
+        folder = self.folder
+        if folder is None:
+            path = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+            folder = Folder(path or ".")
+        return trainer_state_position(folder)
 
     def fingerprint(self) -> str:
         """`fingerprint(self.files)`, computed once."""

@@ -10,7 +10,6 @@ dependency; zlib stays the fallback where it cannot be installed.
 from __future__ import annotations
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.base import pread_exact
 
 try:
     from isal.isal_zlib import crc32
@@ -72,17 +71,16 @@ class RecordCheck:
             self._restart()
             self.update(self.offset, data)
 
-    def finish(self, fd: int) -> None:
+    def finish(self, file) -> None:
         """Read and sum whatever of the record was not summed in order (all of it, after a
-        skip), then compare."""
+        skip), then compare. `file` is the open file (base.OpenFile, remote.RemoteFile)."""
         if self.done:
             return
         if self._skipped:
             self._restart()
         while not self.done:
             n = min(1 << 22, self.size - self._pos)
-            self.update(self.offset + self._pos,
-                        pread_exact(fd, n, self.offset + self._pos, self.path))
+            self.update(self.offset + self._pos, file.get(self.offset + self._pos, n))
 
     def _compare(self) -> None:
         if self._crc != self.expected:

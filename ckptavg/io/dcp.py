@@ -25,10 +25,10 @@ from ckptavg.io.base import (
 )
 from ckptavg.io.base import (
     STATE_DICT_KEYS,
+    Folder,
+    OpenFile,
     ReaderBase,
     TensorSpec,
-    open_source,
-    pread_exact,
     strip_keys,
 )
 from ckptavg.io.writer import Writer, as_tensor
@@ -54,13 +54,13 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
 
 
-def _read_metadata(path: str):
-    file = os.path.join(path, METADATA)
-    fd, src = open_source(file)
+def _read_metadata(folder: Folder):
+    file = folder.join(METADATA)
+    f, src = folder.open(METADATA)
     try:
-        raw = pread_exact(fd, src.size, 0, file)
+        raw = f.get(0, src.size)
     finally:
-        os.close(fd)
+        f.close()
     try:
         meta = _MetadataUnpickler(io.BytesIO(raw)).load()
     except pickle.UnpicklingError as e:
@@ -74,16 +74,19 @@ def _read_metadata(path: str):
 
 
 class DCPReader(ReaderBase):
-    """A torch.distributed.checkpoint folder."""
+    """A torch.distributed.checkpoint folder, on local disk or in remote storage (`folder`:
+    a remote.RemoteFolder; chunks are then read with ranged GETs)."""
 
     format = "dcp"
 
-    def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None):
+    def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None,
+                 folder: Folder | None = None):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = path
-        self._fds: dict[str, int] = {}
-        meta, meta_src = _read_metadata(path)
+        self.folder = folder or Folder(path)
+        self._open_files: dict[str, OpenFile] = {}
+        meta, meta_src = _read_metadata(self.folder)
         self.files = [meta_src]
         try:
             tensors = {fqn: m for fqn, m in meta.state_dict_metadata.items()
@@ -108,16 +111,16 @@ class DCPReader(ReaderBase):
             self.close()
             raise
 
-    def _open(self, relative: str) -> tuple[int, str]:
+    def _open(self, relative: str) -> tuple[OpenFile, str]:
         if os.path.basename(relative) != relative or relative in ("", ".", ".."):
             raise CheckpointError(f"{self.path}: DCP metadata names {relative!r}, not a file in "
                                   "the folder; the checkpoint is corrupt")
-        file = os.path.join(self.path, relative)
-        if file not in self._fds:
-            fd, src = open_source(file)
-            self._fds[file] = fd
+        file = self.folder.join(relative)
+        if file not in self._open_files:
+            f, src = self.folder.open(relative)
+            self._open_files[file] = f
             self.files.append(src)
-        return self._fds[file], file
+        return self._open_files[file], file
 
     def info(self, key: str) -> TensorSpec:
         m = self._meta_of[self._raw(key)]
@@ -128,8 +131,8 @@ class DCPReader(ReaderBase):
         m, fqn = self._meta_of[raw], self._fqn[raw]
         out = torch.empty(tuple(m.size), dtype=m.properties.dtype)
         covered = 0
-        for offsets, (fd, file), start, length in self._chunks[fqn]:
-            blob = pread_exact(fd, length, start, file)
+        for offsets, (f, file), start, length in self._chunks[fqn]:
+            blob = f.get(start, length)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -154,12 +157,12 @@ class DCPReader(ReaderBase):
         return out
 
     def metadata(self) -> dict[str, str]:
-        return read_side_metadata(self.path)
+        return read_side_metadata(self.folder)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        for f in self._open_files.values():
+            f.close()
+        self._open_files = {}
 
 
 def _weights_entry(tensors: dict, planner: dict, key: str | None,
@@ -183,21 +186,15 @@ SIDE_METADATA = "ckptavg.json"  # our str -> str metadata map; DCP has no place 
 MAX_SIDE_METADATA = 1 << 20
 
 
-def read_side_metadata(path: str) -> dict[str, str]:
+def read_side_metadata(folder: Folder) -> dict[str, str]:
     """The metadata map ckptavg wrote beside a DCP checkpoint (absent: none). JSON only:
     nothing in it is run."""
     import json
 
-    file = os.path.join(path, SIDE_METADATA)
-    if not os.path.isfile(file):
+    file = folder.join(SIDE_METADATA)
+    if not folder.has(SIDE_METADATA):
         return {}
-    fd, src = open_source(file)
-    try:
-        if src.size > MAX_SIDE_METADATA:
-            raise CheckpointError(f"{file}: {src.size} bytes of metadata; refused (limit 1 MiB)")
-        raw = pread_exact(fd, src.size, 0, file)
-    finally:
-        os.close(fd)
+    raw = folder.read(SIDE_METADATA, MAX_SIDE_METADATA)
     try:
         meta = json.loads(raw)
     except (ValueError, RecursionError):

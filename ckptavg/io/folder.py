@@ -1,6 +1,7 @@
 """Hugging Face folders of torch files: `pytorch_model.bin`, or shards listed by
-`pytorch_model.bin.index.json`. Each shard is a TorchReader (weights-only, mapped); key
-prefixes are stripped once over the union of the shards' keys."""
+`pytorch_model.bin.index.json`. Each shard is a TorchReader (weights-only, mapped, or read
+in place with ranged GETs in remote storage); key prefixes are stripped once over the union
+of the shards' keys."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ckptavg.io.base import (
     BIN_NAME,
     MAX_SIDE_FILE,
     SIDE_FILES,
+    Folder,
     ReaderBase,
     Sharded,
     TensorSpec,
@@ -28,12 +30,13 @@ class TorchFolderReader(Sharded, ReaderBase):
 
     format = "torch-folder"
 
-    def __init__(self, path: str, strip_prefix: str | None = None):
+    def __init__(self, path: str, strip_prefix: str | None = None, folder: Folder | None = None):
         self.path = path
+        self.folder = folder or Folder(path)
         self._shards: list[TorchReader] = []
         self._where: dict[str, TorchReader] = {}
         try:
-            self._open(path)
+            self._open(self.folder)
             self._names, removed = strip_keys(list(self._where), strip_prefix, path)
         except BaseException:
             self.close()
@@ -42,22 +45,22 @@ class TorchFolderReader(Sharded, ReaderBase):
         self.files = [f for r in self._shards for f in r.files]
         self._ties = find_ties({k: self._where[raw].read(raw) for k, raw in self._names.items()})
 
-    def _open(self, path: str) -> None:
-        index_path = os.path.join(path, BIN_INDEX_NAME)
-        if not os.path.exists(index_path):
-            self._add(os.path.join(path, BIN_NAME), None)
+    def _open(self, folder: Folder) -> None:
+        if not folder.has(BIN_INDEX_NAME):
+            self._add(folder, BIN_NAME, None)
             self._meta = {}
             return
         self.format = "torch-sharded"
-        weight_map, self._meta = read_index(index_path)
+        weight_map, self._meta = read_index(folder, BIN_INDEX_NAME)
         for name in sorted(set(weight_map.values())):
-            self._add(os.path.join(path, name), weight_map)
-        check_index_complete(index_path, weight_map, self._where)
+            self._add(folder, name, weight_map)
+        check_index_complete(folder.join(BIN_INDEX_NAME), weight_map, self._where)
 
-    def _add(self, file: str, expected: dict | None) -> None:
-        r = TorchReader(file, strip_prefix=None)
+    def _add(self, folder: Folder, name: str, expected: dict | None) -> None:
+        file, src = folder.open(name)
+        r = TorchReader(src.path, strip_prefix=None, file=file, src=src)
         self._shards.append(r)
-        place_shard(self._where, r.keys(), r, file, expected, lambda other: other.path)
+        place_shard(self._where, r.keys(), r, src.path, expected, lambda other: other.path)
 
     def info(self, key: str) -> TensorSpec:
         raw = self._raw(key)
@@ -81,13 +84,13 @@ def side_files(readers: list[ReaderBase]) -> tuple[dict[str, bytes], list[str]]:
     output: the newest input's copy of each, with a warning naming any that differ."""
     found: dict[str, list[bytes]] = {}
     for r in readers:
-        if not os.path.isdir(r.path):
-            continue
+        folder = r.folder or (Folder(r.path) if os.path.isdir(r.path) else None)
+        if folder is None or folder.path != r.path:
+            continue  # a file input: the files beside it are not a model folder's
         for name in SIDE_FILES:
-            p = os.path.join(r.path, name)
-            if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) <= MAX_SIDE_FILE:
-                with open(p, "rb") as f:
-                    found.setdefault(name, []).append(f.read())
+            data = folder.side_file(name, MAX_SIDE_FILE)
+            if data is not None:
+                found.setdefault(name, []).append(data)
     notes = [f"{name} differs between the input folders; the newest input's copy was taken"
              for name, copies in found.items() if len(set(copies)) > 1]
     return {name: copies[-1] for name, copies in found.items()}, notes

@@ -32,6 +32,7 @@ from ckptavg.io.base import (
     STATE_DICT_KEYS,
     DType,
     Extent,
+    OpenFile,
     Position,
     ReaderBase,
     SourceFile,
@@ -44,9 +45,6 @@ from ckptavg.io.base import (
     is_averaged_model,
     keep_descriptor,
     open_source,
-    pread_exact,
-    pread_into,
-    pread_number,
     strip_keys,
     whole_number,
 )
@@ -497,7 +495,7 @@ class _StructureUnpickler(pickle.Unpickler):
 _LOCAL_HEADER = struct.Struct("<4s22sHH")  # signature, fields, name length, extra length
 
 
-def read_structure(path: str, fd: int) -> object | None:
+def read_structure(path: str, file: OpenFile) -> object | None:
     """The object a zip-format torch file holds, with a TensorRef for each tensor, read
     without torch. Classes the file names are inert stand-ins (io/pickles.py), and one that
     could run code refuses the file. None, for torch's loader to take, when the file holds
@@ -506,9 +504,10 @@ def read_structure(path: str, fd: int) -> object | None:
 
     Only the pickle and the zip directory are read. Each storage record must be stored
     whole, inside the file, and apart from the others; every tensor must lie inside its
-    record; each record gets the CRC-32 check its bytes are summed into as they are read."""
+    record; each record gets the CRC-32 check its bytes are summed into as they are read. `file` is
+    the open file, local (base.OpenFile) or in remote storage (remote.RemoteFile)."""
     try:
-        with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
+        with file.open() as f, zipfile.ZipFile(f) as z:
             infos = {i.filename: i for i in z.infolist()}
             pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1 or infos[pickles[0]].file_size > MAX_PICKLE:
@@ -518,7 +517,7 @@ def read_structure(path: str, fd: int) -> object | None:
                 return None
             up = _StructureUnpickler(z.read(pickles[0]), path)
             obj = up.load()
-            size = os.fstat(fd).st_size
+            size = file.size
             for key, st in up.storages.items():
                 info = infos.get(prefix + "data/" + key)
                 if info is None:
@@ -532,7 +531,7 @@ def read_structure(path: str, fd: int) -> object | None:
                     raise _Damaged(f"{path}: record {info.filename} holds {info.file_size} "
                                    f"bytes where data.pkl describes {need}: the file is "
                                    "damaged or forged; re-save it")
-                st.offset = data_offset(fd, info, path)
+                st.offset = data_offset(file, info)
                 if st.offset is None:
                     raise _Damaged(f"{path}: the zip directory places {info.filename} at "
                                    f"byte {info.header_offset}, where no record begins: the "
@@ -557,11 +556,11 @@ class _Damaged(CheckpointError):
     """A zip whose directory contradicts its pickle or itself: torch would fail on it too."""
 
 
-def data_offset(fd: int, info: zipfile.ZipInfo, path: str) -> int | None:
+def data_offset(file: OpenFile, info: zipfile.ZipInfo) -> int | None:
     """Where a stored record's bytes begin in the file: after its local header, whose name
     and extra field lengths only the header itself gives; None where no header begins."""
     sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
-        pread_exact(fd, _LOCAL_HEADER.size, info.header_offset, path))
+        file.get(info.header_offset, _LOCAL_HEADER.size))
     if sig != b"PK\x03\x04":
         return None
     return info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
@@ -577,16 +576,18 @@ def _check_overlaps(path: str, storages) -> None:
                            "never writes: the zip is forged or damaged; re-save it")
 
 
-def _ref_number(fd: int, path: str, t: TensorRef) -> float:
+def _ref_number(file: OpenFile, path: str, t: TensorRef) -> float:
     """The value of a one-element TensorRef (AveragedModel's n_averaged)."""
-    value = pread_number(fd, t.file_offset(), t.dtype, path) if t.numel() == 1 else None
+    value = file.number(t.file_offset(), t.dtype) if t.numel() == 1 else None
     if value is None:
         raise CheckpointError(f"{path}: {AVERAGED_COUNT} is not one number")
     return value
 
 
 class TorchReader(ReaderBase):
-    """A torch.save file. Pass `fd`/`src` when the file is already open (it is taken over).
+    """A torch.save file. Pass `file`/`src` when the file is already open (it is taken
+    over): a local file (base.OpenFile) or an object in remote storage (remote.RemoteFile,
+    read in place with ranged GETs; only what `read_structure` describes).
 
     A zip-format file is described without torch (`read_structure`), classes among its
     other entries as inert stand-ins: the averaging engine reads its tensors with pread and
@@ -597,22 +598,28 @@ class TorchReader(ReaderBase):
     weights-only loader (`torch_load`, the file mapped)."""
 
     def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None,
-                 mmap: bool = True, fd: int | None = None, src: SourceFile | None = None):
+                 mmap: bool = True, file: OpenFile | None = None, src: SourceFile | None = None):
         self.path = path
         self.format = "torch" if mmap else "torch-legacy"
         self._mmap = mmap
         self._key = key
-        if fd is None:
-            fd, src = open_source(path)
-        self._fd = None
+        if file is None:
+            file, src = OpenFile.of(path)
+        self._file: OpenFile | None = None  # kept open while tensors are read through it
         self._refs: dict[str, TensorRef] = {}  # raw name -> where it lies (torch-free)
         self._records: dict[str, np.ndarray] = {}  # storage key -> its bytes, while read
         self._checks: list[RecordCheck] = []  # a torch-loaded zip's records, by offset
         self._check_offsets: list[int] = []  # where each of them begins (for bisect)
         try:
-            obj = read_structure(path, fd) if mmap and keep_descriptor(fd) else None
+            obj = read_structure(path, file) if mmap and (
+                file.remote or keep_descriptor(file.fd)) else None
+            if obj is None and file.remote:
+                raise CheckpointError(
+                    f"{path}: this torch file needs torch's own loader (a legacy or "
+                    "compressed file, or tensors of a kind only torch reads), which reads "
+                    "local files only; copy it to local disk first, or save it as safetensors")
             if obj is None:
-                obj = torch_load(path, fd, mmap=mmap)
+                obj = torch_load(path, file.fd, mmap=mmap)
             self.files = [src]
             state, self.location = find_state_dict(obj, key, path)
             self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
@@ -634,7 +641,7 @@ class TorchReader(ReaderBase):
                     self._tensors[k] = v
             if is_averaged_model(list(self._tensors)):
                 count = self._tensors.pop(AVERAGED_COUNT)
-                value = _ref_number(fd, path, count) if isinstance(count, TensorRef) \
+                value = _ref_number(file, path, count) if isinstance(count, TensorRef) \
                     else count.item()
                 self._meta.setdefault("swa.n_averaged", str(int(value)))
             self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
@@ -642,16 +649,16 @@ class TorchReader(ReaderBase):
             self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
             if any(isinstance(t, TensorRef) for t in self._tensors.values()):
                 self._refs = dict(self._tensors)
-                self._fd = fd  # read_structure ran only with a descriptor to keep
+                self._file = file  # read_structure ran only with a descriptor to keep
                 self._tensors = {}
                 for public, raw in self._names.items():  # what each record holds, for errors
                     check = self._refs[raw].storage.check
                     check.holds = check.holds or f"tensor {public!r}"
             else:
-                self._find_map(fd, src)
+                self._find_map(file, src)
         finally:
-            if self._fd is None:
-                os.close(fd)
+            if self._file is None:
+                file.close()
 
     def _carry(self, top: dict) -> None:
         """The carried entries (CARRIED) as plain values; notes on what was converted."""
@@ -671,13 +678,14 @@ class TorchReader(ReaderBase):
         self.dropped_extras = tuple(dropped)
         self.extras_notes = tuple(notes)
 
-    def _find_map(self, fd: int, src: SourceFile) -> None:
+    def _find_map(self, file: OpenFile, src: SourceFile) -> None:
         """Where torch's map of the file lies, so that tensors can be located in the file."""
         self._lowest = _lowest_storage(self._tensors)
-        self._base = _map_start(self._lowest, fd, src) if self._mmap and self._lowest else None
-        if self._base is not None and keep_descriptor(fd):
-            self._fd = fd  # tensors are then read with pread (see locate)
-            self._checks = zip_checks(fd, self.path)
+        self._base = _map_start(self._lowest, file, src) if self._mmap and self._lowest \
+            else None
+        if self._base is not None and keep_descriptor(file.fd):
+            self._file = file  # tensors are then read with pread (see locate)
+            self._checks = zip_checks(file, self.path)
             self._check_offsets = [c.offset for c in self._checks]
 
     def _check_at(self, offset: int) -> RecordCheck | None:
@@ -705,7 +713,7 @@ class TorchReader(ReaderBase):
             if self._checks and t.numel():
                 check = self._check_at(t.untyped_storage().data_ptr() - self._base)
                 if check is not None:
-                    check.finish(self._fd)
+                    check.finish(self._file)
             return t
         ref = self._refs[raw]
         if not ref.numel():
@@ -721,7 +729,7 @@ class TorchReader(ReaderBase):
         data = self._records.get(st.key)
         if data is None:
             data = np.empty(st.check.size, np.uint8)
-            pread_into(self._fd, memoryview(data), st.offset, self.path)
+            self._file.pread(memoryview(data), st.offset)
             st.check.whole(data)
             self._records[st.key] = data
         return data
@@ -732,12 +740,12 @@ class TorchReader(ReaderBase):
             ref = self._refs[raw]
             if not ref.numel() or not ref.is_contiguous():
                 return None
-            return Extent(self._fd, ref.file_offset(), self.path, ref.storage.check)
+            return self._file.extent(ref.file_offset(), ref.storage.check)
         t = self._tensors[raw]
-        if self._fd is None or not t.numel() or not t.is_contiguous():
+        if self._file is None or not t.numel() or not t.is_contiguous():
             return None
         offset = t.data_ptr() - self._base
-        return Extent(self._fd, offset, self.path, self._check_at(offset))
+        return self._file.extent(offset, self._check_at(offset))
 
     def verify(self) -> None:
         """Complete the CRC-32 check of every record read in part or out of order."""
@@ -745,7 +753,7 @@ class TorchReader(ReaderBase):
                   if r.storage.check is not None}
         for check in list(checks.values()) + self._checks:
             if check.started and not check.done:
-                check.finish(self._fd)
+                check.finish(self._file)
 
     def release(self, key: str) -> None:
         if self._refs:
@@ -818,18 +826,18 @@ class TorchReader(ReaderBase):
         self._tensors = {}
         self._refs = {}
         self._records = {}
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
-def zip_checks(fd: int, path: str) -> list[RecordCheck]:
+def zip_checks(file: OpenFile, path: str) -> list[RecordCheck]:
     """A CRC-32 check for each stored record of a zip, sorted by where its data begins."""
     checks = []
     try:
-        with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
+        with file.open() as f, zipfile.ZipFile(f) as z:
             for info in z.infolist():
-                offset = data_offset(fd, info, path) \
+                offset = data_offset(file, info) \
                     if info.compress_type == zipfile.ZIP_STORED else None
                 if offset is not None:
                     checks.append(RecordCheck(path, info.filename, offset, info.file_size,
@@ -845,7 +853,7 @@ def _lowest_storage(tensors: dict) -> int:
                default=0)
 
 
-def _map_start(ptr: int, fd: int, src: SourceFile) -> int | None:
+def _map_start(ptr: int, file: OpenFile, src: SourceFile) -> int | None:
     """The address at which byte 0 of the file would lie in the map torch made of it, so that
     a tensor's file offset is its address minus this; None where it cannot be established
     (not Linux, or the file's storages were byte-swapped on load: their bytes in the file are
@@ -853,7 +861,7 @@ def _map_start(ptr: int, fd: int, src: SourceFile) -> int | None:
 
     Found from /proc/self/maps: the mapping that holds `ptr` (a storage of the file), checked
     to be of this file's inode."""
-    if not _native_order(fd, src.path):
+    if not _native_order(file):
         return None
     try:
         with open("/proc/self/maps") as f:
@@ -867,11 +875,11 @@ def _map_start(ptr: int, fd: int, src: SourceFile) -> int | None:
     return None
 
 
-def _native_order(fd: int, path: str) -> bool:
+def _native_order(file: OpenFile) -> bool:
     """Whether the zip's `byteorder` record, if any, is this machine's (torch swaps the
-    bytes of a foreign-order file on load, in memory only). Read through the open `fd`."""
+    bytes of a foreign-order file on load, in memory only). Read through the open file."""
     try:
-        with open(fd_path(fd, path), "rb") as f, zipfile.ZipFile(f) as z:
+        with file.open() as f, zipfile.ZipFile(f) as z:
             return _zip_native_order(z)
     except (OSError, zipfile.BadZipFile, ValueError, KeyError):
         return False

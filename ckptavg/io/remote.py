@@ -1,8 +1,11 @@
 """Checkpoints in object storage (s3://, gs://, hf://, any fsspec URL), read in place.
 
 Outputs (`-o s3://...`) are written to a local temporary copy, then uploaded (`upload`).
-Inputs are safetensors files and sharded safetensors folders: the header is read with two
-ranged GETs, then the engine reads each tensor's byte spans as it needs them, through a
+Inputs are every format ckptavg reads: a `RemoteFile` answers the calls of a local open file
+(base.OpenFile) and a `RemoteFolder` those of a local folder (base.Folder), so safetensors
+files and folders, torch files, Hugging Face .bin folders and DCP folders are read by their
+own readers. A format's header or zip directory is read with a few ranged GETs, then the
+engine reads each tensor's byte spans as it needs them, through a
 read-ahead window per object whose next window is fetched in the background (several GETs
 in flight across the inputs). Windows are 8 MiB, smaller when many objects are read at once,
 so that all of them stay within 128 MiB; nothing is downloaded whole. A failed GET (a dropped connection, a timeout) is retried with backoff,
@@ -17,6 +20,7 @@ query, key or token is ever written into metadata (only the object's base name i
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import threading
@@ -28,9 +32,8 @@ from ckptavg.errors import CheckpointError, CkptavgError
 from ckptavg.io.base import (
     AVERAGED_COUNT,
     INDEX_NAME,
-    MAX_SIDE_FILE,
     Extent,
-    Position,
+    Folder,
     ReaderBase,
     Sharded,
     SourceFile,
@@ -38,7 +41,9 @@ from ckptavg.io.base import (
     check_index_complete,
     import_torch,
     is_averaged_model,
+    number_at,
     place_shard,
+    read_index,
     strip_keys,
 )
 
@@ -119,12 +124,14 @@ class RemoteFile(SourceFile):
     etag: str | None = None
     _window: dict = field(default_factory=dict, compare=False, repr=False)
 
+    remote = True  # read as base.OpenFile is: get, pread, open, extent, number, close
+
     @property
     def identity(self) -> tuple:
         return ("remote", self.path)
 
     @classmethod
-    def open(cls, url: str, fs=None, key: str | None = None) -> RemoteFile:
+    def at(cls, url: str, fs=None, key: str | None = None) -> RemoteFile:
         if fs is None:
             fs, key = filesystem(url)
         try:
@@ -192,12 +199,24 @@ class RemoteFile(SourceFile):
                                                      min(size, self.size - ahead)))
             view[:] = data[offset - start:offset - start + n]
 
+    def open(self) -> io.BufferedReader:
+        """A seekable file object over the object (for zipfile: its directory and pickle),
+        reading with ranged GETs through a 256 KiB buffer."""
+        return io.BufferedReader(_Ranged(self), 256 << 10)
+
+    def extent(self, offset: int, check: object = None) -> Extent:
+        return Extent(-1, offset, self.path, check, source=self)
+
+    def number(self, offset: int, dtype) -> float | None:
+        return number_at(self, offset, dtype)
+
     @contextlib.contextmanager
     def reader(self):
         yield lambda n, offset: self.get(offset, n)
 
     def changed(self) -> bool:
         try:
+            self.fs.invalidate_cache(self.key)  # a listing of its folder may hold it as it was
             info = self.fs.info(self.key)
         except Exception:  # removed, or unreachable now: what was read stays what it was
             return False
@@ -211,6 +230,83 @@ class RemoteFile(SourceFile):
         self._window.pop("data", None)
         if self._window.pop("lock", None) is not None:
             _LIVE[0] -= 1
+
+
+class _Ranged(io.RawIOBase):
+    """A remote object as a read-only raw stream: each read is one ranged GET."""
+
+    def __init__(self, src: RemoteFile):
+        self._src, self._pos = src, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self._src.size}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self._src.size - self._pos))
+        if n:
+            b[:n] = self._src.get(self._pos, n)
+            self._pos += n
+        return n
+
+
+class RemoteFolder(Folder):
+    """A folder (a key prefix) in remote storage, answering base.Folder's calls."""
+
+    remote = True
+
+    def __init__(self, url: str, fs=None, key: str | None = None):
+        if fs is None:
+            fs, key = filesystem(url)
+        self.path, self.fs, self.key = url.rstrip("/"), fs, key.rstrip("/")
+        self._names: list[str] | None = None
+
+    def join(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            try:
+                found = self.fs.ls(self.key, detail=True)
+            except FileNotFoundError:
+                found = []
+            except Exception as e:
+                raise CheckpointError(f"{self.path}: cannot list it ({_short(e)}); check the "
+                                      "URL and the credentials") from None
+            self._names = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in found
+                                 if e.get("type") != "directory")
+        return self._names
+
+    def has(self, name: str) -> bool:
+        return name in self.names()
+
+    def open(self, name: str) -> tuple[RemoteFile, RemoteFile]:
+        f = RemoteFile.at(self.join(name), self.fs, f"{self.key}/{name}")
+        return f, f
+
+    def read(self, name: str, limit: int) -> bytes:
+        f, _ = self.open(name)
+        if f.size > limit:
+            raise CheckpointError(f"{f.path}: {f.size} bytes; refused (a {name} is at most "
+                                  f"{limit} bytes)")
+        return f.get(0, f.size)
+
+    def side_file(self, name: str, limit: int = 16 << 20) -> bytes | None:
+        if not self.has(name):
+            return None
+        try:
+            return self.read(name, limit)
+        except CheckpointError:
+            return None
 
 
 class _RemoteShard:
@@ -255,15 +351,16 @@ class RemoteSafetensorsReader(Sharded, ReaderBase):
 
     format = "safetensors"
 
-    def __init__(self, url: str, strip_prefix: str | None = None):
+    def __init__(self, url: str, strip_prefix: str | None = None,
+                 folder: RemoteFolder | None = None, file: RemoteFile | None = None):
         self.path = url.rstrip("/")
-        fs, key = filesystem(self.path)
         self._shards: list[_RemoteShard] = []
         self._where: dict[str, _RemoteShard] = {}
-        if fs.isdir(key):
-            self._open_folder(fs, key)
+        if folder is not None:
+            self.folder = folder
+            self._open_folder(folder)
         else:
-            self._add(RemoteFile.open(self.path, fs, key))
+            self._add(file or RemoteFile.at(self.path))
             self._meta = self._shards[0].meta
         if not self._where:
             raise CheckpointError(f"{self.path}: holds no tensors; nothing to read")
@@ -274,39 +371,17 @@ class RemoteSafetensorsReader(Sharded, ReaderBase):
         self.removed_prefixes = tuple(removed)
         self.files = [s.src for s in self._shards]
 
-    def _open_folder(self, fs, key: str) -> None:
-        import json
-
-        index = f"{key.rstrip('/')}/{INDEX_NAME}"
-        if not fs.exists(index):
-            single = f"{key.rstrip('/')}/model.safetensors"
-            if fs.exists(single):
-                self._add(RemoteFile.open(_url(fs, single), fs, single))
-                self._meta = self._shards[0].meta
-                return
-            raise CheckpointError(f"{self.path}: a folder without {INDEX_NAME} or "
-                                  "model.safetensors; pass its files ('.../*.safetensors')")
-        src = RemoteFile.open(_url(fs, index), fs, index)
-        if src.size > MAX_SIDE_FILE:
-            raise CheckpointError(f"{src.path}: larger than {MAX_SIDE_FILE} bytes; not an index")
-        try:
-            doc = json.loads(src.get(0, src.size).decode("utf-8"))
-            weight_map = doc["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{src.path}: not a shard index (JSON with a weight_map)") \
-                from None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and "/" not in v and v not in (".", "..")
-                for v in weight_map.values()):
-            raise CheckpointError(f"{src.path}: shard names must be plain names in the folder")
+    def _open_folder(self, folder: RemoteFolder) -> None:
+        if not folder.has(INDEX_NAME):
+            self._add(folder.open("model.safetensors")[0])
+            self._meta = self._shards[0].meta
+            return
         self.format = "safetensors-sharded"
+        weight_map, meta = read_index(folder, INDEX_NAME)
         for name in sorted(set(weight_map.values())):
-            shard = f"{key.rstrip('/')}/{name}"
-            self._add(RemoteFile.open(_url(fs, shard), fs, shard), weight_map)
-        check_index_complete(src.path, weight_map, self._where)
-        meta = doc.get("metadata") or {}
-        self._meta = ({k: v for k, v in meta.items() if isinstance(v, str)}
-                      or self._shards[0].meta)
+            self._add(folder.open(name)[0], weight_map)
+        check_index_complete(folder.join(INDEX_NAME), weight_map, self._where)
+        self._meta = meta or self._shards[0].meta
 
     def _add(self, src: RemoteFile, expected: dict | None = None) -> None:
         shard = _RemoteShard(src)
@@ -322,26 +397,25 @@ class RemoteSafetensorsReader(Sharded, ReaderBase):
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
 
-    def position(self) -> Position:
-        return Position()  # no trainer_state.json is looked for beside a remote object
-
     def close(self) -> None:
         for s in self._shards:
             s.src.close()
 
 
-def open_remote(url: str, key: str | None = None,
-                strip_prefix: str | None = None) -> RemoteSafetensorsReader:
-    """A reader of a remote checkpoint: safetensors objects and folders (torch files and DCP
-    folders in object storage are not read in place: copy them first)."""
-    name = url.rstrip("/").rsplit("/", 1)[-1].lower()
-    if name.endswith((".pt", ".pth", ".bin", ".ckpt", ".tar")) or name == ".metadata":
-        raise CheckpointError(f"{url}: torch files and DCP folders are read from local disk "
-                              "only; copy it first (e.g. aws s3 cp), or save safetensors")
-    if key is not None:
-        raise CheckpointError(f"{url}: --key picks an entry of a torch file; a safetensors "
-                              "checkpoint has none")
-    return RemoteSafetensorsReader(url, strip_prefix)
+def locate(url: str) -> RemoteFile | RemoteFolder:
+    """The object or the folder (key prefix) `url` names; one line when it is neither."""
+    fs, key = filesystem(url)
+    try:
+        folder = fs.isdir(key.rstrip("/"))
+    except Exception as e:
+        raise CheckpointError(f"{url}: cannot read it ({_short(e)}); check the URL and the "
+                              "credentials") from None
+    return RemoteFolder(url, fs, key) if folder else RemoteFile.at(url, fs, key)
+
+
+def parent(f: RemoteFile) -> RemoteFolder:
+    """The folder an object lies in (where a trainer_state.json beside it would be)."""
+    return RemoteFolder(f.path.rsplit("/", 1)[0], f.fs, f.key.rsplit("/", 1)[0])
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from ckptavg.io.base import (
     DTYPES,
     INDEX_NAME,
     Extent,
+    Folder,
     ReaderBase,
     Sharded,
     SourceFile,
@@ -235,7 +236,7 @@ class SafetensorsReader(Sharded, ReaderBase):
 
     def _open_sharded(self, path: str, index_path: str) -> None:
         self.format = "safetensors-sharded"
-        weight_map, meta = read_index(index_path)
+        weight_map, meta = read_index(Folder(path), INDEX_NAME)
         for name in sorted(set(weight_map.values())):
             shard = os.path.join(path, name)
             self._add(shard, *open_source(shard), expected=weight_map)

@@ -89,16 +89,16 @@ def test_lightning_checkpoints_are_averaged_without_importing_torch(tmp_path):
 
     from safetensors.torch import load_file
 
-    from ckptavg.io.base import open_source
+    from ckptavg.io.base import OpenFile
     from ckptavg.io.pt import read_structure
 
     files = _fit(tmp_path / "ck")
     for f in files:
-        fd, _ = open_source(str(f))
+        file, _ = OpenFile.of(str(f))
         try:
-            assert read_structure(str(f), fd) is not None, f
+            assert read_structure(str(f), file) is not None, f
         finally:
-            os.close(fd)
+            file.close()
     out = tmp_path / "swa.safetensors"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"

@@ -13,7 +13,7 @@ import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io import open_checkpoint
-from ckptavg.io.base import open_source
+from ckptavg.io.base import OpenFile
 from ckptavg.io.pt import TensorRef, read_structure
 from tests.conftest import rezip
 
@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _structure(path):
-    fd, _ = open_source(str(path))
+    file, _ = OpenFile.of(str(path))
     try:
-        return read_structure(str(path), fd)
+        return read_structure(str(path), file)
     finally:
-        os.close(fd)
+        file.close()
 
 
 def _states():
