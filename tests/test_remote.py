@@ -362,16 +362,18 @@ def test_outputs_in_s3_appear_whole(tmp_path, bucket):
                      "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
     got, _ = ckptavg.load(f"s3://{bucket}/merged/folder")
     assert all(torch.equal(got[k], want[k]) for k in want)
-    with pytest.raises(CkptavgError, match="exists; a remote output is a new object or prefix"):
+    with pytest.raises(CkptavgError, match="exists; a remote folder output is a new prefix"):
         ckptavg.average([src], f"s3://{bucket}/merged/folder/", shard_size=5_000_000)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
 def test_no_object_is_visible_after_a_kill(tmp_path, bucket):
-    """kill -9 while the average is computed: nothing appears at the output URL."""
+    """kill -9 while the output is streamed (a multipart upload in flight, no local copy):
+    nothing appears at the output URL."""
     import signal
     import time
 
+    import boto3
     import s3fs
 
     big = [{f"t{j}": torch.full((1_000_000,), float(i)) for j in range(24)} for i in range(3)]
@@ -379,20 +381,69 @@ def test_no_object_is_visible_after_a_kill(tmp_path, bucket):
     dest = f"s3://{bucket}/out/avg.safetensors"
     tmp = tmp_path / "t"
     tmp.mkdir()
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     proc = subprocess.Popen([sys.executable, "-m", "ckptavg", "average",
                              f"s3://{bucket}/big/epoch-*.safetensors", "-o", dest, "-q"],
                             cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)})
-    t0 = time.monotonic()  # kill once the local copy is being written
-    while time.monotonic() - t0 < 60 and proc.poll() is None:
-        if any(os.listdir(tmp / d) for d in os.listdir(tmp)):
-            break
-        time.sleep(0.002)
+    t0, streaming = time.monotonic(), False  # kill once the upload has begun
+    while time.monotonic() - t0 < 60 and proc.poll() is None and not streaming:
+        streaming = bool(client.list_multipart_uploads(Bucket=bucket).get("Uploads"))
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if proc.returncode == 0:
         pytest.skip("the run finished before it could be killed")
+    assert streaming
     s3fs.S3FileSystem.clear_instance_cache()
     assert not s3fs.S3FileSystem().exists(dest.removeprefix("s3://"))
+    assert os.listdir(tmp) == []  # streamed: no local copy was made
+
+
+def test_a_failed_folder_output_leaves_no_object(tmp_path, bucket, monkeypatch):
+    """A run that fails after some shards were uploaded (a NaN in the last tensor) removes
+    them: the prefix stays empty, and the error is one line."""
+    import s3fs
+
+    from ckptavg.io import remote
+
+    removed, real_remove = [], remote.remove
+
+    def remove(urls):
+        fs = s3fs.S3FileSystem()
+        removed.extend(u for u in urls if fs.exists(u.removeprefix("s3://")))
+        real_remove(urls)
+
+    monkeypatch.setattr(remote, "remove", remove)
+    states = [{k: torch.full((2_000_000,), float(i)) for k in "abz"} for i in range(2)]
+    states[1]["z"][7] = float("nan")
+    _upload_run(tmp_path, bucket, states, prefix="nan")
+    with pytest.raises(CkptavgError, match="non-finite"):
+        ckptavg.average([f"s3://{bucket}/nan/epoch-*.safetensors"], f"s3://{bucket}/o/f/",
+                        shard_size=5_000_000)
+    assert "model-00001-of-00003.safetensors" in [u.rsplit("/", 1)[1] for u in removed]
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert not s3fs.S3FileSystem().exists(f"{bucket}/o/f")
+
+
+def test_a_torch_output_in_s3_is_streamed_and_loads(tmp_path, bucket):
+    """`-o s3://.../swa.pt`: torch.load of the object gives the exact mean; no local space."""
+    import s3fs
+
+    states = _states(2)
+    _upload_run(tmp_path, bucket, states)
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "ckptavg", "average",
+                           f"s3://{bucket}/run/epoch-*.safetensors", "-o",
+                           f"s3://{bucket}/out/swa.pt", "-q"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp) == []
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().get_file(f"{bucket}/out/swa.pt", str(tmp_path / "swa.pt"))
+    got = torch.load(tmp_path / "swa.pt", weights_only=True)["state_dict"]
+    want = _mean64(states)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_read_ahead_stays_within_its_budget(tmp_path, bucket):

@@ -38,7 +38,7 @@ from ckptavg.engine.select import (
 )
 from ckptavg.engine.shards import average_ranks
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.io import ReaderBase, make_writer, open_checkpoint, remote
+from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote
@@ -134,11 +134,7 @@ def average(
     """
     t0 = time.perf_counter()
     if output is not None and is_remote(os.fspath(output)):
-        return _to_remote(os.fspath(output), dict(
-            inputs=inputs, weights=weights, ema=ema, profile=profile, into=into,
-            selection=selection, reading=reading, accumulate=accumulate, dtype=dtype,
-            shard_size=shard_size, allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs,
-            dry_run=dry_run, threads=threads, dcp=dcp, resume=resume, progress=progress))
+        _check_remote(os.fspath(output), into, resume, dcp)
     if weights is not None and ema is not None:
         raise OptionError(("weights", "ema"), "exclude each other; pick one")
     prof = profiles.parse(profile) if profile is not None else None
@@ -233,7 +229,8 @@ def average(
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
             result.warnings += notes
             entry = dcp_entry(readers[-1]) if dcp else plan.entry
-            run = describe(readers, plan.specs, plan.metadata) if kind == "sharded" else None
+            run = describe(readers, plan.specs, plan.metadata) \
+                if kind == "sharded" and not is_remote(output) else None
             writer = make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                                  inputs=protected, entry=entry, extras=plan.extras,
                                  side_files=side, dcp=dcp, run=run, resume=resume)
@@ -270,20 +267,13 @@ def _not_yet_folded(chosen: list[Candidate], prior: list) -> tuple[list[Candidat
     return fresh, skipped
 
 
-def _to_remote(url: str, kwargs: dict) -> AverageResult:
-    """`average` into object storage: into a local copy, uploaded when complete."""
-    for name in ("into", "resume"):
-        if kwargs[name]:
+def _check_remote(url: str, into, resume: bool, dcp: bool) -> None:
+    """What a remote output cannot be: it is streamed once, whole, by one process."""
+    for name, value in (("into", into), ("resume", resume)):
+        if value:
             raise OptionError((name, "output"), "work on local files; a remote output is "
                               "written once, whole: average into a local path first")
-    if kwargs["dcp"] or world_size() > 1:
+    if dcp or world_size() > 1:
         raise OptionError("output", f"{url}: a remote output is written by one process as "
-                          "safetensors or a torch file; under torchrun or with --dcp, write a "
-                          "local folder and copy it")
-    if kwargs["dry_run"]:
-        return average(output=None, **kwargs)
-    kind = output_kind(url, kwargs["shard_size"], False)
-    with remote.upload(url, folder=kind == "sharded") as local:
-        result = average(output=local, **kwargs)
-    result.output = url
-    return result
+                          "safetensors, a torch file or a folder of safetensors shards; under "
+                          "torchrun or with --dcp, write a local folder and copy it")

@@ -123,6 +123,12 @@ class AtomicFile(Atomic):
             raise write_error(path, e) from None
         self.file = os.fdopen(fd, "wb")
 
+    def sent(self, nbytes: int) -> None:
+        """The last `nbytes` written are final: start writing them back to disk now."""
+        self.file.flush()
+        fd = self.file.fileno()
+        start_writeback(fd, os.lseek(fd, 0, os.SEEK_CUR) - nbytes, nbytes)
+
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())

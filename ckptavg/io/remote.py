@@ -1,16 +1,19 @@
 """Checkpoints in object storage (s3://, gs://, hf://, any fsspec URL), read in place.
 
-Outputs (`-o s3://...`) are written to a local temporary copy, then uploaded (`upload`).
 Inputs are every format ckptavg reads: a `RemoteFile` answers the calls of a local open file
 (base.OpenFile) and a `RemoteFolder` those of a local folder (base.Folder), so safetensors
 files and folders, torch files, Hugging Face .bin folders and DCP folders are read by their
 own readers. A format's header or zip directory is read with a few ranged GETs, then the
-engine reads each tensor's byte spans as it needs them, through a
-read-ahead window per object whose next window is fetched in the background (several GETs
-in flight across the inputs). Windows are 8 MiB, smaller when many objects are read at once,
-so that all of them stay within 128 MiB; nothing is downloaded whole. A failed GET (a dropped connection, a timeout) is retried with backoff,
-then is one line naming the object and the bytes. An object rewritten while it is read
-(another ETag or size) refuses the result, as a local file rewritten in place does.
+engine reads each tensor's byte spans as it needs them, through a read-ahead window per
+object whose next window is fetched in the background (several GETs in flight across the
+inputs). Windows are 8 MiB, smaller when many objects are read at once, so that all of them
+stay within 128 MiB; nothing is downloaded whole. A failed GET (a dropped connection, a
+timeout) is retried with backoff, then is one line naming the object and the bytes. An
+object rewritten while it is read (another ETag or size) refuses the result, as a local file
+rewritten in place does.
+
+Outputs (`-o s3://...`) are streamed as multipart uploads (`Upload`), which the store shows
+only once complete; a folder output's shards each so, its index last. No local space is used.
 
 fsspec and the scheme's package (s3fs, gcsfs, huggingface_hub) are the `remote` extra;
 credentials come from their standard environment and configuration files, and no URL
@@ -21,14 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ckptavg.errors import CheckpointError, CkptavgError
+from ckptavg.errors import CheckpointError, CkptavgError, OutputError
+from ckptavg.io.atomic import Atomic
 from ckptavg.io.base import (
     AVERAGED_COUNT,
     INDEX_NAME,
@@ -418,45 +421,98 @@ def parent(f: RemoteFile) -> RemoteFolder:
     return RemoteFolder(f.path.rsplit("/", 1)[0], f.fs, f.key.rsplit("/", 1)[0])
 
 
-@contextlib.contextmanager
-def upload(url: str, folder: bool):
-    """Yield a local path to write an output to; on success upload it to `url`: a file as one
-    object (s3fs sends a large one as a multipart upload, which the store shows only once it
-    is complete), a folder's files with its index last (a reader finds the folder only once
-    it is whole). A failure uploads nothing, or removes what it uploaded; the local copy
-    always goes. Needs local space for the output (in $TMPDIR)."""
-    import shutil
-    import tempfile
+PART = 16 << 20  # bytes per part of an upload, at least (S3: 5 MiB to 5 GiB, 10,000 parts)
+MAX_PARTS = 9_000  # parts per object, at most (below S3's 10,000)
 
+
+def _upload_failed(url: str, e: BaseException) -> OutputError:
+    return OutputError(f"{url}: the upload failed ({_short(e)}); no object was made there. "
+                       "Check the connection and the permissions and run again")
+
+
+class _UploadStream:
+    """The write end of an upload: what the writers call `file`."""
+
+    def __init__(self, f, url: str):
+        self._f, self._url = f, url
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except Exception as e:  # the store's own error types
+            raise _upload_failed(self._url, e) from None
+
+    def flush(self) -> None:
+        return None  # a part is sent when a part's worth is buffered
+
+
+class Upload(Atomic):
+    """A file output in object storage, streamed as a multipart upload while the engine
+    writes it; the store shows the object only once `commit` completes the upload.
+
+    `abort` cancels the upload (nothing appears); a killed process leaves an incomplete
+    upload, which no reader lists or reads (a bucket lifecycle rule,
+    AbortIncompleteMultipartUpload, removes its parts). Memory holds one part (16 MiB,
+    larger for outputs past 140 GiB); no local space is used."""
+
+    def __init__(self, url: str, size: int):
+        fs, key = filesystem(url)
+        self.path = url
+        part = max(PART, -(-size // MAX_PARTS))
+        try:
+            self._f = fs.open(key, "wb", block_size=part)
+        except Exception as e:
+            raise _upload_failed(url, e) from None
+        self.file = _UploadStream(self._f, url)
+
+    def sent(self, nbytes: int) -> None:
+        return None
+
+    def commit(self) -> None:
+        try:
+            self._f.close()  # completes the multipart upload (a small one: one PUT)
+        except Exception as e:
+            raise _upload_failed(self.path, e) from None
+
+    def close(self) -> None:
+        self.commit()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.discard()  # aborts the multipart upload
+        self._f.closed = True  # never completed later (by the file's finalizer)
+
+
+def check_output(url: str, kind: str, inputs) -> None:
+    """Refuse a remote output that is one of the inputs, or a folder prefix that exists."""
     fs, key = filesystem(url)
     key = key.rstrip("/")
+    if ("remote", url.rstrip("/")) in {f.identity for f in inputs}:
+        raise OutputError(f"{url}: is one of the inputs; nothing was written: write the "
+                          "output elsewhere")
     try:
         exists = fs.exists(key)
+        folder = exists and (kind == "sharded" or fs.isdir(key))
     except Exception as e:
-        raise CkptavgError(f"{url}: cannot reach it ({_short(e)}); check the URL and the "
-                           "credentials") from None
-    if exists and (folder or fs.isdir(key)):
-        raise CkptavgError(f"{url}: exists; a remote output is a new object or prefix (remove "
-                           "it, or choose another)")
-    tmp = tempfile.mkdtemp(prefix="ckptavg-upload-")
-    local = os.path.join(tmp, key.rsplit("/", 1)[-1])
-    sent: list[str] = []
+        raise OutputError(f"{url}: cannot reach it ({_short(e)}); check the URL and the "
+                          "credentials") from None
+    if folder:
+        raise OutputError(f"{url}: exists; a remote folder output is a new prefix (remove "
+                          "it, or choose another)")
+
+
+def put(url: str, data: bytes) -> None:
+    """A small object (an index, a side file) in one PUT."""
+    fs, key = filesystem(url)
     try:
-        yield local
-        try:
-            if folder:
-                names = sorted(os.listdir(local), key=lambda n: n == INDEX_NAME)  # index last
-                for name in names:
-                    fs.put_file(os.path.join(local, name), f"{key}/{name}")
-                    sent.append(f"{key}/{name}")
-            else:
-                fs.put_file(local, key)
-        except Exception as e:
-            for k in sent:
-                with contextlib.suppress(Exception):
-                    fs.rm_file(k)
-            raise CkptavgError(f"{url}: the upload failed ({_short(e)}); nothing was left "
-                               "there. Check the connection and the permissions and run "
-                               "again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fs.pipe_file(key, data)
+    except Exception as e:
+        raise _upload_failed(url, e) from None
+
+
+def remove(urls: list[str]) -> None:
+    """Remove objects this run made (a failed folder output's finished shards)."""
+    for url in urls:
+        fs, key = filesystem(url)
+        with contextlib.suppress(Exception):
+            fs.rm_file(key)

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckptavg.errors import OptionError, OutputError
+from ckptavg.io import remote
 from ckptavg.io.atomic import (
     Atomic,
     AtomicFile,
     fsync_dir,
-    start_writeback,
     temp_folder_beside,
     write_error,
 )
@@ -44,6 +44,7 @@ from ckptavg.io.base import (
     TensorSpec,
     import_torch,
 )
+from ckptavg.io.remote import is_remote
 from ckptavg.io.torchzip import (
     Pickle,
     RawTensor,
@@ -126,6 +127,9 @@ def _ours(folder: str) -> list[str]:
 
 def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
     """Refuse an output that would replace an input's file or anything not ours."""
+    if is_remote(path):
+        remote.check_output(path, kind, inputs)
+        return
     ids = {f.identity: f.path for f in inputs}
 
     def refuse_if_input(p: str) -> None:
@@ -173,6 +177,15 @@ def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
 
 
 
+
+
+def output_file(path: str, size: int) -> AtomicFile:
+    """Where a file output's bytes go as they are written: a temporary file beside `path`,
+    renamed over it on commit; in object storage, a multipart upload that becomes the object
+    on commit (remote.Upload). `size`: about how many bytes will be written."""
+    if is_remote(path):
+        return remote.Upload(path, size)
+    return AtomicFile(path)
 
 
 def as_array(t) -> np.ndarray:
@@ -343,7 +356,7 @@ class SafetensorsWriter(Writer):
         self._specs = list(specs)
         self._next = 0
         header = safetensors_header(self._specs, metadata)
-        self._out = AtomicFile(path)
+        self._out = output_file(path, len(header) + sum(s.nbytes for s in self._specs))
         try:
             self._out.file.write(header)
         except OSError as e:
@@ -367,10 +380,7 @@ class SafetensorsWriter(Writer):
             self._part_bytes = 0
         data = memoryview(flat)
         self._out.file.write(data)
-        self._out.file.flush()
-        fd = self._out.file.fileno()
-        end = os.lseek(fd, 0, os.SEEK_CUR)
-        start_writeback(fd, end - data.nbytes, data.nbytes)
+        self._out.sent(data.nbytes)
         self._part_bytes += data.nbytes
         if last:
             if self._part_bytes != spec.nbytes:
@@ -398,6 +408,13 @@ def split_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSp
     return shards
 
 
+def folder_index(weight_map: dict[str, str], metadata: dict[str, str], total_size: int,
+                 side: dict[str, bytes]) -> dict:
+    """The index of a sharded folder output (model.safetensors.index.json)."""
+    extra = {SIDE_FILES_KEY: json.dumps(sorted(side))} if side else {}
+    return {"metadata": {"total_size": total_size, **metadata, **extra}, "weight_map": weight_map}
+
+
 def commit_folder(tmp: str, path: str, weight_map: dict[str, str], metadata: dict[str, str],
                   total_size: int, side_files: dict[str, bytes] | None = None) -> None:
     """Finish a sharded folder built in `tmp` (its shards written): side files, the index
@@ -408,8 +425,7 @@ def commit_folder(tmp: str, path: str, weight_map: dict[str, str], metadata: dic
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    extra = {SIDE_FILES_KEY: json.dumps(sorted(side))} if side else {}
-    index = {"metadata": {"total_size": total_size, **metadata, **extra}, "weight_map": weight_map}
+    index = folder_index(weight_map, metadata, total_size, side)
     with open(os.path.join(tmp, INDEX_NAME), "w") as f:  # an OSError here is named by close()
         json.dump(index, f, indent=2)
         f.flush()
@@ -438,7 +454,7 @@ class ShardedWriter(Writer):
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  shard_size: int, side_files: dict[str, bytes] | None = None,
                  run: dict | None = None, resume: bool = False):
-        self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
+        self.path = self._where(path)
         self._side = dict(side_files or {})
         self._shards = split_shards(list(specs), shard_size)
         n = len(self._shards)
@@ -455,12 +471,31 @@ class ShardedWriter(Writer):
             self.staging = Staging(self.path, {**run, "shards": shards}, resume)
             self._tmp, self.notes = self.staging.path, self.staging.notes
         else:
-            self._tmp = temp_folder_beside(self.path)
+            self._tmp = self._begin()
         self._metadata = dict(metadata)
         self._current: SafetensorsWriter | None = None
         self._shard = -1
         self._left = 0
         self.bytes_written = sum(s.nbytes for s in specs)
+
+    @staticmethod
+    def _where(path: str) -> str:
+        return os.path.abspath(path.rstrip(os.sep) or os.sep)
+
+    def _begin(self) -> str:
+        """Where the shards are built: a temporary folder beside the output."""
+        return temp_folder_beside(self.path)
+
+    def _shard_path(self, name: str) -> str:
+        return os.path.join(self._tmp, name)
+
+    def _commit(self, weight_map: dict[str, str]) -> None:
+        """The side files and the index, then the folder swapped in."""
+        commit_folder(self._tmp, self.path, weight_map, self._metadata, self.bytes_written,
+                      self._side)
+
+    def _discard(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property
     def _done(self) -> set[str]:
@@ -493,7 +528,7 @@ class ShardedWriter(Writer):
         self._finish_current()
         self._shard = self._next_shard()
         shard_meta = {**self._metadata, "format": "pt"}
-        self._current = SafetensorsWriter(os.path.join(self._tmp, self._names[self._shard]),
+        self._current = SafetensorsWriter(self._shard_path(self._names[self._shard]),
                                           self._shards[self._shard], shard_meta, shown=self.path)
         self._left = len(self._shards[self._shard])
 
@@ -519,8 +554,7 @@ class ShardedWriter(Writer):
         weight_map = {s.key: self._names[i] for i, shard in enumerate(self._shards) for s in shard}
         if self.staging is not None:
             self.staging.settle()
-        commit_folder(self._tmp, self.path, weight_map, self._metadata, self.bytes_written,
-                      self._side)
+        self._commit(weight_map)
         if self.staging is not None:
             self.staging.release()
 
@@ -530,7 +564,43 @@ class ShardedWriter(Writer):
         if self.staging is not None:
             self.kept = self.staging.keep_or_drop()
         else:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._discard()
+
+
+class RemoteShardedWriter(ShardedWriter):
+    """A folder of shards in object storage (a key prefix): each shard is streamed as its
+    own multipart upload, which the store shows once complete; the side files, then the
+    index, are put last, so a reader finds the folder (by its index) only when it is whole.
+    A failure removes the shards already made; a killed run leaves complete shards without
+    an index, which no reader takes for a checkpoint, and a rerun refuses the prefix until
+    they are removed."""
+
+    @staticmethod
+    def _where(path: str) -> str:
+        return path.rstrip("/")
+
+    def _begin(self) -> str:
+        self._made: list[str] = []
+        return self.path
+
+    def _shard_path(self, name: str) -> str:
+        self._made.append(f"{self.path}/{name}")
+        return self._made[-1]
+
+    def _commit(self, weight_map: dict[str, str]) -> None:
+        try:
+            for name, data in self._side.items():
+                remote.put(f"{self.path}/{name}", data)
+                self._made.append(f"{self.path}/{name}")
+            remote.put(f"{self.path}/{INDEX_NAME}",
+                       json.dumps(folder_index(weight_map, self._metadata, self.bytes_written,
+                                               self._side), indent=2).encode())
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        remote.remove(self._made)
 
 
 class TorchWriter(Writer):
@@ -571,7 +641,7 @@ class TorchWriter(Writer):
         self._pickled = Pickle(self._blob).dumps(obj)
         self._next = 0
         self.bytes_written = sum(r.nbytes for r in self._queue)
-        self._out = AtomicFile(path)
+        self._out = output_file(path, self.bytes_written + len(self._pickled))
         try:
             self._zip = ZipStream(self._out.file, force_zip64)
             head_records(self._zip, self._pickled)
@@ -627,6 +697,12 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     leaves nothing behind on an error."""
     kind = output_kind(path, shard_size, dcp)
     check_output(path, kind, inputs)
+    if is_remote(path):
+        if kind == "sharded":
+            return RemoteShardedWriter(path, specs, metadata, shard_size or 5 * 10**9,
+                                       side_files)
+        if kind == "dcp" or run is not None:
+            raise RuntimeError("a remote output is written once, as safetensors or torch")
     if kind == "dcp":
         from ckptavg.io.dcp import DcpWriter
 
