@@ -182,3 +182,72 @@ def test_killed_with_sigkill_then_resumed_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"{done} of 24 shard(s) already done" in r.stdout
     assert _files(out) == _files(whole) and not os.path.exists(staging)
+
+
+def _dcp_as_torch(folder, tmp_path) -> dict:
+    """A DCP folder read by torch's own converter (dcp_to_torch_save), then torch.load."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{os.path.basename(folder)}.pt"
+    dcp_to_torch_save(str(folder), str(target))
+    return torch.load(target, weights_only=True)
+
+
+def test_a_dcp_output_resumes_from_its_staged_shards(tmp_path, monkeypatch):
+    """--dcp stages the tensors as safetensors shards: a run stopped after two keeps them;
+    --resume reduces only the rest, and torch's own DCP reader finds the float64 mean."""
+    from ckptavg.engine import average as engine
+    from ckptavg.io.dcp import DcpWriter
+
+    monkeypatch.setattr(DcpWriter, "STAGE_SHARD", SHARD)  # 6 staged shards
+    paths = _inputs(tmp_path)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _fail_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            ckptavg.average(paths, out, dcp=True)
+    staging = staging_path(str(out))
+    assert not out.exists() and sum(n.endswith(".done") for n in os.listdir(staging)) == 2
+    with pytest.raises(OptionError, match="dcp"):  # the other kind of folder output
+        ckptavg.average(paths, out, shard_size=SHARD, resume=True)
+    seen, real = [], engine.execute
+    monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (
+        seen.append(list(keys) if keys is not None else None), real(plan, w, keys, **kw))[1])
+    r = ckptavg.average(paths, out, dcp=True, resume=True)
+    assert seen == [["t2", "t3", "t4", "t5"]]
+    assert any("2 of 6 shard(s) already done" in w for w in r.warnings)
+    got = _dcp_as_torch(out, tmp_path)
+    inputs = [ckptavg.load(p)[0] for p in paths]
+    for k in inputs[0]:
+        want = (sum(s[k].double() for s in inputs) / len(inputs)).float()
+        assert torch.equal(got[k], want), k
+    assert ckptavg.load(out)[1]["average.n"] == "3" and not os.path.exists(staging)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [os.path.basename(p) for p in paths] + ["out", "out.pt"])
+
+
+def test_a_dcp_save_that_fails_keeps_the_staged_shards(tmp_path, monkeypatch):
+    """The disk fills during the final dcp.save: one line saying the shards are kept; the
+    resumed run reduces nothing and saves."""
+    from ckptavg.engine import average as engine
+    from ckptavg.io import dcp
+
+    paths = _inputs(tmp_path)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        def full(*a, **k):
+            raise OSError(28, "No space left on device")
+        m.setattr(dcp, "save_dcp", full)
+        with pytest.raises(CkptavgError) as e:
+            ckptavg.average(paths, out, dcp=True)
+    assert "No space left on device" in str(e.value) and "--resume" in str(e.value)
+    assert not out.exists() and [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
+    seen, real = [], engine.execute
+    monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (
+        seen.append(list(keys) if keys is not None else None), real(plan, w, keys, **kw))[1])
+    ckptavg.average(paths, out, dcp=True, resume=True)
+    assert seen == [[]]
+    whole = tmp_path / "whole"
+    ckptavg.average(paths, whole, dcp=True)
+    a, b = _dcp_as_torch(out, tmp_path), _dcp_as_torch(whole, tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

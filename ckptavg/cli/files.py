@@ -48,8 +48,8 @@ from ckptavg.options import WINDOW, Reading, Selection
               "cores idle at the start, less the one that reads ahead).")
 @deprecated_alias("--threads", "--arith-threads", "threads", type=click.IntRange(min=1))
 @click.option("--dcp", is_flag=True, help="Write a torch.distributed.checkpoint folder (new or "
-              "empty), as FSDP loads it; held in memory until written (per rank under torchrun).")
-@click.option("--resume", is_flag=True, help="Finish a folder output that a failed or killed "
+              "empty), as FSDP loads it; staged as shards beside it, then saved from them.")
+@click.option("--resume", is_flag=True, help="Finish a folder or --dcp output that a failed or killed "
               "run left unfinished: its finished shards (kept in .OUTPUT.ckptavg-partial) are "
               "checked and only the missing ones are reduced.")
 @click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")

@@ -112,13 +112,16 @@ def average(
             the cores idle at the start less the one that reads ahead (`idle_cores`).
         dcp: write `output` as a torch.distributed.checkpoint folder (new or empty), which
             `dcp.load` and FSDP read; the weights keep the newest input's entry (`model`,
-            `state_dict`) or stay at the top level. DCP saves a state dict at once, so the
-            output is held in memory until it is written (under torchrun: each rank's share).
-        resume: finish a folder output that a failed or killed run left unfinished: the
-            shards it completed are kept in `.NAME.ckptavg-partial` beside the output with
-            the run's plan; they are checked (size, sha256) and only the missing ones are
-            reduced. Inputs or options that would change a shard are refused by name. The
-            result is bitwise that of an uninterrupted run. Folder outputs only.
+            `state_dict`) or stay at the top level. The tensors are staged as safetensors
+            shards beside the output, then saved from them (mapped, not held in memory) in
+            one `dcp.save` (under torchrun: each rank its own shard, together).
+        resume: finish a folder output (safetensors shards or `dcp`) that a failed or
+            killed run left unfinished: the shards it completed are kept in
+            `.NAME.ckptavg-partial` beside the output with the run's plan; they are checked
+            (size, sha256) and only the missing ones are reduced. Inputs or options that
+            would change a shard are refused by name. The result is that of an
+            uninterrupted run (bitwise for shards; the same tensors for DCP). Folder
+            outputs only.
 
     Returns:
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
@@ -157,10 +160,9 @@ def average(
         raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a folder)")
     output = os.fspath(output) if output is not None else None
     kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
-    if resume and kind != "sharded":
-        raise OptionError("resume", "finishes a folder of safetensors shards (-o FOLDER); a "
-                          "file" + (" or a DCP folder" if dcp else "") + " is written in one "
-                          "go: run again without --resume")
+    if resume and kind not in ("sharded", "dcp"):
+        raise OptionError("resume", "finishes a folder output (safetensors shards or --dcp); "
+                          "a file is written in one go: run again without --resume")
     check_options(accumulate, dtype)
     method: Method = ("ema" if ema is not None else "weighted" if weights is not None
                       else "profile" if prof is not None else "uniform")
@@ -230,7 +232,7 @@ def average(
             result.warnings += notes
             entry = dcp_entry(readers[-1]) if dcp else plan.entry
             run = describe(readers, plan.specs, plan.metadata) \
-                if kind == "sharded" and not is_remote(output) else None
+                if kind in ("sharded", "dcp") and not is_remote(output) else None
             writer = make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                                  inputs=protected, entry=entry, extras=plan.extras,
                                  side_files=side, dcp=dcp, run=run, resume=resume)

@@ -87,15 +87,12 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     """Reduce this rank's share of `plan` into its shard; rank 0 commits the folder.
 
     With `dcp` (False: safetensors shards; else the DCP entry, None for the top level), the
-    ranks hold their shares and save one torch.distributed.checkpoint together.
+    ranks then save one torch.distributed.checkpoint together, each from its own shard.
 
     Safetensors shards are built in the output's staging folder (io/staging.py), rank 0
     holding its lock: each rank records its shard when done, a failed run keeps the done
     ones, and with `resume` a rank whose shard is done (and checks out) skips it. Returns
     the notes to report."""
-    if dcp is not False:
-        _write_dcp(plan, output, group, execute, progress, threads, dcp)
-        return []
     from ckptavg.io.atomic import write_error
     from ckptavg.io.writer import SafetensorsWriter, commit_folder
 
@@ -110,6 +107,8 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
         if group.rank == 0:
             want = {**describe(plan.readers, plan.specs, plan.metadata),
                     "shards": {names[r]: keys[r] for r in range(group.size) if keys[r]}}
+            if dcp is not False:
+                want.update(output="dcp", entry=dcp)
             staging = Staging(output, want, resume)
     except BaseException as e:
         error = e
@@ -140,6 +139,9 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
         if staging is not None:
             staging.keep_or_drop()
         raise
+    if dcp is not False:
+        _save_staged_dcp(plan, output, group, tmp, name, mine, dcp, staging)
+        return notes
     error = None
     if group.rank == 0:
         try:
@@ -172,57 +174,44 @@ def _shared_temp(group: Group, output: str) -> str:
     return group.share(tmp)
 
 
-def _write_dcp(plan, output: str, group: Group, execute, progress, threads,
-               entry: str | None) -> None:
+def _save_staged_dcp(plan, output: str, group: Group, tmp: str, name: str, mine: list[str],
+                     entry: str | None, staging: Staging | None) -> None:
+    """The collective DCP save of every rank's staged shard (`name` in `tmp`, holding
+    `mine`), into a folder rank 0 swaps in for `output`; then the staging folder goes. A
+    failure keeps the staged shards for `--resume`."""
     from ckptavg.io.atomic import write_error
-    from ckptavg.io.dcp import commit_dcp, save_dcp
+    from ckptavg.io.dcp import commit_dcp, save_dcp, staged_state
 
-    output = os.path.abspath(output.rstrip(os.sep))
-    tmp = _shared_temp(group, output)
-    mine = partition(plan.specs, group.size)[group.rank]
-    keep = _Keep(plan.specs)
+    folder = _shared_temp(group, output)
+    with contextlib.ExitStack() as stack:
+        state, error = {}, None
+        try:
+            state = stack.enter_context(staged_state(tmp, {k: name for k in mine}, mine,
+                                                     plan.ties))
+        except BaseException as e:
+            error = e
+        try:
+            group.agree(error)
+            # A collective: every rank writes its own tensors, rank 0 the metadata.
+            save_dcp(state, folder, entry, plan.metadata if group.rank == 0 else None,
+                     distributed=True)
+        except BaseException as e:
+            kept = None
+            if group.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+                kept = staging.keep_or_drop()
+            if isinstance(e, OSError):  # a full disk inside DCP's writer (save_dcp): one line
+                raise with_kept(write_error(output, e), kept) from None
+            if isinstance(e, CkptavgError):
+                raise with_kept(e, kept) from None
+            raise
     error = None
-    try:
-        execute(plan, keep, keys=mine, progress=progress, threads=threads)
-        for r in plan.readers:
-            r.check_unchanged()
-        for k, v in plan.ties.items():
-            if v in keep.tensors:
-                keep.tensors[k] = keep.tensors[v]
-    except BaseException as e:
-        error = e
-    try:
-        group.agree(error)
-        # A collective: every rank writes its own tensors, rank 0 the checkpoint's metadata.
-        save_dcp(keep.tensors, tmp, entry, plan.metadata if group.rank == 0 else None,
-                 distributed=True)
-        error = None
-    except BaseException as e:
-        if group.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk inside DCP's writer (save_dcp): one line
-            raise write_error(output, e) from None
-        raise e
     if group.rank == 0:
         try:
-            commit_dcp(tmp, output)
+            commit_dcp(folder, output)
+            shutil.rmtree(tmp, ignore_errors=True)  # the staged shards: now in the output
+            staging.release()
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             error = e
     group.agree(error)
-
-
-class _Keep:
-    """A writer that keeps what it is given (this rank's share of a DCP output)."""
-
-    keeps_tensors = shares_ties = True
-    streams_parts = False
-
-    def __init__(self, specs) -> None:
-        self.tensors: dict = {}
-        self._specs = {s.key: s for s in specs}
-
-    def write(self, key, tensor) -> None:
-        from ckptavg.io.writer import as_array, as_tensor
-
-        self.tensors[key] = as_tensor(as_array(tensor), self._specs[key])

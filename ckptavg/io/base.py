@@ -576,6 +576,11 @@ class Sharded:
         raw = self._raw(key)
         return self._where[raw].read(raw)
 
+    def read_raw(self, raw: str) -> torch.Tensor:
+        """A tensor by the name it is stored under (no prefix stripped): for files ckptavg
+        staged itself, whose names are already the output's."""
+        return self._where[raw].read(raw)
+
     def locate(self, key: str) -> Extent | None:
         raw = self._raw(key)
         return self._where[raw].locate(raw)

@@ -10,6 +10,7 @@ weights are the entry `state_dict`, `model`, ... (as in a torch file), or `--key
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -31,7 +32,7 @@ from ckptavg.io.base import (
     TensorSpec,
     strip_keys,
 )
-from ckptavg.io.writer import Writer, as_tensor
+from ckptavg.io.writer import ShardedWriter
 
 _DCP = "torch.distributed.checkpoint."
 _ALLOWED = {
@@ -262,33 +263,56 @@ def commit_dcp(tmp: str, path: str) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-class DcpWriter(Writer):
-    """A torch.distributed.checkpoint folder (what `dcp.load` and FSDP read), with ckptavg's
-    metadata beside it in ckptavg.json. DCP saves a whole state dict at once, so this writer
-    holds the model until close (under torchrun each rank holds only its share: see
-    engine/shards.write_shards)."""
+@contextlib.contextmanager
+def staged_state(staging: str, weight_map: dict[str, str], order: list[str],
+                 ties: dict[str, str]):
+    """The tensors that safetensors shards in `staging` hold (`weight_map`: name -> shard),
+    in `order`, mapped from their files rather than held in memory, while the block runs;
+    `ties` (name -> the name it shares storage with) are shared again where both are here."""
+    from ckptavg.io.safetensors import SafetensorsReader
 
-    keeps_tensors = True
-    shares_ties = True
+    readers: dict = {}
+    try:
+        for name in sorted(set(weight_map.values())):
+            readers[name] = SafetensorsReader(os.path.join(staging, name))
+        state = {k: readers[weight_map[k]].read_raw(k) for k in order}
+        for k, v in ties.items():
+            if k in state and v in state:
+                state[k] = state[v]
+        yield state
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+class DcpWriter(ShardedWriter):
+    """A torch.distributed.checkpoint folder (what `dcp.load` and FSDP read), with ckptavg's
+    metadata beside it in ckptavg.json.
+
+    The tensors are reduced into safetensors shards of 1 GiB in the output's staging folder
+    (`.NAME.ckptavg-partial`, as a folder output's: a failed or killed run keeps the
+    finished ones, which `--resume` checks and continues). When all are done, one
+    `dcp.save` writes the checkpoint from the shards, mapped rather than held in memory,
+    into a temporary folder that is swapped in; then the staging folder goes. The disk holds
+    the output twice for the moment of the save."""
+
+    STAGE_SHARD = 1 << 30
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                 ties: dict[str, str] | None, entry: str | None):
-        self.path = os.path.abspath(path.rstrip(os.sep) or os.sep)
-        self._tmp = temp_folder_beside(self.path)
+                 ties: dict[str, str] | None, entry: str | None, run: dict,
+                 resume: bool = False):
         self._order = [s.key for s in specs]
-        self._specs = {s.key: s for s in specs}
-        self._meta, self._ties, self._entry = dict(metadata), dict(ties or {}), entry
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._ties, self._entry = dict(ties or {}), entry
+        super().__init__(path, specs, metadata, self.STAGE_SHARD, None,
+                         {**run, "output": "dcp", "entry": entry}, resume)
 
-    def _write(self, key: str, tensor) -> None:
-        self._tensors[key] = as_tensor(tensor, self._specs[key])
-
-    def _close(self) -> None:
-        for k, v in self._ties.items():
-            self._tensors[k] = self._tensors[v]
-        save_dcp({k: self._tensors[k] for k in self._order}, self._tmp, self._entry,
-                 self._meta, distributed=False)
-        commit_dcp(self._tmp, self.path)
-
-    def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+    def _commit(self, weight_map: dict[str, str]) -> None:
+        tmp = temp_folder_beside(self.path)
+        try:
+            with staged_state(self._tmp, weight_map, self._order, self._ties) as state:
+                save_dcp(state, tmp, self._entry, self._metadata, distributed=False)
+            commit_dcp(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(self._tmp, ignore_errors=True)  # the staged shards: now in the output

@@ -1,6 +1,7 @@
-"""Resuming an interrupted folder output: the shards a killed or failed run finished stay in
-a staging folder beside the output, with the run's plan; `average --resume` checks them and
-reduces only the missing shards.
+"""Resuming an interrupted folder output (safetensors shards, or a DCP checkpoint, which is
+staged as safetensors shards and saved from them at the end): the shards a killed or failed
+run finished stay in a staging folder beside the output, with the run's plan; `average
+--resume` checks them and reduces only the missing shards.
 
 The staging folder is `.{name}.ckptavg-partial` beside the output `name`. It holds:
 
@@ -248,6 +249,14 @@ def refuse_changes(found: dict, want: dict, where: str) -> None:
             raise OptionError(OPTION_OF[k], f"differs from the interrupted run ({k} was "
                               f"{found['averaging'].get(k)!r}, now {want['averaging'].get(k)!r})"
                               f"{hint}")
+    kinds = {"dcp": "a DCP checkpoint (--dcp)", "folder": "a folder of safetensors shards"}
+    was, now = found.get("output", "folder"), want.get("output", "folder")
+    if was != now:
+        raise OptionError("dcp", f"the interrupted run wrote {kinds[was]}, this one "
+                          f"{kinds[now]}{hint}")
+    if found.get("entry") != want.get("entry"):
+        raise OptionError("key", f"the DCP entry differs from the interrupted run's "
+                          f"({found.get('entry')!r}, now {want.get('entry')!r}){hint}")
     if found["specs"] != want["specs"]:
         raise OptionError("dtype", f"the output dtypes differ from the interrupted run's{hint}")
     if found["shards"] != want["shards"]:

@@ -491,6 +491,8 @@ class ShardedWriter(Writer):
 
     def _commit(self, weight_map: dict[str, str]) -> None:
         """The side files and the index, then the folder swapped in."""
+        if self.staging is not None:
+            self.staging.settle()
         commit_folder(self._tmp, self.path, weight_map, self._metadata, self.bytes_written,
                       self._side)
 
@@ -552,8 +554,6 @@ class ShardedWriter(Writer):
             self._open_next()
         self._finish_current()
         weight_map = {s.key: self._names[i] for i, shard in enumerate(self._shards) for s in shard}
-        if self.staging is not None:
-            self.staging.settle()
         self._commit(weight_map)
         if self.staging is not None:
             self.staging.release()
@@ -706,8 +706,10 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     if kind == "dcp":
         from ckptavg.io.dcp import DcpWriter
 
+        if run is None:
+            raise RuntimeError("a DCP output is staged: pass the run (staging.describe)")
         return DcpWriter(path, specs, metadata, ties, entry if entry in ("state_dict", "model")
-                         else None)
+                         else None, run, resume)
     if kind == "torch":
         return TorchWriter(path, specs, metadata, ties, entry, extras)
     if kind == "sharded":

@@ -166,3 +166,36 @@ def test_an_interrupted_two_rank_run_is_resumed_under_torchrun(tmp_path):
     for name in files:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert not os.path.exists(staging)
+
+
+def test_an_interrupted_two_rank_dcp_run_is_resumed_under_torchrun(tmp_path):
+    """A DCP output is staged as one safetensors shard per rank: rank 1's full disk keeps
+    rank 0's; the torchrun command with --resume reduces only rank 1's share, and
+    `dcp.load` reads what an uninterrupted run wrote."""
+    import os
+
+    from ckptavg.io.staging import staging_path
+
+    paths = _inputs(tmp_path)
+    assert _torchrun("average", *paths, "-o", tmp_path / "whole", "--dcp", "-q").returncode == 0
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from ckptavg.io import writer\n"
+        "    def broken(self, *a, **k):\n"
+        "        raise OSError(28, 'No space left on device')\n"
+        "    writer.SafetensorsWriter.__init__ = broken\n")
+    out = tmp_path / "out"
+    failed = torchrun("ckptavg", "average", *paths, "-o", out, "--dcp", "-q",
+                      env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert failed.returncode != 0 and not out.exists()
+    assert "1 finished shard(s) are kept in" in failed.stderr, failed.stderr[-2000:]
+    resumed = _torchrun("average", *paths, "-o", out, "--dcp", "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert any("1 of 2 shard(s) already done" in w for w in json.loads(resumed.stdout)["warnings"])
+    like = ckptavg.load(paths[0])[0]
+    got, want = _dcp_load(out, like), _dcp_load(tmp_path / "whole", like)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not os.path.exists(staging_path(str(out))) and leftovers(tmp_path) == []
