@@ -8,14 +8,20 @@ S3: a moto server on 127.0.0.1 (started here, data in its memory). "raw" is a lo
 ranged GETs of 8 MiB over every object, one after the other (what reading the inputs costs
 at least, one connection at a time), and the same loop on 4 threads; ckptavg runs as a
 subprocess averaging the objects into a local file, 1 process and 2 torchrun ranks (a
-folder output). Disk (root only: the page cache is dropped before every run): `cat` of the
-inputs against `ckptavg average` of them. GiB/s counts the input bytes; per rank, those a
-rank reads.
+folder output); the same tensors saved as torch files (`.pt`, read through the zip and
+CRC-checked); and the safetensors objects into an S3 output (streamed as a multipart
+upload). Disk (root only: the page cache is dropped before every run): `cat` of the inputs
+against `ckptavg average` of them, its output on the same disk and on tmpfs (/dev/shm: what
+reading costs without the output's writes competing for the disk). The methods run in a
+rotated order each round (the first of a round pays the previous round's writeback); the
+ratios are the median of each round's own ratio. GiB/s counts the input bytes; per rank,
+those a rank reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -39,19 +45,32 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _write_inputs(folder: str, n: int, size_mb: int) -> list[str]:
+def _write_inputs(folder: str, n: int, size_mb: int, torch_files: bool) -> list[str]:
     from safetensors.numpy import save_file
 
     paths = []
     per = 4 * 1024 * 1024  # 16 MB float32 tensors
     for i in range(n):
         rng = np.random.default_rng(i)
-        tensors = {f"t{j}": rng.standard_normal(per, dtype=np.float32)
+        tensors = {f"t{j:03d}": rng.standard_normal(per, dtype=np.float32)
                    for j in range(size_mb // 16)}
         p = os.path.join(folder, f"epoch-{i + 1:04d}.safetensors")
         save_file(tensors, p)
         paths.append(p)
+        if torch_files:
+            import torch
+
+            torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}},
+                       os.path.join(folder, f"epoch-{i + 1:04d}.pt"))
     return paths
+
+
+def _rounds(methods: dict, repeats: int, results: dict) -> None:
+    """Each method once per round, the order rotated round by round."""
+    names = list(methods)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(methods[name]())
 
 
 def _drop_caches() -> bool:
@@ -93,12 +112,15 @@ def main() -> None:
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     py = sys.executable
     try:
-        paths = _write_inputs(work, args.n, args.size_mb)
+        s3_on, disk_on = "s3" in args.sources, "disk" in args.sources
+        paths = _write_inputs(work, args.n, args.size_mb, torch_files=s3_on)
         total = sum(os.path.getsize(p) for p in paths)
         client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
         client.create_bucket(Bucket="bench")
-        for p in paths if "s3" in args.sources else []:
+        for p in paths if s3_on else []:
             client.upload_file(p, "bench", f"run/{os.path.basename(p)}")
+            pt = p.replace(".safetensors", ".pt")
+            client.upload_file(pt, "bench", f"pt/{os.path.basename(pt)}")
         fs = s3fs.S3FileSystem()
         keys = [f"bench/run/{os.path.basename(p)}" for p in paths]
 
@@ -107,45 +129,73 @@ def main() -> None:
             for off in range(0, size, 8 << 20):
                 fs.cat_file(key, start=off, end=min(off + (8 << 20), size))
 
-        results: dict[str, list[float]] = {k: [] for k in (
-            "s3 raw GET loop", "s3 raw GET loop, 4 threads", "s3 ckptavg 1 process",
-            "s3 ckptavg 2 ranks", "disk cat (cold)", "disk ckptavg 1 process (cold)",
-            "disk ckptavg 2 ranks (cold)")}
-        src = "s3://bench/run/epoch-*.safetensors"
-        cold = _drop_caches()
-        s3_on, disk_on = "s3" in args.sources, "disk" in args.sources
-        cold = cold and disk_on
-        for _ in range(args.repeats if s3_on else 0):
+        def raw_loop():
             t = time.perf_counter()
             for k in keys:
                 raw_get(k)
-            results["s3 raw GET loop"].append(time.perf_counter() - t)
+            return time.perf_counter() - t
+
+        def raw_threads():
             t = time.perf_counter()
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(raw_get, keys))
-            results["s3 raw GET loop, 4 threads"].append(time.perf_counter() - t)
-            results["s3 ckptavg 1 process"].append(_timed(
-                [py, "-m", "ckptavg", "average", src, "-o", os.path.join(work, "o.safetensors"),
-                 "-q"], env))
-            shutil.rmtree(os.path.join(work, "o2"), ignore_errors=True)
-            results["s3 ckptavg 2 ranks"].append(_timed(
-                [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 "-m", "ckptavg", "average", src, "-o", os.path.join(work, "o2"), "-q"], env))
-        for _ in range(args.repeats if cold else 0):
+            return time.perf_counter() - t
+
+        def ckptavg(*args_, cold=False, clear=None):
+            if clear:
+                shutil.rmtree(clear, ignore_errors=True)
             if cold:
                 _drop_caches()
-                results["disk cat (cold)"].append(_timed(["sh", "-c", "cat \"$@\" > /dev/null",
-                                                          "cat", *paths]))
+            return _timed([py, "-m", "ckptavg", "average", *args_, "-q"], env)
+
+        def two_ranks(*args_, cold=False, clear=None):
+            if clear:
+                shutil.rmtree(clear, ignore_errors=True)
+            if cold:
                 _drop_caches()
-                results["disk ckptavg 1 process (cold)"].append(_timed(
-                    [py, "-m", "ckptavg", "average", *paths, "-o",
-                     os.path.join(work, "d.safetensors"), "-q"], env))
-                _drop_caches()
-                shutil.rmtree(os.path.join(work, "d2"), ignore_errors=True)
-                results["disk ckptavg 2 ranks (cold)"].append(_timed(
-                    [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                     "-m", "ckptavg", "average", *paths, "-o", os.path.join(work, "d2"), "-q"],
-                    env))
+            return _timed([py, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ckptavg", "average", *args_, "-q"],
+                          env)
+
+        def cat():
+            _drop_caches()
+            return _timed(["sh", "-c", "cat \"$@\" > /dev/null", "cat", *paths])
+
+        def remove_s3_output():
+            fs.invalidate_cache()
+            if fs.exists("bench/out/o.safetensors"):
+                fs.rm_file("bench/out/o.safetensors")
+
+        src = "s3://bench/run/epoch-*.safetensors"
+        o2 = os.path.join(work, "o2")
+        d2 = os.path.join(work, "d2")
+        s3_methods = {
+            "s3 raw GET loop": raw_loop,
+            "s3 raw GET loop, 4 threads": raw_threads,
+            "s3 ckptavg 1 process": lambda: ckptavg(src, "-o", os.path.join(work, "o.safetensors")),
+            "s3 ckptavg 1 process, torch files": lambda: ckptavg(
+                "s3://bench/pt/epoch-*.pt", "-o", os.path.join(work, "p.safetensors")),
+            "s3 ckptavg 1 process, output to s3": lambda: (remove_s3_output(), ckptavg(
+                src, "-o", "s3://bench/out/o.safetensors"))[1],
+            "s3 ckptavg 2 ranks": lambda: two_ranks(src, "-o", o2, clear=o2),
+        }
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else work
+        disk_methods = {
+            "disk cat (cold)": cat,
+            "disk ckptavg 1 process (cold)": lambda: ckptavg(
+                *paths, "-o", os.path.join(work, "d.safetensors"), cold=True),
+            "disk ckptavg 1 process, output on tmpfs (cold)": lambda: ckptavg(
+                *paths, "-o", os.path.join(shm, "ckptavg-bench.safetensors"), cold=True),
+            "disk ckptavg 2 ranks (cold)": lambda: two_ranks(*paths, "-o", d2, cold=True, clear=d2),
+        }
+        results: dict[str, list[float]] = {k: [] for k in [*s3_methods, *disk_methods]}
+        cold = disk_on and _drop_caches()
+        if s3_on:
+            _rounds(s3_methods, args.repeats, results)
+        if cold:
+            _rounds(disk_methods, args.repeats, results)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(shm, "ckptavg-bench.safetensors"))
         print(f"{args.n} inputs of {args.size_mb} MB ({total / GIB:.2f} GiB in), median of "
               f"{args.repeats}; GiB/s of input bytes (per rank: each rank reads half)")
         rows = {}
@@ -156,22 +206,31 @@ def main() -> None:
             ranks = 2 if "2 ranks" in name else 1
             rows[name] = {"seconds": ts, "median_s": med, "gib_per_s": total / GIB / med,
                           "gib_per_s_per_rank": total / GIB / med / ranks}
-            print(f"  {name:<32} {med:7.2f} s  {total / GIB / med:6.2f} GiB/s"
+            print(f"  {name:<48} {med:7.2f} s  {total / GIB / med:6.2f} GiB/s"
                   + (f"  ({total / GIB / med / ranks:.2f} per rank)" if ranks > 1 else ""))
+        ratios = {}
+
+        def ratio(name: str, raw: str) -> None:
+            per_round = [a / b for a, b in zip(results[raw], results[name])]
+            ratios[name] = {"against": raw, "per_round": per_round,
+                            "median": statistics.median(per_round)}
+            print(f"ratio {name} / {raw}: {ratios[name]['median']:.2f} (median of the rounds' "
+                  f"own ratios {', '.join(f'{x:.2f}' for x in per_round)}; target >= 0.8)")
+
         if s3_on:
-            raw = rows["s3 raw GET loop"]["gib_per_s"]
-            print(f"ratio s3 ckptavg 1 process / raw GET loop: "
-                  f"{rows['s3 ckptavg 1 process']['gib_per_s'] / raw:.2f} (target >= 0.8)")
+            for name in ("s3 ckptavg 1 process", "s3 ckptavg 1 process, torch files",
+                         "s3 ckptavg 1 process, output to s3"):
+                ratio(name, "s3 raw GET loop")
         if cold:
-            cat = rows["disk cat (cold)"]["gib_per_s"]
-            print(f"ratio disk ckptavg 1 process / cat (cold): "
-                  f"{rows['disk ckptavg 1 process (cold)']['gib_per_s'] / cat:.2f} (target >= 0.8)")
-        else:
+            for name in ("disk ckptavg 1 process (cold)",
+                         "disk ckptavg 1 process, output on tmpfs (cold)"):
+                ratio(name, "disk cat (cold)")
+        elif disk_on:
             print("disk (cold): skipped (dropping the page cache needs root)")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"n": args.n, "size_mb": args.size_mb, "bytes": total, "rows": rows},
-                          f, indent=2)
+                json.dump({"n": args.n, "size_mb": args.size_mb, "bytes": total, "rows": rows,
+                           "ratios": ratios}, f, indent=2)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

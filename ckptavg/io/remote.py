@@ -176,9 +176,10 @@ class RemoteFile(SourceFile):
                               "Check the connection and run again")
 
     def pread(self, view: memoryview, offset: int) -> None:
-        """Fill `view` from `offset`, through a read-ahead window: a read inside the current
-        window is a copy; one past it fetches the next window (already on its way when the
-        reads go forward) and starts fetching the one after."""
+        """Fill `view` from `offset`, through a read-ahead window: what the current window
+        holds is copied; past it, the next window (already on its way when the reads go
+        forward, also over a small gap such as a zip record's header) takes over and the
+        one after it is fetched in the background; anywhere else, one GET from there."""
         n = len(view)
         w = self._window
         if "lock" not in w:
@@ -186,21 +187,27 @@ class RemoteFile(SourceFile):
             _LIVE[0] += 1
         size = window_size()
         with w["lock"]:
-            start, data = w.get("start", -1), w.get("data", b"")
-            if not (start <= offset and offset + n <= start + len(data)):
-                nxt = w.pop("next", None)
-                if nxt is not None and nxt[0] == offset and nxt[0] + size >= offset + n:
-                    start, data = offset, nxt[1].result()
-                    if offset + n > start + len(data):
-                        start, data = offset, self.get(offset, min(max(n, size), self.size - offset))
-                else:
-                    start, data = offset, self.get(offset, min(max(n, size), self.size - offset))
-                w["start"], w["data"] = start, data
-                ahead = start + len(data)
-                if ahead < self.size:
-                    w["next"] = (ahead, _POOL.submit(self.get, ahead,
-                                                     min(size, self.size - ahead)))
-            view[:] = data[offset - start:offset - start + n]
+            filled = 0
+            while filled < n:
+                pos = offset + filled
+                start, data = w.get("start", -1), w.get("data", b"")
+                if not start <= pos < start + len(data):
+                    nxt = w.pop("next", None)
+                    if nxt is not None and nxt[0] <= pos < nxt[0] + nxt[2]:
+                        start, data = nxt[0], nxt[1].result()
+                    else:
+                        if nxt is not None:
+                            nxt[1].cancel()
+                        start, data = pos, self.get(pos, min(max(n - filled, size),
+                                                             self.size - pos))
+                    w["start"], w["data"] = start, data
+                    ahead = start + len(data)
+                    if ahead < self.size:
+                        k = min(size, self.size - ahead)
+                        w["next"] = (ahead, _POOL.submit(self.get, ahead, k), k)
+                take = min(n - filled, start + len(data) - pos)
+                view[filled:filled + take] = memoryview(data)[pos - start:pos - start + take]
+                filled += take
 
     def open(self) -> io.BufferedReader:
         """A seekable file object over the object (for zipfile: its directory and pickle),
