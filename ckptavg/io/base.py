@@ -215,6 +215,10 @@ class OpenFile:
         """Bytes [offset, offset + n); a file that ends first is one line."""
         return pread_exact(self.fd, n, offset, self.path)
 
+    def get_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """`get` of each (offset, n), in order (remote storage: several at once)."""
+        return [self.get(offset, n) for offset, n in spans]
+
     def pread(self, view: memoryview, offset: int) -> None:
         """Fill `view` from `offset`."""
         pread_into(self.fd, view, offset, self.path)

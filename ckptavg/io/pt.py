@@ -518,6 +518,7 @@ def read_structure(path: str, file: OpenFile) -> object | None:
             up = _StructureUnpickler(z.read(pickles[0]), path)
             obj = up.load()
             size = file.size
+            records = []
             for key, st in up.storages.items():
                 info = infos.get(prefix + "data/" + key)
                 if info is None:
@@ -531,7 +532,11 @@ def read_structure(path: str, file: OpenFile) -> object | None:
                     raise _Damaged(f"{path}: record {info.filename} holds {info.file_size} "
                                    f"bytes where data.pkl describes {need}: the file is "
                                    "damaged or forged; re-save it")
-                st.offset = data_offset(file, info)
+                records.append((st, info))
+            # The local headers, all at once (in parallel for an object in remote storage).
+            offsets = data_offsets(file, [info for _, info in records])
+            for (st, info), offset in zip(records, offsets):
+                st.offset = offset
                 if st.offset is None:
                     raise _Damaged(f"{path}: the zip directory places {info.filename} at "
                                    f"byte {info.header_offset}, where no record begins: the "
@@ -556,14 +561,17 @@ class _Damaged(CheckpointError):
     """A zip whose directory contradicts its pickle or itself: torch would fail on it too."""
 
 
-def data_offset(file: OpenFile, info: zipfile.ZipInfo) -> int | None:
-    """Where a stored record's bytes begin in the file: after its local header, whose name
-    and extra field lengths only the header itself gives; None where no header begins."""
-    sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(
-        file.get(info.header_offset, _LOCAL_HEADER.size))
-    if sig != b"PK\x03\x04":
-        return None
-    return info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
+def data_offsets(file: OpenFile, infos: list[zipfile.ZipInfo]) -> list[int | None]:
+    """Where each stored record's bytes begin in the file: after its local header, whose
+    name and extra field lengths only the header itself gives; None where no header begins.
+    The headers are read with one `get_many`."""
+    heads = file.get_many([(i.header_offset, _LOCAL_HEADER.size) for i in infos])
+    out: list[int | None] = []
+    for info, head in zip(infos, heads):
+        sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(head)
+        out.append(info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
+                   if sig == b"PK\x03\x04" else None)
+    return out
 
 
 def _check_overlaps(path: str, storages) -> None:
@@ -836,9 +844,8 @@ def zip_checks(file: OpenFile, path: str) -> list[RecordCheck]:
     checks = []
     try:
         with file.open() as f, zipfile.ZipFile(f) as z:
-            for info in z.infolist():
-                offset = data_offset(file, info) \
-                    if info.compress_type == zipfile.ZIP_STORED else None
+            stored = [i for i in z.infolist() if i.compress_type == zipfile.ZIP_STORED]
+            for info, offset in zip(stored, data_offsets(file, stored)):
                 if offset is not None:
                     checks.append(RecordCheck(path, info.filename, offset, info.file_size,
                                               info.CRC))

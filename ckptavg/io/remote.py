@@ -175,6 +175,10 @@ class RemoteFile(SourceFile):
                               f"after {RETRIES} tries ({_short(error)}); nothing was written. "
                               "Check the connection and run again")
 
+    def get_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """`get` of each (offset, n), several in flight (a torch zip's local headers)."""
+        return list(_POOL.map(lambda span: self.get(*span), spans))
+
     def pread(self, view: memoryview, offset: int) -> None:
         """Fill `view` from `offset`, through a read-ahead window: what the current window
         holds is copied; past it, the next window (already on its way when the reads go
