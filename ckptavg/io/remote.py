@@ -215,8 +215,8 @@ class RemoteFile(SourceFile):
 
     def open(self) -> io.BufferedReader:
         """A seekable file object over the object (for zipfile: its directory and pickle),
-        reading with ranged GETs through a 256 KiB buffer."""
-        return io.BufferedReader(_Ranged(self), 256 << 10)
+        reading with ranged GETs of 256 KiB blocks, a few kept."""
+        return io.BufferedReader(_Ranged(self), 64 << 10)
 
     def extent(self, offset: int, check: object = None) -> Extent:
         return Extent(-1, offset, self.path, check, source=self)
@@ -246,11 +246,18 @@ class RemoteFile(SourceFile):
             _LIVE[0] -= 1
 
 
+BLOCK = 256 << 10  # what one read of a remote file object fetches, aligned
+BLOCKS = 4  # blocks such a file object keeps (the zip directory at the end, the pickle)
+
+
 class _Ranged(io.RawIOBase):
-    """A remote object as a read-only raw stream: each read is one ranged GET."""
+    """A remote object as a read-only raw stream for zipfile: reads are served from
+    BLOCK-aligned blocks, each fetched with one ranged GET and the last BLOCKS kept, so the
+    small seeks of a zip's end records, central directory and pickle cost a few GETs."""
 
     def __init__(self, src: RemoteFile):
         self._src, self._pos = src, 0
+        self._blocks: dict[int, bytes] = {}
 
     def readable(self) -> bool:
         return True
@@ -265,11 +272,27 @@ class _Ranged(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
+    def _block(self, i: int) -> bytes:
+        data = self._blocks.pop(i, None)
+        if data is None:
+            data = self._src.get(i * BLOCK, min(BLOCK, self._src.size - i * BLOCK))
+        self._blocks[i] = data  # newest last
+        while len(self._blocks) > BLOCKS:
+            del self._blocks[next(iter(self._blocks))]
+        return data
+
     def readinto(self, b) -> int:
         n = max(0, min(len(b), self._src.size - self._pos))
-        if n:
+        if n > BLOCK * BLOCKS:  # a large read: straight through
             b[:n] = self._src.get(self._pos, n)
-            self._pos += n
+        else:
+            done = 0
+            while done < n:
+                i, at = divmod(self._pos + done, BLOCK)
+                part = memoryview(self._block(i))[at:at + n - done]
+                b[done:done + len(part)] = part
+                done += len(part)
+        self._pos += n
         return n
 
 
