@@ -54,25 +54,34 @@ def _fail_after(monkeypatch, shards: int, exc=KeyboardInterrupt):
     monkeypatch.setattr(writer.ShardedWriter, "_open_next", open_next)
 
 
+def _interrupted(monkeypatch, paths, out, shards: int = 2, **kw) -> None:
+    """Run an average that is stopped (KeyboardInterrupt) after `shards` shards."""
+    with monkeypatch.context() as m:
+        _fail_after(m, shards)
+        with pytest.raises(KeyboardInterrupt):
+            ckptavg.average(paths, out, **kw)
+
+
+def _computed(monkeypatch) -> list:
+    """The keys each call of the engine's `execute` is given, from now on."""
+    from ckptavg.engine import average as engine
+
+    seen, real = [], engine.execute
+    monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (
+        seen.append(list(keys) if keys is not None else None), real(plan, w, keys, **kw))[1])
+    return seen
+
+
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     paths = _inputs(tmp_path)
     whole = tmp_path / "whole"
     ckptavg.average(paths, whole, shard_size=SHARD)
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _fail_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            ckptavg.average(paths, out, shard_size=SHARD)
+    _interrupted(monkeypatch, paths, out, shard_size=SHARD)
     staging = staging_path(str(out))
     assert not out.exists() and sorted(n for n in os.listdir(staging) if n.endswith(".done")) \
         == ["model-00001-of-00006.safetensors.done", "model-00002-of-00006.safetensors.done"]
-    # Only the missing shards are reduced: count the tensors the engine computes.
-    from ckptavg.engine import average as engine
-
-    seen = []
-    real = engine.execute
-    monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (
-        seen.append(list(keys) if keys is not None else None), real(plan, w, keys, **kw))[1])
+    seen = _computed(monkeypatch)  # only the missing shards are reduced
     r = ckptavg.average(paths, out, shard_size=SHARD, resume=True)
     assert seen == [["t2", "t3", "t4", "t5"]]
     assert any("2 of 6 shard(s) already done" in w for w in r.warnings)
@@ -100,10 +109,7 @@ def test_a_run_that_finished_nothing_leaves_nothing(tmp_path, monkeypatch):
 def test_changed_inputs_and_options_are_refused_by_name(tmp_path, monkeypatch):
     paths = _inputs(tmp_path)
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _fail_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            ckptavg.average(paths, out, shard_size=SHARD)
+    _interrupted(monkeypatch, paths, out, shard_size=SHARD)
     with pytest.raises(OptionError, match="weights"):
         ckptavg.average(paths, out, shard_size=SHARD, weights=[1, 2, 3], resume=True)
     with pytest.raises(OptionError, match="accumulate"):
@@ -196,23 +202,17 @@ def _dcp_as_torch(folder, tmp_path) -> dict:
 def test_a_dcp_output_resumes_from_its_staged_shards(tmp_path, monkeypatch):
     """--dcp stages the tensors as safetensors shards: a run stopped after two keeps them;
     --resume reduces only the rest, and torch's own DCP reader finds the float64 mean."""
-    from ckptavg.engine import average as engine
     from ckptavg.io.dcp import DcpWriter
 
     monkeypatch.setattr(DcpWriter, "STAGE_SHARD", SHARD)  # 6 staged shards
     paths = _inputs(tmp_path)
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _fail_after(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            ckptavg.average(paths, out, dcp=True)
+    _interrupted(monkeypatch, paths, out, dcp=True)
     staging = staging_path(str(out))
     assert not out.exists() and sum(n.endswith(".done") for n in os.listdir(staging)) == 2
     with pytest.raises(OptionError, match="dcp"):  # the other kind of folder output
         ckptavg.average(paths, out, shard_size=SHARD, resume=True)
-    seen, real = [], engine.execute
-    monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (
-        seen.append(list(keys) if keys is not None else None), real(plan, w, keys, **kw))[1])
+    seen = _computed(monkeypatch)
     r = ckptavg.average(paths, out, dcp=True, resume=True)
     assert seen == [["t2", "t3", "t4", "t5"]]
     assert any("2 of 6 shard(s) already done" in w for w in r.warnings)
@@ -229,7 +229,6 @@ def test_a_dcp_output_resumes_from_its_staged_shards(tmp_path, monkeypatch):
 def test_a_dcp_save_that_fails_keeps_the_staged_shards(tmp_path, monkeypatch):
     """The disk fills during the final dcp.save: one line saying the shards are kept; the
     resumed run reduces nothing and saves."""
-    from ckptavg.engine import average as engine
     from ckptavg.io import dcp
 
     paths = _inputs(tmp_path)
@@ -242,9 +241,7 @@ def test_a_dcp_save_that_fails_keeps_the_staged_shards(tmp_path, monkeypatch):
             ckptavg.average(paths, out, dcp=True)
     assert "No space left on device" in str(e.value) and "--resume" in str(e.value)
     assert not out.exists() and [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
-    seen, real = [], engine.execute
-    monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (
-        seen.append(list(keys) if keys is not None else None), real(plan, w, keys, **kw))[1])
+    seen = _computed(monkeypatch)
     ckptavg.average(paths, out, dcp=True, resume=True)
     assert seen == [[]]
     whole = tmp_path / "whole"

@@ -131,6 +131,21 @@ def test_dcp_output_from_one_process_and_two_ranks_is_what_dcp_load_reads(tmp_pa
     assert (tmp_path / "full" / "mine.txt").read_text() == "x"
 
 
+def _rank1_disk_full(tmp_path):
+    """A folder for PYTHONPATH whose sitecustomize makes rank 1's disk full (its shard
+    writer cannot be made), and only rank 1's."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from ckptavg.io import writer\n"
+        "    def broken(self, *a, **k):\n"
+        "        raise OSError(28, 'No space left on device')\n"
+        "    writer.SafetensorsWriter.__init__ = broken\n")
+    return hook
+
+
 def test_an_interrupted_two_rank_run_is_resumed_under_torchrun(tmp_path):
     """Rank 1 cannot write its shard (a full disk, injected through sitecustomize in that
     rank only): rank 0's finished shard is kept; the same torchrun command with --resume
@@ -141,15 +156,7 @@ def test_an_interrupted_two_rank_run_is_resumed_under_torchrun(tmp_path):
 
     paths = _inputs(tmp_path)
     assert _torchrun("average", *paths, "-o", tmp_path / "whole", "-q").returncode == 0
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    from ckptavg.io import writer\n"
-        "    def broken(self, *a, **k):\n"
-        "        raise OSError(28, 'No space left on device')\n"
-        "    writer.SafetensorsWriter.__init__ = broken\n")
+    hook = _rank1_disk_full(tmp_path)
     out = tmp_path / "out"
     failed = torchrun("ckptavg", "average", *paths, "-o", out, "-q",
                       env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
@@ -178,15 +185,7 @@ def test_an_interrupted_two_rank_dcp_run_is_resumed_under_torchrun(tmp_path):
 
     paths = _inputs(tmp_path)
     assert _torchrun("average", *paths, "-o", tmp_path / "whole", "--dcp", "-q").returncode == 0
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    from ckptavg.io import writer\n"
-        "    def broken(self, *a, **k):\n"
-        "        raise OSError(28, 'No space left on device')\n"
-        "    writer.SafetensorsWriter.__init__ = broken\n")
+    hook = _rank1_disk_full(tmp_path)
     out = tmp_path / "out"
     failed = torchrun("ckptavg", "average", *paths, "-o", out, "--dcp", "-q",
                       env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
