@@ -528,3 +528,30 @@ def test_reads_over_small_gaps_use_the_window_fetched_ahead():
         f.close()
     assert sum(end - start for start, end in fetched) <= len(blob)
     assert len(fetched) == -(-len(blob) // window_size())
+
+
+def test_any_fsspec_store_reads_and_writes_the_same_way(tmp_path):
+    """Nothing in the remote paths is S3's own: in fsspec's in-memory store (memory://: no
+    ETag, its own listing, no server) a torch file, a safetensors object and a DCP folder
+    average to the exact mean, into an output in that store."""
+    import fsspec
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load
+
+    fs = fsspec.filesystem("memory")
+    states = _states(3)
+    torch.save({"state_dict": states[0]}, tmp_path / "a.pt")
+    save_file(states[1], str(tmp_path / "b.safetensors"))
+    dcp.save(states[2], storage_writer=dcp.FileSystemWriter(str(tmp_path / "c")), no_dist=True)
+    try:
+        fs.put_file(str(tmp_path / "a.pt"), "/ckpt/run/a.pt")
+        fs.put_file(str(tmp_path / "b.safetensors"), "/ckpt/run/b.safetensors")
+        for name in os.listdir(tmp_path / "c"):
+            fs.put_file(str(tmp_path / "c" / name), f"/ckpt/run/c/{name}")
+        r = ckptavg.average(["memory://ckpt/run/a.pt", "memory://ckpt/run/b.safetensors",
+                             "memory://ckpt/run/c/"], "memory://ckpt/out/avg.safetensors")
+        assert r.n == 3
+        got, want = load(fs.cat_file("/ckpt/out/avg.safetensors")), _mean64(states)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        fs.rm("/ckpt", recursive=True)

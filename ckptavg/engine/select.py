@@ -144,10 +144,50 @@ def open_candidates(patterns: list[str], key: str | None = None,
     paths = expand(patterns)
     if not paths:
         raise OptionError("inputs", "none given; name checkpoint files or glob patterns")
+    if any(is_remote(p) for p in paths) and len(paths) > 1:
+        return _open_remote(paths, key, strip_prefix)
     cands: list[Candidate] = []
     try:
         for p in paths:
             cands.append(Candidate(p, open_checkpoint(p, key=key, strip_prefix=strip_prefix)))
+        refuse_shared_files([c.reader for c in cands])
+    except BaseException:
+        close_all(cands)
+        raise
+    return cands
+
+
+OPENERS = 8  # remote inputs opened at once
+
+
+def _open_remote(paths: list[str], key: str | None, strip_prefix: str | None) -> list[Candidate]:
+    """`open_candidates` with object storage among the inputs: each input's few small GETs
+    (header or zip directory, fingerprint blocks, trainer_state.json) are round trips, so
+    OPENERS inputs are opened at once; the first error in input order is raised, with every
+    input opened closed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def open_one(p: str) -> Candidate:
+        c = Candidate(p, open_checkpoint(p, key=key, strip_prefix=strip_prefix))
+        try:
+            c.reader.fingerprint()
+            c.position  # noqa: B018 (a cached property: its reads happen here)
+        except BaseException:
+            c.reader.close()
+            raise
+        return c
+
+    with ThreadPoolExecutor(OPENERS, thread_name_prefix="ckptavg-open") as pool:
+        futures = [pool.submit(open_one, p) for p in paths]
+        cands, error = [], None
+        for f in futures:
+            try:
+                cands.append(f.result())
+            except BaseException as e:
+                error = error or e
+    try:
+        if error is not None:
+            raise error
         refuse_shared_files([c.reader for c in cands])
     except BaseException:
         close_all(cands)

@@ -493,8 +493,8 @@ class Upload(Atomic):
         fs, key = filesystem(url)
         self.path = url
         part = max(PART, -(-size // MAX_PARTS))
-        try:
-            self._f = fs.open(key, "wb", block_size=part)
+        try:  # autocommit off: closing sends the last part, `commit` makes the object
+            self._f = fs.open(key, "wb", block_size=part, autocommit=False)
         except Exception as e:
             raise _upload_failed(url, e) from None
         self.file = _UploadStream(self._f, url)
@@ -504,7 +504,8 @@ class Upload(Atomic):
 
     def commit(self) -> None:
         try:
-            self._f.close()  # completes the multipart upload (a small one: one PUT)
+            self._f.close()
+            self._f.commit()  # S3: completes the multipart upload
         except Exception as e:
             raise _upload_failed(self.path, e) from None
 
@@ -513,8 +514,9 @@ class Upload(Atomic):
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
-            self._f.discard()  # aborts the multipart upload
-        self._f.closed = True  # never completed later (by the file's finalizer)
+            self._f.discard()  # S3: aborts the multipart upload
+        with contextlib.suppress(Exception):
+            self._f.closed = True  # its finalizer sends nothing more
 
 
 def check_output(url: str, kind: str, inputs) -> None:
