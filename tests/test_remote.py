@@ -555,3 +555,19 @@ def test_any_fsspec_store_reads_and_writes_the_same_way(tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)
     finally:
         fs.rm("/ckpt", recursive=True)
+
+
+def test_a_remote_folder_of_loose_files_names_the_pattern_to_pass(tmp_path, bucket):
+    """A prefix holding checkpoints but no index is one line naming the glob to pass, as for
+    a local folder; one file of a DCP folder names the folder."""
+    states = _states(2)
+    _upload_run(tmp_path, bucket, states, prefix="loose")
+    with pytest.raises(CkptavgError) as e:
+        ckptavg.inspect(f"s3://{bucket}/loose/")
+    assert str(e.value) == (
+        f"s3://{bucket}/loose: folder has no model.safetensors.index.json, model.safetensors, "
+        "pytorch_model.bin.index.json, pytorch_model.bin or DCP .metadata (it holds: "
+        "epoch-0001.safetensors, epoch-0002.safetensors); to average the files in it, pass "
+        f"them: 's3://{bucket}/loose/*.safetensors'")
+    with pytest.raises(CkptavgError, match=rf"pass the folder, s3://{bucket}/dcp/"):
+        ckptavg.inspect(f"s3://{bucket}/dcp/__0_0.distcp")
