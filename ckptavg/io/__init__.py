@@ -157,7 +157,9 @@ def open_checkpoint(path: str | os.PathLike, key: str | None = None,
     """
     path = os.fspath(path)
     found = _classify(path)
-    reader = _open(path, found, key, strip_prefix)  # takes the open file over
+    # A folder's readers are named by the folder (a remote one without its trailing '/').
+    reader = _open(found.folder.path if found.folder is not None else path, found, key,
+                   strip_prefix)  # takes the open file over
     if found.file is not None and found.file.remote:
         reader.folder = remote.parent(found.file)  # a trainer_state.json beside it
     return reader
@@ -179,10 +181,7 @@ def _open(path: str, found: _Found, key: str | None, strip_prefix: str | None) -
             found.close()
             raise CheckpointError(f"{path}: is safetensors, which has no entry {key!r} to pick "
                                   "(entries exist in torch.save files only); drop the key")
-        if is_remote(path):
-            return remote.RemoteSafetensorsReader(path, strip_prefix, folder=folder, file=file)
-        return SafetensorsReader(path, strip_prefix=strip_prefix,
-                                 fd=file.fd if file is not None else None, src=src)
+        return SafetensorsReader(path, strip_prefix, file=file, src=src, folder=folder)
     from ckptavg.io.pt import TorchReader  # imports torch only for what it cannot describe
 
     return TorchReader(path, key=key, strip_prefix=strip_prefix, mmap=kind == "torch-zip",

@@ -180,17 +180,10 @@ _NUMBER_FORMATS = {"int64": "<q", "int32": "<i", "int16": "<h", "int8": "<b", "u
                    "float64": "<d", "float32": "<f"}
 
 
-def pread_number(fd: int, offset: int, dtype: DType, path: str) -> float | None:
-    """The value of a one-element tensor of `dtype` stored at `offset` (AveragedModel's
-    n_averaged); None for a dtype this does not decode."""
-    fmt = _NUMBER_FORMATS.get(dtype.name)
-    if fmt is None:
-        return None
-    return struct.unpack(fmt, pread_exact(fd, dtype.itemsize, offset, path))[0]
-
-
 def number_at(file, offset: int, dtype: DType) -> float | None:
-    """`pread_number` through an open file (OpenFile, remote.RemoteFile)."""
+    """The value of a one-element tensor of `dtype` stored at `offset` of an open file
+    (OpenFile, remote.RemoteFile: AveragedModel's n_averaged); None for a dtype this does
+    not decode."""
     fmt = _NUMBER_FORMATS.get(dtype.name)
     return None if fmt is None else struct.unpack(fmt, file.get(offset, dtype.itemsize))[0]
 
@@ -232,7 +225,7 @@ class OpenFile:
         return Extent(self.fd, offset, self.path, check)
 
     def number(self, offset: int, dtype: DType) -> float | None:
-        """The value of a one-element tensor stored at `offset` (`pread_number`)."""
+        """The value of a one-element tensor stored at `offset` (`number_at`)."""
         return number_at(self, offset, dtype)
 
     def close(self) -> None:
@@ -277,7 +270,7 @@ class Folder:
         finally:
             f.close()
 
-    def side_file(self, name: str, limit: int = 16 << 20) -> bytes | None:
+    def side_file(self, name: str, limit: int) -> bytes | None:
         """A side file's bytes (config.json, trainer_state.json): None when it is absent,
         a link, or larger than `limit`."""
         p = self.join(name)

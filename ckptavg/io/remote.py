@@ -33,21 +33,11 @@ from dataclasses import dataclass, field
 from ckptavg.errors import CheckpointError, CkptavgError, OutputError
 from ckptavg.io.atomic import Atomic
 from ckptavg.io.base import (
-    AVERAGED_COUNT,
     INDEX_NAME,
     Extent,
     Folder,
-    ReaderBase,
-    Sharded,
     SourceFile,
-    TensorSpec,
-    check_index_complete,
-    import_torch,
-    is_averaged_model,
     number_at,
-    place_shard,
-    read_index,
-    strip_keys,
 )
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -62,6 +52,8 @@ def window_size() -> int:
     """Each object's window: WINDOW, smaller when many are read at once, so that their
     windows (the current one and the next) stay within BUDGET; 1 MiB at least."""
     return max(1 << 20, min(WINDOW, BUDGET // (2 * max(_LIVE[0], 1))))
+
+
 _POOL = ThreadPoolExecutor(8, thread_name_prefix="ckptavg-get")
 
 
@@ -330,113 +322,13 @@ class RemoteFolder(Folder):
         f = RemoteFile.at(self.join(name), self.fs, f"{self.key}/{name}")
         return f, f
 
-    def read(self, name: str, limit: int) -> bytes:
-        f, _ = self.open(name)
-        if f.size > limit:
-            raise CheckpointError(f"{f.path}: {f.size} bytes; refused (a {name} is at most "
-                                  f"{limit} bytes)")
-        return f.get(0, f.size)
-
-    def side_file(self, name: str, limit: int = 16 << 20) -> bytes | None:
+    def side_file(self, name: str, limit: int) -> bytes | None:
         if not self.has(name):
             return None
         try:
             return self.read(name, limit)
         except CheckpointError:
             return None
-
-
-class _RemoteShard:
-    """One remote safetensors object: its validated header, and reads of its tensors."""
-
-    def __init__(self, src: RemoteFile):
-        from ckptavg.io.safetensors import MAX_HEADER, _bad, parse_header
-
-        self.src = src
-        if src.size < 8:
-            raise CheckpointError(f"{src.path}: truncated safetensors file (no header)")
-        n = int.from_bytes(src.get(0, 8), "little")
-        if n == 0 or n > MAX_HEADER or n > src.size - 8:
-            raise _bad(src.path, f"header length {n} for a {src.size}-byte object")
-        self.entries, self.meta = parse_header(src.get(8, n), src.size - 8 - n, src.path)
-        self.base = 8 + n
-
-    def read(self, raw: str):
-        torch = import_torch()
-        dtype, shape, begin, nbytes = self.entries[raw]
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype.torch)
-        data = bytearray(self.src.get(self.base + begin, nbytes))
-        return torch.frombuffer(data, dtype=torch.uint8).view(dtype.torch).view(shape)
-
-    def number(self, raw: str) -> float:
-        return self.read(raw).item()
-
-    def locate(self, raw: str) -> Extent:
-        return Extent(-1, self.base + self.entries[raw][2], self.src.path, source=self.src)
-
-    def release(self, raw: str) -> None:
-        return None
-
-    def release_range(self, raw: str, start: int, nbytes: int) -> None:
-        return None
-
-
-class RemoteSafetensorsReader(Sharded, ReaderBase):
-    """A safetensors object, or a folder of shards with model.safetensors.index.json (or a
-    model.safetensors), in remote storage."""
-
-    format = "safetensors"
-
-    def __init__(self, url: str, strip_prefix: str | None = None,
-                 folder: RemoteFolder | None = None, file: RemoteFile | None = None):
-        self.path = url.rstrip("/")
-        self._shards: list[_RemoteShard] = []
-        self._where: dict[str, _RemoteShard] = {}
-        if folder is not None:
-            self.folder = folder
-            self._open_folder(folder)
-        else:
-            self._add(file or RemoteFile.at(self.path))
-            self._meta = self._shards[0].meta
-        if not self._where:
-            raise CheckpointError(f"{self.path}: holds no tensors; nothing to read")
-        if is_averaged_model(list(self._where)):
-            count = self._where.pop(AVERAGED_COUNT).number(AVERAGED_COUNT)
-            self._meta = {**self._meta, "swa.n_averaged": str(int(count))}
-        self._names, removed = strip_keys(list(self._where), strip_prefix, self.path)
-        self.removed_prefixes = tuple(removed)
-        self.files = [s.src for s in self._shards]
-
-    def _open_folder(self, folder: RemoteFolder) -> None:
-        if not folder.has(INDEX_NAME):
-            self._add(folder.open("model.safetensors")[0])
-            self._meta = self._shards[0].meta
-            return
-        self.format = "safetensors-sharded"
-        weight_map, meta = read_index(folder, INDEX_NAME)
-        for name in sorted(set(weight_map.values())):
-            self._add(folder.open(name)[0], weight_map)
-        check_index_complete(folder.join(INDEX_NAME), weight_map, self._where)
-        self._meta = meta or self._shards[0].meta
-
-    def _add(self, src: RemoteFile, expected: dict | None = None) -> None:
-        shard = _RemoteShard(src)
-        self._shards.append(shard)
-        place_shard(self._where, shard.entries, shard, src.path, expected,
-                    lambda other: other.src.path)
-
-    def info(self, key: str) -> TensorSpec:
-        raw = self._raw(key)
-        dtype, shape, _, _ = self._where[raw].entries[raw]
-        return TensorSpec(key, shape, dtype)
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._meta)
-
-    def close(self) -> None:
-        for s in self._shards:
-            s.src.close()
 
 
 def locate(url: str) -> RemoteFile | RemoteFolder:

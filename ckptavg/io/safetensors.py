@@ -3,7 +3,8 @@
 A header is untrusted: it is bounded, parsed with duplicate names refused, and believed only
 if its entries tile the data section exactly and the file is exactly as long as they say.
 Each file is opened once; header and data come through that descriptor (the map is made
-from it), so a file replaced by another mid-run cannot mix the two. The averaging
+from it), so a file replaced by another mid-run cannot mix the two. An object in remote
+storage is read the same way through a remote.RemoteFile, its tensors with ranged GETs. The averaging
 engine reads tensors with pread through that descriptor (kept while the process uses under
 half its descriptor limit; past that the file is mapped at once and the descriptor closed).
 `read` gives a tensor as a view of a map of the file, made (and torch imported) on first
@@ -23,6 +24,7 @@ from ckptavg.io.base import (
     INDEX_NAME,
     Extent,
     Folder,
+    OpenFile,
     ReaderBase,
     Sharded,
     SourceFile,
@@ -33,10 +35,7 @@ from ckptavg.io.base import (
     import_torch,
     is_averaged_model,
     keep_descriptor,
-    open_source,
     place_shard,
-    pread_exact,
-    pread_number,
     read_index,
     strip_keys,
 )
@@ -112,47 +111,56 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[dict, dict[str,
     return entries, dict(meta)
 
 
+def _read_header(file: OpenFile, src: SourceFile) -> tuple[dict, dict[str, str], int]:
+    """(entries, metadata, where the data section begins) of an open safetensors file, its
+    header bounded and validated (`parse_header`)."""
+    if src.size < 8:
+        raise CheckpointError(f"{src.path}: truncated safetensors file (no header)")
+    n = int.from_bytes(file.get(0, 8), "little")
+    if n == 0 or n > MAX_HEADER or n > src.size - 8:
+        raise _bad(src.path, f"header length {n} for a {src.size}-byte file")
+    entries, meta = parse_header(file.get(8, n), src.size - 8 - n, src.path)
+    return entries, meta, 8 + n
+
+
 class _MappedFile:
-    """One safetensors file: validated header, then mapped through the same descriptor
+    """One local safetensors file: validated header, then mapped through the same descriptor
     (when a tensor is first read as a view; the averaging engine reads with pread and never
     maps, nor imports torch)."""
 
-    def __init__(self, path: str, fd: int, src: SourceFile):
+    def __init__(self, file: OpenFile, src: SourceFile):
         self.src = src
+        self.file: OpenFile | None = None
         self._bytes = None
         try:
-            if src.size < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-            n = int.from_bytes(pread_exact(fd, 8, 0, path), "little")
-            if n == 0 or n > MAX_HEADER or n > src.size - 8:
-                raise _bad(path, f"header length {n} for a {src.size}-byte file")
-            self.entries, self.meta = parse_header(pread_exact(fd, n, 8, path), src.size - 8 - n, path)
-            self.base = 8 + n
+            self.entries, self.meta, self.base = _read_header(file, src)
             # The averaging engine reads with pread through this descriptor (io.base.Extent);
             # past half the descriptor limit the file is mapped now and the descriptor closed.
-            self.fd = fd if keep_descriptor(fd) else None
-            if self.fd is None:
-                self._map(fd, path)
+            if keep_descriptor(file.fd):
+                self.file = file
+            else:
+                self._map(file.fd)
         finally:
-            if getattr(self, "fd", None) is None:
-                os.close(fd)
-        if self.fd is not None and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # wider read-ahead
+            if self.file is None:
+                file.close()
+        if self.file is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # wider read-ahead
 
-    def _map(self, fd: int, path: str) -> None:
+    def _map(self, fd: int) -> None:
         # A private, never-written map of the open file (its /proc/self/fd name, so not a
         # path that may since name another file); torch keeps no descriptor for it, where
         # Python's mmap would keep a duplicate per input.
         torch = import_torch()
-        storage = torch.UntypedStorage.from_file(fd_path(fd, path), False, self.src.size)
+        storage = torch.UntypedStorage.from_file(fd_path(fd, self.src.path), False,
+                                                 self.src.size)
         self._bytes = torch.empty(0, dtype=torch.uint8).set_(storage)
 
     @property
     def bytes(self) -> torch.Tensor:
         if self._bytes is None:
-            if self.fd is None:
+            if self.file is None:
                 raise ValueError(f"{self.src.path}: read after close")
-            self._map(self.fd, self.src.path)
+            self._map(self.file.fd)
         return self._bytes
 
     def read(self, raw: str) -> torch.Tensor:
@@ -169,14 +177,14 @@ class _MappedFile:
         """A one-element integer or floating tensor's value (AveragedModel's n_averaged)."""
         dtype, shape, begin, nbytes = self.entries[raw]
         value = None
-        if self.fd is not None and nbytes == dtype.itemsize:
-            value = pread_number(self.fd, self.base + begin, dtype, self.src.path)
+        if self.file is not None and nbytes == dtype.itemsize:
+            value = self.file.number(self.base + begin, dtype)
         return self.read(raw).item() if value is None else value
 
     def locate(self, raw: str) -> Extent | None:
-        if self.fd is None:
+        if self.file is None:
             return None
-        return Extent(self.fd, self.base + self.entries[raw][2], self.src.path)
+        return self.file.extent(self.base + self.entries[raw][2])
 
     def release(self, raw: str) -> None:
         self.release_range(raw, 0, self.entries[raw][3])
@@ -192,24 +200,70 @@ class _MappedFile:
 
     def close(self) -> None:
         self._bytes = None  # unmapped when the last view of it goes
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _ObjectShard:
+    """One safetensors object in remote storage (remote.RemoteFile): validated header, then
+    each tensor read in place with ranged GETs, never mapped."""
+
+    def __init__(self, file: OpenFile, src: SourceFile):
+        self.src, self.file = src, file
+        self.entries, self.meta, self.base = _read_header(file, src)
+
+    def read(self, raw: str) -> torch.Tensor:
+        torch = import_torch()
+        dtype, shape, begin, nbytes = self.entries[raw]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype.torch)
+        data = bytearray(self.file.get(self.base + begin, nbytes))
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype.torch).view(shape)
+
+    def number(self, raw: str) -> float:
+        dtype, _, begin, nbytes = self.entries[raw]
+        value = self.file.number(self.base + begin, dtype) if nbytes == dtype.itemsize else None
+        return self.read(raw).item() if value is None else value
+
+    def locate(self, raw: str) -> Extent:
+        return self.file.extent(self.base + self.entries[raw][2])
+
+    def release(self, raw: str) -> None:
+        return None
+
+    def release_range(self, raw: str, start: int, nbytes: int) -> None:
+        return None
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class SafetensorsReader(Sharded, ReaderBase):
     """A safetensors file, a sharded folder (index + shards), or a folder with
-    model.safetensors. Pass `fd`/`src` when the file is already open (it is taken over)."""
+    model.safetensors, on local disk or in remote storage. Pass `file`/`src` when the file
+    is already open (it is taken over: base.OpenFile, remote.RemoteFile), or the `folder`
+    (base.Folder, remote.RemoteFolder); else `path` is opened here."""
 
     format = "safetensors"
 
-    def __init__(self, path: str, strip_prefix: str | None = None, fd: int | None = None,
-                 src: SourceFile | None = None):
+    def __init__(self, path: str, strip_prefix: str | None = None, file: OpenFile | None = None,
+                 src: SourceFile | None = None, folder: Folder | None = None):
         self.path = path
-        self._maps: list[_MappedFile] = []
-        self._where: dict[str, _MappedFile] = {}
+        self._shards: list[_MappedFile | _ObjectShard] = []
+        self._where: dict[str, _MappedFile | _ObjectShard] = {}
         try:
-            self._open(path, fd, src)
+            if file is None and folder is None:
+                if os.path.isdir(path):
+                    folder = Folder(path)
+                else:
+                    file, src = OpenFile.of(path)
+            if folder is not None:
+                self.folder = folder
+                self._open_folder(folder)
+            else:
+                self._add(file, src)
+                self._meta = self._shards[0].meta
             if not self._where:
                 raise CheckpointError(f"{path}: holds no tensors; nothing to read")
             if is_averaged_model(list(self._where)):
@@ -220,33 +274,24 @@ class SafetensorsReader(Sharded, ReaderBase):
             self.close()
             raise
         self.removed_prefixes = tuple(removed)
-        self.files = [m.src for m in self._maps]
+        self.files = [m.src for m in self._shards]
 
-    def _open(self, path: str, fd: int | None, src: SourceFile | None) -> None:
-        index_path = os.path.join(path, INDEX_NAME)
-        if fd is None and os.path.isdir(path) and os.path.exists(index_path):
-            self._open_sharded(path, index_path)
+    def _open_folder(self, folder: Folder) -> None:
+        if not folder.has(INDEX_NAME):
+            self._add(*folder.open("model.safetensors"))
+            self._meta = self._shards[0].meta
             return
-        if fd is None:
-            if os.path.isdir(path):
-                path = os.path.join(path, "model.safetensors")
-            fd, src = open_source(path)
-        self._add(path, fd, src)
-        self._meta = self._maps[0].meta
-
-    def _open_sharded(self, path: str, index_path: str) -> None:
         self.format = "safetensors-sharded"
-        weight_map, meta = read_index(Folder(path), INDEX_NAME)
+        weight_map, meta = read_index(folder, INDEX_NAME)
         for name in sorted(set(weight_map.values())):
-            shard = os.path.join(path, name)
-            self._add(shard, *open_source(shard), expected=weight_map)
-        check_index_complete(index_path, weight_map, self._where)
-        self._meta = meta or self._maps[0].meta
+            self._add(*folder.open(name), expected=weight_map)
+        check_index_complete(folder.join(INDEX_NAME), weight_map, self._where)
+        self._meta = meta or self._shards[0].meta
 
-    def _add(self, file: str, fd: int, src: SourceFile, expected: dict | None = None) -> None:
-        m = _MappedFile(file, fd, src)
-        self._maps.append(m)
-        place_shard(self._where, m.entries, m, file, expected, lambda other: other.src.path)
+    def _add(self, file: OpenFile, src: SourceFile, expected: dict | None = None) -> None:
+        m = _ObjectShard(file, src) if file.remote else _MappedFile(file, src)
+        self._shards.append(m)
+        place_shard(self._where, m.entries, m, src.path, expected, lambda other: other.src.path)
 
     def info(self, key: str) -> TensorSpec:
         raw = self._raw(key)
@@ -257,6 +302,6 @@ class SafetensorsReader(Sharded, ReaderBase):
         return dict(self._meta)
 
     def close(self) -> None:
-        for m in self._maps:
+        for m in self._shards:
             m.close()
-        self._maps = []
+        self._shards = []
