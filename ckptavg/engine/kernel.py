@@ -104,7 +104,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     acc = np.dtype(np.float64 if wide else np.float32)
     # A writer that streams can take a large tensor in slices: then the output buffers (and
     # the float64 accumulator of more than GROUP inputs) are a slice, not the largest tensor.
-    streams = writer.streams_parts and not writer.keeps_tensors
+    streams = writer.streams_parts
 
     def slice_of(spec: TensorSpec) -> int:
         return min(spec.numel, _slice_elems(spec.dtype)) if streams else spec.numel
@@ -117,8 +117,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     out_bytes = max((slice_of(s) * s.dtype.itemsize for s in floats), default=0)
     # Two output buffers: the writer thread copies one to the file while the next tensor (or
     # slice) is computed into the other.
-    bg = None if writer.keeps_tensors else BackgroundWriter(
-        writer, [np.empty(out_bytes, np.uint8) for _ in range(2)])
+    bg = BackgroundWriter(writer, [np.empty(out_bytes, np.uint8) for _ in range(2)])
     total_bytes, done, last = plan.bytes_in, 0, readers[-1]
     try:
         for spec in specs:
@@ -127,7 +126,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
             info = ref.info(spec.key)
             if not info.dtype.is_floating_point:
                 done += info.nbytes
-                _hand_over(writer, bg, spec, read_copy(last, spec.key), None)
+                bg.write(spec.key, read_copy(last, spec.key))
                 if progress:
                     progress(done, total_bytes)
                 continue
@@ -135,7 +134,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
             kind = arith.storage(spec.dtype)
             for lo in range(0, max(spec.numel, 1), max(step, 1)):
                 n = min(step, spec.numel - lo)
-                buf = bg.buffer() if bg is not None else np.empty(n * spec.dtype.itemsize, np.uint8)
+                buf = bg.buffer()
                 out = buf[: n * spec.dtype.itemsize].view(kind)
                 finite = _reduce(plan, spec.key, spec.dtype, out, workers,
                                  None if full is None else full[:n], lo, stage)
@@ -144,15 +143,11 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                     progress(done, total_bytes)
                 if not finite and not plan.allow_nonfinite:
                     raise_nonfinite(readers, spec.key, spec.dtype)
-                if n == spec.numel:
-                    _hand_over(writer, bg, spec, out, buf)
-                else:
-                    bg.write(spec.key, out, buf, part=(lo == 0, lo + n == spec.numel))
-        if bg is not None:
-            bg.finish()
+                whole = n == spec.numel
+                bg.write(spec.key, out, buf, part=None if whole else (lo == 0, lo + n == spec.numel))
+        bg.finish()
     finally:
-        if bg is not None:
-            bg.stop()
+        bg.stop()
         if stage is not None:
             stage.close()
 
@@ -324,12 +319,3 @@ class Stage:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-
-
-def _hand_over(writer: Writer, bg, spec: TensorSpec, data, buf) -> None:
-    """Give one whole tensor to the writer (its raw bytes; the writer makes what it keeps),
-    through the background writer when there is one."""
-    if bg is None:
-        writer.write(spec.key, data)
-    else:
-        bg.write(spec.key, data, buf)

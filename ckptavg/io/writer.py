@@ -1,7 +1,8 @@
 """Atomic, streaming output that never replaces what is not ours.
 
 Every writer writes into a temporary file (or folder) beside the target and renames it
-into place only after everything has been written and fsync'd: an interrupted or failed run
+into place only after everything has been written and fsync'd (in object storage: a
+multipart upload per file, completed last, `output_file`): an interrupted or failed run
 leaves the old output or none, never a partial one, and no temporary file. Writers are
 context managers: a clean exit commits, an exception aborts. The safetensors writers take
 tensors one at a time in the order announced up front, so memory never holds the model.
@@ -55,7 +56,7 @@ from ckptavg.io.torchzip import (
 )
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -169,16 +170,6 @@ def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
     refuse_if_input(path)
 
 
-
-
-
-
-
-
-
-
-
-
 def output_file(path: str, size: int) -> AtomicFile:
     """Where a file output's bytes go as they are written: a temporary file beside `path`,
     renamed over it on commit; in object storage, a multipart upload that becomes the object
@@ -201,24 +192,8 @@ def as_array(t) -> np.ndarray:
     return t.reshape(-1).view(import_torch().uint8).numpy()
 
 
-def as_tensor(data: np.ndarray, spec: TensorSpec) -> torch.Tensor:
-    """A writer's bytes as the torch tensor of `spec` (for writers that keep tensors)."""
-    torch = import_torch()
-    if spec.numel == 0:
-        return torch.empty(spec.shape, dtype=spec.dtype.torch)
-    return torch.from_numpy(data).view(spec.dtype.torch).view(spec.shape)
-
-
 def _fits(data: np.ndarray, spec: TensorSpec) -> bool:
     return data.nbytes == spec.nbytes
-
-
-
-
-
-
-
-
 
 
 class Writer(Atomic, abc.ABC):
@@ -226,7 +201,6 @@ class Writer(Atomic, abc.ABC):
     and turns a failing disk into one OutputError naming the output."""
 
     # Declared capabilities, read by the engine (never probed with hasattr):
-    keeps_tensors = False  # holds every tensor until close (DCP): give it fresh buffers
     shares_ties = False  # tied names are one tensor: only the first of each is written
     kept: str | None = None  # after a failure: what was kept for --resume, and how to finish
     notes: tuple[str, ...] | list[str] = ()  # warnings the writer has for the result
@@ -262,7 +236,6 @@ class Writer(Atomic, abc.ABC):
     @abc.abstractmethod
     def _close(self) -> None:
         """Finish and commit the output."""
-
 
 
 class BackgroundWriter:
@@ -441,8 +414,6 @@ def commit_folder(tmp: str, path: str, weight_map: dict[str, str], metadata: dic
     fsync_dir(os.path.dirname(path))
     if old:
         shutil.rmtree(old, ignore_errors=True)
-
-
 
 
 class ShardedWriter(Writer):
@@ -679,8 +650,6 @@ class TorchWriter(Writer):
 
     def abort(self) -> None:
         self._out.abort()
-
-
 
 
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
