@@ -140,16 +140,22 @@ def refuse_shared_files(readers: list[ReaderBase]) -> None:
 
 def open_candidates(patterns: list[str], key: str | None = None,
                     strip_prefix: str | None = None) -> list[Candidate]:
-    """Expand globs and open every input once; on any error, everything opened is closed."""
+    """Expand globs and open every input once; on any error, everything opened is closed.
+    With object storage among several inputs they are opened OPENERS at a time."""
     paths = expand(patterns)
     if not paths:
         raise OptionError("inputs", "none given; name checkpoint files or glob patterns")
-    if any(is_remote(p) for p in paths) and len(paths) > 1:
-        return _open_remote(paths, key, strip_prefix)
+
+    def open_one(p: str) -> Candidate:
+        return Candidate(p, open_checkpoint(p, key=key, strip_prefix=strip_prefix))
+
     cands: list[Candidate] = []
     try:
-        for p in paths:
-            cands.append(Candidate(p, open_checkpoint(p, key=key, strip_prefix=strip_prefix)))
+        if any(is_remote(p) for p in paths) and len(paths) > 1:
+            _open_at_once(paths, open_one, cands)
+        else:
+            for p in paths:
+                cands.append(open_one(p))
         refuse_shared_files([c.reader for c in cands])
     except BaseException:
         close_all(cands)
@@ -160,15 +166,15 @@ def open_candidates(patterns: list[str], key: str | None = None,
 OPENERS = 8  # remote inputs opened at once
 
 
-def _open_remote(paths: list[str], key: str | None, strip_prefix: str | None) -> list[Candidate]:
-    """`open_candidates` with object storage among the inputs: each input's few small GETs
-    (header or zip directory, fingerprint blocks, trainer_state.json) are round trips, so
-    OPENERS inputs are opened at once; the first error in input order is raised, with every
-    input opened closed."""
+def _open_at_once(paths: list[str], open_one, cands: list[Candidate]) -> None:
+    """Open `paths` OPENERS at a time into `cands`, in input order: each remote input's few
+    small GETs (header or zip directory, fingerprint blocks, trainer_state.json) are round
+    trips. Every input that opened is in `cands` (for the caller to close); the first error
+    in input order is raised once all are done."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def open_one(p: str) -> Candidate:
-        c = Candidate(p, open_checkpoint(p, key=key, strip_prefix=strip_prefix))
+    def opened(p: str) -> Candidate:
+        c = open_one(p)
         try:
             c.reader.fingerprint()
             c.position  # noqa: B018 (a cached property: its reads happen here)
@@ -178,21 +184,15 @@ def _open_remote(paths: list[str], key: str | None, strip_prefix: str | None) ->
         return c
 
     with ThreadPoolExecutor(OPENERS, thread_name_prefix="ckptavg-open") as pool:
-        futures = [pool.submit(open_one, p) for p in paths]
-        cands, error = [], None
-        for f in futures:
-            try:
-                cands.append(f.result())
-            except BaseException as e:
-                error = error or e
-    try:
-        if error is not None:
-            raise error
-        refuse_shared_files([c.reader for c in cands])
-    except BaseException:
-        close_all(cands)
-        raise
-    return cands
+        futures = [pool.submit(opened, p) for p in paths]
+    error = None
+    for f in futures:
+        try:
+            cands.append(f.result())
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def is_output(c: Candidate) -> bool:
