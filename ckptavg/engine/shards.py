@@ -93,7 +93,6 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     holding its lock: each rank records its shard when done, a failed run keeps the done
     ones, and with `resume` a rank whose shard is done (and checks out) skips it. Returns
     the notes to report."""
-    from ckptavg.io.atomic import write_error
     from ckptavg.io.writer import SafetensorsWriter, commit_folder
 
     output = os.path.abspath(output.rstrip(os.sep))
@@ -142,22 +141,34 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     if dcp is not False:
         _save_staged_dcp(plan, output, group, tmp, name, mine, dcp, staging)
         return notes
+
+    def commit() -> None:
+        merged = {k: v for m in maps for k, v in m.items()}
+        staging.settle()
+        commit_folder(tmp, output, {s.key: merged[s.key] for s in plan.specs}, plan.metadata,
+                      plan.bytes_out, side_files)
+
+    _commit_on_rank0(group, staging, output, commit)
+    return notes
+
+
+def _commit_on_rank0(group: Group, staging: Staging | None, output: str, commit) -> None:
+    """Rank 0 runs `commit` (the output made from the staged shards) and releases the
+    staging folder; a failure keeps what it still holds for --resume (the line says so) and
+    stops every rank with the same error."""
+    from ckptavg.io.atomic import write_error
+
     error = None
     if group.rank == 0:
         try:
-            merged = {k: v for m in maps for k, v in m.items()}
-            staging.settle()
-            commit_folder(tmp, output, {s.key: merged[s.key] for s in plan.specs}, plan.metadata,
-                          plan.bytes_out, side_files)
+            commit()
             staging.release()
         except OSError as e:
-            staging.keep_or_drop()
-            error = write_error(output, e)
+            error = with_kept(write_error(output, e), staging.keep_or_drop())
         except BaseException as e:
             staging.keep_or_drop()
             error = e
     group.agree(error)
-    return notes
 
 
 def _shared_temp(group: Group, output: str) -> str:
@@ -205,13 +216,13 @@ def _save_staged_dcp(plan, output: str, group: Group, tmp: str, name: str, mine:
             if isinstance(e, CkptavgError):
                 raise with_kept(e, kept) from None
             raise
-    error = None
-    if group.rank == 0:
+
+    def commit() -> None:
         try:
             commit_dcp(folder, output)
-            shutil.rmtree(tmp, ignore_errors=True)  # the staged shards: now in the output
-            staging.release()
-        except BaseException as e:
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-            error = e
-    group.agree(error)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the staged shards: now in the output
+
+    _commit_on_rank0(group, staging, output, commit)
