@@ -657,6 +657,10 @@ class ReaderBase(abc.ABC):
     def keys(self) -> list[str]:
         return list(self._names)
 
+    def stored_name(self, key: str) -> str:
+        """The name `key` is stored under in the file (before prefixes were stripped)."""
+        return self._raw(key)
+
     def _raw(self, key: str) -> str:
         try:
             return self._names[key]

@@ -17,12 +17,33 @@ from ckptavg.io.base import (
     Sharded,
     TensorSpec,
     check_index_complete,
-    find_ties,
     place_shard,
     read_index,
     strip_keys,
 )
 from ckptavg.io.pt import TorchReader
+
+
+class _Stored:
+    """A shard's reader addressed by the names stored in its file: the folder strips
+    prefixes once over the union of its shards' names, so a shard whose own keys all carry
+    `module.` (its reader would unwrap them) still matches the index."""
+
+    def __init__(self, reader: TorchReader):
+        self.reader, self.path = reader, reader.path
+        self.own = {reader.stored_name(k): k for k in reader.keys()}  # stored -> its key
+
+    def read(self, raw: str):
+        return self.reader.read(self.own[raw])
+
+    def locate(self, raw: str):
+        return self.reader.locate(self.own[raw])
+
+    def release(self, raw: str) -> None:
+        self.reader.release(self.own[raw])
+
+    def release_range(self, raw: str, start: int, nbytes: int) -> None:
+        self.reader.release_range(self.own[raw], start, nbytes)
 
 
 class TorchFolderReader(Sharded, ReaderBase):
@@ -33,8 +54,8 @@ class TorchFolderReader(Sharded, ReaderBase):
     def __init__(self, path: str, strip_prefix: str | None = None, folder: Folder | None = None):
         self.path = path
         self.folder = folder or Folder(path)
-        self._shards: list[TorchReader] = []
-        self._where: dict[str, TorchReader] = {}
+        self._shards: list[_Stored] = []
+        self._where: dict[str, _Stored] = {}
         try:
             self._open(self.folder)
             self._names, removed = strip_keys(list(self._where), strip_prefix, path)
@@ -42,8 +63,12 @@ class TorchFolderReader(Sharded, ReaderBase):
             self.close()
             raise
         self.removed_prefixes = tuple(removed)
-        self.files = [f for r in self._shards for f in r.files]
-        self._ties = find_ties({k: self._where[raw].read(raw) for k, raw in self._names.items()})
+        self.files = [f for s in self._shards for f in s.reader.files]
+        # Ties lie within a shard (one torch file): each shard's own, by the folder's names,
+        # found from the files' descriptions without reading any tensor.
+        public = {raw: key for key, raw in self._names.items()}
+        self._ties = {public[s.reader.stored_name(k)]: public[s.reader.stored_name(v)]
+                      for s in self._shards for k, v in s.reader.ties().items()}
 
     def _open(self, folder: Folder) -> None:
         if not folder.has(BIN_INDEX_NAME):
@@ -58,13 +83,14 @@ class TorchFolderReader(Sharded, ReaderBase):
 
     def _add(self, folder: Folder, name: str, expected: dict | None) -> None:
         file, src = folder.open(name)
-        r = TorchReader(src.path, strip_prefix=None, file=file, src=src)
-        self._shards.append(r)
-        place_shard(self._where, r.keys(), r, src.path, expected, lambda other: other.path)
+        shard = _Stored(TorchReader(src.path, strip_prefix=None, file=file, src=src))
+        self._shards.append(shard)
+        place_shard(self._where, shard.own, shard, src.path, expected, lambda other: other.path)
 
     def info(self, key: str) -> TensorSpec:
         raw = self._raw(key)
-        spec = self._where[raw].info(raw)
+        shard = self._where[raw]
+        spec = shard.reader.info(shard.own[raw])
         return TensorSpec(key, spec.shape, spec.dtype)
 
     def ties(self) -> dict[str, str]:
@@ -74,8 +100,8 @@ class TorchFolderReader(Sharded, ReaderBase):
         return dict(self._meta)
 
     def close(self) -> None:
-        for r in self._shards:
-            r.close()
+        for s in self._shards:
+            s.reader.close()
         self._shards = []
 
 

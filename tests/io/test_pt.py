@@ -140,6 +140,29 @@ def test_ties_are_detected(tmp_path):
     assert r.ties() == {"head.weight": "emb.weight"}
 
 
+def test_ties_in_a_sharded_bin_folder_are_found_without_reading_a_tensor(tmp_path):
+    """A Hugging Face .bin folder with a tie inside one shard (and a wrapper prefix on every
+    key): the tie torch.load shows (one storage for two names), by the folder's public names;
+    opening the folder reads no tensor record."""
+    import json
+
+    w = torch.randn(3, 3)
+    parts = {"pytorch_model-00001-of-00002.bin": {"module.emb.weight": w,
+                                                   "module.head.weight": w,
+                                                   "module.b": torch.ones(1)},
+             "pytorch_model-00002-of-00002.bin": {"module.c": torch.zeros(2)}}
+    for name, part in parts.items():
+        torch.save(part, tmp_path / name)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in parts.items() for k in part}}))
+    loaded = torch.load(tmp_path / "pytorch_model-00001-of-00002.bin", weights_only=True)
+    assert loaded["module.emb.weight"].data_ptr() == loaded["module.head.weight"].data_ptr()
+    with open_checkpoint(tmp_path) as r:
+        assert r.ties() == {"head.weight": "emb.weight"}
+        assert all(not s.reader._records for s in r._shards)  # no record read yet
+        assert torch.equal(r.read("head.weight"), w)
+
+
 def test_metadata_from_pt(tmp_path):
     p = save(tmp_path, {"state_dict": SD, "metadata": {"train.epoch": "3", "n": 5}})
     with open_checkpoint(p) as r:
