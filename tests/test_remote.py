@@ -64,6 +64,11 @@ def _put(bucket: str, key: str, path) -> None:
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(str(path), bucket, key)
 
 
+def _put_folder(bucket: str, prefix: str, folder) -> None:
+    for name in os.listdir(folder):
+        _put(bucket, f"{prefix}/{name}", folder / name)
+
+
 def _states(n=3):
     out = []
     for i in range(n):
@@ -100,15 +105,27 @@ def test_objects_globbed_remotely_average_to_the_exact_mean(tmp_path, bucket):
         "epoch-0001.safetensors", "epoch-0002.safetensors", "epoch-0003.safetensors"]
 
 
-def test_sharded_folders_in_s3_average_exactly(tmp_path, bucket):
+def _sharded_folder(state: dict, folder) -> None:
+    """A folder of safetensors shards with its index, as ckptavg writes it."""
+    src = folder.parent / f"{folder.name}.src.safetensors"
+    save_file(state, str(src))
+    ckptavg.average([src], folder, shard_size=5_000_000)
+
+
+def _dcp_folder(state: dict, folder) -> None:
+    """A DCP folder, as torch.distributed.checkpoint writes it (weights under 'model')."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": state}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+
+
+@pytest.mark.parametrize("make", [_sharded_folder, _dcp_folder], ids=["sharded", "dcp"])
+def test_folders_in_s3_average_exactly(tmp_path, bucket, make):
     states = _states(2)
     for i, s in enumerate(states):
-        src = tmp_path / f"src{i}.safetensors"
-        save_file(s, str(src))
         folder = tmp_path / f"step-{i + 1}"
-        ckptavg.average([src], folder, shard_size=5_000_000)
-        for name in os.listdir(folder):
-            _put(bucket, f"ckpt/step-{i + 1}/{name}", folder / name)
+        make(s, folder)
+        _put_folder(bucket, f"ckpt/step-{i + 1}", folder)
     out = tmp_path / "avg.safetensors"
     r = ckptavg.average([f"s3://{bucket}/ckpt/step-*/"], out)
     assert r.n == 2
@@ -257,11 +274,6 @@ def test_an_object_rewritten_during_the_run_is_refused(tmp_path, bucket, monkeyp
     assert not out.exists()
 
 
-def _put_folder(bucket: str, prefix: str, folder) -> None:
-    for name in os.listdir(folder):
-        _put(bucket, f"{prefix}/{name}", folder / name)
-
-
 def test_torch_files_in_s3_average_exactly_and_are_crc_checked(tmp_path, bucket):
     """torch.save training checkpoints (weights under 'state_dict', an optimizer beside
     them) are read in place: the exact mean; a byte flipped in a tensor record fails its
@@ -325,21 +337,6 @@ def test_hugging_face_bin_folders_in_s3_average_exactly(tmp_path, bucket):
     got, want = ckptavg.load(out)[0], _mean64(states)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert (out / "config.json").read_text() == '{"model_type": "toy"}'
-
-
-def test_dcp_folders_in_s3_average_exactly(tmp_path, bucket):
-    import torch.distributed.checkpoint as dcp
-
-    states = _states(2)
-    for i, s in enumerate(states):
-        folder = tmp_path / f"dcp-{i}"
-        dcp.save({"model": s}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
-        _put_folder(bucket, f"dcp/step-{i + 1}", folder)
-    out = tmp_path / "avg.safetensors"
-    r = ckptavg.average([f"s3://{bucket}/dcp/step-*/"], out)
-    assert r.n == 2
-    got, want = load_file(str(out)), _mean64(states)
-    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_outputs_in_s3_appear_whole(tmp_path, bucket):
