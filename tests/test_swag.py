@@ -180,7 +180,7 @@ def test_evaluate_swag_at_scale_0_is_the_swa_mean(tmp_path):
 def test_swag_draws_have_the_papers_mean_and_covariance(tmp_path):
     """Draws at scale s: mean theta_SWA and covariance s * (diag(var) + D D^T / (K - 1))
     (Maddox et al. 2019, Eq. 1 with the authors' scale), D the last K snapshots minus the
-    mean; moments of 20,000 draws against the covariance built here from the snapshots."""
+    mean; moments of 10,000 draws against the covariance built here from the snapshots."""
     states, paths = snapshots(tmp_path, n=6, seed=3, count=False)
     ckptavg.swag(paths, tmp_path / "s.safetensors", rank=4)
     x = torch.stack([torch.cat([s["weight"].double().reshape(-1), s["bias"].double()])
@@ -192,14 +192,16 @@ def test_swag_draws_have_the_papers_mean_and_covariance(tmp_path):
     g = torch.Generator().manual_seed(0)
     with SwagPosterior(tmp_path / "s.safetensors") as post:
         draws = torch.stack([torch.cat([d["weight"].double().reshape(-1), d["bias"].double()])
-                             for d in (post.sample(scale, False, g) for _ in range(20_000))])
-    assert torch.allclose(draws.mean(0), mean, atol=4 * cov.diag().max().sqrt() / 141)
+                             for d in (post.sample(scale, False, g) for _ in range(10_000))])
+    # 4 standard errors of the mean; the covariance within 0.05 of its largest entry
+    # (about 3.5 standard errors of an entry's estimate from 10,000 draws)
+    assert torch.allclose(draws.mean(0), mean, atol=4 * cov.diag().max().sqrt() / 100)
     emp = torch.cov(draws.T)
     assert torch.allclose(emp, cov, atol=0.05 * cov.abs().max())
     diag_only = SwagPosterior(tmp_path / "s.safetensors")
     with diag_only as post:
         d = torch.stack([torch.cat([s["weight"].double().reshape(-1), s["bias"].double()])
-                         for s in (post.sample(scale, True, g) for _ in range(20_000))])
+                         for s in (post.sample(scale, True, g) for _ in range(10_000))])
     want = scale * x.var(0, unbiased=False)
     assert torch.allclose(torch.cov(d.T).diag(), want, rtol=0.05)
     off = torch.cov(d.T) - torch.diag(torch.cov(d.T).diag())
