@@ -527,6 +527,91 @@ def test_reads_over_small_gaps_use_the_window_fetched_ahead():
     assert len(fetched) == -(-len(blob) // window_size())
 
 
+def test_a_torch_file_of_many_records_opens_in_a_few_gets(tmp_path):
+    """A torch file of 300 small records (a ResNet's many BatchNorm vectors) opens with a
+    few GETs, not one per record header: the object's ends are fetched once each, and
+    headers close together share a GET. Every tensor read that way is the file's, checked
+    against torch.load (a store that counts its GETs, no server)."""
+    import threading
+
+    from ckptavg.io.pt import TorchReader
+    from ckptavg.io.remote import RemoteFile
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(64 + i, generator=g) for i in range(300)}
+    torch.save({"state_dict": state}, tmp_path / "m.pt")
+    blob = (tmp_path / "m.pt").read_bytes()
+    fetched, lock = [], threading.Lock()
+
+    class Store:
+        def cat_file(self, key, start, end):
+            with lock:
+                fetched.append((start, end))
+            return blob[start:end]
+
+    r = TorchReader("s3://b/m.pt", file=RemoteFile("s3://b/m.pt", 0, 0, len(blob), 0,
+                                                   Store(), "m.pt", '"etag"'))
+    try:
+        opened = len(fetched)
+        assert opened <= 4, fetched  # head, tail, the headers between them
+        assert sorted(r.keys()) == sorted(state)
+        for k, v in state.items():
+            assert torch.equal(r.read(k), v)
+    finally:
+        r.close()
+    assert sum(end - start for start, end in fetched[:opened]) <= len(blob) + (1 << 20)
+
+
+def test_get_many_gives_each_span_its_bytes():
+    """Spans in any order, overlapping, far apart, at both ends and empty: each answer is
+    the object's bytes there; near ones share a GET, far ones do not."""
+    from ckptavg.io.remote import GAP, RemoteFile
+
+    blob = bytes(range(251)) * (100_000)  # 25 MB, no period of a power of two
+    fetched = []
+
+    class Store:
+        def cat_file(self, key, start, end):
+            fetched.append((start, end))
+            return blob[start:end]
+
+    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, Store(), "k", None)
+    spans = [(20_000_000, 30), (5, 10), (len(blob) - 7, 7), (300, 30), (310, 40), (0, 0),
+             (20_000_000 + GAP // 2, 1000), (12_000_000, 4096)]
+    try:
+        got = f.get_many(spans)
+    finally:
+        f.close()
+    assert got == [blob[o:o + n] for o, n in spans]
+    assert len(fetched) == 4  # [0, 350), 12 MB, 20 MB and its neighbour, the last 7 bytes
+
+
+def test_an_objects_ends_are_kept_by_version():
+    """The ends of an object fetched once serve later small reads of it; the same name
+    rewritten (another ETag) is fetched again, never answered from the old bytes."""
+    from ckptavg.io.remote import EDGE, RemoteFile
+
+    blobs = {'"v1"': bytes(range(256)) * 4096, '"v2"': bytes(range(255, -1, -1)) * 4096}
+    fetched = []
+
+    class Store:
+        def __init__(self, etag):
+            self.etag = etag
+
+        def cat_file(self, key, start, end):
+            fetched.append((self.etag, start, end))
+            return blobs[self.etag][start:end]
+
+    for etag in blobs:
+        f = RemoteFile("s3://b/edge", 0, 0, 1 << 20, 0, Store(etag), "edge", etag)
+        for off, n in [(0, 8), (8, 100), (EDGE - 10, 10), ((1 << 20) - 30, 30), (500_000, 4)]:
+            assert f.get(off, n) == blobs[etag][off:off + n]
+        f.close()
+    assert [(e, s) for e, s, _ in fetched] == [('"v1"', 0), ('"v1"', (1 << 20) - EDGE),
+                                               ('"v1"', 500_000), ('"v2"', 0),
+                                               ('"v2"', (1 << 20) - EDGE), ('"v2"', 500_000)]
+
+
 def test_any_fsspec_store_reads_and_writes_the_same_way(tmp_path):
     """Nothing in the remote paths is S3's own: in fsspec's in-memory store (memory://: no
     ETag, its own listing, no server) a torch file, a safetensors object and a DCP folder

@@ -44,6 +44,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 4  # tries of one ranged GET before the run stops
 BACKOFF = 0.2  # seconds before the second try, doubling
 WINDOW = 8 << 20  # bytes fetched per ranged GET when reading ahead, at most
+GAP = 1 << 20  # spans of one get_many this close share a GET (bytes between them fetched too)
 BUDGET = 128 << 20  # read-ahead bytes of all objects read at once (two windows each)
 _LIVE = [0]  # objects with a read-ahead window right now
 
@@ -55,6 +56,11 @@ def window_size() -> int:
 
 
 _POOL = ThreadPoolExecutor(8, thread_name_prefix="ckptavg-get")
+
+EDGE = 256 << 10  # bytes fetched at once from either end of an object (RemoteFile._edge)
+EDGES = 32  # object ends kept (8 MiB at most), shared by all objects
+_EDGES: dict[tuple, bytes] = {}
+_EDGE_LOCK = threading.Lock()
 
 
 def is_remote(path) -> bool:
@@ -142,10 +148,48 @@ class RemoteFile(SourceFile):
         return cls(url, 0, 0, int(info["size"]), 0, fs, key, _etag(info))
 
     def get(self, offset: int, n: int) -> bytes:
-        """Bytes [offset, offset + n) with one ranged GET, retried; a short answer (the
-        object shrank) or a last failure is one line naming the object."""
+        """Bytes [offset, offset + n): from one of the object's ends when they hold it
+        (`_edge`), else with one ranged GET."""
         if n == 0:
             return b""
+        edge = self._edge(offset, n)
+        if edge is not None:
+            start, data = edge
+            return data[offset - start:offset - start + n]
+        return self._fetch(offset, n)
+
+    def _edge(self, offset: int, n: int) -> tuple[int, bytes] | None:
+        """(start, bytes) of the object's first or last EDGE bytes when [offset, offset + n)
+        lies within them, fetched with one GET the first time. Opening an input reads
+        several small spans there (a safetensors header's length and the header; a zip's
+        end records, directory and pickle; the fingerprint's first and last blocks): one
+        GET each way instead of one per span. Kept in a small shared cache (EDGES, the most
+        recent first) under the object's name, size and ETag; an object without an ETag
+        (a store that gives none) is not cached."""
+        if self.etag is None or n > EDGE:
+            return None
+        if offset + n <= EDGE:
+            start = 0
+        elif offset >= self.size - EDGE:
+            start = max(0, self.size - EDGE)
+        else:
+            return None
+        key = (self.path, self.size, self.etag, start)
+        with _EDGE_LOCK:
+            data = _EDGES.pop(key, None)
+            if data is not None:
+                _EDGES[key] = data  # most recent last
+                return start, data
+        data = self._fetch(start, min(EDGE, self.size - start))
+        with _EDGE_LOCK:
+            _EDGES[key] = data
+            while len(_EDGES) > EDGES:
+                del _EDGES[next(iter(_EDGES))]
+        return start, data
+
+    def _fetch(self, offset: int, n: int) -> bytes:
+        """Bytes [offset, offset + n) with one ranged GET, retried; a short answer (the
+        object shrank) or a last failure is one line naming the object."""
         error = None
         for attempt in range(RETRIES):
             try:
@@ -168,8 +212,30 @@ class RemoteFile(SourceFile):
                               "Check the connection and run again")
 
     def get_many(self, spans: list[tuple[int, int]]) -> list[bytes]:
-        """`get` of each (offset, n), several in flight (a torch zip's local headers)."""
-        return list(_POOL.map(lambda span: self.get(*span), spans))
+        """`get` of each (offset, n) (a torch zip's local headers), several GETs in flight;
+        spans less than GAP apart share one GET of at most WINDOW bytes, so a file of many
+        small records costs a few GETs, not one per record."""
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        groups: list[list[int]] = []
+        for i in order:
+            off, n = spans[i]
+            if groups and off + n <= self.size:  # one past the end fails alone, as in `get`
+                first, end = spans[groups[-1][0]][0], max(sum(spans[j]) for j in groups[-1])
+                if off - end <= GAP and max(end, off + n) - first <= WINDOW:
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
+
+        def fetch(group: list[int]) -> tuple[int, bytes]:
+            first = spans[group[0]][0]
+            return first, self.get(first, max(sum(spans[j]) for j in group) - first)
+
+        out: list[bytes] = [b""] * len(spans)
+        for group, (first, data) in zip(groups, _POOL.map(fetch, groups)):
+            for j in group:
+                off, n = spans[j]
+                out[j] = data[off - first:off - first + n]
+        return out
 
     def pread(self, view: memoryview, offset: int) -> None:
         """Fill `view` from `offset`, through a read-ahead window: what the current window
