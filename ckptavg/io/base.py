@@ -303,6 +303,8 @@ def pread_extent(ext: Extent, view: memoryview, start: int = 0) -> None:
     """Fill `view` with the extent's bytes from `start` on, and feed them to its check,
     piece by piece: each piece is summed right after it is read, from the cache."""
     if ext.source is not None:
+        if ext.check is not None:
+            ext.check.confirm(ext.source, ahead=True)
         ext.source.pread(view, ext.offset + start)
         if ext.check is not None:
             ext.check.update(ext.offset + start, view)

@@ -9,6 +9,8 @@ dependency; zlib stays the fallback where it cannot be installed.
 
 from __future__ import annotations
 
+import struct
+
 from ckptavg.errors import CheckpointError
 
 try:
@@ -18,7 +20,15 @@ except ImportError:  # pragma: no cover - isal ships wheels for the common platf
     from zlib import crc32
     IMPLEMENTATION = "zlib"
 
-__all__ = ["IMPLEMENTATION", "RecordCheck", "crc32"]
+__all__ = ["IMPLEMENTATION", "LOCAL_HEADER", "RecordCheck", "crc32", "no_record_at"]
+
+LOCAL_HEADER = struct.Struct("<4s22sHH")  # a zip local header: signature, fields, name and
+# extra field lengths (the record's bytes follow the name and the extra field)
+
+
+def no_record_at(path: str, name: str, at: int) -> str:
+    return (f"{path}: the zip directory places {name} at byte {at}, where no record begins: "
+            "the file is damaged or forged; re-save it")
 
 
 class RecordCheck:
@@ -31,15 +41,46 @@ class RecordCheck:
     the file, the record and what it holds."""
 
     __slots__ = ("path", "name", "offset", "size", "expected", "holds", "_crc", "_pos",
-                 "done", "_skipped")
+                 "done", "_skipped", "header")
 
     def __init__(self, path: str, name: str, offset: int, size: int, expected: int,
-                 holds: str = ""):
+                 holds: str = "", header: int | None = None):
         self.path, self.name, self.offset, self.size = path, name, offset, size
         self.expected, self.holds = expected, holds
+        # Where the record's local header begins, while `offset` is only where torch's
+        # writer puts the bytes after it (an object in remote storage): `confirm` reads it
+        # before any of the record's bytes are used.
+        self.header = header
         self._crc, self._pos, self.done, self._skipped = 0, 0, size == 0, False
         if self.done:
             self._compare()
+
+    def confirm(self, file, ahead: bool = False) -> None:
+        """Read the local header still to be read (`header`) and refuse the file when it
+        places the record's bytes anywhere but `offset`; a no-op once confirmed. `file` is
+        the open file; with `ahead`, the header is read through its read-ahead window,
+        where the record's bytes are read next (remote.RemoteFile.pread), else with one
+        small read."""
+        at = self.header
+        if at is None:
+            return
+        if ahead:
+            buf = bytearray(LOCAL_HEADER.size)
+            file.pread(memoryview(buf), at)
+            head = bytes(buf)
+        else:
+            head = file.get(at, LOCAL_HEADER.size)
+        sig, _, n_name, n_extra = LOCAL_HEADER.unpack(head)
+        if sig != b"PK\x03\x04":
+            raise CheckpointError(no_record_at(self.path, self.name, at))
+        begins = at + LOCAL_HEADER.size + n_name + n_extra
+        if begins != self.offset:
+            raise CheckpointError(
+                f"{self.path}: record {self.name} begins at byte {begins}, not at byte "
+                f"{self.offset} where torch.save puts it: the zip was rewritten by another "
+                "tool; nothing was written. Copy it to local disk first, where every layout "
+                "is read")
+        self.header = None
 
     @property
     def started(self) -> bool:
@@ -76,6 +117,7 @@ class RecordCheck:
         skip), then compare. `file` is the open file (base.OpenFile, remote.RemoteFile)."""
         if self.done:
             return
+        self.confirm(file)
         if self._skipped:
             self._restart()
         while not self.done:

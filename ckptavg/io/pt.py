@@ -48,7 +48,7 @@ from ckptavg.io.base import (
     strip_keys,
     whole_number,
 )
-from ckptavg.io.crc import RecordCheck
+from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, no_record_at
 from ckptavg.io.dtypes import dtype_of, standard
 from ckptavg.io.pickles import (
     Opaque,
@@ -492,7 +492,6 @@ class _StructureUnpickler(pickle.Unpickler):
         return st
 
 
-_LOCAL_HEADER = struct.Struct("<4s22sHH")  # signature, fields, name length, extra length
 
 
 def read_structure(path: str, file: OpenFile) -> object | None:
@@ -533,18 +532,22 @@ def read_structure(path: str, file: OpenFile) -> object | None:
                                    f"bytes where data.pkl describes {need}: the file is "
                                    "damaged or forged; re-save it")
                 records.append((st, info))
-            # The local headers, all at once (in parallel for an object in remote storage).
-            offsets = data_offsets(file, [info for _, info in records])
+            # Where each record's bytes begin: for an object in remote storage, where
+            # torch's writer puts them, each header confirmed before its record is read;
+            # else (or when the first header says otherwise) from the local headers, all at
+            # once (in parallel, nearby ones in one GET, for a remote object).
+            stored = [info for _, info in records]
+            placed = torch_offsets(file, stored, _alignment(z, prefix)) if file.remote else None
+            offsets = placed or data_offsets(file, stored)
             for (st, info), offset in zip(records, offsets):
                 st.offset = offset
                 if st.offset is None:
-                    raise _Damaged(f"{path}: the zip directory places {info.filename} at "
-                                   f"byte {info.header_offset}, where no record begins: the "
-                                   "file is damaged or forged; re-save it")
+                    raise _Damaged(no_record_at(path, info.filename, info.header_offset))
                 if st.offset + info.file_size > size:
                     raise _Damaged(f"{path}: record {info.filename} runs past the end of the "
                                    "file: it is truncated or forged; re-save it")
-                st.check = RecordCheck(path, info.filename, st.offset, info.file_size, info.CRC)
+                st.check = RecordCheck(path, info.filename, st.offset, info.file_size, info.CRC,
+                                       header=info.header_offset if placed else None)
             _check_overlaps(path, up.storages.values())
     except (RefusedGlobal, _Damaged):
         raise
@@ -565,13 +568,46 @@ def data_offsets(file: OpenFile, infos: list[zipfile.ZipInfo]) -> list[int | Non
     """Where each stored record's bytes begin in the file: after its local header, whose
     name and extra field lengths only the header itself gives; None where no header begins.
     The headers are read with one `get_many`."""
-    heads = file.get_many([(i.header_offset, _LOCAL_HEADER.size) for i in infos])
+    heads = file.get_many([(i.header_offset, LOCAL_HEADER.size) for i in infos])
     out: list[int | None] = []
     for info, head in zip(infos, heads):
-        sig, _, n_name, n_extra = _LOCAL_HEADER.unpack(head)
-        out.append(info.header_offset + _LOCAL_HEADER.size + n_name + n_extra
+        sig, _, n_name, n_extra = LOCAL_HEADER.unpack(head)
+        out.append(info.header_offset + LOCAL_HEADER.size + n_name + n_extra
                    if sig == b"PK\x03\x04" else None)
     return out
+
+
+def torch_offsets(file: OpenFile, infos: list[zipfile.ZipInfo],
+                  alignment: int | None) -> list[int] | None:
+    """Where torch's writer puts each record's bytes: after its local header, the name and
+    an extra field padding them to a multiple of `alignment`. The first record's header is
+    read to confirm it (each other one is confirmed before its record is read:
+    RecordCheck.confirm), so an object in remote storage opens without a GET per record.
+    None when the layout is another (then every header is read: data_offsets): a zip
+    rewritten by another tool, zip64 records, an unknown alignment."""
+    if not infos or alignment is None:
+        return None
+    out = []
+    for info in infos:
+        if max(info.header_offset, info.file_size) >= 0xFFFFFFFF:
+            return None
+        name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        start = info.header_offset + LOCAL_HEADER.size + len(name) + 4  # + the field's id, size
+        out.append(-(-start // alignment) * alignment)
+    first = min(range(len(infos)), key=lambda i: infos[i].header_offset)
+    return out if data_offsets(file, [infos[first]]) == [out[first]] else None
+
+
+def _alignment(z: zipfile.ZipFile, prefix: str) -> int | None:
+    """The alignment the file's records were written with: its .storage_alignment record
+    (torch 2.6 and later), else 64 (torch's writer before it); None when unreadable."""
+    try:
+        value = int(z.read(prefix + ".storage_alignment"))
+    except KeyError:
+        return 64
+    except ValueError:
+        return None
+    return value if 0 < value <= 1 << 20 else None
 
 
 def _check_overlaps(path: str, storages) -> None:
@@ -586,7 +622,10 @@ def _check_overlaps(path: str, storages) -> None:
 
 def _ref_number(file: OpenFile, path: str, t: TensorRef) -> float:
     """The value of a one-element TensorRef (AveragedModel's n_averaged)."""
-    value = file.number(t.file_offset(), t.dtype) if t.numel() == 1 else None
+    value = None
+    if t.numel() == 1:
+        t.storage.check.confirm(file)
+        value = file.number(t.file_offset(), t.dtype)
     if value is None:
         raise CheckpointError(f"{path}: {AVERAGED_COUNT} is not one number")
     return value
@@ -737,6 +776,7 @@ class TorchReader(ReaderBase):
         data = self._records.get(st.key)
         if data is None:
             data = np.empty(st.check.size, np.uint8)
+            st.check.confirm(self._file, ahead=True)
             self._file.pread(memoryview(data), st.offset)
             st.check.whole(data)
             self._records[st.key] = data
