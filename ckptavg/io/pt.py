@@ -580,19 +580,21 @@ def data_offsets(file: OpenFile, infos: list[zipfile.ZipInfo]) -> list[int | Non
 def torch_offsets(file: OpenFile, infos: list[zipfile.ZipInfo],
                   alignment: int | None) -> list[int] | None:
     """Where torch's writer puts each record's bytes: after its local header, the name and
-    an extra field padding them to a multiple of `alignment`. The first record's header is
-    read to confirm it (each other one is confirmed before its record is read:
-    RecordCheck.confirm), so an object in remote storage opens without a GET per record.
-    None when the layout is another (then every header is read: data_offsets): a zip
-    rewritten by another tool, zip64 records, an unknown alignment."""
+    an extra field padding them to a multiple of `alignment` (after a zip64 field for a
+    record past 4 GiB or larger than it). The first record's header is read to confirm it
+    (each other one is confirmed before its record is read: RecordCheck.confirm), so an
+    object in remote storage opens without a GET per record. None when the layout is
+    another (then every header is read: data_offsets): a zip rewritten by another tool, an
+    unknown alignment."""
     if not infos or alignment is None:
         return None
     out = []
     for info in infos:
-        if max(info.header_offset, info.file_size) >= 0xFFFFFFFF:
-            return None
         name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
         start = info.header_offset + LOCAL_HEADER.size + len(name) + 4  # + the field's id, size
+        big, far = info.file_size >= 0xFFFFFFFF, info.header_offset >= 0xFFFFFFFF
+        if big or far:  # zip64: the field's id and size, then 8 bytes per large value
+            start += 4 + (16 if big else 0) + (8 if far else 0)
         out.append(-(-start // alignment) * alignment)
     first = min(range(len(infos)), key=lambda i: infos[i].header_offset)
     return out if data_offsets(file, [infos[first]]) == [out[first]] else None
@@ -600,7 +602,8 @@ def torch_offsets(file: OpenFile, infos: list[zipfile.ZipInfo],
 
 def _alignment(z: zipfile.ZipFile, prefix: str) -> int | None:
     """The alignment the file's records were written with: its .storage_alignment record
-    (torch 2.6 and later), else 64 (torch's writer before it); None when unreadable."""
+    (recent torch releases write one), else 64 (torch's fixed alignment before it); None
+    when that record is not a number."""
     try:
         value = int(z.read(prefix + ".storage_alignment"))
     except KeyError:
