@@ -9,7 +9,8 @@ ranged GETs of 8 MiB over every object, one after the other (what reading the in
 at least, one connection at a time), and the same loop on 4 threads; ckptavg runs as a
 subprocess averaging the objects into a local file, 1 process and 2 torchrun ranks (a
 folder output); the same tensors saved as torch files (`.pt`, read through the zip and
-CRC-checked); and the safetensors objects into an S3 output (streamed as a multipart
+CRC-checked); torch files of a ResNet-50's state dict (320 tensors, against the raw loop over
+those objects); and the safetensors objects into an S3 output (streamed as a multipart
 upload). Disk (root only: the page cache is dropped before every run): `cat` of the inputs
 against `ckptavg average` of them, its output on the same disk and on tmpfs (/dev/shm: what
 reading costs without the output's writes competing for the disk). The methods run in a
@@ -65,6 +66,21 @@ def _write_inputs(folder: str, n: int, size_mb: int, torch_files: bool) -> list[
     return paths
 
 
+def _write_resnets(folder: str, n: int) -> list[str]:
+    """n torch files of a ResNet-50's state dict (320 tensors, 98 MB: what a user's
+    torchvision checkpoint is), each its own weights."""
+    import torch
+    import torchvision
+
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        p = os.path.join(folder, f"resnet50-{i + 1}.pt")
+        torch.save({"state_dict": torchvision.models.resnet50().state_dict()}, p)
+        paths.append(p)
+    return paths
+
+
 def _rounds(methods: dict, repeats: int, results: dict) -> None:
     """Each method once per round, the order rotated round by round."""
     names = list(methods)
@@ -117,10 +133,14 @@ def main() -> None:
         total = sum(os.path.getsize(p) for p in paths)
         client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
         client.create_bucket(Bucket="bench")
+        resnets = _write_resnets(work, args.n) if s3_on else []
+        sizes = {"resnet": sum(os.path.getsize(p) for p in resnets)}
         for p in paths if s3_on else []:
             client.upload_file(p, "bench", f"run/{os.path.basename(p)}")
             pt = p.replace(".safetensors", ".pt")
             client.upload_file(pt, "bench", f"pt/{os.path.basename(pt)}")
+        for p in resnets:
+            client.upload_file(p, "bench", f"r50/{os.path.basename(p)}")
         fs = s3fs.S3FileSystem()
         keys = [f"bench/run/{os.path.basename(p)}" for p in paths]
 
@@ -129,9 +149,9 @@ def main() -> None:
             for off in range(0, size, 8 << 20):
                 fs.cat_file(key, start=off, end=min(off + (8 << 20), size))
 
-        def raw_loop():
+        def raw_loop(objects=keys):
             t = time.perf_counter()
-            for k in keys:
+            for k in objects:
                 raw_get(k)
             return time.perf_counter() - t
 
@@ -175,6 +195,10 @@ def main() -> None:
             "s3 ckptavg 1 process": lambda: ckptavg(src, "-o", os.path.join(work, "o.safetensors")),
             "s3 ckptavg 1 process, torch files": lambda: ckptavg(
                 "s3://bench/pt/epoch-*.pt", "-o", os.path.join(work, "p.safetensors")),
+            "s3 raw GET loop, ResNet-50 torch files": lambda: raw_loop(
+                [f"bench/r50/{os.path.basename(p)}" for p in resnets]),
+            "s3 ckptavg 1 process, ResNet-50 torch files": lambda: ckptavg(
+                "s3://bench/r50/resnet50-*.pt", "-o", os.path.join(work, "r.safetensors")),
             "s3 ckptavg 1 process, output to s3": lambda: (remove_s3_output(), ckptavg(
                 src, "-o", "s3://bench/out/o.safetensors"))[1],
             "s3 ckptavg 2 ranks": lambda: two_ranks(src, "-o", o2, clear=o2),
@@ -204,10 +228,12 @@ def main() -> None:
                 continue
             med = statistics.median(ts)
             ranks = 2 if "2 ranks" in name else 1
-            rows[name] = {"seconds": ts, "median_s": med, "gib_per_s": total / GIB / med,
-                          "gib_per_s_per_rank": total / GIB / med / ranks}
-            print(f"  {name:<48} {med:7.2f} s  {total / GIB / med:6.2f} GiB/s"
-                  + (f"  ({total / GIB / med / ranks:.2f} per rank)" if ranks > 1 else ""))
+            read = sizes["resnet"] if "ResNet" in name else total
+            rows[name] = {"seconds": ts, "median_s": med, "bytes": read,
+                          "gib_per_s": read / GIB / med,
+                          "gib_per_s_per_rank": read / GIB / med / ranks}
+            print(f"  {name:<48} {med:7.2f} s  {read / GIB / med:6.2f} GiB/s"
+                  + (f"  ({read / GIB / med / ranks:.2f} per rank)" if ranks > 1 else ""))
         ratios = {}
 
         def ratio(name: str, raw: str) -> None:
@@ -221,6 +247,8 @@ def main() -> None:
             for name in ("s3 ckptavg 1 process", "s3 ckptavg 1 process, torch files",
                          "s3 ckptavg 1 process, output to s3"):
                 ratio(name, "s3 raw GET loop")
+            ratio("s3 ckptavg 1 process, ResNet-50 torch files",
+                  "s3 raw GET loop, ResNet-50 torch files")
         if cold:
             for name in ("disk ckptavg 1 process (cold)",
                          "disk ckptavg 1 process, output on tmpfs (cold)"):
