@@ -492,8 +492,6 @@ class _StructureUnpickler(pickle.Unpickler):
         return st
 
 
-
-
 def read_structure(path: str, file: OpenFile) -> object | None:
     """The object a zip-format torch file holds, with a TensorRef for each tensor, read
     without torch. Classes the file names are inert stand-ins (io/pickles.py), and one that
@@ -605,9 +603,11 @@ def _alignment(z: zipfile.ZipFile, prefix: str) -> int | None:
     (recent torch releases write one), else 64 (torch's fixed alignment before it); None
     when that record is not a number."""
     try:
-        value = int(z.read(prefix + ".storage_alignment"))
+        info = z.getinfo(prefix + ".storage_alignment")
     except KeyError:
         return 64
+    try:
+        value = int(z.read(info)) if info.file_size <= 16 else 0
     except ValueError:
         return None
     return value if 0 < value <= 1 << 20 else None
