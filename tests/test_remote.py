@@ -496,15 +496,8 @@ def test_inspect_and_load_read_s3_too(tmp_path, bucket):
     assert json.loads(proc.stdout)["tensors"] == 3
 
 
-def test_reads_over_small_gaps_use_the_window_fetched_ahead():
-    """Records apart by a few bytes (a torch zip's local headers) are read through the
-    window fetched in the background: every byte of the object is fetched once, and the
-    bytes read are the object's (a store that counts its GETs, no server)."""
-    import threading
-
-    from ckptavg.io.remote import RemoteFile, window_size
-
-    blob = bytes(range(256)) * (160 * 1024)  # 40 MiB
+def _counting(blob: bytes):
+    """A store serving `blob` under any key, and the (start, end) of each GET it answered."""
     fetched, lock = [], threading.Lock()
 
     class Store:
@@ -513,7 +506,19 @@ def test_reads_over_small_gaps_use_the_window_fetched_ahead():
                 fetched.append((start, end))
             return blob[start:end]
 
-    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, Store(), "k", None)
+    return Store(), fetched
+
+
+def test_reads_over_small_gaps_use_the_window_fetched_ahead():
+    """Records apart by a few bytes (a torch zip's local headers) are read through the
+    window fetched in the background: every byte of the object is fetched once, and the
+    bytes read are the object's (a store that counts its GETs, no server)."""
+    from ckptavg.io.remote import RemoteFile, window_size
+
+    blob = bytes(range(256)) * (160 * 1024)  # 40 MiB
+    store, fetched = _counting(blob)
+
+    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, store, "k", None)
     try:
         pos, step, gap = 0, 3 << 20, 100
         while pos + step <= len(blob):
@@ -533,8 +538,6 @@ def test_a_torch_file_of_many_records_opens_in_a_few_gets(tmp_path):
     first header read to confirm it and each other one confirmed through the read-ahead
     window as its record is read. Every tensor read that way is the file's (torch.load's),
     and the reads fetch each byte about once (a store that counts its GETs, no server)."""
-    import threading
-
     from ckptavg.io.pt import TorchReader
     from ckptavg.io.remote import EDGE, RemoteFile
 
@@ -543,16 +546,10 @@ def test_a_torch_file_of_many_records_opens_in_a_few_gets(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "m.pt")  # 5.4 MB
     blob = (tmp_path / "m.pt").read_bytes()
     want = torch.load(tmp_path / "m.pt", weights_only=True)["state_dict"]
-    fetched, lock = [], threading.Lock()
-
-    class Store:
-        def cat_file(self, key, start, end):
-            with lock:
-                fetched.append((start, end))
-            return blob[start:end]
+    store, fetched = _counting(blob)
 
     r = TorchReader("s3://b/m.pt", file=RemoteFile("s3://b/m.pt", 0, 0, len(blob), 0,
-                                                   Store(), "m.pt", '"etag"'))
+                                                   store, "m.pt", '"etag"'))
     try:
         opened = list(fetched)
         assert sorted(opened) == [(0, EDGE), (len(blob) - EDGE, len(blob))]
@@ -671,14 +668,9 @@ def test_get_many_gives_each_span_its_bytes():
     from ckptavg.io.remote import GAP, RemoteFile
 
     blob = bytes(range(251)) * (100_000)  # 25 MB, no period of a power of two
-    fetched = []
+    store, fetched = _counting(blob)
 
-    class Store:
-        def cat_file(self, key, start, end):
-            fetched.append((start, end))
-            return blob[start:end]
-
-    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, Store(), "k", None)
+    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, store, "k", None)
     spans = [(20_000_000, 30), (5, 10), (len(blob) - 7, 7), (300, 30), (310, 40), (0, 0),
              (20_000_000 + GAP // 2, 1000), (12_000_000, 4096)]
     try:
