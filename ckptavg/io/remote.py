@@ -163,9 +163,9 @@ class RemoteFile(SourceFile):
         lies within them, fetched with one GET the first time. Opening an input reads
         several small spans there (a safetensors header's length and the header; a zip's
         end records, directory and pickle; the fingerprint's first and last blocks): one
-        GET each way instead of one per span. Kept in a small shared cache (EDGES, the most
-        recent first) under the object's name, size and ETag; an object without an ETag
-        (a store that gives none) is not cached."""
+        GET each way instead of one per span. Kept in a small shared cache (EDGES ends, the
+        least recently used dropped first) under the object's name, size and ETag; an
+        object without an ETag (a store that gives none) is not cached."""
         if self.etag is None or n > EDGE:
             return None
         if offset + n <= EDGE:
@@ -215,16 +215,18 @@ class RemoteFile(SourceFile):
         """`get` of each (offset, n) (a torch zip's local headers), several GETs in flight;
         spans less than GAP apart share one GET of at most WINDOW bytes, so a file of many
         small records costs a few GETs, not one per record."""
-        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
-        groups: list[list[int]] = []
-        for i in order:
+        groups: list[list[int]] = []  # indices of spans, each group fetched with one GET
+        first = end = 0  # the last group's byte range
+        for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
             off, n = spans[i]
-            if groups and off + n <= self.size:  # one past the end fails alone, as in `get`
-                first, end = spans[groups[-1][0]][0], max(sum(spans[j]) for j in groups[-1])
-                if off - end <= GAP and max(end, off + n) - first <= WINDOW:
-                    groups[-1].append(i)
-                    continue
-            groups.append([i])
+            inside = off + n <= self.size  # a span past the end fails alone, as in `get`
+            if groups and inside and end <= self.size and off - end <= GAP \
+                    and max(end, off + n) - first <= WINDOW:
+                groups[-1].append(i)
+                end = max(end, off + n)
+            else:
+                groups.append([i])
+                first, end = off, off + n
 
         def fetch(group: list[int]) -> tuple[int, bytes]:
             first = spans[group[0]][0]
