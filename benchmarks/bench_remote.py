@@ -134,7 +134,7 @@ def main() -> None:
         client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
         client.create_bucket(Bucket="bench")
         resnets = _write_resnets(work, args.n) if s3_on else []
-        sizes = {"resnet": sum(os.path.getsize(p) for p in resnets)}
+        resnet_bytes = sum(os.path.getsize(p) for p in resnets)
         for p in paths if s3_on else []:
             client.upload_file(p, "bench", f"run/{os.path.basename(p)}")
             pt = p.replace(".safetensors", ".pt")
@@ -228,7 +228,7 @@ def main() -> None:
                 continue
             med = statistics.median(ts)
             ranks = 2 if "2 ranks" in name else 1
-            read = sizes["resnet"] if "ResNet" in name else total
+            read = resnet_bytes if "ResNet" in name else total
             rows[name] = {"seconds": ts, "median_s": med, "bytes": read,
                           "gib_per_s": read / GIB / med,
                           "gib_per_s_per_rank": read / GIB / med / ranks}

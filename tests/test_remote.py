@@ -601,10 +601,10 @@ def test_records_past_4_gib_are_placed_as_torch_writes_them(tmp_path):
         os.close(fd)
 
 
-def _relaid(src, dst, pad: dict[int, int]) -> None:
-    """`src`'s records rewritten with Python's zipfile, record i's bytes where torch's
-    writer puts them (after a padding extra field to the next multiple of 64) plus pad[i]
-    more bytes; records not in `pad` get no padding field at all when pad is {'all': 0}."""
+def _relaid(src, dst, padded: bool = True, moved: tuple[int, ...] = ()) -> None:
+    """`src`'s records rewritten with Python's zipfile: with `padded`, each record's bytes
+    where torch's writer puts them (after a padding extra field to the next multiple of 64),
+    those of the records numbered in `moved` 64 bytes further; else no padding field."""
     import struct
     import zipfile
 
@@ -612,9 +612,9 @@ def _relaid(src, dst, pad: dict[int, int]) -> None:
         for i, info in enumerate(z_in.infolist()):
             data = z_in.read(info)
             out = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
-            if "all" not in pad:
+            if padded:
                 start = z_out.fp.tell() + 30 + len(info.filename) + 4
-                n = -start % 64 + pad.get(i, 0)
+                n = -start % 64 + (64 if i in moved else 0)
                 out.extra = b"FB" + struct.pack("<H", n) + b"Z" * n
             z_out.writestr(out, data)
 
@@ -633,8 +633,8 @@ def test_a_torch_file_laid_out_by_another_tool_is_read_or_refused_in_one_line(tm
     want = {k: ((states[0][k].double() + states[1][k].double()) / 2).float() for k in states[0]}
     for i, st in enumerate(states):
         torch.save(st, tmp_path / f"s{i}.pt")
-    _relaid(tmp_path / "s0.pt", tmp_path / "plain.pt", {"all": 0})
-    _relaid(tmp_path / "s0.pt", tmp_path / "moved.pt", {8: 64})  # a data record past the first
+    _relaid(tmp_path / "s0.pt", tmp_path / "plain.pt", padded=False)
+    _relaid(tmp_path / "s0.pt", tmp_path / "moved.pt", moved=(8,))  # a data record past the first
     for name in ("plain.pt", "moved.pt"):
         assert all(torch.equal(torch.load(tmp_path / name, weights_only=True)[k], states[0][k])
                    for k in states[0])

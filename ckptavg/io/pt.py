@@ -48,7 +48,7 @@ from ckptavg.io.base import (
     strip_keys,
     whole_number,
 )
-from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, no_record_at
+from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, data_begins, no_record_at
 from ckptavg.io.dtypes import dtype_of, standard
 from ckptavg.io.pickles import (
     Opaque,
@@ -567,12 +567,7 @@ def data_offsets(file: OpenFile, infos: list[zipfile.ZipInfo]) -> list[int | Non
     name and extra field lengths only the header itself gives; None where no header begins.
     The headers are read with one `get_many`."""
     heads = file.get_many([(i.header_offset, LOCAL_HEADER.size) for i in infos])
-    out: list[int | None] = []
-    for info, head in zip(infos, heads):
-        sig, _, n_name, n_extra = LOCAL_HEADER.unpack(head)
-        out.append(info.header_offset + LOCAL_HEADER.size + n_name + n_extra
-                   if sig == b"PK\x03\x04" else None)
-    return out
+    return [data_begins(info.header_offset, head) for info, head in zip(infos, heads)]
 
 
 def torch_offsets(file: OpenFile, infos: list[zipfile.ZipInfo],

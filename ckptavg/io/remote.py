@@ -215,26 +215,21 @@ class RemoteFile(SourceFile):
         """`get` of each (offset, n) (a torch zip's local headers), several GETs in flight;
         spans less than GAP apart share one GET of at most WINDOW bytes, so a file of many
         small records costs a few GETs, not one per record."""
-        groups: list[list[int]] = []  # indices of spans, each group fetched with one GET
-        first = end = 0  # the last group's byte range
+        groups: list[list] = []  # [first byte, end, indices of its spans]: one GET each
         for i in sorted(range(len(spans)), key=lambda i: spans[i][0]):
             off, n = spans[i]
-            inside = off + n <= self.size  # a span past the end fails alone, as in `get`
-            if groups and inside and end <= self.size and off - end <= GAP \
-                    and max(end, off + n) - first <= WINDOW:
-                groups[-1].append(i)
-                end = max(end, off + n)
+            last = groups[-1] if groups else None
+            # a span past the end is fetched alone (it fails, as in `get`)
+            if last and off + n <= self.size and last[1] <= self.size \
+                    and off - last[1] <= GAP and max(last[1], off + n) - last[0] <= WINDOW:
+                last[1] = max(last[1], off + n)
+                last[2].append(i)
             else:
-                groups.append([i])
-                first, end = off, off + n
-
-        def fetch(group: list[int]) -> tuple[int, bytes]:
-            first = spans[group[0]][0]
-            return first, self.get(first, max(sum(spans[j]) for j in group) - first)
-
+                groups.append([off, off + n, [i]])
         out: list[bytes] = [b""] * len(spans)
-        for group, (first, data) in zip(groups, _POOL.map(fetch, groups)):
-            for j in group:
+        fetched = _POOL.map(lambda g: self.get(g[0], g[1] - g[0]), groups)
+        for (first, _, members), data in zip(groups, fetched):
+            for j in members:
                 off, n = spans[j]
                 out[j] = data[off - first:off - first + n]
         return out
