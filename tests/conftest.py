@@ -79,8 +79,9 @@ def assert_state_equal(a: dict, b: dict) -> None:
 
 
 def leftovers(folder) -> list[str]:
-    """Temporary files a writer may have left behind."""
-    return [f for f in os.listdir(folder) if f.startswith(".") and (".tmp" in f or ".old" in f)]
+    """Temporary files, folders and staging folders a writer may have left behind."""
+    return [f for f in os.listdir(folder) if f.startswith(".")
+            and (".tmp" in f or ".old" in f or f.endswith(".ckptavg-partial"))]
 
 
 def rezip(src, dst, edit) -> None:

@@ -155,7 +155,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_one_runs(tmp_path):
     from ckptavg.io.staging import claim
 
     out = str(tmp_path / "out")
-    fd = claim(staging_path(out), out)
+    fd, _ = claim(staging_path(out), out)
     try:
         with pytest.raises(CkptavgError, match="another run is writing it now"):
             ckptavg.average(_inputs(tmp_path), out, shard_size=SHARD)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ckptavg.errors import OptionError
 
@@ -117,23 +118,27 @@ def parse(spec: str) -> Profile:
     return Profile(name, text, gamma=g)
 
 
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The exponent of EDM2's power EMA with this relative standard deviation: the root of
-    g^3 + 7 g^2 + (16 - t) g + (12 - t) = 0, t = sigma_rel^-2, above -1 (by bisection: the
-    relation is monotone there)."""
-    def sigma(g: float) -> float:
-        return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+def _log_sigma(g: float) -> float:
+    """log sigma_rel of the power EMA with exponent g (in logs: no overflow for huge g)."""
+    return 0.5 * (math.log1p(g) - 2 * math.log(g + 2) - math.log(g + 3))
 
-    lo, hi = -1.0 + 1e-12, 1.0
-    while sigma(hi) > sigma_rel:
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent of EDM2's power EMA with this relative standard deviation: the largest
+    root of sigma(g) = sqrt((g + 1) / ((g + 2)^2 (g + 3))), which lies above 0 for
+    sigma_rel < sigma(0) = 1/sqrt(12) and where sigma falls as g grows. Found by bisection
+    on log g, in logs, so that any sigma_rel in range has its root (1e-160 -> about 1e160)."""
+    target = math.log(sigma_rel)
+    lo, hi = -745.0, 1.0  # log g
+    while _log_sigma(math.exp(hi)) > target:
         hi *= 2
     for _ in range(200):
         mid = (lo + hi) / 2
-        if sigma(mid) > sigma_rel:
+        if _log_sigma(math.exp(mid)) > target:
             lo = mid
         else:
             hi = mid
-    return (lo + hi) / 2
+    return math.exp((lo + hi) / 2)
 
 
 def split_specs(text: str) -> list[str]:
@@ -149,43 +154,77 @@ def split_specs(text: str) -> list[str]:
     return [s for s in specs if s]
 
 
-def weights(profile: Profile, positions: Sequence[float]) -> list[float]:
+def _log(q: Fraction) -> float:
+    """log of a positive exact number, however large or small (big ints have exact logs)."""
+    return math.log(q.numerator) - math.log(q.denominator)
+
+
+def _ratio(q: Fraction, h: float) -> float:
+    """q / h for q >= 0 exact and h > 0: inf when it does not fit a float."""
+    if q == 0:
+        return 0.0
+    x = _log(q) - math.log(h)
+    return math.exp(x) if x < 709 else math.inf
+
+
+def _log_raw(profile: Profile, t: list[Fraction], gaps: list[Fraction]) -> list[float]:
+    """log of each input's unnormalised weight: its kernel integrated over (t_i - D_i, t_i],
+    written so that no difference of nearly equal numbers is taken and nothing overflows."""
+    T = t[-1]
+    if profile.name == "time":
+        return [_log(d) for d in gaps]
+    if profile.name == "ema":
+        # 2^(-(T-b)/h) - 2^(-(T-b+D)/h) = 2^(-(T-b)/h) (1 - 2^(-D/h))
+        h, ln2 = profile.halflife, math.log(2)
+        return [-_ratio(T - b, h) * ln2 + math.log(-math.expm1(-_ratio(d, h) * ln2))
+                for b, d in zip(t, gaps)]
+    if profile.name == "power":
+        # (b^(g+1) - a^(g+1)) / (g+1) = b^(g+1) (1 - (a/b)^(g+1)) / (g+1), a clipped at 0
+        g1 = profile.gamma + 1
+        out = []
+        for b, d in zip(t, gaps):
+            if b <= 0:
+                out.append(-math.inf)
+                continue
+            frac = d / b  # 1 - a/b, exact
+            tail = 1.0 if frac >= 1 else -math.expm1(g1 * math.log1p(-float(frac)))
+            out.append(g1 * _log(b) + math.log(tail) - math.log(g1) if tail > 0 else -math.inf)
+        return out
+    # wsm: f(x_{i-1}) - f(x_i), x_i = (t_i - t0) / (T - t0), differences taken exactly
+    t0 = t[0] - gaps[0]
+    xs = [Fraction(0)] + [(ti - t0) / (T - t0) for ti in t]
+    raw = []
+    for a, b in zip(xs, xs[1:]):
+        dx = float(b - a)
+        if profile.decay == "linear":
+            raw.append(dx)
+        elif profile.decay == "minus-sqrt":
+            raw.append(dx / (math.sqrt(float(a)) + math.sqrt(float(b))))
+        else:  # (cos(pi a) - cos(pi b)) / 2 = sin(pi (a + b) / 2) sin(pi (b - a) / 2)
+            raw.append(math.sin(math.pi * float(a + b) / 2) * math.sin(math.pi * dx / 2))
+    return [math.log(x) if x > 0 else -math.inf for x in raw]
+
+
+def weights(profile: Profile, positions: Sequence[int | float]) -> list[float]:
     """Each input's weight (summing to 1) under `profile`, for positions in increasing
-    order."""
+    order. Positions are taken exactly (steps past 2**64 stay distinct) and the weights are
+    computed in log space, stable over every parameter the parser accepts."""
     n = len(positions)
     if n == 0:
         return []
     if profile.name == "uniform" or n == 1:
         return [1.0 / n] * n
-    t = [float(x) for x in positions]
+    t = [Fraction(x) for x in positions]
     if any(b <= a for a, b in zip(t, t[1:])):
         raise _fail(profile.spec, "the inputs' positions must increase strictly (two inputs "
                     "saved at the same step or epoch)")
     gaps = [t[1] - t[0]] + [b - a for a, b in zip(t, t[1:])]
-    starts = [ti - d for ti, d in zip(t, gaps)]
-    T = t[-1]
-    if profile.name == "time":
-        raw = gaps
-    elif profile.name == "ema":
-        h = profile.halflife
-
-        def cdf(x: float) -> float:  # integral of 2^(-(T - u)/h) du, up to x
-            return h / math.log(2) * 2.0 ** (-(T - x) / h)
-
-        raw = [cdf(b) - cdf(a) for a, b in zip(starts, t)]
-    elif profile.name == "power":
-        g = profile.gamma  # t^g is integrable from 0 for g > -1; before 0 it is 0
-        raw = [(b ** (g + 1) - max(a, 0.0) ** (g + 1)) / (g + 1) if b > 0 else 0.0
-               for a, b in zip(starts, t)]
-    else:  # wsm
-        t0 = starts[0]
-        f = {"linear": lambda x: 1 - x, "minus-sqrt": lambda x: 1 - math.sqrt(x),
-             "cosine": lambda x: (1 + math.cos(math.pi * x)) / 2}[profile.decay]
-        xs = [0.0] + [(ti - t0) / (T - t0) for ti in t]
-        raw = [f(a) - f(b) for a, b in zip(xs, xs[1:])]
-    total = math.fsum(raw)
-    if not total > 0 or not math.isfinite(total):
+    logs = _log_raw(profile, t, gaps)
+    top = max(logs)
+    if top == -math.inf or math.isnan(top):
         raise _fail(profile.spec, "gives no weight to these inputs (check their positions)")
+    raw = [math.exp(x - top) for x in logs]
+    total = math.fsum(raw)
     return [x / total for x in raw]
 
 

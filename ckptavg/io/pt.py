@@ -346,10 +346,11 @@ class _Storage(_Sealed):
     """One storage record of the zip (`<prefix>/data/<key>`): its dtype and length, then
     where its bytes begin in the file."""
 
-    __slots__ = ("key", "dtype", "numel", "offset", "check")
+    __slots__ = ("key", "dtype", "numel", "offset", "check", "swap")
 
     def __init__(self, key: str, dtype: DType, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
+        self.swap = False  # stored in the other byte order (the zip's `byteorder` record)
         self.offset = -1  # in the file, once the zip directory has been read
         self.check: RecordCheck | None = None  # its CRC-32, summed as it is read
 
@@ -510,13 +511,13 @@ def read_structure(path: str, file: OpenFile) -> object | None:
             if len(pickles) != 1 or infos[pickles[0]].file_size > MAX_PICKLE:
                 return None
             prefix = pickles[0][: -len("data.pkl")]
-            if not _zip_native_order(z):
-                return None
+            swap = not _zip_native_order(z)
             up = _StructureUnpickler(z.read(pickles[0]), path)
             obj = up.load()
             size = file.size
             records = []
             for key, st in up.storages.items():
+                st.swap = swap and st.dtype.itemsize > 1
                 info = infos.get(prefix + "data/" + key)
                 if info is None:
                     raise _Damaged(f"{path}: data.pkl names the record {prefix}data/{key}, "
@@ -556,6 +557,9 @@ def read_structure(path: str, file: OpenFile) -> object | None:
     except (_Unsupported, pickle.UnpicklingError, CheckpointError, *_LOAD_ERRORS):
         return None  # torch's loader gives its own verdict on what this reader does not know
     return obj
+
+
+_UINT = {2: np.dtype("u2"), 4: np.dtype("u4"), 8: np.dtype("u8")}
 
 
 class _Damaged(CheckpointError):
@@ -624,6 +628,10 @@ def _ref_number(file: OpenFile, path: str, t: TensorRef) -> float:
     if t.numel() == 1:
         t.storage.check.confirm(file)
         value = file.number(t.file_offset(), t.dtype)
+        if value is not None and t.storage.swap:
+            raw = file.get(t.file_offset(), t.dtype.itemsize)[::-1]
+            value = np.frombuffer(raw, _UINT[t.dtype.itemsize]).view(
+                np.dtype(t.dtype.name)).item()
     if value is None:
         raise CheckpointError(f"{path}: {AVERAGED_COUNT} is not one number")
     return value
@@ -664,7 +672,9 @@ class TorchReader(ReaderBase):
                     "compressed file, or tensors of a kind only torch reads), which reads "
                     "local files only; copy it to local disk first, or save it as safetensors")
             if obj is None:
-                obj = torch_load(path, file.fd, mmap=mmap)
+                # torch swaps a foreign-order file's bytes as it loads it, which its mapped
+                # loading does not do for every storage: such a file is loaded whole.
+                obj = torch_load(path, file.fd, mmap=mmap and _native_order(file))
             self.files = [src]
             state, self.location = find_state_dict(obj, key, path)
             self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
@@ -777,6 +787,8 @@ class TorchReader(ReaderBase):
             st.check.confirm(self._file, ahead=True)
             self._file.pread(memoryview(data), st.offset)
             st.check.whole(data)
+            if st.swap:  # big-endian on disk (or little on a big-endian machine): swapped here
+                data = data.view(_UINT[st.dtype.itemsize]).byteswap().view(np.uint8)
             self._records[st.key] = data
         return data
 
@@ -784,8 +796,8 @@ class TorchReader(ReaderBase):
         raw = self._raw(key)
         if self._refs:
             ref = self._refs[raw]
-            if not ref.numel() or not ref.is_contiguous():
-                return None
+            if not ref.numel() or not ref.is_contiguous() or ref.storage.swap:
+                return None  # read (and swapped) by `read`
             return self._file.extent(ref.file_offset(), ref.storage.check)
         t = self._tensors[raw]
         if self._file is None or not t.numel() or not t.is_contiguous():

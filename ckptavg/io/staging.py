@@ -21,14 +21,15 @@ each rank owns one shard and writes its own `.done`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
+import stat
 
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.io.atomic import fsync_dir, write_error
+from ckptavg.io.atomic import write_error
 
 PLAN = "plan.json"
 DONE = ".done"
@@ -54,56 +55,117 @@ def describe(readers, specs, metadata: dict[str, str]) -> dict:
             "specs": {s.key: [list(s.shape), s.dtype.name] for s in specs}}
 
 
-def claim(path: str, output: str) -> int:
-    """Lock the staging folder `path` (made if missing) for this run: a second run writing
-    the same output at the same time is refused instead of sharing it. The parent folder is
-    locked for the moment of the claim, so two runs cannot both make and lock it. Returns
-    the descriptor that holds the lock (close it to release)."""
+MARK = ".ckptavg-staging"  # made with the folder, exclusively: what says the folder is ours
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _refuse_foreign(path: str, output: str, why: str) -> CkptavgError:
+    return CkptavgError(f"{output}: its staging name {path} {why}; ckptavg touches nothing in "
+                        "it: move it away (or remove it if it is yours), then run again")
+
+
+def _open_ours(path: str, output: str, made: bool) -> int:
+    """Open the staging folder without following a link and confirm it is ours: a real
+    folder, owned by this user, holding the mark made with it (`made`: this run made it and
+    makes the mark now). Returns its descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError as e:
+        if os.path.islink(path):
+            raise _refuse_foreign(path, output, "is a link") from None
+        if e.errno == errno.ENOTDIR:
+            raise _refuse_foreign(path, output, "is not a folder") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise _refuse_foreign(path, output, "belongs to another user")
+        if made:
+            os.close(os.open(MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+                             0o600, dir_fd=fd))
+        else:
+            try:
+                mark = os.stat(MARK, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise _refuse_foreign(path, output, "was not made by ckptavg") from None
+            if not stat.S_ISREG(mark.st_mode):
+                raise _refuse_foreign(path, output, "was not made by ckptavg")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def claim(path: str, output: str) -> tuple[int, bool]:
+    """Lock the staging folder `path` for this run, making it (exclusively, never through a
+    link) when missing: a second run writing the same output at the same time is refused
+    instead of sharing it. The parent folder is locked for the moment of the claim, so two
+    runs cannot both make and lock it. A staging name that is a link, not a folder, or a
+    folder ckptavg did not make, is refused and left as it is. Returns (the descriptor that
+    holds the lock: close it to release; whether this run made the folder)."""
     parent = os.path.dirname(path)
-    pfd = os.open(parent, os.O_RDONLY)
+    pfd = os.open(parent, os.O_RDONLY | _CLOEXEC)
     try:
         fcntl.flock(pfd, fcntl.LOCK_EX)
-        os.makedirs(path, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.mkdir(path, 0o700)
+            made = True
+        except FileExistsError:
+            made = False
+        fd = _open_ours(path, output, made)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise CkptavgError(f"{output}: another run is writing it now (its staging folder "
                                f"{path} is locked); wait for it to finish") from None
-        return fd
+        return fd, made
     finally:
         os.close(pfd)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def _read_json(path: str):
+def _write_json(dfd: int, name: str, obj) -> None:
+    """`name` in the folder open as `dfd`, written to a temporary name made exclusively
+    (never through a link), fsynced and renamed; the temporary name goes on any failure."""
+    tmp = name + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dfd)  # a killed run's: in our own folder
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600,
+                 dir_fd=dfd)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    with contextlib.suppress(OSError):
+        os.fsync(dfd)
+
+
+def _read_json(dfd: int, name: str):
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return json.loads(f.read(MAX_RECORD + 1)[:MAX_RECORD + 1])
+    except (OSError, ValueError, RecursionError):
         return None
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+MAX_RECORD = 64 << 20  # a plan.json or .done record larger than this is damaged
 
 
 class Staging:
-    """The staging folder of one folder output: made fresh, or (resume) checked and kept."""
+    """The staging folder of one folder output: made fresh, or (resume) checked and kept.
+    Everything inside it is reached through the folder's own descriptor (never through a
+    link), and only names ckptavg writes there are ever removed."""
 
     _lock: int | None = None
 
@@ -112,14 +174,20 @@ class Staging:
         self.path = staging_path(self.output)
         self.notes: list[str] = []
         self.done: set[str] = set()
+        self._shards = set(want.get("shards", ()))
         parent = os.path.dirname(self.output)
         if not os.path.isdir(parent):
             raise CkptavgError(f"{self.output}: folder {parent} does not exist; create it first")
         try:
-            self._lock = claim(self.path, self.output)
+            self._lock, made = claim(self.path, self.output)
+            self._ident = _ident(os.fstat(self._lock))
         except OSError as e:
             raise write_error(self.output, e) from None
-        found = _read_json(os.path.join(self.path, PLAN))
+        found = None if made else _read_json(self._lock, PLAN)
+        if not made and resume and found is None and _exists(self._lock, PLAN):
+            self.release()
+            raise CkptavgError(f"{self.path}: its {PLAN} is damaged (not a plan ckptavg wrote); "
+                               "run again without --resume to start over (this discards it)")
         if found is not None and resume:
             try:
                 refuse_changes(found, want, self.path)
@@ -131,66 +199,111 @@ class Staging:
             self.notes.append(f"resumed from {self.path}: {len(self.done)} of "
                               f"{len(want['shards'])} shard(s) already done, checked")
             return
-        if found is not None and any(n.endswith(DONE) for n in os.listdir(self.path)):
+        if found is not None and any(n.endswith(DONE) for n in os.listdir(self._lock)):
             self.notes.append(f"{self.path}: an interrupted run's finished shards were "
                               "discarded (average --resume would have continued them)")
         elif resume:
             self.notes.append(f"nothing to resume for {self.output} (no {self.path}); "
                               "averaged from the start")
         try:
-            _empty(self.path)  # ours by its name and lock: whatever a killed run left
-            _write_json(os.path.join(self.path, PLAN), want)
-        except OSError as e:
-            self.release()
-            raise write_error(self.output, e) from None
+            self._empty()  # ours by its mark and lock: whatever a killed run left
+            _write_json(self._lock, PLAN, want)
+        except BaseException as e:
+            self.keep_or_drop()
+            if isinstance(e, OSError):
+                raise write_error(self.output, e) from None
+            raise
 
     def _verified(self, want: dict) -> set[str]:
         """The shards whose file matches its `.done` record (size and sha256); the others
         (and any stray temporary file) are removed and made again."""
         done = set()
         for name in want["shards"]:
-            rec = _read_json(os.path.join(self.path, name + DONE))
-            shard = os.path.join(self.path, name)
-            if rec is None or not os.path.isfile(shard):
+            rec = _read_json(self._lock, name + DONE)
+            if not isinstance(rec, dict):
                 continue
-            if os.path.getsize(shard) == rec.get("bytes") and sha256_file(shard) == rec.get("sha256"):
+            digest = _sha256_at(self._lock, name)
+            if digest is None:
+                continue
+            if digest == (rec.get("bytes"), rec.get("sha256")):
                 done.add(name)
             else:
-                self.notes.append(f"{shard}: does not match its record (damaged since); made again")
-                for p in (shard, shard + DONE):
+                self.notes.append(f"{os.path.join(self.path, name)}: does not match its record "
+                                  "(damaged since); made again")
+                for p in (name, name + DONE):
                     with contextlib.suppress(OSError):
-                        os.unlink(p)
+                        os.unlink(p, dir_fd=self._lock)
         return done
+
+    def _ours(self, name: str) -> bool:
+        """Whether `name` is one ckptavg writes in a staging folder (a shard of this plan or
+        of another shard count, its record, the plan, a temporary file of ours)."""
+        base = name[:-len(DONE)] if name.endswith(DONE) else name
+        return (name in (PLAN, PLAN + ".tmp") or base in self._shards
+                or (name.startswith(".") and name.endswith(".tmp"))
+                or (base.startswith("model-") and base.endswith(".safetensors")))
 
     def _sweep(self) -> None:
         """Remove what a killed run left half-written (temporary files, unrecorded shards)."""
-        keep = {PLAN} | self.done | {n + DONE for n in self.done}
-        for name in os.listdir(self.path):
+        keep = {PLAN, MARK} | self.done | {n + DONE for n in self.done}
+        for name in os.listdir(self._lock):
             if name not in keep:
-                p = os.path.join(self.path, name)
-                if os.path.isdir(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(p)
+                self._remove(name)
+
+    def _empty(self) -> None:
+        for name in os.listdir(self._lock):
+            if name != MARK:
+                self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        """Remove `name` from the folder if it is a name ckptavg writes (else leave it, with
+        a note): a plain file is unlinked, never followed."""
+        try:
+            st = os.stat(name, dir_fd=self._lock, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not self._ours(name) or stat.S_ISDIR(st.st_mode):
+            raise _refuse_foreign(self.path, self.output, f"holds {name!r}, which ckptavg "
+                                  "does not write")
+        os.unlink(name, dir_fd=self._lock)
 
     def finished(self, name: str) -> None:
         record_done(self.path, name)
 
+    def confirm(self) -> None:
+        """The staging name still is the folder this run claimed (not replaced by a link)."""
+        try:
+            now = _ident(os.lstat(self.path))
+        except OSError:
+            now = None
+        if now != self._ident:
+            raise CkptavgError(f"{self.path}: was replaced during the run; nothing was "
+                               "written: run again")
+
     def settle(self) -> None:
         """Before the folder is committed: the bookkeeping goes, only the output stays."""
-        for name in os.listdir(self.path):
-            if name == PLAN or name.endswith(DONE):
-                os.unlink(os.path.join(self.path, name))
+        self.confirm()
+        for name in os.listdir(self._lock):
+            if name in (PLAN, MARK) or name.endswith(DONE):
+                os.unlink(name, dir_fd=self._lock)
 
     def keep_or_drop(self) -> str | None:
         """After a failure: keep the folder when a shard is done (returns a line saying how
-        to finish), else remove it (nothing worth keeping)."""
-        done = [n for n in os.listdir(self.path) if n.endswith(DONE)] \
-            if os.path.isdir(self.path) else []
+        to finish), else remove it (nothing worth keeping). Only the folder this run
+        claimed is removed, and only when it holds nothing but names ckptavg writes."""
+        if self._lock is None:
+            return None
+        done = [n for n in os.listdir(self._lock) if n.endswith(DONE)]
+        if not done:
+            try:
+                self._empty()
+                self.confirm()
+                os.unlink(MARK, dir_fd=self._lock)
+                os.rmdir(self.path)
+            except (OSError, CkptavgError):
+                pass  # left in place: a later run checks it again
         self.release()
         if not done:
-            shutil.rmtree(self.path, ignore_errors=True)
             return None
         return (f"{len(done)} finished shard(s) are kept in {self.path}: the same command with "
                 "--resume finishes the output")
@@ -199,6 +312,34 @@ class Staging:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int] | None:
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def _sha256_at(dfd: int, name: str) -> tuple[int, str] | None:
+    """(size, sha256) of the plain file `name` in the folder `dfd` (None: absent, a link)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        h, n = hashlib.sha256(), 0
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
 
 
 def with_kept(e: CkptavgError, kept: str | None) -> CkptavgError:
@@ -214,25 +355,41 @@ def with_kept(e: CkptavgError, kept: str | None) -> CkptavgError:
 def record_done(path: str, name: str) -> None:
     """Record shard `name` of the staging folder `path` as done (its size and sha256), once
     its file is complete and renamed into place."""
-    shard = os.path.join(path, name)
-    _write_json(shard + DONE, {"bytes": os.path.getsize(shard), "sha256": sha256_file(shard)})
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    try:
+        size, digest = _sha256_at(dfd, name)
+        _write_json(dfd, name + DONE, {"bytes": size, "sha256": digest})
+    finally:
+        os.close(dfd)
 
 
-def _empty(path: str) -> None:
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
+def _well_formed(plan: dict) -> bool:
+    """Whether a plan read back has every field a resumed run compares, of its type (the
+    file is untrusted: it may have been edited or damaged)."""
+    def strs(d) -> bool:
+        return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in d.items())
 
+    inputs, specs, shards = plan.get("inputs"), plan.get("specs"), plan.get("shards")
+    return (isinstance(inputs, list)
+            and all(isinstance(e, dict) and strs(e) and {"file", "fingerprint"} <= set(e)
+                    for e in inputs)
+            and strs(plan.get("averaging")) and set(plan["averaging"]) <= set(OPTION_OF)
+            and isinstance(specs, dict) and isinstance(shards, dict)
+            and all(isinstance(v, list) and all(isinstance(k, str) for k in v)
+                    for v in shards.values())
+            and plan.get("output", "folder") in ("folder", "dcp")
+            and isinstance(plan.get("entry"), (str, type(None))))
 
 
 def refuse_changes(found: dict, want: dict, where: str) -> None:
     """One line naming what differs between the interrupted run and this one."""
     hint = (f"; run it as before, or without --resume to start over (this discards {where})")
-    if found.get("version") != VERSION:
+    if not isinstance(found, dict) or found.get("version") != VERSION:
         raise CkptavgError(f"{where}: written by another version of ckptavg{hint}")
+    if not _well_formed(found):
+        raise CkptavgError(f"{where}: its {PLAN} is damaged (a field is missing or of the wrong "
+                           "type); run again without --resume to start over (this discards it)")
     old = {e["file"]: e["fingerprint"] for e in found["inputs"]}
     new = {e["file"]: e["fingerprint"] for e in want["inputs"]}
     if list(old) != list(new):
