@@ -40,6 +40,7 @@ from ckptavg.engine.shards import average_ranks
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
+from ckptavg.io.base import meta_int
 from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote
 from ckptavg.io.staging import describe, with_kept
@@ -51,8 +52,9 @@ from ckptavg.results import Progress, peak_rss_bytes
 
 def _running_n(reader: ReaderBase) -> tuple[int, list]:
     meta = reader.metadata()
-    n0 = meta.get("average.n") or meta.get("swa.n_averaged", "")  # ours, or AveragedModel's
-    if not n0.isdigit() or int(n0) < 1:
+    n0 = meta_int(meta, "average.n", minimum=1)  # ours, or AveragedModel's
+    n0 = n0 if n0 is not None else meta_int(meta, "swa.n_averaged", minimum=1)
+    if n0 is None:
         raise CkptavgError(
             f"{reader.path}: no average.n metadata, so the number of checkpoints in it is "
             "unknown; a running average must be a file written by ckptavg average (or an "
@@ -62,7 +64,7 @@ def _running_n(reader: ReaderBase) -> tuple[int, list]:
         prior = json.loads(meta.get("average.inputs", "[]"))
     except json.JSONDecodeError:
         prior = []
-    return int(n0), prior if isinstance(prior, list) else []
+    return n0, prior if isinstance(prior, list) else []
 
 
 def average(

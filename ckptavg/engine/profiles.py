@@ -188,7 +188,10 @@ def _log_raw(profile: Profile, t: list[Fraction], gaps: list[Fraction]) -> list[
                 continue
             frac = d / b  # 1 - a/b, exact
             tail = 1.0 if frac >= 1 else -math.expm1(g1 * math.log1p(-float(frac)))
-            out.append(g1 * _log(b) + math.log(tail) - math.log(g1) if tail > 0 else -math.inf)
+            # b^(g+1) relative to T^(g+1), from the exact distance to T (a log of b alone
+            # loses the small differences of positions past 2**53)
+            rel = g1 * math.log1p(-float((T - b) / T))
+            out.append(rel + math.log(tail) - math.log(g1) if tail > 0 else -math.inf)
         return out
     # wsm: f(x_{i-1}) - f(x_i), x_i = (t_i - t0) / (T - t0), differences taken exactly
     t0 = t[0] - gaps[0]

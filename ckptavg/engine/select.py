@@ -27,11 +27,12 @@ from ckptavg.io.remote import expand as expand_remote
 from ckptavg.io.remote import is_remote
 from ckptavg.options import Selection
 
-_NUMBER = re.compile(r"(\d+)")
-_EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_-]?(\d+)", re.IGNORECASE)
-_STEP_IN_NAME = re.compile(r"(?:^|[^a-z])(?:step|global_step|iter|iteration|update)[=_-]?(\d+)",
+# ASCII digits only: `\d` would take other scripts' digits, and str.isdigit `²`, which int() refuses
+_NUMBER = re.compile(r"([0-9]+)")
+_EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_-]?([0-9]+)", re.IGNORECASE)
+_STEP_IN_NAME = re.compile(r"(?:^|[^a-z])(?:step|global_step|iter|iteration|update)[=_-]?([0-9]+)",
                            re.IGNORECASE)
-_HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_HF_CHECKPOINT = re.compile(r"^checkpoint-([0-9]+)$")
 
 
 def name_position(path: str) -> Position:
@@ -95,7 +96,7 @@ class Candidate:
 
 def natural_key(path: str) -> list:
     """'epoch-10' sorts after 'epoch-9'."""
-    return [int(p) if p.isdigit() else p.lower() for p in _NUMBER.split(path)]
+    return [(1, int(p)) if _NUMBER.fullmatch(p) else (0, p.lower()) for p in _NUMBER.split(path)]
 
 
 def expand(patterns: list[str]) -> list[str]:

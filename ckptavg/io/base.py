@@ -14,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -450,10 +451,18 @@ def meta_int(meta: dict[str, str], key: str, minimum: int | None = None) -> int 
         (12, None)
     """
     v = meta.get(key)
-    if v is None or not v.strip().lstrip("+-").isdigit():
-        return None
-    n = int(v)
-    return None if minimum is not None and n < minimum else n
+    n = ascii_int(v) if isinstance(v, str) else None
+    return None if n is None or (minimum is not None and n < minimum) else n
+
+
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,4000}")
+
+
+def ascii_int(text: str) -> int | None:
+    """The integer `text` spells in ASCII decimal digits (an optional sign, surrounding blanks
+    allowed), exactly, however large; None for anything else (`²`, `٣`, `1e3`, `1_000`)."""
+    text = text.strip()
+    return int(text) if _ASCII_INT.fullmatch(text) else None
 
 
 def clean_metadata(meta: object) -> dict[str, str]:

@@ -14,6 +14,7 @@ import codecs
 import collections
 import contextlib
 import io
+import math
 import os
 import pickle
 import re
@@ -698,6 +699,9 @@ class TorchReader(ReaderBase):
                 count = self._tensors.pop(AVERAGED_COUNT)
                 value = _ref_number(file, path, count) if isinstance(count, TensorRef) \
                     else count.item()
+                if not math.isfinite(value) or value != int(value):
+                    raise CheckpointError(f"{path}: {AVERAGED_COUNT} is {value}, not a count "
+                                          "of models; the file is damaged")
                 self._meta.setdefault("swa.n_averaged", str(int(value)))
             self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
             self.removed_prefixes = tuple(removed)
