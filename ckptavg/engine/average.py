@@ -222,7 +222,8 @@ def average(
         result = make_result(plan, chosen, into, output, method, n_total, dry_run, spec)
         result.skipped = skipped
         result.warnings = left_out + [f"{p}: already folded into {into} (same fingerprint in its "
-                           "average.inputs); skipped" for p in skipped] + mixed_runs(chosen)
+                           "average.inputs); skipped" for p in skipped] + mixed_runs(chosen) \
+            + [f"{r.path}: {n}" for r in readers for n in r.read_notes]
         if n_total == 1:
             result.warnings.append(f"{chosen[0].path}: the only input, so the output is a copy "
                                    "of it (with ckptavg's metadata), not an average; select "

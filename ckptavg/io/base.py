@@ -465,18 +465,30 @@ def ascii_int(text: str) -> int | None:
     return int(text) if _ASCII_INT.fullmatch(text) else None
 
 
-def clean_metadata(meta: object) -> dict[str, str]:
-    """Keep a metadata map only if it is a dict; str keys, values JSON-encoded unless str
-    (a value that cannot be, being cyclic or nested too deep, is left out)."""
+def clean_metadata(meta: object, notes: list[str] | None = None) -> dict[str, str]:
+    """Keep a metadata map only if it is a dict; str keys, values JSON-encoded unless str.
+    A value past the budget of an untrusted entry (io/pickles.within_budget: what it expands
+    to, its depth, a cycle) is left out, with a note naming it in `notes`."""
+    from ckptavg.io.pickles import within_budget
+
     if not isinstance(meta, dict):
         return {}
     out = {}
     for k, v in meta.items():
-        if isinstance(k, str):
+        if not isinstance(k, str):
+            continue
+        if isinstance(v, str):
+            out[k] = v
+            continue
+        over = within_budget(v)
+        if over is None:
             try:
-                out[k] = v if isinstance(v, str) else json.dumps(v, default=str)
-            except (ValueError, RecursionError):
+                out[k] = json.dumps(v, default=str)
                 continue
+            except (ValueError, RecursionError, TypeError) as e:
+                over = f"cannot be written as JSON ({e})"
+        if notes is not None:
+            notes.append(f"metadata entry {k!r} {over}: left out")
     return out
 
 
@@ -658,6 +670,7 @@ class ReaderBase(abc.ABC):
     removed_prefixes: tuple[str, ...] = ()
     other_entries: tuple[str, ...] = ()  # a torch file's entries besides weights and metadata
     extras_notes: tuple[str, ...] = ()  # what carrying `extras` converted or left out
+    read_notes: tuple[str, ...] = ()  # entries left out as they were read (past the budget)
     files: list[SourceFile]
     # The folder the checkpoint is, or lies in, where a reader knows it (remote inputs): its
     # side files (trainer_state.json, config.json) are read from there.

@@ -92,6 +92,77 @@ def stand_in(module: str, name: str) -> type:
 
 
 MAX_DEPTH = 100  # containers inside containers, in an entry carried into a torch output
+# What one non-weight entry may expand to, counting a shared reference each time it is
+# reached (as a JSON encoder, a YAML dumper or a deep copy would walk it): a few MB, well
+# under a second. A 2 KB pickle can name 2**40 paths through shared tuples.
+MAX_NODES = 200_000
+MAX_SECONDS = 1.0
+MAX_INT_BITS = 2040  # the largest integer a torch output's pickle holds (torchzip)
+
+
+class _Over(Exception):
+    pass
+
+
+def within_budget(value: object, limit: int = MAX_NODES, cycles: bool = False) -> str | None:
+    """None when `value` expands to at most `limit` nodes (a string counts one per 64
+    characters), nests at most MAX_DEPTH deep and holds no cycle or integer past
+    MAX_INT_BITS; else what it breaks, in words. Linear in the distinct objects it holds:
+    each container is walked once and its expanded size remembered, so shared references
+    cost nothing to count, and the walk stops at the limit or after MAX_SECONDS. With
+    `cycles`, a reference back to a container being walked counts one (pickle keeps it)."""
+    import time
+
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    deadline = time.monotonic() + MAX_SECONDS
+    steps = [0]
+
+    def size(x: object, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise _Over(f"nested more than {MAX_DEPTH} deep")
+        kind = type(x)
+        if kind in (str, bytes, bytearray):
+            return 1 + len(x) // 64
+        if kind is int and x.bit_length() > MAX_INT_BITS:
+            raise _Over(f"holds an integer of {x.bit_length()} bits")
+        # a dict's keys, then its values (never its item pairs: fresh tuples whose ids
+        # are reused once freed, which would alias the sizes remembered by id)
+        items = (*x.keys(), *x.values()) if isinstance(x, dict) else x if isinstance(
+            x, (list, tuple, set, frozenset)) else None
+        if items is None:
+            state = getattr(x, "state", None) if isinstance(x, Opaque) else None
+            if state is not None:
+                return 1 + size(state, depth + 1) + size(x.args, depth + 1)
+            return 1
+        i = id(x)
+        if i in sizes:
+            return sizes[i]
+        if i in active:
+            if cycles:
+                return 1
+            raise _Over("holds itself (a cycle)")
+        active.add(i)
+        n = 1
+        for item in items:
+            n += size(item, depth + 1)
+            if n > limit:
+                raise _Over(f"expands to more than {limit:,} objects (shared references "
+                            "counted each time they are reached)")
+            steps[0] += 1
+            if steps[0] % 4096 == 0 and time.monotonic() > deadline:
+                raise _Over(f"takes more than {MAX_SECONDS:g} s to walk")
+        active.discard(i)
+        sizes[i] = n
+        return n
+
+    try:
+        size(value, 0)
+    except _Over as e:
+        return str(e)
+    except RecursionError:
+        return f"nested more than {MAX_DEPTH} deep"
+    return None
 
 
 class _LeftOut(Exception):
@@ -101,7 +172,11 @@ class _LeftOut(Exception):
 def carry(value: object, keep: tuple[type, ...] = ()) -> tuple[object, list[str]]:
     """`value` as plain containers and numbers (and the `keep` types, tensors, as they are),
     with notes on what was converted and what was left out. Shared and cyclic containers
-    stay shared. Raises nothing: an entry nested past MAX_DEPTH is left out whole."""
+    stay shared. Raises nothing: an entry past the budget (`within_budget`: its expanded
+    size, depth, integers, time) is left out whole."""
+    over = within_budget(value, cycles=True)
+    if over is not None:
+        return _LEFT_OUT, [f"{over} (left out)"]
     notes: dict[str, None] = {}
     memo: dict[int, object] = {}
 
@@ -126,7 +201,8 @@ def carry(value: object, keep: tuple[type, ...] = ()) -> tuple[object, list[str]
             items.extend(leaf(v, depth) for v in x)
             return items
         if isinstance(x, tuple):
-            return tuple(leaf(v, depth) for v in x)
+            memo[id(x)] = out = tuple(leaf(v, depth) for v in x)
+            return out
         if isinstance(x, (set, frozenset)):
             return {conv(v, depth + 1) for v in x}
         return real(x, depth)

@@ -678,7 +678,10 @@ class TorchReader(ReaderBase):
                 obj = torch_load(path, file.fd, mmap=mmap and _native_order(file))
             self.files = [src]
             state, self.location = find_state_dict(obj, key, path)
-            self._meta = clean_metadata(obj.get("metadata")) if isinstance(obj, dict) else {}
+            left: list[str] = []
+            self._meta = clean_metadata(obj.get("metadata"), left) \
+                if isinstance(obj, dict) else {}
+            self.read_notes = tuple(left)
             self._position = position_of(obj)
             top = obj if isinstance(obj, dict) else {}
             self._scalars = {str(k): float(n) for k, n in

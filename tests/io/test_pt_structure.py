@@ -110,7 +110,7 @@ def test_numpy_values_and_classes_are_described_with_stand_ins(tmp_path):
         assert r.scalars() == {"n": 3.0, "metric": 0.75}
 
 
-@pytest.mark.parametrize("what", ["complex", "quantized", "compressed", "other byte order"])
+@pytest.mark.parametrize("what", ["complex", "quantized", "compressed"])
 def test_anything_else_is_left_to_torch(tmp_path, what):
     p = tmp_path / "x.pt"
     sd = {"w": torch.ones(4)}
@@ -119,15 +119,13 @@ def test_anything_else_is_left_to_torch(tmp_path, what):
     elif what == "quantized":
         sd["q"] = torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
     torch.save(sd, p)
-    if what in ("compressed", "other byte order"):
+    if what == "compressed":  # (another byte order is read, swapped: io/test_byteorder.py)
         q = tmp_path / "y.pt"
         with zipfile.ZipFile(p) as zin, zipfile.ZipFile(q, "w") as zout:
             for item in zin.infolist():
                 data = zin.read(item.filename)
-                if what == "other byte order" and item.filename.endswith("/byteorder"):
-                    data = b"big" if sys.byteorder == "little" else b"little"
-                zout.writestr(item.filename, data, zipfile.ZIP_DEFLATED if what == "compressed"
-                              and "/data/" in item.filename else zipfile.ZIP_STORED)
+                zout.writestr(item.filename, data, zipfile.ZIP_DEFLATED
+                              if "/data/" in item.filename else zipfile.ZIP_STORED)
         p = q
     assert _structure(p) is None
 
