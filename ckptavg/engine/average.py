@@ -42,7 +42,7 @@ from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.base import meta_int
 from ckptavg.io.folder import side_files
-from ckptavg.io.remote import is_remote
+from ckptavg.io.remote import is_remote, local_path
 from ckptavg.io.staging import describe, with_kept
 from ckptavg.io.writer import check_output, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
@@ -150,7 +150,7 @@ def average(
                           "exclude each other: a profile gives every weight (and a running "
                           "average folds a uniform mean)")
     if into is not None:
-        into = os.fspath(into)
+        into = local_path(os.fspath(into))
         if not os.path.exists(into):
             raise CkptavgError(f"{into}: no such file; folding into a running average needs an "
                                "existing one (make the first with an output, -o)")
@@ -160,7 +160,7 @@ def average(
         output = into if output is None else output
     if output is None and not dry_run:
         raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a folder)")
-    output = os.fspath(output) if output is not None else None
+    output = local_path(os.fspath(output)) if output is not None else None
     kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
     if resume and kind not in ("sharded", "dcp"):
         raise OptionError("resume", "finishes a folder output (safetensors shards or --dcp); "

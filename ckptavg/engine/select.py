@@ -24,7 +24,7 @@ from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.base import Position, meta_int, same_content
 from ckptavg.io.remote import expand as expand_remote
-from ckptavg.io.remote import is_remote
+from ckptavg.io.remote import is_remote, local_path
 from ckptavg.options import Selection
 
 # ASCII digits only: `\d` would take other scripts' digits, and str.isdigit `²`, which int() refuses
@@ -102,7 +102,7 @@ def natural_key(path: str) -> list:
 def expand(patterns: list[str]) -> list[str]:
     """Paths as given; patterns with wildcards that are not existing paths are globbed."""
     out: list[str] = []
-    for p in patterns:
+    for p in map(local_path, patterns):
         if is_remote(p):
             out.extend(sorted(expand_remote(p), key=natural_key))
         elif not os.path.exists(p) and any(c in p for c in "*?["):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import posixpath
 import re
 import threading
 import time
@@ -66,6 +67,33 @@ _EDGE_LOCK = threading.Lock()
 def is_remote(path) -> bool:
     """Whether `path` is a URL of remote storage (`file://` is local)."""
     return isinstance(path, str) and bool(_URL.match(path)) and not path.startswith("file://")
+
+
+def local_path(path):
+    """A `file://` URL as the local path it names (percent-escapes decoded); any other path
+    or URL as it is. A local file has one identity whatever its spelling: `file:///r/a.pt`,
+    `/r/a.pt`, `/r/x/../a.pt` and a link to it are compared by (device, inode)."""
+    if isinstance(path, str) and path.startswith("file://"):
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(path)
+        if parts.netloc not in ("", "localhost"):
+            raise CkptavgError(f"{path}: a file URL of another host; pass a local path")
+        return unquote(parts.path) or "/"
+    return path
+
+
+def canonical(url: str) -> str:
+    """One spelling of a remote location, for comparing locations: the store's first
+    protocol name (`s3a://` and `s3n://` are `s3://`, as fsspec maps them), the key without
+    `.` or `..` segments, repeated or trailing slashes."""
+    fs, key = filesystem(url)
+    return _canonical(fs, key)
+
+
+def _canonical(fs, key: str) -> str:
+    key = posixpath.normpath("/" + key.replace("\\", "/")).lstrip("/")
+    return _url(fs, key)
 
 
 def filesystem(url: str):
@@ -129,7 +157,8 @@ class RemoteFile(SourceFile):
 
     @property
     def identity(self) -> tuple:
-        return ("remote", self.path)
+        """The object's location in one spelling (`canonical`): `s3a://b/k` is `s3://b/k`."""
+        return ("remote", _canonical(self.fs, self.key) if self.fs is not None else self.path)
 
     @classmethod
     def at(cls, url: str, fs=None, key: str | None = None) -> RemoteFile:
@@ -484,7 +513,7 @@ def check_output(url: str, kind: str, inputs) -> None:
     """Refuse a remote output that is one of the inputs, or a folder prefix that exists."""
     fs, key = filesystem(url)
     key = key.rstrip("/")
-    if ("remote", url.rstrip("/")) in {f.identity for f in inputs}:
+    if ("remote", _canonical(fs, key)) in {f.identity for f in inputs}:
         raise OutputError(f"{url}: is one of the inputs; nothing was written: write the "
                           "output elsewhere")
     try:

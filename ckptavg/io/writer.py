@@ -69,6 +69,7 @@ SIDE_FILES_KEY = "ckptavg.side_files"
 def output_kind(path: str, shard_size: int | None = None, dcp: bool = False) -> str:
     """'safetensors', 'sharded', 'torch' or 'dcp' (asked for) from the output path; a path
     that asks for none of them is an OptionError naming the output option."""
+    path = remote.local_path(path)
     if dcp:
         if os.path.isfile(path):
             raise OptionError("output", "exists and is not a folder; a DCP checkpoint is a "
@@ -128,6 +129,7 @@ def _ours(folder: str) -> list[str]:
 
 def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
     """Refuse an output that would replace an input's file or anything not ours."""
+    path = remote.local_path(path)
     if is_remote(path):
         remote.check_output(path, kind, inputs)
         return
@@ -664,6 +666,7 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     bytes, names from SIDE_FILES) go into a folder output. Use it as a context
     manager: `with make_writer(...) as w: w.write(key, t)` commits on a clean exit and
     leaves nothing behind on an error."""
+    path = remote.local_path(path)
     kind = output_kind(path, shard_size, dcp)
     check_output(path, kind, inputs)
     if is_remote(path):
