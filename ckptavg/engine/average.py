@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from ckptavg import options
 from ckptavg.engine import profiles
+from ckptavg.engine.content import ContentHashes, hash_reader, placeholder
 from ckptavg.engine.kernel import execute
 from ckptavg.engine.plan import (
     Request,
@@ -40,7 +41,7 @@ from ckptavg.engine.shards import average_ranks
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
-from ckptavg.io.base import meta_int
+from ckptavg.io.base import meta_int, stamp_change
 from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote, local_path
 from ckptavg.io.staging import describe, with_kept
@@ -199,7 +200,7 @@ def average(
             if os.path.isfile(into) and running.files[0].identity != locked.identity:
                 raise CkptavgError(f"{into}: was replaced while being locked; run again")
             n0, prior = _running_n(running)
-            chosen, skipped = _not_yet_folded(chosen, prior)
+            chosen, skipped = _not_yet_folded(chosen, prior, into)
             if not chosen:
                 return nothing_to_fold(into, n0, skipped, dry_run, t0)
         raw = chosen_weights(chosen, method, weights, ema, prof)
@@ -216,12 +217,16 @@ def average(
             protected += running.files
         if output is not None:  # before hashing or reading any tensor
             check_output(output, kind, protected)
+        # Content hashes are taken in the read pass and filled into a local file output's
+        # metadata before its commit (engine/content.py); a folder or remote output records
+        # each input's identity and fingerprint.
+        content = kind in ("safetensors", "torch") and not dry_run and not is_remote(output)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
-                         hash_inputs=hash_inputs and not dry_run, profile=spec)
+                         hash_inputs=hash_inputs and not dry_run, profile=spec, content=content)
         result = make_result(plan, chosen, into, output, method, n_total, dry_run, spec)
         result.skipped = skipped
-        result.warnings = left_out + [f"{p}: already folded into {into} (same fingerprint in its "
+        result.warnings = left_out + [f"{p}: already folded into {into} (recorded in its "
                            "average.inputs); skipped" for p in skipped] + mixed_runs(chosen) \
             + [f"{r.path}: {n}" for r in readers for n in r.read_notes]
         if n_total == 1:
@@ -239,12 +244,20 @@ def average(
             writer = make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                                  inputs=protected, entry=entry, extras=plan.extras,
                                  side_files=side, dcp=dcp, run=run, resume=resume)
+            hashes = ContentHashes(len(readers), plan.specs, {
+                s.key: readers[0].info(s.key).dtype.name for s in plan.specs}) \
+                if content and writer.fills_metadata else None
             try:
                 with writer:
                     keys = writer.pending_keys() if run is not None else None
-                    execute(plan, writer, keys, progress=progress, threads=threads)
+                    execute(plan, writer, keys, progress=progress, threads=threads,
+                            hashes=hashes)
                     for r in readers:
                         r.check_unchanged()
+                    if hashes is not None:
+                        digests = hashes.hexdigests()[1 if running is not None else 0:]
+                        writer.fill({placeholder(i): d for i, d in enumerate(digests)})
+                        result.content = digests
             except CkptavgError as e:
                 raise with_kept(e, writer.kept) from None
             result.warnings += writer.notes
@@ -260,15 +273,38 @@ def _same(a: str, b: str | None) -> bool:
         return False
 
 
-def _not_yet_folded(chosen: list[Candidate], prior: list) -> tuple[list[Candidate], list[str]]:
-    """Split the inputs into those not yet in the running average and those already in it
-    (same fingerprint recorded in its average.inputs)."""
-    done = {e.get("fingerprint") for e in prior if isinstance(e, dict)} - {None}
-    if not done:
+def _not_yet_folded(chosen: list[Candidate], prior: list,
+                    into: str) -> tuple[list[Candidate], list[str]]:
+    """Split the inputs into those not yet in the running average and those already in it.
+
+    An input is skipped unread only when an entry of its average.inputs records this very
+    file: the same identity (device, inode, size, mtime, ctime; an object's ETag, size and
+    time) and fingerprint. An input whose sampled fingerprint matches an entry but whose
+    identity does not (rewritten, copied, or another file that differs only between the
+    sampled blocks) is read and its content hash compared with the entry's; an entry with
+    no content hash to compare (written by an older ckptavg, or to a folder) cannot settle
+    it, and the run stops with one line."""
+    entries = [e for e in prior if isinstance(e, dict) and isinstance(e.get("fingerprint"), str)]
+    if not entries:
         return chosen, []
     fresh, skipped = [], []
     for c in chosen:
-        (skipped.append(c.path) if c.reader.fingerprint() in done else fresh.append(c))
+        same = [e for e in entries if e["fingerprint"] == c.reader.fingerprint()]
+        if not same:
+            fresh.append(c)
+        elif any(stamp_change(e.get("identity"), c.reader.stamp()) is None for e in same):
+            skipped.append(c.path)
+        elif any(isinstance(e.get("content"), str) for e in same):
+            if hash_reader(c.reader) in {e.get("content") for e in same}:
+                skipped.append(c.path)
+            else:
+                fresh.append(c)
+        else:
+            raise CkptavgError(
+                f"{c.path}: its fingerprint matches an input recorded in {into}, but not its "
+                "identity, and the record holds no content hash to tell whether it is the "
+                "same checkpoint (written by an older ckptavg); nothing was written: leave it "
+                "out if it was folded already, or start a new running average with -o")
     return fresh, skipped
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ckptavg import options
 from ckptavg.engine import arith
+from ckptavg.engine.content import ContentHashes
 from ckptavg.engine.nonfinite import raise_nonfinite
 from ckptavg.engine.plan import Plan
 from ckptavg.io import ReaderBase, TensorSpec, dtypes
@@ -28,7 +29,8 @@ from ckptavg.results import Progress
 
 
 def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
-            progress: Progress | None = None, threads: int | None = options.AVERAGE_THREADS) -> None:
+            progress: Progress | None = None, threads: int | None = options.AVERAGE_THREADS,
+            hashes: ContentHashes | None = None) -> None:
     """The tensor-major loop over `keys` (default: all, in plan order) into `writer`.
 
     Each tensor is reduced chunk by chunk (`_reduce`) into an output buffer; a writer thread
@@ -38,11 +40,15 @@ def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
     chunks, two staging blocks per input read at once, and two output buffers of the largest
     tensor or slice, whatever N is. The arithmetic (numpy, see arith.py) runs on `threads`
     threads, each on its own share of every block (default: the cores idle when it starts,
-    less the one the reader thread keeps busy; see idle_cores)."""
+    less the one the reader thread keeps busy; see idle_cores).
+
+    With `hashes` (engine/content.py), every byte of every input is fed to its content
+    hash as it is read (integer tensors of every input are read for it too), so the hashes
+    cost no second read."""
     n = threads or max(1, idle_cores() - 1)
     pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ckptavg-sum") if n > 1 else None
     try:
-        _execute(plan, writer, keys, progress, Workers(n, pool))
+        _execute(plan, writer, keys, progress, Workers(n, pool), hashes)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -93,7 +99,8 @@ class Workers:
 
 
 def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
-             progress: Progress | None, workers: Workers) -> None:
+             progress: Progress | None, workers: Workers,
+             hashes: ContentHashes | None = None) -> None:
     readers, ref = plan.readers, plan.readers[0]
     wanted = set(keys) if keys is not None else None
     specs = [s for s in plan.specs if wanted is None or s.key in wanted]
@@ -122,11 +129,16 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     try:
         for spec in specs:
             if writer.shares_ties and spec.key in plan.ties:
+                if hashes is not None:
+                    hashes.tie(spec.key, plan.ties[spec.key])
                 continue  # torch and DCP writers point tied names at one tensor
             info = ref.info(spec.key)
             if not info.dtype.is_floating_point:
                 done += info.nbytes
-                bg.write(spec.key, read_copy(last, spec.key))
+                value = read_copy(last, spec.key)
+                if hashes is not None:
+                    _hash_whole(hashes, readers, spec.key, value)
+                bg.write(spec.key, value)
                 if progress:
                     progress(done, total_bytes)
                 continue
@@ -137,7 +149,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                 buf = bg.buffer()
                 out = buf[: n * spec.dtype.itemsize].view(kind)
                 finite = _reduce(plan, spec.key, spec.dtype, out, workers,
-                                 None if full is None else full[:n], lo, stage)
+                                 None if full is None else full[:n], lo, stage, hashes)
                 done += n * info.dtype.itemsize * len(readers)
                 if progress:
                     progress(done, total_bytes)
@@ -145,6 +157,9 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                     raise_nonfinite(readers, spec.key, spec.dtype)
                 whole = n == spec.numel
                 bg.write(spec.key, out, buf, part=None if whole else (lo == 0, lo + n == spec.numel))
+            if hashes is not None:
+                for i in range(len(readers)):
+                    hashes.done(i, spec.key)
         bg.finish()
     finally:
         bg.stop()
@@ -171,8 +186,19 @@ GROUP = 32  # inputs read at once; more are summed group by group (memory flat i
 FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
 
 
+def _hash_whole(hashes: ContentHashes, readers: list[ReaderBase], key: str, last) -> None:
+    """Feed a tensor the kernel copies from the newest input (integers) to every input's
+    content hash: the newest input's copy, the others read for it."""
+    from ckptavg.io.writer import as_array
+
+    for i, r in enumerate(readers):
+        hashes.update(i, key, as_array(last if r is readers[-1] else read_copy(r, key)))
+        hashes.done(i, key)
+
+
 def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Workers,
-            full: np.ndarray | None, base: int = 0, stage: Stage | None = None) -> bool:
+            full: np.ndarray | None, base: int = 0, stage: Stage | None = None,
+            hashes: ContentHashes | None = None) -> bool:
     """out = sum(w_i * input_i[key][base:base + out.size]) / sum(w), rounded once to
     `out_dtype`, chunk by chunk: each chunk of the accumulator stays in cache while the
     inputs stream through it, instead of N passes over a tensor-sized accumulator in memory.
@@ -218,9 +244,11 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
     for g, members in enumerate(groups):
         extents = [readers[i].locate(key) for i in members]
         if stage is not None and all(extents):
+            feed = None if hashes is None else [
+                (lambda data, i=i: hashes.update(i, key, data)) for i in members]
             _reduce_read(key, kind, numel, base, extents, stage, workers,
                          lambda srcs, start, first=g == 0, m=members: chunks(
-                             srcs, m, first, finish, start))
+                             srcs, m, first, finish, start), feed)
             continue
         flats = [arith.as_numpy(readers[i].read(key), kind)[base:base + numel] for i in members]
         # Release each input's pages often enough that the inputs read together keep at
@@ -228,6 +256,9 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
         release_every = max(CHUNK, RESIDENT // (len(members) * kind.itemsize) // CHUNK * CHUNK)
         for lo in range(0, numel, release_every):
             n = min(release_every, numel - lo)
+            if hashes is not None:
+                for i, f in zip(members, flats):
+                    hashes.update(i, key, f[lo:lo + n])
             workers.run(chunks(lambda off, k, lo=lo, fs=flats: [f[lo + off:lo + off + k] for f in fs],
                                members, g == 0, finish, lo), n)
             # Reach back: faults map pages around them, also some released before.
@@ -248,19 +279,22 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
 
 
 def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list, stage: Stage,
-                 workers: Workers, make: Callable) -> None:
+                 workers: Workers, make: Callable, feed: list[Callable] | None = None) -> None:
     """One group of `_reduce` from files: blocks of `stage.block` elements of every input are read
     with pread into staging buffers by the stage's reader thread, one block ahead of the
     arithmetic (so on an idle core the copy costs no time); `make(sources, start)` gives the
-    work on one block (see `_reduce`)."""
+    work on one block (see `_reduce`); `feed`, one per extent, takes each block's bytes as
+    they are read (the content hashes), in the reader thread, while they are in cache."""
     itemsize = kind.itemsize
     block = stage.block
     starts = list(range(0, numel, block))
 
     def read(b: int):
         n = min(block, numel - starts[b]) * itemsize
-        for ext, buf in zip(extents, stage.sets[b % 2]):
+        for j, (ext, buf) in enumerate(zip(extents, stage.sets[b % 2])):
             pread_extent(ext, memoryview(buf[:n]), (base + starts[b]) * itemsize)
+            if feed is not None:
+                feed[j](buf[:n])
 
     pending = stage.pool.submit(read, 0)
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ckptavg import __version__, options
 from ckptavg.engine import profiles
+from ckptavg.engine.content import placeholder
 from ckptavg.engine.select import Candidate
 from ckptavg.errors import CkptavgError, MismatchError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
@@ -83,6 +84,13 @@ class Plan:
     @property
     def bytes_out(self) -> int:
         return sum(s.nbytes for s in self.specs)
+
+
+def input_entry(r: ReaderBase) -> dict:
+    """What a record (average.inputs, a resume plan) keeps of an input: its name, its
+    sampled fingerprint and the identity of each of its files."""
+    return {"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint(),
+            "identity": r.stamp()}
 
 
 def sha256_of(files: list[SourceFile]) -> str:
@@ -179,11 +187,14 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
               n_total: int | None = None, prior_inputs: list | None = None,
               accumulate: Accumulate = options.ACCUMULATE, dtype: OutDtype | None = None,
               allow_nonfinite: bool = False, hash_inputs: bool = False,
-              profile: str | None = None) -> Plan:
+              profile: str | None = None, content: bool = False) -> Plan:
     """Check that the inputs agree and fix the run: specs, ties, metadata.
 
     `readers` and `weights` are oldest first. With `prior_inputs` (the `average.inputs` of a
     running average), `readers[0]` is that running average and `n_total` counts its inputs.
+    Each new input's entry in `average.inputs` records its file name, fingerprint and
+    identity (io/base.SourceFile.stamp); with `content`, a placeholder for its content hash,
+    which the read pass computes and the writer fills in (engine/content.py).
     Raises MismatchError naming each file that differs from the first."""
     check_options(accumulate, dtype)
     problems = _mismatches(readers)
@@ -206,8 +217,10 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
     n_total = n_total or len(readers)
     new = readers[1:] if prior_inputs is not None else readers
-    entries = [{"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint()}
-               for r in new]
+    entries = [input_entry(r) for r in new]
+    if content:
+        for i, e in enumerate(entries):
+            e["content"] = placeholder(i)
     if hash_inputs:
         for e, r in zip(entries, new):
             e["sha256"] = sha256_of(r.files)

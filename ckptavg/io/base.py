@@ -83,21 +83,29 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file an input consists of, as it was when opened."""
+    """One file an input consists of, as it was when opened: what identifies it (as git's
+    index and rsync do) is its device, inode, size, mtime and ctime (`stamp`)."""
 
     path: str
     dev: int
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
 
     @property
-    def identity(self) -> tuple[int, int]:
+    def identity(self) -> tuple:
         return (self.dev, self.ino)
 
     @classmethod
     def of(cls, path: str, st: os.stat_result) -> SourceFile:
-        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def stamp(self) -> dict[str, object]:
+        """What identifies the file as opened, for a record (average.inputs, a resume plan):
+        a later file with the same stamp is taken to be the same file, unread."""
+        return {"dev": self.dev, "ino": self.ino, "size": self.size,
+                "mtime_ns": self.mtime_ns, "ctime_ns": self.ctime_ns}
 
     @contextlib.contextmanager
     def reader(self):
@@ -617,6 +625,24 @@ class Sharded:
 FINGERPRINT_BLOCK = 1 << 16
 
 
+_STAMP_WORDS = {"dev": "device", "ino": "inode", "size": "size", "mtime_ns": "modification time",
+                "ctime_ns": "change time (ctime)", "etag": "ETag", "mtime": "modification time"}
+
+
+def stamp_change(old: object, new: list[dict]) -> str | None:
+    """What differs between a recorded identity (`stamp` of each file) and `new`, in words
+    (None: the same); a record that is not a list of stamps differs."""
+    if not isinstance(old, list) or len(old) != len(new):
+        return "its files" if isinstance(old, list) else "its identity was not recorded"
+    for a, b in zip(old, new):
+        if not isinstance(a, dict):
+            return "its identity record is damaged"
+        diff = [_STAMP_WORDS.get(k, k) for k in b if a.get(k) != b[k]]
+        if diff:
+            return ", ".join(diff)
+    return None
+
+
 def fingerprint(files: list[SourceFile]) -> str:
     """A cheap content identity: sha256 over each file's size and four 64 KiB blocks (start,
     thirds, end); the whole file when it is smaller. Equal fingerprints mean very likely the
@@ -726,6 +752,10 @@ class ReaderBase(abc.ABC):
             path = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
             folder = Folder(path or ".")
         return trainer_state_position(folder)
+
+    def stamp(self) -> list[dict]:
+        """The identity of each file the input consists of, as opened (SourceFile.stamp)."""
+        return [f.stamp() for f in self.files]
 
     def fingerprint(self) -> str:
         """`fingerprint(self.files)`, computed once."""

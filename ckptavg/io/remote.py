@@ -151,9 +151,14 @@ class RemoteFile(SourceFile):
     fs: object = field(default=None, compare=False, repr=False)
     key: str = ""  # its path in `fs`
     etag: str | None = None
+    modified: str = ""  # the store's last-modified time, as it gives it
     _window: dict = field(default_factory=dict, compare=False, repr=False)
 
     remote = True  # read as base.OpenFile is: get, pread, open, extent, number, close
+
+    def stamp(self) -> dict[str, object]:
+        """An object's identity: its version tag (ETag), size and last-modified time."""
+        return {"etag": self.etag, "size": self.size, "mtime": self.modified}
 
     @property
     def identity(self) -> tuple:
@@ -174,7 +179,8 @@ class RemoteFile(SourceFile):
         if info.get("type") == "directory":
             raise CheckpointError(f"{url}: a folder; pass its files, or a folder with "
                                   f"{INDEX_NAME}")
-        return cls(url, 0, 0, int(info["size"]), 0, fs, key, _etag(info))
+        return cls(url, 0, 0, int(info["size"]), 0, fs=fs, key=key, etag=_etag(info),
+                   modified=str(info.get("LastModified") or info.get("mtime") or ""))
 
     def get(self, offset: int, n: int) -> bytes:
         """Bytes [offset, offset + n): from one of the object's ends when they hold it

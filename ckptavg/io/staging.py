@@ -30,6 +30,7 @@ import stat
 
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io.atomic import write_error
+from ckptavg.io.base import stamp_change
 
 PLAN = "plan.json"
 DONE = ".done"
@@ -48,8 +49,8 @@ def staging_path(output: str) -> str:
 def describe(readers, specs, metadata: dict[str, str]) -> dict:
     """What plan.json records of a run, less its shards: everything else that fixes the
     bytes of a shard (the inputs, the averaging, each tensor's output shape and dtype)."""
-    inputs = [{"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint()}
-              for r in readers]
+    inputs = [{"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint(),
+               "identity": r.stamp()} for r in readers]
     return {"version": VERSION, "inputs": inputs,
             "averaging": {k: v for k, v in metadata.items() if k in OPTION_OF},
             "specs": {s.key: [list(s.shape), s.dtype.name] for s in specs}}
@@ -372,8 +373,9 @@ def _well_formed(plan: dict) -> bool:
 
     inputs, specs, shards = plan.get("inputs"), plan.get("specs"), plan.get("shards")
     return (isinstance(inputs, list)
-            and all(isinstance(e, dict) and strs(e) and {"file", "fingerprint"} <= set(e)
-                    for e in inputs)
+            and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                    and isinstance(e.get("fingerprint"), str)
+                    and isinstance(e.get("identity"), list) for e in inputs)
             and strs(plan.get("averaging")) and set(plan["averaging"]) <= set(OPTION_OF)
             and isinstance(specs, dict) and isinstance(shards, dict)
             and all(isinstance(v, list) and all(isinstance(k, str) for k in v)
@@ -390,17 +392,20 @@ def refuse_changes(found: dict, want: dict, where: str) -> None:
     if not _well_formed(found):
         raise CkptavgError(f"{where}: its {PLAN} is damaged (a field is missing or of the wrong "
                            "type); run again without --resume to start over (this discards it)")
-    old = {e["file"]: e["fingerprint"] for e in found["inputs"]}
-    new = {e["file"]: e["fingerprint"] for e in want["inputs"]}
+    old = {e["file"]: e for e in found["inputs"]}
+    new = {e["file"]: e for e in want["inputs"]}
     if list(old) != list(new):
         gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
         what = ", ".join([f"{f} is no longer an input" for f in gone[:2]]
                          + [f"{f} is a new input" for f in added[:2]]) or "their order changed"
         raise OptionError("inputs", f"not the inputs of the interrupted run: {what}{hint}")
-    changed = [f for f in new if old[f] != new[f]]
-    if changed:
-        raise CkptavgError(f"{changed[0]}: changed since the interrupted run began (its size or "
-                           f"modification time differs); its shards would not match{hint}")
+    for f in new:
+        changed = stamp_change(old[f]["identity"], new[f]["identity"])
+        if changed is None and old[f]["fingerprint"] != new[f]["fingerprint"]:
+            changed = "contents"
+        if changed:
+            raise CkptavgError(f"{f}: changed since the interrupted run began (its {changed} "
+                               f"differs); its shards would not match{hint}")
     for k in sorted(set(found["averaging"]) | set(want["averaging"])):
         if found["averaging"].get(k) != want["averaging"].get(k):
             raise OptionError(OPTION_OF[k], f"differs from the interrupted run ({k} was "

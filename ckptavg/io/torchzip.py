@@ -17,6 +17,7 @@ Nothing else can be written, so every output loads with `torch.load(weights_only
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -221,6 +222,7 @@ class _Entry:
     header: int  # offset of the local header
     size: int = 0
     crc: int = 0
+    data: int = 0  # offset of its first byte
 
 
 class ZipStream:
@@ -251,6 +253,7 @@ class ZipStream:
         self._write(_LOCAL.pack(b"PK\x03\x04", 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(e.name),
                                 len(extra)) + e.name + extra)
         e.size = size
+        e.data = self.pos
         self._open = e
         self._fed = 0
 
@@ -277,6 +280,20 @@ class ZipStream:
         self.begin(name, len(data))
         self.feed(data)
         self.end()
+
+    def replace(self, name: str, data: bytes) -> None:
+        """Rewrite a finished record in place with `data` of the same length (the output's
+        metadata once the pass has computed what it held placeholders for), and its CRC-32
+        in the data descriptor and, at `finish`, the central directory. The output must be
+        a local file."""
+        e = next(e for e in self._entries if e.name == f"{PREFIX}/{name}".encode())
+        if len(data) != e.size:
+            raise RuntimeError(f"{name}: {len(data)} bytes to replace {e.size}")
+        self._out.flush()
+        fd = self._out.fileno()
+        os.pwrite(fd, data, e.data)
+        e.crc = crc32(data)
+        os.pwrite(fd, struct.pack("<I", e.crc), e.data + e.size + 4)
 
     def finish(self) -> None:
         """The central directory and the end records."""

@@ -231,6 +231,13 @@ class Writer(Atomic, abc.ABC):
         except OSError as e:
             raise write_error(self._shown, e) from None
 
+    fills_metadata = False  # takes metadata values computed by the pass (`fill`)
+
+    def fill(self, values: dict[str, str]) -> None:
+        """Before the commit: put each value in place of its placeholder (a string of the
+        same length) in the output's metadata (the content hashes of the read pass)."""
+        raise NotImplementedError(f"{type(self).__name__} writes its metadata first")
+
     @abc.abstractmethod
     def _write(self, key: str, tensor: np.ndarray) -> None:
         """Write one tensor's bytes (`as_array`'s form)."""
@@ -330,8 +337,9 @@ class SafetensorsWriter(Writer):
         self.shown = shown
         self._specs = list(specs)
         self._next = 0
-        header = safetensors_header(self._specs, metadata)
+        header = self._header = safetensors_header(self._specs, metadata)
         self._out = output_file(path, len(header) + sum(s.nbytes for s in self._specs))
+        self.fills_metadata = not is_remote(path)
         try:
             self._out.file.write(header)
         except OSError as e:
@@ -362,6 +370,12 @@ class SafetensorsWriter(Writer):
                 raise RuntimeError(f"{key}: {self._part_bytes} bytes written, {spec.nbytes} expected")
             self._next += 1
 
+    def fill(self, values: dict[str, str]) -> None:
+        header = _filled(self._header, values)
+        self._out.file.flush()
+        os.pwrite(self._out.file.fileno(), header, 0)
+        self._header = header
+
     def _close(self) -> None:
         if self._next != len(self._specs):
             raise RuntimeError(f"{self.path}: {len(self._specs) - self._next} tensors not written")
@@ -369,6 +383,17 @@ class SafetensorsWriter(Writer):
 
     def abort(self) -> None:
         self._out.abort()
+
+
+def _filled(data: bytes, values: dict[str, str]) -> bytes:
+    """`data` with each placeholder replaced by its value (the same length: offsets hold).
+    A layout that holds no metadata (a Hugging Face `.bin`) holds no placeholder."""
+    for old, new in values.items():
+        if len(old) != len(new) or data.count(old.encode()) > 1:
+            raise RuntimeError(f"placeholder {old!r}: not once in the output, or {new!r} "
+                               "is not of its length")
+        data = data.replace(old.encode(), new.encode())
+    return data
 
 
 def split_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
@@ -615,6 +640,7 @@ class TorchWriter(Writer):
         self._next = 0
         self.bytes_written = sum(r.nbytes for r in self._queue)
         self._out = output_file(path, self.bytes_written + len(self._pickled))
+        self.fills_metadata = not is_remote(path)
         try:
             self._zip = ZipStream(self._out.file, force_zip64)
             head_records(self._zip, self._pickled)
@@ -641,6 +667,11 @@ class TorchWriter(Writer):
         if last:
             self._zip.end()
             self._next += 1
+
+    def fill(self, values: dict[str, str]) -> None:
+        pickled = _filled(self._pickled, values)
+        self._zip.replace("data.pkl", pickled)
+        self._pickled = pickled
 
     def _close(self) -> None:
         if self._next != len(self._queue):

@@ -1,0 +1,187 @@
+"""What an input is (issue #33, item 1): a local input is its device, inode, size, mtime and
+ctime plus a content hash taken in the averaging read pass (xxh3-128 of its tensors). A
+file rewritten in place between the fingerprint's sampled blocks is refused by --resume,
+naming what changed; --into folds a different file whose sampled blocks agree, and skips a
+touched but unchanged file only after its content hash confirms it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import xxhash
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import run_cli
+
+NUMEL = 200_000  # 800 KB per tensor: the fingerprint samples 4 blocks of 64 KiB of the file
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(NUMEL, generator=g), "b.bias": torch.randn(5, generator=g),
+            "n": torch.tensor(3 + seed)}
+
+
+def _unsampled_offset(path) -> int:
+    """An offset of a tensor's bytes that the fingerprint does not read (between the blocks
+    at 0 and size/3)."""
+    size = os.path.getsize(path)
+    off = size // 6
+    assert 65536 < off < size // 3 - 8
+    return off
+
+
+def _edit_between_samples(path) -> None:
+    """Change 4 bytes that the fingerprint does not sample, keeping the size."""
+    off = _unsampled_offset(path)
+    with open(path, "r+b") as f:
+        f.seek(off)
+        old = f.read(4)
+        f.seek(off)
+        f.write(bytes(b ^ 0x40 for b in old))
+
+
+def _reference_content(state: dict) -> str:
+    """The documented content hash (docs/formats.md), computed here from the tensors."""
+    h = xxhash.xxh3_128()
+    for key in sorted(state):
+        t = state[key].contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(f"{key}\0{str(t.dtype)[len('torch.'):]}\0{','.join(map(str, t.shape))}\0".encode())
+        h.update(xxhash.xxh3_128(raw).digest())
+    return "xxh3-128:" + h.hexdigest()
+
+
+def _entries(path) -> list[dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return json.loads(f.metadata()["average.inputs"])
+
+
+def test_average_records_identity_and_the_content_hash_of_each_input(tmp_path):
+    states = [_state(i) for i in range(3)]
+    paths = []
+    for i, s in enumerate(states):
+        p = tmp_path / f"ep-{i + 1}.safetensors"
+        save_file(s, str(p))
+        paths.append(p)
+    out = tmp_path / "avg.safetensors"
+    proc = run_cli("average", *paths, "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    entries = _entries(out)
+    for p, s, e in zip(paths, states, entries):
+        st = os.stat(p)
+        assert e["identity"] == [{"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+                                  "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}]
+        assert e["content"] == _reference_content(s)
+    assert json.loads(proc.stdout)["content"] == [e["content"] for e in entries]
+    got = load_file(str(out))
+    want = (sum(s["a.weight"].double() for s in states) / 3).float()
+    assert torch.equal(got["a.weight"], want)
+
+
+def test_a_torch_output_records_the_same_content_hashes(tmp_path):
+    """The hash is of the tensors: the same weights in a .pt give the same hash, and the
+    torch output (its pickle patched in place, CRC included) loads with torch."""
+    states = [_state(i) for i in range(2)]
+    paths = []
+    for i, s in enumerate(states):
+        p = tmp_path / f"ep-{i + 1}.pt"
+        torch.save({"model_state_dict": s, "epoch": i + 1}, p)
+        paths.append(p)
+    out = tmp_path / "avg.pt"
+    proc = run_cli("average", *paths, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    loaded = torch.load(out, weights_only=True)  # checks every record's CRC-32
+    entries = json.loads(loaded["metadata"]["average.inputs"])
+    assert [e["content"] for e in entries] == [_reference_content(s) for s in states]
+    import zipfile
+
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+
+
+def test_resume_refuses_an_input_rewritten_between_the_sampled_blocks(tmp_path, monkeypatch):
+    from tests.test_resume import _interrupted
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"epoch-{i + 1:04d}.safetensors"
+        save_file(_state(i), str(p), metadata={"train.epoch": str(i + 1)})
+        paths.append(str(p))
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, paths, out, shards=1, shard_size=500_000)
+    st = os.stat(paths[1])
+    _edit_between_samples(paths[1])
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its mtime put back
+    proc = run_cli("average", *paths, "-o", out, "--shard-size", "500000", "--resume")
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert "epoch-0002.safetensors: changed since the interrupted run began" in line, line
+    assert "change time" in line and "modification time" not in line, line
+    assert not out.exists()
+
+
+def test_into_folds_a_file_that_differs_only_between_the_sampled_blocks(tmp_path):
+    first = tmp_path / "ep-1.safetensors"
+    second = tmp_path / "ep-2.safetensors"
+    save_file(_state(0), str(first))
+    save_file(_state(0), str(second))
+    _edit_between_samples(second)  # a frozen-backbone fine-tune: same size, same samples
+    a, b = load_file(str(first)), load_file(str(second))
+    assert not torch.equal(a["a.weight"], b["a.weight"])
+    run = tmp_path / "run.safetensors"
+    assert run_cli("average", first, "-o", run).returncode == 0
+    proc = run_cli("average", second, "--into", run)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(run), "np") as f:
+        assert f.metadata()["average.n"] == "2"
+    got = load_file(str(run))["a.weight"]
+    want = ((a["a.weight"].double() + b["a.weight"].double()) / 2).float()
+    assert torch.equal(got, want)
+
+
+def test_into_skips_a_touched_file_only_once_its_content_hash_agrees(tmp_path):
+    first, second = tmp_path / "ep-1.safetensors", tmp_path / "ep-2.safetensors"
+    save_file(_state(0), str(first))
+    save_file(_state(1), str(second))
+    run = tmp_path / "run.safetensors"
+    assert run_cli("average", first, second, "-o", run).returncode == 0
+    before = load_file(str(run))
+    os.utime(first, ns=(1, 10**18))  # touched: another identity, the same tensors
+    proc = run_cli("average", first, second, "--into", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["skipped"] == [str(first), str(second)]
+    assert all(torch.equal(before[k], v) for k, v in load_file(str(run)).items())
+
+
+@pytest.mark.parametrize("record", ["old", "damaged"])
+def test_into_without_a_content_hash_to_compare_is_one_line(tmp_path, record):
+    """A running average whose record holds a fingerprint but no identity or content hash
+    (an older ckptavg's) cannot tell a same-fingerprint file apart: one line, nothing
+    written."""
+    from ckptavg.io.base import fingerprint, open_source
+
+    first, second = tmp_path / "ep-1.safetensors", tmp_path / "ep-2.safetensors"
+    save_file(_state(0), str(first))
+    save_file(_state(0), str(second))
+    _edit_between_samples(second)
+    fd, src = open_source(str(second))
+    os.close(fd)
+    entry = {"file": "x", "fingerprint": fingerprint([src])}
+    if record == "damaged":
+        entry["identity"] = "nonsense"
+    run = tmp_path / "run.safetensors"
+    save_file(_state(0), str(run), metadata={"average.n": "1",
+                                             "average.inputs": json.dumps([entry])})
+    before = open(run, "rb").read()
+    proc = run_cli("average", second, "--into", run)
+    assert proc.returncode == 1 and "no content hash" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert open(run, "rb").read() == before
