@@ -20,7 +20,16 @@ class Result:
 
 
 def peak_rss_bytes() -> int:
-    """Maximum resident set size of this process so far (Linux reports KiB)."""
+    """Maximum resident set size of this process so far: Linux's VmHWM, the high-water mark
+    of this program's own memory (getrusage's ru_maxrss survives exec, so a process started
+    from a large parent would report the parent's peak); elsewhere ru_maxrss (KiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -158,7 +158,9 @@ def _average_lines(r):
         yield f"nothing to fold into {r.into}: n stays {r.n}"
         return
     ranks = f" on {r.ranks} ranks" if r.ranks > 1 else ""
-    yield (f"averaged {len(r.inputs)} checkpoint(s) ({r.method}, n={r.n}) -> {r.output}: "
+    done = (f"folded {len(r.inputs) - 1} new checkpoint(s) into {r.into}" if r.into
+            else f"averaged {len(r.inputs)} checkpoint(s)")
+    yield (f"{done} ({r.method}, n={r.n}) -> {r.output}: "
            f"{human_bytes(r.bytes_out)} in {r.seconds:.1f} s{ranks}, peak RSS "
            f"{human_bytes(r.peak_rss_bytes)}")
 

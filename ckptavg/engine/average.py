@@ -202,7 +202,9 @@ def average(
             n0, prior = _running_n(running)
             chosen, skipped = _not_yet_folded(chosen, prior, into)
             if not chosen:
-                return nothing_to_fold(into, n0, skipped, dry_run, t0)
+                done = nothing_to_fold(into, n0, skipped, dry_run, t0)
+                done.warnings[:0] = left_out
+                return done
         raw = chosen_weights(chosen, method, weights, ema, prof)
         readers, n_total = [c.reader for c in chosen], len(chosen)
         if running is not None:

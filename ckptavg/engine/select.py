@@ -209,16 +209,20 @@ def leave_out_outputs(cands: list[Candidate],
     `runs/swa.pt` written by an earlier run), with a warning naming each. Inputs that are
     all outputs (averaging averages, a soup of SWA models) stay. What is left out stays open
     with the others: an output must not replace its files either (`files_of(cands)`)."""
-    outputs = [c for c in cands if is_output(c)]
-    if not outputs or len(outputs) == len(cands):
+    def is_running(c: Candidate) -> bool:
+        return running is not None and running in {f.identity for f in c.reader.files}
+
+    outputs = [c for c in cands if is_output(c) or is_running(c)]
+    if not outputs or (len(outputs) == len(cands) and not any(map(is_running, outputs))):
         return cands, []
-    # The running average of --into (identity `running`), caught by the glob: left out
-    # without a word, since it is folded into already.
-    notes = [f"{c.path}: an output of ckptavg (average.n={c.metadata.get('average.n', '?')}) "
+    # The running average of --into among the inputs (named, or caught by a glob) is the
+    # average folded into, never an input of itself: left out, and said.
+    notes = [f"{c.path}: the running average of --into among the inputs; left out (it is "
+             "what the new inputs are folded into)" if is_running(c) else
+             f"{c.path}: an output of ckptavg (average.n={c.metadata.get('average.n', '?')}) "
              "among the snapshots; left out (fold new snapshots into it with --into "
-             f"{c.path}, or average it on its own with other averages)" for c in outputs
-             if running is None or running not in {f.identity for f in c.reader.files}]
-    return [c for c in cands if not is_output(c)], notes
+             f"{c.path}, or average it on its own with other averages)" for c in outputs]
+    return [c for c in cands if c not in outputs], notes
 
 
 def files_of(cands: list[Candidate]) -> list:
@@ -253,9 +257,19 @@ def _window(cands: list[Candidate], what: str, lo: int | None, hi: int | None) -
             f"{missing[0].path}: {what} unknown{hint}; no metadata, checkpoint entry or name "
             f"gives it: drop the {what} window"
         )
-    lo = lo if lo is not None else -(10**18)
-    hi = hi if hi is not None else 10**18
-    return [c for c in cands if lo <= getattr(c, what) <= hi]
+    names = (f"from_{what}", f"to_{what}")
+    if lo is not None and hi is not None and lo > hi:
+        raise OptionError(names, f"the window {lo}..{hi} is empty: the first {what} is after "
+                          "the last; swap them")
+    kept = [c for c in cands if (lo is None or lo <= getattr(c, what))
+            and (hi is None or getattr(c, what) <= hi)]
+    if cands and not kept:
+        found = sorted(getattr(c, what) for c in cands)
+        asked = f"{'' if lo is None else lo}..{'' if hi is None else hi}"
+        raise OptionError(tuple(n for n, v in zip(names, (lo, hi)) if v is not None),
+                          f"no input in the window {asked}: the inputs' {what}s run from "
+                          f"{found[0]} to {found[-1]}; pick a window within them")
+    return kept
 
 
 def best_by(cands: list[Candidate], n: int, metric: str, lowest: bool) -> list[Candidate]:

@@ -393,6 +393,9 @@ def strip_keys(raw: list[str], strip_prefix: str | None, path: str) -> tuple[dic
                     changed = True
 
     unwrap()
+    if strip_prefix and strip_prefix in removed and not any(
+            n.startswith(strip_prefix) for n in names):
+        strip_prefix = None  # a wrapper prefix (DDP's module.) already stripped: asked for twice
     if strip_prefix:
         if not any(n.startswith(strip_prefix) for n in names):
             raise CheckpointError(

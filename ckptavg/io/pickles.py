@@ -67,6 +67,53 @@ def refuse_global(path: str, module: str, name: str) -> None:
         "safetensors")
 
 
+def globals_named(data: bytes, limit: int = 64 << 20) -> list[tuple[str, str]]:
+    """The globals a pickle stream names, by GLOBAL or protocol 4's STACK_GLOBAL (whose two
+    strings may come from the memo), read with pickletools without running anything; the
+    stream may hold several pickles one after the other (a legacy torch file)."""
+    import io
+    import pickletools
+
+    found: list[tuple[str, str]] = []
+    stream = io.BytesIO(data[:limit])
+    while stream.tell() < len(data[:limit]):
+        strings: list[object] = []
+        memo: dict[int, object] = {}
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    module, _, name = arg.partition(" ")
+                    found.append((module, name))
+                elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    strings.append(arg)
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    strings.append(memo.get(int(arg)))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    module, name = strings[-2], strings[-1]
+                    if isinstance(module, str) and isinstance(name, str):
+                        found.append((module, name))
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = None
+                if len(found) > 10_000:
+                    return found
+        except (ValueError, EOFError):  # the stream ends, or is not a pickle past here
+            break
+    return found
+
+
+def first_refused(data: bytes) -> str | None:
+    """The first global of a pickle stream that `refuse_global` refuses, by its Python 3
+    name (None: it names none)."""
+    for module, name in globals_named(data):
+        try:
+            refuse_global("", module, name)
+        except RefusedGlobal:
+            return ".".join(python3_name(module, name))
+    return None
+
+
 class Opaque(dict):
     """Stands in for an object of a class the file names but ckptavg never imports (a
     user's config class in a Lightning checkpoint's hyper-parameters). Holds what the

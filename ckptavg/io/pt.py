@@ -162,7 +162,8 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not mmap or not m:  # a legacy file, or not a matter of globals: refuse
-            what = f"the global {_named(m.group(1))}" if m else \
+            named = _named(m.group(1)) if m else _scanned(fd)
+            what = f"the global {named}" if named else \
                 "content outside the weights-only allowlist"
             raise CheckpointError(
                 f"{path}: refused to unpickle {what} (code named by a file is never run); "
@@ -190,6 +191,25 @@ def torch_load(path: str, fd: int, mmap: bool) -> object:
     except _LOAD_ERRORS as e:
         raise_if_ours(e)
         raise _corrupt(path, e) from None
+
+
+def _scanned(fd: int) -> str | None:
+    """The code-running global a legacy file's pickles name (torch's unpickler stops at a
+    protocol 4 or 5 opcode before it says which): read with pickletools, nothing run."""
+    from ckptavg.io.pickles import first_refused
+
+    try:
+        data = os.pread(fd, 16 << 20, 0)  # the globals a refusal names come first
+    except OSError:
+        return None
+    if data[:2] == b"PK":  # a zip: its data.pkl is what names globals
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                names = [n for n in z.namelist() if n.endswith("data.pkl")]
+                data = z.read(names[0]) if names else b""
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+    return first_refused(data)
 
 
 def _named(dotted: str) -> str:

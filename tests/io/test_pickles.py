@@ -173,3 +173,23 @@ def test_an_average_output_is_read_back_by_ckptavg_unchanged(tmp_path):
     want = torch.load(tmp_path / "avg.pt")["state_dict"]
     assert meta["average.n"] == "2" and os.path.getsize(tmp_path / "avg.pt") > 0
     assert all(torch.equal(state[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_legacy_pickle_of_any_protocol_is_refused_naming_its_global(tmp_path, protocol):
+    """Issue #33, item 8: torch's unpickler stops at protocol 4's FRAME before it names the
+    global; the refusal still names it (read with pickletools, nothing run)."""
+    import os as _os
+    import pickle as _pickle
+
+    from tests.conftest import run_cli
+
+    class Evil:
+        def __reduce__(self):
+            return (_os.system, ("true",))
+
+    p = tmp_path / f"legacy{protocol}.pt"
+    p.write_bytes(_pickle.dumps({"w": Evil()}, protocol=protocol))
+    proc = run_cli("inspect", p)
+    assert proc.returncode == 1, proc.stderr
+    assert "refused to unpickle the global posix.system" in proc.stderr, proc.stderr
