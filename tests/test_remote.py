@@ -518,7 +518,7 @@ def test_reads_over_small_gaps_use_the_window_fetched_ahead():
     blob = bytes(range(256)) * (160 * 1024)  # 40 MiB
     store, fetched = _counting(blob)
 
-    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, store, "k", None)
+    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, fs=store, key="k", etag=None)
     try:
         pos, step, gap = 0, 3 << 20, 100
         while pos + step <= len(blob):
@@ -549,7 +549,7 @@ def test_a_torch_file_of_many_records_opens_in_a_few_gets(tmp_path):
     store, fetched = _counting(blob)
 
     r = TorchReader("s3://b/m.pt", file=RemoteFile("s3://b/m.pt", 0, 0, len(blob), 0,
-                                                   store, "m.pt", '"etag"'))
+                                                   fs=store, key="m.pt", etag='"etag"'))
     try:
         opened = list(fetched)
         assert sorted(opened) == [(0, EDGE), (len(blob) - EDGE, len(blob))]
@@ -587,8 +587,8 @@ def test_records_past_4_gib_are_placed_as_torch_writes_them(tmp_path):
         def cat_file(self, key, start, end):
             return os.pread(fd, end - start, start)
 
-    r = TorchReader("s3://b/big.pt", file=RemoteFile("s3://b/big.pt", 0, 0, size, 0, Store(),
-                                                     "big.pt", '"etag"'))
+    r = TorchReader("s3://b/big.pt", file=RemoteFile("s3://b/big.pt", 0, 0, size, 0, fs=Store(),
+                                                     key="big.pt", etag='"etag"'))
     try:
         for k in ("a", "c", "d"):
             assert torch.equal(r.read(k), state[k])
@@ -670,7 +670,7 @@ def test_get_many_gives_each_span_its_bytes():
     blob = bytes(range(251)) * (100_000)  # 25 MB, no period of a power of two
     store, fetched = _counting(blob)
 
-    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, store, "k", None)
+    f = RemoteFile("s3://b/k", 0, 0, len(blob), 0, fs=store, key="k", etag=None)
     spans = [(20_000_000, 30), (5, 10), (len(blob) - 7, 7), (300, 30), (310, 40), (0, 0),
              (20_000_000 + GAP // 2, 1000), (12_000_000, 4096)]
     try:
@@ -698,7 +698,7 @@ def test_an_objects_ends_are_kept_by_version():
             return blobs[self.etag][start:end]
 
     for etag in blobs:
-        f = RemoteFile("s3://b/edge", 0, 0, 1 << 20, 0, Store(etag), "edge", etag)
+        f = RemoteFile("s3://b/edge", 0, 0, 1 << 20, 0, fs=Store(etag), key="edge", etag=etag)
         for off, n in [(0, 8), (8, 100), (EDGE - 10, 10), ((1 << 20) - 30, 30), (500_000, 4)]:
             assert f.get(off, n) == blobs[etag][off:off + n]
         f.close()

@@ -163,7 +163,8 @@ class RemoteFile(SourceFile):
     @property
     def identity(self) -> tuple:
         """The object's location in one spelling (`canonical`): `s3a://b/k` is `s3://b/k`."""
-        return ("remote", _canonical(self.fs, self.key) if self.fs is not None else self.path)
+        known = getattr(self.fs, "protocol", None) is not None
+        return ("remote", _canonical(self.fs, self.key) if known else self.path)
 
     @classmethod
     def at(cls, url: str, fs=None, key: str | None = None) -> RemoteFile:
