@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import ckptavg
 from ckptavg.engine.plan import method_weights
-from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OutputError
+from ckptavg.errors import CkptavgError, MismatchError, NonFiniteError, OptionError, OutputError
 from ckptavg.options import Reading, Selection
 from tests.conftest import (
     assert_state_equal,
@@ -176,7 +176,7 @@ def test_selection_window_last_every(tmp_path):
     assert r.epochs == [5, 6, 7, 8, 9, 10, 11]
     r = ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=5, every=2, last=3))
     assert r.epochs == [7, 9, 11]
-    with pytest.raises(CkptavgError, match="no input left"):
+    with pytest.raises(OptionError, match="inputs' epochs run from 1 to 12"):
         ckptavg.average(paths, dry_run=True, selection=Selection(from_epoch=50))
 
 

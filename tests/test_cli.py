@@ -90,7 +90,7 @@ def test_inspect_text_and_json(tmp_path, ckpts):
     (["{a}", "--ema", "0.9", "--weights", "1"], "--weights / --ema: exclude each other", 2),
     (["{a}", "-o", "{out}.txt"], "-o {out}.txt: unknown output suffix", 2),
     (["{a}", "-o", "{a}"], "is one of the inputs", 1),
-    (["{a}", "{b}", "--from-epoch", "99"], "no input left", 1),
+    (["{a}", "{b}", "--from-epoch", "99"], "--from-epoch: no input in the window 99..: the inputs' epochs run from 1 to 2", 2),
 ])
 def test_user_errors_are_one_line_and_no_output(tmp_path, ckpts, args, message, rc):
     """A problem found in the files exits 1; an option's value, a usage error, exits 2 and

@@ -192,7 +192,8 @@ def average(
         opened = open_candidates([os.fspath(p) for p in inputs], reading.key, reading.strip_prefix)
         stack.callback(close_all, opened)
         cands, left_out = leave_out_outputs(opened, locked.identity if locked else None)
-        chosen = select(cands, selection)
+        # the running average alone among the inputs: nothing to fold (said below)
+        chosen = select(cands, selection) if cands or locked is None else []
         skipped: list[str] = []
         running, prior, n0 = None, None, 0
         if locked is not None:
