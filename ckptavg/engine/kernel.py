@@ -284,7 +284,10 @@ def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list,
     with pread into staging buffers by the stage's reader thread, one block ahead of the
     arithmetic (so on an idle core the copy costs no time); `make(sources, start)` gives the
     work on one block (see `_reduce`); `feed`, one per extent, takes each block's bytes as
-    they are read (the content hashes), in the reader thread, while they are in cache."""
+    they are read (the content hashes), in the reader thread, while they are in cache. Its
+    CRC-32 releases the GIL, so the arithmetic threads are not held up; measured on 2 cores
+    (docs/performance.md), this placement cost least: a hashing thread of its own, or the
+    hash in the arithmetic thread, cost more."""
     itemsize = kind.itemsize
     block = stage.block
     starts = list(range(0, numel, block))
