@@ -146,7 +146,7 @@ def test_killed_run_leaves_old_output_intact(tmp_path, sig):
         paths.append(str(tmp_path / f"in-{i}.safetensors"))
         save_file({f"t{j}": torch.full((1 << 14,), float(i)) for j in range(8)}, paths[-1])
     out = tmp_path / "swa.safetensors"
-    save_file({"old": torch.ones(3)}, str(out))
+    save_file({"old": torch.ones(3)}, str(out), metadata={"average.n": "2"})  # an earlier output
     old = out.read_bytes()
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, "average", *paths, "-o", str(out),
                              "-q"], stderr=subprocess.PIPE)

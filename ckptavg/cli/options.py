@@ -218,12 +218,24 @@ samples_option = click.option("--samples", type=click.IntRange(min=1), default=o
                               show_default=True, help="SWAG weight samples averaged in prediction.")
 
 
+def _overwrite(ctx: click.Context, param, value: bool) -> None:
+    """--overwrite: the command's library call runs within `io.writer.replacing()`."""
+    if value:
+        from ckptavg.io.writer import replacing
+
+        ctx.with_resource(replacing())
+
+
 def output_option(help: str, *, required: bool = False, default=None, name: str = "output",
                   old: str | None = None):
     """`-o/--output`: where a command writes (one spelling for every command); `old` a
     deprecated spelling the command had."""
     made = [click.option("-o", "--output", name, required=False if old else required,
-                         default=default, show_default=default is not None, help=help)]
+                         default=default, show_default=default is not None, help=help),
+            click.option("--overwrite", is_flag=True, expose_value=False,
+                         callback=_overwrite, help="Replace an existing output file that is "
+                         "not an output of ckptavg (a training checkpoint, a file of yours); "
+                         "an earlier output of ckptavg is replaced without it.")]
     if old:
         made.append(deprecated_alias(old, "--output", name))
     return group(*made)

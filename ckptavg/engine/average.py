@@ -31,6 +31,7 @@ from ckptavg.engine.select import (
     Candidate,
     close_all,
     files_of,
+    is_output,
     leave_out_outputs,
     mixed_runs,
     open_candidates,
@@ -214,8 +215,10 @@ def average(
         in_place = into is not None and _same(into, output)
         # Every input opened (chosen, left out by the selection or as an output of ours)
         # and the running average, unless it is rewritten in place.
+        rerun = _earlier_output(output, opened, cands) if output is not None else None
         protected = [f for f in files_of(opened)
-                     if not (in_place and f.identity == locked.identity)]
+                     if not (in_place and f.identity == locked.identity)
+                     and f.identity != rerun]
         if running is not None and not in_place:
             protected += running.files
         if output is not None:  # before hashing or reading any tensor
@@ -267,6 +270,23 @@ def average(
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def _earlier_output(output: str, opened: list[Candidate], kept: list[Candidate]):
+    """The identity of the output file when it is an earlier output of ckptavg that the
+    inputs' glob caught and that was left out as such: the same command run again replaces
+    it, as it would have written it (the file is ours, and not an input of this run)."""
+    if is_remote(output):
+        return None
+    try:
+        st = os.stat(output)
+    except OSError:
+        return None
+    ident = (st.st_dev, st.st_ino)
+    for c in opened:
+        if c not in kept and is_output(c) and ident in {f.identity for f in c.reader.files}:
+            return ident
+    return None
 
 
 def _same(a: str, b: str | None) -> bool:

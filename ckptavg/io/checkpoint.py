@@ -46,7 +46,8 @@ def load(path: str | os.PathLike, key: str | None = None,
 
 
 def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
-         metadata: dict[str, str] | None = None, shard_size: int | None = None) -> None:
+         metadata: dict[str, str] | None = None, shard_size: int | None = None,
+         overwrite: bool | None = None) -> None:
     """Write a state dict atomically; the suffix picks the format (.safetensors, .pt, folder).
 
     Args:
@@ -55,6 +56,9 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
             safetensors, with `shard_size`).
         metadata: str -> str entries (the metadata contract in docs/formats.md).
         shard_size: the largest shard in bytes, for a folder output.
+        overwrite: replace an existing file that is not an output of ckptavg (a training
+            checkpoint, a file of yours); default: only within `ckptavg.io.replacing()`
+            (the CLI's --overwrite). An earlier output of ckptavg is always replaced.
 
     Returns:
         None; the file appears complete or not at all.
@@ -71,7 +75,7 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     ties = find_ties(tensors)
     with make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
-                     shard_size, ties) as writer:
+                     shard_size, ties, overwrite=overwrite) as writer:
         for k, v in tensors.items():
             if writer.shares_ties and k in ties:
                 continue

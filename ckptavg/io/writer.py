@@ -15,6 +15,8 @@ sharded output of ours.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import json
 import os
 import queue
@@ -127,8 +129,41 @@ def _ours(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in entries]
 
 
-def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
-    """Refuse an output that would replace an input's file or anything not ours."""
+_REPLACE = contextvars.ContextVar("ckptavg_replace", default=False)
+# metadata that marks an output of a ckptavg command (not a training snapshot)
+OUTPUT_MARKS = ("average.n", "swag.rank", "bn.samples")
+
+
+@contextlib.contextmanager
+def replacing(allowed: bool = True):
+    """Within the block, a file output may replace an existing file that is not an output
+    of ckptavg (a training checkpoint, a file of the user's): the CLI's `--overwrite`."""
+    token = _REPLACE.set(allowed)
+    try:
+        yield
+    finally:
+        _REPLACE.reset(token)
+
+
+def written_by_ckptavg(path: str) -> bool:
+    """Whether the file at `path` is an output of a ckptavg command: a checkpoint whose
+    metadata says it was averaged, recalibrated or is a SWAG file. Unreadable: not ours."""
+    from ckptavg.errors import CkptavgError
+    from ckptavg.io import open_checkpoint
+
+    try:
+        with open_checkpoint(path) as r:
+            meta = r.metadata()
+    except (CkptavgError, OSError):
+        return False
+    return any(k in meta for k in OUTPUT_MARKS)
+
+
+def check_output(path: str, kind: str, inputs: Iterable[SourceFile],
+                 overwrite: bool | None = None) -> None:
+    """Refuse an output that would replace an input's file or anything not ours. An
+    existing file is replaced only when it is an output of ckptavg (`written_by_ckptavg`),
+    or with `overwrite` (default: the `replacing` context, the CLI's --overwrite)."""
     path = remote.local_path(path)
     if is_remote(path):
         remote.check_output(path, kind, inputs)
@@ -170,6 +205,10 @@ def check_output(path: str, kind: str, inputs: Iterable[SourceFile]) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise OutputError(f"{path}: exists and is not a regular file; pick another name")
     refuse_if_input(path)
+    if not (_REPLACE.get() if overwrite is None else overwrite) and not written_by_ckptavg(path):
+        raise OutputError(f"{path}: exists and is not an output of ckptavg (a training "
+                          "checkpoint, or a file of yours); nothing was written: pick another "
+                          "name, or pass --overwrite to replace it")
 
 
 def output_file(path: str, size: int) -> AtomicFile:
@@ -690,7 +729,7 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 inputs: Iterable[SourceFile] = (), entry: str = "state_dict",
                 extras: dict | None = None, side_files: dict[str, bytes] | None = None,
                 dcp: bool = False, run: dict | None = None,
-                resume: bool = False) -> Writer:
+                resume: bool = False, overwrite: bool | None = None) -> Writer:
     """The writer that the output path's suffix asks for, after `check_output`.
 
     `entry` and `extras` shape a torch output (see TorchWriter); `side_files` (name ->
@@ -699,7 +738,7 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
     leaves nothing behind on an error."""
     path = remote.local_path(path)
     kind = output_kind(path, shard_size, dcp)
-    check_output(path, kind, inputs)
+    check_output(path, kind, inputs, overwrite)
     if is_remote(path):
         if kind == "sharded":
             return RemoteShardedWriter(path, specs, metadata, shard_size or 5 * 10**9,

@@ -316,7 +316,7 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         out = None
         if meta.get("bn.stale") == "true":  # an older file marked stale: it is not
             out = os.fspath(output if output is not None else checkpoint)
-            save(state, out, {**meta, "bn.stale": "false"})
+            save(state, out, {**meta, "bn.stale": "false"}, overwrite=output is None or None)
         return BnFixResult(path, out, 0, 0, 0, data_name, stats, str(dev),
                            time.perf_counter() - t0,
                            "the model has no BatchNorm layers: nothing to recalibrate")
@@ -361,7 +361,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                 "bn.data": describe_data(data_name, split, augment, subset),
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    save({k: new_state[k] for k in state}, out, new_meta)
+    # in place (no output): the file the user named to fix, checked to lose nothing
+    save({k: new_state[k] for k in state}, out, new_meta, overwrite=output is None or None)
     result = BnFixResult(path, out, info.bn_layers, info.batches, info.samples,
                          data_name, stats, str(dev), time.perf_counter() - t0)
     trained_on = meta.get("data.name")

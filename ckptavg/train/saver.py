@@ -152,4 +152,4 @@ class CheckpointSaver:
 
 
 def _write_weights(state: dict, path: str, meta: dict) -> None:
-    save(state, path, meta)
+    save(state, path, meta, overwrite=True)  # the run's own folder
