@@ -74,7 +74,7 @@ def test_bn_fix_does_not_replace_a_users_checkpoint(tmp_path):
 
 
 def test_running_the_same_command_again_gives_the_same_result(tmp_path):
-    paths = _users_loop(tmp_path / "runs2")
+    _users_loop(tmp_path / "runs2")
     glob = str(tmp_path / "runs2" / "*.pt")
     out = tmp_path / "runs2" / "swa.pt"  # caught by the glob on the second run
     first = run_cli("average", glob, "-o", out)
