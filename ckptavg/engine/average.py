@@ -284,7 +284,8 @@ def _earlier_output(output: str, opened: list[Candidate], kept: list[Candidate])
         return None
     ident = (st.st_dev, st.st_ino)
     for c in opened:
-        if c not in kept and is_output(c) and ident in {f.identity for f in c.reader.files}:
+        files = c.reader.files  # a whole earlier output, never a shard of a folder output
+        if c not in kept and is_output(c) and len(files) == 1 and files[0].identity == ident:
             return ident
     return None
 
