@@ -20,6 +20,7 @@ from ckptavg.engine.content import placeholder
 from ckptavg.engine.select import Candidate
 from ckptavg.errors import CkptavgError, MismatchError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
+from ckptavg.io.checkpoint import weights_entry
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection, check_choice
 
 OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
@@ -243,11 +244,9 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
 
 
 def torch_entry(newest: ReaderBase) -> str:
-    """Where a torch output keeps the weights: under the newest input's own top-level entry
-    (`state_dict`, `model`, `model_state_dict`...), so the user's loader finds them where it
-    found the inputs'; `state_dict` for a plain state dict or a nested entry."""
-    loc = newest.location
-    return loc if loc not in ("<top level>", "metadata") and "/" not in loc else "state_dict"
+    """Where a torch output keeps the weights: where the newest input kept them
+    (io.checkpoint.weights_entry)."""
+    return weights_entry(newest.location)
 
 
 def carried_notes(newest: ReaderBase) -> list[str]:

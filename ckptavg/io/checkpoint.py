@@ -45,9 +45,38 @@ def load(path: str | os.PathLike, key: str | None = None,
         return state, r.metadata()
 
 
+@dataclass
+class Layout:
+    """How a checkpoint keeps its weights, for an output that should load where it loaded:
+    each public (prefix-stripped) name's stored name, the torch entry holding the weights,
+    and the entries a torch output of the same framework carries (Lightning's
+    hyper-parameters and version, fairseq's cfg)."""
+
+    names: dict[str, str]
+    entry: str
+    extras: dict
+
+
+def layout_of(path: str | os.PathLike, key: str | None = None,
+              strip_prefix: str | None = None) -> Layout:
+    """The Layout of the checkpoint at `path` (its header and pickle only: no weights read)."""
+    with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
+        return Layout({k: r.stored_name(k) for k in r.keys()}, weights_entry(r.location),
+                      r.extras())
+
+
+def weights_entry(location: str) -> str:
+    """Where a torch output keeps the weights, given where its input kept them: the same
+    top-level entry (`state_dict`, `model`, `model_state_dict`...), so the user's loader
+    finds them where it found the input's; `state_dict` for a plain or nested one."""
+    return location if location not in ("<top level>", "metadata") and "/" not in location \
+        else "state_dict"
+
+
 def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
          metadata: dict[str, str] | None = None, shard_size: int | None = None,
-         overwrite: bool | None = None) -> None:
+         overwrite: bool | None = None, *, entry: str = "state_dict",
+         extras: dict | None = None) -> None:
     """Write a state dict atomically; the suffix picks the format (.safetensors, .pt, folder).
 
     Args:
@@ -59,6 +88,8 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
         overwrite: replace an existing file that is not an output of ckptavg (a training
             checkpoint, a file of yours); default: only within `ckptavg.io.replacing()`
             (the CLI's --overwrite). An earlier output of ckptavg is always replaced.
+        entry, extras: for a torch output, the entry that holds the weights and other
+            entries to carry (a Layout's: so that the framework's loader reads it).
 
     Returns:
         None; the file appears complete or not at all.
@@ -75,7 +106,8 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     ties = find_ties(tensors)
     with make_writer(path, specs, {k: str(v) for k, v in (metadata or {}).items()},
-                     shard_size, ties, overwrite=overwrite) as writer:
+                     shard_size, ties, overwrite=overwrite, entry=entry,
+                     extras=extras) as writer:
         for k, v in tensors.items():
             if writer.shares_ties and k in ties:
                 continue

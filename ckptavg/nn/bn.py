@@ -22,8 +22,8 @@ from ckptavg import options
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import open_checkpoint
 from ckptavg.io.base import meta_int
-from ckptavg.io.checkpoint import save
-from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.io.checkpoint import layout_of, save
+from ckptavg.nn.build import build_from_checkpoint, wrapper_prefix
 from ckptavg.nn.data import (
     PassBatches,
     batch_seed,
@@ -361,8 +361,14 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                 "bn.data": describe_data(data_name, split, augment, subset),
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    # keyed and laid out as the input was (Lightning's model., DDP's module., its entry and
+    # hyper-parameters), so the output loads where the input loads
+    layout = layout_of(path, key, strip_prefix)
+    prefix = wrapper_prefix(list(new_state), list(state)) or ""
+    fixed = {layout.names[k]: new_state[k[len(prefix):]] for k in state}
     # in place (no output): the file the user named to fix, checked to lose nothing
-    save({k: new_state[k] for k in state}, out, new_meta, overwrite=output is None or None)
+    save(fixed, out, new_meta, overwrite=output is None or None, entry=layout.entry,
+         extras=layout.extras)
     result = BnFixResult(path, out, info.bn_layers, info.batches, info.samples,
                          data_name, stats, str(dev), time.perf_counter() - t0)
     trained_on = meta.get("data.name")

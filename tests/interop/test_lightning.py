@@ -108,3 +108,44 @@ def test_lightning_checkpoints_are_averaged_without_importing_torch(tmp_path):
                           text=True)
     assert proc.stdout.split() == ["0", "False"], proc.stderr
     assert_matches(load_file(out), float64_mean([_state(f) for f in files]))
+
+
+def build(width: int = 6):
+    """A user's factory: the network a `Net` holds as `self.model` (weights under `model.`)."""
+    return Net(width=width).model
+
+
+def data():
+    """A user's data function: the images the BatchNorm pass reads (a TensorDataset)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.utils.data.TensorDataset(torch.randn(64, 3, generator=g),
+                                          torch.randint(0, 2, (64,), generator=g))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_bn_fix_of_a_lightning_file_loads_in_lightning_and_equals_update_bn(tmp_path, suffix):
+    """Issue #35: `bn-fix` of a LightningModule's .ckpt with the user's factory and data, no
+    --strip-prefix: the output is keyed as the input (`model.`), a .ckpt loads with
+    `load_from_checkpoint`, and the statistics equal torch's `update_bn` on the same data."""
+    from torch.optim.swa_utils import update_bn
+
+    files = _fit(tmp_path / "ck")
+    swa = tmp_path / "swa.ckpt"
+    cli_ok("average", *files, "-o", swa)
+    out = tmp_path / f"fixed{suffix}"
+    cli_ok("bn-fix", swa, "--model", "tests.interop.test_lightning:build", "--data",
+           "tests.interop.test_lightning:data", "--batch-size", "64", "-o", out)
+    # the reference: the averaged weights in the user's own network, update_bn on the data
+    ref = Net.load_from_checkpoint(swa)
+    update_bn(torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data().tensors[0]), batch_size=64), ref.model)
+    want = ref.state_dict()
+    if suffix == ".ckpt":
+        got = Net.load_from_checkpoint(out).state_dict()  # Lightning's own loader, strict
+    else:
+        from safetensors.torch import load_file
+
+        got = load_file(str(out))
+    assert sorted(got) == sorted(want)  # model.*, as the input was keyed
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
