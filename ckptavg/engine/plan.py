@@ -87,6 +87,28 @@ class Plan:
         return sum(s.nbytes for s in self.specs)
 
 
+def refuse_quantized(readers: list[ReaderBase]) -> None:
+    """One line for a quantized input (io/quantized.py): its codes would be averaged apart
+    from their scales, or kept beside averaged ones, giving a model that loads and is wrong."""
+    from ckptavg.io.base import Folder
+    from ckptavg.io.quantized import from_config, from_layout
+
+    for r in readers:
+        folder = r.folder or Folder(r.path if os.path.isdir(r.path) else
+                                    os.path.dirname(r.path) or ".")
+        scheme = from_config(folder.side_file("config.json", 16 << 20))
+        where = "its config.json's quantization_config" if scheme else ""
+        if scheme is None:
+            found = from_layout({k: r.info(k).dtype.name for k in r.keys()})
+            if found is not None:
+                scheme, where = found[0], f"tensor {found[1]!r}"
+        if scheme is not None:
+            raise CkptavgError(
+                f"{r.path}: a quantized checkpoint ({scheme}, from {where}); averaging its "
+                "codes apart from their scales would give a wrong model, so it is refused: "
+                "average the unquantized checkpoints, or dequantize each one first")
+
+
 def input_entry(r: ReaderBase) -> dict:
     """What a record (average.inputs, a resume plan) keeps of an input: its name, its
     sampled fingerprint and the identity of each of its files."""
@@ -205,6 +227,7 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             + " -- average checkpoints of one architecture (and dtype), or align keys by "
             "stripping a prefix"
         )
+    refuse_quantized(readers)
     ref = readers[0]
     ties = dict(ref.ties())
     for r in readers[1:]:
