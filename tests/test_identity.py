@@ -189,3 +189,22 @@ def test_into_without_a_content_hash_to_compare_is_one_line(tmp_path, record):
     assert proc.returncode == 1 and "no content hash" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert open(run, "rb").read() == before
+
+
+def test_the_same_weights_in_two_containers_are_refused_as_duplicates(tmp_path):
+    """Issue #34, item 3: a loop that ends with torch.save(model.state_dict(), 'final.pt')
+    repeats its last epoch's weights; counted twice before, now refused naming both."""
+    paths = []
+    for i in range(1, 4):
+        p = tmp_path / f"epoch_{i:03d}.pt"
+        torch.save({"epoch": i, "model_state_dict": _state(i), "loss": 1.0 / i}, p)
+        paths.append(p)
+    final = tmp_path / "final.safetensors"
+    save_file(_state(3), str(final))  # the last epoch's weights, another container
+    out = tmp_path / "swa.safetensors"
+    proc = run_cli("average", *paths, final, "-o", out)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds the same tensors as" in lines[0], proc.stderr
+    assert "epoch_003.pt" in lines[0] and "final.safetensors" in lines[0]
+    assert not out.exists()

@@ -262,6 +262,7 @@ def average(
                         r.check_unchanged()
                     if hashes is not None:
                         digests = hashes.hexdigests()[1 if running is not None else 0:]
+                        refuse_same_tensors([c.path for c in chosen], digests)
                         writer.fill({placeholder(i): d for i, d in enumerate(digests)})
                         result.content = digests
             except CkptavgError as e:
@@ -270,6 +271,20 @@ def average(
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def refuse_same_tensors(paths: list[str], digests: list[str]) -> None:
+    """Two inputs that hold the same tensors (a `final.pt` saved from the last epoch's
+    weights, the same weights in another container) would count one checkpoint twice:
+    refused, before the output is committed, naming both."""
+    seen: dict[str, str] = {}
+    for path, d in zip(paths, digests):
+        if d in seen:
+            raise CkptavgError(
+                f"{path}: holds the same tensors as {seen[d]} (one checkpoint saved twice, in "
+                "another container or under another name), so it would be counted twice; "
+                "nothing was written: pass one of them")
+        seen[d] = path
 
 
 def _earlier_output(output: str, opened: list[Candidate], kept: list[Candidate]):
