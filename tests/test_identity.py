@@ -208,3 +208,26 @@ def test_the_same_weights_in_two_containers_are_refused_as_duplicates(tmp_path):
     assert len(lines) == 1 and "holds the same tensors as" in lines[0], proc.stderr
     assert "epoch_003.pt" in lines[0] and "final.safetensors" in lines[0]
     assert not out.exists()
+
+
+def test_a_folder_output_records_content_hashes_also_when_resumed(tmp_path, monkeypatch):
+    """The index of a sharded output holds every input's content hash; a run resumed after
+    a kill takes the finished shards' digests from their records, so its index is the same,
+    and its shards' headers hold no placeholder."""
+    from tests.test_resume import _interrupted
+
+    states = [_state(i) for i in range(3)]
+    paths = []
+    for i, s in enumerate(states):
+        p = tmp_path / f"epoch-{i + 1:04d}.safetensors"
+        save_file(s, str(p), metadata={"train.epoch": str(i + 1)})
+        paths.append(str(p))
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, paths, out, shards=1, shard_size=500_000)
+    proc = run_cli("average", *paths, "-o", out, "--shard-size", "500000", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    entries = json.loads(index["metadata"]["average.inputs"])
+    assert [e["content"] for e in entries] == [_reference_content(s) for s in states]
+    for shard in out.glob("*.safetensors"):
+        assert b"pending" not in shard.read_bytes()[:4096]

@@ -226,7 +226,8 @@ def average(
         # Content hashes are taken in the read pass and filled into a local file output's
         # metadata before its commit (engine/content.py); a folder or remote output records
         # each input's identity and fingerprint.
-        content = kind in ("safetensors", "torch") and not dry_run and not is_remote(output)
+        content = kind in ("safetensors", "torch", "sharded", "dcp") and not dry_run \
+            and not is_remote(output)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
                          hash_inputs=hash_inputs and not dry_run, profile=spec, content=content)
@@ -253,6 +254,8 @@ def average(
             hashes = ContentHashes(len(readers), plan.specs, {
                 s.key: readers[0].info(s.key).dtype.name for s in plan.specs}) \
                 if content and writer.fills_metadata else None
+            if hashes is not None and run is not None:
+                writer.hashes = hashes  # each finished shard records its digests
             try:
                 with writer:
                     keys = writer.pending_keys() if run is not None else None
@@ -261,16 +264,28 @@ def average(
                     for r in readers:
                         r.check_unchanged()
                     if hashes is not None:
-                        digests = hashes.hexdigests()[1 if running is not None else 0:]
-                        refuse_same_tensors([c.path for c in chosen], digests)
-                        writer.fill({placeholder(i): d for i, d in enumerate(digests)})
-                        result.content = digests
+                        _fill_content(writer, hashes, chosen, running is not None, result)
             except CkptavgError as e:
                 raise with_kept(e, writer.kept) from None
             result.warnings += writer.notes
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def _fill_content(writer, hashes: ContentHashes, chosen: list[Candidate], running: bool,
+                  result: AverageResult) -> None:
+    """The content hashes into the output's metadata (and the result), after refusing two
+    inputs that hold the same tensors. A resumed folder output takes the digests of its
+    earlier shards from their records; where those hold none, the entries go without."""
+    digests = hashes.hexdigests(writer.recorded())
+    if digests is None:
+        writer.fill({placeholder(i): None for i in range(len(chosen))})
+        return
+    digests = digests[1 if running else 0:]
+    refuse_same_tensors([c.path for c in chosen], digests)
+    writer.fill({placeholder(i): d for i, d in enumerate(digests)})
+    result.content = digests
 
 
 def refuse_same_tensors(paths: list[str], digests: list[str]) -> None:

@@ -26,15 +26,15 @@ import numpy as np
 import xxhash
 from isal.isal_zlib import crc32
 
+from ckptavg.io.writer import PENDING
+
 ALGORITHM = "xxh3-128"
 _HEX = 32  # hex digits of a digest
-_MARK = "~pending-content~"
-
-
 def placeholder(i: int) -> str:
-    """The stand-in for input `i`'s digest in metadata: as long as a digest, never one."""
+    """The stand-in for input `i`'s digest in metadata: as long as a digest, never one
+    (io/writer.PENDING marks it, so that a writer can tell it)."""
     tail = f"{i}~"
-    return f"{ALGORITHM}:{_MARK}{'~' * (_HEX - len(_MARK) - len(tail))}{tail}"
+    return f"{ALGORITHM}:{PENDING}{'~' * (_HEX - len(PENDING) - len(tail))}{tail}"
 
 
 PIECE = 1 << 20  # bytes of a tensor summed into one CRC-32
@@ -93,10 +93,24 @@ class ContentHashes:
         for d in self._digests:
             d[key] = d[target]
 
-    def hexdigests(self) -> list[str]:
-        """Each input's content hash, `xxh3-128:HEX`, once every tensor is done."""
+    def record(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """The digests of tensors `keys` in each input, for a finished shard's record."""
+        return {str(i): {k: d[k].hex() for k in keys if k in d}
+                for i, d in enumerate(self._digests)}
+
+    def hexdigests(self, records: dict[str, dict] | None = None) -> list[str] | None:
+        """Each input's content hash, `xxh3-128:HEX`, once every tensor is done: here, or in
+        a shard an earlier run finished (`records`: shard -> `record`). None when a tensor's
+        digest is missing (an earlier run's record holds none)."""
+        merged = [dict(d) for d in self._digests]
+        for rec in (records or {}).values():
+            for i, d in enumerate(merged):
+                for k, hexed in (rec.get(str(i)) or {}).items():
+                    d.setdefault(k, bytes.fromhex(hexed))
+        if any(s.key not in d for d in merged for s in self.specs):
+            return None
         return [_combine([(s.key, self.dtypes[s.key], s.shape, d[s.key]) for s in self.specs])
-                for d in self._digests]
+                for d in merged]
 
 
 def _combine(tensors: list[tuple[str, str, tuple, bytes]]) -> str:

@@ -175,6 +175,9 @@ class Staging:
         self.path = staging_path(self.output)
         self.notes: list[str] = []
         self.done: set[str] = set()
+        # shard -> {input index: {tensor: the digest of its bytes}} of the finished shards
+        # (engine/content.py): a resumed run's content hashes cover every tensor
+        self.content: dict[str, dict] = {}
         self._shards = set(want.get("shards", ()))
         parent = os.path.dirname(self.output)
         if not os.path.isdir(parent):
@@ -228,6 +231,8 @@ class Staging:
                 continue
             if digest == (rec.get("bytes"), rec.get("sha256")):
                 done.add(name)
+                if isinstance(rec.get("content"), dict):
+                    self.content[name] = rec["content"]
             else:
                 self.notes.append(f"{os.path.join(self.path, name)}: does not match its record "
                                   "(damaged since); made again")
@@ -268,8 +273,8 @@ class Staging:
                                   "does not write")
         os.unlink(name, dir_fd=self._lock)
 
-    def finished(self, name: str) -> None:
-        record_done(self.path, name)
+    def finished(self, name: str, content: dict | None = None) -> None:
+        record_done(self.path, name, content)
 
     def confirm(self) -> None:
         """The staging name still is the folder this run claimed (not replaced by a link)."""
@@ -353,13 +358,15 @@ def with_kept(e: CkptavgError, kept: str | None) -> CkptavgError:
     return again
 
 
-def record_done(path: str, name: str) -> None:
-    """Record shard `name` of the staging folder `path` as done (its size and sha256), once
-    its file is complete and renamed into place."""
+def record_done(path: str, name: str, content: dict | None = None) -> None:
+    """Record shard `name` of the staging folder `path` as done (its size and sha256, and
+    the digests of its tensors' bytes in each input, for the content hashes), once its file
+    is complete and renamed into place."""
     dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
     try:
         size, digest = _sha256_at(dfd, name)
-        _write_json(dfd, name + DONE, {"bytes": size, "sha256": digest})
+        rec = {"bytes": size, "sha256": digest, **({"content": content} if content else {})}
+        _write_json(dfd, name + DONE, rec)
     finally:
         os.close(dfd)
 

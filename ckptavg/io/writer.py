@@ -272,6 +272,10 @@ class Writer(Atomic, abc.ABC):
 
     fills_metadata = False  # takes metadata values computed by the pass (`fill`)
 
+    def recorded(self) -> dict[str, dict]:
+        """Digests an earlier run recorded for the parts it finished (a resumed folder)."""
+        return {}
+
     def fill(self, values: dict[str, str]) -> None:
         """Before the commit: put each value in place of its placeholder (a string of the
         same length) in the output's metadata (the content hashes of the read pass)."""
@@ -424,6 +428,23 @@ class SafetensorsWriter(Writer):
         self._out.abort()
 
 
+PENDING = "~pending-content~"  # in a placeholder the read pass fills in (engine/content.py)
+
+
+def without_pending(metadata: dict[str, str]) -> dict[str, str]:
+    """`metadata` with the placeholders of `average.inputs` left out (each entry's `content`
+    not yet known): for the shards of a folder, written before the pass ends (their bytes
+    then do not depend on it); the folder's index, written last, holds the values."""
+    text = metadata.get("average.inputs", "")
+    if PENDING not in text:
+        return metadata
+    entries = json.loads(text)
+    for e in entries:
+        if isinstance(e, dict) and PENDING in str(e.get("content", "")):
+            del e["content"]
+    return {**metadata, "average.inputs": json.dumps(entries)}
+
+
 def _filled(data: bytes, values: dict[str, str]) -> bytes:
     """`data` with each placeholder replaced by its value (the same length: offsets hold).
     A layout that holds no metadata (a Hugging Face `.bin`) holds no placeholder."""
@@ -519,6 +540,27 @@ class ShardedWriter(Writer):
     def _where(path: str) -> str:
         return os.path.abspath(path.rstrip(os.sep) or os.sep)
 
+    # the content hashes of the pass (engine/content.ContentHashes), when taken: each
+    # finished shard records its tensors' digests, so that a resumed run has them all
+    hashes = None
+
+    @property
+    def fills_metadata(self) -> bool:  # the index is written last, with the values
+        return self.staging is not None
+
+    def fill(self, values: dict[str, str | None]) -> None:
+        """The index's metadata with each placeholder's value; None leaves the entry's
+        content out (a resumed run whose earlier shards recorded no digests)."""
+        if any(v is None for v in values.values()):
+            self._metadata = without_pending(self._metadata)
+            return
+        for old, new in values.items():
+            self._metadata = {k: v.replace(old, new) for k, v in self._metadata.items()}
+
+    def recorded(self) -> dict[str, dict]:
+        """The digests the finished shards of an earlier run recorded (shard -> record)."""
+        return dict(self.staging.content) if self.staging is not None else {}
+
     def _begin(self) -> str:
         """Where the shards are built: a temporary folder beside the output."""
         return temp_folder_beside(self.path)
@@ -561,12 +603,14 @@ class ShardedWriter(Writer):
             self._current.close()
             self._current = None
             if self.staging is not None:
-                self.staging.finished(self._names[self._shard])
+                keys = [spec.key for spec in self._shards[self._shard]]
+                self.staging.finished(self._names[self._shard], None if self.hashes is None
+                                      else self.hashes.record(keys))
 
     def _open_next(self) -> None:
         self._finish_current()
         self._shard = self._next_shard()
-        shard_meta = {**self._metadata, "format": "pt"}
+        shard_meta = {**without_pending(self._metadata), "format": "pt"}
         self._current = SafetensorsWriter(self._shard_path(self._names[self._shard]),
                                           self._shards[self._shard], shard_meta, shown=self.path)
         self._left = len(self._shards[self._shard])
