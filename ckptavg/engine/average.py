@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ckptavg import options
 from ckptavg.engine import profiles
-from ckptavg.engine.content import ContentHashes, hash_reader, placeholder
+from ckptavg.engine.content import ContentHashes, hash_reader, placeholder, refuse_same_tensors
 from ckptavg.engine.kernel import execute
 from ckptavg.engine.plan import (
     Request,
@@ -286,20 +286,6 @@ def _fill_content(writer, hashes: ContentHashes, chosen: list[Candidate], runnin
     refuse_same_tensors([c.path for c in chosen], digests)
     writer.fill({placeholder(i): d for i, d in enumerate(digests)})
     result.content = digests
-
-
-def refuse_same_tensors(paths: list[str], digests: list[str]) -> None:
-    """Two inputs that hold the same tensors (a `final.pt` saved from the last epoch's
-    weights, the same weights in another container) would count one checkpoint twice:
-    refused, before the output is committed, naming both."""
-    seen: dict[str, str] = {}
-    for path, d in zip(paths, digests):
-        if d in seen:
-            raise CkptavgError(
-                f"{path}: holds the same tensors as {seen[d]} (one checkpoint saved twice, in "
-                "another container or under another name), so it would be counted twice; "
-                "nothing was written: pass one of them")
-        seen[d] = path
 
 
 def _earlier_output(output: str, opened: list[Candidate], kept: list[Candidate]):

@@ -26,7 +26,8 @@ import numpy as np
 import xxhash
 from isal.isal_zlib import crc32
 
-from ckptavg.io.writer import PENDING
+from ckptavg.errors import CkptavgError
+from ckptavg.io.writer import PENDING, without_pending
 
 ALGORITHM = "xxh3-128"
 _HEX = 32  # hex digits of a digest
@@ -148,3 +149,28 @@ def hash_reader(reader) -> str:
         reader.release(key)
         tensors.append((key, info.dtype.name, tuple(info.shape), h.digest()))
     return _combine(tensors)
+
+
+def refuse_same_tensors(paths: list[str], digests: list[str]) -> None:
+    """Two inputs that hold the same tensors (a `final.pt` saved from the last epoch's
+    weights, the same weights in another container) would count one checkpoint twice:
+    refused, before the output is committed, naming both."""
+    seen: dict[str, str] = {}
+    for path, d in zip(paths, digests):
+        if d in seen:
+            raise CkptavgError(
+                f"{path}: holds the same tensors as {seen[d]} (one checkpoint saved twice, in "
+                "another container or under another name), so it would be counted twice; "
+                "nothing was written: pass one of them")
+        seen[d] = path
+
+
+def final_metadata(metadata: dict[str, str], hexdigests: list[str] | None) -> dict[str, str]:
+    """`metadata` with each placeholder replaced by its input's content hash; without the
+    entries' content where the hashes are not all known."""
+    if hexdigests is None:
+        return without_pending(metadata)
+    out = dict(metadata)
+    for i, d in enumerate(hexdigests):
+        out = {k: v.replace(placeholder(i), d) for k, v in out.items()}
+    return out

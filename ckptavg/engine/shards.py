@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 
+from ckptavg.engine.content import ContentHashes, final_metadata, refuse_same_tensors
 from ckptavg.engine.kernel import execute
 from ckptavg.engine.plan import Request, chosen_weights, dcp_entry, make_plan
 from ckptavg.engine.result import AverageResult, make_result
@@ -32,7 +33,7 @@ from ckptavg.errors import CkptavgError
 from ckptavg.io import TensorSpec
 from ckptavg.io.folder import side_files
 from ckptavg.io.staging import Staging, describe, record_done, with_kept
-from ckptavg.io.writer import check_output
+from ckptavg.io.writer import check_output, without_pending
 from ckptavg.parallel import Group
 
 
@@ -64,7 +65,8 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
                 check_output(req.output, req.kind, files_of(opened))
             plan = make_plan(readers, raw, method=req.method, accumulate=req.accumulate,
                              dtype=req.dtype, allow_nonfinite=req.allow_nonfinite,
-                             hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec)
+                             hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
+                             content=not req.dry_run)
             result = make_result(plan, chosen, None, req.output, req.method, len(chosen),
                                  req.dry_run, req.spec)
             result.warnings = left_out + mixed_runs(chosen)
@@ -112,26 +114,38 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     except BaseException as e:
         error = e
     group.agree(error)
-    tmp, done, notes = group.share((staging.path, sorted(staging.done), staging.notes)
-                                   if staging is not None else None)
+    tmp, done, notes, earlier = group.share(
+        (staging.path, sorted(staging.done), staging.notes, staging.content)
+        if staging is not None else None)
     specs = {s.key: s for s in plan.specs}
-    weight_map, error = {}, None
+    dtypes = {s.key: plan.readers[0].info(s.key).dtype.name for s in plan.specs}
+    hashes = ContentHashes(len(plan.readers), plan.specs, dtypes)
+    weight_map, record, error = {}, None, None
     try:
         if mine and name in done:
             weight_map = {k: name for k in mine}
         elif mine:
-            meta = {**plan.metadata, "format": "pt"}
+            meta = {**without_pending(plan.metadata), "format": "pt"}
             with SafetensorsWriter(os.path.join(tmp, name), [specs[k] for k in mine], meta,
                                    shown=output) as writer:
-                execute(plan, writer, keys=mine, progress=progress, threads=threads)
+                execute(plan, writer, keys=mine, progress=progress, threads=threads,
+                        hashes=hashes)
                 for r in plan.readers:
                     r.check_unchanged()
-            record_done(tmp, name)
+            record = hashes.record(mine)
+            record_done(tmp, name, record)
             weight_map = {k: name for k in mine}
     except BaseException as e:
         error = e
     try:
-        maps = group.agree(error, weight_map)
+        gathered = group.agree(error, (weight_map, record))
+        maps = [m for m, _ in gathered]
+        # every rank's digests (and those an earlier run recorded): the same hashes everywhere
+        records = {**earlier, **{names[r]: rec for r, (_, rec) in enumerate(gathered) if rec}}
+        digests = ContentHashes(len(plan.readers), plan.specs, dtypes).hexdigests(records)
+        if digests is not None:
+            refuse_same_tensors([r.path for r in plan.readers], digests)
+        metadata = final_metadata(plan.metadata, digests)
     except CkptavgError as e:
         raise with_kept(e, staging.keep_or_drop() if staging is not None else None) from None
     except BaseException:
@@ -139,13 +153,13 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
             staging.keep_or_drop()
         raise
     if dcp is not False:
-        _save_staged_dcp(plan, output, group, tmp, name, mine, dcp, staging)
+        _save_staged_dcp(plan, metadata, output, group, tmp, name, mine, dcp, staging)
         return notes
 
     def commit() -> None:
         merged = {k: v for m in maps for k, v in m.items()}
         staging.settle()
-        commit_folder(tmp, output, {s.key: merged[s.key] for s in plan.specs}, plan.metadata,
+        commit_folder(tmp, output, {s.key: merged[s.key] for s in plan.specs}, metadata,
                       plan.bytes_out, side_files)
 
     _commit_on_rank0(group, staging, output, commit)
@@ -185,8 +199,9 @@ def _shared_temp(group: Group, output: str) -> str:
     return group.share(tmp)
 
 
-def _save_staged_dcp(plan, output: str, group: Group, tmp: str, name: str, mine: list[str],
-                     entry: str | None, staging: Staging | None) -> None:
+def _save_staged_dcp(plan, metadata: dict[str, str], output: str, group: Group, tmp: str,
+                     name: str, mine: list[str], entry: str | None,
+                     staging: Staging | None) -> None:
     """The collective DCP save of every rank's staged shard (`name` in `tmp`, holding
     `mine`), into a folder rank 0 swaps in for `output`; then the staging folder goes. A
     failure keeps the staged shards for `--resume`."""
@@ -204,7 +219,7 @@ def _save_staged_dcp(plan, output: str, group: Group, tmp: str, name: str, mine:
         try:
             group.agree(error)
             # A collective: every rank writes its own tensors, rank 0 the metadata.
-            save_dcp(state, folder, entry, plan.metadata if group.rank == 0 else None,
+            save_dcp(state, folder, entry, metadata if group.rank == 0 else None,
                      distributed=True)
         except BaseException as e:
             kept = None

@@ -50,6 +50,12 @@ def test_two_ranks_write_the_same_average_as_one_process(tmp_path):
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
     assert meta["average.n"] == want_meta["average.n"] == "3"
     assert meta["model.arch"] == "x"
+    # each input's content hash (issue #33): from the ranks' digests, as one process takes it
+    got_inputs = json.loads(meta["average.inputs"])
+    assert [e["content"] for e in got_inputs] == \
+        [e["content"] for e in json.loads(want_meta["average.inputs"])]
+    assert all(e["content"].startswith("xxh3-128:") and "pending" not in e["content"]
+               for e in got_inputs)
     assert leftovers(tmp_path) == []
 
 
