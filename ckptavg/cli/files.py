@@ -170,6 +170,9 @@ def _inspect_lines(info, n_keys):
            f"{human_bytes(info.bytes)}")
     for dt, b in sorted(info.bytes_per_dtype.items()):
         yield f"  {dt:<10} {human_bytes(b)}"
+    if info.quantization:
+        yield (f"quantized: {info.quantization['scheme']} (from {info.quantization['seen']}); "
+               "average refuses it")
     if info.location not in (None, "<top level>"):
         yield f"weights from entry: {info.location}"
     if info.removed_prefixes:

@@ -90,23 +90,15 @@ class Plan:
 def refuse_quantized(readers: list[ReaderBase]) -> None:
     """One line for a quantized input (io/quantized.py): its codes would be averaged apart
     from their scales, or kept beside averaged ones, giving a model that loads and is wrong."""
-    from ckptavg.io.base import Folder
-    from ckptavg.io.quantized import from_config, from_layout
+    from ckptavg.io.quantized import scheme_of
 
     for r in readers:
-        folder = r.folder or Folder(r.path if os.path.isdir(r.path) else
-                                    os.path.dirname(r.path) or ".")
-        scheme = from_config(folder.side_file("config.json", 16 << 20))
-        where = "its config.json's quantization_config" if scheme else ""
-        if scheme is None:
-            found = from_layout({k: r.info(k).dtype.name for k in r.keys()})
-            if found is not None:
-                scheme, where = found[0], f"tensor {found[1]!r}"
-        if scheme is not None:
+        found = scheme_of(r)
+        if found is not None:
             raise CkptavgError(
-                f"{r.path}: a quantized checkpoint ({scheme}, from {where}); averaging its "
-                "codes apart from their scales would give a wrong model, so it is refused: "
-                "average the unquantized checkpoints, or dequantize each one first")
+                f"{r.path}: a quantized checkpoint ({found[0]}, from {found[1]}); averaging "
+                "its codes apart from their scales would give a wrong model, so it is "
+                "refused: average the unquantized checkpoints, or dequantize each one first")
 
 
 def input_entry(r: ReaderBase) -> dict:

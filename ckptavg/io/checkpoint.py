@@ -131,6 +131,8 @@ class InspectResult(Result):
     tied: dict[str, str]
     metadata: dict[str, str]
     keys: list[dict]  # {key, shape, dtype} in file order
+    # a quantized checkpoint's scheme and where it was seen (io/quantized.py), else None
+    quantization: dict | None = None
 
 
 def inspect(path: str | os.PathLike, key: str | None = None,
@@ -160,4 +162,11 @@ def inspect(path: str | os.PathLike, key: str | None = None,
             sum(i.numel for i in infos.values()), sum(by_dtype.values()), dict(by_dtype),
             r.ties(), r.metadata(),
             [{"key": k, "shape": list(i.shape), "dtype": str(i.dtype).replace("torch.", "")}
-             for k, i in infos.items()])
+             for k, i in infos.items()], _quantization(r))
+
+
+def _quantization(reader) -> dict | None:
+    from ckptavg.io.quantized import scheme_of
+
+    found = scheme_of(reader)
+    return None if found is None else {"scheme": found[0], "seen": found[1]}

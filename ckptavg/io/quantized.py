@@ -76,3 +76,19 @@ def from_layout(dtypes: dict[str, str]) -> tuple[str, str] | None:
 # packed codes; int64 is left out: models keep int64 index buffers beside float scales
 # (Swin V2's relative_position_index beside its logit_scale)
 INTEGERS = {"int8", "uint8", "int16", "int32", "uint16", "uint32", "int4", "uint4"}
+
+
+def scheme_of(reader) -> tuple[str, str] | None:
+    """(scheme, where it was seen) of a quantized input (an open reader), else None: its
+    folder's config.json first, then its tensors."""
+    import os
+
+    from ckptavg.io.base import MAX_SIDE_FILE, Folder
+
+    folder = reader.folder or Folder(reader.path if os.path.isdir(reader.path) else
+                                     os.path.dirname(reader.path) or ".")
+    scheme = from_config(folder.side_file("config.json", MAX_SIDE_FILE))
+    if scheme is not None:
+        return scheme, "its config.json's quantization_config"
+    found = from_layout({k: reader.info(k).dtype.name for k in reader.keys()})
+    return None if found is None else (found[0], f"tensor {found[1]!r}")

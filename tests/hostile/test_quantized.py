@@ -68,6 +68,11 @@ def test_a_quantized_layout_is_refused_in_one_line(tmp_path, kind):
     assert "quantized checkpoint" in lines[0] and SCHEMES[kind] in lines[0], lines[0]
     assert "dequantize" in lines[0]
     assert not out.exists() and leftovers(tmp_path) == []
+    shown = run_cli("inspect", paths[0])
+    assert shown.returncode == 0 and "quantized: " in shown.stdout, shown.stdout
+    assert SCHEMES[kind] in shown.stdout
+    info = json.loads(run_cli("inspect", paths[0], "--json").stdout)
+    assert SCHEMES[kind] in info["quantization"]["scheme"]
 
 
 def test_a_quantization_config_refuses_the_folder(tmp_path):
