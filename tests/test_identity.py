@@ -231,3 +231,15 @@ def test_a_folder_output_records_content_hashes_also_when_resumed(tmp_path, monk
     assert [e["content"] for e in entries] == [_reference_content(s) for s in states]
     for shard in out.glob("*.safetensors"):
         assert b"pending" not in shard.read_bytes()[:4096]
+
+
+def test_snapshots_at_different_epochs_with_equal_weights_stay_distinct(tmp_path):
+    """A run whose weights did not move between two epochs saved two snapshots, not one
+    saved twice: averaged (each counted), not refused."""
+    paths = []
+    for i in (1, 2):
+        p = tmp_path / f"epoch-{i}.safetensors"
+        save_file(_state(0), str(p), metadata={"train.epoch": str(i)})
+        paths.append(p)
+    proc = run_cli("average", *paths, "-o", tmp_path / "o.safetensors")
+    assert proc.returncode == 0, proc.stderr

@@ -283,7 +283,7 @@ def _fill_content(writer, hashes: ContentHashes, chosen: list[Candidate], runnin
         writer.fill({placeholder(i): None for i in range(len(chosen))})
         return
     digests = digests[1 if running else 0:]
-    refuse_same_tensors([c.path for c in chosen], digests)
+    refuse_same_tensors([c.path for c in chosen], digests, [(c.epoch, c.step) for c in chosen])
     writer.fill({placeholder(i): d for i, d in enumerate(digests)})
     result.content = digests
 

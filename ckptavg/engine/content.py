@@ -151,18 +151,25 @@ def hash_reader(reader) -> str:
     return _combine(tensors)
 
 
-def refuse_same_tensors(paths: list[str], digests: list[str]) -> None:
+def refuse_same_tensors(paths: list[str], digests: list[str],
+                        positions: list[tuple] | None = None) -> None:
     """Two inputs that hold the same tensors (a `final.pt` saved from the last epoch's
     weights, the same weights in another container) would count one checkpoint twice:
-    refused, before the output is committed, naming both."""
-    seen: dict[str, str] = {}
-    for path, d in zip(paths, digests):
+    refused, before the output is committed, naming both. Two snapshots saved at different
+    known positions (epoch, step) stay distinct even when their weights are equal (a run
+    whose weights did not move between them)."""
+    seen: dict[str, tuple[str, tuple]] = {}
+    for i, (path, d) in enumerate(zip(paths, digests)):
+        pos = positions[i] if positions else (None, None)
         if d in seen:
-            raise CkptavgError(
-                f"{path}: holds the same tensors as {seen[d]} (one checkpoint saved twice, in "
-                "another container or under another name), so it would be counted twice; "
-                "nothing was written: pass one of them")
-        seen[d] = path
+            other, before = seen[d]
+            known = pos != (None, None) and before != (None, None)
+            if not known or pos == before:
+                raise CkptavgError(
+                    f"{path}: holds the same tensors as {other} (one checkpoint saved twice, "
+                    "in another container or under another name), so it would be counted "
+                    "twice; nothing was written: pass one of them")
+        seen.setdefault(d, (path, pos))
 
 
 def final_metadata(metadata: dict[str, str], hexdigests: list[str] | None) -> dict[str, str]:

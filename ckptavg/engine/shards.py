@@ -78,14 +78,16 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
             result.warnings += notes
             result.warnings += write_shards(
                 plan, req.output, group, execute, progress, req.threads, side,
-                dcp_entry(plan.readers[-1]) if req.kind == "dcp" else False, req.resume)
+                dcp_entry(plan.readers[-1]) if req.kind == "dcp" else False, req.resume,
+                [(c.epoch, c.step) for c in chosen])
         result.ranks, result.rank = group.size, group.rank
         return result
 
 
 def write_shards(plan, output: str, group: Group, execute, progress=None,
                  threads: int | None = None, side_files: dict[str, bytes] | None = None,
-                 dcp: str | None | bool = False, resume: bool = False) -> list[str]:
+                 dcp: str | None | bool = False, resume: bool = False,
+                 positions: list[tuple] | None = None) -> list[str]:
     """Reduce this rank's share of `plan` into its shard; rank 0 commits the folder.
 
     With `dcp` (False: safetensors shards; else the DCP entry, None for the top level), the
@@ -144,7 +146,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
         records = {**earlier, **{names[r]: rec for r, (_, rec) in enumerate(gathered) if rec}}
         digests = ContentHashes(len(plan.readers), plan.specs, dtypes).hexdigests(records)
         if digests is not None:
-            refuse_same_tensors([r.path for r in plan.readers], digests)
+            refuse_same_tensors([r.path for r in plan.readers], digests, positions)
         metadata = final_metadata(plan.metadata, digests)
     except CkptavgError as e:
         raise with_kept(e, staging.keep_or_drop() if staging is not None else None) from None
