@@ -1,20 +1,20 @@
 """Each input's content hash, taken in the averaging read pass: no second read.
 
 The hash is of what an input holds, not of its container: for every tensor, in the order of
-the names, its name, dtype and shape and the xxh3-128 of the CRC-32s of each 1 MiB of its
-bytes (the last piece shorter), all hashed again with xxh3-128. A `.pt` and a `.safetensors`
-of the same weights hash alike, and so do two files that differ only in metadata or
-optimizer state. A tensor a torch writer skips as tied to another counts with that tensor's
-digest (the inputs agree on the tie, so its bytes are the same).
+the names, its name, dtype and shape and the CRC-32 of its bytes, all hashed with xxh3-128.
+A `.pt` and a `.safetensors` of the same weights hash alike, and so do two files that differ
+only in metadata or optimizer state. A tensor a torch writer skips as tied to another counts
+with that tensor's digest (the inputs agree on the tie, so its bytes are the same).
 
 Chosen by measurement on this project's 2-core VM (docs/performance.md). The bytes are
-summed by the reader thread as they arrive, where isal's CRC-32 runs at 22 GB/s and
-releases the GIL; xxh3-128 over the bytes themselves is as fast (22 GB/s) but holds the
-GIL, which held up the arithmetic threads (the pass 18 % slower on 12 inputs, against 9 %);
-BLAKE3 (4.5 GB/s), zlib's CRC-32 (4.1) and SHA-256 (1.8) cost more. A CRC-32 per MiB
-tells apart contents that differ by accident or edit (a changed piece goes unseen with odds
-of 2**-32, and every piece of a trained tensor changes); it is no defence against a forger
-who crafts collisions (`--hash` records each file's SHA-256 for that).
+summed by the reader thread as they arrive, with isal's CRC-32 (22 GB/s here, and it
+releases the GIL); a tensor that is a whole torch zip record takes the record's CRC-32,
+which the reader checks anyway, so a torch input's bytes are summed once. xxh3-128 over the
+bytes is as fast but holds the GIL, which held up the arithmetic threads (the pass 18 %
+slower on 12 inputs); BLAKE3 (4.5 GB/s), zlib's CRC-32 (4.1) and SHA-256 (1.8) cost more.
+A CRC-32 per tensor tells apart contents that differ by accident or edit (a change goes
+unseen with odds of 2**-32 per tensor it touches); it is no defence against a forger who
+crafts collisions (`--hash` records each file's SHA-256 for that).
 
 Until the pass is over, an output's metadata holds a placeholder of the digest's length for
 each hash (`placeholder(i)`); the writer swaps in the digests before it commits (`fill`).
@@ -38,33 +38,19 @@ def placeholder(i: int) -> str:
     return f"{ALGORITHM}:{PENDING}{'~' * (_HEX - len(PENDING) - len(tail))}{tail}"
 
 
-PIECE = 1 << 20  # bytes of a tensor summed into one CRC-32
-
-
 class _Summer:
-    """One tensor's running sums: a CRC-32 per PIECE of its bytes, in order."""
+    """One tensor's running CRC-32 over its bytes, in order."""
 
-    __slots__ = ("crc", "filled", "sums")
+    __slots__ = ("crc",)
 
     def __init__(self):
-        self.crc, self.filled, self.sums = 0, 0, bytearray()
+        self.crc = 0
 
     def update(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            take = min(PIECE - self.filled, len(view))
-            self.crc = crc32(view[:take], self.crc)
-            self.filled += take
-            view = view[take:]
-            if self.filled == PIECE:
-                self.sums += self.crc.to_bytes(4, "little")
-                self.crc, self.filled = 0, 0
+        self.crc = crc32(memoryview(data).cast("B"), self.crc)
 
     def digest(self) -> bytes:
-        """xxh3-128 of the pieces' CRC-32s (the last, shorter piece included)."""
-        if self.filled or not self.sums:
-            self.sums += self.crc.to_bytes(4, "little")
-        return xxhash.xxh3_128(bytes(self.sums)).digest()
+        return self.crc.to_bytes(4, "little")
 
 
 class ContentHashes:
@@ -75,6 +61,7 @@ class ContentHashes:
     def __init__(self, count: int, specs, dtypes):
         self.specs, self.dtypes = list(specs), dtypes  # dtypes: key -> the inputs' dtype
         self._open: list[dict[str, object]] = [{} for _ in range(count)]
+        self._adopted: list[dict[str, int]] = [{} for _ in range(count)]
         self._digests: list[dict[str, bytes]] = [{} for _ in range(count)]
 
     def update(self, i: int, key: str, data) -> None:
@@ -85,10 +72,20 @@ class ContentHashes:
         h.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8)
                  if isinstance(data, np.ndarray) else data)
 
+    def adopt(self, i: int, key: str, crc: int) -> None:
+        """Tensor `key` of input `i` is a whole torch zip record, whose CRC-32 the reader
+        checks anyway (and refuses the file, before any commit, if its bytes do not sum to
+        it): that CRC is its digest, and its bytes are not summed a second time."""
+        self._adopted[i][key] = crc
+
+    def adopted(self, i: int, key: str) -> bool:
+        return key in self._adopted[i]
+
     def done(self, i: int, key: str) -> None:
         """Tensor `key` of input `i` is complete (an empty one hashes as no bytes)."""
         h = self._open[i].pop(key, None) or _Summer()
-        self._digests[i][key] = h.digest()
+        crc = self._adopted[i].pop(key, None)
+        self._digests[i][key] = h.digest() if crc is None else crc.to_bytes(4, "little")
 
     def tie(self, key: str, target: str) -> None:
         for d in self._digests:

@@ -186,6 +186,16 @@ GROUP = 32  # inputs read at once; more are summed group by group (memory flat i
 FAULT_AROUND = 64 << 10  # the kernel maps up to this much around a page fault (its default)
 
 
+def _feeder(hashes: ContentHashes, i: int, key: str, ext, nbytes: int) -> Callable | None:
+    """What takes input `i`'s bytes of `key` for its content hash: nothing when the tensor is
+    a whole zip record, whose checked CRC-32 is its digest (ContentHashes.adopt)."""
+    check = ext.check
+    if check is not None and check.offset == ext.offset and check.size == nbytes:
+        hashes.adopt(i, key, check.expected)
+        return None
+    return lambda data: hashes.update(i, key, data)
+
+
 def _hash_whole(hashes: ContentHashes, readers: list[ReaderBase], key: str, last) -> None:
     """Feed a tensor the kernel copies from the newest input (integers) to every input's
     content hash: the newest input's copy, the others read for it."""
@@ -245,7 +255,8 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
         extents = [readers[i].locate(key) for i in members]
         if stage is not None and all(extents):
             feed = None if hashes is None else [
-                (lambda data, i=i: hashes.update(i, key, data)) for i in members]
+                _feeder(hashes, i, key, ext, readers[0].info(key).nbytes)
+                for i, ext in zip(members, extents)]
             _reduce_read(key, kind, numel, base, extents, stage, workers,
                          lambda srcs, start, first=g == 0, m=members: chunks(
                              srcs, m, first, finish, start), feed)
@@ -296,7 +307,7 @@ def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list,
         n = min(block, numel - starts[b]) * itemsize
         for j, (ext, buf) in enumerate(zip(extents, stage.sets[b % 2])):
             pread_extent(ext, memoryview(buf[:n]), (base + starts[b]) * itemsize)
-            if feed is not None:
+            if feed is not None and feed[j] is not None:
                 feed[j](buf[:n])
 
     pending = stage.pool.submit(read, 0)
