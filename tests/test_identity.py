@@ -258,3 +258,24 @@ def test_a_torch_tensor_that_is_part_of_its_record_is_hashed_from_its_bytes(tmp_
     proc = run_cli("average", *paths, "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert [e["content"] for e in _entries(out)] == [_reference_content(s) for s in states]
+
+
+def test_whole_torch_records_are_not_summed_twice(tmp_path, monkeypatch):
+    """A tensor that is a whole zip record takes the record's checked CRC-32 as its digest:
+    none of a torch input's bytes are fed to the content hash a second time."""
+    import ckptavg
+    from ckptavg.engine import content
+
+    fed = []
+    real = content.ContentHashes.update
+    monkeypatch.setattr(content.ContentHashes, "update",
+                        lambda self, i, key, data: (fed.append(key), real(self, i, key, data)))
+    states, paths = [_state(i) for i in range(2)], []
+    for i, s in enumerate(states):
+        p = tmp_path / f"ep-{i}.pt"
+        torch.save({"model": {k: v for k, v in s.items() if v.is_floating_point()}}, p)
+        paths.append(p)
+    r = ckptavg.average(paths, tmp_path / "o.safetensors")
+    assert fed == []
+    assert r.content == [_reference_content({k: v for k, v in s.items() if v.is_floating_point()})
+                         for s in states]
