@@ -223,9 +223,9 @@ def average(
             protected += running.files
         if output is not None:  # before hashing or reading any tensor
             check_output(output, kind, protected)
-        # Content hashes are taken in the read pass and filled into a local file output's
-        # metadata before its commit (engine/content.py); a folder or remote output records
-        # each input's identity and fingerprint.
+        # Content hashes are taken in the read pass and filled into a local output's
+        # metadata before its commit (engine/content.py); a remote output records each
+        # input's identity and fingerprint.
         content = kind in ("safetensors", "torch", "sharded", "dcp") and not dry_run \
             and not is_remote(output)
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,

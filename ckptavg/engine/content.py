@@ -27,10 +27,12 @@ import xxhash
 from isal.isal_zlib import crc32
 
 from ckptavg.errors import CkptavgError
-from ckptavg.io.writer import PENDING, without_pending
+from ckptavg.io.writer import PENDING, filled_metadata, without_pending
 
 ALGORITHM = "xxh3-128"
 _HEX = 32  # hex digits of a digest
+
+
 def placeholder(i: int) -> str:
     """The stand-in for input `i`'s digest in metadata: as long as a digest, never one
     (io/writer.PENDING marks it, so that a writer can tell it)."""
@@ -77,9 +79,6 @@ class ContentHashes:
         checks anyway (and refuses the file, before any commit, if its bytes do not sum to
         it): that CRC is its digest, and its bytes are not summed a second time."""
         self._adopted[i][key] = crc
-
-    def adopted(self, i: int, key: str) -> bool:
-        return key in self._adopted[i]
 
     def done(self, i: int, key: str) -> None:
         """Tensor `key` of input `i` is complete (an empty one hashes as no bytes)."""
@@ -171,10 +170,7 @@ def refuse_same_tensors(paths: list[str], digests: list[str],
 
 def final_metadata(metadata: dict[str, str], hexdigests: list[str] | None) -> dict[str, str]:
     """`metadata` with each placeholder replaced by its input's content hash; without the
-    entries' content where the hashes are not all known."""
+    entries' content where the hashes are not all known (io.writer.filled_metadata)."""
     if hexdigests is None:
         return without_pending(metadata)
-    out = dict(metadata)
-    for i, d in enumerate(hexdigests):
-        out = {k: v.replace(placeholder(i), d) for k, v in out.items()}
-    return out
+    return filled_metadata(metadata, {placeholder(i): d for i, d in enumerate(hexdigests)})

@@ -42,9 +42,9 @@ def execute(plan: Plan, writer: Writer, keys: Sequence[str] | None = None,
     threads, each on its own share of every block (default: the cores idle when it starts,
     less the one the reader thread keeps busy; see idle_cores).
 
-    With `hashes` (engine/content.py), every byte of every input is fed to its content
-    hash as it is read (integer tensors of every input are read for it too), so the hashes
-    cost no second read."""
+    With `hashes` (engine/content.py), each input's bytes are fed to its content hash as
+    they are read (integer tensors of every input are read for it too), or a whole torch
+    zip record gives its checked CRC-32, so the hashes cost no second read."""
     n = threads or max(1, idle_cores() - 1)
     pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ckptavg-sum") if n > 1 else None
     try:

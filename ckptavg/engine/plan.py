@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -99,13 +98,6 @@ def refuse_quantized(readers: list[ReaderBase]) -> None:
                 f"{r.path}: a quantized checkpoint ({found[0]}, from {found[1]}); averaging "
                 "its codes apart from their scales would give a wrong model, so it is "
                 "refused: average the unquantized checkpoints, or dequantize each one first")
-
-
-def input_entry(r: ReaderBase) -> dict:
-    """What a record (average.inputs, a resume plan) keeps of an input: its name, its
-    sampled fingerprint and the identity of each of its files."""
-    return {"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint(),
-            "identity": r.stamp()}
 
 
 def sha256_of(files: list[SourceFile]) -> str:
@@ -208,7 +200,7 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
     `readers` and `weights` are oldest first. With `prior_inputs` (the `average.inputs` of a
     running average), `readers[0]` is that running average and `n_total` counts its inputs.
     Each new input's entry in `average.inputs` records its file name, fingerprint and
-    identity (io/base.SourceFile.stamp); with `content`, a placeholder for its content hash,
+    identity (ReaderBase.entry); with `content`, a placeholder for its content hash,
     which the read pass computes and the writer fills in (engine/content.py).
     Raises MismatchError naming each file that differs from the first."""
     check_options(accumulate, dtype)
@@ -233,7 +225,7 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
     n_total = n_total or len(readers)
     new = readers[1:] if prior_inputs is not None else readers
-    entries = [input_entry(r) for r in new]
+    entries = [r.entry() for r in new]
     if content:
         for i, e in enumerate(entries):
             e["content"] = placeholder(i)

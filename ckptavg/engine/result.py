@@ -39,8 +39,8 @@ class AverageResult:
     rank: int = 0
     profile: str | None = None  # the --profile spec the weights come from
     effective_n: float = 0.0  # 1 / sum(w^2) of the weights applied
-    # each new input's content hash (xxh3-128 of its tensors, taken in the read pass; a
-    # local file output records them in average.inputs); empty where none was taken
+    # each new input's content hash (engine/content.py, taken in the read pass; a local
+    # output records them in average.inputs); empty where none was taken
     content: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -760,6 +760,12 @@ class ReaderBase(abc.ABC):
         """The identity of each file the input consists of, as opened (SourceFile.stamp)."""
         return [f.stamp() for f in self.files]
 
+    def entry(self) -> dict:
+        """What a record (average.inputs, a resume plan) keeps of this input: its name, its
+        sampled fingerprint and the identity of each of its files."""
+        return {"file": os.path.basename(self.path.rstrip(os.sep)),
+                "fingerprint": self.fingerprint(), "identity": self.stamp()}
+
     def fingerprint(self) -> str:
         """`fingerprint(self.files)`, computed once."""
         if self._fingerprint is None:

@@ -49,8 +49,7 @@ def staging_path(output: str) -> str:
 def describe(readers, specs, metadata: dict[str, str]) -> dict:
     """What plan.json records of a run, less its shards: everything else that fixes the
     bytes of a shard (the inputs, the averaging, each tensor's output shape and dtype)."""
-    inputs = [{"file": os.path.basename(r.path.rstrip(os.sep)), "fingerprint": r.fingerprint(),
-               "identity": r.stamp()} for r in readers]
+    inputs = [r.entry() for r in readers]
     return {"version": VERSION, "inputs": inputs,
             "averaging": {k: v for k, v in metadata.items() if k in OPTION_OF},
             "specs": {s.key: [list(s.shape), s.dtype.name] for s in specs}}
@@ -155,7 +154,7 @@ def _read_json(dfd: int, name: str):
         return None
     try:
         with os.fdopen(fd, "rb") as f:
-            return json.loads(f.read(MAX_RECORD + 1)[:MAX_RECORD + 1])
+            return json.loads(f.read(MAX_RECORD + 1))  # a longer one does not parse
     except (OSError, ValueError, RecursionError):
         return None
 

@@ -445,13 +445,25 @@ def without_pending(metadata: dict[str, str]) -> dict[str, str]:
     return {**metadata, "average.inputs": json.dumps(entries)}
 
 
+def filled_metadata(metadata: dict[str, str],
+                    values: dict[str, str | None]) -> dict[str, str]:
+    """`metadata` with each placeholder replaced by its value; without the entries' content
+    where a value is None (not every hash is known: a resumed run whose earlier shards
+    recorded no digests)."""
+    if any(v is None for v in values.values()):
+        return without_pending(metadata)
+    for old, new in values.items():
+        metadata = {k: v.replace(old, new) for k, v in metadata.items()}
+    return metadata
+
+
 def _filled(data: bytes, values: dict[str, str]) -> bytes:
     """`data` with each placeholder replaced by its value (the same length: offsets hold).
     A layout that holds no metadata (a Hugging Face `.bin`) holds no placeholder."""
     for old, new in values.items():
         if len(old) != len(new) or data.count(old.encode()) > 1:
-            raise RuntimeError(f"placeholder {old!r}: not once in the output, or {new!r} "
-                               "is not of its length")
+            raise RuntimeError(f"placeholder {old!r}: more than once in the output, or "
+                               f"{new!r} is not of its length")
         data = data.replace(old.encode(), new.encode())
     return data
 
@@ -549,13 +561,8 @@ class ShardedWriter(Writer):
         return self.staging is not None
 
     def fill(self, values: dict[str, str | None]) -> None:
-        """The index's metadata with each placeholder's value; None leaves the entry's
-        content out (a resumed run whose earlier shards recorded no digests)."""
-        if any(v is None for v in values.values()):
-            self._metadata = without_pending(self._metadata)
-            return
-        for old, new in values.items():
-            self._metadata = {k: v.replace(old, new) for k, v in self._metadata.items()}
+        """The index's metadata with each placeholder's value (`filled_metadata`)."""
+        self._metadata = filled_metadata(self._metadata, values)
 
     def recorded(self) -> dict[str, dict]:
         """The digests the finished shards of an earlier run recorded (shard -> record)."""
