@@ -189,12 +189,14 @@ _NUMBER_FORMATS = {"int64": "<q", "int32": "<i", "int16": "<h", "int8": "<b", "u
                    "float64": "<d", "float32": "<f"}
 
 
-def number_at(file, offset: int, dtype: DType) -> float | None:
+def number_at(file, offset: int, dtype: DType, big: bool = False) -> float | None:
     """The value of a one-element tensor of `dtype` stored at `offset` of an open file
-    (OpenFile, remote.RemoteFile: AveragedModel's n_averaged); None for a dtype this does
-    not decode."""
+    (OpenFile, remote.RemoteFile: AveragedModel's n_averaged), little-endian unless `big`;
+    None for a dtype this does not decode."""
     fmt = _NUMBER_FORMATS.get(dtype.name)
-    return None if fmt is None else struct.unpack(fmt, file.get(offset, dtype.itemsize))[0]
+    if fmt is None:
+        return None
+    return struct.unpack((">" if big else "<") + fmt[1:], file.get(offset, dtype.itemsize))[0]
 
 
 class OpenFile:

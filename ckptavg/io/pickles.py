@@ -75,8 +75,9 @@ def globals_named(data: bytes, limit: int = 64 << 20) -> list[tuple[str, str]]:
     import pickletools
 
     found: list[tuple[str, str]] = []
-    stream = io.BytesIO(data[:limit])
-    while stream.tell() < len(data[:limit]):
+    data = data[:limit]
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
         strings: list[object] = []
         memo: dict[int, object] = {}
         try:

@@ -45,6 +45,7 @@ from ckptavg.io.base import (
     import_torch,
     is_averaged_model,
     keep_descriptor,
+    number_at,
     open_source,
     strip_keys,
     whole_number,
@@ -648,11 +649,9 @@ def _ref_number(file: OpenFile, path: str, t: TensorRef) -> float:
     value = None
     if t.numel() == 1:
         t.storage.check.confirm(file)
-        value = file.number(t.file_offset(), t.dtype)
-        if value is not None and t.storage.swap:
-            raw = file.get(t.file_offset(), t.dtype.itemsize)[::-1]
-            value = np.frombuffer(raw, _UINT[t.dtype.itemsize]).view(
-                np.dtype(t.dtype.name)).item()
+        # a swapped storage holds the byte order that is not this host's
+        value = number_at(file, t.file_offset(), t.dtype, big=sys.byteorder == "little") \
+            if t.storage.swap else file.number(t.file_offset(), t.dtype)
     if value is None:
         raise CheckpointError(f"{path}: {AVERAGED_COUNT} is not one number")
     return value

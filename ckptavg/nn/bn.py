@@ -312,11 +312,20 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     net, state, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
                                                         data_dir, key, strip_prefix)
     dev = resolve_device(device)
+    # keyed and laid out as the input was (Lightning's model., DDP's module., its entry and
+    # hyper-parameters), so the output loads where the input loads; in place (no output):
+    # the file the user named to fix, checked to lose nothing
+    layout = layout_of(path, key, strip_prefix)
+
+    def write(weights: dict, to: str, metadata: dict) -> None:
+        save({layout.names[k]: v for k, v in weights.items()}, to, metadata,
+             overwrite=output is None or None, entry=layout.entry, extras=layout.extras)
+
     if not bn_layers(net):
         out = None
         if meta.get("bn.stale") == "true":  # an older file marked stale: it is not
             out = os.fspath(output if output is not None else checkpoint)
-            save(state, out, {**meta, "bn.stale": "false"}, overwrite=output is None or None)
+            write(state, out, {**meta, "bn.stale": "false"})
         return BnFixResult(path, out, 0, 0, 0, data_name, stats, str(dev),
                            time.perf_counter() - t0,
                            "the model has no BatchNorm layers: nothing to recalibrate")
@@ -361,14 +370,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
                 "bn.data": describe_data(data_name, split, augment, subset),
                 "bn.stats": stats}
     new_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    # keyed and laid out as the input was (Lightning's model., DDP's module., its entry and
-    # hyper-parameters), so the output loads where the input loads
-    layout = layout_of(path, key, strip_prefix)
-    prefix = wrapper_prefix(list(new_state), list(state)) or ""
-    fixed = {layout.names[k]: new_state[k[len(prefix):]] for k in state}
-    # in place (no output): the file the user named to fix, checked to lose nothing
-    save(fixed, out, new_meta, overwrite=output is None or None, entry=layout.entry,
-         extras=layout.extras)
+    prefix = wrapper_prefix(list(new_state), list(state)) or ""  # the net's names lack it
+    write({k: new_state[k[len(prefix):]] for k in state}, out, new_meta)
     result = BnFixResult(path, out, info.bn_layers, info.batches, info.samples,
                          data_name, stats, str(dev), time.perf_counter() - t0)
     trained_on = meta.get("data.name")

@@ -86,3 +86,13 @@ def test_average_of_big_endian_files_equals_the_float64_mean(tmp_path):
         else:
             want = states[-1][k]  # integers: the newest input's value
         assert got[k].dtype == v.dtype and torch.equal(got[k], want), k
+
+
+def test_an_averaged_models_count_in_a_big_endian_file_is_read_exactly(tmp_path):
+    """AveragedModel's n_averaged (an int64 read alone, as a count) in the other byte order."""
+    state = {"module.w": torch.tensor([1.5, 2.5]), "n_averaged": torch.tensor(5)}
+    p = tmp_path / "swa.pt"
+    save_big_endian(state, p)
+    assert torch.load(p, weights_only=True)["n_averaged"].item() == 5  # the construction
+    info = ckptavg.inspect(p)
+    assert info.metadata["swa.n_averaged"] == "5"
