@@ -23,6 +23,9 @@ import json
 
 FLOAT8 = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
 SCALE_SUFFIXES = ("_scale", "_scale_inv")
+# packed codes; int64 is left out: models keep int64 index buffers beside float scales
+# (Swin V2's relative_position_index beside its logit_scale)
+INTEGERS = {"int8", "uint8", "int16", "int32", "uint16", "uint32", "int4", "uint4"}
 
 
 def _module(key: str) -> str:
@@ -72,10 +75,6 @@ def from_layout(dtypes: dict[str, str]) -> tuple[str, str] | None:
             return "integer codes beside a scale (an unknown scheme)", k
     return None
 
-
-# packed codes; int64 is left out: models keep int64 index buffers beside float scales
-# (Swin V2's relative_position_index beside its logit_scale)
-INTEGERS = {"int8", "uint8", "int16", "int32", "uint16", "uint32", "int4", "uint4"}
 
 
 def scheme_of(reader) -> tuple[str, str] | None:
