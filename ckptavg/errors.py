@@ -49,18 +49,26 @@ class OptionError(CkptavgError):
 
     exit_code = 2
 
-    def __init__(self, options: str | tuple[str, ...], message: str, value: object = _UNSET):
+    def __init__(self, options: str | tuple[str, ...], message: str, value: object = _UNSET,
+                 mentions: tuple[str, ...] = ()):
         self.options = (options,) if isinstance(options, str) else tuple(options)
         self.detail = message
         self.value = value
+        self.mentions = mentions  # other parameters the message names, spelled the same way
         super().__init__(self.render())
 
     def render(self, spell=None, typed=None) -> str:
-        """The message with each option spelled by `spell(name)` (default: the name) and the
-        value as `typed(name)` gives it, where it gives one (the CLI: as on the command line)."""
+        """The message with each option, and each parameter in `mentions` where the message
+        names it, spelled by `spell(name)` (default: the name), and the value as `typed(name)`
+        gives it, where it gives one (the CLI: as on the command line)."""
+        import re
+
         names = " / ".join((spell or str)(o) for o in self.options)
+        detail = self.detail
+        for m in self.mentions if spell is not None else ():
+            detail = re.sub(rf"(?<![\w-]){re.escape(m)}(?![\w-])", spell(m), detail)
         value = self.value
         if value is not _UNSET and typed is not None:  # a value to show: as it was typed
             value = typed(self.options[0]) or value
         head = names if value is _UNSET else f"{names} {value}"
-        return f"{head}: {self.detail}"
+        return f"{head}: {detail}"

@@ -132,19 +132,23 @@ class Selection(_Of):
                               "training step.")
     cycle_ends: bool = opt(False, "--cycle-ends", kind="bool", help="Keep inputs whose "
                            "metadata marks a cycle end.")
-    every: int | None = opt(None, "--every", kind="int", help="Keep every K-th input, starting "
-                            "with the first.")
+    every: int | None = opt(None, "--every", kind="int", min=1, help="Keep every K-th input, "
+                            "starting with the first.")
     best: int | None = opt(None, "--best", kind="int", min=1, help="Keep the N inputs with the "
                            "best --metric.")
     metric: str | None = opt(None, "--metric", help="Stored score to rank by: a metadata key "
                              "(train.val_acc) or a number in the checkpoint (timm's metric).")
     lowest: bool = opt(False, "--lowest", kind="bool", help="With --best: lower is better (a loss).")
-    last: int | None = opt(None, "--last", kind="int", help="Keep only the last N inputs "
-                           "(after the other filters).")
+    last: int | None = opt(None, "--last", kind="int", min=1, help="Keep only the last N "
+                           "inputs (after the other filters; at most as many as there are).")
+    given_order: bool = opt(False, "--given-order", kind="bool", help="Take the inputs in the "
+                            "order given (each glob's matches by name), not by epoch or step: "
+                            "what --last, --every, --ema and --weights need when some input "
+                            "has no epoch or step.")
 
 
 # The window options of commands that take no step window and no metric (search, swag).
-WINDOW = ("from_epoch", "to_epoch", "last", "every", "cycle_ends")
+WINDOW = ("from_epoch", "to_epoch", "last", "every", "cycle_ends", "given_order")
 
 
 @dataclass(frozen=True)

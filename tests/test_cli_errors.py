@@ -82,8 +82,8 @@ def files(tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
-    (["--last", "0"], "--last 0"),
-    (["--every", "0"], "--every 0"),
+    (["--last", "0"], "--last"),
+    (["--every", "0"], "--every"),
     (["--ema", "1.5"], "--ema 1.5"),
     (["--weights", "1,2"], "--weights"),
     (["--weights", "1,-1,1"], "--weights"),

@@ -60,6 +60,10 @@ def one_line(proc, rc, *needles):
 @pytest.fixture
 def user(tmp_path):
     """The user's folder: mymodule.py and runs/epoch-N.pt from their own loop."""
+    return make_user(tmp_path)
+
+
+def make_user(tmp_path):
     (tmp_path / "mymodule.py").write_text(MODULE)
     sys.path.insert(0, str(tmp_path))
     try:

@@ -143,11 +143,16 @@ def _number(what: str, value, source: str) -> str:
     return f"{what} {value if value is not None else '?':>6} ({source or 'unknown'})"
 
 
+_ORDER = {"step": "step", "epoch": "epoch", "given": "the order given (--given-order)",
+          "name": "the numbers in the names (some input has no epoch or step)"}
+
+
 def _average_lines(r):
     if r.dry_run:
         yield (f"plan: {r.method} average of {len(r.inputs)} input(s), {r.tensors} tensors, "
                f"read {human_bytes(r.bytes_in)}, write {human_bytes(r.bytes_out)} -> "
                f"{r.output or '(no output)'}")
+        yield f"  in training order by {_ORDER.get(r.order, r.order)}:"
         for i, path in enumerate(r.inputs):
             yield (f"  {r.weights[i]:.6f}  {_number('epoch', r.epochs[i], r.epoch_sources[i])}"
                    f"  {_number('step', r.steps[i], r.step_sources[i])}  {path}")

@@ -123,7 +123,7 @@ def demo_cmd(output, epochs, device, as_json, quiet, **old):
 @click.option("--bn-fix/--no-bn-fix", default=True, show_default=True,
               help="Recalibrate BatchNorm at every point.")
 @click.option("--train-images", type=click.IntRange(min=0), default=5000, show_default=True,
-              help="Training images for the train loss and BatchNorm (0: all).")
+              help="Training images for the train loss and BatchNorm (0: all; the default takes all when there are fewer).")
 @deprecated_alias("--train-subset", "--train-images", "train_images", type=click.IntRange(min=0))
 @click.option("--eval-images", type=click.IntRange(min=1), help="Test images (default: all).")
 @deprecated_alias("--test-subset", "--eval-images", "eval_images", type=click.IntRange(min=1))

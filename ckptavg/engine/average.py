@@ -35,6 +35,7 @@ from ckptavg.engine.select import (
     leave_out_outputs,
     mixed_runs,
     open_candidates,
+    order_basis,
     refuse_shared_files,
     select,
 )
@@ -207,7 +208,7 @@ def average(
                 done = nothing_to_fold(into, n0, skipped, dry_run, t0)
                 done.warnings[:0] = left_out
                 return done
-        raw = chosen_weights(chosen, method, weights, ema, prof)
+        raw = chosen_weights(chosen, method, weights, ema, prof, selection.given_order)
         readers, n_total = [c.reader for c in chosen], len(chosen)
         if running is not None:
             readers, raw, n_total = [running] + readers, [float(n0)] + raw, n0 + len(chosen)
@@ -231,7 +232,8 @@ def average(
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
                          hash_inputs=hash_inputs and not dry_run, profile=spec, content=content)
-        result = make_result(plan, chosen, into, output, method, n_total, dry_run, spec)
+        result = make_result(plan, chosen, into, output, method, n_total, dry_run, spec,
+                             order_basis(chosen, selection.given_order))
         result.skipped = skipped
         result.warnings = left_out + [f"{p}: already folded into {into} (recorded in its "
                            "average.inputs); skipped" for p in skipped] + mixed_runs(chosen) \

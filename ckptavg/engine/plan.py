@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ckptavg import __version__, options
 from ckptavg.engine import profiles
 from ckptavg.engine.content import placeholder
-from ckptavg.engine.select import Candidate
+from ckptavg.engine.select import Candidate, require_order
 from ckptavg.errors import CkptavgError, MismatchError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
 from ckptavg.io.checkpoint import weights_entry
@@ -264,10 +264,13 @@ def carried_notes(newest: ReaderBase) -> list[str]:
 
 
 def chosen_weights(chosen: list[Candidate], method: Method, weights, ema,
-                    prof: profiles.Profile | None) -> list[float]:
+                    prof: profiles.Profile | None, given_order: bool = False) -> list[float]:
     """The raw weights of the chosen inputs: a profile's, from their positions, or those of
-    `_raw_weights`."""
+    `_raw_weights`. Weights given per input or an EMA need the inputs' order in training
+    (`require_order`)."""
     if prof is None:
+        if method in ("ema", "weighted"):
+            require_order(chosen, ("ema" if method == "ema" else "weights",), given_order)
         return raw_weights(len(chosen), method, weights, ema)
     return profiles.weights(prof, profile_positions(chosen))
 

@@ -42,6 +42,8 @@ class AverageResult:
     # each new input's content hash (engine/content.py, taken in the read pass; a local
     # output records them in average.inputs); empty where none was taken
     content: list[str] = field(default_factory=list)
+    # what ordered the inputs (select.order_basis): "step", "epoch", "name" or "given"
+    order: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +51,7 @@ class AverageResult:
 
 def make_result(plan: Plan, chosen: list[Candidate], into: str | None, output: str | None,
             method: str, n_total: int, dry_run: bool,
-            profile: str | None = None) -> AverageResult:
+            profile: str | None = None, order: str = "") -> AverageResult:
     total = plan.total_weight
     pos = [c.position for c in chosen]
     head = [into] if into is not None else []
@@ -63,7 +65,7 @@ def make_result(plan: Plan, chosen: list[Candidate], into: str | None, output: s
         epoch_sources=["running average"] * len(head) + [p.epoch_from for p in pos],
         steps=[None] * len(head) + [p.step for p in pos],
         step_sources=["running average"] * len(head) + [p.step_from for p in pos],
-        into=into, profile=profile, effective_n=profiles.effective_n(applied),
+        into=into, profile=profile, effective_n=profiles.effective_n(applied), order=order,
     )
 
 

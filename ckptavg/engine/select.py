@@ -235,14 +235,51 @@ def close_all(cands: list[Candidate]) -> None:
         c.reader.close()
 
 
-def order(cands: list[Candidate]) -> list[Candidate]:
-    """By step when every input has one, else by epoch when every input has one (then step),
-    else by the numbers in the names."""
+Order = str  # "step", "epoch", "given" (as the inputs were given) or "name" (by their names)
+
+
+def order_basis(cands: list[Candidate], given: bool = False) -> Order:
+    """What orders the inputs: "step" when every input has one, else "epoch" when every
+    input has one, else "name" (the numbers in their names); "given" with `given`."""
+    if given:
+        return "given"
     if cands and all(c.step is not None for c in cands):
-        return sorted(cands, key=lambda c: (c.step, c.epoch or 0, natural_key(c.path)))
+        return "step"
     if cands and all(c.epoch is not None for c in cands):
+        return "epoch"
+    return "name"
+
+
+def order(cands: list[Candidate], given: bool = False) -> list[Candidate]:
+    """In training order, as `order_basis` says: by step (then epoch, name), by epoch
+    (then step, name), by the numbers in the names, or as given (`given`: each glob's
+    matches in natural name order)."""
+    basis = order_basis(cands, given)
+    if basis == "given":
+        return list(cands)
+    if basis == "step":
+        return sorted(cands, key=lambda c: (c.step, c.epoch or 0, natural_key(c.path)))
+    if basis == "epoch":
         return sorted(cands, key=lambda c: (c.epoch, c.step or 0, natural_key(c.path)))
     return sorted(cands, key=lambda c: natural_key(c.path))
+
+
+def require_order(cands: list[Candidate], options: tuple[str, ...], given: bool) -> None:
+    """Refuse `options`, whose result depends on the inputs' order in training, when that
+    order is not known: some input has neither an epoch nor a step, and `given_order`
+    does not say that the order the inputs were given is meant."""
+    if not options or len(cands) < 2 or order_basis(cands, given) != "name":
+        return
+    lacking = next((c for c in cands if c.epoch is None and c.step is None), None)
+    if lacking is None:  # every input has one or the other: some epochs, some steps
+        lacking = next(c for c in cands if c.epoch is None)
+        why = f"{lacking.path} has a step but no epoch while others have no step"
+    else:
+        why = f"{lacking.path} has no epoch or step (no metadata, checkpoint entry or number " \
+              "in its name)"
+    raise OptionError(options, f"depends on the inputs' order in training, and {why}; pass "
+                      "given_order to take them in the order given (globs in name order), "
+                      "or name the files by epoch or step", mentions=("given_order",))
 
 
 def _window(cands: list[Candidate], what: str, lo: int | None, hi: int | None) -> list[Candidate]:
@@ -293,7 +330,10 @@ def select(cands: list[Candidate], selection: Selection | None = None) -> list[C
     from_epoch, to_epoch, from_step, to_step = s.from_epoch, s.to_epoch, s.from_step, s.to_step
     cycle_ends, every, best, metric, lowest, last = (s.cycle_ends, s.every, s.best, s.metric,
                                                      s.lowest, s.last)
-    out = _window(_window(order(cands), "epoch", from_epoch, to_epoch), "step", from_step, to_step)
+    out = _window(_window(order(cands, s.given_order), "epoch", from_epoch, to_epoch), "step",
+                  from_step, to_step)
+    require_order(out, tuple(n for n, v in (("every", every), ("last", last)) if v is not None),
+                  s.given_order)
     if cycle_ends:
         if not any("train.cycle_end" in c.metadata for c in out):
             raise OptionError(
@@ -313,6 +353,9 @@ def select(cands: list[Candidate], selection: Selection | None = None) -> list[C
     if last is not None:
         if last < 1:
             raise OptionError("last", "must be 1 or more", last)
+        if last > len(out):
+            raise OptionError("last", f"asks for more inputs than there are ({len(out)} after "
+                              "the other filters); give at most that many", last)
         out = out[-last:]
     if not out:
         raise CkptavgError(

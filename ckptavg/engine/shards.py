@@ -27,6 +27,7 @@ from ckptavg.engine.select import (
     leave_out_outputs,
     mixed_runs,
     open_candidates,
+    order_basis,
     select,
 )
 from ckptavg.errors import CkptavgError
@@ -59,7 +60,8 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
             stack.callback(close_all, opened)
             cands, left_out = leave_out_outputs(opened)
             chosen = select(cands, req.selection)
-            raw = chosen_weights(chosen, req.method, req.weights, req.ema, req.profile)
+            raw = chosen_weights(chosen, req.method, req.weights, req.ema, req.profile,
+                                 req.selection.given_order)
             readers = [c.reader for c in chosen]
             if req.output is not None:
                 check_output(req.output, req.kind, files_of(opened))
@@ -68,7 +70,8 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
                              hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
                              content=not req.dry_run)
             result = make_result(plan, chosen, None, req.output, req.method, len(chosen),
-                                 req.dry_run, req.spec)
+                                 req.dry_run, req.spec,
+                                 order_basis(chosen, req.selection.given_order))
             result.warnings = left_out + mixed_runs(chosen)
         except BaseException as e:
             error = e

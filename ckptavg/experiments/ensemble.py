@@ -88,7 +88,8 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *,
             data_name = name
             split = eval_split(name, split)
             ds = get_dataset(name, split, data_dir, augment=False, download=download)
-            loader = make_loader(ds, batch_size, workers=workers, subset=subset, device=str(dev))
+            loader = make_loader(ds, batch_size, workers=workers, subset=subset, device=str(dev),
+                                     subset_option="eval_images")
         probs, y = predict(net.to(dev), loader, dev, input_key)
         labels = y if labels is None else labels
         total = probs.double() if total is None else total + probs

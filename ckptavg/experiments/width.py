@@ -87,7 +87,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         model, data, loader: as for `evaluate` (`loader`'s batch size and device are used).
         bn_fix: recalibrate BatchNorm at every point.
         train_images: the first N training images give the train loss and the BatchNorm
-            pass (None: all); eval_images: the first N test images (None: all).
+            pass (None: all; the default, 5000, takes all when there are fewer; more than
+            there are is an OptionError); eval_images: the first N test images (None: all).
         seed: ray r's direction is drawn from a generator seeded with seed * 100003 + r.
         directions: the rays themselves instead (one {parameter name: tensor} each, any
             norm: each is scaled to unit length over all parameters); `rays` is then their
@@ -125,8 +126,12 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         data = data or name
     train = get_dataset(data, "train", data_dir, augment=False, download=download)
     test = get_dataset(data, "test", data_dir, augment=False, download=download)
-    train_loader = make_loader(train, batch_size, subset=train_images, device=str(dev))
-    test_loader = make_loader(test, batch_size, subset=eval_images, device=str(dev))
+    if train_images == WIDTH_TRAIN_IMAGES:  # the default: all images when there are fewer
+        train_images = min(train_images, len(train))
+    train_loader = make_loader(train, batch_size, subset=train_images, device=str(dev),
+                               subset_option="train_images")
+    test_loader = make_loader(test, batch_size, subset=eval_images, device=str(dev),
+                              subset_option="eval_images")
     distances = [max_distance * i / (points - 1) for i in range(points)]
     bases = [{n: p.detach().clone() for n, p in net.named_parameters()} for net in nets]
     total = rays * points * 2

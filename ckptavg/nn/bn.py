@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckptavg import options
-from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.errors import CkptavgError, DataError, OptionError
 from ckptavg.io import open_checkpoint
 from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import layout_of, save
@@ -329,16 +329,21 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         return BnFixResult(path, out, 0, 0, 0, data_name, stats, str(dev),
                            time.perf_counter() - t0,
                            "the model has no BatchNorm layers: nothing to recalibrate")
+    recorded = None
     if subset is None and split == "train" and data_name == meta.get("data.name"):
-        subset = meta_int(meta, "data.train_images", minimum=0)
+        subset = recorded = meta_int(meta, "data.train_images", minimum=0)
     dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
+    if recorded is not None and hasattr(dataset, "__len__") and recorded > len(dataset):
+        raise DataError(f"{path}: the run trained on {recorded} images (data.train_images), "
+                        f"more than the {len(dataset)} of {data_name}'s {split} split here: "
+                        "is it the same data? Pass --bn-images N to choose the images")
 
     def loader(rank: int = 0, ranks: int = 1):
         """(this rank's loader, a batch limit left to recalibrate: for a user's loader)."""
         def make(limit=None):
             return pass_loader(dataset, batch_size, shuffle=True, seed=seed, workers=workers,
                                subset=subset, limit=limit, rank=rank, ranks=ranks,
-                               device=str(dev))
+                               device=str(dev), subset_option="bn_images")
         made = make()
         n = pass_batches(made)
         limit = batches if fraction is None or n is None else max(1, round(n * fraction))

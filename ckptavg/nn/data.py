@@ -399,24 +399,47 @@ def _channels(dataset) -> int:
         return 3
 
 
-def holdout_split(n_images: int, subset: int | None, holdout: int) -> tuple[range, range]:
+def first_images(n_images: int, n: int | None, option: str = "subset",
+                 where: str = "the data set") -> int:
+    """How many images a pass takes: the first `n` (all without one). Asking for more images
+    than `where` has is an OptionError naming `option` and the count there is: never a
+    silent clamp, which would move every range cut from it (held-out images included)."""
+    if n is None:
+        return n_images
+    if n > n_images:
+        from ckptavg.errors import OptionError
+
+        raise OptionError(option, f"asks for more images than {where} has ({n_images}); "
+                          f"give at most {n_images}", n)
+    return n
+
+
+def holdout_split(n_images: int, subset: int | None, holdout: int,
+                  option: str | tuple[str, ...] = "train_images") -> tuple[range, range]:
     """(training images, held-out images) as index ranges: of the first `subset` images (all
     without one), the last `holdout` are held out. `train --holdout` and the held-out
-    selection of `soup` and `search` split the same way."""
-    n = n_images if subset is None else min(subset, n_images)
+    selection of `soup` and `search` split the same way. `option`: what `subset` was given
+    as, for the error when the data set has fewer images."""
+    from ckptavg.errors import OptionError
+
+    names = (option,) if isinstance(option, str) else option
+    n = first_images(n_images, subset, names[0], "the training split")
     if holdout < 0 or holdout >= n:
-        raise DataError(f"holdout {holdout}: must be at least 0 and less than the {n} training "
-                        "images it is taken from (--holdout, --subset)")
+        raise OptionError(("holdout", *names), f"must be at least 0 and less than the {n} "
+                          "training images it is taken from", holdout)
     return range(0, n - holdout), range(n - holdout, n)
 
 
 def make_loader(dataset, batch_size: int = 128, shuffle: bool = False, workers: int = 0,
-                seed: int | None = None, subset: int | None = None, device: str = "cpu"):
-    """A DataLoader (a user's DataLoader passes through untouched)."""
+                seed: int | None = None, subset: int | None = None, device: str = "cpu",
+                subset_option: str = "subset"):
+    """A DataLoader (a user's DataLoader passes through untouched). `subset`: the first N
+    images; more than the data set has is an OptionError naming `subset_option`."""
     if isinstance(dataset, torch.utils.data.DataLoader):
         return dataset
     if subset is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
+        dataset = torch.utils.data.Subset(
+            dataset, range(first_images(len(dataset), subset, subset_option)))
     g = torch.Generator()
     if seed is not None:
         g.manual_seed(seed)
@@ -504,7 +527,8 @@ class SeededImages(torch.utils.data.Dataset):
 
 def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = SEED,
                 workers: int = 0, subset: int | None = None, limit: int | None = None,
-                rank: int = 0, ranks: int = 1, device: str = "cpu"):
+                rank: int = 0, ranks: int = 1, device: str = "cpu",
+                subset_option: str = "subset"):
     """A DataLoader for one pass over `dataset` that yields rank `rank`'s share of the
     batches (`PassBatches`), with per-batch seeded augmentations. A user's DataLoader passes
     through untouched, and an iterable data set is read as a stream in its own order: every
@@ -516,7 +540,8 @@ def pass_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = 
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                            pin_memory=device.startswith("cuda"))
     if subset is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(subset, len(dataset))))
+        dataset = torch.utils.data.Subset(
+            dataset, range(first_images(len(dataset), subset, subset_option)))
     batches = PassBatches(len(dataset), batch_size, shuffle, seed, limit, rank, ranks)
     # its own generator: the loader's draw of the workers' base seed leaves the caller's alone
     return torch.utils.data.DataLoader(SeededImages(dataset), batch_sampler=batches,

@@ -197,12 +197,14 @@ def evaluate(checkpoint: str | os.PathLike, *,
     if world_size() > 1:  # under torchrun: batch i on rank i % P, sums all-reduced
         with Group() as group:
             loader = pass_loader(dataset, batch_size, workers=workers, subset=subset,
-                                 rank=group.rank, ranks=group.size, device=str(dev))
+                                 rank=group.rank, ranks=group.size, device=str(dev),
+                                 subset_option="eval_images")
             probs, labels = predict(net.to(dev), loader, dev, input_key, progress,
                                     shard=(group.rank, group.size))
             s = _scores_across_ranks(probs, labels)
     else:
-        loader = pass_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev))
+        loader = pass_loader(dataset, batch_size, workers=workers, subset=subset, device=str(dev),
+                             subset_option="eval_images")
         probs, labels = predict(net.to(dev), loader, dev, input_key, progress)
         s = scores(probs, labels)
     return EvalResult(path, data_name, split, s.accuracy, s.loss, s.samples,

@@ -149,14 +149,16 @@ class HeldOut:
                     "images (of the first --train-images images)")
         if holdout < 1:
             raise OptionError("holdout", "must be 1 or more", holdout)
+        named: tuple[str, ...] = ("train_images",)
         if subset is None and trained is not None:
             subset = trained + holdout  # the split `train --train-images S --holdout N` made
+            named = ("holdout", "train_images")
         train_set = get_dataset(self.data_name, "train", data_dir, augment=True, download=download)
         plain = get_dataset(self.data_name, "train", data_dir, augment=False)
         if isinstance(train_set, torch.utils.data.DataLoader):
             raise DataError(f"data {self.data_name}: gives a DataLoader, which cannot be split "
                             "into training and held-out images; return a Dataset")
-        fit, held = holdout_split(len(train_set), subset, holdout)
+        fit, held = holdout_split(len(train_set), subset, holdout, named)
         if trained is not None and held.start < trained:
             raise CkptavgError(
                 f"held-out images {held.start}..{held.stop - 1} include images the run trained "

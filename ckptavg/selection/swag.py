@@ -317,7 +317,7 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
             if has_bn else None
         eval_set = get_dataset(data_name, split, data_dir, augment=False, download=download)
         eval_loader = make_loader(eval_set, batch_size, workers=workers, subset=eval_images,
-                                  device=str(dev))
+                                  device=str(dev), subset_option="eval_images")
         total = samples + 1 + len(baselines)
         done = 0
 

@@ -1,0 +1,105 @@
+"""Issue #34, a new user's loop tried a second time: each silent choice between the commands is
+a check here, through the CLI as a real subprocess, against values computed in the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.test_user_loop import _pt, cli, make_user, one_line
+
+
+@pytest.fixture
+def user(tmp_path):
+    """The user's folder: mymodule.py and runs/epoch-N.pt from their own loop."""
+    return make_user(tmp_path)
+
+
+def _bare(user, name, epoch_file):
+    """A file with the weights alone: no epoch entry, no number in its name."""
+    state = torch.load(epoch_file)["model_state_dict"]
+    torch.save(state, user / "runs" / name)
+    return str(user / "runs" / name)
+
+
+# 1. Asking for more images than exist is an error naming the option and the count there is.
+
+def test_more_training_images_than_exist_is_refused_not_clamped(user):
+    # mymodule:data's train split has 40 images
+    for cmd in ("soup", "search"):
+        proc = cli(user, cmd, *_pt(user), "--train-images", "50", "--holdout", "10",
+                   "--model", "mymodule:build", "--data", "mymodule:data",
+                   "-o", f"{cmd}.safetensors")
+        one_line(proc, 2, "--train-images 50", "more images than the training split has (40)")
+        assert not (user / f"{cmd}.safetensors").exists()
+    ok = cli(user, "search", *_pt(user), "--train-images", "40", "--holdout", "10", "--model",
+             "mymodule:build", "--data", "mymodule:data", "-o", "s.safetensors", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["holdout"] == "mymodule:data:train[30:40]"
+
+
+def test_more_eval_or_bn_images_than_exist_is_refused(user):
+    ck = _pt(user)[-1]
+    proc = cli(user, "eval", ck, "--model", "mymodule:build", "--data", "mymodule:data",
+               "--eval-images", "21")
+    one_line(proc, 2, "--eval-images 21", "(20)")
+    proc = cli(user, "bn-fix", ck, "--model", "mymodule:build", "--data", "mymodule:data",
+               "--bn-images", "41", "-o", "fixed.safetensors")
+    one_line(proc, 2, "--bn-images 41", "(40)")
+    assert not (user / "fixed.safetensors").exists()
+    ok = cli(user, "eval", ck, "--model", "mymodule:build", "--data", "mymodule:data",
+             "--eval-images", "20", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["samples"] == 20, ok.stderr
+
+
+# 2. Options whose result depends on order need known positions, or --given-order.
+
+def test_order_dependent_options_need_positions_or_given_order(user):
+    pts = _pt(user)
+    b = _bare(user, "beta.pt", pts[0])
+    a = _bare(user, "alpha.pt", pts[1])
+    for opt in (["--last", "1"], ["--ema", "0.9"], ["--every", "2"], ["--weights", "1,3"]):
+        proc = cli(user, "average", b, a, *opt, "-o", "x.safetensors")
+        one_line(proc, 2, opt[0], "alpha.pt has no epoch or step", "--given-order")
+        assert not (user / "x.safetensors").exists()
+    # uniform: order does not change the mean; the plan says which order it used
+    plan = cli(user, "average", b, a, "--dry-run", "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["order"] == "name"
+    assert "in training order by the numbers in the names" in cli(
+        user, "average", b, a, "--dry-run").stdout
+    # --given-order: the order typed, weights applied to it
+    given = cli(user, "average", b, a, "--weights", "1,3", "--given-order", "-o", "w.pt",
+                "--json")
+    assert given.returncode == 0, given.stderr
+    body = json.loads(given.stdout)
+    assert body["order"] == "given" and body["inputs"] == [b, a]
+    sb, sa = torch.load(b), torch.load(a)
+    got = torch.load(user / "w.pt")
+    got = got.get("state_dict", got)
+    for k, v in sb.items():
+        if v.is_floating_point():
+            want = ((sb[k].double() + 3 * sa[k].double()) / 4).to(v.dtype)
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-7)
+
+
+def test_a_file_without_an_epoch_among_epochs_is_not_slotted_in_by_name(user):
+    pts = _pt(user)
+    _bare(user, "final.pt", pts[-1])
+    shutil.copy(pts[-1], user / "spare.bin")  # not caught by the glob
+    proc = cli(user, "average", "runs/*.pt", "--ema", "0.5", "-o", "e.safetensors")
+    one_line(proc, 2, "--ema", "final.pt has no epoch or step")
+    ok = cli(user, "average", *pts, "--ema", "0.5", "--dry-run", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["order"] == "epoch", ok.stderr
+
+
+# 10. --last beyond the inputs is refused, not clamped.
+
+def test_last_more_than_the_inputs_is_refused(user):
+    proc = cli(user, "average", *_pt(user), "--last", "50", "-o", "l.safetensors")
+    one_line(proc, 2, "--last 50", "more inputs than there are (4")
+    proc = cli(user, "average", *_pt(user), "--last", "0", "-o", "l.safetensors")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
