@@ -72,3 +72,44 @@ class OptionError(CkptavgError):
             value = typed(self.options[0]) or value
         head = names if value is _UNSET else f"{names} {value}"
         return f"{head}: {detail}"
+
+
+USER_CODE = "ckptavg_user_code"  # the attribute that marks an exception raised in a user's code
+
+
+class users_code:  # noqa: N801 (a context manager, used as `with users_code(...)`)
+    """Around a call into the user's own code (a data function, a model factory, a forward
+    pass, a data set's batches): an exception from it that is not one of ours is marked with
+    `what` (the innermost mark wins) and goes on unchanged, traceback and all. The CLI
+    prints `what` on the line before the traceback, and under --json still writes
+    {"error", "exit_code"} to stdout."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is not None and isinstance(error, Exception) \
+                and not isinstance(error, CkptavgError) and not hasattr(error, USER_CODE):
+            try:
+                setattr(error, USER_CODE, self.what)
+            except AttributeError:  # an exception type that takes no attributes
+                pass
+        return False
+
+
+def user_batches(loader, what: str = "the data set (loading a batch)"):
+    """The batches of `loader`, with an exception raised while making one marked as the
+    user's code (`users_code`)."""
+    it = iter(loader)
+    while True:
+        with users_code(what):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+        yield batch

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ckptavg.errors import ModelError
+from ckptavg.errors import OptionError
 from ckptavg.nn.models import create_model, list_models
 
 TEST_MODELS = {"tiny_bn", "zero_linear"}  # registered by tests/fakedata.py
@@ -34,9 +34,9 @@ def test_small_inputs_work_for_mnist_sizes():
 
 
 def test_unknown_model_suggests_close_names():
-    with pytest.raises(ModelError, match="did you mean preresnet164"):
+    with pytest.raises(OptionError, match="did you mean preresnet164"):
         create_model("preresnet146")
-    with pytest.raises(ModelError, match="did you mean torchvision:resnet18"):
+    with pytest.raises(OptionError, match="did you mean torchvision:resnet18"):
         create_model("torchvision:resnet81")
 
 
@@ -45,7 +45,7 @@ def test_torchvision_and_user_factories():
     assert net.fc.out_features == 5
     net = create_model("tests.fakedata:tiny_bn", num_classes=3, in_channels=1)
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
-    with pytest.raises(ModelError, match="cannot import"):
+    with pytest.raises(OptionError, match="cannot import"):
         create_model("nopkg.nomod:f")
 
 
@@ -68,12 +68,13 @@ def test_a_user_registration_keeps_the_builtins_and_names_are_unique():
 
 
 def test_a_bug_inside_a_user_factory_is_a_traceback_not_a_user_error():
-    from ckptavg.errors import ModelError
+    from ckptavg.errors import USER_CODE
 
-    with pytest.raises(ModelError, match="takes no argument 'depth'"):
+    with pytest.raises(OptionError, match="takes no argument 'depth'; it takes: num_classes"):
         create_model("tests.fakedata:tiny_bn", num_classes=3, in_channels=1, depth=3)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError) as e:
         create_model("tests.test_models:broken_factory", num_classes=3)
+    assert getattr(e.value, USER_CODE) == "the model factory tests.test_models:broken_factory"
 
 
 def broken_factory(num_classes: int = 10):

@@ -11,11 +11,34 @@ import torch
 
 from tests.test_user_loop import _pt, cli, make_user, one_line
 
+MORE = '''
+
+def missing(split="train"):
+    return open("/nonexistent/fmnist.npz", "rb")
+
+def bad_factory(num_classes=10):
+    raise ValueError("my factory is broken")
+
+def tiny(split="train"):  # 2x2 images: smaller than the 3x3 kernel, the forward pass fails
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(1, 2, 2, generator=g), i % 10) for i in range(16)]
+
+def build4(num_classes=4, in_channels=1):
+    return build(num_classes, in_channels)
+
+def four(split="train"):  # labels 0..3, no `classes`: the class count is not known
+    return torch.utils.data.TensorDataset(torch.randn(16, 1, 12, 12),
+                                          torch.arange(16) % 4)
+'''
+
 
 @pytest.fixture
 def user(tmp_path):
     """The user's folder: mymodule.py and runs/epoch-N.pt from their own loop."""
-    return make_user(tmp_path)
+    folder = make_user(tmp_path)
+    with open(folder / "mymodule.py", "a") as f:
+        f.write(MORE)
+    return folder
 
 
 def _bare(user, name, epoch_file):
@@ -103,3 +126,75 @@ def test_last_more_than_the_inputs_is_refused(user):
     one_line(proc, 2, "--last 50", "more inputs than there are (4")
     proc = cli(user, "average", *_pt(user), "--last", "0", "-o", "l.safetensors")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# 5. An exception in the user's code: a line naming it, its traceback, and JSON on stdout.
+
+@pytest.mark.parametrize("args,names", [
+    (["--model", "mymodule:build", "--data", "mymodule:missing"],
+     "the data function mymodule:missing raised FileNotFoundError"),
+    (["--model", "mymodule:bad_factory", "--data", "mymodule:data"],
+     "the model factory mymodule:bad_factory raised ValueError: my factory is broken"),
+    (["--model", "mymodule:build", "--data", "mymodule:tiny", "--split", "train"],
+     "the model's forward pass raised RuntimeError"),
+])
+def test_an_exception_in_the_users_code_is_named_and_json_still_answers(user, args, names):
+    for cmd in ("eval", "bn-fix"):
+        extra = ["-o", "fixed.safetensors"] if cmd == "bn-fix" else []
+        if cmd == "bn-fix" and "--split" in args:
+            args = [a for a in args if a not in ("--split", "train")]
+        proc = cli(user, cmd, _pt(user)[-1], *args, *extra, "--json")
+        assert proc.returncode == 1, proc.stderr
+        assert json.loads(proc.stdout) == {"error": json.loads(proc.stdout)["error"],
+                                           "exit_code": 1}
+        assert names in json.loads(proc.stdout)["error"]
+        first = proc.stderr.splitlines()[0]
+        assert first.startswith("ckptavg: error: ") and names in first, proc.stderr
+        assert "your code: its traceback follows" in first
+        assert "Traceback (most recent call last)" in proc.stderr
+        assert not (user / "fixed.safetensors").exists()
+
+
+# #35: values inferred from data only when known; the user's kwargs win; kwarg mistakes.
+
+def test_an_unknown_class_count_leaves_the_factorys_default(user):
+    import sys
+
+    sys.path.insert(0, str(user))
+    try:
+        import mymodule
+        net = mymodule.build4()
+    finally:
+        sys.path.remove(str(user))
+        sys.modules.pop("mymodule", None)
+    torch.save({"epoch": 1, "model_state_dict": net.state_dict()}, user / "four.pt")
+    proc = cli(user, "eval", "four.pt", "--model", "mymodule:build4", "--data", "mymodule:four",
+               "--split", "test", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["samples"] == 16
+
+
+@pytest.mark.parametrize("kwargs,rc,needles", [
+    ('{"bogus": 1}', 2, ("--model-kwargs", "takes no argument 'bogus'",
+                         "it takes: num_classes, in_channels")),
+    ('{"num_classes": 10, "depth": 3}', 2, ("--model-kwargs", "'depth'")),
+])
+def test_kwarg_mistakes_are_one_line_naming_the_option(user, kwargs, rc, needles):
+    proc = cli(user, "eval", _pt(user)[-1], "--model", "mymodule:build", "--data",
+               "mymodule:data", "--model-kwargs", kwargs)
+    one_line(proc, rc, *needles)
+
+
+# 6. The same mistake, the same exit code: a name that names nothing is a usage error.
+
+@pytest.mark.parametrize("args,needles", [
+    (["--model", "mymodule:buidl", "--data", "mymodule:data"],
+     ("--model mymodule:buidl", "did you mean mymodule:build")),
+    (["--model", "mymodule:build", "--data", "mymodule:fmnsit"],
+     ("--data mymodule:fmnsit", "has no 'fmnsit'")),
+    (["--model", "resnet18", "--data", "mymodule:data"], ("--model resnet18", "unknown model")),
+    (["--model", "nosuch:build", "--data", "mymodule:data"], ("--model nosuch:build",)),
+])
+def test_a_name_that_names_nothing_is_exit_2(user, args, needles):
+    proc = cli(user, "eval", _pt(user)[-1], *args)
+    one_line(proc, 2, *needles)

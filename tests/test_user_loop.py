@@ -191,10 +191,10 @@ def test_messages_name_the_fix(user, case):
         one_line(proc, 2, "--model / --data: missing", "model.arch or data.name")
     elif case == "module.function":
         proc = cli(user, "eval", ck, "--model", "mymodule.build", "--data", "mymodule:data")
-        one_line(proc, 1, "did you mean mymodule:build")
+        one_line(proc, 2, "--model mymodule.build", "did you mean mymodule:build")
     elif case == "not found":
         proc = cli(user, "eval", ck, "--model", "nosuchmodule:build", "--data", "mymodule:data")
-        one_line(proc, 1, "looked up in the working folder")
+        one_line(proc, 2, "--model nosuchmodule:build", "looked up in the working folder")
     elif case == "dcp shard":
         (user / "step-1").mkdir()
         (user / "step-1" / "__0_0.distcp").write_bytes(b"PK\x03\x04" + b"\x00" * 60)

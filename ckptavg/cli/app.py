@@ -15,7 +15,7 @@ import click
 from ckptavg import __version__
 from ckptavg.cli.options import JSON_FLAG
 from ckptavg.cli.output import emit_json
-from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.errors import USER_CODE, CkptavgError, OptionError
 
 
 class UserError(click.ClickException):
@@ -131,8 +131,9 @@ def cli() -> None:
     Exit codes: 0 success; 1 a problem found in the inputs, the data or the disk; 2 a
     usage error (an option's value out of range, missing or in conflict, named as typed);
     130 interrupted. Each error is one line on stderr (what, where, what to do); with
-    --json, stdout also holds {"error": ..., "exit_code": ...}. Warnings go to stderr
-    (and into --json's "warnings") unless -q.
+    --json, stdout also holds {"error": ..., "exit_code": ...}. An exception raised in your
+    own code (data function, model factory, forward pass) exits 1 with a line naming it,
+    then its traceback. Warnings go to stderr (and into --json's "warnings") unless -q.
     """
 
 
@@ -198,4 +199,27 @@ def _main(argv: list[str] | None) -> None:
                    "keeps its finished shards: the same command with --resume finishes it)",
                    err=True)
         sys.exit(130)
+    except Exception as e:  # a bug, ours or in the user's code: its traceback, and a line
+        crashed(e, JSON_FLAG in args)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def crashed(e: Exception, as_json: bool) -> None:
+    """Leave after an exception that is not a user mistake: one line that says whose code
+    raised it (the user's data function, factory or forward pass, marked by
+    `errors.users_code`, else ckptavg's: a bug to report), then its traceback; with --json,
+    stdout still holds {"error", "exit_code"}. Exit 1."""
+    import traceback
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    what = f"{type(e).__name__}{': ' + first if first else ''}"
+    where = getattr(e, USER_CODE, None)
+    line = (f"{where} raised {what} (your code: its traceback follows)" if where else
+            f"internal error: {what} (a bug in ckptavg, please report it with the traceback "
+            "that follows)")
+    if as_json:
+        emit_json({"error": line, "exit_code": 1})
+    sys.stdout.flush()
+    click.echo(f"ckptavg: error: {line}", err=True)
+    traceback.print_exception(e, file=sys.stderr)
+    sys.exit(1)

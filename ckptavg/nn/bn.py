@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckptavg import options
-from ckptavg.errors import CkptavgError, DataError, OptionError
+from ckptavg.errors import CkptavgError, DataError, OptionError, user_batches, users_code
 from ckptavg.io import open_checkpoint
 from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import layout_of, save
@@ -199,7 +199,7 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
         total = min(total, max_batches) if total else max_batches
     batches = samples = 0
     try:
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(user_batches(loader)):
             g = i * ranks + rank if shared else i  # the batch's index in the whole pass
             if max_batches is not None and g >= max_batches:
                 break
@@ -208,11 +208,12 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
             x, _ = split_batch(batch, input_key)
             if device is not None:
                 x = x.to(device, non_blocking=True)
-            if seed is None:
-                model(x)
-            else:  # random layers (dropout) draw the same numbers on any rank
-                with seeded(batch_seed(seed, g), device):
+            with users_code("the model's forward pass"):
+                if seed is None:
                     model(x)
+                else:  # random layers (dropout) draw the same numbers on any rank
+                    with seeded(batch_seed(seed, g), device):
+                        model(x)
             batches += 1
             samples += x.shape[0]
             if progress:

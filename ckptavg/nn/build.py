@@ -74,7 +74,8 @@ def _data_name(meta: dict[str, str], data: str | None, path: str) -> str:
 
 
 def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = None):
-    """create_model with num_classes/in_channels from the data set unless given.
+    """create_model with num_classes/in_channels from the data set where it tells them and
+    the factory takes them; the user's `kwargs` always win.
 
     A network whose first convolution takes another number of channels than the data set's
     images is refused here, in one line, rather than failing inside its forward pass."""
@@ -85,8 +86,9 @@ def build_model(arch: str, kwargs: dict, data_name: str, data_dir: str | None = 
     info = data_info(data_name, ds)
     net = create_model(arch, supplied={"num_classes": info.num_classes,
                                        "in_channels": info.in_channels}, **kwargs)
-    kwargs.setdefault("num_classes", info.num_classes)
-    kwargs.setdefault("in_channels", info.in_channels)
+    for k, v in (("num_classes", info.num_classes), ("in_channels", info.in_channels)):
+        if v is not None:
+            kwargs.setdefault(k, v)
     if data_name in INFO:
         first = next((m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
                      None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckptavg.errors import DataError, OptionError
+from ckptavg.errors import DataError, OptionError, users_code
 from ckptavg.nn.models import importable_from_cwd
 from ckptavg.options import SEED, Split, check_choice
 
@@ -31,8 +31,8 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # SW
 @dataclass(frozen=True)
 class DataInfo:
     name: str
-    num_classes: int
-    in_channels: int
+    num_classes: int | None  # None: the data set does not tell
+    in_channels: int | None
 
 
 INFO = {
@@ -351,7 +351,8 @@ def _user(spec: str, split: str, augment: bool):
     fn = _user_function(spec)
     takes = _takes(fn)
     kwargs = {k: v for k, v in (("split", split), ("augment", augment)) if k in takes}
-    return fn(**kwargs)
+    with users_code(f"the data function {spec}"):
+        return fn(**kwargs)
 
 
 def get_dataset(name: str, split: str = "train", data_dir: str | None = None,
@@ -380,14 +381,15 @@ def get_dataset(name: str, split: str = "train", data_dir: str | None = None,
 
 def data_info(name: str, dataset=None) -> DataInfo:
     """Classes and channels, for building the model: known data sets from the table; others
-    from the data set (`classes`, and the channels of its first sample)."""
+    from the data set (`classes`, and the channels of its first sample), None where it does
+    not tell (a factory then keeps its own default: never a guess)."""
     if name in INFO and name != "imagefolder":
         return INFO[name]
     classes = getattr(dataset, "classes", None)
-    return DataInfo(name, len(classes) if classes else 10, _channels(dataset))
+    return DataInfo(name, len(classes) if classes else None, _channels(dataset))
 
 
-def _channels(dataset) -> int:
+def _channels(dataset) -> int | None:
     try:
         first = next(iter(dataset)) if isinstance(dataset, torch.utils.data.DataLoader) else dataset[0]
         x, _ = split_batch(first)
@@ -395,8 +397,8 @@ def _channels(dataset) -> int:
         if isinstance(dataset, torch.utils.data.DataLoader):
             return int(x.shape[1]) if x.dim() >= 4 else 1
         return int(x.shape[0]) if x.dim() >= 3 else 1
-    except Exception:  # a data set we cannot peek into: the usual RGB
-        return 3
+    except Exception:  # a data set we cannot peek into: unknown (the factory's default)
+        return None
 
 
 def first_images(n_images: int, n: int | None, option: str = "subset",

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ckptavg.errors import DataError
+from ckptavg.errors import DataError, user_batches, users_code
 from ckptavg.nn.build import build_from_checkpoint
 from ckptavg.nn.calibration import nll_per_sample
 from ckptavg.nn.data import (
@@ -46,7 +46,7 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
     total = batches_here(loader) or 0
     rank, ranks = shard
     step = 1 if own_share(loader, rank, ranks) else ranks  # else skip the others' batches
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(user_batches(loader)):
         if i % step != rank % step:
             continue
         x, y = split_batch(batch, input_key)
@@ -54,7 +54,9 @@ def predict(model: torch.nn.Module, loader, device=None, input_key: str | None =
             raise DataError("evaluation needs labels; the batches carry none")
         if device is not None:
             x = x.to(device, non_blocking=True)
-        probs.append(F.softmax(model(x).float(), dim=1).cpu())
+        with users_code("the model's forward pass"):
+            out = model(x)
+        probs.append(F.softmax(out.float(), dim=1).cpu())
         labels.append(torch.as_tensor(y).cpu())
         if progress:
             progress(i + 1, total)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ckptavg import options
-from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.errors import CkptavgError, OptionError, user_batches, users_code
 from ckptavg.io.atomic import AtomicFile
 from ckptavg.io.checkpoint import save
 from ckptavg.io.pt import load_torch_file
@@ -243,14 +243,15 @@ def _train_epoch(config: TrainConfig, st: _State, loader, epoch: int, dev: torch
                   anneal_epochs=config.anneal_epochs, anneal=config.anneal)
     st.net.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    for b, (x, y) in enumerate(loader):
+    for b, (x, y) in enumerate(user_batches(loader)):
         if cyclic:
             i = (epoch - config.swa_start) * iters + b + 1
             lr = cyclic_lr(i, config.cycle * iters, config.lr, config.swa_lr)
         for g in st.opt.param_groups:
             g["lr"] = lr
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=config.amp):
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=config.amp), \
+                users_code("the model's forward pass"):
             out = st.net(x)
             loss = F.cross_entropy(out, y)
         st.opt.zero_grad(set_to_none=True)

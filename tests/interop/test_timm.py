@@ -91,3 +91,26 @@ def test_files_with_args_average_without_torch_into_a_pth_timm_and_torch_load(tm
     built = timm.create_model(ARCH, num_classes=3, checkpoint_path=str(out))
     want = float64_mean([torch.load(f, weights_only=False)["state_dict"] for f in files])
     assert_matches(built.state_dict(), want)
+
+
+def test_the_users_kwargs_win_over_the_data_and_mistakes_are_one_line(monkeypatch):
+    """#35: --model-kwargs '{"in_chans": 1}' is not replaced by the data's channel count; an
+    unknown kwarg names --model-kwargs; pretrained with no network says so in one line."""
+    from ckptavg.errors import ModelError, OptionError
+    from ckptavg.nn.models import create_model
+
+    net = create_model(f"timm:{ARCH}", supplied={"num_classes": 10, "in_channels": 3},
+                       in_chans=1)
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1
+    assert net.get_classifier().out_features == 10  # inferred, where the user gave none
+    net = create_model(f"timm:{ARCH}", supplied={"num_classes": None, "in_channels": None})
+    assert net.get_classifier().out_features == timm.create_model(ARCH).get_classifier() \
+        .out_features  # unknown: timm's own default, not a guess
+    with pytest.raises(OptionError, match="model_kwargs .*bogus") as e:
+        create_model(f"timm:{ARCH}", bogus=1)
+    assert e.value.options == ("model_kwargs",)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="pretrained=True downloads weights, and the download "
+                       "failed .*drop pretrained"):
+        create_model("timm:resnet18", pretrained=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import os
+import re
 import sys
 from collections.abc import Callable
 
-from ckptavg.errors import ModelError
+from ckptavg.errors import ModelError, OptionError, users_code
 
 _REGISTRY: dict[str, Callable] = {}
 _BUILTINS_LOADED = False
@@ -93,12 +95,22 @@ def describe(name: str) -> str:
     return " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
 
 
+def _params(fn: Callable) -> str:
+    """A factory's parameters, as an error names them."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return "(its signature cannot be read)"
+    return ", ".join(("**" + p.name) if p.kind is p.VAR_KEYWORD else ("*" + p.name)
+                     if p.kind is p.VAR_POSITIONAL else p.name for p in params) or "nothing"
+
+
 def _accepted(fn: Callable, kwargs: dict, name: str, supplied: dict | None = None) -> dict:
     """What the factory is called with. Every argument the user gave (`kwargs`) is passed
     when the signature names it or takes **kwargs, and refused by name otherwise, before the
-    call; `supplied` (num_classes/in_channels inferred from the data set) only where the
-    signature names them."""
-    supplied = {k: v for k, v in (supplied or {}).items() if k not in kwargs}
+    call; `supplied` (num_classes/in_channels inferred from the data set, when known) only
+    where the signature names them, and never over the user's own."""
+    supplied = {k: v for k, v in (supplied or {}).items() if k not in kwargs and v is not None}
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -106,15 +118,62 @@ def _accepted(fn: Callable, kwargs: dict, name: str, supplied: dict | None = Non
     var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kwargs if k not in params and not var_kw]
     if unknown:
-        raise ModelError(f"model {name}: the factory takes no argument {unknown[0]!r} "
-                         f"(it takes: {', '.join(params) or 'nothing'}); fix the model kwargs")
+        raise OptionError("model_kwargs", f"the factory of {name} takes no argument "
+                          f"{unknown[0]!r}; it takes: {_params(fn)}")
     out = {**{k: v for k, v in supplied.items() if k in params}, **kwargs}
     missing = [p.name for p in params.values() if p.default is p.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in out]
     if missing:
-        raise ModelError(f"model {name}: the factory needs the argument {missing[0]!r}; "
-                         "give it in the model kwargs")
+        raise OptionError("model_kwargs", f"the factory of {name} needs the argument "
+                          f"{missing[0]!r}, which the data set does not give; give it "
+                          f"(it takes: {_params(fn)})")
     return out
+
+
+# What a TypeError raised by calling a factory says when the call's arguments do not fit it.
+_KWARG_COMPLAINT = re.compile(r"unexpected keyword argument|got multiple values for|"
+                              r"missing [0-9]+ required (keyword-only |positional )?argument")
+# What asks a model zoo's factory to download weights.
+_DOWNLOADS = ("pretrained", "weights", "weights_backbone", "pretrained_cfg_overlay")
+
+
+def _offline(e: BaseException) -> bool:
+    """Whether `e` is a failed download (no network, no cached file)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return isinstance(e, OSError) or bool(names & {"LocalEntryNotFoundError", "HfHubHTTPError",
+                                                   "OfflineModeIsEnabled", "URLError"})
+
+
+def _call(name: str, make: Callable, kwargs: dict, takes: str):
+    """Build with the user's code (or a zoo's). A TypeError from the call whose message is
+    about its arguments is one line naming the model kwargs and what the factory takes; a
+    failed download the kwargs asked for is one line that says so; anything else raised
+    inside is the factory's own error (a traceback, marked as the user's code)."""
+    with users_code(f"the model factory {name}"):
+        try:
+            return make()
+        except TypeError as e:
+            if not _KWARG_COMPLAINT.search(str(e)):
+                raise
+            raise OptionError("model_kwargs", f"{name} refuses the arguments it was called with "
+                              f"({e}); it takes: {takes}", json.dumps(kwargs, default=str),
+                              ) from None
+        except Exception as e:
+            asked = [k for k in _DOWNLOADS if kwargs.get(k) not in (None, False)]
+            if not asked or not _offline(e):
+                raise
+            raise ModelError(f"model {name}: {asked[0]}={kwargs[asked[0]]!r} downloads weights, "
+                             f"and the download failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); with no network, drop "
+                             f"{asked[0]} from the model kwargs: the checkpoint's weights are "
+                             "loaded over them anyway") from None
+
+
+def _unknown(zoo: str, arch: str, names: list[str]) -> OptionError:
+    close = difflib.get_close_matches(arch, names, n=3)
+    hint = f"; did you mean {', '.join(zoo + c for c in close)}?" if close else ""
+    return OptionError("model", f"unknown {zoo.rstrip(':')} model {arch!r}{hint}",
+                       zoo + arch)
 
 
 def create_model(name: str, *, supplied: dict | None = None, **kwargs):
@@ -124,28 +183,39 @@ def create_model(name: str, *, supplied: dict | None = None, **kwargs):
         name: a registered name, `torchvision:NAME`, `timm:NAME` (when timm is installed) or
             `package.module:factory` (imports and calls your code: pass only names you trust).
         supplied: arguments inferred by the caller (num_classes, in_channels from the data
-            set), passed only where the factory's signature names them.
+            set; None where unknown), passed only where the factory's signature names them
+            (a zoo's: num_classes, and timm's in_chans) and never over the user's own.
         **kwargs: the user's arguments (e.g. num_classes=10), each passed (also through a
-            factory's **kwargs) or refused by name.
+            factory's **kwargs) or refused by name; they always win.
 
     Returns:
-        A `torch.nn.Module`. An exception raised inside the factory propagates unchanged.
+        A `torch.nn.Module`. An unknown name, or arguments the factory does not take, are an
+        OptionError (model, model_kwargs); a download the arguments ask for that fails is a
+        ModelError. Any other exception raised inside the factory propagates unchanged.
 
     Example:
         >>> net = create_model("preresnet20", num_classes=10, in_channels=1)
         >>> sum(p.numel() for p in net.parameters())
         271994
     """
+    known = {k: v for k, v in (supplied or {}).items() if v is not None}
     if name.startswith("torchvision:"):
         import torchvision
 
         arch = name.split(":", 1)[1]
         if arch not in torchvision.models.list_models():
-            close = difflib.get_close_matches(arch, torchvision.models.list_models(), n=3)
-            hint = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
-            raise ModelError(f"unknown torchvision model {arch!r}{hint}")
-        kwargs = {k: v for k, v in {**(supplied or {}), **kwargs}.items() if k != "in_channels"}
-        return torchvision.models.get_model(arch, **kwargs)
+            raise _unknown("torchvision:", arch, torchvision.models.list_models())
+        kw = {**({"num_classes": known["num_classes"]} if "num_classes" in known else {}),
+              **kwargs}
+        # torchvision's classifiers take 3-channel images and no in_channels argument (a
+        # `train` run records in_channels among its model kwargs)
+        if kw.get("in_channels", 3) != 3:
+            raise OptionError("model_kwargs", f"{name} takes 3-channel images (torchvision's "
+                              f"models have no in_channels), not {kw['in_channels']}; choose "
+                              "a model for that many channels")
+        kw.pop("in_channels", None)
+        return _call(name, lambda: torchvision.models.get_model(arch, **kw), kw,
+                     "weights, progress and the model class's own arguments (num_classes, ...)")
     if name.startswith("timm:"):
         try:
             import timm
@@ -153,25 +223,30 @@ def create_model(name: str, *, supplied: dict | None = None, **kwargs):
             raise ModelError(f"{name}: timm is not installed; pip install timm") from None
         arch = name.split(":", 1)[1]
         if not timm.is_model(arch):
-            close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-            hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
-            raise ModelError(f"unknown timm model {arch!r}{hint}")
-        kwargs = {**(supplied or {}), **kwargs}
-        if "in_channels" in kwargs:
-            kwargs["in_chans"] = kwargs.pop("in_channels")
-        kwargs.pop("pretrained", None)
-        return timm.create_model(arch, pretrained=False, **kwargs)
+            raise _unknown("timm:", arch, timm.list_models())
+        kw = dict(kwargs)
+        if "in_channels" in kw:  # the user's, in timm's spelling
+            kw["in_chans"] = kw.pop("in_channels")
+        inferred = {"num_classes": known.get("num_classes"), "in_chans": known.get("in_channels")}
+        kw = {**{k: v for k, v in inferred.items() if v is not None and k not in kw}, **kw}
+        kw.setdefault("pretrained", False)
+        return _call(name, lambda: timm.create_model(arch, **kw), kw,
+                     "pretrained, num_classes, in_chans and the model class's own arguments")
     if ":" in name:
         module_name, _, attr = name.partition(":")
         importable_from_cwd()
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except ImportError as e:
-            raise ModelError(f"model {name}: cannot import {module_name} ({e}); modules are "
-                             "looked up in the working folder and on the Python path") from None
+            raise OptionError("model", f"cannot import {module_name} ({e}); modules are looked "
+                              "up in the working folder and on the Python path", name) from None
         except AttributeError:
-            raise ModelError(f"model {name}: {module_name} has no {attr!r}") from None
-        return fn(**_accepted(fn, kwargs, name, supplied))
+            close = difflib.get_close_matches(attr, dir(sys.modules[module_name]), n=3)
+            hint = f"; did you mean {', '.join(module_name + ':' + c for c in close)}?" \
+                if close else ""
+            raise OptionError("model", f"{module_name} has no {attr!r}{hint}", name) from None
+        kw = _accepted(fn, kwargs, name, known)
+        return _call(name, lambda: fn(**kw), kw, _params(fn))
     _load_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
@@ -179,9 +254,11 @@ def create_model(name: str, *, supplied: dict | None = None, **kwargs):
         if not close and "." in name.strip("."):
             module, _, fn = name.rpartition(".")
             hint = f"did you mean {module}:{fn} (package.module:factory, with a colon)? "
-        raise ModelError(f"unknown model {name!r}; {hint}`ckptavg models` lists them")
+        raise OptionError("model", f"unknown model; {hint}`ckptavg models` lists them, and "
+                          "torchvision:NAME, timm:NAME and package.module:factory name others",
+                          name)
     fn = _REGISTRY[name]
-    return fn(**_accepted(fn, kwargs, name, supplied))
+    return fn(**_accepted(fn, kwargs, name, known))
 
 
 __all__ = ["ZOOS", "create_model", "list_models", "names_code", "register_model"]
