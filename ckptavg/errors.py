@@ -66,7 +66,8 @@ class OptionError(CkptavgError):
         names = " / ".join((spell or str)(o) for o in self.options)
         detail = self.detail
         for m in self.mentions if spell is not None else ():
-            detail = re.sub(rf"(?<![\w-]){re.escape(m)}(?![\w-])", spell(m), detail)
+            # the bare word only: not `quoted`, 'quoted' or an argument (split='train')
+            detail = re.sub(rf"(?<![\w`'=-]){re.escape(m)}(?![\w`'=-])", spell(m), detail)
         value = self.value
         if value is not _UNSET and typed is not None:  # a value to show: as it was typed
             value = typed(self.options[0]) or value

@@ -198,3 +198,73 @@ def test_kwarg_mistakes_are_one_line_naming_the_option(user, kwargs, rc, needles
 def test_a_name_that_names_nothing_is_exit_2(user, args, needles):
     proc = cli(user, "eval", _pt(user)[-1], *args)
     one_line(proc, 2, *needles)
+
+
+# 9. Messages that are true.
+
+def test_ctrl_c_is_one_prefixed_line_and_no_blank_one(capsys, monkeypatch, tmp_path):
+    from ckptavg.cli.app import main
+    from ckptavg.engine import average as engine
+    from tests.conftest import write_safetensors
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "execute", interrupted)
+    files = write_safetensors(str(tmp_path), 2)
+    with pytest.raises(SystemExit) as e:
+        main(["average", *files, "-o", str(tmp_path / "out.safetensors")])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("ckptavg: interrupted") and err.count("\n") == 1, repr(err)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_messages_say_what_is_true(user, tmp_path):
+    ck = _pt(user)[-1]
+    # a damaged file read by eval: nothing to write, so nothing is said of writing
+    raw = open(ck, "rb").read()
+    i = raw.index(b"data/0") + 200
+    (user / "bad.pt").write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+    proc = cli(user, "eval", "bad.pt", "--model", "mymodule:build", "--data", "mymodule:data")
+    assert proc.returncode == 1 and "nothing was written" not in proc.stderr, proc.stderr
+    # averaging it says so
+    proc = cli(user, "average", "bad.pt", _pt(user)[0], "-o", "avg.safetensors")
+    assert proc.returncode == 1 and "nothing was written" in proc.stderr, proc.stderr
+    # a folder that takes no files is not "gone"
+    proc = cli(user, "average", *_pt(user), "-o", "/proc/swa.safetensors")
+    one_line(proc, 1, "takes no new files")
+    # --into object storage: said to be unsupported, not missing
+    proc = cli(user, "average", *_pt(user), "--into", "s3://bucket/swa.safetensors")
+    one_line(proc, 2, "--into s3://bucket/swa.safetensors", "not supported")
+    # a whole pickled module: no --key suggestion that would fail the same way
+    torch.save({"epoch": 1, "model": torch.nn.Linear(2, 2)}, user / "module.pt")
+    proc = cli(user, "average", "module.pt", _pt(user)[0], "-o", "m.safetensors")
+    one_line(proc, 1, "entry 'model' holds a pickled torch.nn.modules.linear.Linear",
+             "save model.state_dict()")
+    assert "--key" not in proc.stderr
+
+
+def test_no_strip_prefix_hint_for_a_real_submodule(user):
+    """torchvision's VGG has `features.`: weights of another network under it are not
+    a wrapper prefix to strip."""
+    torch.save({"features.weight": torch.ones(2, 2), "features.bias": torch.ones(2)},
+               user / "other.pt")
+    proc = cli(user, "eval", "other.pt", "--model", "torchvision:vgg11", "--data",
+               "mymodule:data", "--model-kwargs", '{"num_classes": 10}')
+    assert proc.returncode == 1, proc.stderr
+    assert "weights do not fit the model" in proc.stderr
+    assert "--strip-prefix" not in proc.stderr
+
+
+def test_the_bn_data_warning_names_the_model_the_command_needs(user):
+    from safetensors.torch import save_file
+    state = torch.load(_pt(user)[-1])["model_state_dict"]
+    save_file(state, str(user / "fixed.safetensors"), {"bn.stale": "false",
+                                                        "bn.data": "mymodule:loader"})
+    proc = cli(user, "eval", "fixed.safetensors", "--model", "mymodule:build", "--data",
+               "mymodule:data", "--json")
+    assert proc.returncode == 0, proc.stderr
+    warning = next(w for w in json.loads(proc.stdout)["warnings"] if "bn.data" in w)
+    assert "ckptavg bn-fix fixed.safetensors --data mymodule:data --model mymodule:build" \
+        in warning

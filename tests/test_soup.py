@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import ckptavg
 from ckptavg.cli import cli
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, Selection
 from ckptavg.selection.heldout import RunningSum
 from tests.fakedata import Blobs
@@ -232,7 +232,7 @@ def test_held_out_split_comes_from_the_runs_metadata_and_may_not_overlap_it(tmp_
         ckptavg.soup(paths, data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"), heldout=HeldOutOptions(holdout=100, train_images=350))
     (tmp_path / "bare").mkdir()
     bare = write(tmp_path / "bare", {"x": rotated(1), "y": rotated(2)})
-    with pytest.raises(CkptavgError, match="pass holdout=N"):
+    with pytest.raises(OptionError, match="holdout: missing: .* records no held-out images"):
         ckptavg.soup(bare, data=DATA, model=MODEL, loader=LoaderOptions(device="cpu"))
 
 
@@ -263,8 +263,9 @@ def test_cli_subprocess_user_mistake_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ckptavg", "search", *paths, "--data", DATA,
                            "--model", MODEL, "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and "pass holdout=N (--holdout N)" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--holdout: missing" in proc.stderr
+    assert "(of the first --train-images)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

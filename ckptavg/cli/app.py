@@ -106,6 +106,10 @@ def _import_torch_holding_signals() -> None:
     import_torch()
 
 
+class Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past Click's own handling to `_main`."""
+
+
 class Group(click.Group):
     command_class = Command
 
@@ -114,6 +118,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CkptavgError as e:
             raise UserError(e) from None
+        except KeyboardInterrupt:  # past Click, which would print a blank line first
+            raise Interrupted from None
         except EOFError as e:  # Click would report it as "Aborted!": it is a bug, show it
             raise RuntimeError("unexpected end of input") from e
 
@@ -194,7 +200,7 @@ def _main(argv: list[str] | None) -> None:
         rc = cli.main(args=args, prog_name="ckptavg", standalone_mode=False)
     except click.ClickException as e:
         fail(e, JSON_FLAG in args)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, Interrupted, click.exceptions.Abort):
         click.echo("ckptavg: interrupted; no output was written (an average into a folder "
                    "keeps its finished shards: the same command with --resume finishes it)",
                    err=True)

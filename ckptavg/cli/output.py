@@ -69,8 +69,23 @@ def say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
+def _clean(obj):
+    """`obj` with every float rounded to 15 significant digits: the noise of binary
+    arithmetic goes (81.89999999999999 is 81.9, 4.999999999999999 is 5.0), every figure a
+    float64 computation can vouch for stays."""
+    if isinstance(obj, float):
+        return float(f"{obj:.15g}")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    """Print `obj` as JSON (floats without binary noise, see `_clean`). The units of each
+    figure are in docs/json.md: accuracies in percent, losses in nats, sizes in bytes."""
+    click.echo(json.dumps(_clean(obj), indent=2, default=str))
 
 
 def reports() -> bool:

@@ -154,6 +154,10 @@ def average(
                           "average folds a uniform mean)")
     if into is not None:
         into = local_path(os.fspath(into))
+        if is_remote(into):
+            raise OptionError("into", "folding into a running average in object storage is not "
+                              "supported (it is updated under an exclusive file lock): fold "
+                              "into a local copy, then upload it", into)
         if not os.path.exists(into):
             raise CkptavgError(f"{into}: no such file; folding into a running average needs an "
                                "existing one (make the first with an output, -o)")

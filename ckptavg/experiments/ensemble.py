@@ -83,7 +83,7 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *,
     for i, ckpt in enumerate(checkpoints):
         net, _, meta, name = build_from_checkpoint(ckpt, model, model_kwargs, data_name, data_dir,
                                                    key, strip_prefix)
-        warnings += checkpoint_warnings(os.fspath(ckpt), meta, name)
+        warnings += checkpoint_warnings(os.fspath(ckpt), meta, name, model)
         if loader is None:
             data_name = name
             split = eval_split(name, split)

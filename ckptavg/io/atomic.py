@@ -37,13 +37,17 @@ _WRITE_HINTS = {
     errno.EACCES: "the folder is not writable by you: pick another folder",
     errno.EPERM: "the folder is not writable by you: pick another folder",
     errno.EROFS: "the file system is read-only: pick a folder on a writable one",
-    errno.ENOENT: "the folder is gone: create it, or pick another",
 }
 
 
 def write_error(path: str, e: OSError) -> OutputError:
     """One line for a failed write: what, where, and the fix the errno points to."""
     hint = _WRITE_HINTS.get(e.errno, "pick another folder")
+    if e.errno == errno.ENOENT:  # no folder, or one that takes no new files (/proc, /sys)
+        folder = os.path.dirname(os.path.abspath(path))
+        hint = ("the folder takes no new files (a special file system such as /proc?): pick "
+                "another folder" if os.path.isdir(folder) else
+                f"the folder {folder} does not exist: create it, or pick another")
     return OutputError(f"{path}: cannot write the output ({e.strerror or e}); nothing was "
                        f"written: {hint}")
 

@@ -180,7 +180,7 @@ def pread_into(fd: int, view: memoryview, offset: int, path: str) -> None:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
             raise CheckpointError(f"{path}: ended at byte {offset + done} while it was being "
-                                  "read (truncated during the run?); nothing was written. Run "
+                                  "read (truncated during the run?). Run "
                                   "again once the file is complete")
         done += got
 
@@ -348,7 +348,7 @@ def check_unchanged(files: list[SourceFile]) -> None:
         if f.changed():
             raise CheckpointError(
                 f"{f.path}: was modified while it was being read, so the result would mix two "
-                "versions of it; nothing was written. Run again once the file is complete "
+                "versions of it. Run again once the file is complete "
                 "(writers should save to a temporary name and rename)"
             )
 

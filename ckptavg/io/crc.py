@@ -89,7 +89,7 @@ class RecordCheck:
             raise CheckpointError(
                 f"{self.path}: record {self.name} begins at byte {begins}, not at byte "
                 f"{self.offset} where torch.save puts it: the zip was rewritten by another "
-                "tool; nothing was written. Copy it to local disk first, where every layout "
+                "tool. Copy it to local disk first, where every layout "
                 "is read")
         self.header = None
 
@@ -141,5 +141,5 @@ class RecordCheck:
             raise CheckpointError(
                 f"{self.path}: record {self.name}{what} fails its CRC-32 check (the zip says "
                 f"{self.expected:08x}, its bytes sum to {self._crc:08x}): the file was damaged "
-                "after it was written; nothing was written. Restore or re-save it, or leave it "
+                "after it was written. Restore or re-save it, or leave it "
                 "out")

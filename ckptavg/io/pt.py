@@ -254,6 +254,8 @@ def find_state_dict(obj: object, key: str | None, path: str,
                     "that holds the weights"
                 )
             node = node[part]
+        if isinstance(node, Opaque):
+            raise CheckpointError(f"{path}: entry {key!r} {_whole_object(node)}")
         if not isinstance(node, dict) or not _has_tensor(node):
             raise CheckpointError(f"{path}: entry {key!r} holds no tensors; name another entry")
         return node, key
@@ -268,10 +270,20 @@ def find_state_dict(obj: object, key: str | None, path: str,
             return inner, f"{name}/{where}"
     if _has_tensor(obj) and not any(isinstance(v, dict) and _has_tensor(v) for v in obj.values()):
         return obj, "<top level>"
+    objects = [k for k, v in obj.items() if isinstance(v, Opaque) and k in STATE_DICT_KEYS]
+    if objects:  # {'epoch', 'model': <nn.Module>}: --key model would fail the same way
+        raise CheckpointError(f"{path}: no state dict found: entry {objects[0]!r} "
+                              f"{_whole_object(obj[objects[0]])}")
     raise CheckpointError(
         f"{path}: no state dict found (top-level keys: {_list(obj)}); "
         "name the entry that holds the weights (--key)"
     )
+
+
+def _whole_object(node: Opaque) -> str:
+    return (f"holds a pickled {node.global_name} object, not a dict of tensors (weights are "
+            "never read from a class ckptavg does not import); save model.state_dict() "
+            "instead of the model")
 
 
 def _has_tensor(d: dict) -> bool:

@@ -233,7 +233,7 @@ class RemoteFile(SourceFile):
                 if len(data) != n:
                     raise CheckpointError(f"{self.path}: ended at byte {offset + len(data)} "
                                           f"while it was being read ({self.size} when opened); "
-                                          "nothing was written. Run again once it is complete")
+                                          "run again once it is complete")
                 return data
             except CheckpointError:
                 raise
@@ -244,7 +244,7 @@ class RemoteFile(SourceFile):
                 error = e
                 time.sleep(BACKOFF * 2 ** attempt)
         raise CheckpointError(f"{self.path}: reading bytes {offset}..{offset + n - 1} failed "
-                              f"after {RETRIES} tries ({_short(error)}); nothing was written. "
+                              f"after {RETRIES} tries ({_short(error)}). "
                               "Check the connection and run again")
 
     def get_many(self, spans: list[tuple[int, int]]) -> list[bytes]:

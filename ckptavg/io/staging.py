@@ -349,8 +349,11 @@ def _sha256_at(dfd: int, name: str) -> tuple[int, str] | None:
 
 def with_kept(e: CkptavgError, kept: str | None) -> CkptavgError:
     """The error a failed run raises: `e`, with the line saying how to finish the output
-    when finished shards were kept (same exit code)."""
+    when finished shards were kept (same exit code), else that nothing was written (a read
+    error's own message does not say it: `eval` and `inspect` write nothing anyway)."""
     if not kept:
+        if "nothing was written" not in str(e) and len(e.args) == 1:
+            e.args = (f"{e.args[0]}; nothing was written",)
         return e
     again = CkptavgError(f"{e}; {kept}")
     again.exit_code = e.exit_code

@@ -233,7 +233,7 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
         model.train(was_training)
     if batches == 0:
         raise CkptavgError("the data pass saw no batch; check the data set and the batch limits "
-                           "(batches/fraction, --batches/--fraction)")
+                           "(--batches, --fraction)")
     return Recalibration(len(layers), batches, samples)
 
 
@@ -250,7 +250,7 @@ class BnFixResult(Result):
     stats: str
     device: str
     seconds: float
-    message: str = ""
+    message: str | None = None  # why nothing was written, when nothing was
     warnings: list[str] = field(default_factory=list)
 
 

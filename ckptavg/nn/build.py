@@ -115,13 +115,19 @@ def wrapper_prefix(expected: list[str], found: list[str]) -> str | None:
     return None
 
 
-def _prefix_hint(found: list[str]) -> str:
-    """`--strip-prefix P.` when every unexpected key starts with the same component P."""
+def _prefix_hint(found: list[str], net: torch.nn.Module, expected: list[str]) -> str:
+    """`--strip-prefix P.` when every unexpected key starts with the same component P, P is
+    not one of the network's own submodules (VGG's `features.` is real) and stripping it
+    leaves keys the network has."""
     heads = {k.split(".", 1)[0] for k in found}
-    if len(heads) == 1 and all("." in k for k in found):
-        head = heads.pop()
-        return f"; if the weights sit under {head}., pass --strip-prefix {head}."
-    return ""
+    if len(heads) != 1 or not all("." in k for k in found):
+        return ""
+    head = heads.pop()
+    if head in dict(net.named_children()):
+        return ""
+    if not {k.split(".", 1)[1] for k in found} & set(expected):
+        return ""
+    return f"; if the weights sit under {head}., pass --strip-prefix {head}."
 
 
 def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
@@ -144,7 +150,7 @@ def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
             parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"shape {', '.join(shapes[:3])}")
-        hint = _prefix_hint(unexpected) if missing and unexpected else ""
+        hint = _prefix_hint(unexpected, net, list(result)) if missing and unexpected else ""
         raise ModelError(f"{path}: weights do not fit the model: {'; '.join(parts)}; "
                          f"check --model/--model-kwargs{hint}")
     net.load_state_dict(state, strict=True)

@@ -343,8 +343,8 @@ def eval_split(name: str, split: str | None) -> str:
     raise OptionError(("data", "split"), f"{name} takes no `split` parameter, so ckptavg "
                       "cannot ask it for the test images and will not call what it returns "
                       "test data; give the function a `split` parameter (it is called with "
-                      "split='train' or 'test'), or say which images it returns: split test "
-                      "or split train")
+                      "split='train' or 'test'), or say which images it returns with split "
+                      "test or train", mentions=("split",))
 
 
 def _user(spec: str, split: str, augment: bool):

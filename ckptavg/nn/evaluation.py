@@ -136,12 +136,16 @@ def _scores_across_ranks(probs: torch.Tensor, labels: torch.Tensor) -> Scores:
     return Scores(float(sums[0]) / n * 100, float(sums[1]) / n, n)
 
 
-def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list[str]:
-    """What a caller should know before trusting a score of this checkpoint."""
+def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str,
+                        model: str | None = None) -> list[str]:
+    """What a caller should know before trusting a score of this checkpoint. `model`: the
+    model named by the caller (--model), which a suggested command then names too."""
     out = []
+    named = f" --model {model}" if model and (model != meta.get("model.arch")) else ""
+    fix = f"ckptavg bn-fix {path} --data {data_name}{named}"
     if meta.get("bn.stale") == "true":
-        out.append(f"{path} has bn.stale=true (averaged, BatchNorm not recalibrated): run "
-                   "bn_fix (`ckptavg bn-fix`) first")
+        out.append(f"{path} has bn.stale=true (averaged, BatchNorm not recalibrated): "
+                   f"recalibrate it first ({fix} -o FIXED, or ckptavg.bn_fix)")
     trained_on = meta.get("data.name")
     if trained_on and trained_on != data_name:
         out.append(f"{path} was trained on {trained_on} (data.name) but is evaluated on "
@@ -151,7 +155,7 @@ def checkpoint_warnings(path: str, meta: dict[str, str], data_name: str) -> list
             and not bn_data.startswith(data_name + ":"):
         out.append(f"{path}: its BatchNorm statistics were computed on {bn_data} (bn.data), "
                    f"but it is evaluated on {data_name}; where the two differ, recompute them "
-                   f"on the data you evaluate on (ckptavg bn-fix {path} --data {data_name})")
+                   f"on the data you evaluate on ({fix} -o FIXED)")
     return out
 
 
@@ -211,4 +215,4 @@ def evaluate(checkpoint: str | os.PathLike, *,
         s = scores(probs, labels)
     return EvalResult(path, data_name, split, s.accuracy, s.loss, s.samples,
                       meta.get("bn.stale") == "true", str(dev), time.perf_counter() - t0,
-                      checkpoint_warnings(path, meta, data_name))
+                      checkpoint_warnings(path, meta, data_name, model))

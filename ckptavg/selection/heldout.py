@@ -143,10 +143,10 @@ class HeldOut:
         if holdout is None:
             holdout = meta_int(meta, "data.holdout", minimum=0) if same_data else None
             if not holdout:
-                raise CkptavgError(
-                    f"{ref.path}: no held-out images recorded (data.holdout metadata, written by "
-                    "train --holdout); pass holdout=N (--holdout N): the last N of the training "
-                    "images (of the first --train-images images)")
+                raise OptionError("holdout", f"missing: {ref.path} records no held-out "
+                                  "images (data.holdout metadata, written by train --holdout); "
+                                  "give how many of the last training images (of the first "
+                                  "train_images) to hold out", mentions=("train_images",))
         if holdout < 1:
             raise OptionError("holdout", "must be 1 or more", holdout)
         named: tuple[str, ...] = ("train_images",)
