@@ -193,7 +193,7 @@ def test_bn_fix_subprocess_errors_are_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("ckptavg: error: fashion-mnist train split not found")
     proc = run_cli("bn-fix", p, "--model", "preresnet146")
-    assert proc.returncode == 1 and "did you mean preresnet164" in proc.stderr
+    assert proc.returncode == 2 and "did you mean preresnet164" in proc.stderr
 
 
 def test_models_command():

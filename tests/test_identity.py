@@ -206,6 +206,12 @@ def test_the_same_weights_in_two_containers_are_refused_as_duplicates(tmp_path):
     assert len(lines) == 1 and "holds the same tensors as" in lines[0], proc.stderr
     assert "epoch_003.pt" in lines[0] and "final.safetensors" in lines[0]
     assert not out.exists()
+    dry = run_cli("average", *paths, final, "--dry-run", "--json")  # refused in the plan too
+    assert dry.returncode == 1 and "holds the same tensors as" in dry.stderr
+    assert json.loads(dry.stdout)["exit_code"] == 1
+    ok = run_cli("average", *paths, "--dry-run", "--json")
+    assert ok.returncode == 0
+    assert json.loads(ok.stdout)["content"] == [_reference_content(_state(i)) for i in range(1, 4)]
 
 
 def test_a_folder_output_records_content_hashes_also_when_resumed(tmp_path, monkeypatch):

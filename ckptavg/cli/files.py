@@ -52,7 +52,7 @@ from ckptavg.options import WINDOW, Reading, Selection
 @click.option("--resume", is_flag=True, help="Finish a folder or --dcp output that a failed or killed "
               "run left unfinished: its finished shards (kept in .OUTPUT.ckptavg-partial) are "
               "checked and only the missing ones are reduced.")
-@click.option("--dry-run", is_flag=True, help="Check inputs and print the plan; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Read every input as the real run does (checksums, NaN/Inf, duplicates) and print the plan; write nothing.")
 @output_options
 def average(inputs, as_json, quiet, **kwargs):
     """Average checkpoints into one, streaming one tensor at a time.
@@ -67,7 +67,7 @@ def average(inputs, as_json, quiet, **kwargs):
     from ckptavg.engine.average import average as run
 
     resolve_alias(kwargs, "--threads", "--arith-threads", "threads")
-    with progress_bar(quiet or as_json or kwargs["dry_run"], "average") as bar:
+    with progress_bar(quiet or as_json, "average") as bar:
         result = run(list(inputs), progress=bar, **kwargs)
     if reports():
         emit(result, as_json, quiet, _average_lines)

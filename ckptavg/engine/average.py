@@ -47,7 +47,7 @@ from ckptavg.io.base import meta_int, stamp_change
 from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote, local_path
 from ckptavg.io.staging import describe, with_kept
-from ckptavg.io.writer import check_output, output_kind
+from ckptavg.io.writer import Discard, check_output, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, peak_rss_bytes
@@ -248,7 +248,17 @@ def average(
                                    "two or more inputs")
         if kind == "torch" and not output.lower().endswith(".bin"):
             result.warnings += carried_notes(readers[-1])
-        if not dry_run:
+        if dry_run:  # the read pass without the output: what the real run would refuse
+            hashes = ContentHashes(len(readers), plan.specs, {
+                s.key: readers[0].info(s.key).dtype.name for s in plan.specs})
+            execute(plan, Discard(), progress=progress, threads=threads, hashes=hashes)
+            for r in readers:
+                r.check_unchanged()
+            digests = (hashes.hexdigests() or [])[1 if running is not None else 0:]
+            refuse_same_tensors([c.path for c in chosen], digests,
+                                [(c.epoch, c.step) for c in chosen])
+            result.content = digests
+        else:
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
             result.warnings += notes
             entry = dcp_entry(readers[-1]) if dcp else plan.entry

@@ -290,6 +290,27 @@ class Writer(Atomic, abc.ABC):
         """Finish and commit the output."""
 
 
+class Discard(Writer):
+    """Takes every tensor and keeps none: a dry run goes through the read pass (every byte
+    read, each torch zip record's CRC-32 checked, NaN/Inf refused, content hashes taken)
+    and writes nothing."""
+
+    path = "(dry run: nothing written)"
+    streams_parts = True
+
+    def _write(self, key: str, tensor: np.ndarray) -> None:
+        return None
+
+    def _write_part(self, key: str, flat: np.ndarray, first: bool, last: bool) -> None:
+        return None
+
+    def _close(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
+
+
 class BackgroundWriter:
     """Runs a writer's `write` on one thread, so that copying a tensor to the file overlaps
     the arithmetic of the next one. The caller takes a free buffer with `buffer()`, fills it

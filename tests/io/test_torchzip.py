@@ -216,6 +216,9 @@ def test_a_record_whose_bytes_fail_its_crc_is_one_line_and_nothing_is_written(tm
     assert len(lines) == 1 and "fails its CRC-32 check" in lines[0] and paths[1] in lines[0]
     assert name in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["e0.pt", "e1.pt"]  # no output, no temp file
+    # a dry run reads as the real run does: the same refusal, not a plan that passes
+    dry = run_cli("average", *paths, "--dry-run")
+    assert dry.returncode == 1 and "fails its CRC-32 check" in dry.stderr
     # and every other reader path: a whole load (bn-fix, eval, ckptavg.load)
     with pytest.raises(CheckpointError, match="fails its CRC-32 check"):
         ckptavg.load(paths[1])
