@@ -206,14 +206,3 @@ class HeldOutOptions(_Of):
                        "statistics: update_bn, torch's semantics; exact, population statistics.")
     bn_batches: int | None = opt(None, "--bn-batches", kind="int", min=1, help="Recalibrate "
                                  "BatchNorm on this many batches for every candidate.")
-
-
-def network_fields(model=None, data=None, loader=None, reading=None) -> tuple:
-    """The fields of the options a command that runs a stored network over data takes, in
-    one flat tuple, for the helpers that take plain values: (model, model_kwargs, data,
-    data_dir, download, batch_size, workers, device, input_key, key, strip_prefix). `model`
-    and `data` may be plain names."""
-    m, d = ModelOptions.of(model), DataOptions.of(data)
-    ld, rd = LoaderOptions.of(loader), Reading.of(reading)
-    return (m.model, m.model_kwargs, d.data, d.data_dir, d.download, ld.batch_size,
-            ld.workers, ld.device, ld.input_key, rd.key, rd.strip_prefix)

@@ -200,3 +200,44 @@ def test_same_seed_and_thread_count_reproduce_the_run(data, tmp_path):
     sb, _ = ckptavg.load(b.checkpoints[-1])
     assert ma["train.threads"] == "1"
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_commands_find_the_runs_data_folder_without_data_dir(data, tmp_path):
+    """Issue #34, item 10: train records its data folder (data.dir), so bn-fix and eval of
+    its files read the same images without --data-dir; a folder that is gone falls back to
+    the default, which says where it looked."""
+    from tests.conftest import run_cli
+
+    s = train(cfg(data, tmp_path / "run", epochs=3), device="cpu")
+    assert ckptavg.load(s.checkpoints[0])[1]["data.dir"] == os.path.abspath(data)
+    env = {k: v for k, v in os.environ.items() if k != "CKPTAVG_DATA"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # the default folder holds nothing
+    model = ("--model", "tests.fakedata:tiny_bn")
+    swa = tmp_path / "swa.safetensors"
+    run_cli("average", *s.checkpoints[1:], "-o", swa, env=env, check=True)
+    fixed = tmp_path / "fixed.safetensors"
+    fix = run_cli("bn-fix", swa, *model, "-o", fixed, "--json", env=env)
+    assert fix.returncode == 0, fix.stderr
+    assert json.loads(fix.stdout)["samples"] == 48
+    ev = run_cli("eval", fixed, *model, "--json", env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["samples"] == 20
+    os.rename(data, tmp_path / "moved")
+    gone = run_cli("eval", fixed, *model, env=env)
+    assert gone.returncode == 1 and str(tmp_path / "cache") in gone.stderr
+    assert len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+
+
+def test_a_bin_output_says_it_cannot_record_stale_batchnorm(data, tmp_path):
+    """A .bin holds no metadata: the average of a network with BatchNorm warns that nothing
+    will say its statistics are stale (eval cannot), where .safetensors records it."""
+    from tests.conftest import run_cli
+
+    s = train(cfg(data, tmp_path / "run", epochs=3), device="cpu")
+    proc = run_cli("average", *s.checkpoints, "-o", tmp_path / "swa.bin", "--json")
+    assert proc.returncode == 0, proc.stderr
+    warnings = json.loads(proc.stdout)["warnings"]
+    assert any("a .bin holds no metadata" in w and "bn-fix" in w for w in warnings)
+    kept = run_cli("average", *s.checkpoints, "-o", tmp_path / "swa.pt", "--json")
+    assert not any(".bin" in w for w in json.loads(kept.stdout)["warnings"])
+    assert ckptavg.load(tmp_path / "swa.pt")[1]["bn.stale"] == "true"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ckptavg.errors import CkptavgError
-from ckptavg.nn.build import build_from_checkpoint
-from ckptavg.nn.data import eval_split, get_dataset, make_loader
+from ckptavg.nn.build import network
+from ckptavg.nn.data import eval_split, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import checkpoint_warnings, predict, scores
 from ckptavg.options import (
@@ -19,7 +19,6 @@ from ckptavg.options import (
     Reading,
     Split,
     check_choice,
-    network_fields,
 )
 from ckptavg.results import Result
 
@@ -69,25 +68,26 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *,
         >>> r.n, r.samples, [m.samples for m in r.members]
         (2, 300, [300, 300])
     """
-    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
-     key, strip_prefix) = network_fields(model, data, loader, reading)
+    ld, d = LoaderOptions.of(loader), DataOptions.of(data)
+    batch_size, workers, input_key = ld.batch_size, ld.workers, ld.input_key
     subset = eval_images
     if split is not None:
         check_choice("split", split, Split)
     if not checkpoints:
         raise CkptavgError("no checkpoints given to ensemble")
     t0 = time.perf_counter()
-    dev = resolve_device(device)
-    total, labels, members, data_name, warnings = None, None, [], data, []
+    dev = resolve_device(ld.device)
+    total, labels, members, warnings = None, None, [], []
     loader = None
     for i, ckpt in enumerate(checkpoints):
-        net, _, meta, name = build_from_checkpoint(ckpt, model, model_kwargs, data_name, data_dir,
-                                                   key, strip_prefix)
-        warnings += checkpoint_warnings(os.fspath(ckpt), meta, name, model)
-        if loader is None:
-            data_name = name
+        built = network(ckpt, model, d, reading)
+        net, meta, name = built.net, built.meta, built.data
+        warnings += checkpoint_warnings(os.fspath(ckpt), meta, name,
+                                        ModelOptions.of(model).model)
+        if loader is None:  # the first checkpoint's data set (and folder) for every member
+            d = replace(d, data=name, data_dir=built.data_dir)
             split = eval_split(name, split)
-            ds = get_dataset(name, split, data_dir, augment=False, download=download)
+            ds = built.dataset(split)
             loader = make_loader(ds, batch_size, workers=workers, subset=subset, device=str(dev),
                                      subset_option="eval_images")
         probs, y = predict(net.to(dev), loader, dev, input_key)
@@ -98,5 +98,5 @@ def ensemble(checkpoints: Sequence[str | os.PathLike], *,
         if progress:
             progress(i + 1, len(checkpoints))
     s = scores((total / len(checkpoints)).float(), labels)
-    return EnsembleResult(data_name, split, members, len(checkpoints), s.accuracy, s.loss,
+    return EnsembleResult(d.data, split, members, len(checkpoints), s.accuracy, s.loss,
                           s.samples, time.perf_counter() - t0, warnings)

@@ -27,7 +27,7 @@ from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.atomic import AtomicFile, atomic_text
 from ckptavg.nn.bn import bn_fix
-from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.build import network
 from ckptavg.nn.data import get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import evaluate, predict, scores
@@ -164,8 +164,7 @@ def _run_seed(p: Preset, seed: int, out: str, data_dir, device, log) -> dict:
         r = evaluate(fixed, model=model, data=DataOptions(data_dir=data_dir),
                      loader=LoaderOptions(device=device))
         curve.append({"epoch": epoch, "accuracy": r.accuracy, "loss": r.loss})
-        net, _, _, _ = build_from_checkpoint(ckpt, model.model, model.model_kwargs,
-                                             data_dir=data_dir)
+        net = network(ckpt, model, DataOptions(data_dir=data_dir)).net
         probs, y = predict_test(net, p.data, data_dir, device, predict)
         labels = y
         prob_sum = probs.double() if prob_sum is None else prob_sum + probs

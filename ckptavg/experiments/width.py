@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,11 +22,11 @@ from ckptavg.errors import OptionError
 from ckptavg.experiments.plots import pyplot
 from ckptavg.io.atomic import AtomicFile, atomic_text
 from ckptavg.nn.bn import recalibrate
-from ckptavg.nn.build import build_from_checkpoint
-from ckptavg.nn.data import get_dataset, make_loader
+from ckptavg.nn.build import network
+from ckptavg.nn.data import make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict, scores
-from ckptavg.options import DataOptions, LoaderOptions, ModelOptions, network_fields
+from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
 from ckptavg.results import Result
 
 WIDTH_TRAIN_IMAGES = 5000  # training images for the train loss and BatchNorm, by default
@@ -105,8 +105,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         >>> len(r.rows), [s.label for s in r.summary]
         (4, ['epoch-0001.safetensors', 'swa.safetensors'])
     """
-    (model, model_kwargs, data, data_dir, download, batch_size, _, device, _,
-     _, _) = network_fields(model, data, loader)
+    ld, chosen = LoaderOptions.of(loader), DataOptions.of(data)
+    batch_size, device = ld.batch_size, ld.device
     if directions is not None:
         rays = len(directions)
     if rays < 1 or points < 2 or max_distance <= 0:
@@ -120,12 +120,11 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
     dev = resolve_device(device)
     labels = tuple(labels or (os.path.basename(a), os.path.basename(b)))
     nets = []
-    for path in (a, b):
-        net, _, _, name = build_from_checkpoint(path, model, model_kwargs, data, data_dir)
-        nets.append(net.to(dev))
-        data = data or name
-    train = get_dataset(data, "train", data_dir, augment=False, download=download)
-    test = get_dataset(data, "test", data_dir, augment=False, download=download)
+    for path in (a, b):  # the second on the first one's data set (and folder)
+        built = network(path, model, chosen)
+        nets.append(built.net.to(dev))
+        chosen = replace(chosen, data=built.data, data_dir=built.data_dir)
+    train, test = built.dataset("train"), built.dataset("test")
     if train_images == WIDTH_TRAIN_IMAGES:  # the default: all images when there are fewer
         train_images = min(train_images, len(train))
     train_loader = make_loader(train, batch_size, subset=train_images, device=str(dev),
@@ -174,7 +173,7 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
             w.writeheader()
             w.writerows(rows)
     if plot_path:
-        plot_width(rows, plot_path, title=f"{data}: {labels[0]} vs {labels[1]}")
+        plot_width(rows, plot_path, title=f"{chosen.data}: {labels[0]} vs {labels[1]}")
     return WidthResult(list(labels), max_distance, rows, summary, csv_path, plot_path,
                        time.perf_counter() - t0)
 

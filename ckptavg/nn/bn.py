@@ -23,12 +23,11 @@ from ckptavg.errors import CkptavgError, DataError, OptionError, user_batches, u
 from ckptavg.io import open_checkpoint
 from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import layout_of, save
-from ckptavg.nn.build import build_from_checkpoint, wrapper_prefix
+from ckptavg.nn.build import network, wrapper_prefix
 from ckptavg.nn.data import (
     PassBatches,
     batch_seed,
     describe_data,
-    get_dataset,
     own_share,
     pass_batches,
     pass_loader,
@@ -44,7 +43,6 @@ from ckptavg.options import (
     Split,
     Stats,
     check_choice,
-    network_fields,
 )
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, Result
@@ -295,8 +293,9 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         >>> r.bn_layers, r.samples, ckptavg.load("swa.safetensors")[1]["bn.stale"]
         (3, 512, 'false')
     """
-    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
-     key, strip_prefix) = network_fields(model, data, loader, reading)
+    ld, rd = LoaderOptions.of(loader), Reading.of(reading)
+    batch_size, workers, input_key = ld.batch_size, ld.workers, ld.input_key
+    key, strip_prefix = rd.key, rd.strip_prefix
     subset = bn_images
     t0 = time.perf_counter()
     check_choice("stats", stats, Stats)
@@ -310,9 +309,9 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     path = os.fspath(checkpoint)
     if output is None:
         _check_in_place(path, key, strip_prefix)
-    net, state, meta, data_name = build_from_checkpoint(checkpoint, model, model_kwargs, data,
-                                                        data_dir, key, strip_prefix)
-    dev = resolve_device(device)
+    built = network(checkpoint, model, data, rd)
+    net, state, meta, data_name = built.net, built.state, built.meta, built.data
+    dev = resolve_device(ld.device)
     # keyed and laid out as the input was (Lightning's model., DDP's module., its entry and
     # hyper-parameters), so the output loads where the input loads; in place (no output):
     # the file the user named to fix, checked to lose nothing
@@ -333,7 +332,7 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     recorded = None
     if subset is None and split == "train" and data_name == meta.get("data.name"):
         subset = recorded = meta_int(meta, "data.train_images", minimum=0)
-    dataset = get_dataset(data_name, split, data_dir, augment=augment, download=download)
+    dataset = built.dataset(split, augment=augment)
     if recorded is not None and hasattr(dataset, "__len__") and recorded > len(dataset):
         raise DataError(f"{path}: the run trained on {recorded} images (data.train_images), "
                         f"more than the {len(dataset)} of {data_name}'s {split} split here: "

@@ -1,9 +1,15 @@
-"""Rebuild a network from a checkpoint: model.* metadata (or --model) plus its weights."""
+"""Rebuild a network from a checkpoint: model.* metadata (or --model) plus its weights.
+
+`network()` is the one way every command that runs a stored network over data (bn-fix,
+eval, ensemble, width, replicate; soup, search and swag through `network_for`) builds it:
+the model and data set from the options, else from the checkpoint's metadata; the data
+folder from --data-dir, else the one the run recorded (data.dir), else the default."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +17,71 @@ from ckptavg.errors import CkptavgError, ModelError, OptionError
 from ckptavg.io.checkpoint import load
 from ckptavg.nn.data import INFO, data_info, get_dataset
 from ckptavg.nn.models import create_model, names_code
+from ckptavg.options import DataOptions, ModelOptions, Reading
+
+
+@dataclass
+class Network:
+    """A network rebuilt from a checkpoint, with the data set it runs over.
+
+    `state` and `meta` are the checkpoint's weights and metadata as read (`state` is None
+    from `network_for`, which loads no weights); `data` is the data set's name and
+    `data_dir` its folder; `kwargs` what the factory was called with (the user's
+    --model-kwargs, plus the classes and channels the data set tells where the factory
+    takes them)."""
+
+    path: str
+    net: torch.nn.Module
+    state: dict | None
+    meta: dict
+    data: str
+    data_dir: str | None
+    download: bool
+    arch: str
+    kwargs: dict
+
+    def dataset(self, split: str, augment: bool = False):
+        """The data set's `split` (train or test), as `get_dataset` gives it."""
+        return get_dataset(self.data, split, self.data_dir, augment=augment,
+                           download=self.download)
+
+
+def network_for(meta: dict[str, str], path: str, model: ModelOptions | str | None = None,
+                data: DataOptions | str | None = None) -> Network:
+    """The network a checkpoint's metadata (or `model`, `data`) names, without its weights:
+    for the commands that load several candidates' weights into one network."""
+    m, d = ModelOptions.of(model), DataOptions.of(data)
+    data_name, arch, kwargs = model_and_data(meta, m.model, m.model_kwargs, d.data, path)
+    data_dir = data_folder(meta, data_name, d.data_dir)
+    net, kwargs = build_model(arch, kwargs, data_name, data_dir)
+    return Network(path, net, None, meta, data_name, data_dir, d.download, arch, kwargs)
+
+
+def network(checkpoint, model: ModelOptions | str | None = None,
+            data: DataOptions | str | None = None,
+            reading: Reading | None = None) -> Network:
+    """The network of `checkpoint` with its weights loaded (strictly; weights kept under one
+    wrapper prefix, a Lightning module's `model.`, are found under it). `reading` finds the
+    weights in a training checkpoint, as for `average`."""
+    path = os.fspath(checkpoint)
+    rd = Reading.of(reading)
+    state, meta = load(path, key=rd.key, strip_prefix=rd.strip_prefix)
+    built = network_for(meta, path, model, data)
+    load_weights(built.net, state, path)
+    built.state = state
+    return built
+
+
+def data_folder(meta: dict[str, str], data_name: str, data_dir: str | None) -> str | None:
+    """--data-dir when given; else the folder the run recorded (`data.dir`, written by
+    `ckptavg train`) when the data set is the run's and the folder is there; else None (the
+    default folder). A folder is only read from, so taking it from a file runs nothing."""
+    if data_dir:
+        return data_dir
+    recorded = meta.get("data.dir")
+    if recorded and data_name == meta.get("data.name") and os.path.isdir(recorded):
+        return recorded
+    return None
 
 # Factory arguments that download or load weights: never taken from a file's metadata.
 FETCHING_KWARGS = {"weights", "weights_backbone", "pretrained", "pretrained_cfg",
@@ -154,15 +225,3 @@ def load_weights(net: torch.nn.Module, state: dict, path: str) -> None:
         raise ModelError(f"{path}: weights do not fit the model: {'; '.join(parts)}; "
                          f"check --model/--model-kwargs{hint}")
     net.load_state_dict(state, strict=True)
-
-
-def build_from_checkpoint(checkpoint, model=None, model_kwargs=None, data=None, data_dir=None,
-                          key=None, strip_prefix=None):
-    """(network with the checkpoint's weights, state, metadata, data set name). `key` and
-    `strip_prefix` find the weights in a training checkpoint, as for `average`."""
-    path = os.fspath(checkpoint)
-    state, meta = load(path, key=key, strip_prefix=strip_prefix)
-    data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data, path)
-    net, _ = build_model(arch, kwargs, data_name, data_dir)
-    load_weights(net, state, path)
-    return net, state, meta, data_name

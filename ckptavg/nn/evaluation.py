@@ -11,12 +11,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ckptavg.errors import DataError, user_batches, users_code
-from ckptavg.nn.build import build_from_checkpoint
+from ckptavg.nn.build import network
 from ckptavg.nn.calibration import nll_per_sample
 from ckptavg.nn.data import (
     batches_here,
     eval_split,
-    get_dataset,
     own_share,
     pass_loader,
     split_batch,
@@ -29,7 +28,6 @@ from ckptavg.options import (
     Reading,
     Split,
     check_choice,
-    network_fields,
 )
 from ckptavg.parallel import Group, world_size
 from ckptavg.results import Progress, Result
@@ -188,18 +186,18 @@ def evaluate(checkpoint: str | os.PathLike, *,
         >>> r.split, r.samples, 0 <= r.accuracy <= 100
         ('test', 500, True)
     """
-    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
-     key, strip_prefix) = network_fields(model, data, loader, reading)
+    ld = LoaderOptions.of(loader)
+    batch_size, workers, input_key = ld.batch_size, ld.workers, ld.input_key
     subset = eval_images
     t0 = time.perf_counter()
     if split is not None:
         check_choice("split", split, Split)
     path = os.fspath(checkpoint)
-    net, _, meta, data_name = build_from_checkpoint(path, model, model_kwargs, data, data_dir,
-                                                    key, strip_prefix)
+    built = network(path, model, data, reading)
+    net, meta, data_name = built.net, built.meta, built.data
     split = eval_split(data_name, split)
-    dev = resolve_device(device)
-    dataset = get_dataset(data_name, split, data_dir, augment=False, download=download)
+    dev = resolve_device(ld.device)
+    dataset = built.dataset(split)
     if world_size() > 1:  # under torchrun: batch i on rank i % P, sums all-reduced
         with Group() as group:
             loader = pass_loader(dataset, batch_size, workers=workers, subset=subset,
@@ -215,4 +213,4 @@ def evaluate(checkpoint: str | os.PathLike, *,
         s = scores(probs, labels)
     return EvalResult(path, data_name, split, s.accuracy, s.loss, s.samples,
                       meta.get("bn.stale") == "true", str(dev), time.perf_counter() - t0,
-                      checkpoint_warnings(path, meta, data_name, model))
+                      checkpoint_warnings(path, meta, data_name, ModelOptions.of(model).model))

@@ -23,8 +23,8 @@ from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import save
 from ckptavg.io.dtypes import dtype_of
 from ckptavg.nn.bn import bn_layers, recalibrate
-from ckptavg.nn.build import build_model, load_weights, model_and_data
-from ckptavg.nn.data import describe_data, get_dataset, holdout_split, make_loader
+from ckptavg.nn.build import load_weights, network_for
+from ckptavg.nn.data import describe_data, holdout_split, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import Scores, predict, scores
 from ckptavg.options import (
@@ -34,7 +34,6 @@ from ckptavg.options import (
     ModelOptions,
     Stats,
     check_choice,
-    network_fields,
 )
 
 
@@ -126,18 +125,15 @@ class HeldOut:
         h = HeldOutOptions.of(heldout)
         holdout, subset, seed, stats, bn_batches = (h.holdout, h.train_images, h.seed, h.stats,
                                                     h.bn_batches)
-        (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
-         _, _) = network_fields(model, data, loader)
+        ld = LoaderOptions.of(loader)
         check_choice("stats", stats, Stats)
         meta = ref.metadata
-        self.data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data,
-                                                      ref.path)
-        self.net, _ = build_model(arch, kwargs, self.data_name, data_dir)
-        self.dev = resolve_device(device)
+        self.network = network_for(meta, ref.path, model, data)
+        self.net, self.data_name = self.network.net, self.network.data
+        self.dev = resolve_device(ld.device)
         self.net.to(self.dev)
-        self.data_dir, self.download = data_dir, download
-        self.batch_size, self.workers, self.seed = batch_size, workers, seed
-        self.stats, self.bn_batches, self.input_key = stats, bn_batches, input_key
+        self.batch_size, self.workers, self.seed = ld.batch_size, ld.workers, seed
+        self.stats, self.bn_batches, self.input_key = stats, bn_batches, ld.input_key
         same_data = meta.get("data.name") == self.data_name
         trained = meta_int(meta, "data.train_images", minimum=0) if same_data else None
         if holdout is None:
@@ -153,8 +149,8 @@ class HeldOut:
         if subset is None and trained is not None:
             subset = trained + holdout  # the split `train --train-images S --holdout N` made
             named = ("holdout", "train_images")
-        train_set = get_dataset(self.data_name, "train", data_dir, augment=True, download=download)
-        plain = get_dataset(self.data_name, "train", data_dir, augment=False)
+        train_set = self.network.dataset("train", augment=True)
+        plain = self.network.dataset("train")
         if isinstance(train_set, torch.utils.data.DataLoader):
             raise DataError(f"data {self.data_name}: gives a DataLoader, which cannot be split "
                             "into training and held-out images; return a Dataset")
@@ -175,8 +171,8 @@ class HeldOut:
             f"{self.description} were not trained on; if they were, the held-out scores are "
             "optimistic and the choice is not honest (hold out images your loop never saw)"]
         self._train_set = torch.utils.data.Subset(train_set, fit)
-        self._held = make_loader(torch.utils.data.Subset(plain, held), batch_size,
-                                 workers=workers, device=str(self.dev))
+        self._held = make_loader(torch.utils.data.Subset(plain, held), self.batch_size,
+                                 workers=self.workers, device=str(self.dev))
         layers = set(bn_layers(self.net))
         self.has_bn = bool(layers)
         self.bn_keys = {f"{name}.{b}" for name, m in self.net.named_modules() if m in layers
@@ -229,8 +225,7 @@ class HeldOut:
         """Test accuracy of the chosen weights, as scored (BatchNorm as `fixed` left it):
         the only time the test split is read."""
         load_weights(self.net, state, "the chosen weights")
-        test_set = get_dataset(self.data_name, "test", self.data_dir, augment=False,
-                               download=self.download)
+        test_set = self.network.dataset("test")
         loader = make_loader(test_set, self.batch_size, workers=self.workers, device=str(self.dev))
         probs, labels = predict(self.net, loader, self.dev, self.input_key)
         return scores(probs, labels)

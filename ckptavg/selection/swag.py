@@ -35,9 +35,9 @@ from ckptavg.io.base import ReaderBase
 from ckptavg.io.checkpoint import load
 from ckptavg.io.writer import output_kind
 from ckptavg.nn.bn import bn_layers, recalibrate
-from ckptavg.nn.build import build_model, load_weights, model_and_data
+from ckptavg.nn.build import load_weights, network_for
 from ckptavg.nn.calibration import BINS, calibration_scores
-from ckptavg.nn.data import eval_split, get_dataset, make_loader
+from ckptavg.nn.data import eval_split, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict
 from ckptavg.options import (
@@ -49,7 +49,6 @@ from ckptavg.options import (
     Split,
     Stats,
     check_choice,
-    network_fields,
 )
 from ckptavg.results import Progress, Result, peak_rss_bytes
 
@@ -293,8 +292,8 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         (['SWAG', 'SWA', 'runs/a/epoch-0006.safetensors'], 300)
     """
     t0 = time.perf_counter()
-    (model, model_kwargs, data, data_dir, download, batch_size, workers, device, input_key,
-     _, _) = network_fields(model, data, loader)
+    ld = LoaderOptions.of(loader)
+    batch_size, workers, input_key = ld.batch_size, ld.workers, ld.input_key
     if split is not None:
         check_choice("split", split, Split)
     check_choice("stats", stats, Stats)
@@ -304,18 +303,18 @@ def evaluate_swag(swag_path: str | os.PathLike, baselines: Sequence[str | os.Pat
         pyplot()
     with SwagPosterior(swag_path) as post:
         meta = post.metadata
-        data_name, arch, kwargs = model_and_data(meta, model, model_kwargs, data, post.path)
+        built = network_for(meta, post.path, model, data)
+        net, data_name = built.net, built.data
         split = eval_split(data_name, split)
-        net, _ = build_model(arch, kwargs, data_name, data_dir)
-        dev = resolve_device(device)
+        dev = resolve_device(ld.device)
         net.to(dev)
         has_bn = bool(bn_layers(net))
         train_images = meta.get("data.train_images", "")
         bn_subset = int(train_images) if train_images.isdigit() and \
             meta.get("data.name") == data_name else None
-        train_set = get_dataset(data_name, "train", data_dir, augment=True, download=download) \
+        train_set = built.dataset("train", augment=True) \
             if has_bn else None
-        eval_set = get_dataset(data_name, split, data_dir, augment=False, download=download)
+        eval_set = built.dataset(split)
         eval_loader = make_loader(eval_set, batch_size, workers=workers, subset=eval_images,
                                   device=str(dev), subset_option="eval_images")
         total = samples + 1 + len(baselines)

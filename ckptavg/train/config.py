@@ -132,10 +132,4 @@ class TrainConfig:
 # they are read and how often the test set is scored. Every other setting defines the run.
 RESUMABLE_CHANGES = ("out", "data_dir", "workers", "eval_every")
 SWA_START_FRACTION = 0.75  # as Lightning's StochasticWeightAveraging(swa_epoch_start=0.8) allows
-
-
-# Settings that may change between the calls of one resumed run: where files are, how fast
-# they are read and how often the test set is scored. Every other setting defines the run.
-RESUMABLE_CHANGES = ("out", "data_dir", "workers", "eval_every")
-SWA_START_FRACTION = 0.75  # as Lightning's StochasticWeightAveraging(swa_epoch_start=0.8) allows
 RENAMED = {"subset": "train_images", "threads": "torch_threads"}  # 0.1 names -> today's

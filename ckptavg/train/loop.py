@@ -19,7 +19,14 @@ from ckptavg.io.atomic import AtomicFile
 from ckptavg.io.checkpoint import save
 from ckptavg.io.pt import load_torch_file
 from ckptavg.nn.build import build_model
-from ckptavg.nn.data import data_takes, get_dataset, holdout_split, make_loader
+from ckptavg.nn.data import (
+    INFO,
+    data_takes,
+    default_data_dir,
+    get_dataset,
+    holdout_split,
+    make_loader,
+)
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict, scores
 from ckptavg.results import Result
@@ -64,6 +71,14 @@ class _State:
     epoch: int = 0
     swa_state: dict | None = None
     swa_n: int = 0
+
+
+def _data_dir(config) -> dict:
+    """{"data.dir": the absolute data folder} of a named data set, so that bn-fix and eval
+    of the run's files find the images without --data-dir; {} for a user's function."""
+    if config.data not in INFO:
+        return {}
+    return {"data.dir": os.path.abspath(os.path.expanduser(config.data_dir or default_data_dir()))}
 
 
 def _seed_all(seed: int) -> None:
@@ -134,6 +149,7 @@ def _train(config: TrainConfig, device, resume, download, stop_after, on_batch, 
                             extra_metadata={"train.schedule": config.schedule,
                                             "data.train_images": loaders.train_images,
                                             "data.holdout": config.holdout,
+                                            **_data_dir(config),
                                             "train.threads": torch.get_num_threads()})
     result = TrainResult(config.out, st.epoch, 0, [], None, None, 0.0, 0.0, 0.0)
     end = config.epochs if stop_after is None else min(config.epochs, st.epoch + stop_after)
