@@ -156,10 +156,18 @@ class ModelOptions(_Of):
     """The network the weights belong to (default: the checkpoint's model.* metadata)."""
 
     model: str | None = opt(None, "--model", help="Model name (see `ckptavg models`), "
-                            "torchvision:NAME, timm:NAME or package.module:factory.")
+                            "torchvision:NAME, timm:NAME or package.module:factory. The factory "
+                            "is called with --model-kwargs, plus num_classes and in_channels "
+                            "(timm: in_chans) where the data set tells them and the factory "
+                            "takes them; --model-kwargs win.")
     model_kwargs: Mapping[str, Any] | None = opt(None, "--model-kwargs", kind="json",
                                                  help="JSON keyword arguments for the model "
                                                  "factory.")
+
+
+# where a named data set is looked for when no --data-dir is given (nn.data.default_data_dir)
+DATA_DIR_DEFAULT = ("$CKPTAVG_DATA if set, else $XDG_CACHE_HOME/ckptavg/data if XDG_CACHE_HOME "
+                    "is an absolute path, else ~/.cache/ckptavg/data")
 
 
 @dataclass(frozen=True)
@@ -172,8 +180,8 @@ class DataOptions(_Of):
                            "it takes those parameters; returns a Dataset or DataLoader of (input, "
                            "label) batches).")
     data_dir: str | None = opt(None, "--data-dir", help="Data root (torchvision's root); "
-                               "default $CKPTAVG_DATA if set, else $XDG_CACHE_HOME/ckptavg/data "
-                               "if XDG_CACHE_HOME is set, else ~/.cache/ckptavg/data.")
+                               "default: the folder the run recorded (data.dir) when it is there, "
+                               f"else {DATA_DIR_DEFAULT}.")
     download: bool = opt(False, "--download", kind="bool", help="Download the data set if missing.")
 
 

@@ -348,3 +348,36 @@ def test_ctrl_c_during_the_torch_import_is_held_until_it_is_done(start):
     assert proc.returncode == 0, proc.stderr
     held = ["held until imported: True"] if start == "default" else []
     assert proc.stdout.splitlines() == held + ["handler restored: True"]
+
+
+@pytest.mark.parametrize("command", ["average", "bn-fix", "eval"])
+def test_help_examples_name_only_options_the_command_has(command):
+    """Issue #34, item 11: average, bn-fix and eval show examples; each example parses as
+    that command (every flag is one of its options, the arguments it takes are there)."""
+    import shlex
+
+    text = invoke(command, "--help").output
+    examples = [line.split("#")[0].strip() for line in text.splitlines()
+                if line.strip().startswith(f"ckptavg {command} ")]
+    assert len(examples) >= 3, text
+    cmd = cli.commands[command]
+    names = {n for p in cmd.params for n in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+    for example in examples:
+        words = shlex.split(example)[2:]
+        flags = [w.split("=")[0] for w in words if w.startswith("-")]
+        assert set(flags) <= names, (example, set(flags) - names)
+        ctx = cmd.make_context(command, words)  # raises a UsageError on a wrong example
+        assert ctx.params is not None
+
+
+def test_help_says_what_each_option_needs():
+    """-o is marked required on average; --model says which kwargs a factory receives;
+    eval takes one CHECKPOINT; -q of the reporting commands speaks of no progress bar."""
+    assert "required, unless --into or --dry-run" in invoke("average", "--help").output
+    bn = " ".join(invoke("bn-fix", "--help").output.split())
+    assert "num_classes and in_channels" in bn and "--model-kwargs win" in bn
+    assert "data.dir" in bn and "absolute path" in bn  # as the README says
+    assert " eval [OPTIONS] CHECKPOINT\n" in invoke("eval", "--help").output
+    for command in ("inspect", "models"):
+        out = " ".join(invoke(command, "--help").output.split())
+        assert "progress" not in out and "Print nothing but errors" in out

@@ -11,6 +11,7 @@ from ckptavg.cli.options import (
     from_fields,
     output_option,
     output_options,
+    report_options,
     resolve_alias,
 )
 from ckptavg.cli.output import emit, emit_json, human_bytes, progress_bar, reports
@@ -19,8 +20,9 @@ from ckptavg.options import WINDOW, Reading, Selection
 
 @cli.command(cls=TorchWhenNeeded)
 @click.argument("inputs", nargs=-1, required=True)
-@output_option("Output: .safetensors, .pt/.pth/.ckpt/.tar (torch.load reads it with "
-               "weights_only=True), .bin (a plain state dict), or a folder (sharded).")
+@output_option("Output (required, unless --into or --dry-run): .safetensors, "
+               ".pt/.pth/.ckpt/.tar (torch.load reads it with weights_only=True), .bin (a "
+               "plain state dict), or a folder (sharded).")
 @click.option("--into", type=click.Path(), help="Fold the inputs into this existing average "
               "(running mean from its average.n); written back in place unless -o is given.")
 @from_fields(Selection, "selection")
@@ -63,6 +65,14 @@ def average(inputs, as_json, quiet, **kwargs):
     tensors are averaged in float64; integer tensors keep the newest input's value. Earlier
     outputs of ckptavg caught among snapshots are left out (with a warning); every torch zip
     record read is checked against its CRC-32.
+
+    \b
+    Examples:
+      ckptavg average 'runs/epoch-*.pt' --from-epoch 161 -o swa.pt
+      ckptavg average runs/*.ckpt --last 5 -o swa.ckpt            # Lightning, loadable as one
+      ckptavg average runs/checkpoint-* --profile ema:halflife=2000 -o ema/
+      ckptavg average runs/epoch-0301.pt --into swa.pt             # fold in a new epoch
+      ckptavg average runs/*.pt --dry-run                          # read all, write nothing
     """
     from ckptavg.engine.average import average as run
 
@@ -90,7 +100,7 @@ def _size(value):
 @click.option("--keys", "n_keys", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many keys to list (0: all).")
 @from_fields(Reading, "reading")
-@output_options
+@report_options
 def inspect(path, n_keys, reading, as_json, quiet):
     """Show a checkpoint's format, tensors, sizes per dtype and metadata."""
     from ckptavg.io.checkpoint import inspect as run
@@ -123,7 +133,7 @@ def swag_cmd(inputs, as_json, quiet, **kwargs):
 
 
 @cli.command("models")
-@output_options
+@report_options
 def models_cmd(as_json, quiet):
     """List the registered model names (also: torchvision:NAME, timm:NAME, package.module:factory)."""
     from ckptavg.nn.models import describe, list_models

@@ -193,6 +193,9 @@ JSON_FLAG = "--json"
 json_option = click.option(JSON_FLAG, "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 output_options = group(json_option,
                        click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary."))
+# the commands that only report (inspect, models): nothing to show progress of
+report_options = group(json_option, click.option(
+    "-q", "--quiet", is_flag=True, help="Print nothing but errors (the exit code tells)."))
 seed_option = click.option("--seed", type=int, default=options.SEED, show_default=True,
                            help="Seed of everything random in the command.")
 device_option = click.option("--device", default=options.DEVICE, show_default=True,

@@ -63,7 +63,14 @@ def network_options(fn):
 def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
     """Recompute BatchNorm statistics of an averaged checkpoint with one data pass.
 
-    The model is rebuilt from the checkpoint's model.* metadata unless --model is given.
+    The model is rebuilt from the checkpoint's model.* metadata unless --model is given;
+    the output is keyed and laid out as the input (a Lightning .ckpt stays one).
+
+    \b
+    Examples:
+      ckptavg bn-fix swa.safetensors                  # a `ckptavg train` run: all from metadata
+      ckptavg bn-fix swa.pt --model mymodels:build --data mydata:train_set -o swa-bn.pt
+      ckptavg bn-fix swa.ckpt --model timm:resnet18 --data cifar10 --data-dir ~/data -o fixed.ckpt
     """
     from ckptavg.nn.bn import bn_fix
 
@@ -79,7 +86,7 @@ def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
 
 
 @cli.command("eval")
-@click.argument("checkpoints", nargs=-1)
+@click.argument("checkpoints", nargs=-1, metavar="CHECKPOINT")
 @network_options
 @split_option
 @eval_images_option
@@ -95,10 +102,17 @@ def bn_fix_cmd(checkpoint, as_json, quiet, **kwargs):
 @click.option("--plot", help="With --swag: write a reliability diagram (PNG).")
 def eval_cmd(checkpoints, as_json, quiet, swag_path, samples, scale, diag, stats, bn_batches,
              seed, plot, reading, **kwargs):
-    """Accuracy and mean cross-entropy of a checkpoint on a data split.
+    """Accuracy and mean cross-entropy of one CHECKPOINT on a data split.
 
-    With --swag, SWAG's accuracy, NLL and expected calibration error (15 bins) beside the
-    SWA mean's and those of CHECKPOINTS (e.g. the final SGD weights).
+    With --swag FILE, SWAG's accuracy, NLL and expected calibration error (15 bins) beside
+    the SWA mean's and those of any checkpoints given (e.g. the final SGD weights; none is
+    needed).
+
+    \b
+    Examples:
+      ckptavg eval swa-bn.safetensors --json
+      ckptavg eval swa-bn.pt --model mymodels:build --data mydata:test_set --eval-images 1000
+      ckptavg eval --swag swag.safetensors runs/epoch-0300.safetensors --plot rel.png
     """
     resolve_alias(kwargs, "--subset", "--eval-images", "eval_images")
     if swag_path is None:

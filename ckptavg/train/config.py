@@ -49,8 +49,9 @@ class TrainConfig:
                           "N epochs and after the last one (0: never).")
     model_kwargs: dict = opt(None, "--model-kwargs", kind="json", factory=dict,
                              help="JSON keyword arguments for the model factory.")
-    data_dir: str | None = opt(None, "--data-dir", help=DataOptions.__dataclass_fields__[
-        "data_dir"].metadata["flag"].help)
+    data_dir: str | None = opt(None, "--data-dir", help="Data root (torchvision's root), "
+                               "recorded in each checkpoint (data.dir) for the commands that "
+                               f"read the data again; default {options.DATA_DIR_DEFAULT}.")
     workers: int = opt(options.WORKERS, "--workers", kind="int", min=0,
                        help="DataLoader worker processes.")
     amp: bool = opt(False, "--amp", kind="bool", help="Mixed precision (GPU only).")
