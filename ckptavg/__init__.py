@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> module; each loads on first use (and imports torch where it needs it). Training lives in
 # `ckptavg.train` (train, TrainConfig, TrainResult, CheckpointSaver): a subpackage and a

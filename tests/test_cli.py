@@ -381,3 +381,18 @@ def test_help_says_what_each_option_needs():
     for command in ("inspect", "models"):
         out = " ".join(invoke(command, "--help").output.split())
         assert "progress" not in out and "Print nothing but errors" in out
+
+
+def test_the_version_is_the_one_the_readme_speaks_of():
+    """`ckptavg --version` and the README's "Renamed options (X.Y)" name one release, and the
+    package metadata says the same."""
+    import re
+
+    import tomllib
+
+    version = invoke("--version").output.split()[-1]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    renamed = re.search(r"### Renamed options \((\d+\.\d+)\)", readme).group(1)
+    assert version.startswith(renamed + "."), (version, renamed)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        assert tomllib.load(f)["project"]["version"] == version == ckptavg.__version__
