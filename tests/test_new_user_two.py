@@ -4,6 +4,7 @@ a check here, through the CLI as a real subprocess, against values computed in t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -268,3 +269,46 @@ def test_the_bn_data_warning_names_the_model_the_command_needs(user):
     warning = next(w for w in json.loads(proc.stdout)["warnings"] if "bn.data" in w)
     assert "ckptavg bn-fix fixed.safetensors --data mymodule:data --model mymodule:build" \
         in warning
+
+
+def _network_commands():
+    """Every command that builds a network (takes --model and --data), with arguments that
+    reach the build: the user's epoch files as its checkpoints."""
+    from ckptavg.cli import cli
+
+    found = sorted(n for n, c in cli.commands.items()
+                   if {"--model", "--data"} <= {o for p in c.params for o in getattr(p, "opts", [])})
+    assert {"bn-fix", "eval", "ensemble", "soup", "search", "width", "train"} <= set(found)
+    return found
+
+
+def _reach(user, command):
+    pts = _pt(user)
+    return {"bn-fix": [pts[-1], "-o", "fixed.pt"], "eval": [pts[-1]],
+            "ensemble": pts[-2:], "soup": [*pts, "--holdout", "8", "-o", "soup.pt"],
+            "search": [*pts, "--holdout", "8", "-o", "best.pt"], "width": pts[-2:],
+            "train": ["--epochs", "2", "-o", "run"]}[command]
+
+
+@pytest.mark.parametrize("command", _network_commands())
+@pytest.mark.parametrize("args,needles", [
+    (["--model", "mymodule:buidl", "--data", "mymodule:data"], ("--model mymodule:buidl",)),
+    (["--model", "mymodule:build", "--data", "mymodule:fmnsit"], ("--data mymodule:fmnsit",)),
+    (["--model", "resnet18", "--data", "mymodule:data"], ("--model resnet18",)),
+], ids=["factory", "data", "registry"])
+def test_every_command_that_builds_a_network_refuses_a_name_the_same_way(user, command, args,
+                                                                           needles):
+    """Issue #34, item 6, walked over every command that takes --model and --data: a name
+    that names nothing is exit 2 naming the option as typed, with nothing written."""
+    before = sorted(os.listdir(user))
+    proc = cli(user, command, *_reach(user, command), *args)
+    one_line(proc, 2, *needles)
+    assert sorted(os.listdir(user)) == before
+
+
+@pytest.mark.parametrize("command", ["average", "search", "swag"])
+def test_an_empty_epoch_window_names_both_bounds_in_every_command(user, command):
+    proc = cli(user, command, *_pt(user), "--from-epoch", "4", "--to-epoch", "2", "-o", "x.safetensors",
+               *(["--model", "mymodule:build", "--data", "mymodule:data"]
+                 if command == "search" else []))
+    one_line(proc, 2, "--from-epoch", "--to-epoch")

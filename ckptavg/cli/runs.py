@@ -138,13 +138,20 @@ def width_cmd(a, b, labels, plot_path, as_json, quiet, **kwargs):
     kwargs["train_images"] = kwargs["train_images"] or None
     csv_path = os.path.splitext(plot_path)[0] + ".csv"
     points = kwargs["rays"] * kwargs["points"] * 2
-    if not quiet and points > 100:
-        say(f"ckptavg: note: width measures {points} points (rays x points x 2), each a "
-            f"{'BatchNorm pass and ' if kwargs['bn_fix'] else ''}two evaluations; "
-            "--rays and --points make it shorter")
+    note = None if quiet or points <= 100 else (
+        f"ckptavg: note: width measures {points} points (rays x points x 2), each a "
+        f"{'BatchNorm pass and ' if kwargs['bn_fix'] else ''}two evaluations; "
+        "--rays and --points make it shorter")
     with progress_bar(quiet or as_json, "width", unit="point") as bar:
+        def progress(done: int, total: int) -> None:
+            nonlocal note
+            if note:  # once the measurement starts: a mistake before it is one line alone
+                say(note)
+                note = None
+            bar(done, total)
+
         result = width(a, b, labels=labels, csv_path=csv_path, plot_path=plot_path,
-                       progress=bar, **kwargs)
+                       progress=progress, **kwargs)
     emit(result, as_json, quiet, lambda r: [
         *(f"{s.label}: test error {s.centre_test_error:.2f} % at the centre, median "
           f"{s.median_test_error_at_max:.2f} % at distance {r.max_distance:g}" for s in r.summary),

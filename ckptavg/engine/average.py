@@ -181,8 +181,8 @@ def average(
             raise OptionError("into", "folding into a running average runs in one process; "
                               "run it without torchrun")
         if not dry_run and kind not in ("sharded", "dcp"):
-            raise OptionError("output", f"{output}: under torchrun each rank writes one shard, so the "
-                               "output is a folder; give a folder name (-o OUT_DIR)")
+            raise OptionError("output", "under torchrun each rank writes one shard, so the output "
+                              "is a folder; give a folder name (-o OUT_DIR)", output)
         with Group() as group:
             req = Request(tuple(os.fspath(p) for p in inputs), output, kind, method,
                           None if weights is None else tuple(weights), ema, prof, selection,
@@ -376,6 +376,6 @@ def _check_remote(url: str, into, resume: bool, dcp: bool) -> None:
             raise OptionError((name, "output"), "work on local files; a remote output is "
                               "written once, whole: average into a local path first")
     if dcp or world_size() > 1:
-        raise OptionError("output", f"{url}: a remote output is written by one process as "
+        raise OptionError("output", "a remote output is written by one process as "
                           "safetensors, a torch file or a folder of safetensors shards; under "
-                          "torchrun or with --dcp, write a local folder and copy it")
+                          "torchrun or with --dcp, write a local folder and copy it", url)

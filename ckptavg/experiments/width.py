@@ -144,6 +144,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         train_s = scores(*predict(net, train_loader, dev))
         return 100.0 - test_s.accuracy, train_s.loss
 
+    if progress:
+        progress(0, total)  # the networks and the data are good: the measurement starts
     for r in range(rays):
         d = _direction(nets[0], seed * 100_003 + r) if directions is None else \
             _unit(directions[r], nets[0])

@@ -83,13 +83,13 @@ def output_kind(path: str, shard_size: int | None = None, dcp: bool = False) -> 
     lower = path.lower()
     if lower.endswith(TORCH_SUFFIXES):
         if shard_size:
-            raise OptionError(("output", "shard_size"), f"{path}: a shard size asks for a "
-                              "folder; give a folder name, not a torch file")
+            raise OptionError(("output", "shard_size"), f"a shard size asks for a folder, and "
+                              f"{path} is a torch file; give a folder name")
         return "torch"
     if lower.endswith(SAFETENSORS_SUFFIX):
         if shard_size:
-            raise OptionError(("output", "shard_size"), f"{path}: a shard size asks for a "
-                              "folder of shards; drop the .safetensors suffix")
+            raise OptionError(("output", "shard_size"), f"a shard size asks for a folder of "
+                              f"shards, and {path} is a .safetensors file; drop the suffix")
         return "safetensors"
     if os.path.isfile(path):
         raise OptionError("output", "exists and is not a folder; pick a .safetensors or .pt "

@@ -102,8 +102,8 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
     if not var_clamp > 0:
         raise OptionError("var_clamp", "must be more than 0", var_clamp)
     if output_kind(output, shard_size) == "torch":  # a torch file holds everything until saved
-        raise OptionError("output", f"{output}: a SWAG output is a .safetensors file or a "
-                          "folder, written tensor by tensor")
+        raise OptionError("output", "a SWAG output is a .safetensors file or a folder, "
+                          "written tensor by tensor", output)
     reading = Reading.of(reading)
     cands = open_candidates([os.fspath(p) for p in inputs], reading.key, reading.strip_prefix)
     try:
