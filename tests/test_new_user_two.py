@@ -312,3 +312,14 @@ def test_an_empty_epoch_window_names_both_bounds_in_every_command(user, command)
                *(["--model", "mymodule:build", "--data", "mymodule:data"]
                  if command == "search" else []))
     one_line(proc, 2, "--from-epoch", "--to-epoch")
+
+
+@pytest.mark.parametrize("cmd", ["soup", "search"])
+def test_a_holdout_as_large_as_the_training_images_names_holdout_alone(user, cmd):
+    """Issue #34, item 6: `search --holdout 6000` named the hidden --subset; now the line
+    names --holdout with its value and what it is held out of."""
+    proc = cli(user, cmd, *_pt(user), "--holdout", "60", "--model", "mymodule:build",
+               "--data", "mymodule:data", "-o", "x.safetensors")
+    one_line(proc, 2, "--holdout 60: must be less than the 40 training images",
+             "the first --train-images")
+    assert "--subset" not in proc.stderr and not (user / "x.safetensors").exists()

@@ -426,9 +426,12 @@ def holdout_split(n_images: int, subset: int | None, holdout: int,
 
     names = (option,) if isinstance(option, str) else option
     n = first_images(n_images, subset, names[0], "the training split")
-    if holdout < 0 or holdout >= n:
-        raise OptionError(("holdout", *names), f"must be at least 0 and less than the {n} "
-                          "training images it is taken from", holdout)
+    if holdout < 0:
+        raise OptionError("holdout", "must be 0 or more", holdout)
+    if holdout >= n:
+        raise OptionError("holdout", f"must be less than the {n} training images it is held "
+                          f"out of (the first {names[0]}, else the whole split), so that "
+                          "some are left to train on", holdout, mentions=names[:1])
     return range(0, n - holdout), range(n - holdout, n)
 
 
