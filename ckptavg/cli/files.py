@@ -21,8 +21,9 @@ from ckptavg.options import WINDOW, Reading, Selection
 @cli.command(cls=TorchWhenNeeded)
 @click.argument("inputs", nargs=-1, required=True)
 @output_option("Output (required, unless --into or --dry-run): .safetensors, "
-               ".pt/.pth/.ckpt/.tar (torch.load reads it with weights_only=True), .bin (a "
-               "plain state dict), or a folder (sharded).")
+               ".pt/.pth/.ckpt/.tar (torch.load reads it with weights_only=True; laid out as "
+               "the newest input, a bare state dict for a bare one), .bin (a bare state "
+               "dict), or a folder (sharded).")
 @click.option("--into", type=click.Path(), help="Fold the inputs into this existing average "
               "(running mean from its average.n); written back in place unless -o is given.")
 @from_fields(Selection, "selection")

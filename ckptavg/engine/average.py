@@ -248,11 +248,6 @@ def average(
                                    "two or more inputs")
         if kind == "torch" and not output.lower().endswith(".bin"):
             result.warnings += carried_notes(readers[-1])
-        elif kind == "torch" and plan.metadata.get("bn.stale") == "true":
-            result.warnings.append(
-                f"{output}: a .bin holds no metadata, so nothing will say that its BatchNorm "
-                "statistics are stale (eval cannot warn); run `ckptavg bn-fix` on it, or "
-                "write .safetensors or .pt to keep the record")
         if dry_run:  # the read pass without the output: what the real run would refuse
             hashes = ContentHashes(len(readers), plan.specs, {
                 s.key: readers[0].info(s.key).dtype.name for s in plan.specs})

@@ -67,7 +67,7 @@ class Plan:
     metadata: dict[str, str]
     accumulate: Accumulate = "float64"
     allow_nonfinite: bool = False
-    entry: str = "state_dict"  # where a torch output keeps the weights: the newest input's
+    entry: str | None = "state_dict"  # where a torch output keeps the weights: the newest input's (None: bare)
     extras: dict = field(default_factory=dict)  # the newest input's carried configuration
 
     @property
@@ -246,14 +246,15 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         "bn.stale": "true" if has_bn else "false",
     }
     newest = readers[-1]
+    entry = torch_entry(newest)
     return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite,
-                torch_entry(newest), newest.extras())
+                entry, newest.extras() if entry is not None else {})
 
 
-def torch_entry(newest: ReaderBase) -> str:
-    """Where a torch output keeps the weights: where the newest input kept them
-    (io.checkpoint.weights_entry)."""
-    return weights_entry(newest.location)
+def torch_entry(newest: ReaderBase) -> str | None:
+    """Where a torch output keeps the weights: where the newest input kept them (None: a
+    bare state dict; io.checkpoint.weights_entry)."""
+    return weights_entry(newest.location, newest.other_entries)
 
 
 def carried_notes(newest: ReaderBase) -> list[str]:

@@ -53,7 +53,7 @@ class Layout:
     hyper-parameters and version, fairseq's cfg)."""
 
     names: dict[str, str]
-    entry: str
+    entry: str | None  # None: a bare state dict (io.checkpoint.weights_entry)
     extras: dict
 
 
@@ -61,21 +61,31 @@ def layout_of(path: str | os.PathLike, key: str | None = None,
               strip_prefix: str | None = None) -> Layout:
     """The Layout of the checkpoint at `path` (its header and pickle only: no weights read)."""
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
-        return Layout({k: r.stored_name(k) for k in r.keys()}, weights_entry(r.location),
-                      r.extras())
+        entry = weights_entry(r.location, r.other_entries)
+        return Layout({k: r.stored_name(k) for k in r.keys()}, entry,
+                      r.extras() if entry is not None else {})
 
 
-def weights_entry(location: str) -> str:
-    """Where a torch output keeps the weights, given where its input kept them: the same
-    top-level entry (`state_dict`, `model`, `model_state_dict`...), so the user's loader
-    finds them where it found the input's; `state_dict` for a plain or nested one."""
-    return location if location not in ("<top level>", "metadata") and "/" not in location \
-        else "state_dict"
+# A file holding exactly these entries is fastai's `learn.save(with_opt=True)`: its loader
+# unwraps only this pair and takes anything else as a bare state dict.
+FASTAI_ENTRIES = {"model", "opt"}
+
+
+def weights_entry(location: str, other_entries: tuple[str, ...] = ()) -> str | None:
+    """Where a torch output keeps the weights, given where its input kept them, so the
+    user's loader finds them where it found the input's: the same top-level entry
+    (`state_dict`, `model`, `model_state_dict`...); None, a bare state dict, for a bare
+    one (`torch.save(model.state_dict())`) and for fastai's {model, opt} (whose optimizer
+    state is not carried, and whose loader takes a bare state dict); `state_dict` for a
+    nested one."""
+    if location == "<top level>" or {location, *other_entries} == FASTAI_ENTRIES:
+        return None
+    return location if location != "metadata" and "/" not in location else "state_dict"
 
 
 def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
          metadata: dict[str, str] | None = None, shard_size: int | None = None,
-         overwrite: bool | None = None, *, entry: str = "state_dict",
+         overwrite: bool | None = None, *, entry: str | None = "state_dict",
          extras: dict | None = None) -> None:
     """Write a state dict atomically; the suffix picks the format (.safetensors, .pt, folder).
 
@@ -88,8 +98,9 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
         overwrite: replace an existing file that is not an output of ckptavg (a training
             checkpoint, a file of yours); default: only within `ckptavg.io.replacing()`
             (the CLI's --overwrite). An earlier output of ckptavg is always replaced.
-        entry, extras: for a torch output, the entry that holds the weights and other
-            entries to carry (a Layout's: so that the framework's loader reads it).
+        entry, extras: for a torch output, the entry that holds the weights (None: a bare
+            state dict, the metadata set on it as an attribute) and other entries to carry
+            (a Layout's: so that the framework's loader reads it).
 
     Returns:
         None; the file appears complete or not at all.

@@ -62,7 +62,7 @@ from ckptavg.io.pickles import (
     refuse_global,
     stand_in,
 )
-from ckptavg.io.torchzip import LEGACY_STORAGES, RawTensor
+from ckptavg.io.torchzip import LEGACY_STORAGES, METADATA_ATTR, RawTensor
 
 if TYPE_CHECKING:
     import torch
@@ -710,17 +710,22 @@ class TorchReader(ReaderBase):
             self.files = [src]
             state, self.location = find_state_dict(obj, key, path)
             left: list[str] = []
-            self._meta = clean_metadata(obj.get("metadata"), left) \
-                if isinstance(obj, dict) else {}
+            bare = state is obj  # the weights at the top level, maybe beside plain values
+            # a bare state dict keeps our metadata as an attribute (torchzip.BareState)
+            found = getattr(obj, METADATA_ATTR, None) if bare else None
+            self._meta = clean_metadata(found if isinstance(found, dict) else obj.get("metadata"),
+                                        left) if isinstance(obj, dict) else {}
             self.read_notes = tuple(left)
             self._position = position_of(obj)
             top = obj if isinstance(obj, dict) else {}
             self._scalars = {str(k): float(n) for k, n in
-                             ((k, number(v)) for k, v in top.items()) if n is not None}
+                             ((k, number(v)) for k, v in top.items())
+                             if n is not None and not (bare and _is_tensor(top[k]))}
             self._carry(top)
             # Entries besides the weights and our metadata (optimizer, loops, configs).
             self.other_entries = tuple(str(k) for k, v in top.items()
-                                       if v is not state and k != "metadata")
+                                       if v is not state and k != "metadata"
+                                       and not (bare and _is_tensor(v)))
             self.others = tuple(k for k, v in obj.items() if isinstance(v, dict) and v is not state
                                 and _has_tensor(v)) if isinstance(obj, dict) else ()
             # Optimizer state, epochs, configs: never averaged, never copied.

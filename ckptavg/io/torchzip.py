@@ -69,6 +69,21 @@ class RawTensor:
     data: bytes
 
 
+METADATA_ATTR = "ckptavg_metadata"  # a bare state dict's attribute holding our metadata
+
+
+@dataclass(frozen=True, eq=False)
+class BareState:
+    """A bare state dict as torch.save writes one (a `collections.OrderedDict`), with
+    ckptavg's metadata set on it as the attribute `ckptavg_metadata` by the pickle's BUILD,
+    the way torch sets a state dict's `_metadata`: `load_state_dict(torch.load(f,
+    weights_only=True))` and fastai's `load_model` take it as the state dict it is, and
+    ckptavg reads the metadata back (io/pt.py)."""
+
+    state: dict
+    metadata: dict | None = None
+
+
 class Unpicklable(TypeError):
     """A value the plain pickle cannot hold (the caller converts or drops it)."""
 
@@ -150,6 +165,14 @@ class Pickle:
             self.dump(sorted(obj, key=repr) if _sortable(obj) else list(obj))
             out += b"tR"
             self._put(obj)
+        elif isinstance(obj, BareState):
+            self._global("collections", "OrderedDict")
+            out += b")R"
+            self._put(obj)
+            self._items([x for kv in obj.state.items() for x in kv], b"u", pairs=True)
+            if obj.metadata is not None:
+                self.dump({METADATA_ATTR: obj.metadata})
+                self.out += b"b"  # BUILD: the OrderedDict's attributes
         elif isinstance(obj, TensorRecord):
             self._tensor(obj)
         elif isinstance(obj, RawTensor) and self._blob is not None:

@@ -49,6 +49,7 @@ from ckptavg.io.base import (
 )
 from ckptavg.io.remote import is_remote
 from ckptavg.io.torchzip import (
+    BareState,
     Pickle,
     RawTensor,
     TensorRecord,
@@ -718,9 +719,11 @@ class TorchWriter(Writer):
     io/torchzip.py), so memory never holds the model. `torch.load(weights_only=True)` and
     `mmap=True` read it, with torch's default settings.
 
-    - `.bin`: a plain state dict, as Hugging Face's `from_pretrained` reads it (no place for
-      metadata: it is dropped; write .safetensors to keep it).
-    - `.pt`, `.pth`, `.ckpt`, `.tar`: `{entry: state dict, "metadata": ..., **extras}`, where
+    - a bare state dict (an OrderedDict, as `torch.save(model.state_dict())` writes it) for
+      `.bin` (Hugging Face's `from_pretrained` reads it) and where `entry` is None (the
+      newest input was bare, or fastai's {model, opt}), with the metadata as its
+      `ckptavg_metadata` attribute (torchzip.BareState), which `load_state_dict` ignores;
+    - else (`.pt`, `.pth`, `.ckpt`, `.tar`): `{entry: state dict, "metadata": ..., **extras}`, where
       `entry` is where the newest input kept its weights (`state_dict`, `model`,
       `model_state_dict`...) and `extras` its carried configuration as plain values
       (Lightning's version and hyper-parameters, so `load_from_checkpoint` accepts a `.ckpt`;
@@ -734,7 +737,7 @@ class TorchWriter(Writer):
     shares_ties = True
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
-                 ties: dict[str, str] | None = None, entry: str = "state_dict",
+                 ties: dict[str, str] | None = None, entry: str | None = "state_dict",
                  extras: dict | None = None, force_zip64: bool = False):
         self.path = path
         ties = dict(ties or {})  # a tied name -> the first name of its tensor (find_ties)
@@ -745,8 +748,9 @@ class TorchWriter(Writer):
         state = {s.key: by_key[ties.get(s.key, s.key)] for s in specs}
         self._blobs: list[tuple[TensorRecord, bytes]] = []
         extras = {k: v for k, v in (extras or {}).items() if k not in (entry, "metadata")}
-        obj = state if path.lower().endswith(".bin") else {**extras, entry: state,
-                                                           "metadata": dict(metadata)}
+        bare = entry is None or path.lower().endswith(".bin")
+        obj = BareState(state, dict(metadata)) if bare else {**extras, entry: state,
+                                                             "metadata": dict(metadata)}
         self._pickled = Pickle(self._blob).dumps(obj)
         self._next = 0
         self.bytes_written = sum(r.nbytes for r in self._queue)
@@ -798,7 +802,7 @@ class TorchWriter(Writer):
 
 def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 shard_size: int | None = None, ties: dict[str, str] | None = None,
-                inputs: Iterable[SourceFile] = (), entry: str = "state_dict",
+                inputs: Iterable[SourceFile] = (), entry: str | None = "state_dict",
                 extras: dict | None = None, side_files: dict[str, bytes] | None = None,
                 dcp: bool = False, run: dict | None = None,
                 resume: bool = False, overwrite: bool | None = None) -> Writer:
