@@ -23,7 +23,7 @@ from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import save
 from ckptavg.io.dtypes import dtype_of
 from ckptavg.nn.bn import bn_layers, recalibrate
-from ckptavg.nn.build import load_weights, network_for
+from ckptavg.nn.build import load_weights, network_for, wrapper_prefix
 from ckptavg.nn.data import describe_data, holdout_split, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import Scores, predict, scores
@@ -218,8 +218,14 @@ class HeldOut:
         if not self.has_bn:
             return dict(state)
         now = self.net.state_dict()
-        return {k: (now[k].detach().to("cpu", v.dtype, copy=True) if k in self.bn_keys else v)
-                for k, v in state.items()}
+        # the state keyed as its checkpoint (a Lightning module's `model.`), the net without
+        prefix = wrapper_prefix(list(now), list(state)) or ""
+        out = {}
+        for k, v in state.items():
+            name = k[len(prefix):] if prefix and k.startswith(prefix) else k
+            out[k] = now[name].detach().to("cpu", v.dtype, copy=True) \
+                if name in self.bn_keys else v
+        return out
 
     def test(self, state: dict[str, torch.Tensor]) -> Scores:
         """Test accuracy of the chosen weights, as scored (BatchNorm as `fixed` left it):
@@ -246,7 +252,9 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
                      "bn.data": heldout.bn_description, "bn.stats": heldout.stats})
     meta.update({"select.holdout": heldout.description,
                  "select.holdout_verified": "true" if heldout.verified else "false", **selection})
-    save(state, output, meta)
+    # laid out as `average` lays out the newest input's (its entry, Lightning's version and
+    # hyper-parameters...), so the output loads where the inputs load
+    save(state, output, meta, entry=plan.entry, extras=plan.extras)
 
 
 def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequence = (), *,

@@ -149,3 +149,34 @@ def test_bn_fix_of_a_lightning_file_loads_in_lightning_and_equals_update_bn(tmp_
     assert sorted(got) == sorted(want)  # model.*, as the input was keyed
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("command", ["soup", "search"])
+def test_soup_and_search_of_lightning_files_write_a_ckpt_lightning_loads(tmp_path, command):
+    """Issue #35: every command that writes keeps the input's layout: the chosen average of
+    a LightningModule's .ckpt files (weights under `model.`, no flag) loads with
+    `load_from_checkpoint`, and equals the float64 mean of the inputs it names."""
+    files = _fit(tmp_path / "ck")
+    out = tmp_path / f"{command}.ckpt"
+    body = json.loads(cli_ok(command, *files, "--model", "tests.interop.test_lightning:build",
+                             "--data", "tests.interop.test_lightning:data", "--holdout", "16",
+                             "--train-images", "64", "-o", out, "--json"))
+    named = body["chosen"] if command == "soup" else \
+        [str(f) for f in files if body["best"]["start"] <= str(f) <= body["end"]]
+    chosen = [f for f in files if str(f) in named]
+    assert len(chosen) == body.get("best", {}).get("n", len(named)) >= 1, body
+    from torch.optim.swa_utils import update_bn
+
+    loaded = Net.load_from_checkpoint(out)  # Lightning's own loader, strict
+    mean = float64_mean([_state(f) for f in chosen])
+    # the reference: the mean in the user's network, update_bn on the 48 images trained on
+    # (the first 64 less the 16 held out), one batch as the default batch size makes it
+    ref = Net(width=6)
+    ref.load_state_dict(mean)
+    update_bn(torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data().tensors[0][:48]), batch_size=128), ref.model)
+    want, got = ref.state_dict(), loaded.state_dict()
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any("running_mean" in k and not torch.allclose(mean[k], want[k]) for k in want)
