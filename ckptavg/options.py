@@ -158,8 +158,8 @@ class ModelOptions(_Of):
     model: str | None = opt(None, "--model", help="Model name (see `ckptavg models`), "
                             "torchvision:NAME, timm:NAME or package.module:factory. The factory "
                             "is called with --model-kwargs, plus num_classes and in_channels "
-                            "(timm: in_chans) where the data set tells them and the factory "
-                            "takes them; --model-kwargs win.")
+                            "(timm: in_chans) where the data set tells them and the factory's "
+                            "signature names them; --model-kwargs win.")
     model_kwargs: Mapping[str, Any] | None = opt(None, "--model-kwargs", kind="json",
                                                  help="JSON keyword arguments for the model "
                                                  "factory.")

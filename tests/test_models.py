@@ -79,3 +79,63 @@ def test_a_bug_inside_a_user_factory_is_a_traceback_not_a_user_error():
 
 def broken_factory(num_classes: int = 10):
     return 1 / 0
+
+
+def any_kwargs(**kwargs):
+    """A user's factory that takes **kwargs, as timm's do."""
+    num_classes = kwargs.pop("num_classes", 4)
+    if kwargs.pop("in_channels", 1) != 1 or kwargs:
+        raise TypeError(f"unexpected {sorted(kwargs) or 'in_channels'}")
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(num_classes))
+
+
+def required(width, num_classes=4):
+    """A user's factory with a required parameter the data set cannot give."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(width),
+                               torch.nn.Linear(width, num_classes))
+
+
+def _classes(net) -> int:
+    return [m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LazyLinear))][-1] \
+        .out_features
+
+
+HERE = "tests.test_models"
+SWEEP = [
+    # factory, user kwargs, supplied by the data, the class count built, or the error's words
+    ("torchvision:resnet18", {}, {"num_classes": 7, "in_channels": 3}, 7),
+    ("torchvision:resnet18", {"num_classes": 5}, {"num_classes": 7, "in_channels": 3}, 5),
+    ("torchvision:resnet18", {}, {"num_classes": None, "in_channels": None}, 1000),
+    ("torchvision:resnet18", {"bogus": 1}, {}, ("model_kwargs", "bogus")),
+    ("torchvision:resnet18", {"in_channels": 1}, {}, ("model_kwargs", "3-channel")),
+    ("timm:resnet18", {"in_chans": 1}, {"num_classes": 3, "in_channels": 3}, 3),
+    ("timm:resnet18", {"bogus": 1}, {}, ("model_kwargs", "bogus")),
+    # a **kwargs factory takes what the user names; nothing inferred is pushed into it
+    (f"{HERE}:any_kwargs", {}, {"num_classes": 6, "in_channels": 1}, 4),
+    (f"{HERE}:any_kwargs", {}, {"num_classes": None, "in_channels": None}, 4),
+    (f"{HERE}:any_kwargs", {"num_classes": 2}, {"num_classes": 6, "in_channels": 1}, 2),
+    (f"{HERE}:required", {}, {"num_classes": 6, "in_channels": 1}, ("model_kwargs", "width")),
+    (f"{HERE}:required", {"width": 3}, {"num_classes": 6, "in_channels": 1}, 6),
+    (f"{HERE}:required", {"width": 3, "depth": 2}, {}, ("model_kwargs", "depth", "width")),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs,supplied,expected", SWEEP)
+def test_the_kwargs_space_of_each_kind_of_factory(arch, kwargs, supplied, expected):
+    """Issue #35: the user's --model-kwargs win; what the data set tells is passed only when
+    known and named by the factory's signature (unknown: the factory's default); a kwarg a
+    factory refuses or needs is one line naming --model-kwargs."""
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    if isinstance(expected, int):
+        net = create_model(arch, supplied=supplied, **kwargs)
+        if any(isinstance(m, torch.nn.LazyLinear) for m in net.modules()):
+            net(torch.zeros(1, 1, 8, 8))  # materialise the lazy layer
+        assert _classes(net) == expected
+        return
+    with pytest.raises(OptionError) as e:
+        create_model(arch, supplied=supplied, **kwargs)
+    assert e.value.options[0] == expected[0]
+    for word in expected[1:]:
+        assert word in str(e.value), str(e.value)

@@ -700,6 +700,7 @@ class ReaderBase(abc.ABC):
     others: tuple[str, ...] = ()  # other tensor dicts the file holds (torch files)
     removed_prefixes: tuple[str, ...] = ()
     other_entries: tuple[str, ...] = ()  # a torch file's entries besides weights and metadata
+    averaged_count: int | None = None  # an AveragedModel's n_averaged, left out of the tensors
     extras_notes: tuple[str, ...] = ()  # what carrying `extras` converted or left out
     read_notes: tuple[str, ...] = ()  # entries left out as they were read (past the budget)
     files: list[SourceFile]

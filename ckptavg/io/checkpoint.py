@@ -55,6 +55,7 @@ class Layout:
     names: dict[str, str]
     entry: str | None  # None: a bare state dict (io.checkpoint.weights_entry)
     extras: dict
+    averaged_count: int | None = None  # an AveragedModel's n_averaged, written back beside
 
 
 def layout_of(path: str | os.PathLike, key: str | None = None,
@@ -63,7 +64,7 @@ def layout_of(path: str | os.PathLike, key: str | None = None,
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
         entry = weights_entry(r.location, r.other_entries)
         return Layout({k: r.stored_name(k) for k in r.keys()}, entry,
-                      r.extras() if entry is not None else {})
+                      r.extras() if entry is not None else {}, r.averaged_count)
 
 
 # A file holding exactly these entries is fastai's `learn.save(with_opt=True)`: its loader

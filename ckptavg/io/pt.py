@@ -741,6 +741,7 @@ class TorchReader(ReaderBase):
                 if not math.isfinite(value) or value != int(value):
                     raise CheckpointError(f"{path}: {AVERAGED_COUNT} is {value}, not a count "
                                           "of models; the file is damaged")
+                self.averaged_count = int(value)
                 self._meta.setdefault("swa.n_averaged", str(int(value)))
             self._names, removed = strip_keys(list(self._tensors), strip_prefix, path)
             self.removed_prefixes = tuple(removed)

@@ -268,6 +268,7 @@ class SafetensorsReader(Sharded, ReaderBase):
                 raise CheckpointError(f"{path}: holds no tensors; nothing to read")
             if is_averaged_model(list(self._where)):
                 count = self._where.pop(AVERAGED_COUNT).number(AVERAGED_COUNT)
+                self.averaged_count = int(count)
                 self._meta = {**self._meta, "swa.n_averaged": str(int(count))}
             self._names, removed = strip_keys(list(self._where), strip_prefix, path)
         except BaseException:

@@ -21,7 +21,7 @@ from torch import nn
 from ckptavg import options
 from ckptavg.errors import CkptavgError, DataError, OptionError, user_batches, users_code
 from ckptavg.io import open_checkpoint
-from ckptavg.io.base import meta_int
+from ckptavg.io.base import AVERAGED_COUNT, meta_int
 from ckptavg.io.checkpoint import layout_of, save
 from ckptavg.nn.build import network, wrapper_prefix
 from ckptavg.nn.data import (
@@ -318,8 +318,11 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
     layout = layout_of(path, key, strip_prefix)
 
     def write(weights: dict, to: str, metadata: dict) -> None:
-        save({layout.names[k]: v for k, v in weights.items()}, to, metadata,
-             overwrite=output is None or None, entry=layout.entry, extras=layout.extras)
+        keyed = {layout.names[k]: v for k, v in weights.items()}
+        if layout.averaged_count is not None:  # an AveragedModel's state dict: its count too
+            keyed = {AVERAGED_COUNT: torch.tensor(layout.averaged_count), **keyed}
+        save(keyed, to, metadata, overwrite=output is None or None, entry=layout.entry,
+             extras=layout.extras)
 
     if not bn_layers(net):
         out = None
@@ -387,10 +390,11 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
 
 
 def _check_in_place(path: str, key: str | None, strip_prefix: str | None) -> None:
-    """Rewriting a file in place keeps only its weights and metadata: refuse where that would
-    drop anything else (optimizer state, loop state, a prefix)."""
+    """Rewriting a file in place keeps its weights (keyed as stored: prefixes restored),
+    metadata and carried configuration: refuse where that would drop anything else
+    (optimizer state, loop state)."""
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
-        lost = list(r.other_entries) + [f"the key prefix {p!r}" for p in r.removed_prefixes]
+        lost = [e for e in r.other_entries if e not in r.extras()]
     if lost:
         raise CkptavgError(f"{path}: rewriting it in place would drop {', '.join(lost[:4])}; "
                            "write the recalibrated weights elsewhere (output, -o OUT)")

@@ -45,3 +45,45 @@ def test_into_an_averaged_model_uses_its_count(tmp_path):
     params = {k for k, _ in nets[0].named_parameters()}
     assert_matches({k: got[k] for k in params}, {k: want[k] for k in params}, atol=1e-6)
     assert meta["average.n"] == "4"
+
+
+def build():
+    """A user's factory: the network an AveragedModel wraps (its weights under `module.`)."""
+    return _net(0)
+
+
+def data(split="train"):
+    g = torch.Generator().manual_seed(5)
+    return torch.utils.data.TensorDataset(torch.randn(40, 4, generator=g),
+                                          torch.arange(40) % 2)
+
+
+def test_bn_fix_of_an_averaged_model_loads_back_into_averaged_model(tmp_path):
+    """Issue #35: the output of bn-fix is keyed as its input was: an AveragedModel's
+    state dict keeps `module.` and its n_averaged, so AveragedModel.load_state_dict takes it
+    (strict), with the statistics of torch's update_bn on the same images; in place too."""
+    from torch.optim.swa_utils import update_bn
+
+    from tests.interop.conftest import cli_ok
+
+    nets = [_net(i) for i in range(3)]
+    swa = AveragedModel(nets[0])
+    for n in nets:
+        swa.update_parameters(n)
+    path = tmp_path / "swa.pt"
+    torch.save(swa.state_dict(), path)
+    here = "tests.interop.test_swa_utils"
+    cli_ok("bn-fix", path, "--model", f"{here}:build", "--data", f"{here}:data",
+           "--batch-size", "64", "-o", tmp_path / "fixed.pt")
+    update_bn(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data().tensors[0]),
+                                          batch_size=64), swa)
+    for out in (tmp_path / "fixed.pt", path):
+        if out == path:  # in place: nothing else in the file to lose
+            cli_ok("bn-fix", path, "--model", f"{here}:build", "--data", f"{here}:data",
+                   "--batch-size", "64")
+        got = AveragedModel(_net(7))
+        got.load_state_dict(torch.load(out, weights_only=True), strict=True)
+        assert int(got.n_averaged) == 3
+        want = swa.state_dict()
+        for k, v in want.items():
+            torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
