@@ -188,7 +188,8 @@ def _inspect_lines(info, n_keys):
         yield f"  {dt:<10} {human_bytes(b)}"
     if info.quantization:
         yield (f"quantized: {info.quantization['scheme']} (from {info.quantization['seen']}); "
-               "average refuses it")
+               + ("average dequantizes each input, averages in float64 and requantizes"
+                  if info.quantization.get("averaged") else "average refuses it"))
     if info.location not in (None, "<top level>"):
         yield f"weights from entry: {info.location}"
     if info.removed_prefixes:

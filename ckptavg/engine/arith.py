@@ -7,14 +7,14 @@ its import takes 0.1 s where torch's takes 1.3 s, and averaging safetensors file
 torch at all.
 
 - Widening is exact: float16/32/64 by numpy's casts, bfloat16 by moving its 16 bits into
-  the top of a float32, the one-byte floats (float8) through a 256-entry table built by torch
-  (imported only then).
+  the top of a float32, the one-byte floats (float8) through a 256-entry table built with
+  ml_dtypes (no torch).
 - Rounding is once, to nearest, ties to even, from the accumulator: float32 and float16 by
   numpy's casts (correctly rounded from float64), bfloat16 by `round_bfloat16` below. torch's
   own `.to()` goes through float32 on the way to float16/bfloat16, rounding twice, which
   differed from the once-rounded value in 1 element in 22,000 (float16) and 200,000
   (bfloat16) of the float64 mean of 3 float32 N(0, 1) tensors. The one-byte floats are
-  rounded by torch.
+  rounded by ml_dtypes' casts, once, from the accumulator (torch's goes through float32).
 - Weights multiply then add (two roundings in float64), as the reference sums in the tests
   do; torch's `add_(alpha=w)` fuses them (one rounding), which differed in the last bit.
 """
@@ -43,13 +43,21 @@ def storage(dtype: DType) -> np.dtype:
 _tables: dict[tuple[str, str], np.ndarray] = {}
 
 
+def one_byte(dtype: DType) -> np.dtype:
+    """The ml_dtypes numpy dtype of a one-byte float (float8_e4m3fn, float8_e5m2, ...):
+    JAX's numpy dtypes, so float8 needs no torch (its widening is torch's, bit for bit, on
+    all 256 patterns of every float8 type: measured in tests/test_fp8.py)."""
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, dtype.name))
+
+
 def _table(dtype: DType, acc: np.dtype) -> np.ndarray:
     """The value of each of the 256 bit patterns of a one-byte float, in `acc` (exact)."""
     key = (dtype.name, acc.str)
     if key not in _tables:
-        torch = import_torch()
-        values = torch.arange(256, dtype=torch.uint8).view(dtype.torch).to(torch.float64)
-        _tables[key] = values.numpy().astype(acc)
+        values = np.arange(256, dtype=np.uint8).view(one_byte(dtype)).astype(np.float64)
+        _tables[key] = values.astype(acc)
     return _tables[key]
 
 
@@ -99,10 +107,9 @@ def narrow(out: np.ndarray, a: np.ndarray, dtype: DType, s: Scratch) -> None:
             np.copyto(out, a, casting="unsafe")
     elif dtype.name == "bfloat16":
         round_bfloat16(out, a, s)
-    else:
-        torch = import_torch()
-        rounded = torch.from_numpy(a).to(dtype.torch).view(torch.uint8)
-        np.copyto(out, rounded.numpy())
+    else:  # one-byte floats: ml_dtypes rounds once, to nearest even, from float64/32
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(out, a.astype(one_byte(dtype)).view(np.uint8))
 
 
 _BF16_MIN_NORMAL = 2.0 ** -126

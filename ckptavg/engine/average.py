@@ -45,6 +45,7 @@ from ckptavg.io import ReaderBase, make_writer, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.base import meta_int, stamp_change
 from ckptavg.io.folder import side_files
+from ckptavg.io.quantized import without_quantization
 from ckptavg.io.remote import is_remote, local_path
 from ckptavg.io.staging import describe, with_kept
 from ckptavg.io.writer import Discard, check_output, output_kind
@@ -248,9 +249,15 @@ def average(
                                    "two or more inputs")
         if kind == "torch" and not output.lower().endswith(".bin"):
             result.warnings += carried_notes(readers[-1])
+        if plan.fp8 is not None and plan.fp8.activations:
+            result.warnings.append(
+                f"{len(plan.fp8.activations)} activation scale(s) ({plan.fp8.activations[0]}"
+                f"{', ...' if len(plan.fp8.activations) > 1 else ''}) are statistics of the "
+                "inputs' activations, not weights: the output keeps the largest of the "
+                "inputs' values; recalibrate them on the average for the best accuracy")
         if dry_run:  # the read pass without the output: what the real run would refuse
-            hashes = ContentHashes(len(readers), plan.specs, {
-                s.key: readers[0].info(s.key).dtype.name for s in plan.specs})
+            hashes = ContentHashes(len(readers), plan.read_specs, {
+                s.key: readers[0].info(s.key).dtype.name for s in plan.read_specs})
             execute(plan, Discard(), progress=progress, threads=threads, hashes=hashes)
             for r in readers:
                 r.check_unchanged()
@@ -260,6 +267,8 @@ def average(
             result.content = digests
         else:
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
+            if plan.dequantize is not None and "config.json" in side:
+                side["config.json"] = without_quantization(side["config.json"])
             result.warnings += notes
             entry = dcp_entry(readers[-1]) if dcp else plan.entry
             run = describe(readers, plan.specs, plan.metadata) \
@@ -267,8 +276,8 @@ def average(
             writer = make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                                  inputs=protected, entry=entry, extras=plan.extras,
                                  side_files=side, dcp=dcp, run=run, resume=resume)
-            hashes = ContentHashes(len(readers), plan.specs, {
-                s.key: readers[0].info(s.key).dtype.name for s in plan.specs}) \
+            hashes = ContentHashes(len(readers), plan.read_specs, {
+                s.key: readers[0].info(s.key).dtype.name for s in plan.read_specs}) \
                 if content and writer.fills_metadata else None
             if hashes is not None and run is not None:
                 writer.hashes = hashes  # each finished shard records its digests

@@ -104,7 +104,17 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     readers, ref = plan.readers, plan.readers[0]
     wanted = set(keys) if keys is not None else None
     specs = [s for s in plan.specs if wanted is None or s.key in wanted]
-    floats = [s for s in specs if ref.info(s.key).dtype.is_floating_point]
+    layout = plan.fp8 or plan.dequantize
+    fp8 = None
+    if layout is not None:  # FP8 weights, their scales: averaged in value space (engine/fp8.py)
+        from ckptavg.engine.fp8 import Fp8Run
+
+        fp8 = Fp8Run(plan, layout, plan.fp8 is not None, hashes)
+        if plan.dequantize is not None and wanted is None:
+            written = {s.key for s in plan.specs}
+            fp8.feed_dropped([k for k in ref.keys() if k not in written])
+    floats = [s for s in specs if ref.info(s.key).dtype.is_floating_point
+              and (fp8 is None or not fp8.handles(s.key))]
     max_numel = max((s.numel for s in floats), default=0)
     wide = plan.accumulate == "float64" or any(ref.info(s.key).dtype == dtypes.float64
                                                for s in floats)
@@ -133,6 +143,11 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                     hashes.tie(spec.key, plan.ties[spec.key])
                 continue  # torch and DCP writers point tied names at one tensor
             info = ref.info(spec.key)
+            if fp8 is not None and fp8.handles(spec.key):
+                done += fp8.write(spec, bg, streams)
+                if progress:
+                    progress(done, total_bytes)
+                continue
             if not info.dtype.is_floating_point:
                 done += info.nbytes
                 value = read_copy(last, spec.key)

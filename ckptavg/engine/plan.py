@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ckptavg import __version__, options
 from ckptavg.engine import profiles
@@ -20,6 +21,7 @@ from ckptavg.engine.select import Candidate, require_order
 from ckptavg.errors import CkptavgError, MismatchError, OptionError
 from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
 from ckptavg.io.checkpoint import weights_entry
+from ckptavg.io.quantized import quantized_layout
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection, check_choice
 
 OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
@@ -69,6 +71,8 @@ class Plan:
     allow_nonfinite: bool = False
     entry: str | None = "state_dict"  # where a torch output keeps the weights: the newest input's (None: bare)
     extras: dict = field(default_factory=dict)  # the newest input's carried configuration
+    fp8: Any = None  # io.quantized.Fp8Layout: FP8 weights requantized beside new scales
+    dequantize: Any = None  # the same, FP8 weights written in the output dtype, no scales
 
     @property
     def total_weight(self) -> float:
@@ -82,22 +86,19 @@ class Plan:
                    if r is last or r.info(s.key).dtype.is_floating_point)
 
     @property
+    def read_specs(self) -> list[TensorSpec]:
+        """The inputs' tensors, as they are (the content hashes cover them all): the output
+        specs with the inputs' dtypes, plus the FP8 scales a dequantized output leaves out."""
+        ref = self.readers[0]
+        keys = [s.key for s in self.specs]
+        if self.dequantize is not None:
+            written = set(keys)
+            keys += [k for k in ref.keys() if k not in written]
+        return [TensorSpec(k, ref.info(k).shape, ref.info(k).dtype) for k in keys]
+
+    @property
     def bytes_out(self) -> int:
         return sum(s.nbytes for s in self.specs)
-
-
-def refuse_quantized(readers: list[ReaderBase]) -> None:
-    """One line for a quantized input (io/quantized.py): its codes would be averaged apart
-    from their scales, or kept beside averaged ones, giving a model that loads and is wrong."""
-    from ckptavg.io.quantized import scheme_of
-
-    for r in readers:
-        found = scheme_of(r)
-        if found is not None:
-            raise CkptavgError(
-                f"{r.path}: a quantized checkpoint ({found[0]}, from {found[1]}); averaging "
-                "its codes apart from their scales would give a wrong model, so it is "
-                "refused: average the unquantized checkpoints, or dequantize each one first")
 
 
 def sha256_of(files: list[SourceFile]) -> str:
@@ -211,16 +212,21 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             + " -- average checkpoints of one architecture (and dtype), or align keys by "
             "stripping a prefix"
         )
-    refuse_quantized(readers)
+    fp8 = quantized_layout(readers)  # io/quantized.py: FP8 averaged in value space
     ref = readers[0]
     ties = dict(ref.ties())
     for r in readers[1:]:
         other = r.ties()
         ties = {k: v for k, v in ties.items() if other.get(k) == v}
     out_dtype = OUT_DTYPES.get(dtype) if dtype else None
+    # FP8 with --dtype: the weights written in that dtype, without scales (dequantized);
+    # else requantized, each weight beside its new scale (engine/fp8.py)
+    dropped = set(fp8.scales) | set(fp8.activations) if fp8 is not None and out_dtype else set()
     specs = []
     for k in ref.keys():
         info = ref.info(k)
+        if k in dropped:
+            continue
         floating = info.dtype.is_floating_point
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
     n_total = n_total or len(readers)
@@ -243,12 +249,18 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         "average.inputs": json.dumps(list(prior_inputs or []) + entries),
         "average.accumulate": accumulate,
         **({"average.profile": profile} if profile else {}),
+        **({"average.quantized": f"{fp8.describe()}: each input dequantized with its own "
+            "scales, averaged in float64, " + (f"written as {dtype}" if out_dtype else
+                                               "requantized with new scales")}
+           if fp8 is not None else {}),
         "bn.stale": "true" if has_bn else "false",
     }
     newest = readers[-1]
     entry = torch_entry(newest)
     return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite,
-                entry, newest.extras() if entry is not None else {})
+                entry, newest.extras() if entry is not None else {},
+                fp8 if fp8 is not None and not out_dtype else None,
+                fp8 if fp8 is not None and out_dtype else None)
 
 
 def torch_entry(newest: ReaderBase) -> str | None:

@@ -181,4 +181,15 @@ def _quantization(reader) -> dict | None:
     from ckptavg.io.quantized import scheme_of
 
     found = scheme_of(reader)
-    return None if found is None else {"scheme": found[0], "seen": found[1]}
+    if found is None:
+        return None
+    from ckptavg.errors import CkptavgError
+    from ckptavg.io.quantized import quantized_layout
+
+    try:
+        layout = quantized_layout([reader])
+    except CkptavgError:
+        layout = None
+    if layout is not None:  # averaged in the weights' own space (engine/fp8.py)
+        return {"scheme": layout.describe(), "seen": found[1], "averaged": True}
+    return {"scheme": found[0], "seen": found[1], "averaged": False}

@@ -2,9 +2,11 @@
 
 A quantized checkpoint stores codes and the scales that give them meaning. Averaging the
 codes and the scales apart (or keeping the newest input's integer codes beside averaged
-scales, as the rule for integer tensors would) gives a model that loads and is wrong. Until
-ckptavg averages such files in what their weights mean, every one it recognises is refused in
-one line naming the scheme and the fix.
+scales, as the rule for integer tensors would) gives a model that loads and is wrong.
+
+FP8 with scales (`fp8_layout`: per-tensor, per-channel and block scales, as compressed-tensors
+and DeepSeek-V3 ship them) is averaged in the weights' own space by engine/fp8.py. Every
+other scheme recognised here is refused in one line naming the scheme and the fix.
 
 Recognised from a Hugging Face `config.json` beside the input (`quantization_config`'s
 `quant_method`), and from the tensors themselves for files without one:
@@ -20,6 +22,10 @@ Recognised from a Hugging Face `config.json` beside the input (`quantization_con
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
+
+from ckptavg.errors import CkptavgError
 
 FLOAT8 = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
 SCALE_SUFFIXES = ("_scale", "_scale_inv")
@@ -91,3 +97,133 @@ def scheme_of(reader) -> tuple[str, str] | None:
         return scheme, "its config.json's quantization_config"
     found = from_layout({k: reader.info(k).dtype.name for k in reader.keys()})
     return None if found is None else (found[0], f"tensor {found[1]!r}")
+
+
+# The methods a config names for FP8 weights (the tensors must then be FP8 with scales).
+FP8_METHODS = {"fp8", "compressed-tensors", "fbgemm_fp8", "finegrained_fp8"}
+# Scales of activations (static input quantization, the KV cache): statistics, not weights.
+ACTIVATION_SCALES = ("input_scale", "output_scale", "k_scale", "v_scale", "q_scale")
+BLOCKS = (128, 64, 32, 256)  # block sizes recognised from the scale's shape (DeepSeek: 128)
+
+
+@dataclass(frozen=True)
+class Fp8Pair:
+    """An FP8 weight and its scale: value = code * scale, with the scale per tensor (one
+    number), per output channel (one per row) or per block of `block` rows x columns."""
+
+    weight: str
+    scale: str
+    kind: str  # "tensor", "channel" or "block"
+    block: tuple[int, int] = (1, 1)
+
+
+@dataclass(frozen=True)
+class Fp8Layout:
+    """The FP8 pairs of a checkpoint and its activation scales (by key)."""
+
+    pairs: dict[str, Fp8Pair]  # weight key -> its pair
+    activations: tuple[str, ...]
+
+    @property
+    def scales(self) -> dict[str, str]:
+        """scale key -> its weight key."""
+        return {p.scale: p.weight for p in self.pairs.values()}
+
+    def describe(self) -> str:
+        kinds = sorted({p.kind if p.kind != "block" else f"{p.block[0]}x{p.block[1]} block"
+                        for p in self.pairs.values()})
+        return f"fp8 ({', '.join(kinds)} scales)"
+
+
+def _scale_of(key: str, keys: set[str]) -> str | None:
+    stem = key[: -len(".weight")] if key.endswith(".weight") else None
+    names = [f"{key}{s}" for s in SCALE_SUFFIXES]
+    if stem is not None:
+        names += [f"{stem}.weight_scale", f"{stem}.weight_scale_inv"]
+    return next((n for n in names if n in keys), None)
+
+
+def _kind(shape: tuple, scale_shape: tuple) -> tuple[str, tuple[int, int]] | None:
+    numel = math.prod(scale_shape)
+    if numel == 1:
+        return "tensor", (1, 1)
+    if len(shape) != 2:
+        return None
+    out, inp = shape
+    if tuple(scale_shape) in ((out,), (out, 1)):
+        return "channel", (1, inp)
+    if len(scale_shape) == 2:
+        for b in BLOCKS:
+            if scale_shape == (-(-out // b), -(-inp // b)):
+                return "block", (b, b)
+    return None
+
+
+def fp8_layout(path: str, infos: dict) -> Fp8Layout | None:
+    """The FP8 layout of a checkpoint whose tensors are `infos` (key -> TensorInfo), or None
+    where no float8 tensor has a scale. A float8 tensor without a scale, or a scale whose
+    shape is no per-tensor, per-channel or block layout, is refused in one line."""
+    dtypes = {k: i.dtype.name for k, i in infos.items()}
+    keys = set(infos)
+    pairs = {}
+    for k, dt in dtypes.items():
+        if dt not in FLOAT8:
+            continue
+        scale = _scale_of(k, keys)
+        if scale is None:
+            continue
+        found = _kind(tuple(infos[k].shape), tuple(infos[scale].shape))
+        if found is None or not infos[scale].dtype.is_floating_point or dtypes[scale] in FLOAT8:
+            raise CkptavgError(
+                f"{path}: tensor {k!r} is FP8 with a scale {scale!r} of shape "
+                f"{list(infos[scale].shape)} ({dtypes[scale]}), which is no per-tensor, "
+                "per-channel or block scale ckptavg knows; it is refused rather than "
+                "averaged as codes: dequantize the checkpoints first")
+        pairs[k] = Fp8Pair(k, scale, *found)
+    if not pairs:
+        return None
+    bare = [k for k, dt in dtypes.items() if dt in FLOAT8 and k not in pairs]
+    if bare:
+        raise CkptavgError(f"{path}: tensor {bare[0]!r} is FP8 without a scale beside it, "
+                           "so what its codes mean is not known; it is refused rather than "
+                           "averaged as codes: dequantize the checkpoints first")
+    paired = {p.scale for p in pairs.values()}
+    activations = tuple(k for k in infos if k not in paired and k.rsplit(".", 1)[-1]
+                        in ACTIVATION_SCALES)
+    return Fp8Layout(pairs, activations)
+
+
+def without_quantization(config: bytes) -> bytes:
+    """A `config.json` without its `quantization_config`: the config of an FP8 average
+    written in high precision (`--dtype`), which loads as an unquantized model."""
+    try:
+        cfg = json.loads(config)
+    except (ValueError, RecursionError):
+        return config
+    if not isinstance(cfg, dict) or "quantization_config" not in cfg:
+        return config
+    cfg.pop("quantization_config")
+    return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
+def quantized_layout(readers) -> Fp8Layout | None:
+    """The FP8 layout of the inputs (io/quantized.Fp8Layout), averaged in the weights' own
+    space by engine/fp8.py; None for unquantized inputs. Any other quantized input is one
+    line (io/quantized.py): its codes would be averaged apart from their scales, or kept
+    beside averaged ones, giving a model that loads and is wrong."""
+    ref = readers[0]
+    layout = fp8_layout(ref.path, {k: ref.info(k) for k in ref.keys()})
+    for r in readers:
+        found = scheme_of(r)
+        if layout is not None and found is not None and (
+                found[0].startswith("fp8") or found[0] in FP8_METHODS):
+            rest = {k: r.info(k).dtype.name for k in r.keys()
+                    if k not in layout.pairs and k not in layout.scales}
+            found = from_layout(rest)  # FP8 weights beside another scheme's codes
+            found = None if found is None else (found[0], f"tensor {found[1]!r}")
+        if found is not None:
+            raise CkptavgError(
+                f"{r.path}: a quantized checkpoint ({found[0]}, from {found[1]}); averaging "
+                "its codes apart from their scales would give a wrong model, so it is "
+                "refused: average the unquantized checkpoints, or dequantize each one first")
+    return layout

@@ -46,8 +46,8 @@ def _layout(kind: str, seed: int) -> dict:
     raise AssertionError(kind)
 
 
-KINDS = ["compressed-tensors fp8", "deepseek fp8 block scales", "gptq", "bitsandbytes", "mxfp4",
-         "unknown codes beside a scale"]
+KINDS = ["gptq", "bitsandbytes", "mxfp4", "unknown codes beside a scale"]
+FP8_KINDS = ["compressed-tensors fp8", "deepseek fp8 block scales"]  # averaged: tests/test_fp8.py
 SCHEMES = {"compressed-tensors fp8": "fp8", "deepseek fp8 block scales": "fp8", "gptq": "gptq",
            "bitsandbytes": "bitsandbytes", "mxfp4": "mxfp4",
            "unknown codes beside a scale": "unknown scheme"}
@@ -73,6 +73,22 @@ def test_a_quantized_layout_is_refused_in_one_line(tmp_path, kind):
     assert SCHEMES[kind] in shown.stdout
     info = json.loads(run_cli("inspect", paths[0], "--json").stdout)
     assert SCHEMES[kind] in info["quantization"]["scheme"]
+
+
+@pytest.mark.parametrize("kind", FP8_KINDS)
+def test_fp8_layouts_are_averaged_in_value_space_and_inspect_names_them(tmp_path, kind):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"ep-{i + 1}.safetensors"
+        save_file(_layout(kind, i), str(p))
+        paths.append(p)
+    out = tmp_path / "avg.safetensors"
+    proc = run_cli("average", *paths, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "requantized" in json.loads(run_cli("inspect", out, "--json").stdout)[
+        "metadata"]["average.quantized"]
+    info = json.loads(run_cli("inspect", paths[0], "--json").stdout)
+    assert "fp8" in info["quantization"]["scheme"]
 
 
 def test_a_quantization_config_refuses_the_folder(tmp_path):

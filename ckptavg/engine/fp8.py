@@ -1,0 +1,265 @@
+"""FP8 weights averaged in what they mean (issue #36), without torch.
+
+An FP8 weight is a tensor of float8 codes and a scale: value = code * scale, the scale one
+number (per tensor), one per output row (per channel) or one per block of rows x columns
+(DeepSeek-V3's 128 x 128 `weight_scale_inv`, which is multiplied too). Averaging the codes
+and the scales apart gives a wrong model, so each input's weight is dequantized with its
+own scale, the values are averaged in float64, and the mean is then
+
+- requantized in the inputs' scheme (the default): each new scale is the largest |value|
+  of its tensor, row or block over the float8 type's largest finite value (448 for
+  e4m3fn), at least float32's epsilon (compressed-tensors' rule; DeepSeek's without the
+  floor), rounded to the scale's own dtype; each code is value / scale rounded once to
+  nearest even and saturated to the type's range; or
+- written in the output dtype (`--dtype bfloat16|float32`), the scales left out.
+
+Activation scales (`input_scale`, `k_scale`, `v_scale`, ...) are statistics of the inputs'
+activations, not weights: the output keeps the largest of the inputs' values, so that no
+activation saturates more than it did in any input (with `--dtype` they are left out with
+the weight scales). The average's metadata says so (`average.quantized`).
+
+Memory stays a slice: a weight is processed a few rows at a time (whole blocks of rows for
+block scales) in a float64 buffer of about SLICE values; a per-tensor scale needs the
+largest value of the whole mean, so the rows are averaged twice (once for the scale, once
+for the codes): the codes are one byte, so the two reads of an FP8 model cost what one read
+of its bfloat16 copy does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ckptavg.engine import arith
+from ckptavg.engine.nonfinite import raise_nonfinite
+from ckptavg.io.base import pread_extent
+from ckptavg.io.quantized import Fp8Layout, Fp8Pair
+
+SLICE = 1 << 20  # values of a weight averaged at a time (8 MiB of float64)
+EPS = float(np.finfo(np.float32).eps)  # the smallest scale written (compressed-tensors')
+
+
+class Fp8Run:
+    """The FP8 part of one average: `write(spec, bg)` writes a pair's weight (requantized
+    codes, or values in the output dtype), a pair's new scale, or an activation scale."""
+
+    def __init__(self, plan, layout: Fp8Layout, requantize: bool, hashes=None):
+        self.plan, self.layout, self.requantize = plan, layout, requantize
+        self.readers, self.weights = plan.readers, plan.weights
+        self.hashes = hashes
+        self.scales_of = layout.scales  # scale key -> weight key
+        self._new: dict[str, np.ndarray] = {}  # weight key -> its new scale (float64)
+        self._input_scales: dict[str, list[np.ndarray]] = {}
+
+    def handles(self, key: str) -> bool:
+        return key in self.layout.pairs or key in self.scales_of or \
+            key in self.layout.activations
+
+    def write(self, spec, bg, streams: bool) -> int:
+        """Write tensor `spec.key`; returns the bytes read for it."""
+        key = spec.key
+        if key in self.layout.pairs:
+            return self._weight(self.layout.pairs[key], spec, bg, streams)
+        raws = [self._raw(i, key) for i in range(len(self.readers))]
+        self._hash(key, raws)
+        if key in self.scales_of:
+            pair = self.layout.pairs[self.scales_of[key]]
+            bg.write(key, arith.round_once(self.new_scale(pair), spec.dtype).view(np.uint8))
+        else:  # an activation scale: the largest of the inputs'
+            values = [self._values(key, raw) for raw in raws]
+            bg.write(key, arith.round_once(np.maximum.reduce(values), spec.dtype)
+                     .view(np.uint8))
+        return sum(r.nbytes for r in raws)
+
+    # ------------------------------------------------------------------ one weight
+
+    def _weight(self, pair: Fp8Pair, spec, bg, streams: bool) -> int:
+        shape = self.readers[0].info(pair.weight).shape
+        rows, cols = _matrix(shape)
+        step = _rows_per_slice(rows, cols, pair)
+        scale = None
+        if self.requantize:
+            scale = _stored(self.new_scale(pair), self.readers[0].info(pair.scale).dtype)
+        out = bytearray() if not streams else None
+        for r0 in range(0, max(rows, 1), step):
+            r1 = min(rows, r0 + step)
+            mean = self._mean(pair, r0, r1, cols, feed=True)
+            if self.requantize:
+                raw = _quantize(mean, _expand(scale, pair, r0, r1, cols), spec.dtype)
+            else:
+                raw = arith.round_once(mean, spec.dtype).view(np.uint8)
+            if streams:
+                bg.write(pair.weight, raw, part=(r0 == 0, r1 >= rows))
+            else:
+                out += raw.tobytes()
+        if not streams:
+            bg.write(pair.weight, np.frombuffer(bytes(out), np.uint8))
+        if self.hashes is not None:
+            for i in range(len(self.readers)):
+                self.hashes.done(i, pair.weight)
+        for r in self.readers:
+            r.release(pair.weight)
+        return self.readers[0].info(pair.weight).nbytes * len(self.readers)
+
+    def new_scale(self, pair: Fp8Pair) -> np.ndarray:
+        """The new scale of `pair` (float64, the scale's shape): the largest |value| of the
+        mean over each scale's tensor, row or block, over the float8 type's largest value."""
+        if pair.weight in self._new:
+            return self._new[pair.weight]
+        info = self.readers[0].info(pair.weight)
+        rows, cols = _matrix(info.shape)
+        amax = np.zeros(self.readers[0].info(pair.scale).shape or (1,), np.float64).reshape(
+            _scale_grid(pair, rows, cols))
+        step = _rows_per_slice(rows, cols, pair)
+        for r0 in range(0, max(rows, 1), step):
+            r1 = min(rows, r0 + step)
+            mean = np.abs(self._mean(pair, r0, r1, cols, feed=False))
+            _fold_amax(amax, mean, pair, r0, r1, cols)
+        top = float(np.finfo(arith.one_byte(info.dtype)).max)
+        scale = np.maximum(amax / top, EPS)
+        self._new[pair.weight] = scale.reshape(self.readers[0].info(pair.scale).shape)
+        return self._new[pair.weight]
+
+    def _mean(self, pair: Fp8Pair, r0: int, r1: int, cols: int, feed: bool) -> np.ndarray:
+        """The weighted mean of the inputs' dequantized rows [r0, r1), flat float64."""
+        info = self.readers[0].info(pair.weight)
+        table = arith._table(info.dtype, np.dtype(np.float64))
+        n = (r1 - r0) * cols
+        acc = np.zeros(n, np.float64)
+        for i in range(len(self.readers)):
+            codes = self._codes(i, pair.weight, r0 * cols, n)
+            if feed and self.hashes is not None:
+                self.hashes.update(i, pair.weight, codes)
+            value = np.take(table, codes)
+            scale = self._input_scale(i, pair)
+            np.multiply(value, _expand(scale, pair, r0, r1, cols), out=value)
+            if self.weights[i] != 1.0:
+                np.multiply(value, self.weights[i], out=value)
+            np.add(acc, value, out=acc)
+        np.divide(acc, self.plan.total_weight, out=acc)
+        if not np.isfinite(acc).all() and not self.plan.allow_nonfinite:
+            raise_nonfinite(self.readers, pair.weight, info.dtype)
+        return acc
+
+    def _input_scale(self, i: int, pair: Fp8Pair) -> np.ndarray:
+        kept = self._input_scales.setdefault(pair.weight, [None] * len(self.readers))
+        if kept[i] is None:
+            kept[i] = self._values(pair.scale, self._raw(i, pair.scale))
+        return kept[i]
+
+    # ------------------------------------------------------------------ reading
+
+    def _codes(self, i: int, key: str, start: int, n: int) -> np.ndarray:
+        """n bytes (codes) of input i's tensor `key` from element `start`."""
+        reader = self.readers[i]
+        ext = reader.locate(key)
+        if ext is not None:
+            buf = np.empty(n, np.uint8)
+            pread_extent(ext, memoryview(buf), start)
+            return buf
+        flat = arith.as_numpy(reader.read(key), np.dtype(np.uint8))
+        return np.array(flat[start:start + n])
+
+    def _raw(self, i: int, key: str) -> np.ndarray:
+        from ckptavg.engine.kernel import read_copy
+        from ckptavg.io.writer import as_array
+
+        return as_array(read_copy(self.readers[i], key)).reshape(-1).view(np.uint8)
+
+    def _values(self, key: str, raw: np.ndarray) -> np.ndarray:
+        """A small floating tensor's values (float64, its shape) from its raw bytes."""
+        info = self.readers[0].info(key)
+        flat = raw.view(arith.storage(info.dtype))
+        out = np.empty(flat.size, np.float64)
+        arith.widen(out, flat, info.dtype, arith.Scratch(flat.size, np.dtype(np.float64)))
+        return out.reshape(info.shape)
+
+    def _hash(self, key: str, raws: list[np.ndarray]) -> None:
+        if self.hashes is not None:
+            for i, raw in enumerate(raws):
+                self.hashes.update(i, key, raw)
+                self.hashes.done(i, key)
+
+    def feed_dropped(self, keys) -> None:
+        """With --dtype, the scales are not written but are the inputs' tensors all the
+        same: their bytes go to the content hashes."""
+        for key in keys:
+            self._hash(key, [self._raw(i, key) for i in range(len(self.readers))])
+
+
+# ---------------------------------------------------------------------- the arithmetic
+
+def _matrix(shape) -> tuple[int, int]:
+    """(rows, columns) a weight is handled as: a matrix as it is, anything else as one row."""
+    if len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    n = int(np.prod(shape)) if len(shape) else 1
+    return (1, n)
+
+
+def _rows_per_slice(rows: int, cols: int, pair: Fp8Pair) -> int:
+    """Rows averaged at a time: about SLICE values, whole blocks of rows for block scales."""
+    step = max(1, SLICE // max(cols, 1))
+    if pair.kind == "block":
+        b = pair.block[0]
+        step = max(b, step // b * b)
+    return min(step, max(rows, 1))
+
+
+def _scale_grid(pair: Fp8Pair, rows: int, cols: int) -> tuple[int, int]:
+    if pair.kind == "tensor":
+        return (1, 1)
+    if pair.kind == "channel":
+        return (rows, 1)
+    return (-(-rows // pair.block[0]), -(-cols // pair.block[1]))
+
+
+def _expand(scale: np.ndarray, pair: Fp8Pair, r0: int, r1: int, cols: int) -> np.ndarray | float:
+    """The scale of each value of rows [r0, r1) (flat), or one number per tensor."""
+    if pair.kind == "tensor":
+        return float(scale.reshape(-1)[0])
+    if pair.kind == "channel":
+        return np.repeat(scale.reshape(-1)[r0:r1], cols)
+    b0, b1 = pair.block
+    grid = scale.reshape(-(-scale.size // scale.shape[-1]) if scale.ndim else 1, -1)
+    rows = np.arange(r0, r1) // b0
+    columns = np.arange(cols) // b1
+    return grid[rows][:, columns].reshape(-1)
+
+
+def _fold_amax(amax: np.ndarray, mean: np.ndarray, pair: Fp8Pair, r0: int, r1: int,
+               cols: int) -> None:
+    """amax (the scale grid) = max(amax, the largest |value| of each group in rows r0..r1)."""
+    if mean.size == 0:
+        return
+    if pair.kind == "tensor":
+        amax[0, 0] = max(amax[0, 0], float(mean.max()))
+        return
+    m = mean.reshape(r1 - r0, cols)
+    if pair.kind == "channel":
+        np.maximum(amax[r0:r1, 0], m.max(axis=1), out=amax[r0:r1, 0])
+        return
+    b0, b1 = pair.block
+    g0 = r0 // b0
+    nb = -(-(r1 - r0) // b0)
+    pad_r, pad_c = nb * b0 - (r1 - r0), -(-cols // b1) * b1 - cols
+    if pad_r or pad_c:
+        m = np.pad(m, ((0, pad_r), (0, pad_c)))
+    blocks = m.reshape(nb, b0, -1, b1).max(axis=(1, 3))
+    np.maximum(amax[g0:g0 + nb], blocks, out=amax[g0:g0 + nb])
+
+
+def _stored(scale: np.ndarray, dtype) -> np.ndarray:
+    """The scale as its file will hold it (rounded once to its dtype), as float64: the codes
+    are computed against this value, so that code * stored scale is what was meant."""
+    raw = arith.round_once(scale, dtype)
+    out = np.empty(raw.size, np.float64)
+    arith.widen(out, raw, dtype, arith.Scratch(raw.size, np.dtype(np.float64)))
+    return out.reshape(scale.shape)
+
+
+def _quantize(mean: np.ndarray, scale, dtype) -> np.ndarray:
+    """float8 codes (raw bytes) of mean / scale, rounded once to nearest even, saturated."""
+    top = float(np.finfo(arith.one_byte(dtype)).max)
+    q = mean / scale
+    np.clip(q, -top, top, out=q)
+    return arith.round_once(q, dtype).view(np.uint8)

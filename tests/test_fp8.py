@@ -1,0 +1,215 @@
+"""FP8 checkpoints averaged in what their weights mean (issue #36), against references
+computed here with torch's own float8 types: each input dequantized with its own scales,
+averaged in float64. Per-tensor and per-channel scales (compressed-tensors' `weight_scale`),
+128 x 128 block scales (DeepSeek-V3's `weight_scale_inv`, partial blocks at the edges),
+unequal scales across inputs; requantized outputs compared after dequantizing. Other
+quantized layouts are refused in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import ROOT, leftovers, run_cli
+
+F8 = torch.float8_e4m3fn
+TOP = 448.0
+EPS = float(torch.finfo(torch.float32).eps)
+SCALE = {"tensor": "weight_scale", "channel": "weight_scale", "block": "weight_scale_inv"}
+
+
+def _expand(s: torch.Tensor, kind: str, shape) -> torch.Tensor:
+    if kind != "block":
+        return s.double()
+    r, c = shape
+    return s.double().repeat_interleave(128, 0)[:r].repeat_interleave(128, 1)[:, :c]
+
+
+def _quantize(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs' own quantization, as the schemes do it."""
+    if kind == "tensor":
+        s = (w.abs().max() / TOP).reshape(1)
+    elif kind == "channel":
+        s = w.abs().amax(1, keepdim=True) / TOP
+    else:
+        r, c = w.shape
+        pad = torch.nn.functional.pad(w.abs(), (0, -c % 128, 0, -r % 128))
+        s = pad.reshape(-(-r // 128), 128, -(-c // 128), 128).amax((1, 3)) / TOP
+    s = s.float()
+    return (w / _expand(s, kind, w.shape).float()).clamp(-TOP, TOP).to(F8), s
+
+
+def dequantized(q: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
+    return q.double() * _expand(s, kind, q.shape)
+
+
+def _inputs(folder, kind: str, n: int = 3, shape=(200, 300)):
+    """n FP8 checkpoints with unequal scales (the i-th input's weights i + 1 times larger),
+    a bias in bfloat16 and a static input_scale each."""
+    g = torch.Generator().manual_seed(7)
+    paths, values = [], []
+    for i in range(n):
+        q, s = _quantize(torch.randn(*shape, generator=g) * (i + 1), kind)
+        state = {"l.weight": q, f"l.{SCALE[kind]}": s,
+                 "l.bias": torch.randn(shape[0], generator=g).bfloat16(),
+                 "l.input_scale": torch.tensor([0.01 * (3 - i)])}
+        path = os.path.join(folder, f"step-{100 * (i + 1)}.safetensors")
+        save_file(state, path)
+        paths.append(path)
+        values.append(dequantized(q, s, kind))
+    mean = values[0]
+    for v in values[1:]:
+        mean = mean + v  # in input order, as the average folds them
+    return paths, mean / n
+
+
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_dequantized_output_is_the_float64_mean_of_what_the_weights_mean(tmp_path, kind):
+    paths, mean = _inputs(str(tmp_path), kind)
+    out = tmp_path / "avg.safetensors"
+    proc = run_cli("average", *paths, "--dtype", "float32", "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = load_file(out)
+    assert sorted(got) == ["l.bias", "l.weight"]  # no scales: the values themselves
+    assert torch.equal(got["l.weight"], mean.float())  # rounded once from float64
+    meta = json.loads(subprocess.run(
+        [sys.executable, "-m", "ckptavg", "inspect", str(out), "--json"], capture_output=True,
+        text=True, cwd=ROOT).stdout)["metadata"]
+    assert "written as float32" in meta["average.quantized"]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_requantized_output_has_the_schemes_scales_and_the_nearest_codes(tmp_path, kind):
+    paths, mean = _inputs(str(tmp_path), kind)
+    out = tmp_path / "avg.safetensors"
+    proc = run_cli("average", *paths, "-o", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)
+    assert any("input_scale" in w and "largest" in w for w in body["warnings"])
+    got = load_file(out)
+    q, s = got["l.weight"], got[f"l.{SCALE[kind]}"]
+    assert q.dtype == F8 and s.dtype == torch.float32
+    # the new scales by the scheme's rule, from the mean computed here
+    if kind == "tensor":
+        amax = mean.abs().max().reshape(1)
+    elif kind == "channel":
+        amax = mean.abs().amax(1, keepdim=True)
+    else:
+        r, c = mean.shape
+        pad = torch.nn.functional.pad(mean.abs(), (0, -c % 128, 0, -r % 128))
+        amax = pad.reshape(-(-r // 128), 128, -(-c // 128), 128).amax((1, 3))
+    assert torch.equal(s, (amax / TOP).clamp(min=EPS).float())
+    # each code is the float8 nearest mean / scale: within half a step of it
+    target = (mean / _expand(s, kind, mean.shape)).clamp(-TOP, TOP)
+    value = q.double()
+    step = 2.0 ** (torch.floor(torch.log2(value.abs().clamp(min=2.0 ** -6))) - 3)
+    assert bool(((value - target).abs() <= step / 2 + 1e-12).all())
+    deq = dequantized(q, s, kind)
+    rel = float((deq - mean).norm() / mean.norm())
+    assert rel < 0.04  # float8's own rounding; averaging codes and scales apart: ~0.35
+    assert got["l.input_scale"].item() == pytest.approx(0.03)  # the largest of the inputs'
+    assert torch.equal(got["l.bias"], (sum(load_file(p)["l.bias"].double() for p in paths)
+                                       / 3).bfloat16())
+
+
+def test_fp8_is_averaged_without_importing_torch(tmp_path):
+    paths, _ = _inputs(str(tmp_path), "block", shape=(130, 260))
+    out = tmp_path / "avg.safetensors"
+    script = ("import sys\nfrom ckptavg.cli import main\n"
+              f"try:\n    main(['average', *{paths!r}, '-o', {str(out)!r}, '-q'])\n"
+              "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+
+
+def test_a_folder_keeps_or_drops_its_quantization_config(tmp_path):
+    """Requantized, the output loads where the inputs load: config.json as it was; written
+    in high precision, quantization_config goes."""
+    folders = []
+    for i, path in enumerate(_inputs(str(tmp_path), "channel")[0]):
+        d = tmp_path / f"checkpoint-{100 * (i + 1)}"
+        d.mkdir()
+        os.rename(path, d / "model.safetensors")
+        (d / "config.json").write_text(json.dumps(
+            {"model_type": "x", "quantization_config": {"quant_method": "compressed-tensors",
+                                                        "format": "float-quantized"}}))
+        folders.append(d)
+    run_cli("average", *folders, "-o", tmp_path / "req", check=True)
+    assert "quantization_config" in json.loads((tmp_path / "req" / "config.json").read_text())
+    run_cli("average", *folders, "--dtype", "bfloat16", "-o", tmp_path / "deq", check=True)
+    cfg = json.loads((tmp_path / "deq" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "x"
+
+
+def _gptq(folder, i):
+    state = {"l.qweight": torch.randint(0, 2**31 - 1, (8, 16), dtype=torch.int32),
+             "l.qzeros": torch.zeros(1, 2, dtype=torch.int32),
+             "l.scales": torch.rand(1, 16).half() + i, "l.g_idx": torch.zeros(64, dtype=torch.int32)}
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"quantization_config": {"quant_method": "gptq", "bits": 4}}, f)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("gptq", "gptq"),
+    ("bitsandbytes", "bitsandbytes"),
+    ("mxfp4", "mxfp4"),
+    ("fp8 odd scale", "no per-tensor, per-channel or block scale"),
+    ("fp8 without scale", "FP8 without a scale"),
+    ("fp8 beside int codes", "integer codes beside a scale"),
+])
+def test_other_quantized_layouts_are_refused_in_one_line(tmp_path, case, needle):
+    inputs = []
+    for i in range(2):
+        d = tmp_path / f"in{i}"
+        d.mkdir()
+        q = (torch.randn(8, 16) * (i + 1)).to(F8)
+        state = {
+            "bitsandbytes": {"l.weight": torch.randint(0, 255, (64, 1), dtype=torch.uint8),
+                             "l.weight.absmax": torch.rand(4),
+                             "l.weight.quant_map": torch.rand(16)},
+            "mxfp4": {"e.down_blocks": torch.randint(0, 255, (4, 16), dtype=torch.uint8),
+                      "e.down_scales": torch.randint(0, 255, (4, 1), dtype=torch.uint8)},
+            "fp8 odd scale": {"l.weight": q, "l.weight_scale": torch.rand(3, 5)},
+            "fp8 without scale": {"l.weight": q, "m.weight": q.clone(),
+                                  "m.weight_scale": torch.rand(1)},
+            "fp8 beside int codes": {"l.weight": q, "l.weight_scale": torch.rand(1),
+                                     "m.codes": torch.zeros(4, dtype=torch.int8),
+                                     "m.scale": torch.rand(1)},
+        }.get(case)
+        if state is None:
+            _gptq(str(d), i)
+        else:
+            save_file(state, str(d / "model.safetensors"))
+        inputs.append(d)
+    out = tmp_path / "out"
+    proc = run_cli("average", *inputs, "-o", out)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, lines
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_float8_widening_is_torchs_on_every_bit_pattern():
+    """ml_dtypes' float8 (used without torch) gives torch's value for all 256 patterns of
+    each float8 type both know (NaN patterns as NaN)."""
+    from ckptavg.engine import arith
+    from ckptavg.io import dtypes
+
+    checked = []
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+        if not hasattr(torch, name) or dtypes.standard(name) is None:
+            continue
+        checked.append(name)
+        table = arith._table(dtypes.standard(name), np.dtype(np.float64))
+        want = torch.arange(256, dtype=torch.uint8).view(getattr(torch, name)).double().numpy()
+        assert np.array_equal(table, want, equal_nan=True), name
+    assert {"float8_e4m3fn", "float8_e5m2"} <= set(checked)
