@@ -19,10 +19,10 @@ activation saturates more than it did in any input (with `--dtype` they are left
 the weight scales). The average's metadata says so (`average.quantized`).
 
 Memory stays a slice: a weight is processed a few rows at a time (whole blocks of rows for
-block scales) in a float64 buffer of about SLICE values; a per-tensor scale needs the
-largest value of the whole mean, so the rows are averaged twice (once for the scale, once
-for the codes): the codes are one byte, so the two reads of an FP8 model cost what one read
-of its bfloat16 copy does.
+block scales) in a float64 buffer of about SLICE values, and row and block scales are made
+as their rows pass; a per-tensor scale needs the largest value of the whole mean, so such a
+weight is averaged twice (once for the scale, once for the codes), as is a weight whose
+scale comes before it in the file's order. Scales multiply and divide by broadcasting.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ class Fp8Run:
     """The FP8 part of one average: `write(spec, bg)` writes a pair's weight (requantized
     codes, or values in the output dtype), a pair's new scale, or an activation scale."""
 
-    def __init__(self, plan, layout: Fp8Layout, requantize: bool, hashes=None):
+    def __init__(self, plan, layout: Fp8Layout, requantize: bool, hashes=None,
+                 threads: int = 1):
         self.plan, self.layout, self.requantize = plan, layout, requantize
+        self.threads = threads
         self.readers, self.weights = plan.readers, plan.weights
         self.hashes = hashes
         self.scales_of = layout.scales  # scale key -> weight key
@@ -76,21 +78,44 @@ class Fp8Run:
         shape = self.readers[0].info(pair.weight).shape
         rows, cols = _matrix(shape)
         step = _rows_per_slice(rows, cols, pair)
-        scale = None
-        if self.requantize:
-            scale = _stored(self.new_scale(pair), self.readers[0].info(pair.scale).dtype)
+        scale_dtype = self.readers[0].info(pair.scale).dtype
+        top = float(np.finfo(arith.one_byte(self.readers[0].info(pair.weight).dtype)).max)
+        # a per-tensor scale needs the whole mean first (a pass of its own); row and block
+        # scales are made slice by slice, each slice holding whole rows or blocks of rows
+        known = self.requantize and (pair.kind == "tensor" or pair.weight in self._new)
+        grid = _stored(self.new_scale(pair), scale_dtype).reshape(
+            _scale_grid(pair, rows, cols)) if known else None
+        if self.requantize and grid is None:
+            amax = np.zeros(_scale_grid(pair, rows, cols), np.float64)
         out = bytearray() if not streams else None
-        for r0 in range(0, max(rows, 1), step):
-            r1 = min(rows, r0 + step)
-            mean = self._mean(pair, r0, r1, cols, feed=True)
-            if self.requantize:
-                raw = _quantize(mean, _expand(scale, pair, r0, r1, cols), spec.dtype)
-            else:
-                raw = arith.round_once(mean, spec.dtype).view(np.uint8)
+        for i in range(len(self.readers)):
+            self._input_scale(i, pair)  # read before the slices run on threads
+
+        def one(r0: int, r1: int) -> tuple[np.ndarray, list[np.ndarray]]:
+            mean, codes = self._mean(pair, r0, r1, cols)
+            if not self.requantize:
+                return arith.round_once(mean, spec.dtype).view(np.uint8), codes
+            here = grid
+            if here is None:  # this slice's rows or blocks of rows: its own scales
+                _fold_amax(amax, np.abs(mean), pair, r0, r1, cols)
+                here = _stored(np.maximum(amax / top, EPS), scale_dtype).reshape(amax.shape)
+            _apply(mean, here, pair, r0, r1, cols, np.divide)
+            np.clip(mean, -top, top, out=mean)
+            return arith.round_once(mean, spec.dtype).view(np.uint8), codes
+
+        bounds = [(r0, min(rows, r0 + step)) for r0 in range(0, max(rows, 1), step)]
+        located = all(r.locate(pair.weight) is not None for r in self.readers)
+        for (r0, r1), (raw, codes) in zip(bounds, self._run(one, bounds, located)):
+            if self.hashes is not None:  # in order, in this thread
+                for i, c in enumerate(codes):
+                    self.hashes.update(i, pair.weight, c)
             if streams:
                 bg.write(pair.weight, raw, part=(r0 == 0, r1 >= rows))
             else:
                 out += raw.tobytes()
+        if self.requantize and not known:
+            self._new[pair.weight] = np.maximum(amax / top, EPS).reshape(
+                self.readers[0].info(pair.scale).shape)
         if not streams:
             bg.write(pair.weight, np.frombuffer(bytes(out), np.uint8))
         if self.hashes is not None:
@@ -99,6 +124,29 @@ class Fp8Run:
         for r in self.readers:
             r.release(pair.weight)
         return self.readers[0].info(pair.weight).nbytes * len(self.readers)
+
+    def _run(self, fn, bounds: list[tuple[int, int]], parallel: bool):
+        """fn(r0, r1) over the slices, in order: on `threads` threads (numpy lets go of the
+        GIL) with a few slices in flight, where every input is read with pread."""
+        if self.threads < 2 or not parallel or len(bounds) < 2:
+            for r0, r1 in bounds:
+                yield fn(r0, r1)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="ckptavg-fp8") as pool:
+            pending = deque()
+            try:
+                for r0, r1 in bounds:
+                    pending.append(pool.submit(fn, r0, r1))
+                    if len(pending) > self.threads:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def new_scale(self, pair: Fp8Pair) -> np.ndarray:
         """The new scale of `pair` (float64, the scale's shape): the largest |value| of the
@@ -112,33 +160,36 @@ class Fp8Run:
         step = _rows_per_slice(rows, cols, pair)
         for r0 in range(0, max(rows, 1), step):
             r1 = min(rows, r0 + step)
-            mean = np.abs(self._mean(pair, r0, r1, cols, feed=False))
+            mean = np.abs(self._mean(pair, r0, r1, cols)[0])
             _fold_amax(amax, mean, pair, r0, r1, cols)
         top = float(np.finfo(arith.one_byte(info.dtype)).max)
         scale = np.maximum(amax / top, EPS)
         self._new[pair.weight] = scale.reshape(self.readers[0].info(pair.scale).shape)
         return self._new[pair.weight]
 
-    def _mean(self, pair: Fp8Pair, r0: int, r1: int, cols: int, feed: bool) -> np.ndarray:
-        """The weighted mean of the inputs' dequantized rows [r0, r1), flat float64."""
+    def _mean(self, pair: Fp8Pair, r0: int, r1: int,
+              cols: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The weighted mean of the inputs' dequantized rows [r0, r1) (flat float64), and
+        each input's codes of those rows (for its content hash)."""
         info = self.readers[0].info(pair.weight)
         table = arith._table(info.dtype, np.dtype(np.float64))
         n = (r1 - r0) * cols
-        acc = np.zeros(n, np.float64)
+        acc, read = None, []
         for i in range(len(self.readers)):
             codes = self._codes(i, pair.weight, r0 * cols, n)
-            if feed and self.hashes is not None:
-                self.hashes.update(i, pair.weight, codes)
-            value = np.take(table, codes)
-            scale = self._input_scale(i, pair)
-            np.multiply(value, _expand(scale, pair, r0, r1, cols), out=value)
+            read.append(codes)
+            value = table[codes]  # exact; indexing beats np.take with uint8 indices 3x
+            _apply(value, self._input_scale(i, pair), pair, r0, r1, cols, np.multiply)
             if self.weights[i] != 1.0:
                 np.multiply(value, self.weights[i], out=value)
-            np.add(acc, value, out=acc)
+            if acc is None:
+                acc = value
+            else:
+                np.add(acc, value, out=acc)
         np.divide(acc, self.plan.total_weight, out=acc)
         if not np.isfinite(acc).all() and not self.plan.allow_nonfinite:
             raise_nonfinite(self.readers, pair.weight, info.dtype)
-        return acc
+        return acc, read
 
     def _input_scale(self, i: int, pair: Fp8Pair) -> np.ndarray:
         kept = self._input_scales.setdefault(pair.weight, [None] * len(self.readers))
@@ -213,17 +264,29 @@ def _scale_grid(pair: Fp8Pair, rows: int, cols: int) -> tuple[int, int]:
     return (-(-rows // pair.block[0]), -(-cols // pair.block[1]))
 
 
-def _expand(scale: np.ndarray, pair: Fp8Pair, r0: int, r1: int, cols: int) -> np.ndarray | float:
-    """The scale of each value of rows [r0, r1) (flat), or one number per tensor."""
+def _apply(values: np.ndarray, scale: np.ndarray, pair: Fp8Pair, r0: int, r1: int, cols: int,
+           op) -> None:
+    """values (rows r0..r1 of the weight, flat) = op(values, each value's scale), in place,
+    by broadcasting (no scale-sized copy): op is np.multiply (dequantize) or np.divide
+    (quantize)."""
     if pair.kind == "tensor":
-        return float(scale.reshape(-1)[0])
+        op(values, float(scale.reshape(-1)[0]), out=values)
+        return
+    m = values.reshape(r1 - r0, cols)
     if pair.kind == "channel":
-        return np.repeat(scale.reshape(-1)[r0:r1], cols)
+        op(m, scale.reshape(-1)[r0:r1, None], out=m)
+        return
     b0, b1 = pair.block
     grid = scale.reshape(-(-scale.size // scale.shape[-1]) if scale.ndim else 1, -1)
-    rows = np.arange(r0, r1) // b0
-    columns = np.arange(cols) // b1
-    return grid[rows][:, columns].reshape(-1)
+    full = cols // b1 * b1
+    for g in range(r0 // b0, -(-r1 // b0)):  # each block row of the slice
+        lo, hi = max(r0, g * b0) - r0, min(r1, (g + 1) * b0) - r0
+        part = m[lo:hi]
+        if full:
+            blocks = part[:, :full].reshape(hi - lo, full // b1, b1)
+            op(blocks, grid[g, : full // b1][None, :, None], out=blocks)
+        if full < cols:
+            op(part[:, full:], grid[g, full // b1], out=part[:, full:])
 
 
 def _fold_amax(amax: np.ndarray, mean: np.ndarray, pair: Fp8Pair, r0: int, r1: int,
@@ -257,9 +320,3 @@ def _stored(scale: np.ndarray, dtype) -> np.ndarray:
     return out.reshape(scale.shape)
 
 
-def _quantize(mean: np.ndarray, scale, dtype) -> np.ndarray:
-    """float8 codes (raw bytes) of mean / scale, rounded once to nearest even, saturated."""
-    top = float(np.finfo(arith.one_byte(dtype)).max)
-    q = mean / scale
-    np.clip(q, -top, top, out=q)
-    return arith.round_once(q, dtype).view(np.uint8)

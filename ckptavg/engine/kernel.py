@@ -109,7 +109,8 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     if layout is not None:  # FP8 weights, their scales: averaged in value space (engine/fp8.py)
         from ckptavg.engine.fp8 import Fp8Run
 
-        fp8 = Fp8Run(plan, layout, plan.fp8 is not None, hashes)
+        # its reads are in its own threads: the core the reader thread would keep busy too
+        fp8 = Fp8Run(plan, layout, plan.fp8 is not None, hashes, workers.count + 1)
         if plan.dequantize is not None and wanted is None:
             written = {s.key for s in plan.specs}
             fp8.feed_dropped([k for k in ref.keys() if k not in written])

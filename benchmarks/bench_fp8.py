@@ -1,0 +1,116 @@
+"""Benchmark: averaging FP8 checkpoints against bfloat16 ones of the same parameter count
+(issue #36), side by side in one run.
+
+Writes N safetensors inputs of P parameters twice: bfloat16 weights, and the same weights as
+float8_e4m3fn codes with DeepSeek-V3's 128 x 128 block scales (`weight_scale_inv`), then runs
+`ckptavg average` on each set in its own process, interleaved, R times: the bfloat16 set, the
+FP8 set requantized (the default), the FP8 set written as bfloat16 (`--dtype bfloat16`). It
+prints the median wall time, the peak RSS of the process (`ru_maxrss` of that child alone)
+and whether torch was imported, and the ratios to the bfloat16 run.
+
+    .venv/bin/python benchmarks/bench_fp8.py                      # 3 inputs of 64M parameters
+    .venv/bin/python benchmarks/bench_fp8.py --n 6 --params-m 128 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = ("import sys\nfrom ckptavg.cli import main\ntry:\n    main(sys.argv[1:])\n"
+         "except SystemExit as e:\n    code = e.code\n"
+         "print('torch' in sys.modules, file=sys.stderr)\nsys.exit(code)\n")
+
+
+def make_inputs(folder: str, n: int, params_m: int) -> tuple[list[str], list[str]]:
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rows, cols = 4096, 4096  # 16M parameters per weight
+    count = max(1, params_m * 2**20 // (rows * cols))
+    rng = np.random.default_rng(0)
+    bf16, fp8 = [], []
+    for i in range(n):
+        a, b = {}, {}
+        for j in range(count):
+            w = rng.standard_normal((rows, cols), dtype=np.float32) * (1 + 0.1 * i)
+            a[f"layers.{j}.weight"] = w.astype(ml_dtypes.bfloat16)
+            blocks = np.abs(w).reshape(rows // 128, 128, cols // 128, 128).max(axis=(1, 3))
+            scale = (blocks / 448.0).astype(np.float32)
+            full = np.repeat(np.repeat(scale, 128, 0), 128, 1)
+            b[f"layers.{j}.weight"] = np.clip(w / full, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+            b[f"layers.{j}.weight_scale_inv"] = scale
+        bf16.append(os.path.join(folder, f"bf16-{i}.safetensors"))
+        save_file(a, bf16[-1])
+        fp8.append(os.path.join(folder, f"fp8-{i}.safetensors"))
+        save_file(b, fp8[-1])
+    return bf16, fp8
+
+
+def run(paths: list[str], out: str, extra: list[str]) -> tuple[float, int, bool]:
+    """(wall seconds, peak RSS bytes of this child alone, torch imported)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, "average", *paths, "-o", out, "-q",
+                             *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(err)
+    return wall, usage.ru_maxrss * 1024, err.strip().endswith("True")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--params-m", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dir", default="bench-fp8-tmp")
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    if args.make_only:  # in a process of its own: a child forked from a parent holding the
+        make_inputs(args.dir, args.n, args.params_m)  # inputs would count them in its RSS
+        return
+    try:
+        subprocess.run([sys.executable, __file__, "--make-only", "--dir", args.dir, "--n",
+                        str(args.n), "--params-m", str(args.params_m)], check=True)
+        bf16 = [os.path.join(args.dir, f"bf16-{i}.safetensors") for i in range(args.n)]
+        fp8 = [os.path.join(args.dir, f"fp8-{i}.safetensors") for i in range(args.n)]
+        for p in bf16 + fp8:  # into the page cache
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        cases = {"bf16 in, bf16 out": (bf16, []), "fp8 in, fp8 out (requantized)": (fp8, []),
+                 "fp8 in, bf16 out (--dtype)": (fp8, ["--dtype", "bfloat16"])}
+        figures = {k: ([], [], []) for k in cases}
+        for _ in range(args.repeats):
+            for name, (paths, extra) in cases.items():
+                out = os.path.join(args.dir, "out.safetensors")
+                wall, rss, torch = run(paths, out, extra)
+                figures[name][0].append(wall)
+                figures[name][1].append(rss)
+                figures[name][2].append(torch)
+                os.remove(out)
+        base_t = statistics.median(figures["bf16 in, bf16 out"][0])
+        base_m = max(figures["bf16 in, bf16 out"][1])
+        print(f"{args.n} inputs of {args.params_m}M parameters, {args.repeats} runs each, "
+              f"{os.cpu_count()} cores")
+        print(f"{'case':<32} {'median s':>9} {'x bf16':>7} {'peak RSS MB':>12} {'x bf16':>7} torch")
+        for name, (walls, rsss, torches) in figures.items():
+            t, m = statistics.median(walls), max(rsss)
+            print(f"{name:<32} {t:9.2f} {t / base_t:7.2f} {m / 2**20:12.1f} {m / base_m:7.2f} "
+                  f"{any(torches)}")
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
