@@ -50,9 +50,10 @@ def dequantized(q: torch.Tensor, s: torch.Tensor, kind: str) -> torch.Tensor:
     return q.double() * _expand(s, kind, q.shape)
 
 
-def _inputs(folder, kind: str, n: int = 3, shape=(200, 300)):
+def _inputs(folder, kind: str, n: int = 3, shape=(200, 300), suffix: str = ".safetensors"):
     """n FP8 checkpoints with unequal scales (the i-th input's weights i + 1 times larger),
-    a bias in bfloat16 and a static input_scale each."""
+    a bias in bfloat16 and a static input_scale each. safetensors puts the float32 scales
+    before the one-byte codes; a torch file keeps the weight first."""
     g = torch.Generator().manual_seed(7)
     paths, values = [], []
     for i in range(n):
@@ -60,8 +61,11 @@ def _inputs(folder, kind: str, n: int = 3, shape=(200, 300)):
         state = {"l.weight": q, f"l.{SCALE[kind]}": s,
                  "l.bias": torch.randn(shape[0], generator=g).bfloat16(),
                  "l.input_scale": torch.tensor([0.01 * (3 - i)])}
-        path = os.path.join(folder, f"step-{100 * (i + 1)}.safetensors")
-        save_file(state, path)
+        path = os.path.join(folder, f"step-{100 * (i + 1)}{suffix}")
+        if suffix == ".pt":
+            torch.save(state, path)
+        else:
+            save_file(state, path)
         paths.append(path)
         values.append(dequantized(q, s, kind))
     mean = values[0]
@@ -85,15 +89,17 @@ def test_dequantized_output_is_the_float64_mean_of_what_the_weights_mean(tmp_pat
     assert "written as float32" in meta["average.quantized"]
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
-def test_requantized_output_has_the_schemes_scales_and_the_nearest_codes(tmp_path, kind):
-    paths, mean = _inputs(str(tmp_path), kind)
-    out = tmp_path / "avg.safetensors"
+def test_requantized_output_has_the_schemes_scales_and_the_nearest_codes(tmp_path, kind,
+                                                                          suffix):
+    paths, mean = _inputs(str(tmp_path), kind, suffix=suffix)
+    out = tmp_path / f"avg{suffix}"
     proc = run_cli("average", *paths, "-o", out, "--json")
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)
     assert any("input_scale" in w and "largest" in w for w in body["warnings"])
-    got = load_file(out)
+    got = load_file(out) if suffix == ".safetensors" else torch.load(out, weights_only=True)
     q, s = got["l.weight"], got[f"l.{SCALE[kind]}"]
     assert q.dtype == F8 and s.dtype == torch.float32
     # the new scales by the scheme's rule, from the mean computed here
@@ -115,8 +121,9 @@ def test_requantized_output_has_the_schemes_scales_and_the_nearest_codes(tmp_pat
     rel = float((deq - mean).norm() / mean.norm())
     assert rel < 0.04  # float8's own rounding; averaging codes and scales apart: ~0.35
     assert got["l.input_scale"].item() == pytest.approx(0.03)  # the largest of the inputs'
-    assert torch.equal(got["l.bias"], (sum(load_file(p)["l.bias"].double() for p in paths)
-                                       / 3).bfloat16())
+    biases = [(load_file(p) if suffix == ".safetensors" else torch.load(p))["l.bias"]
+              for p in paths]
+    assert torch.equal(got["l.bias"], (sum(b.double() for b in biases) / 3).bfloat16())
 
 
 def test_fp8_is_averaged_without_importing_torch(tmp_path):
