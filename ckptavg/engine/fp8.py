@@ -20,12 +20,10 @@ the weight scales). The average's metadata says so (`average.quantized`).
 
 Memory stays a slice: a weight is processed a few rows at a time (whole blocks of rows for
 block scales) in a float64 buffer of about SLICE values, and row and block scales are made
-as their rows pass; a per-tensor scale needs the largest value of the whole mean, so such a
-weight is averaged twice (once for the scale, once for the codes). Where a scale comes
-before its weight in the output's order (safetensors puts float32 scales before one-byte
-codes), the weight's codes are made at the scale's turn and kept until the weight's (up to
-STASH bytes; a larger weight is averaged twice). Scales multiply and divide by
-broadcasting.
+as their rows pass (the plan writes each scale right after its weight); a per-tensor scale
+needs the largest value of the whole mean, so such a weight is averaged twice (once for the
+scale, once for the codes): its codes are one byte, so that costs what one read of a
+bfloat16 copy does. Scales multiply and divide by broadcasting.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ from ckptavg.io.base import pread_extent
 from ckptavg.io.quantized import Fp8Layout, Fp8Pair
 
 SLICE = 1 << 20  # values of a weight averaged at a time (8 MiB of float64)
-STASH = 64 << 20  # the largest weight whose codes are kept when its scale comes first
 EPS = float(np.finfo(np.float32).eps)  # the smallest scale written (compressed-tensors')
 
 
@@ -55,7 +52,6 @@ class Fp8Run:
         self.scales_of = layout.scales  # scale key -> weight key
         self._new: dict[str, np.ndarray] = {}  # weight key -> its new scale (float64)
         self._input_scales: dict[str, list[np.ndarray]] = {}
-        self._stashed: dict[str, np.ndarray] = {}  # weight key -> its codes, made early
 
     def handles(self, key: str) -> bool:
         return key in self.layout.pairs or key in self.scales_of or \
@@ -65,22 +61,11 @@ class Fp8Run:
         """Write tensor `spec.key`; returns the bytes read for it."""
         key = spec.key
         if key in self.layout.pairs:
-            kept = self._stashed.pop(key, None)
-            if kept is not None:  # made at its scale's turn
-                bg.write(key, kept)
-                return 0
             return self._weight(self.layout.pairs[key], spec, bg, streams)
         raws = [self._raw(i, key) for i in range(len(self.readers))]
         self._hash(key, raws)
         if key in self.scales_of:
             pair = self.layout.pairs[self.scales_of[key]]
-            info = self.readers[0].info(pair.weight)
-            if pair.weight not in self._new and pair.kind != "tensor" and info.nbytes <= STASH:
-                # the scale comes first in the file's order: make the weight's codes now, in
-                # the one read that makes its scales, and keep them for its turn
-                sink = _Sink()
-                self._weight(pair, info, sink, False)
-                self._stashed[pair.weight] = sink.value
             bg.write(key, arith.round_once(self.new_scale(pair), spec.dtype).view(np.uint8))
         else:  # an activation scale: the largest of the inputs'
             values = [self._values(key, raw) for raw in raws]
@@ -251,15 +236,6 @@ class Fp8Run:
         same: their bytes go to the content hashes."""
         for key in keys:
             self._hash(key, [self._raw(i, key) for i in range(len(self.readers))])
-
-
-class _Sink:
-    """Takes a weight's codes in place of the writer (its scale is written first)."""
-
-    value = None
-
-    def write(self, key: str, raw: np.ndarray, part=None) -> None:
-        self.value = raw
 
 
 # ---------------------------------------------------------------------- the arithmetic

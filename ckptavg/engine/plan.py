@@ -101,6 +101,23 @@ class Plan:
         return sum(s.nbytes for s in self.specs)
 
 
+def _scales_after_weights(specs: list[TensorSpec], scales: dict[str, str]) -> list[TensorSpec]:
+    """`specs` with each FP8 weight's scale right after the weight: the scales of rows and
+    blocks are made as the weight's rows pass, in one read, and written next (safetensors
+    files put every float32 scale before the one-byte codes, which would otherwise mean a
+    second read or holding the codes)."""
+    by_weight = {w: sc for sc, w in scales.items()}
+    spec_of = {s.key: s for s in specs}
+    out = []
+    for s in specs:
+        if s.key in scales:
+            continue
+        out.append(s)
+        if s.key in by_weight and by_weight[s.key] in spec_of:
+            out.append(spec_of[by_weight[s.key]])
+    return out
+
+
 def sha256_of(files: list[SourceFile]) -> str:
     """sha256 of the files an input consists of, refusing a file changed since it was opened."""
     h = hashlib.sha256()
@@ -229,6 +246,8 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             continue
         floating = info.dtype.is_floating_point
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
+    if fp8 is not None and not out_dtype:
+        specs = _scales_after_weights(specs, fp8.scales)
     n_total = n_total or len(readers)
     new = readers[1:] if prior_inputs is not None else readers
     entries = [r.entry() for r in new]
