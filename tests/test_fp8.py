@@ -220,3 +220,36 @@ def test_float8_widening_is_torchs_on_every_bit_pattern():
         want = torch.arange(256, dtype=torch.uint8).view(getattr(torch, name)).double().numpy()
         assert np.array_equal(table, want, equal_nan=True), name
     assert {"float8_e4m3fn", "float8_e5m2"} <= set(checked)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_compressed_tensors_own_rule_and_dequantization_agree(tmp_path, kind):
+    """The real library: compressed-tensors' `calculate_qparams` gives, from the mean's
+    ranges, the scales the output holds, and its `dequantize` of the output's codes with
+    them is the float64 mean to within float8's rounding."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    paths, mean = _inputs(str(tmp_path), kind, shape=(256, 384))
+    out = tmp_path / "avg.safetensors"
+    run_cli("average", *paths, "-o", out, check=True)
+    got = load_file(out)
+    q, s = got["l.weight"], got[f"l.{SCALE[kind]}"]
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=kind,
+                            **({"block_structure": [128, 128]} if kind == "block" else {}))
+    m = mean.float()
+    if kind == "tensor":
+        lo, hi = m.min().reshape(1), m.max().reshape(1)
+    elif kind == "channel":
+        lo, hi = m.amin(1, keepdim=True), m.amax(1, keepdim=True)
+    else:
+        blocks = m.reshape(2, 128, 3, 128)
+        lo, hi = blocks.amin((1, 3)), blocks.amax((1, 3))
+    scales, _ = calculate_qparams(lo, hi, args)
+    torch.testing.assert_close(s.reshape(scales.shape), scales, rtol=1e-6, atol=0)
+    back = dequantize(q, s if kind != "tensor" else s.reshape(()), args=args,
+                      dtype=torch.float64)
+    rel = float((back.double() - mean).norm() / mean.norm())
+    assert rel < 0.04, rel
