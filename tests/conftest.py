@@ -62,6 +62,18 @@ def run_cli(*args, env=None, check=False, timeout=300):
     return proc
 
 
+def average_without_torch(paths, out) -> list[str]:
+    """`ckptavg average PATHS -o OUT` in a fresh interpreter: [exit code, whether torch was
+    imported], as it prints them."""
+    script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"
+              f"r = CliRunner().invoke(cli, ['average', *{[str(p) for p in paths]!r}, '-o', "
+              f"{str(out)!r}, '-q'])\nprint(r.exit_code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.stdout, proc.stderr
+    return proc.stdout.split()
+
+
 @pytest.fixture
 def ckpts(tmp_path):
     """Four known-value safetensors checkpoints, epochs 1..4."""

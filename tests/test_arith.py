@@ -3,8 +3,6 @@
 and a fresh interpreter to see that averaging safetensors files never imports torch."""
 
 import os
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import ckptavg
 from ckptavg.engine import arith
 from ckptavg.io import dtypes
+from tests.conftest import average_without_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,12 +181,7 @@ def test_averaging_safetensors_never_imports_torch(tmp_path):
     paths = _write(tmp_path, [{"w": torch.randn(1000, generator=g), "n": torch.tensor(i)}
                               for i in range(3)])
     out = tmp_path / "avg.safetensors"
-    script = ("import sys\nfrom click.testing import CliRunner\nfrom ckptavg.cli import cli\n"
-              f"r = CliRunner().invoke(cli, ['average', *{paths!r}, '-o', {str(out)!r}, '-q'])\n"
-              "print(r.exit_code, 'torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    assert average_without_torch(paths, out) == ["0", "False"]
     xs = [load_file(p)["w"].double() for p in paths]
     assert torch.equal(load_file(out)["w"], ((xs[0] + xs[1] + xs[2]) / 3).float())
     assert load_file(out)["n"].item() == 2

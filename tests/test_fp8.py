@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import ROOT, leftovers, run_cli
+from tests.conftest import ROOT, average_without_torch, leftovers, run_cli
 
 F8 = torch.float8_e4m3fn
 TOP = 448.0
@@ -128,13 +128,7 @@ def test_requantized_output_has_the_schemes_scales_and_the_nearest_codes(tmp_pat
 
 def test_fp8_is_averaged_without_importing_torch(tmp_path):
     paths, _ = _inputs(str(tmp_path), "block", shape=(130, 260))
-    out = tmp_path / "avg.safetensors"
-    script = ("import sys\nfrom ckptavg.cli import main\n"
-              f"try:\n    main(['average', *{paths!r}, '-o', {str(out)!r}, '-q'])\n"
-              "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    assert average_without_torch(paths, tmp_path / "avg.safetensors") == ["0", "False"]
 
 
 def test_a_folder_keeps_or_drops_its_quantization_config(tmp_path):

@@ -53,13 +53,18 @@ SCHEMES = {"compressed-tensors fp8": "fp8", "deepseek fp8 block scales": "fp8", 
            "unknown codes beside a scale": "unknown scheme"}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_quantized_layout_is_refused_in_one_line(tmp_path, kind):
+def _run(tmp_path, kind: str) -> list:
     paths = []
     for i in range(3):
         p = tmp_path / f"ep-{i + 1}.safetensors"
         save_file(_layout(kind, i), str(p))
         paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_layout_is_refused_in_one_line(tmp_path, kind):
+    paths = _run(tmp_path, kind)
     out = tmp_path / "avg.safetensors"
     proc = run_cli("average", *paths, "-o", out)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
@@ -77,11 +82,7 @@ def test_a_quantized_layout_is_refused_in_one_line(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", FP8_KINDS)
 def test_fp8_layouts_are_averaged_in_value_space_and_inspect_names_them(tmp_path, kind):
-    paths = []
-    for i in range(3):
-        p = tmp_path / f"ep-{i + 1}.safetensors"
-        save_file(_layout(kind, i), str(p))
-        paths.append(p)
+    paths = _run(tmp_path, kind)
     out = tmp_path / "avg.safetensors"
     proc = run_cli("average", *paths, "-o", out)
     assert proc.returncode == 0, proc.stderr
