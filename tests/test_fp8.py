@@ -247,3 +247,28 @@ def test_compressed_tensors_own_rule_and_dequantization_agree(tmp_path, kind):
                       dtype=torch.float64)
     rel = float((back.double() - mean).norm() / mean.norm())
     assert rel < 0.04, rel
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2"])
+def test_rounding_to_float8_is_once_to_nearest_even_from_float64(name):
+    """The engine's float64 -> float8 (round to odd at float32, then float32 -> float8) is
+    ml_dtypes' direct float64 rounding on random values over the whole range, every midpoint
+    between two float8 values and both float64 neighbours of each (where a rounding through
+    float32 to nearest would go wrong), and zeros."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from ckptavg.engine import arith
+    from ckptavg.io import dtypes
+
+    kind = getattr(ml_dtypes, name)
+    top = float(ml_dtypes.finfo(kind).max)
+    values = np.unique(np.arange(256, dtype=np.uint8).view(kind).astype(np.float64))
+    values = values[np.isfinite(values)]
+    mids = (values[:-1] + values[1:]) / 2
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.clip(rng.standard_normal(200_000) * s, -top, top)
+                        for s in (1e-5, 1e-3, 1, 100, top / 4)]
+                       + [mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf),
+                          np.nextafter(mids, -np.inf), values, [0.0, -0.0]])
+    got = arith.round_once(x, dtypes.standard(name))
+    assert np.array_equal(got, x.astype(kind).view(np.uint8))
+    assert np.array_equal(got[-2:], np.array([0x00, 0x80], np.uint8))  # the sign of zero kept
