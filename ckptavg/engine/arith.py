@@ -14,7 +14,9 @@ torch at all.
   own `.to()` goes through float32 on the way to float16/bfloat16, rounding twice, which
   differed from the once-rounded value in 1 element in 22,000 (float16) and 200,000
   (bfloat16) of the float64 mean of 3 float32 N(0, 1) tensors. The one-byte floats are
-  rounded by ml_dtypes' casts, once, from the accumulator (torch's goes through float32).
+  rounded once from the accumulator: round-to-odd to float32, then ml_dtypes' float32 cast
+  (`to_odd_float32`), which gives its float64 cast's codes in half the time (torch's own
+  goes through float32 to nearest, twice rounded).
 - Weights multiply then add (two roundings in float64), as the reference sums in the tests
   do; torch's `add_(alpha=w)` fuses them (one rounding), which differed in the last bit.
 """
