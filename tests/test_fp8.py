@@ -200,8 +200,8 @@ def test_other_quantized_layouts_are_refused_in_one_line(tmp_path, case, needle)
 
 
 def test_float8_widening_is_torchs_on_every_bit_pattern():
-    """ml_dtypes' float8 (used without torch) gives torch's value for all 256 patterns of
-    each float8 type both know (NaN patterns as NaN)."""
+    """The float8 table decoded from the bit fields (no torch, no ml_dtypes) gives torch's
+    value for all 256 patterns of each float8 type ckptavg reads (NaN patterns as NaN)."""
     from ckptavg.engine import arith
     from ckptavg.io import dtypes
 
@@ -272,3 +272,29 @@ def test_rounding_to_float8_is_once_to_nearest_even_from_float64(name):
     got = arith.round_once(x, dtypes.standard(name))
     assert np.array_equal(got, x.astype(kind).view(np.uint8))
     assert np.array_equal(got[-2:], np.array([0x00, 0x80], np.uint8))  # the sign of zero kept
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                  "float8_e5m2fnuz"])
+def test_each_float8_format_decodes_and_encodes_as_ml_dtypes_does(name):
+    """Every float8 format taught in arith.FLOAT8, against ml_dtypes: the 256 values, and
+    the codes of random values, midpoints, their neighbours, zeros of both signs and
+    magnitudes past the largest finite one (infinity for e5m2, NaN for the others)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from ckptavg.engine import arith
+
+    kind = getattr(ml_dtypes, name)
+    ref = np.arange(256, dtype=np.uint8).view(kind).astype(np.float64)
+    assert np.array_equal(arith._decode(name), ref, equal_nan=True)
+    top = float(ml_dtypes.finfo(kind).max)
+    values = np.unique(ref[np.isfinite(ref)])
+    mids = (values[:-1] + values[1:]) / 2
+    rng = np.random.default_rng(5)
+    x = np.concatenate([np.clip(rng.standard_normal(50_000) * s, -top, top)
+                        for s in (1e-6, 1e-2, 1, 100)]
+                       + [mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf), values,
+                          [0.0, -0.0, 1.5 * top, -1.5 * top]])
+    out = np.empty(x.size, np.uint8)
+    arith._encode(out, arith.to_odd_float32(x), name)
+    assert np.array_equal(out, x.astype(kind).view(np.uint8))
+

@@ -80,7 +80,7 @@ class Fp8Run:
         rows, cols = _matrix(shape)
         step = _rows_per_slice(rows, cols, pair)
         scale_dtype = self.readers[0].info(pair.scale).dtype
-        top = float(np.finfo(arith.one_byte(self.readers[0].info(pair.weight).dtype)).max)
+        top = arith.float8_max(self.readers[0].info(pair.weight).dtype)
         # a per-tensor scale needs the whole mean first (a pass of its own); row and block
         # scales are made slice by slice, each slice holding whole rows or blocks of rows
         known = self.requantize and (pair.kind == "tensor" or pair.weight in self._new)
@@ -163,7 +163,7 @@ class Fp8Run:
             r1 = min(rows, r0 + step)
             mean = np.abs(self._mean(pair, r0, r1, cols)[0])
             _fold_amax(amax, mean, pair, r0, r1, cols)
-        top = float(np.finfo(arith.one_byte(info.dtype)).max)
+        top = arith.float8_max(info.dtype)
         scale = np.maximum(amax / top, EPS)
         self._new[pair.weight] = scale.reshape(self.readers[0].info(pair.scale).shape)
         return self._new[pair.weight]

@@ -312,6 +312,9 @@ class Discard(Writer):
         return None
 
 
+LOOSE_PARTS = 4  # slices in arrays of their own queued for the writer thread, at most
+
+
 class BackgroundWriter:
     """Runs a writer's `write` on one thread, so that copying a tensor to the file overlaps
     the arithmetic of the next one. The caller takes a free buffer with `buffer()`, fills it
@@ -324,6 +327,9 @@ class BackgroundWriter:
         for b in buffers:
             self._free.put(b)
         self._jobs: queue.Queue = queue.Queue()
+        # slices handed over in arrays of their own (not buffers): a few queued at a time,
+        # so that a producer faster than the disk does not pile them up in memory
+        self._loose = threading.Semaphore(LOOSE_PARTS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="ckptavg-writer", daemon=True)
         self._thread.start()
@@ -345,6 +351,8 @@ class BackgroundWriter:
             finally:
                 if buf is not None:
                     self._free.put(buf)
+                elif part is not None:
+                    self._loose.release()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -361,6 +369,8 @@ class BackgroundWriter:
         """Queue `tensor` (a view of `buf`, or a tensor nobody else changes); with `part`
         (first, last), a flat slice of the tensor (the writer must stream parts)."""
         self._raise()
+        if buf is None and part is not None:
+            self._loose.acquire()
         self._jobs.put((key, tensor, buf, part))
 
     def finish(self) -> None:
