@@ -249,15 +249,14 @@ def average(
                                    "two or more inputs")
         if kind == "torch" and not output.lower().endswith(".bin"):
             result.warnings += carried_notes(readers[-1])
-        if plan.fp8 is not None and plan.fp8.activations:
+        if plan.fp8 is not None and not plan.dequantize and plan.fp8.activations:
             result.warnings.append(
                 f"{len(plan.fp8.activations)} activation scale(s) ({plan.fp8.activations[0]}"
                 f"{', ...' if len(plan.fp8.activations) > 1 else ''}) are statistics of the "
                 "inputs' activations, not weights: the output keeps the largest of the "
                 "inputs' values; recalibrate them on the average for the best accuracy")
         if dry_run:  # the read pass without the output: what the real run would refuse
-            hashes = ContentHashes(len(readers), plan.read_specs, {
-                s.key: readers[0].info(s.key).dtype.name for s in plan.read_specs})
+            hashes = ContentHashes.of_plan(plan)
             execute(plan, Discard(), progress=progress, threads=threads, hashes=hashes)
             for r in readers:
                 r.check_unchanged()
@@ -267,7 +266,7 @@ def average(
             result.content = digests
         else:
             side, notes = side_files(readers) if kind == "sharded" else ({}, [])
-            if plan.dequantize is not None and "config.json" in side:
+            if plan.dequantize and "config.json" in side:
                 side["config.json"] = without_quantization(side["config.json"])
             result.warnings += notes
             entry = dcp_entry(readers[-1]) if dcp else plan.entry
@@ -276,9 +275,7 @@ def average(
             writer = make_writer(output, plan.specs, plan.metadata, shard_size, plan.ties,
                                  inputs=protected, entry=entry, extras=plan.extras,
                                  side_files=side, dcp=dcp, run=run, resume=resume)
-            hashes = ContentHashes(len(readers), plan.read_specs, {
-                s.key: readers[0].info(s.key).dtype.name for s in plan.read_specs}) \
-                if content and writer.fills_metadata else None
+            hashes = ContentHashes.of_plan(plan) if content and writer.fills_metadata else None
             if hashes is not None and run is not None:
                 writer.hashes = hashes  # each finished shard records its digests
             try:

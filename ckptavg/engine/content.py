@@ -66,6 +66,13 @@ class ContentHashes:
         self._adopted: list[dict[str, int]] = [{} for _ in range(count)]
         self._digests: list[dict[str, bytes]] = [{} for _ in range(count)]
 
+    @classmethod
+    def of_plan(cls, plan) -> ContentHashes:
+        """The hashes of a plan's inputs, over every tensor they hold (`plan.read_specs`,
+        which carry the inputs' own dtypes)."""
+        return cls(len(plan.readers), plan.read_specs,
+                   {s.key: s.dtype.name for s in plan.read_specs})
+
     def update(self, i: int, key: str, data) -> None:
         """The next bytes of tensor `key` of input `i` (a buffer or numpy array)."""
         h = self._open[i].get(key)

@@ -99,7 +99,7 @@ class Fp8Run:
             here = grid
             if here is None:  # this slice's rows or blocks of rows: its own scales
                 _fold_amax(amax, np.abs(mean), pair, r0, r1, cols)
-                here = _stored(np.maximum(amax / top, EPS), scale_dtype).reshape(amax.shape)
+                here = _stored(_scale_rule(amax, top), scale_dtype)
             _apply(mean, here, pair, r0, r1, cols, np.divide)
             np.clip(mean, -top, top, out=mean)
             return arith.round_once(mean, spec.dtype).view(np.uint8), codes
@@ -115,7 +115,7 @@ class Fp8Run:
             else:
                 out[r0 * cols:r1 * cols] = raw
         if self.requantize and not known:
-            self._new[pair.weight] = np.maximum(amax / top, EPS).reshape(
+            self._new[pair.weight] = _scale_rule(amax, top).reshape(
                 self.readers[0].info(pair.scale).shape)
         if not streams:
             bg.write(pair.weight, out)
@@ -163,8 +163,7 @@ class Fp8Run:
             r1 = min(rows, r0 + step)
             mean = np.abs(self._mean(pair, r0, r1, cols)[0])
             _fold_amax(amax, mean, pair, r0, r1, cols)
-        top = arith.float8_max(info.dtype)
-        scale = np.maximum(amax / top, EPS)
+        scale = _scale_rule(amax, arith.float8_max(info.dtype))
         self._new[pair.weight] = scale.reshape(self.readers[0].info(pair.scale).shape)
         return self._new[pair.weight]
 
@@ -310,6 +309,12 @@ def _fold_amax(amax: np.ndarray, mean: np.ndarray, pair: Fp8Pair, r0: int, r1: i
         m = np.pad(m, ((0, pad_r), (0, pad_c)))
     blocks = m.reshape(nb, b0, -1, b1).max(axis=(1, 3))
     np.maximum(amax[g0:g0 + nb], blocks, out=amax[g0:g0 + nb])
+
+
+def _scale_rule(amax: np.ndarray, top: float) -> np.ndarray:
+    """The scheme's scale of each group from its largest |value|: amax over the float8
+    type's largest finite value, at least float32's epsilon (compressed-tensors' floor)."""
+    return np.maximum(amax / top, EPS)
 
 
 def _stored(scale: np.ndarray, dtype) -> np.ndarray:

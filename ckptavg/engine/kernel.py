@@ -104,14 +104,13 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     readers, ref = plan.readers, plan.readers[0]
     wanted = set(keys) if keys is not None else None
     specs = [s for s in plan.specs if wanted is None or s.key in wanted]
-    layout = plan.fp8 or plan.dequantize
     fp8 = None
-    if layout is not None:  # FP8 weights, their scales: averaged in value space (engine/fp8.py)
+    if plan.fp8 is not None:  # FP8 weights, their scales: averaged in value space (engine/fp8.py)
         from ckptavg.engine.fp8 import Fp8Run
 
         # its reads are in its own threads: the core the reader thread would keep busy too
-        fp8 = Fp8Run(plan, layout, plan.fp8 is not None, hashes, workers.count + 1)
-        if plan.dequantize is not None and wanted is None:
+        fp8 = Fp8Run(plan, plan.fp8, not plan.dequantize, hashes, workers.count + 1)
+        if plan.dequantize and wanted is None:
             written = {s.key for s in plan.specs}
             fp8.feed_dropped([k for k in ref.keys() if k not in written])
     floats = [s for s in specs if ref.info(s.key).dtype.is_floating_point

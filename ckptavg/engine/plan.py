@@ -71,8 +71,8 @@ class Plan:
     allow_nonfinite: bool = False
     entry: str | None = "state_dict"  # where a torch output keeps the weights: the newest input's (None: bare)
     extras: dict = field(default_factory=dict)  # the newest input's carried configuration
-    fp8: Any = None  # io.quantized.Fp8Layout: FP8 weights requantized beside new scales
-    dequantize: Any = None  # the same, FP8 weights written in the output dtype, no scales
+    fp8: Any = None  # io.quantized.Fp8Layout of FP8 inputs, averaged by engine/fp8.py
+    dequantize: bool = False  # FP8 weights written in the output dtype, without scales
 
     @property
     def total_weight(self) -> float:
@@ -91,7 +91,7 @@ class Plan:
         specs with the inputs' dtypes, plus the FP8 scales a dequantized output leaves out."""
         ref = self.readers[0]
         keys = [s.key for s in self.specs]
-        if self.dequantize is not None:
+        if self.dequantize:
             written = set(keys)
             keys += [k for k in ref.keys() if k not in written]
         return [TensorSpec(k, ref.info(k).shape, ref.info(k).dtype) for k in keys]
@@ -277,9 +277,8 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
     newest = readers[-1]
     entry = torch_entry(newest)
     return Plan(readers, list(weights), specs, ties, metadata, accumulate, allow_nonfinite,
-                entry, newest.extras() if entry is not None else {},
-                fp8 if fp8 is not None and not out_dtype else None,
-                fp8 if fp8 is not None and out_dtype else None)
+                entry, newest.extras() if entry is not None else {}, fp8,
+                fp8 is not None and out_dtype is not None)
 
 
 def torch_entry(newest: ReaderBase) -> str | None:

@@ -123,8 +123,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
         (staging.path, sorted(staging.done), staging.notes, staging.content)
         if staging is not None else None)
     specs = {s.key: s for s in plan.specs}
-    dtypes = {s.key: plan.readers[0].info(s.key).dtype.name for s in plan.read_specs}
-    hashes = ContentHashes(len(plan.readers), plan.read_specs, dtypes)
+    hashes = ContentHashes.of_plan(plan)
     weight_map, record, error = {}, None, None
     try:
         if mine and name in done:
@@ -147,7 +146,7 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
         maps = [m for m, _ in gathered]
         # every rank's digests (and those an earlier run recorded): the same hashes everywhere
         records = {**earlier, **{names[r]: rec for r, (_, rec) in enumerate(gathered) if rec}}
-        digests = ContentHashes(len(plan.readers), plan.read_specs, dtypes).hexdigests(records)
+        digests = ContentHashes.of_plan(plan).hexdigests(records)
         if digests is not None:
             refuse_same_tensors([r.path for r in plan.readers], digests, positions)
         metadata = final_metadata(plan.metadata, digests)

@@ -394,7 +394,8 @@ def _check_in_place(path: str, key: str | None, strip_prefix: str | None) -> Non
     metadata and carried configuration: refuse where that would drop anything else
     (optimizer state, loop state)."""
     with open_checkpoint(path, key=key, strip_prefix=strip_prefix) as r:
-        lost = [e for e in r.other_entries if e not in r.extras()]
+        carried = r.extras()  # read once: it converts the entries (and their tensors)
+        lost = [e for e in r.other_entries if e not in carried]
     if lost:
         raise CkptavgError(f"{path}: rewriting it in place would drop {', '.join(lost[:4])}; "
                            "write the recalibrated weights elsewhere (output, -o OUT)")
