@@ -59,10 +59,45 @@ def check_choice(name: str, value, literal) -> None:
         raise OptionError(name, f"use one of {', '.join(allowed)}", repr(value))
 
 
+_SI = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12, "p": 10**15}
+
+
+def count(value, name: str = "tokens") -> int:
+    """A whole count, such as a number of tokens, from an int or a string with an SI suffix:
+    "125B" (also "125G"), "1.5T", "500M", "20k", "3000". Not a byte size: B is billion.
+
+    Example:
+        >>> count("125B"), count("1.5T"), count("20k"), count(3000)
+        (125000000000, 1500000000000, 20000, 3000)
+    """
+    import re
+    from fractions import Fraction
+
+    if isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMbBgGtTpP]?)\s*", str(value))
+        exact = Fraction(m.group(1)) * _SI[m.group(2).lower()] if m else None
+        if exact is None or exact.denominator != 1:
+            from ckptavg.errors import OptionError
+
+            raise OptionError(name, "give a whole count, with an SI suffix if you like: "
+                              "125B, 1.5T, 500M, 20k or 3000", repr(value))
+        n = int(exact)
+    if n < 0:
+        from ckptavg.errors import OptionError
+
+        raise OptionError(name, "must be 0 or more", n)
+    return n
+
+
 @dataclass(frozen=True)
 class Flag:
     """How a field appears on the command line. `kind`: str, int, float, bool (a flag),
-    choice (of `choices`), json (an object), ints or floats (comma-separated), size (2GB)."""
+    choice (of `choices`), json (an object), ints or floats (comma-separated), size (2GB),
+    count (a whole number with an SI suffix: 125B tokens)."""
 
     names: tuple[str, ...]
     help: str
@@ -119,8 +154,9 @@ class Reading(_Of):
 @dataclass(frozen=True)
 class Selection(_Of):
     """Which of one run's checkpoints take part, applied in this order: epoch window, step
-    window, cycle ends, every K-th (from the first), best N by a stored metric, last N.
-    Epochs and steps come from metadata, the checkpoint's own entries or the file name."""
+    window, token window, cycle ends, every K-th (from the first), best N by a stored
+    metric, last N. Epochs and steps come from metadata, the checkpoint's own entries or the
+    file name; tokens from metadata or the checkpoint's own records (never the name)."""
 
     from_epoch: int | None = opt(None, "--from-epoch", kind="int", help="Keep inputs from this "
                                  "epoch on (from metadata, the checkpoint's own epoch entry, or "
@@ -130,6 +166,13 @@ class Selection(_Of):
                                 "training step on.")
     to_step: int | None = opt(None, "--to-step", kind="int", help="Keep inputs up to this "
                               "training step.")
+    from_tokens: int | str | None = opt(None, "--from-tokens", kind="count", help="Keep inputs "
+                                        "saved at this many training tokens or later (SI "
+                                        "suffixes: 100B, 1.5T; from metadata train.tokens, a "
+                                        "trainer_state.json's num_input_tokens_seen or the "
+                                        "checkpoint's own token count).")
+    to_tokens: int | str | None = opt(None, "--to-tokens", kind="count", help="Keep inputs "
+                                      "saved at this many training tokens or earlier.")
     cycle_ends: bool = opt(False, "--cycle-ends", kind="bool", help="Keep inputs whose "
                            "metadata marks a cycle end.")
     every: int | None = opt(None, "--every", kind="int", min=1, help="Keep every K-th input, "

@@ -55,6 +55,10 @@ from ckptavg.options import WINDOW, Reading, Selection
 @click.option("--resume", is_flag=True, help="Finish a folder or --dcp output that a failed or killed "
               "run left unfinished: its finished shards (kept in .OUTPUT.ckptavg-partial) are "
               "checked and only the missing ones are reduced.")
+@click.option("--sweep", help="window=W[,stride=S]: one average per position of a window "
+              "sliding over the selected inputs (W inputs, or tokens with an SI suffix: "
+              "window=125B), from one read of every input; -o is a folder, or a name "
+              "template with {index}, {first}, {last}.")
 @click.option("--dry-run", is_flag=True, help="Read every input as the real run does (checksums, NaN/Inf, duplicates) and print the plan; write nothing.")
 @output_options
 def average(inputs, as_json, quiet, **kwargs):
@@ -74,6 +78,7 @@ def average(inputs, as_json, quiet, **kwargs):
       ckptavg average runs/checkpoint-* --profile ema:halflife=2000 -o ema/
       ckptavg average runs/epoch-0301.pt --into swa.pt             # fold in a new epoch
       ckptavg average runs/*.pt --dry-run                          # read all, write nothing
+      ckptavg average 'runs/*.pt' --sweep window=4 -o sweep/        # every 4 in a row, one read
     """
     from ckptavg.engine.average import average as run
 
@@ -150,23 +155,51 @@ def models_cmd(as_json, quiet):
     click.echo("also: torchvision:NAME, timm:NAME (with timm installed), package.module:factory")
 
 
+def human_count(n: int) -> str:
+    """125000000000 -> 125B: a token count as the options take it (exact, else 3 digits)."""
+    for suffix, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale:
+            q, r = divmod(n, scale)
+            return f"{q}{suffix}" if r == 0 else f"{n / scale:.3g}{suffix}"
+    return str(n)
+
+
 def _number(what: str, value, source: str) -> str:
     return f"{what} {value if value is not None else '?':>6} ({source or 'unknown'})"
 
 
-_ORDER = {"step": "step", "epoch": "epoch", "given": "the order given (--given-order)",
+_ORDER = {"tokens": "tokens seen (profiles weight by them too)", "step": "step", "epoch": "epoch", "given": "the order given (--given-order)",
           "name": "the numbers in the names (some input has no epoch or step)"}
 
 
+def _sweep_lines(r):
+    what = "would write" if r.dry_run else "wrote"
+    yield (f"sweep {r.sweep}: {len(r.windows)} window(s) over {len(r.inputs)} input(s), each "
+           f"read once ({human_bytes(r.bytes_in)}); {what} {human_bytes(r.bytes_out)}"
+           + ("" if r.dry_run else f" in {r.seconds:.1f} s, peak RSS "
+              f"{human_bytes(r.peak_rss_bytes)}"))
+    if r.dry_run:
+        yield f"  in training order by {_ORDER.get(r.order, r.order)}"
+    for w in r.windows:
+        names = [p.rsplit("/", 1)[-1] for p in w.inputs]
+        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+        yield f"  {len(w.inputs)} input(s) {span} -> {w.output or '(no output)'}"
+
+
 def _average_lines(r):
+    if r.sweep:
+        yield from _sweep_lines(r)
+        return
     if r.dry_run:
         yield (f"plan: {r.method} average of {len(r.inputs)} input(s), {r.tensors} tensors, "
                f"read {human_bytes(r.bytes_in)}, write {human_bytes(r.bytes_out)} -> "
                f"{r.output or '(no output)'}")
         yield f"  in training order by {_ORDER.get(r.order, r.order)}:"
         for i, path in enumerate(r.inputs):
+            tokens = (f"  tokens {human_count(r.tokens[i])} ({r.token_sources[i]})"
+                      if i < len(r.tokens) and r.tokens[i] is not None else "")
             yield (f"  {r.weights[i]:.6f}  {_number('epoch', r.epochs[i], r.epoch_sources[i])}"
-                   f"  {_number('step', r.steps[i], r.step_sources[i])}  {path}")
+                   f"  {_number('step', r.steps[i], r.step_sources[i])}{tokens}  {path}")
         yield (f"  {'profile ' + r.profile + ', ' if r.profile else ''}effective number of "
                f"snapshots (1 / sum of squared weights): {r.effective_n:.2f}")
         return

@@ -36,6 +36,16 @@ def parse_size(value: str | None) -> int | None:
     return size
 
 
+def _count(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return options.count(value)
+    except Exception:
+        raise click.BadParameter(f"{value!r}: give a whole count, with an SI suffix if you "
+                                 "like: 125B, 1.5T, 500M, 20k or 3000") from None
+
+
 def _json_object(ctx, param, value: str | None) -> dict | None:
     if value is None:
         return None
@@ -76,6 +86,8 @@ def _type_and_callback(flag: Flag):
         return None, _numbers(float)
     if flag.kind == "size":
         return None, lambda ctx, param, v: parse_size(v)
+    if flag.kind == "count":
+        return None, _count
     return None, None
 
 

@@ -90,6 +90,7 @@ def average(
     threads: int | None = options.AVERAGE_THREADS,
     dcp: bool = False,
     resume: bool = False,
+    sweep: str | None = None,
     progress: Progress | None = None,
 ) -> AverageResult:
     """Average checkpoints into one, streaming one tensor at a time.
@@ -128,6 +129,12 @@ def average(
             would change a shard are refused by name. The result is that of an
             uninterrupted run (bitwise for shards; the same tensors for DCP). Folder
             outputs only.
+        sweep: "window=W[,stride=S]": one average per position of a window sliding over
+            the selected inputs (W inputs, or with an SI suffix W tokens: window=125B),
+            each written to `output` as a folder (`window-FIRST-LAST` and the newest input's
+            suffix) or a template with {index}, {first}, {last}; every input is read once,
+            and each output is bitwise what `average` of its window gives (engine/sweep.py).
+            A profile or EMA weights each window as it would weight that window alone.
 
     Returns:
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.
@@ -169,7 +176,8 @@ def average(
     if output is None and not dry_run:
         raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a folder)")
     output = local_path(os.fspath(output)) if output is not None else None
-    kind = output_kind(output, shard_size, dcp) if output is not None else None  # before reading
+    kind = output_kind(output, shard_size, dcp) if output is not None and sweep is None \
+        else None  # before reading
     if resume and kind not in ("sharded", "dcp"):
         raise OptionError("resume", "finishes a folder output (safetensors shards or --dcp); "
                           "a file is written in one go: run again without --resume")
@@ -177,6 +185,25 @@ def average(
     method: Method = ("ema" if ema is not None else "weighted" if weights is not None
                       else "profile" if prof is not None else "uniform")
     selection, reading = Selection.of(selection), Reading.of(reading)
+    if sweep is not None:
+        from ckptavg.engine import sweep as sweeps
+
+        for name, value in (("into", into), ("resume", resume), ("dcp", dcp)):
+            if value:
+                raise OptionError(("sweep", name), "a sweep writes new outputs, one per window; "
+                                  "drop one of them")
+        if world_size() > 1:
+            raise OptionError("sweep", "runs in one process (it reads every input once); run "
+                              "it without torchrun")
+        parsed = sweeps.parse(sweep)
+        if output is None and not dry_run:
+            raise OptionError("output", "missing: a sweep writes one output per window into a "
+                              "folder (-o DIR) or a name template (-o 'w{last}.safetensors')")
+        req = Request(tuple(os.fspath(p) for p in inputs), output, None, method,
+                      None if weights is None else tuple(weights), ema, prof, selection,
+                      reading, accumulate, dtype, allow_nonfinite, hash_inputs, dry_run,
+                      threads)
+        return sweeps.average_sweep(req, parsed, shard_size, progress)
     if world_size() > 1:
         if into is not None:
             raise OptionError("into", "folding into a running average runs in one process; "

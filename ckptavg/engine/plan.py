@@ -307,8 +307,11 @@ def chosen_weights(chosen: list[Candidate], method: Method, weights, ema,
 
 
 def profile_positions(chosen: list[Candidate]) -> list[int]:
-    """Where each input was saved, as a profile counts: every input's step when all have
-    one, else every input's epoch (the positions --dry-run shows)."""
+    """Where each input was saved, as a profile counts: every input's tokens seen when all
+    record them, else every input's step when all have one, else every input's epoch (the
+    positions --dry-run shows)."""
+    if all(c.tokens is not None for c in chosen):
+        return [c.tokens for c in chosen]
     if all(c.step is not None for c in chosen):
         return [c.step for c in chosen]
     if all(c.epoch is not None for c in chosen):

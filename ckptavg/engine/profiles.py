@@ -1,8 +1,9 @@
 """Averaging profiles chosen after the fact: the weight of each snapshot from where it was
 saved, whatever the spacing of the saves.
 
-Positions t_1 < ... < t_N are the inputs' steps when every input has one, else their
-epochs. Input i stands for the interval (t_i - D_i, t_i], D_i = t_i - t_{i-1}, D_1 = D_2;
+Positions t_1 < ... < t_N are the tokens each input had seen in training when every input
+records them, else their steps when every input has one, else their epochs (lengths such as
+a half-life take SI suffixes: ema:halflife=50B). Input i stands for the interval (t_i - D_i, t_i], D_i = t_i - t_{i-1}, D_1 = D_2;
 T = t_N. Its weight is a profile's kernel k(t) integrated over that interval (in closed
 form), normalised to sum 1, so a run saved every 100 steps and one saved every 1000 get the
 same average profile, and unequal saves count by the time they stand for.
@@ -51,9 +52,17 @@ def _fail(spec: str, why: str) -> OptionError:
     return OptionError("profile", why, repr(spec))
 
 
+_SI = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
 def _number(spec: str, key: str, text: str) -> float:
+    """A parameter's value; a length in positions may carry an SI suffix (halflife=50B:
+    fifty billion tokens)."""
+    scale = 1.0
+    if key in ("halflife", "per") and text[-1:].lower() in _SI:
+        text, scale = text[:-1], _SI[text[-1].lower()]
     try:
-        value = float(text)
+        value = float(text) * scale
     except ValueError:
         raise _fail(spec, f"{key}={text!r} is not a number") from None
     if not math.isfinite(value):

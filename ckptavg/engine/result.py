@@ -32,6 +32,8 @@ class AverageResult:
     epoch_sources: list[str] = field(default_factory=list)
     steps: list[int | None] = field(default_factory=list)
     step_sources: list[str] = field(default_factory=list)
+    tokens: list[int | None] = field(default_factory=list)  # tokens seen, where recorded
+    token_sources: list[str] = field(default_factory=list)
     into: str | None = None
     skipped: list[str] = field(default_factory=list)  # already in the running average
     warnings: list[str] = field(default_factory=list)
@@ -42,8 +44,13 @@ class AverageResult:
     # each new input's content hash (engine/content.py, taken in the read pass; a local
     # output records them in average.inputs); empty where none was taken
     content: list[str] = field(default_factory=list)
-    # what ordered the inputs (select.order_basis): "step", "epoch", "name" or "given"
+    # what ordered the inputs (select.order_basis): "tokens", "step", "epoch", "name" or
+    # "given"; a profile weights by the same positions (tokens, else steps, else epochs)
     order: str = ""
+    # a sweep (`sweep`: its spec): one result per window, oldest first; this result is the
+    # whole read (every selected input once) and `output` the folder or name template
+    sweep: str | None = None
+    windows: list[AverageResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +72,8 @@ def make_result(plan: Plan, chosen: list[Candidate], into: str | None, output: s
         epoch_sources=["running average"] * len(head) + [p.epoch_from for p in pos],
         steps=[None] * len(head) + [p.step for p in pos],
         step_sources=["running average"] * len(head) + [p.step_from for p in pos],
+        tokens=[None] * len(head) + [p.tokens for p in pos],
+        token_sources=["running average"] * len(head) + [p.tokens_from for p in pos],
         into=into, profile=profile, effective_n=profiles.effective_n(applied), order=order,
     )
 

@@ -25,7 +25,7 @@ from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.base import Position, meta_int, same_content
 from ckptavg.io.remote import expand as expand_remote
 from ckptavg.io.remote import is_remote, local_path
-from ckptavg.options import Selection
+from ckptavg.options import Selection, count
 
 # ASCII digits only: `\d` would take other scripts' digits, and str.isdigit `²`, which int() refuses
 _NUMBER = re.compile(r"([0-9]+)")
@@ -66,8 +66,10 @@ class Candidate:
     def position(self) -> Position:
         meta = self.metadata
         e, st = meta_int(meta, "train.epoch"), meta_int(meta, "train.step")
+        t = meta_int(meta, "train.tokens")
         ours = Position(e, st, "metadata train.epoch" if e is not None else "",
-                        "metadata train.step" if st is not None else "")
+                        "metadata train.step" if st is not None else "",
+                        t, "metadata train.tokens" if t is not None else "")
         return ours.merged(self.reader.position()).merged(name_position(self.path))
 
     @property
@@ -77,6 +79,10 @@ class Candidate:
     @property
     def step(self) -> int | None:
         return self.position.step
+
+    @property
+    def tokens(self) -> int | None:
+        return self.position.tokens
 
     def metric(self, name: str) -> float | None:
         """A stored score: metadata `name` (e.g. train.val_acc), else the checkpoint's
@@ -235,14 +241,17 @@ def close_all(cands: list[Candidate]) -> None:
         c.reader.close()
 
 
-Order = str  # "step", "epoch", "given" (as the inputs were given) or "name" (by their names)
+Order = str  # "tokens", "step", "epoch", "given" (as the inputs were given) or "name"
 
 
 def order_basis(cands: list[Candidate], given: bool = False) -> Order:
-    """What orders the inputs: "step" when every input has one, else "epoch" when every
-    input has one, else "name" (the numbers in their names); "given" with `given`."""
+    """What orders the inputs: "tokens" when every input records the tokens it had seen,
+    else "step" when every input has one, else "epoch" when every input has one, else
+    "name" (the numbers in their names); "given" with `given`."""
     if given:
         return "given"
+    if cands and all(c.tokens is not None for c in cands):
+        return "tokens"
     if cands and all(c.step is not None for c in cands):
         return "step"
     if cands and all(c.epoch is not None for c in cands):
@@ -257,6 +266,9 @@ def order(cands: list[Candidate], given: bool = False) -> list[Candidate]:
     basis = order_basis(cands, given)
     if basis == "given":
         return list(cands)
+    if basis == "tokens":
+        return sorted(cands, key=lambda c: (c.tokens, c.step or 0, c.epoch or 0,
+                                            natural_key(c.path)))
     if basis == "step":
         return sorted(cands, key=lambda c: (c.step, c.epoch or 0, natural_key(c.path)))
     if basis == "epoch":
@@ -286,6 +298,11 @@ def _window(cands: list[Candidate], what: str, lo: int | None, hi: int | None) -
     if lo is None and hi is None:
         return cands
     missing = [c for c in cands if getattr(c, what) is None]
+    if missing and what == "tokens":
+        raise CkptavgError(
+            f"{missing[0].path}: tokens seen in training unknown (no metadata train.tokens, "
+            "trainer_state.json num_input_tokens_seen or token count in the checkpoint); drop "
+            "the token window, or select by step or epoch")
     if missing:
         other = "step" if what == "epoch" else "epoch"
         hint = (f" (it has a {other}, {getattr(missing[0], other)}: select by {other})"
@@ -332,6 +349,9 @@ def select(cands: list[Candidate], selection: Selection | None = None) -> list[C
                                                      s.lowest, s.last)
     out = _window(_window(order(cands, s.given_order), "epoch", from_epoch, to_epoch), "step",
                   from_step, to_step)
+    out = _window(out, "tokens", None if s.from_tokens is None else count(s.from_tokens,
+                                                                          "from_tokens"),
+                  None if s.to_tokens is None else count(s.to_tokens, "to_tokens"))
     require_order(out, tuple(n for n, v in (("every", every), ("last", last)) if v is not None),
                   s.given_order)
     if cycle_ends:

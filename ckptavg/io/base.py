@@ -513,12 +513,16 @@ class Position:
     step: int | None = None
     epoch_from: str = ""
     step_from: str = ""
+    tokens: int | None = None  # tokens consumed in training when the checkpoint was saved
+    tokens_from: str = ""
 
     def merged(self, later: Position) -> Position:
         """Fill what this one lacks from `later` (a less trusted source)."""
         e, ef = (self.epoch, self.epoch_from) if self.epoch is not None else (later.epoch, later.epoch_from)
         s, sf = (self.step, self.step_from) if self.step is not None else (later.step, later.step_from)
-        return Position(e, s, ef, sf)
+        t, tf = (self.tokens, self.tokens_from) if self.tokens is not None \
+            else (later.tokens, later.tokens_from)
+        return Position(e, s, ef, sf, t, tf)
 
 
 def whole_number(value: object) -> int | None:
@@ -541,7 +545,8 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 
 def trainer_state_position(folder: Folder) -> Position:
-    """Epoch and step from a Hugging Face `trainer_state.json` in `folder`, if there is one."""
+    """Epoch, step and tokens seen (`num_input_tokens_seen`, which the Trainer records with
+    `include_num_input_tokens_seen`) from a Hugging Face `trainer_state.json` in `folder`."""
     raw = folder.side_file(TRAINER_STATE, MAX_SIDE_FILE)
     try:
         state = json.loads(raw) if raw is not None else None
@@ -550,9 +555,12 @@ def trainer_state_position(folder: Folder) -> Position:
     if not isinstance(state, dict):
         return Position()
     epoch, step = whole_number(state.get("epoch")), whole_number(state.get("global_step"))
+    tokens = whole_number(state.get("num_input_tokens_seen"))
+    tokens = tokens if tokens is not None and tokens >= 0 else None
     where = f"{TRAINER_STATE} {{}}"
     return Position(epoch, step, where.format("epoch") if epoch is not None else "",
-                    where.format("global_step") if step is not None else "")
+                    where.format("global_step") if step is not None else "",
+                    tokens, where.format("num_input_tokens_seen") if tokens is not None else "")
 
 
 def read_index(folder: Folder, name: str) -> tuple[dict[str, str], dict[str, str]]:

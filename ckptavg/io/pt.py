@@ -73,6 +73,10 @@ if TYPE_CHECKING:
 CARRIED = ("pytorch-lightning_version", "hparams_name", "hyper_parameters",
            "datamodule_hparams_name", "datamodule_hyper_parameters", "cfg", "args")
 STEP_ENTRIES = ("global_step", "step", "num_updates", "iteration")
+# tokens consumed, as training loops record them at the top of a checkpoint (a Hugging Face
+# Trainer's count, torchtitan's and others' train-state names)
+TOKEN_ENTRIES = ("num_input_tokens_seen", "tokens_seen", "ntokens_seen", "consumed_tokens",
+                 "total_tokens", "tokens")
 
 
 class _OpaqueUnpickler(pickle.Unpickler):
@@ -326,8 +330,9 @@ def _check_tensor(path: str, key: object, t: torch.Tensor) -> None:
 
 
 def position_of(obj: object) -> Position:
-    """Epoch and step a training library wrote into the checkpoint: Lightning's `epoch` and
-    `global_step`, timm's `epoch`, fairseq's train_iterator epoch and num_updates."""
+    """Epoch, step and tokens a training library wrote into the checkpoint: Lightning's
+    `epoch` and `global_step`, timm's `epoch`, fairseq's train_iterator epoch and
+    num_updates, a top-level token count (TOKEN_ENTRIES)."""
     if not isinstance(obj, dict):
         return Position()
     epoch, epoch_from = whole_number(number(obj.get("epoch"))), "checkpoint entry 'epoch'"
@@ -345,8 +350,15 @@ def position_of(obj: object) -> Position:
     if step is None and isinstance(history, list) and history and isinstance(history[-1], dict):
         step = whole_number(history[-1].get("num_updates"))
         step_from = "checkpoint entry 'optimizer_history/num_updates'"
+    tokens, tokens_from = None, ""
+    for name in TOKEN_ENTRIES:
+        tokens = whole_number(number(obj.get(name)))
+        if tokens is not None and tokens >= 0:
+            tokens_from = f"checkpoint entry {name!r}"
+            break
+        tokens = None
     return Position(epoch, step, epoch_from if epoch is not None else "",
-                    step_from if step is not None else "")
+                    step_from if step is not None else "", tokens, tokens_from)
 
 
 # ------------------------------------------------------------------ reading without torch
