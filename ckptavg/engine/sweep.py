@@ -303,8 +303,10 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
 def run_windows(whole: Plan, plans: list[Plan], spans: list[tuple[int, int]],
                 writers: list[Writer], hashes: ContentHashes | None,
                 progress: Progress | None = None, threads: int | None = None) -> None:
-    """The one read: every tensor of every input once, into every window's output."""
-    n = threads or max(1, idle_cores() - 1)
+    """The one read: every tensor of every input once, into every window's output. The
+    arithmetic (every input folded into W / S windows, a rounding per window) outweighs
+    the reads here, so by default it takes every idle core (measured: docs/performance.md)."""
+    n = threads or idle_cores()
     pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ckptavg-sum") if n > 1 else None
     try:
         _Pass(whole, plans, spans, writers, hashes, progress, Workers(n, pool)).run()
