@@ -18,6 +18,8 @@ __version__ = "0.2.0"
 _API = {
     "average": "ckptavg.engine.average",
     "AverageResult": "ckptavg.engine.result",
+    "verify": "ckptavg.engine.verify",
+    "VerifyResult": "ckptavg.engine.verify",
     "method_weights": "ckptavg.engine.plan",
     "load": "ckptavg.io.checkpoint",
     "save": "ckptavg.io.checkpoint",
@@ -63,6 +65,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers and IDEs; never run
     from ckptavg.engine.average import average
     from ckptavg.engine.plan import method_weights
     from ckptavg.engine.result import AverageResult
+    from ckptavg.engine.verify import VerifyResult, verify
     from ckptavg.errors import CkptavgError, OptionError
     from ckptavg.experiments.demo import run_demo
     from ckptavg.experiments.ensemble import EnsembleResult, ensemble
@@ -106,6 +109,7 @@ __all__ = [
     "SoupResult",
     "SwagEvalResult",
     "SwagResult",
+    "VerifyResult",
     "WidthResult",
     "average",
     "bn_fix",
@@ -127,6 +131,7 @@ __all__ = [
     "search_profiles",
     "soup",
     "swag",
+    "verify",
     "width",
     "__version__",
 ]

@@ -115,6 +115,50 @@ def inspect(path, n_keys, reading, as_json, quiet):
          lambda info: _inspect_lines(info, n_keys))
 
 
+@cli.command(cls=TorchWhenNeeded)
+@click.argument("output")
+@click.argument("inputs", nargs=-1)
+@report_options
+def verify(output, inputs, as_json, quiet):
+    """Re-derive an average from the recipe in its metadata; compare bit for bit.
+
+    OUTPUT is a file or folder written by `ckptavg average`. Its inputs are found where its
+    metadata records them (relative to OUTPUT), or among INPUTS (files or globs, matched by
+    file name) when they moved. Every input is read once, its content hash checked against
+    the recorded one, and the average recomputed and compared with OUTPUT byte for byte;
+    nothing is written. BatchNorm statistics recomputed by bn-fix are not compared.
+
+    \b
+    Exit codes: 0 verified; 1 OUTPUT differs from what its inputs give;
+    3 an input is missing or is not the file that was averaged;
+    4 OUTPUT records no recipe (another tool, an older ckptavg, or --into).
+
+    \b
+    Examples:
+      ckptavg verify swa.safetensors
+      ckptavg verify release/model.safetensors 'runs/epoch-*.pt'   # inputs moved
+    """
+    from ckptavg.engine.verify import verify as run
+
+    with progress_bar(quiet or as_json, "verify") as bar:
+        result = run(output, list(inputs), progress=bar)
+    emit(result, as_json, quiet, _verify_lines)
+    if result.exit_code:
+        raise SystemExit(result.exit_code)
+
+
+def _verify_lines(r):
+    if r.status == "verified":
+        skipped = (f" (BatchNorm statistics recomputed by bn-fix not compared: "
+                   f"{len(r.skipped)} tensors)" if r.skipped else "")
+        yield (f"verified: {r.output} is bit for bit the average of its {len(r.inputs)} "
+               f"recorded input(s): {r.tensors} tensors compared{skipped}")
+        return
+    yield f"{r.status}: {r.output}"
+    for p in r.problems:
+        yield f"  {p}"
+
+
 @cli.command("swag")
 @click.argument("inputs", nargs=-1, required=True)
 @output_option("Output: .safetensors or a folder.", required=True)

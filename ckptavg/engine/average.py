@@ -25,6 +25,7 @@ from ckptavg.engine.plan import (
     chosen_weights,
     dcp_entry,
     make_plan,
+    record_recipe,
 )
 from ckptavg.engine.result import AverageResult, make_result, nothing_to_fold
 from ckptavg.engine.select import (
@@ -264,6 +265,8 @@ def average(
         plan = make_plan(readers, raw, method=method, n_total=n_total, prior_inputs=prior,
                          accumulate=accumulate, dtype=dtype, allow_nonfinite=allow_nonfinite,
                          hash_inputs=hash_inputs and not dry_run, profile=spec, content=content)
+        record_recipe(plan, [c.path for c in chosen], reading, output, dtype,
+                      running=running is not None)
         result = make_result(plan, chosen, into, output, method, n_total, dry_run, spec,
                              order_basis(chosen, selection.given_order))
         result.skipped = skipped

@@ -281,6 +281,27 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
                 fp8 is not None and out_dtype is not None)
 
 
+def record_recipe(plan: Plan, paths: list[str], reading: Reading, output: str | None,
+                  dtype: OutDtype | None, running: bool = False) -> None:
+    """Put into `plan.metadata` what `verify` needs to re-derive the output from its inputs:
+    each input's path relative to the output's folder (never an absolute path of this
+    machine, so a tree moved whole still verifies; an object's URL as it is), where the
+    weights are read from, and the weights exactly as applied (JSON keeps a float's every
+    bit). A running average (`into`) has no recipe: it was folded from an earlier
+    average, which a later fold replaced."""
+    if running:
+        return
+    import os
+
+    base = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+    plan.metadata["average.recipe"] = json.dumps({
+        "inputs": [p if "://" in p else os.path.relpath(os.path.abspath(p), base)
+                   for p in paths],
+        "key": reading.key, "strip_prefix": reading.strip_prefix,
+        "weights": list(plan.weights), "accumulate": plan.accumulate, "dtype": dtype,
+        "allow_nonfinite": plan.allow_nonfinite})
+
+
 def torch_entry(newest: ReaderBase) -> str | None:
     """Where a torch output keeps the weights: where the newest input kept them (None: a
     bare state dict; io.checkpoint.weights_entry)."""

@@ -19,7 +19,7 @@ import shutil
 
 from ckptavg.engine.content import ContentHashes, final_metadata, refuse_same_tensors
 from ckptavg.engine.kernel import execute
-from ckptavg.engine.plan import Request, chosen_weights, dcp_entry, make_plan
+from ckptavg.engine.plan import Request, chosen_weights, dcp_entry, make_plan, record_recipe
 from ckptavg.engine.result import AverageResult, make_result
 from ckptavg.engine.select import (
     close_all,
@@ -69,6 +69,7 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
                              dtype=req.dtype, allow_nonfinite=req.allow_nonfinite,
                              hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
                              content=not req.dry_run)
+            record_recipe(plan, [c.path for c in chosen], req.reading, req.output, req.dtype)
             result = make_result(plan, chosen, None, req.output, req.method, len(chosen),
                                  req.dry_run, req.spec,
                                  order_basis(chosen, req.selection.given_order))

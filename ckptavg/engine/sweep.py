@@ -45,7 +45,14 @@ from ckptavg.engine.kernel import (
     read_copy,
 )
 from ckptavg.engine.nonfinite import raise_nonfinite
-from ckptavg.engine.plan import Plan, Request, carried_notes, chosen_weights, make_plan
+from ckptavg.engine.plan import (
+    Plan,
+    Request,
+    carried_notes,
+    chosen_weights,
+    make_plan,
+    record_recipe,
+)
 from ckptavg.engine.result import AverageResult, make_result
 from ckptavg.engine.select import (
     Candidate,
@@ -242,6 +249,7 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
                              allow_nonfinite=req.allow_nonfinite,
                              hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
                              content=not req.dry_run)
+            record_recipe(plan, [c.path for c in part], req.reading, path, req.dtype)
             plan.metadata["average.window"] = json.dumps({
                 "sweep": sweep.spec, "index": j, "of": len(spans), "unit": sweep.unit,
                 "first": _label(chosen[a], sweep.unit, a), "last": _label(chosen[b], sweep.unit, b)})
