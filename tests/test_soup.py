@@ -170,6 +170,42 @@ def test_search_reads_each_checkpoint_once(tmp_path, monkeypatch):
     assert sorted(reads) == sorted(paths)
 
 
+def test_search_sweep_scores_sliding_windows_reading_each_once(tmp_path, monkeypatch):
+    # Windows of 2 along 6 epochs: only epochs 3+4 (+25, -25 degrees) average to the exact
+    # boundary with the longest normal; the others lean.
+    degs = [90, 60, 25, -25, 70, 80]
+    states = {f"epoch-{i + 1:04d}": rotated(d) for i, d in enumerate(degs)}
+    paths = write(tmp_path, states)
+    reads = []
+    original = RunningSum.read
+    monkeypatch.setattr(RunningSum, "read", staticmethod(lambda r: reads.append(r.path)
+                                                         or original(r)))
+    out, png = tmp_path / "best.safetensors", tmp_path / "curve.png"
+    r = ckptavg.search(paths, out, plot=png, sweep="window=2",
+                       heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL,
+                       loader=LoaderOptions(device="cpu"))
+    assert sorted(reads) == sorted(paths)  # each input read once
+    seq = list(states.values())
+    assert [(w.start_epoch, w.end_epoch, w.n) for w in r.windows] == [
+        (i + 1, i + 2, 2) for i in range(5)]
+    for i, w in enumerate(r.windows):
+        assert w.holdout_accuracy == pytest.approx(accuracy(mean64(seq[i:i + 2]))), i
+        assert w.holdout_loss == pytest.approx(loss(mean64(seq[i:i + 2])), rel=1e-5), i
+    best = max(range(5), key=lambda i: (accuracy(mean64(seq[i:i + 2])),
+                                        -loss(mean64(seq[i:i + 2])), i))
+    assert (r.best.start_epoch, r.best.end_epoch) == (best + 1, best + 2)
+    ckptavg.average(paths[best:best + 2], tmp_path / "engine.safetensors")
+    saved, meta = ckptavg.load(out)
+    engine, _ = ckptavg.load(tmp_path / "engine.safetensors")
+    assert all(torch.equal(saved[k], engine[k]) for k in engine)
+    assert meta["select.method"] == "window-sweep" and meta["select.sweep"] == "window=2"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = CliRunner().invoke(cli, ["search", *paths, "--sweep", "window=2", "--holdout", "200",
+                                   "--data", DATA, "--model", MODEL, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert f"{best + 1}-{best + 2}" in res.output and "<- best" in res.output
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_running_sums_equal_one_shot_averages(tmp_path, dtype):
     g = torch.Generator().manual_seed(1)

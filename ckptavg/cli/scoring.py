@@ -196,7 +196,11 @@ def soup_cmd(inputs, as_json, quiet, **kwargs):
 @cli.command("search")
 @click.argument("inputs", nargs=-1, required=True)
 @output_option("Write the best window's average here.")
-@click.option("--plot", help="Write held-out accuracy against the start epoch (PNG).")
+@click.option("--plot", help="Write held-out accuracy against the start epoch (PNG; with "
+              "--sweep, against the window's last epoch).")
+@click.option("--sweep", help="window=W[,stride=S]: score windows of W checkpoints (or W "
+              "tokens: window=125B) sliding along the run, each input read once, instead of "
+              "windows ending at the last checkpoint.")
 @click.option("--profiles", help="Score these averaging profiles instead of windows, comma "
               "separated (e.g. uniform,ema:halflife=5,power:sigma_rel=0.1,wsm:minus-sqrt; "
               "see average --profile), and write the best.")
@@ -218,6 +222,8 @@ def search_cmd(inputs, as_json, quiet, profiles, **kwargs):
         if kwargs.pop("plot") is not None:
             raise click.UsageError("--plot draws the window search; it does not go with "
                                    "--profiles")
+        if kwargs.pop("sweep") is not None:
+            raise click.UsageError("--sweep scores windows; it does not go with --profiles")
         with progress_bar(quiet or as_json, "search", unit="profile") as bar:
             result = search_profiles(list(inputs), split_specs(profiles), progress=bar, **kwargs)
         emit(result, as_json, quiet, _profile_lines)
@@ -271,6 +277,9 @@ def _profile_lines(r):
 
 
 def _search_lines(r):
+    if r.sweep is not None:
+        yield from _sweep_search_lines(r)
+        return
     yield f"held-out: {r.holdout} ({r.holdout_samples} images); windows ending at {r.end}:"
     yield "  start epoch      n   held-out acc   loss"
     for w in r.windows:
@@ -279,5 +288,19 @@ def _search_lines(r):
         yield f"  {epoch!s:>11} {w.n:>6}   {w.holdout_accuracy:9.2f} %  {w.holdout_loss:.4f}{mark}"
     dest = "".join(f" -> {p}" for p in (r.output, r.plot) if p)
     yield (f"best: from {r.best.start} ({r.best.n} checkpoints), held-out accuracy "
+           f"{r.best.holdout_accuracy:.2f} %{dest} ({r.passes} scores, {r.seconds:.1f} s)")
+    yield from _test_line(r)
+
+
+def _sweep_search_lines(r):
+    yield f"held-out: {r.holdout} ({r.holdout_samples} images); windows {r.sweep} along the run:"
+    yield "  epochs           n   held-out acc   loss"
+    for w in r.windows:
+        mark = " <- best" if w is r.best else ""
+        span = f"{w.start_epoch if w.start_epoch is not None else '?'}-" \
+               f"{w.end_epoch if w.end_epoch is not None else '?'}"
+        yield f"  {span:<11} {w.n:>6}   {w.holdout_accuracy:9.2f} %  {w.holdout_loss:.4f}{mark}"
+    dest = "".join(f" -> {p}" for p in (r.output, r.plot) if p)
+    yield (f"best: {r.best.start} .. {r.best.end} ({r.best.n} checkpoints), held-out accuracy "
            f"{r.best.holdout_accuracy:.2f} %{dest} ({r.passes} scores, {r.seconds:.1f} s)")
     yield from _test_line(r)

@@ -39,6 +39,8 @@ class Window(Result):
     n: int
     holdout_accuracy: float
     holdout_loss: float
+    end: str = ""  # the window's newest checkpoint (a sweep's windows end at each in turn)
+    end_epoch: int | None = None
 
 
 @dataclass
@@ -60,13 +62,14 @@ class SearchResult(Result):
     warnings: list[str] = field(default_factory=list)
     # whether the held-out images are known not to be trained on (data.train_images)
     holdout_verified: bool = True
+    sweep: str | None = None  # windows of a fixed size sliding along the run (`sweep`)
 
 
 def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
            plot: str | os.PathLike | None = None, selection: Selection | None = None,
          heldout: HeldOutOptions | None = None, model: ModelOptions | str | None = None,
          data: DataOptions | str | None = None, loader: LoaderOptions | None = None,
-         reading: Reading | None = None, test: bool = False,
+         reading: Reading | None = None, test: bool = False, sweep: str | None = None,
            progress: Progress | None = None) -> SearchResult:
     """Score the average from each candidate start to the last checkpoint on held-out data.
 
@@ -77,6 +80,9 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         selection: which checkpoints take part (`Selection`, as for `average`); with
             `every` or `cycle_ends` the windows are made of cycle ends.
         heldout, model, data, loader, reading, test: as for `soup`.
+        sweep: "window=W[,stride=S]" (as for `average`): score windows of W checkpoints (or
+            W tokens) sliding along the run instead, each input read once; the plot is the
+            held-out score against the window's end (MaP's merged curve).
         progress: called with (windows scored, windows in all).
 
     Returns:
@@ -103,6 +109,8 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         pool = select(kept, selection)
         held = open_heldout(pool, output, files_of(cands), heldout=heldout, model=model, data=data,
                             loader=loader)
+        if sweep is not None:
+            return _sweep(pool, sweep, held, output, plot, test, progress, left_out, t0)
         running, windows = RunningSum(), []
         best, best_state, best_scores, best_i = None, None, None, 0
         for i in reversed(range(len(pool))):
@@ -140,20 +148,72 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
     return result
 
 
+def _sweep(pool, spec: str, held, output, plot, test, progress, left_out, t0) -> SearchResult:
+    """Windows of a fixed size along the run, each input read once: every open window's
+    float64 sum takes it (as `average --sweep`); each is scored as it closes."""
+    from ckptavg.engine import sweep as sweeps
+
+    spans = sweeps.windows(sweeps.parse(spec), pool)
+    open_sums: dict[int, RunningSum] = {}
+    windows: list[Window] = []
+    best, best_state, best_scores, best_span = None, None, None, spans[0]
+    for i, c in enumerate(pool):
+        holding = [j for j, (a, b) in enumerate(spans) if a <= i <= b]
+        if not holding:
+            continue
+        state = RunningSum.read(c.reader)
+        for j in holding:
+            open_sums.setdefault(j, RunningSum()).add(state, i)
+        for j in [j for j in holding if spans[j][1] == i]:
+            a, b = spans[j]
+            mean = open_sums.pop(j).mean()
+            s = held.score(mean, f"the average of {pool[a].path} .. {c.path}")
+            w = Window(pool[a].path, pool[a].epoch, b - a + 1, s.accuracy, s.loss, c.path,
+                       c.epoch)
+            windows.append(w)
+            # a later window wins a tie: the newest weights for the same score
+            if best is None or (s.accuracy, -s.loss) >= (best_scores.accuracy, -best_scores.loss):
+                best, best_state, best_scores, best_span = w, held.fixed(mean), s, (a, b)
+            if progress:
+                progress(len(windows), len(spans))
+    result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
+                          best_scores.samples, held.has_bn, held.passes, 0.0, sweep=spec)
+    result.warnings += left_out + held.warnings
+    result.holdout_verified = held.verified
+    if test:
+        t = held.test(best_state)
+        result.test_accuracy, result.test_loss = t.accuracy, t.loss
+    if output is not None:
+        a, b = best_span
+        write_choice(output, pool[a:b + 1], best_state, held,
+                     {"select.method": "window-sweep", "select.sweep": spec,
+                      "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}"})
+    if plot is not None:
+        plot_search(result, plot)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
 def plot_search(result: SearchResult, path: str) -> None:
     """Held-out accuracy of each window against its start (epoch, else position)."""
     plt = pyplot()
     ws = result.windows
-    by_epoch = all(w.start_epoch is not None for w in ws)
-    xs = [w.start_epoch if by_epoch else i + 1 for i, w in enumerate(ws)]
+    swept = result.sweep is not None
+    epochs = [w.end_epoch if swept else w.start_epoch for w in ws]
+    by_epoch = all(e is not None for e in epochs)
+    xs = [epochs[i] if by_epoch else i + 1 for i in range(len(ws))]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, [w.holdout_accuracy for w in ws], "o-", label="average from start to the end")
+    ax.plot(xs, [w.holdout_accuracy for w in ws], "o-",
+            label=f"average of the window ({result.sweep})" if swept
+            else "average from start to the end")
     b = ws.index(result.best)
     ax.plot([xs[b]], [ws[b].holdout_accuracy], "r*", markersize=14, label="chosen")
-    ax.set_xlabel("first epoch averaged" if by_epoch else "first checkpoint averaged")
+    what = "last" if swept else "first"
+    ax.set_xlabel(f"{what} epoch averaged" if by_epoch else f"{what} checkpoint averaged")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"windows ending at {os.path.basename(result.end)}\nheld out: {result.holdout}",
-                 fontsize=9)
+    title = ("windows sliding along the run" if swept
+             else f"windows ending at {os.path.basename(result.end)}")
+    ax.set_title(f"{title}\nheld out: {result.holdout}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
