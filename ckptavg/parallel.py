@@ -58,15 +58,18 @@ class Group:
         """All ranks exchange (error or None, payload); if any rank failed, every rank raises
         the first failure (a CkptavgError keeps its message; a bug names the rank)."""
         mine = (None if error is None else (type(error).__name__, str(error),
-                                            isinstance(error, CkptavgError)), what)
+                                            isinstance(error, CkptavgError),
+                                            getattr(error, "exit_code", 1)), what)
         gathered: list = [None] * self.size
         dist.all_gather_object(gathered, mine)
         for rank, (failure, _) in enumerate(gathered):
             if failure is not None:
                 if error is not None and rank == self.rank and not failure[2]:
                     raise error  # a bug on this rank: its own traceback
-                name, message, user = failure
-                raise CkptavgError(message if user else f"rank {rank} failed: {name}: {message}")
+                name, message, user, code = failure
+                agreed = CkptavgError(message if user else f"rank {rank} failed: {name}: {message}")
+                agreed.exit_code = code if user else 1  # a usage error stays one (exit 2)
+                raise agreed
         return [payload for _, payload in gathered]
 
     def share(self, value):

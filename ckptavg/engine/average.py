@@ -193,9 +193,6 @@ def average(
             if value:
                 raise OptionError(("sweep", name), "a sweep writes new outputs, one per window; "
                                   "drop one of them")
-        if world_size() > 1:
-            raise OptionError("sweep", "runs in one process (it reads every input once); run "
-                              "it without torchrun")
         parsed = sweeps.parse(sweep)
         if output is None and not dry_run:
             raise OptionError("output", "missing: a sweep writes one output per window into a "

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,11 +65,13 @@ from ckptavg.engine.select import (
     order_basis,
     select,
 )
-from ckptavg.errors import OptionError
+from ckptavg.errors import OptionError, OutputError
 from ckptavg.io import make_writer
 from ckptavg.io.base import pread_extent
+from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote
 from ckptavg.io.writer import Discard, Writer, check_output, output_kind
+from ckptavg.parallel import world_size
 from ckptavg.results import Progress, peak_rss_bytes
 
 BUDGET = 64 << 20  # bytes of open windows' sums at a time (one block each)
@@ -171,10 +174,11 @@ def _label(c: Candidate, unit: str, i: int) -> str:
 
 
 def output_paths(output: str, spans: list[tuple[int, int]], chosen: list[Candidate],
-                 sweep: Sweep) -> list[str]:
+                 sweep: Sweep, folders: bool = False) -> list[str]:
     """One path per window: `output` as a template with {index}, {first} and {last} (the
     window's bounds as positions), else a folder holding `window-FIRST-LAST` plus the
-    newest input's suffix (.safetensors, .pt...; a sharded folder input gives folders)."""
+    newest input's suffix (.safetensors, .pt...; a sharded folder input, or `folders`,
+    gives folders)."""
     labels = [(_label(chosen[a], sweep.unit, a), _label(chosen[b], sweep.unit, b))
               for a, b in spans]
     if "{" in output:
@@ -193,7 +197,7 @@ def output_paths(output: str, spans: list[tuple[int, int]], chosen: list[Candida
                           output)
     newest = chosen[-1].reader
     name = os.path.basename(newest.path.rstrip("/"))
-    if len(newest.files) > 1 or os.path.isdir(newest.path):
+    if folders or len(newest.files) > 1 or os.path.isdir(newest.path):
         suffix = ""
     else:
         suffix = os.path.splitext(name)[1].lower() or ".safetensors"
@@ -202,9 +206,25 @@ def output_paths(output: str, spans: list[tuple[int, int]], chosen: list[Candida
     return [os.path.join(output, f"window-{f}-{la}{suffix}") for f, la in labels]
 
 
+@dataclass
+class _Prepared:
+    """A sweep selected, planned and checked: the same on every torchrun rank."""
+
+    chosen: list[Candidate]
+    spans: list[tuple[int, int]]
+    whole: Plan  # every input, once: what is read
+    plans: list[Plan]  # one per window: what each output is
+    paths: list[str | None]
+    kinds: list[str | None]
+    protected: list
+    result: AverageResult
+
+
 def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
                   progress: Progress | None = None) -> AverageResult:
-    """`average` with `sweep`: every window position, from one read of every input."""
+    """`average` with `sweep`: every window position, from one read of every input (under
+    torchrun each rank reads its share of the tensors and writes its shard of every window,
+    so the windows are folders; engine/shards.py's partition)."""
     t0 = time.perf_counter()
     if req.method == "weighted":
         raise OptionError(("sweep", "weights"), "weights are given per input of one average; "
@@ -212,112 +232,236 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
     if req.output is not None and is_remote(req.output):
         raise OptionError(("sweep", "output"), "a sweep writes local outputs; write them "
                           "locally, then upload", req.output)
+    ranked = world_size() > 1
     with contextlib.ExitStack() as stack:
-        opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
-        stack.callback(close_all, opened)
-        cands, left_out = leave_out_outputs(opened)
-        chosen = select(cands, req.selection)
-        spans = windows(sweep, chosen)
-        readers = [c.reader for c in chosen]
-        # the whole run's plan: the inputs agree, what is read; each window's for its output
-        whole = make_plan(readers, [1.0] * len(readers), accumulate=req.accumulate,
-                          dtype=req.dtype, allow_nonfinite=req.allow_nonfinite)
-        if whole.fp8 is not None:
-            raise OptionError("sweep", "FP8 inputs are averaged one run at a time; average "
-                              "each window with ckptavg average")
-        paths = output_paths(req.output, spans, chosen, sweep) if req.output else [None] * len(spans)
-        kinds = [output_kind(p, shard_size) if p else None for p in paths]
-        if any(k == "sharded" for k in kinds) and req.dry_run is False and len(set(kinds)) > 1:
-            raise OptionError("output", "gives windows of different formats", req.output)
-        from ckptavg.engine.average import _earlier_output
+        if ranked:
+            from ckptavg.parallel import Group
 
-        # every input opened, but an earlier output of ours at one of the outputs' paths
-        # (this sweep run again: it replaces them, as an average does its own)
-        ours = {_earlier_output(p, opened, cands) for p in paths if p is not None} - {None}
-        protected = [f for f in files_of(opened) if f.identity not in ours]
-        for p, k in zip(paths, kinds):
-            if p is not None:
-                check_output(p, k, protected)
-        basis = order_basis(chosen, req.selection.given_order)
-        plans, results = [], []
-        for j, ((a, b), path) in enumerate(zip(spans, paths)):
-            part = chosen[a:b + 1]
-            raw = chosen_weights(part, req.method, None, req.ema, req.profile,
-                                 req.selection.given_order)
-            plan = make_plan([c.reader for c in part], raw, method=req.method,
-                             accumulate=req.accumulate, dtype=req.dtype,
-                             allow_nonfinite=req.allow_nonfinite,
-                             hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
-                             content=not req.dry_run)
-            record_recipe(plan, [c.path for c in part], req.reading, path, req.dtype)
-            plan.metadata["average.window"] = json.dumps({
-                "sweep": sweep.spec, "index": j, "of": len(spans), "unit": sweep.unit,
-                "first": _label(chosen[a], sweep.unit, a), "last": _label(chosen[b], sweep.unit, b)})
-            plans.append(plan)
-            r = make_result(plan, part, None, path, req.method, len(part), req.dry_run,
-                            req.spec, basis)
-            results.append(r)
-        result = make_result(whole, chosen, None, req.output, req.method, len(chosen),
-                             req.dry_run, req.spec, basis)
-        result.weights = []
-        result.windows = results
-        result.sweep = sweep.spec
-        result.bytes_out = sum(p.bytes_out for p in plans)
-        result.warnings = left_out + mixed_runs(chosen) \
-            + [f"{r.path}: {n}" for r in readers for n in r.read_notes]
-        if kinds and kinds[0] == "torch" and not paths[0].lower().endswith(".bin"):
-            result.warnings += carried_notes(readers[-1])
-        hashes = ContentHashes.of_plan(whole)
-        made: list[str] = []
-        if req.dry_run:
-            writers: list[Writer] = [Discard() for _ in plans]
+            group = stack.enter_context(Group())
+            prep, error = None, None
+            try:
+                prep = _prepare(req, sweep, shard_size, stack, folders=True)
+            except BaseException as e:
+                error = e
+            group.agree(error)
+            if not req.dry_run:
+                _write_ranks(group, prep, progress, req.threads)
+            prep.result.ranks, prep.result.rank = group.size, group.rank
         else:
-            folder = None if "{" in req.output else req.output
-            if folder is not None and not os.path.isdir(folder):
-                os.makedirs(folder)
-                made.append(folder)
-            writers = [make_writer(p, plan.specs, plan.metadata, shard_size, whole.ties,
-                                   inputs=protected, entry=plan.entry, extras=plan.extras)
-                       for p, plan in zip(paths, plans)]
-        try:
-            with contextlib.ExitStack() as out:
-                for w in writers:
-                    out.enter_context(w)
-                run_windows(whole, plans, spans, writers, hashes, progress, req.threads)
-                for r in readers:
-                    r.check_unchanged()
-                digests = hashes.hexdigests()
-                refuse_same_tensors([c.path for c in chosen], digests,
-                                    [(c.epoch, c.step) for c in chosen])
-                result.content = digests
-                for (a, b), w, r in zip(spans, writers, results):
-                    r.content = digests[a:b + 1]
-                    if w.fills_metadata:
-                        w.fill({placeholder(i): d for i, d in enumerate(r.content)})
-        except BaseException:
-            for folder in made:
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)  # ours, and empty: each writer left nothing
-            raise
-        for w in writers:
-            result.warnings += w.notes
+            prep = _prepare(req, sweep, shard_size, stack, folders=False)
+            _write_here(prep, req, shard_size, progress)
+    result = prep.result
     result.seconds = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
-    for r in results:
+    for r in result.windows:
         r.seconds, r.peak_rss_bytes = result.seconds, result.peak_rss_bytes
     return result
 
 
+def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextlib.ExitStack,
+             folders: bool) -> _Prepared:
+    """Open, select, window and plan; check every output before any tensor is read."""
+    from ckptavg.engine.average import _earlier_output
+
+    opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
+    stack.callback(close_all, opened)
+    cands, left_out = leave_out_outputs(opened)
+    chosen = select(cands, req.selection)
+    spans = windows(sweep, chosen)
+    readers = [c.reader for c in chosen]
+    whole = make_plan(readers, [1.0] * len(readers), accumulate=req.accumulate,
+                      dtype=req.dtype, allow_nonfinite=req.allow_nonfinite)
+    if whole.fp8 is not None:
+        raise OptionError("sweep", "FP8 inputs are averaged one run at a time; average each "
+                          "window with ckptavg average")
+    paths = output_paths(req.output, spans, chosen, sweep, folders) if req.output \
+        else [None] * len(spans)
+    kinds = [output_kind(p, shard_size) if p else None for p in paths]
+    if folders and any(k not in (None, "sharded") for k in kinds):
+        raise OptionError("output", "under torchrun each rank writes one shard of every "
+                          "window, so each window is a folder: give a folder, or a template "
+                          "without a file suffix", req.output)
+    # every input opened, but an earlier output of ours at one of the outputs' paths (this
+    # sweep run again: it replaces them, as an average does its own)
+    ours = {_earlier_output(p, opened, cands) for p in paths if p is not None} - {None}
+    protected = [f for f in files_of(opened) if f.identity not in ours]
+    for p, k in zip(paths, kinds):
+        if p is not None:
+            check_output(p, k, protected)
+    basis = order_basis(chosen, req.selection.given_order)
+    plans, results = [], []
+    for j, ((a, b), path) in enumerate(zip(spans, paths)):
+        part = chosen[a:b + 1]
+        raw = chosen_weights(part, req.method, None, req.ema, req.profile,
+                             req.selection.given_order)
+        plan = make_plan([c.reader for c in part], raw, method=req.method,
+                         accumulate=req.accumulate, dtype=req.dtype,
+                         allow_nonfinite=req.allow_nonfinite,
+                         hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
+                         content=not req.dry_run)
+        record_recipe(plan, [c.path for c in part], req.reading, path, req.dtype)
+        plan.metadata["average.window"] = json.dumps({
+            "sweep": sweep.spec, "index": j, "of": len(spans), "unit": sweep.unit,
+            "first": _label(chosen[a], sweep.unit, a), "last": _label(chosen[b], sweep.unit, b)})
+        plans.append(plan)
+        results.append(make_result(plan, part, None, path, req.method, len(part), req.dry_run,
+                                   req.spec, basis))
+    result = make_result(whole, chosen, None, req.output, req.method, len(chosen), req.dry_run,
+                         req.spec, basis)
+    result.weights, result.windows, result.sweep = [], results, sweep.spec
+    result.bytes_out = sum(p.bytes_out for p in plans)
+    result.warnings = left_out + mixed_runs(chosen) \
+        + [f"{r.path}: {n}" for r in readers for n in r.read_notes]
+    if kinds and kinds[0] == "torch" and not paths[0].lower().endswith(".bin"):
+        result.warnings += carried_notes(readers[-1])
+    return _Prepared(chosen, spans, whole, plans, paths, kinds, protected, result)
+
+
+def _write_here(prep: _Prepared, req: Request, shard_size: int | None, progress) -> None:
+    """One process: a writer per window, all open at once; each aborts on an error."""
+    made: list[str] = []
+    if req.dry_run:
+        writers: list[Writer] = [Discard() for _ in prep.plans]
+    else:
+        made = _make_folder(req.output)
+        writers = []
+        for p, k, plan in zip(prep.paths, prep.kinds, prep.plans):
+            side, notes = side_files(plan.readers) if k == "sharded" else ({}, [])
+            prep.result.warnings += [n for n in notes if n not in prep.result.warnings]
+            writers.append(make_writer(p, plan.specs, plan.metadata, shard_size,
+                                       prep.whole.ties, inputs=prep.protected,
+                                       entry=plan.entry, extras=plan.extras, side_files=side))
+    hashes = ContentHashes.of_plan(prep.whole)
+    try:
+        with contextlib.ExitStack() as out:
+            for w in writers:
+                out.enter_context(w)
+            run_windows(prep.whole, prep.plans, prep.spans, writers, hashes, progress,
+                        req.threads)
+            for r in prep.whole.readers:
+                r.check_unchanged()
+            _digests(prep, hashes.hexdigests())
+            for w, r in zip(writers, prep.result.windows):
+                if w.fills_metadata:
+                    w.fill({placeholder(i): d for i, d in enumerate(r.content)})
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # ours, and empty: each writer left nothing
+        raise
+    for w in writers:
+        prep.result.warnings += w.notes
+
+
+def _make_folder(output: str) -> list[str]:
+    """The sweep's folder (not a template's), made when missing: [it] if made here, for
+    removal after a failure (it is then empty: every writer leaves nothing)."""
+    if "{" in output or os.path.isdir(output):
+        return []
+    try:
+        os.mkdir(output)
+    except OSError as e:
+        raise OutputError(f"{output}: cannot make the sweep's folder ({e.strerror}); make its "
+                          "parent first") from None
+    return [output]
+
+
+def _digests(prep: _Prepared, digests: list[str] | None) -> list[str]:
+    """The inputs' content hashes into the results, after refusing two inputs that hold
+    the same tensors."""
+    chosen = prep.chosen
+    digests = digests or []
+    refuse_same_tensors([c.path for c in chosen], digests, [(c.epoch, c.step) for c in chosen])
+    prep.result.content = digests
+    for (a, b), r in zip(prep.spans, prep.result.windows):
+        r.content = digests[a:b + 1]
+    return digests
+
+
+def _write_ranks(group, prep: _Prepared, progress, threads: int | None) -> None:
+    """This rank's share of the tensors (shards.partition) into its shard of every window,
+    in a hidden folder beside each; rank 0 then commits every window folder with its
+    index, side files and metadata (content hashes from every rank's records)."""
+    from ckptavg.engine.content import final_metadata
+    from ckptavg.engine.shards import partition
+    from ckptavg.io.atomic import temp_folder_beside
+    from ckptavg.io.writer import SafetensorsWriter, commit_folder, without_pending
+
+    keys = partition(prep.whole.specs, group.size)
+    n_shards = sum(1 for k in keys if k)
+    names = [f"model-{sum(1 for k in keys[:r] if k) + 1:05d}-of-{n_shards:05d}.safetensors"
+             for r in range(group.size)]
+    mine, name = keys[group.rank], names[group.rank]
+    tmps, made, error = None, [], None
+    try:
+        if group.rank == 0:
+            made = _make_folder(prep.result.output)
+            tmps = []
+            for p in prep.paths:
+                tmps.append(temp_folder_beside(os.path.abspath(p)))
+    except BaseException as e:
+        error = e
+    try:
+        group.agree(error)
+        tmps = group.share(tmps)
+        hashes = ContentHashes.of_plan(prep.whole)
+        specs = {s.key: s for s in prep.whole.specs}
+        record, error = None, None
+        try:
+            if mine:
+                writers = [SafetensorsWriter(os.path.join(tmp, name), [specs[k] for k in mine],
+                                             {**without_pending(plan.metadata), "format": "pt"},
+                                             shown=p)
+                           for tmp, p, plan in zip(tmps, prep.paths, prep.plans)]
+                with contextlib.ExitStack() as out:
+                    for w in writers:
+                        out.enter_context(w)
+                    run_windows(prep.whole, prep.plans, prep.spans, writers, hashes, progress,
+                                threads, keys=mine)
+                    for r in prep.whole.readers:
+                        r.check_unchanged()
+                record = hashes.record(mine)
+        except BaseException as e:
+            error = e
+        gathered = group.agree(error, record)
+        records = {names[r]: rec for r, rec in enumerate(gathered) if rec}
+        digests = _digests(prep, ContentHashes.of_plan(prep.whole).hexdigests(records))
+        error = None
+        try:
+            if group.rank == 0:
+                where = {k: names[r] for r, ks in enumerate(keys) for k in ks}
+                for j, (tmp, p, plan) in enumerate(zip(tmps, prep.paths, prep.plans)):
+                    a, b = prep.spans[j]
+                    side, _ = side_files(plan.readers)
+                    commit_folder(tmp, os.path.abspath(p), {s.key: where[s.key] for s in plan.specs},
+                                  final_metadata(plan.metadata, digests[a:b + 1]),
+                                  plan.bytes_out, side)
+                    tmps[j] = None
+        except BaseException as e:
+            error = e
+        group.agree(error)
+        made = []  # committed: the folder holds the windows
+    finally:
+        if group.rank == 0:
+            for tmp in tmps or []:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+
+
 def run_windows(whole: Plan, plans: list[Plan], spans: list[tuple[int, int]],
                 writers: list[Writer], hashes: ContentHashes | None,
-                progress: Progress | None = None, threads: int | None = None) -> None:
+                progress: Progress | None = None, threads: int | None = None,
+                keys: list[str] | None = None) -> None:
     """The one read: every tensor of every input once, into every window's output. The
     arithmetic (every input folded into W / S windows, a rounding per window) outweighs
     the reads here, so by default it takes every idle core (measured: docs/performance.md)."""
     n = threads or idle_cores()
     pool = ThreadPoolExecutor(n - 1, thread_name_prefix="ckptavg-sum") if n > 1 else None
     try:
-        _Pass(whole, plans, spans, writers, hashes, progress, Workers(n, pool)).run()
+        _Pass(whole, plans, spans, writers, hashes, progress, Workers(n, pool)).run(keys)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -351,11 +495,14 @@ class _Pass:
         self.done = 0
         self.total = whole.bytes_in
 
-    def run(self) -> None:
+    def run(self, keys: list[str] | None = None) -> None:
         reader_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")
         self.workers.prepare(min(self.block, CHUNK), self.acc)
+        wanted = set(keys) if keys is not None else None
         try:
             for spec in self.whole.specs:
+                if wanted is not None and spec.key not in wanted:
+                    continue
                 if self.writers[0].shares_ties and spec.key in self.whole.ties:
                     if self.hashes is not None:
                         self.hashes.tie(spec.key, self.whole.ties[spec.key])

@@ -207,3 +207,32 @@ def test_an_interrupted_two_rank_dcp_run_is_resumed_under_torchrun(tmp_path):
     got, want = _dcp_load(out, like), _dcp_load(tmp_path / "whole", like)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not os.path.exists(staging_path(str(out))) and leftovers(tmp_path) == []
+
+
+def test_a_sweep_under_two_ranks_is_bitwise_one_process(tmp_path):
+    """--sweep under torchrun: each rank reads its share of the tensors of every input once
+    and writes its shard of every window; each window folder equals one process's."""
+    paths = _inputs(tmp_path, n=5)
+    proc = _torchrun("average", *paths, "--sweep", "window=3", "-o", tmp_path / "dist", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["ranks"] == 2 and len(summary["windows"]) == 3
+    single = ckptavg.average(paths, tmp_path / "single", sweep="window=3")
+    for w, s in zip(summary["windows"], single.windows):
+        assert w["output"].endswith(s.output.rsplit("/", 1)[-1].removesuffix(".safetensors"))
+        got, meta = ckptavg.load(w["output"])
+        want, want_meta = ckptavg.load(s.output)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+        for key in ("average.window", "average.weights", "average.recipe"):
+            assert meta[key] == want_meta[key], key
+        assert [e["content"] for e in json.loads(meta["average.inputs"])] == \
+            [e["content"] for e in json.loads(want_meta["average.inputs"])]
+        assert ckptavg.verify(w["output"]).status == "verified"
+    assert leftovers(tmp_path) == []
+    # a mistake on any rank: one line each (torchrun's own exit status is 1), nothing left
+    proc = _torchrun("average", *paths, "--sweep", "window=9", "-o", tmp_path / "bad")
+    assert proc.returncode != 0 and not (tmp_path / "bad").exists()
+    assert proc.stderr.count("ckptavg: error: sweep 'window=9': no window of 9 inputs") == 2
+    assert leftovers(tmp_path) == []
