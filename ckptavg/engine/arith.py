@@ -189,7 +189,9 @@ def to_odd_float32(a: np.ndarray) -> np.ndarray:
     return f
 
 
-_BF16_MIN_NORMAL = 2.0 ** -126
+
+
+_F32_EXP = 0x7F800000
 
 
 def round_bfloat16(out: np.ndarray, a: np.ndarray, s: Scratch) -> None:
@@ -203,30 +205,43 @@ def round_bfloat16(out: np.ndarray, a: np.ndarray, s: Scratch) -> None:
         np.bitwise_and(u32, 1, out=u32)
         np.add(u32, 0x7FFF, out=u32)
         np.add(u32, bits, out=u32)
-    else:
-        # Round the float64 to bfloat16's 8 significant bits in its own bits (a carry
-        # into the exponent is the right answer); the result is exact in float32, whose
-        # top 16 bits are then the bfloat16.
-        bits, u64 = a.view(np.uint64), s.u64[:n]
-        np.right_shift(bits, 45, out=u64)
-        np.bitwise_and(u64, 1, out=u64)
-        np.add(u64, (1 << 44) - 1, out=u64)
-        np.add(u64, bits, out=u64)
-        np.bitwise_and(u64, np.uint64(~((1 << 45) - 1) & 0xFFFFFFFFFFFFFFFF), out=u64)
-        f32 = u32.view(np.float32)
-        with np.errstate(over="ignore"):
-            np.copyto(f32, u64.view(np.float64), casting="unsafe")
-        tiny = np.abs(a) < _BF16_MIN_NORMAL
-        if tiny.any():
-            # Subnormal bfloat16s are multiples of 2^-133: round to the nearest one (even).
-            k = np.rint(a[tiny] * 2.0 ** 133) * 2.0 ** -133
-            f32[tiny] = k.astype(np.float32)
+        np.right_shift(u32, 16, out=u32)
+        np.copyto(out, u32, casting="unsafe")
+        bad = ~np.isfinite(a)
+        if bad.any():
+            v = a[bad]
+            out[bad] = np.where(np.isnan(v), 0x7FC0, np.where(v > 0, 0x7F80, 0xFF80))
+        return
+    # Round the float64 to bfloat16's 8 significant bits in its own bits (a carry into the
+    # exponent is the right answer); the result is exact in float32, whose top 16 bits are
+    # then the bfloat16.
+    bits, u64 = a.view(np.uint64), s.u64[:n]
+    np.right_shift(bits, 45, out=u64)
+    np.bitwise_and(u64, 1, out=u64)
+    np.add(u64, (1 << 44) - 1, out=u64)
+    np.add(u64, bits, out=u64)
+    np.bitwise_and(u64, np.uint64(~((1 << 45) - 1) & 0xFFFFFFFFFFFFFFFF), out=u64)
+    f32 = u32.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(f32, u64.view(np.float64), casting="unsafe")
+    # The float32's exponent field tells the exceptions in one pass (no temporaries): 0 for
+    # zero and for values below bfloat16's normal range (2^-126: an exact zero, or a value
+    # whose 8-bit rounding above is finer than the subnormal grid), all ones for a NaN, an
+    # infinity, or a value that overflowed.
+    exp = u64.view(np.uint32)[:n]
+    np.bitwise_and(u32, _F32_EXP, out=exp)
+    low, high = exp.min(), exp.max()
     np.right_shift(u32, 16, out=u32)
     np.copyto(out, u32, casting="unsafe")
-    bad = ~np.isfinite(a)
-    if bad.any():
-        v = a[bad]
-        out[bad] = np.where(np.isnan(v), 0x7FC0, np.where(v > 0, 0x7F80, 0xFF80))
+    if low == 0:
+        # Subnormal bfloat16s are multiples of 2^-133: round to the nearest one (even).
+        tiny = exp == 0
+        k = np.rint(a[tiny] * 2.0 ** 133) * 2.0 ** -133
+        out[tiny] = k.astype(np.float32).view(np.uint32) >> 16
+    if high == _F32_EXP:
+        big = exp == _F32_EXP  # a NaN, or an infinity (given, or by overflow: its sign)
+        v = a[big]
+        out[big] = np.where(np.isnan(v), 0x7FC0, np.where(v > 0, 0x7F80, 0xFF80))
 
 
 def all_finite(out: np.ndarray, dtype: DType) -> bool:
