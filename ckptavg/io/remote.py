@@ -6,8 +6,11 @@ files and folders, torch files, Hugging Face .bin folders and DCP folders are re
 own readers. A format's header or zip directory is read with a few ranged GETs, then the
 engine reads each tensor's byte spans as it needs them, through a read-ahead window per
 object whose next window is fetched in the background (several GETs in flight across the
-inputs). Windows are 8 MiB, smaller when many objects are read at once, so that all of them
-stay within 128 MiB; nothing is downloaded whole. A failed GET (a dropped connection, a
+inputs). Windows are 8 MiB, smaller when many objects are read at once; every byte a window
+holds or has in flight is counted against one budget of 128 MiB, and a read-ahead that
+would pass it is not made (the bytes a read asks for are fetched then, and no more), so
+however many objects are open, their windows hold at most 128 MiB beyond the read in
+progress; nothing is downloaded whole. A failed GET (a dropped connection, a
 timeout) is retried with backoff, then is one line naming the object and the bytes. An
 object rewritten while it is read (another ETag or size) refuses the result, as a local file
 rewritten in place does.
@@ -46,14 +49,40 @@ RETRIES = 4  # tries of one ranged GET before the run stops
 BACKOFF = 0.2  # seconds before the second try, doubling
 WINDOW = 8 << 20  # bytes fetched per ranged GET when reading ahead, at most
 GAP = 1 << 20  # spans of one get_many this close share a GET (bytes between them fetched too)
-BUDGET = 128 << 20  # read-ahead bytes of all objects read at once (two windows each)
+BUDGET = 128 << 20  # bytes all objects' windows hold or have in flight, beyond a read's own
+MIN_WINDOW = 64 << 10  # a read-ahead smaller than this is not worth a GET: none is made
 _LIVE = [0]  # objects with a read-ahead window right now
+_HELD = [0]  # bytes counted against BUDGET now
+_PEAK = [0]  # the most ever counted (what the budget test measures)
+_BUDGET_LOCK = threading.Lock()
 
 
 def window_size() -> int:
     """Each object's window: WINDOW, smaller when many are read at once, so that their
-    windows (the current one and the next) stay within BUDGET; 1 MiB at least."""
-    return max(1 << 20, min(WINDOW, BUDGET // (2 * max(_LIVE[0], 1))))
+    windows (the current one and the next) share BUDGET; MIN_WINDOW at least."""
+    return max(MIN_WINDOW, min(WINDOW, BUDGET // (2 * max(_LIVE[0], 1))))
+
+
+def _take(k: int) -> int:
+    """Up to `k` bytes of the budget for a read-ahead: what is left, or 0 below MIN_WINDOW."""
+    with _BUDGET_LOCK:
+        k = min(k, BUDGET - _HELD[0])
+        if k < MIN_WINDOW:
+            return 0
+        _HELD[0] += k
+        _PEAK[0] = max(_PEAK[0], _HELD[0])
+        return k
+
+
+def _give(k: int) -> None:
+    with _BUDGET_LOCK:
+        _HELD[0] -= k
+
+
+def _settle_next(nxt: tuple) -> None:
+    """A read-ahead not taken: cancelled (or, on its way, dropped), its bytes given back."""
+    nxt[1].cancel()
+    _give(nxt[2])
 
 
 _POOL = ThreadPoolExecutor(8, thread_name_prefix="ckptavg-get")
@@ -287,19 +316,31 @@ class RemoteFile(SourceFile):
                 pos = offset + filled
                 start, data = w.get("start", -1), w.get("data", b"")
                 if not start <= pos < start + len(data):
+                    _give(w.pop("counted", 0))  # the window passed: its bytes go back
+                    w["data"] = b""
                     nxt = w.pop("next", None)
                     if nxt is not None and nxt[0] <= pos < nxt[0] + nxt[2]:
+                        w["counted"] = nxt[2]  # given back when this window passes
                         start, data = nxt[0], nxt[1].result()
+                        w["start"], w["data"] = start, data
+                        ahead = start + len(data)
                     else:
                         if nxt is not None:
-                            nxt[1].cancel()
-                        start, data = pos, self.get(pos, min(max(n - filled, size),
-                                                             self.size - pos))
-                    w["start"], w["data"] = start, data
-                    ahead = start + len(data)
-                    if ahead < self.size:
-                        k = min(size, self.size - ahead)
+                            _settle_next(nxt)
+                        # what the read asks for is fetched into it (the caller's bytes,
+                        # never held here); the window starts after it
+                        need = min(n - filled, self.size - pos)
+                        if need <= 0:
+                            raise CheckpointError(f"{self.path}: a read past its end (byte "
+                                                  f"{pos} of {self.size}); it is damaged")
+                        view[filled:filled + need] = self.get(pos, need)
+                        filled += need
+                        start, data, ahead = -1, b"", pos + need
+                    k = _take(min(size, self.size - ahead)) if ahead < self.size else 0
+                    if k:
                         w["next"] = (ahead, _POOL.submit(self.get, ahead, k), k)
+                    if not start <= pos < start + len(data):
+                        continue
                 take = min(n - filled, start + len(data) - pos)
                 view[filled:filled + take] = memoryview(data)[pos - start:pos - start + take]
                 filled += take
@@ -329,9 +370,10 @@ class RemoteFile(SourceFile):
         return int(info["size"]) != self.size or (etag is not None and etag != self.etag)
 
     def close(self) -> None:
+        _give(self._window.pop("counted", 0))
         nxt = self._window.pop("next", None)
         if nxt is not None:
-            nxt[1].cancel()
+            _settle_next(nxt)
         self._window.pop("data", None)
         if self._window.pop("lock", None) is not None:
             _LIVE[0] -= 1
