@@ -1,7 +1,7 @@
 """Benchmark: `average --sweep` against separate `average` runs and the I/O floor (issue #38),
 side by side in one run.
 
-Writes N bfloat16 safetensors inputs of P parameters, then, interleaved, R times:
+Writes N bfloat16 (or --dtype float32, float16) safetensors inputs of P parameters, then, interleaved, R times:
 - sweep: `ckptavg average INPUTS --sweep window=W,stride=1 -o DIR` (N - W + 1 outputs);
 - separate: one `ckptavg average` process per window (the same outputs);
 - floor: a process that reads every input once (pread in 8 MiB pieces) and writes the
@@ -52,7 +52,7 @@ for j in range(n_out):
 """
 
 
-def make_inputs(folder: str, n: int, params_m: int) -> list[str]:
+def make_inputs(folder: str, n: int, params_m: int, dtype: str = "bfloat16") -> list[str]:
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
@@ -62,9 +62,10 @@ def make_inputs(folder: str, n: int, params_m: int) -> list[str]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
+        kind = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
         state = {f"layers.{j}.weight": (rng.standard_normal((rows, cols), dtype=np.float32))
-                 .astype(ml_dtypes.bfloat16) for j in range(count)}
-        state["layers.norm.weight"] = np.ones(cols, ml_dtypes.bfloat16)
+                 .astype(kind) for j in range(count)}
+        state["layers.norm.weight"] = np.ones(cols, kind)
         paths.append(os.path.join(folder, f"step-{(i + 1) * 100:05d}.safetensors"))
         save_file(state, paths[-1], metadata={"train.step": str((i + 1) * 100)})
     return paths
@@ -91,17 +92,19 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--params-m", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--dir", default="bench-sweep-tmp")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.dir = os.path.abspath(args.dir)  # the children run in the repository root
     os.makedirs(args.dir, exist_ok=True)
     if args.make_only:  # in a process of its own (its RSS is not the children's)
-        make_inputs(args.dir, 2 * args.n, args.params_m)
+        make_inputs(args.dir, 2 * args.n, args.params_m, args.dtype)
         return
     try:
         subprocess.run([sys.executable, __file__, "--make-only", "--dir", args.dir, "--n",
-                        str(args.n), "--params-m", str(args.params_m)], check=True)
+                        str(args.n), "--params-m", str(args.params_m), "--dtype", args.dtype],
+                       check=True)
         every = sorted(os.path.join(args.dir, f) for f in os.listdir(args.dir)
                        if f.endswith(".safetensors"))
         paths = every[:args.n]
@@ -133,7 +136,7 @@ def main() -> None:
                     t, _ = child([sys.executable, "-c", FLOOR, str(k), str(size), out, *paths])
                 figures[name].append(t)
         med = {name: statistics.median(v) for name, v in figures.items()}
-        print(f"N={args.n} bfloat16 inputs of {args.params_m}M parameters "
+        print(f"N={args.n} {args.dtype} inputs of {args.params_m}M parameters "
               f"({size / 2**20:.0f} MiB each), window {w}, stride 1: {k} outputs; "
               f"{args.repeats} runs each, median; {os.cpu_count()} cores; inputs in page cache")
         print(f"{'case':<44} {'seconds':>8} {'x floor':>8}")

@@ -70,7 +70,7 @@ from ckptavg.io import make_writer
 from ckptavg.io.base import pread_extent
 from ckptavg.io.folder import side_files
 from ckptavg.io.remote import is_remote
-from ckptavg.io.writer import Discard, Writer, check_output, output_kind
+from ckptavg.io.writer import BackgroundWriter, Discard, Writer, check_output, output_kind
 from ckptavg.parallel import world_size
 from ckptavg.results import Progress, peak_rss_bytes
 
@@ -491,14 +491,19 @@ class _Pass:
         widest = max((ref.info(s.key).dtype.itemsize for s in self.floats), default=1)
         self.stage = [np.empty(self.block * widest, np.uint8) for _ in range(2)]
         out_item = max((s.dtype.itemsize for s in self.floats), default=1)
-        self.out = np.empty(self.block * out_item, np.uint8)
+        self.out_bytes = self.block * out_item
+        self.bg: BackgroundWriter | None = None
         self.done = 0
         self.total = whole.bytes_in
 
     def run(self, keys: list[str] | None = None) -> None:
+        """Every tensor in plan order; the outputs are written by one thread while the
+        next blocks are read and summed (three output blocks in turn)."""
         reader_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptavg-read")
         self.workers.prepare(min(self.block, CHUNK), self.acc)
         wanted = set(keys) if keys is not None else None
+        self.bg = BackgroundWriter(self.writers[0],
+                                   [np.empty(self.out_bytes, np.uint8) for _ in range(3)])
         try:
             for spec in self.whole.specs:
                 if wanted is not None and spec.key not in wanted:
@@ -511,7 +516,9 @@ class _Pass:
                     self._floating(spec, reader_pool)
                 else:
                     self._kept(spec)
+            self.bg.finish()
         finally:
+            self.bg.stop()
             reader_pool.shutdown(wait=True)
 
     def _tick(self, nbytes: int) -> None:
@@ -525,7 +532,7 @@ class _Pass:
         for (_, b), w in zip(self.spans, self.writers):
             if b not in copies:
                 copies[b] = read_copy(self.readers[b], spec.key)
-            w.write(spec.key, copies[b])
+            self.bg.write(spec.key, copies[b], to=w)
         if self.hashes is not None:
             last = len(self.readers) - 1
             value = copies.get(last)
@@ -574,7 +581,9 @@ class _Pass:
                         ops.append((self.sums[slot[j]], w, first, last, j))
                     ops.sort(key=lambda op: op[3])  # the window it ends last: rounding uses scratch
                     ending = [op for op in ops if op[3]]
-                    out = self.out[:k * spec.dtype.itemsize].view(out_kind)
+                    buf = self.bg.buffer() if ending else None  # at most one window ends
+                    out = (buf if buf is not None else self.stage[0])[
+                        :k * spec.dtype.itemsize].view(out_kind)
                     finite = [True]
                     self.workers.run(self._work(src, ops, dtype, spec.dtype, out, finite), k)
                     for _, _, _, _, j in ending:
@@ -582,10 +591,8 @@ class _Pass:
                         if not finite[0] and not self.plans[j].allow_nonfinite:
                             a, b = self.spans[j]
                             raise_nonfinite(readers[a:b + 1], key, spec.dtype)
-                        if k == numel:  # whole (or empty)
-                            self.writers[j].write(key, out)
-                        else:
-                            self.writers[j].write_part(key, out, lo == 0, lo + k == numel)
+                        part = None if k == numel else (lo == 0, lo + k == numel)
+                        self.bg.write(key, out, buf, part, to=self.writers[j])
                     self._tick(k * dtype.itemsize)
             finally:
                 if pending is not None:

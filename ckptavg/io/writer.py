@@ -319,7 +319,8 @@ class BackgroundWriter:
     """Runs a writer's `write` on one thread, so that copying a tensor to the file overlaps
     the arithmetic of the next one. The caller takes a free buffer with `buffer()`, fills it
     and hands it over with `write`; the buffer comes back free once written. A write error
-    is raised in the caller's thread at the next `buffer()` or at `finish()`."""
+    is raised in the caller's thread at the next `buffer()` or at `finish()`. A job may go
+    to another writer (`to`): a sweep's outputs share one thread, each written in order."""
 
     def __init__(self, writer: Writer, buffers: list[np.ndarray]):
         self._writer = writer
@@ -339,13 +340,13 @@ class BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            key, tensor, buf, part = job
+            writer, key, tensor, buf, part = job
             try:
                 if self._error is None:
                     if part is None:
-                        self._writer.write(key, tensor)
+                        writer.write(key, tensor)
                     else:
-                        self._writer.write_part(key, tensor, *part)
+                        writer.write_part(key, tensor, *part)
             except BaseException as e:
                 self._error = e
             finally:
@@ -365,13 +366,14 @@ class BackgroundWriter:
         return buf
 
     def write(self, key: str, tensor: np.ndarray, buf: np.ndarray | None = None,
-              part: tuple[bool, bool] | None = None) -> None:
-        """Queue `tensor` (a view of `buf`, or a tensor nobody else changes); with `part`
-        (first, last), a flat slice of the tensor (the writer must stream parts)."""
+              part: tuple[bool, bool] | None = None, to: Writer | None = None) -> None:
+        """Queue `tensor` (a view of `buf`, or a tensor nobody else changes) for this
+        thread's writer or `to`; with `part` (first, last), a flat slice of the tensor (the
+        writer must stream parts)."""
         self._raise()
         if buf is None and part is not None:
             self._loose.acquire()
-        self._jobs.put((key, tensor, buf, part))
+        self._jobs.put((to or self._writer, key, tensor, buf, part))
 
     def finish(self) -> None:
         """Wait for every queued write; raise the first error."""
