@@ -57,17 +57,26 @@ def write_cifar10(root: str, per_batch: int = 8, n_test: int = 10, seed: int = 0
     return out
 
 
-def write_cifar100(root: str, n_train: int = 20, n_test: int = 10, seed: int = 0) -> None:
+def write_cifar100(root: str, n_train: int = 20, n_test: int = 10, seed: int = 0) -> dict:
+    """CIFAR-100's python files; returns {split: (data, fine labels)} as written. The
+    coarse labels are the fine ones' superclass (fine // 5 here): never what a reader
+    should return."""
     rng = np.random.default_rng(seed)
     folder = os.path.join(root, "cifar-100-python")
     os.makedirs(folder, exist_ok=True)
+    written = {}
     for name, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = [int(x) for x in rng.integers(5, 100, n)]
         with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "fine_labels": [int(x) for x in rng.integers(0, 100, n)],
-                         "coarse_labels": [0] * n}, f, protocol=2)
+            pickle.dump({"filenames": [f"{name}_{i}.png" for i in range(n)], "data": data,
+                         "fine_labels": fine, "coarse_labels": [y // 5 for y in fine]}, f,
+                        protocol=2)
+        written[name] = (data, fine)
     with open(os.path.join(folder, "meta"), "wb") as f:
-        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f, protocol=2)
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)],
+                     "coarse_label_names": [f"s{i}" for i in range(20)]}, f, protocol=2)
+    return written
 
 
 @register_model

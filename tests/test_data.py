@@ -59,9 +59,19 @@ def test_cifar10_real_format(tmp_path):
 
 
 def test_cifar100_real_format(tmp_path):
-    write_cifar100(str(tmp_path))
-    ds = get_dataset("cifar100", "train", str(tmp_path))
-    assert len(ds) == 20 and ds[0][0].shape == (3, 32, 32)
+    written = write_cifar100(str(tmp_path))
+    for split, n in (("train", 20), ("test", 10)):
+        ds = get_dataset("cifar100", split, str(tmp_path))
+        data, fine = written[split]
+        assert len(ds) == n
+        # every label is the fine one (0-99), never the superclass
+        assert [int(ds[i][1]) for i in range(n)] == fine
+        x, _ = ds[3]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        # pixel (row 1, col 2) of the blue plane, normalised with the SWA authors' constants
+        # (their code uses CIFAR-10's for CIFAR-100 too)
+        raw = data[3, 2 * 1024 + 1 * 32 + 2] / 255
+        assert x[2, 1, 2].item() == pytest.approx((raw - 0.4465) / 0.2010, abs=1e-5)
 
 
 def test_missing_cifar_names_files_and_folder(tmp_path):
