@@ -245,7 +245,7 @@ class HeldOutOptions(_Of):
     `train --train-images S --holdout N` split them (default: from the checkpoints'
     data.holdout and data.train_images metadata)."""
 
-    holdout: int | None = opt(None, "--holdout", kind="int", min=1, help="Held-out images: the "
+    holdout: int | None = opt(None, "--holdout", kind="int", min=0, help="Held-out images: the "
                               "last N of the training images (default: the run's data.holdout "
                               "metadata).")
     train_images: int | None = opt(None, "--train-images", kind="int", min=1,

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 
 import ckptavg
 from ckptavg.options import Split, Stats, choices
@@ -97,6 +98,18 @@ def test_each_flag_has_one_meaning_across_commands():
                 meaning.setdefault(flag, set()).add(p.name)
     several = {f: m for f, m in meaning.items() if len(m) > 1 and f not in ("-o", "--output")}
     assert several == {}
+    # and what the introspected app shows of each flag: one type, one range, one set of
+    # choices, flag or not, in every command that has it (help may say it in context)
+    shown: dict[str, set] = {}
+    for name in cli.commands:
+        for p in _visible(name):
+            t = p.type
+            seen = (type(t).__name__, getattr(t, "min", None), getattr(t, "min_open", None),
+                    getattr(t, "max", None), tuple(getattr(t, "choices", ()) or ()), p.is_flag,
+                    p.multiple, p.nargs)
+            for flag in p.opts + p.secondary_opts:
+                shown.setdefault(flag, set()).add(seen)
+    assert {f: s for f, s in shown.items() if len(s) > 1} == {}
     assert "--subset" not in meaning and "--threads" not in meaning and "--out" not in meaning
     for flag in ("--eval-images", "--bn-images", "--arith-threads", "--torch-threads"):
         assert flag in meaning, flag
@@ -110,3 +123,17 @@ def test_no_public_name_is_also_a_submodule_name():
     """`import ckptavg.x` binds ckptavg.x to the module, hiding a function of that name."""
     for name, module in ckptavg._API.items():
         assert module != f"ckptavg.{name}", name
+
+
+def test_replicate_takes_a_fraction_for_the_swa_start_as_train_does(tmp_path):
+    """--swa-start is one type in every command: train and replicate both take an epoch or
+    a fraction of the budget below 1 (checked before any training starts)."""
+    from ckptavg.errors import OptionError
+
+    with pytest.raises(OptionError, match="swa_start 2.5"):
+        ckptavg.replicate("fashion-mnist", str(tmp_path), overrides={"swa_start": 2.5})
+    # 0.5 of a budget of 2 is epoch 1: accepted, then the next check (the budget rows) speaks
+    with pytest.raises(OptionError, match="use a budget of 4 or more"):
+        ckptavg.replicate("fashion-mnist", str(tmp_path), overrides={"swa_start": 0.5, "budget": 2})
+    with pytest.raises(OptionError, match="the SWA start 9 must be within the budget 8"):
+        ckptavg.replicate("fashion-mnist", str(tmp_path), overrides={"swa_start": 9, "budget": 8})

@@ -69,7 +69,8 @@ def train_cmd(device, download, resume, stop_after, as_json, quiet, **kwargs):
 
 @cli.command("demo")
 @output_option("Keep the run's files in this folder (default: a temporary one).", old="--out")
-@click.option("--epochs", type=click.IntRange(min=2), help="Override the demo's 32 epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Override the demo's 32 epochs "
+              "(2 or more: SGD, then SWA).")
 @device_option
 @output_options
 def demo_cmd(output, epochs, device, as_json, quiet, **old):
@@ -122,9 +123,10 @@ def demo_cmd(output, epochs, device, as_json, quiet, **old):
               show_default=True)
 @click.option("--bn-fix/--no-bn-fix", default=True, show_default=True,
               help="Recalibrate BatchNorm at every point.")
-@click.option("--train-images", type=click.IntRange(min=0), default=5000, show_default=True,
-              help="Training images for the train loss and BatchNorm (0: all; the default takes all when there are fewer).")
-@deprecated_alias("--train-subset", "--train-images", "train_images", type=click.IntRange(min=0))
+@click.option("--train-images", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Training images for the train loss and BatchNorm (the default takes all "
+              "when there are fewer; give the training set's size for all).")
+@deprecated_alias("--train-subset", "--train-images", "train_images", type=click.IntRange(min=1))
 @click.option("--eval-images", type=click.IntRange(min=1), help="Test images (default: all).")
 @deprecated_alias("--test-subset", "--eval-images", "eval_images", type=click.IntRange(min=1))
 @seed_option
@@ -135,7 +137,6 @@ def width_cmd(a, b, labels, plot_path, as_json, quiet, **kwargs):
 
     resolve_alias(kwargs, "--train-subset", "--train-images", "train_images")
     resolve_alias(kwargs, "--test-subset", "--eval-images", "eval_images")
-    kwargs["train_images"] = kwargs["train_images"] or None
     csv_path = os.path.splitext(plot_path)[0] + ".csv"
     points = kwargs["rays"] * kwargs["points"] * 2
     note = None if quiet or points <= 100 else (
@@ -187,7 +188,9 @@ def _int_list(value: str | None) -> list[int] | None:
 @data_dir_option
 @device_option
 @click.option("--budget", type=click.IntRange(min=1), help="Override the preset's budget B (epochs).")
-@click.option("--swa-start", type=click.IntRange(min=1), help="Override the preset's SWA start epoch.")
+@click.option("--swa-start", type=click.FloatRange(min=0, min_open=True),
+              help="Override the preset's SWA start: an epoch, or a fraction of the budget "
+              "below 1.")
 @click.option("--train-images", type=click.IntRange(min=1),
               help="Override: use the first N training images.")
 @deprecated_alias("--subset", "--train-images", "train_images", type=click.IntRange(min=1))

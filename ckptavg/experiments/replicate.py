@@ -229,7 +229,8 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
         preset: a name in PRESETS or a Preset.
         out: the folder for every run and the result files (runs already there resume).
         seeds: how many seeds (from `first_seed`), or the seeds themselves.
-        overrides: Preset fields to replace (None values are ignored).
+        overrides: Preset fields to replace (None values are ignored); `swa_start` may be
+            a fraction of the budget below 1, as `train --swa-start` takes it.
         jobs: seeds run at once, each in its own process (on CPU, with the preset's thread
             count per process: 2 jobs of 1 thread use 2 cores without their threads
             waiting for each other).
@@ -255,6 +256,14 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if overrides.get("model", p.model) != p.model and "model_kwargs" not in overrides:
         overrides["model_kwargs"] = ()  # the preset's kwargs belong to the preset's model
+    start = overrides.get("swa_start")
+    if start is not None and 0 < start < 1:  # a fraction of the budget, as train takes it
+        overrides["swa_start"] = max(1, round(start * overrides.get("budget", p.budget)))
+    elif start is not None:
+        if float(start) != int(start):
+            raise OptionError("swa_start", "an epoch (a whole number) or a fraction of the "
+                              "budget below 1", start)
+        overrides["swa_start"] = int(start)
     p = replace(p, **overrides)
     if not 1 <= p.swa_start <= p.budget:
         raise OptionError(("swa_start", "budget"), f"the SWA start {p.swa_start} must be within the budget {p.budget}")
