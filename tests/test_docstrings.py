@@ -16,7 +16,8 @@ import ckptavg
 from ckptavg.experiments.demo import demo_data_dir
 
 # In this order: later examples read what earlier ones wrote (swa.safetensors, swag.safetensors).
-ORDER = ["load", "save", "inspect", "open_checkpoint", "method_weights", "average", "bn_fix",
+ORDER = ["load", "save", "inspect", "open_checkpoint", "method_weights", "average", "verify",
+         "bn_fix",
          "evaluate", "ensemble", "recalibrate", "soup", "search", "search_profiles", "swag",
          "evaluate_swag", "width", "create_model", "list_models", "register_model",
          "replicate", "run_demo"]
@@ -37,6 +38,29 @@ def test_docstring_has_args_returns_and_an_example(name):
     for part in ("Args:", "Returns:", "Example:"):
         assert part in doc, (name, part)
     assert ">>>" in doc.split("Example:")[1]
+
+
+def _documented(doc: str) -> set[str]:
+    """The parameter names an Args block lists: `name:` or `a, b:` entries at its indent
+    (`**kwargs` spelled with its stars)."""
+    import re
+
+    block = re.split(r"\n(?:Returns|Raises|Yields|Example)s?:", doc.split("Args:", 1)[1])[0]
+    names: set[str] = set()
+    for line in block.splitlines():
+        m = re.match(r"^    (\*{0,2}[A-Za-z_]\w*(?:, \*{0,2}[A-Za-z_]\w*)*):", line)
+        if m:
+            names |= {n.lstrip("*") for n in m.group(1).split(", ")}
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(set(ORDER)))
+def test_args_block_lists_exactly_the_signature(name):
+    """Every parameter documented, and nothing documented that the function lacks."""
+    f = getattr(ckptavg, name)
+    params = set(inspect.signature(f).parameters)
+    documented = _documented(inspect.getdoc(f))
+    assert (sorted(params - documented), sorted(documented - params)) == ([], []), name
 
 
 @pytest.fixture(scope="module")

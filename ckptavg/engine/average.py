@@ -100,7 +100,8 @@ def average(
         inputs: checkpoint paths or glob patterns (safetensors, sharded folders, torch files).
         output: where to write; the suffix picks the format (.safetensors, .pt, a folder).
             With `into` and no output, the running average is updated in place.
-        weights: one weight per selected input (normalised); `ema` a decay instead.
+        weights: one weight per selected input (normalised).
+        ema: an EMA decay instead, as torch's AveragedModel applies it (`method_weights`).
         profile: weights from where each input was saved (its step, else its epoch), a
             spec of profiles.py: "ema:halflife=H", "ema:decay=D,per=P",
             "power:sigma_rel=S", "power:gamma=G", "wsm:linear|minus-sqrt|cosine", "time",
@@ -116,6 +117,11 @@ def average(
             entry, a key prefix to strip). `into` is read as it is.
         accumulate: "float64" (default) or "float32".
         dtype: output dtype for floating tensors; default: each tensor's input dtype.
+        shard_size: write a sharded folder with shards of at most this many bytes.
+        allow_nonfinite: average even where an input holds NaN or Inf (else refused).
+        hash_inputs: record each input's sha256 in `average.inputs`.
+        dry_run: read every input as the run would (checksums, NaN/Inf, duplicates) and
+            return the plan; write nothing.
         threads: threads for the arithmetic, each on its share of every block; default:
             the cores idle at the start less the one that reads ahead (`idle_cores`).
         dcp: write `output` as a torch.distributed.checkpoint folder (new or empty), which
@@ -136,6 +142,7 @@ def average(
             suffix) or a template with {index}, {first}, {last}; every input is read once,
             and each output is bitwise what `average` of its window gives (engine/sweep.py).
             A profile or EMA weights each window as it would weight that window alone.
+        progress: called with (bytes read, bytes to read).
 
     Returns:
         An `AverageResult` with the inputs and weights applied, sizes, time and peak memory.

@@ -137,6 +137,8 @@ def method_weights(n: int, method: Method, weights: Sequence[float] | None = Non
     Args:
         n: number of inputs.
         method: "uniform", "weighted" (uses `weights`) or "ema" (uses `decay`).
+        weights: one non-negative weight per input, for "weighted" (normalised here).
+        decay: the EMA decay in [0, 1), for "ema".
 
     Returns:
         n weights that sum to 1.

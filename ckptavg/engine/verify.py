@@ -133,6 +133,7 @@ def verify(output: str | os.PathLike, inputs: list[str] | None = None,
         inputs: files or globs where the inputs are now, when they moved: each is matched
             to a recorded input by its file name. Default: where the recipe says, relative
             to the output.
+        progress: called with (bytes read, bytes to read).
 
     Returns:
         A `VerifyResult`; its `status` and `exit_code` say whether the output is bit for bit

@@ -55,6 +55,7 @@ def run_demo(out: str | None = None, *, device: str = options.DEVICE, epochs: in
 
     Args:
         out: keep the run's files in this (new or empty) folder; default a temporary one.
+        device: "auto", "cpu", "cuda" or "cuda:N".
         epochs: override the demo's 32 epochs (2 or more; SWA starts at 5/8 of them).
         on_stage, on_batch, on_epoch, on_step: progress callbacks (on_step as train's
             on_stage).

@@ -229,6 +229,10 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
         preset: a name in PRESETS or a Preset.
         out: the folder for every run and the result files (runs already there resume).
         seeds: how many seeds (from `first_seed`), or the seeds themselves.
+        first_seed: the first seed when `seeds` is a count.
+        data_dir: where the preset's data set is (default: as for every command, see
+            `DataOptions`).
+        device: "auto", "cpu", "cuda" or "cuda:N" for the runs and their scoring.
         overrides: Preset fields to replace (None values are ignored); `swa_start` may be
             a fraction of the budget below 1, as `train --swa-start` takes it.
         jobs: seeds run at once, each in its own process (on CPU, with the preset's thread

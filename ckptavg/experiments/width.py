@@ -82,18 +82,21 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
 
     Args:
         a, b: the two checkpoints (e.g. the SGD and SWA solutions).
+        labels: their names in the CSV and the plot (default: the files' names).
         rays, points, max_distance: `points` evenly spaced distances in [0, max_distance]
             along each of `rays` random unit directions (the same directions for both).
         model, data, loader: as for `evaluate` (`loader`'s batch size and device are used).
         bn_fix: recalibrate BatchNorm at every point.
         train_images: the first N training images give the train loss and the BatchNorm
             pass (None: all; the default, 5000, takes all when there are fewer; more than
-            there are is an OptionError); eval_images: the first N test images (None: all).
+            there are is an OptionError).
+        eval_images: the first N test images (None: all).
         seed: ray r's direction is drawn from a generator seeded with seed * 100003 + r.
         directions: the rays themselves instead (one {parameter name: tensor} each, any
             norm: each is scaled to unit length over all parameters); `rays` is then their
             number.
         csv_path, plot_path: where to write every number and the plot (atomically).
+        progress: called with (points scored, points in all).
 
     Returns:
         A WidthResult; `summary` has each solution's test error at the centre and the

@@ -23,6 +23,8 @@ def load(path: str | os.PathLike, key: str | None = None,
     Args:
         path: any format `open_checkpoint` reads.
         key: for torch files, the entry holding the state dict.
+        strip_prefix: remove this prefix from every key (`module.` and `_orig_mod.` go by
+            themselves).
 
     Returns:
         (state dict of tensors, metadata map).

@@ -153,7 +153,10 @@ def recalibrate(model: nn.Module, loader, *, stats: Stats = options.STATS,
         model: any module; layers that are not BatchNorm are left as they are.
         loader: yields tensors, (input, target) tuples or dicts (`input_key`).
         stats: "update_bn" (torch's semantics) or "exact" (population statistics).
+        device: where the pass runs (default: where the model's parameters are).
         max_batches: stop after this many batches.
+        input_key: the key of a dict batch that holds the input (default: the first tensor).
+        progress: called with (batches done, batches in the pass).
 
     Returns:
         A `Recalibration` (bn_layers, batches, samples); bn_layers is 0 (and nothing runs)
@@ -268,7 +271,8 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
             `model.arch`/`model.kwargs`.
         data: the data set (`DataOptions` or a name); default: the checkpoint's `data.name`.
         loader: batch size, workers, dict-batch input key, device (`LoaderOptions`).
-        reading: where the weights are in the checkpoint (`Reading`).
+        reading: where the weights are in the checkpoint (`Reading`: a training checkpoint's
+            entry, a prefix to strip, as for `average`).
         split, augment: which images, with or without the training transforms (the paper
             uses the augmented training set).
         batches, fraction: use only this many batches, or this share of the batches (not both).
@@ -279,9 +283,6 @@ def bn_fix(checkpoint: str | os.PathLike, output: str | os.PathLike | None = Non
         seed: the pass's image order (torch.randperm) and, per batch, its augmentations and
             dropout draws: the same result for any `workers` and any number of torchrun ranks
             (docs/scaling.md). torch's global generator is not touched.
-        key, strip_prefix: where the weights are in a training checkpoint (as for
-            `average`); such a file is never rewritten in place (its other entries would be
-            lost): give `output`.
         progress: called with (batches done, batches in the pass).
 
     Returns:

@@ -80,6 +80,7 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
     Args:
         inputs: one run's snapshots (paths or globs), ordered by epoch as for `average`.
         output: a .safetensors file or a folder (sharded); written atomically.
+        shard_size: with a folder output, shards of at most this many bytes.
         rank: K, the number of last snapshots kept as deviations (at least 2; fewer inputs
             than K: all of them, with a warning).
         var_clamp: floor of the diagonal variance.
