@@ -157,6 +157,47 @@ def fold(a: np.ndarray, sources: list[np.ndarray], weights: list[float], dtype: 
             np.add(a, c, out=a)
 
 
+_HALF_TABLES: dict[str, np.ndarray] = {}
+
+
+def _half_table(name: str) -> np.ndarray:
+    """For each float16 bit pattern x: the FLOAT8 code of x rounded once (`_encode`, exact:
+    float16 -> float32 is), plus 256 where x is a rounding boundary of the format (a
+    midpoint between two neighbours, or the overflow threshold past the largest value)."""
+    if name not in _HALF_TABLES:
+        half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        wide = half.astype(np.float32)
+        codes = np.empty(1 << 16, np.uint8)
+        with np.errstate(over="ignore", invalid="ignore"):
+            _encode(codes, wide, name)
+        values = _decode(name)
+        finite = np.unique(np.abs(values[np.isfinite(values)]))  # 0 .. the largest, sorted
+        bounds = (finite[:-1] + finite[1:]) / 2  # exact: one bit more than the format has
+        bounds = np.append(bounds, finite[-1] + (finite[-1] - finite[-2]) / 2)
+        boundary = np.isin(np.abs(wide.astype(np.float64)), bounds)
+        _HALF_TABLES[name] = codes.astype(np.uint16) | (boundary.astype(np.uint16) << 8)
+    return _HALF_TABLES[name]
+
+
+def _encode_via_half(out: np.ndarray, a: np.ndarray, name: str) -> None:
+    """out (codes) = `a` rounded once to nearest even to a FLOAT8 format, as `_encode` of
+    it: `a` is rounded to float16 (numpy's cast, to nearest even), whose code is looked up.
+    Rounding twice gives the once-rounded code wherever the float16 is not itself a
+    rounding boundary of the format (every FLOAT8 value and boundary is a float16, and
+    rounding is monotone, so a float16 strictly between two boundaries lies between the
+    same two as `a`); the few that are boundaries are rounded once, exactly, by `_encode`.
+    About 2 ns a value here, against 5 for round-to-odd and `_encode` on every value."""
+    half = a.astype(np.float16)
+    coded = _half_table(name)[half.view(np.uint16)]
+    np.copyto(out, coded, casting="unsafe")  # the low byte: the code
+    if coded.max() >= 256:
+        at = np.flatnonzero(coded >= 256)
+        exact = np.empty(at.size, np.uint8)
+        part = a.reshape(-1)[at]
+        _encode(exact, to_odd_float32(part) if part.dtype == np.float64 else part, name)
+        out.reshape(-1)[at] = exact
+
+
 def narrow(out: np.ndarray, a: np.ndarray, dtype: DType, s: Scratch) -> None:
     """out (raw storage of `dtype`) = `a` rounded once to `dtype`."""
     if dtype.name in NATIVE:
@@ -164,9 +205,9 @@ def narrow(out: np.ndarray, a: np.ndarray, dtype: DType, s: Scratch) -> None:
             np.copyto(out, a, casting="unsafe")
     elif dtype.name == "bfloat16":
         round_bfloat16(out, a, s)
-    else:  # one-byte floats: rounded once, to nearest even (to_odd_float32, _encode)
+    else:  # one-byte floats: rounded once, to nearest even (_encode_via_half)
         with np.errstate(over="ignore", invalid="ignore"):
-            _encode(out, to_odd_float32(a) if a.dtype == np.float64 else a, dtype.name)
+            _encode_via_half(out, a, dtype.name)
 
 
 def to_odd_float32(a: np.ndarray) -> np.ndarray:
