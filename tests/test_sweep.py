@@ -294,3 +294,32 @@ def test_tokens_from_trainer_state_and_dry_run(tmp_path):
     assert res.exit_code == 0, res.output
     assert "tokens seen" in res.output and "tokens 16.4k" in res.output
     assert "checkpoint-30" not in res.output  # 36864 > 20k
+
+
+@pytest.mark.parametrize("kw", [{"dtype": "bfloat16"}, {"accumulate": "float32"},
+                                {"dtype": "float16", "accumulate": "float32"}])
+def test_precision_options_apply_to_every_window_bitwise(tmp_path, kw):
+    paths = _write(tmp_path, _states(7, seed=31))
+    r = ckptavg.average(paths, tmp_path / "s", sweep="window=3,stride=2", **kw)
+    assert len(r.windows) == 3
+    for w in r.windows:
+        alone = ckptavg.average(w.inputs, tmp_path / "alone.safetensors", **kw)
+        _same_bits(_tensors(w.output), _tensors(alone.output))
+        assert ckptavg.verify(w.output).status == "verified"
+
+
+def test_tied_tensors_stay_tied_in_torch_windows(tmp_path):
+    paths = []
+    g = torch.Generator().manual_seed(37)
+    for i in range(4):
+        emb = torch.randn(11, 6, generator=g)
+        p = tmp_path / f"epoch-{i}.pt"
+        torch.save({"emb.weight": emb, "head.weight": emb, "b": torch.randn(6, generator=g)}, p)
+        paths.append(str(p))
+    r = ckptavg.average(paths, tmp_path / "s", sweep="window=2")
+    for w in r.windows:
+        got = torch.load(w.output, weights_only=True)
+        assert got["emb.weight"].data_ptr() == got["head.weight"].data_ptr()
+        alone = ckptavg.average(w.inputs, tmp_path / "alone.pt")
+        want = torch.load(alone.output, weights_only=True)
+        assert all(torch.equal(got[k], want[k]) for k in want)
