@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.2.0"
+from ckptavg.version import __version__
 
 # name -> module; each loads on first use (and imports torch where it needs it). Training lives in
 # `ckptavg.train` (train, TrainConfig, TrainResult, CheckpointSaver): a subpackage and a

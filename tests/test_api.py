@@ -137,3 +137,13 @@ def test_replicate_takes_a_fraction_for_the_swa_start_as_train_does(tmp_path):
         ckptavg.replicate("fashion-mnist", str(tmp_path), overrides={"swa_start": 0.5, "budget": 2})
     with pytest.raises(OptionError, match="the SWA start 9 must be within the budget 8"):
         ckptavg.replicate("fashion-mnist", str(tmp_path), overrides={"swa_start": 9, "budget": 8})
+
+
+def test_every_public_result_is_a_result():
+    """--json prints `to_dict()` of a `Result`, for every command's result type."""
+    from ckptavg.results import Result
+
+    names = [n for n in ckptavg.__all__ if n.endswith("Result")]
+    assert "AverageResult" in names and "VerifyResult" in names
+    for n in names:
+        assert issubclass(getattr(ckptavg, n), Result), n

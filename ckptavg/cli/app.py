@@ -12,10 +12,10 @@ import sys
 
 import click
 
-from ckptavg import __version__
 from ckptavg.cli.options import JSON_FLAG
 from ckptavg.cli.output import emit_json
 from ckptavg.errors import USER_CODE, CkptavgError, OptionError
+from ckptavg.version import __version__
 
 
 class UserError(click.ClickException):

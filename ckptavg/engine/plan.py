@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptavg import __version__, options
+from ckptavg import options
 from ckptavg.engine import profiles
 from ckptavg.engine.content import placeholder
 from ckptavg.engine.select import Candidate, require_order
@@ -23,6 +23,7 @@ from ckptavg.io import ReaderBase, SourceFile, TensorSpec, dtypes
 from ckptavg.io.checkpoint import weights_entry
 from ckptavg.io.quantized import quantized_layout
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection, check_choice
+from ckptavg.version import __version__
 
 OUT_DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16,
               "float64": dtypes.float64}

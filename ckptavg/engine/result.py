@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ckptavg.engine import profiles
 from ckptavg.engine.plan import Plan
 from ckptavg.engine.select import Candidate
 from ckptavg.options import Method
-from ckptavg.results import peak_rss_bytes
+from ckptavg.results import Result, peak_rss_bytes
 
 
 @dataclass
-class AverageResult:
+class AverageResult(Result):
     """What a run did (or, for a dry run, would do). `inputs` and `weights` are what was
     applied, in order: with `into`, the running average comes first, weighted by its n."""
 
@@ -51,9 +51,6 @@ class AverageResult:
     # whole read (every selected input once) and `output` the folder or name template
     sweep: str | None = None
     windows: list[AverageResult] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_result(plan: Plan, chosen: list[Candidate], into: str | None, output: str | None,

@@ -32,7 +32,7 @@ from ckptavg.errors import CkptavgError
 from ckptavg.io import open_checkpoint
 from ckptavg.io.base import pread_extent
 from ckptavg.io.writer import Writer, as_array
-from ckptavg.results import Progress, peak_rss_bytes
+from ckptavg.results import Progress, Result, peak_rss_bytes
 
 EXIT = {"verified": 0, "differs": 1, "inputs-changed": 3, "no-recipe": 4}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -40,7 +40,7 @@ SHOWN = 5
 
 
 @dataclass
-class VerifyResult:
+class VerifyResult(Result):
     """What `verify` found: `status` is "verified", "differs", "inputs-changed" or
     "no-recipe"; `problems` says why, one line each."""
 

@@ -24,7 +24,6 @@ import torch
 from ckptavg import options
 from ckptavg.engine.average import average
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.experiments.plots import pyplot
 from ckptavg.io.atomic import AtomicFile, atomic_text
 from ckptavg.nn.bn import bn_fix
 from ckptavg.nn.build import network
@@ -32,6 +31,7 @@ from ckptavg.nn.data import get_dataset, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import evaluate, predict, scores
 from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
+from ckptavg.plots import pyplot
 from ckptavg.results import Result, mean_std
 from ckptavg.train.loop import TrainConfig, train
 

@@ -19,7 +19,6 @@ import torch
 
 from ckptavg import options
 from ckptavg.errors import OptionError
-from ckptavg.experiments.plots import pyplot
 from ckptavg.io.atomic import AtomicFile, atomic_text
 from ckptavg.nn.bn import recalibrate
 from ckptavg.nn.build import network
@@ -27,6 +26,7 @@ from ckptavg.nn.data import make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict, scores
 from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
+from ckptavg.plots import pyplot
 from ckptavg.results import Result
 
 WIDTH_TRAIN_IMAGES = 5000  # training images for the train loss and BatchNorm, by default

@@ -28,9 +28,9 @@ from ckptavg.io.base import (
     import_torch,
     is_dcp_folder,
 )
+from ckptavg.io.outputs import make_writer
 from ckptavg.io.remote import is_remote
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
-from ckptavg.io.writer import make_writer
 
 Reader = ReaderBase
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
-from ckptavg.experiments.plots import pyplot
 from ckptavg.io.atomic import AtomicFile
 from ckptavg.options import (
     DataOptions,
@@ -26,6 +25,7 @@ from ckptavg.options import (
     Reading,
     Selection,
 )
+from ckptavg.plots import pyplot
 from ckptavg.results import Progress, Result
 from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
 

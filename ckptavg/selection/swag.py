@@ -28,7 +28,6 @@ from ckptavg import options
 from ckptavg.engine.plan import make_plan
 from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.experiments.plots import pyplot
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.atomic import AtomicFile
 from ckptavg.io.base import ReaderBase
@@ -50,6 +49,7 @@ from ckptavg.options import (
     Stats,
     check_choice,
 )
+from ckptavg.plots import pyplot
 from ckptavg.results import Progress, Result, peak_rss_bytes
 
 VAR_CLAMP = 1e-30  # the authors' floor for the diagonal variance

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from ckptavg import __version__
 from ckptavg.io.base import tensor_identity
 from ckptavg.io.checkpoint import save
+from ckptavg.version import __version__
 
 
 def cpu_state(model_or_state) -> dict[str, torch.Tensor]:
