@@ -52,6 +52,10 @@ class Request:
     dry_run: bool
     threads: int | None
     resume: bool = False
+    into: str | None = None  # a running average to fold into (one process)
+    shard_size: int | None = None
+    dcp: bool = False
+    sweep: str | None = None  # "window=W[,stride=S]": one average per window (sweep.py)
 
     @property
     def spec(self) -> str | None:

@@ -19,22 +19,14 @@ import shutil
 
 from ckptavg.engine.content import ContentHashes, final_metadata, refuse_same_tensors
 from ckptavg.engine.kernel import execute
-from ckptavg.engine.plan import Request, chosen_weights, dcp_entry, make_plan, record_recipe
-from ckptavg.engine.result import AverageResult, make_result
-from ckptavg.engine.select import (
-    close_all,
-    files_of,
-    leave_out_outputs,
-    mixed_runs,
-    open_candidates,
-    order_basis,
-    select,
-)
+from ckptavg.engine.plan import Request, dcp_entry
+from ckptavg.engine.prepare import choose, plan_run
+from ckptavg.engine.result import AverageResult
 from ckptavg.errors import CkptavgError
 from ckptavg.io import TensorSpec
 from ckptavg.io.folder import side_files
 from ckptavg.io.staging import Staging, describe, record_done, with_kept
-from ckptavg.io.writer import check_output, without_pending
+from ckptavg.io.writer import without_pending
 from ckptavg.parallel import Group
 
 
@@ -54,26 +46,11 @@ def average_ranks(group: Group, req: Request, progress=None) -> AverageResult:
     """`average` on one of several ranks: the same selection and plan everywhere, then this
     rank's share of the tensors (see `write_shards`). Failures are agreed on, never hung on."""
     with contextlib.ExitStack() as stack:
-        error, plan, result = None, None, None
-        try:
-            opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
-            stack.callback(close_all, opened)
-            cands, left_out = leave_out_outputs(opened)
-            chosen = select(cands, req.selection)
-            raw = chosen_weights(chosen, req.method, req.weights, req.ema, req.profile,
-                                 req.selection.given_order)
-            readers = [c.reader for c in chosen]
-            if req.output is not None:
-                check_output(req.output, req.kind, files_of(opened))
-            plan = make_plan(readers, raw, method=req.method, accumulate=req.accumulate,
-                             dtype=req.dtype, allow_nonfinite=req.allow_nonfinite,
-                             hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
-                             content=not req.dry_run)
-            record_recipe(plan, [c.path for c in chosen], req.reading, req.output, req.dtype)
-            result = make_result(plan, chosen, None, req.output, req.method, len(chosen),
-                                 req.dry_run, req.spec,
-                                 order_basis(chosen, req.selection.given_order))
-            result.warnings = left_out + mixed_runs(chosen)
+        error, plan, result, chosen = None, None, None, []
+        try:  # the same preparation as one process's (engine/prepare.py), on every rank
+            run = choose(req, stack)
+            chosen = run.chosen
+            plan, result = plan_run(req, run)
         except BaseException as e:
             error = e
         group.agree(error)

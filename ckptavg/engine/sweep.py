@@ -261,7 +261,7 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
 def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextlib.ExitStack,
              folders: bool) -> _Prepared:
     """Open, select, window and plan; check every output before any tensor is read."""
-    from ckptavg.engine.average import _earlier_output
+    from ckptavg.engine.prepare import earlier_output
 
     opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
     stack.callback(close_all, opened)
@@ -283,7 +283,7 @@ def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextl
                           "without a file suffix", req.output)
     # every input opened, but an earlier output of ours at one of the outputs' paths (this
     # sweep run again: it replaces them, as an average does its own)
-    ours = {_earlier_output(p, opened, cands) for p in paths if p is not None} - {None}
+    ours = {earlier_output(p, opened, cands) for p in paths if p is not None} - {None}
     protected = [f for f in files_of(opened) if f.identity not in ours]
     for p, k in zip(paths, kinds):
         if p is not None:
