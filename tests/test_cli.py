@@ -27,7 +27,7 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok', len(cli.commands))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "ok 15"
+    assert proc.stdout.strip().splitlines()[-1] == "ok 16"  # verify is the 16th
     modules = subprocess.run([sys.executable, "-c", "import sys, ckptavg; print(' '.join(sys.modules))"],
                              capture_output=True, text=True).stdout.split()
     assert "ckptavg" in modules and "torch" not in modules
