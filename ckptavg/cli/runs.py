@@ -46,10 +46,6 @@ def train_cmd(device, download, resume, stop_after, as_json, quiet, **kwargs):
 
     if kwargs["out"] is None:
         raise click.MissingParameter(param_type="option", param_hint="'-o' / '--output'")
-    kwargs["model_kwargs"] = kwargs["model_kwargs"] or {}
-    if kwargs["swa_start"] is not None and kwargs["swa_start"] >= 1:
-        kwargs["swa_start"] = int(kwargs["swa_start"]) if kwargs["swa_start"].is_integer() \
-            else kwargs["swa_start"]
     show = not (quiet or as_json)
 
     def on_epoch(row):

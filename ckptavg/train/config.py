@@ -89,7 +89,10 @@ class TrainConfig:
                                                or self.cycle is not None):
             raise OptionError("anneal_epochs", "needs the swa schedule without cycles, and 1 "
                               "or more epochs", self.anneal_epochs)
-        out = replace(self)
+        out = replace(self, model_kwargs=dict(self.model_kwargs or {}))
+        if self.swa_start is not None and self.swa_start >= 1 and float(self.swa_start) == \
+                int(self.swa_start):
+            out.swa_start = int(self.swa_start)  # 126.0 from a float option is epoch 126
         if self.schedule == "swa":
             start = SWA_START_FRACTION if self.swa_start is None else self.swa_start
             if 0 < start < 1:
