@@ -89,6 +89,29 @@ def test_dequantized_output_is_the_float64_mean_of_what_the_weights_mean(tmp_pat
     assert "written as float32" in meta["average.quantized"]
 
 
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_weights_apply_to_what_each_input_means(tmp_path, kind):
+    """--weights over FP8 inputs: each input's dequantized values times its normalised
+    weight, summed in input order in float64 (the reference computed here)."""
+    g = torch.Generator().manual_seed(11)
+    paths, values = [], []
+    for i in range(3):
+        q, sc = _quantize(torch.randn(150, 260, generator=g) * (i + 1), kind)
+        paths.append(str(tmp_path / f"step-{i + 1}.safetensors"))
+        save_file({"l.weight": q, f"l.{SCALE[kind]}": sc}, paths[-1])
+        values.append(dequantized(q, sc, kind))
+    ws = [1.0, 2.5, 0.5]
+    norm = [w / sum(ws) for w in ws]
+    want = values[0] * norm[0]
+    for v, w in zip(values[1:], norm[1:]):
+        want = want + v * w
+    out = tmp_path / "avg.safetensors"
+    proc = run_cli("average", *paths, "--weights", "1,2.5,0.5", "--dtype", "float32", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    # sum(w_i x_i) / sum(w_i) with the plan's normalised weights: equal to float32 rounding
+    torch.testing.assert_close(load_file(out)["l.weight"].double(), want, rtol=2e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 @pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
 def test_requantized_output_has_the_schemes_scales_and_the_nearest_codes(tmp_path, kind,
