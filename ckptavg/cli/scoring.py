@@ -151,8 +151,8 @@ def ensemble_cmd(checkpoints, as_json, quiet, **kwargs):
 
     This is what SWA approximates at the cost of one model. Globs are expanded.
     """
-    from ckptavg.engine.select import expand
     from ckptavg.experiments.ensemble import ensemble
+    from ckptavg.io.sources import expand
 
     resolve_alias(kwargs, "--subset", "--eval-images", "eval_images")
     with progress_bar(quiet or as_json, "ensemble", unit="model") as bar:

@@ -31,8 +31,14 @@ from ckptavg.engine.shards import average_ranks
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import make_writer
 from ckptavg.io.folder import side_files
+from ckptavg.io.outputs import (
+    check_streamed_once,
+    normalised,
+    records_content,
+    running_average,
+    staged,
+)
 from ckptavg.io.quantized import without_quantization
-from ckptavg.io.remote import is_remote, local_path
 from ckptavg.io.staging import describe, with_kept
 from ckptavg.io.writer import Discard, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
@@ -150,8 +156,9 @@ def _request(inputs, output, *, weights, ema, profile, into, selection, reading,
     """What `average` was asked, checked (every option against the others) and resolved
     (paths in one spelling, the profile parsed, the output's kind), before any file is
     opened: the same on every torchrun rank."""
-    if output is not None and is_remote(os.fspath(output)):
-        _check_remote(os.fspath(output), into, resume, dcp)
+    if output is not None:
+        check_streamed_once(normalised(output), world_size() > 1, into=into, resume=resume,
+                            dcp=dcp, sweep=sweep)
     if weights is not None and ema is not None:
         raise OptionError(("weights", "ema"), "exclude each other; pick one")
     prof = profiles.parse(profile) if profile is not None else None
@@ -161,14 +168,17 @@ def _request(inputs, output, *, weights, ema, profile, into, selection, reading,
                           "exclude each other: a profile gives every weight (and a running "
                           "average folds a uniform mean)")
     if into is not None:
-        into = _check_into(into, weights, ema)
+        into = running_average(into)
+        if weights is not None or ema is not None:
+            raise OptionError(("into", "weights", "ema"), "a running average folds a uniform "
+                              "mean; drop the weights or the EMA decay")
         output = into if output is None else output
     if output is None and not dry_run:
         raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a "
                           "folder)" if sweep is None else "missing: a sweep writes one output "
                           "per window into a folder (-o DIR) or a name template "
                           "(-o 'w{last}.safetensors')")
-    output = local_path(os.fspath(output)) if output is not None else None
+    output = normalised(output) if output is not None else None
     kind = output_kind(output, shard_size, dcp) if output is not None and sweep is None \
         else None  # before reading
     if resume and kind not in ("sharded", "dcp"):
@@ -194,21 +204,6 @@ def _request(inputs, output, *, weights, ema, profile, into, selection, reading,
                    Selection.of(selection), Reading.of(reading), accumulate, dtype,
                    allow_nonfinite, hash_inputs, dry_run, threads, resume, into, shard_size,
                    dcp, sweep)
-
-
-def _check_into(into, weights, ema) -> str:
-    into = local_path(os.fspath(into))
-    if is_remote(into):
-        raise OptionError("into", "folding into a running average in object storage is not "
-                          "supported (it is updated under an exclusive file lock): fold "
-                          "into a local copy, then upload it", into)
-    if not os.path.exists(into):
-        raise CkptavgError(f"{into}: no such file; folding into a running average needs an "
-                           "existing one (make the first with an output, -o)")
-    if weights is not None or ema is not None:
-        raise OptionError(("into", "weights", "ema"), "a running average folds a uniform "
-                          "mean; drop the weights or the EMA decay")
-    return into
 
 
 def _one_process(req: Request, progress: Progress | None, t0: float) -> AverageResult:
@@ -247,18 +242,18 @@ def _write(req: Request, plan, run: Run, result: AverageResult, progress) -> Non
         side["config.json"] = without_quantization(side["config.json"])
     result.warnings += notes
     entry = dcp_entry(readers[-1]) if req.dcp else plan.entry
-    staged = describe(readers, plan.specs, plan.metadata) \
-        if kind in ("sharded", "dcp") and not is_remote(req.output) else None
+    stage_run = describe(readers, plan.specs, plan.metadata) \
+        if staged(req.output, kind) else None
     writer = make_writer(req.output, plan.specs, plan.metadata, req.shard_size, plan.ties,
                          inputs=run.protected, entry=entry, extras=plan.extras,
-                         side_files=side, dcp=req.dcp, run=staged, resume=req.resume)
-    content = kind in ("safetensors", "torch", "sharded", "dcp") and not is_remote(req.output)
+                         side_files=side, dcp=req.dcp, run=stage_run, resume=req.resume)
+    content = records_content(req.output, kind)
     hashes = ContentHashes.of_plan(plan) if content and writer.fills_metadata else None
-    if hashes is not None and staged is not None:
+    if hashes is not None and stage_run is not None:
         writer.hashes = hashes  # each finished shard records its digests
     try:
         with writer:
-            keys = writer.pending_keys() if staged is not None else None
+            keys = writer.pending_keys() if stage_run is not None else None
             execute(plan, writer, keys, progress=progress, threads=req.threads, hashes=hashes)
             for r in readers:
                 r.check_unchanged()
@@ -282,15 +277,3 @@ def _fill_content(writer, hashes: ContentHashes, chosen: list[Candidate], runnin
     refuse_same_tensors([c.path for c in chosen], digests, [(c.epoch, c.step) for c in chosen])
     writer.fill({placeholder(i): d for i, d in enumerate(digests)})
     result.content = digests
-
-
-def _check_remote(url: str, into, resume: bool, dcp: bool) -> None:
-    """What a remote output cannot be: it is streamed once, whole, by one process."""
-    for name, value in (("into", into), ("resume", resume)):
-        if value:
-            raise OptionError((name, "output"), "work on local files; a remote output is "
-                              "written once, whole: average into a local path first")
-    if dcp or world_size() > 1:
-        raise OptionError("output", "a remote output is written by one process as "
-                          "safetensors, a torch file or a folder of safetensors shards; under "
-                          "torchrun or with --dcp, write a local folder and copy it", url)

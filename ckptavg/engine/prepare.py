@@ -36,7 +36,7 @@ from ckptavg.errors import CkptavgError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
 from ckptavg.io.base import meta_int, stamp_change
-from ckptavg.io.remote import is_remote
+from ckptavg.io.outputs import records_content
 from ckptavg.io.writer import check_output
 
 
@@ -100,8 +100,7 @@ def plan_run(req: Request, run: Run):
     # Content hashes are taken in the read pass and filled into a local output's metadata
     # before its commit (engine/content.py); a remote output records each input's identity
     # and fingerprint.
-    content = req.kind in ("safetensors", "torch", "sharded", "dcp") and not req.dry_run \
-        and not is_remote(req.output)
+    content = records_content(req.output, req.kind) and not req.dry_run
     plan = make_plan(readers, raw, method=req.method, n_total=n_total, prior_inputs=run.prior,
                      accumulate=req.accumulate, dtype=req.dtype,
                      allow_nonfinite=req.allow_nonfinite,
@@ -151,8 +150,6 @@ def earlier_output(output: str, opened: list[Candidate], kept: list[Candidate]):
     """The identity of the output file when it is an earlier output of ckptavg that the
     inputs' glob caught and that was left out as such: the same command run again replaces
     it, as it would have written it (the file is ours, and not an input of this run)."""
-    if is_remote(output):
-        return None
     try:
         st = os.stat(output)
     except OSError:

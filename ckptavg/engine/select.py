@@ -15,7 +15,6 @@ is taken as the epoch). A step is never taken for an epoch.
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import re
 from dataclasses import dataclass
@@ -23,8 +22,7 @@ from dataclasses import dataclass
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.base import Position, meta_int, same_content
-from ckptavg.io.remote import expand as expand_remote
-from ckptavg.io.remote import is_remote, local_path
+from ckptavg.io.sources import expand, natural_key, open_all
 from ckptavg.options import Selection, count
 
 # ASCII digits only: `\d` would take other scripts' digits, and str.isdigit `²`, which int() refuses
@@ -100,27 +98,6 @@ class Candidate:
         return self.metadata.get("train.cycle_end", "").lower() == "true"
 
 
-def natural_key(path: str) -> list:
-    """'epoch-10' sorts after 'epoch-9'."""
-    return [(1, int(p)) if _NUMBER.fullmatch(p) else (0, p.lower()) for p in _NUMBER.split(path)]
-
-
-def expand(patterns: list[str]) -> list[str]:
-    """Paths as given; patterns with wildcards that are not existing paths are globbed."""
-    out: list[str] = []
-    for p in map(local_path, patterns):
-        if is_remote(p):
-            out.extend(sorted(expand_remote(p), key=natural_key))
-        elif not os.path.exists(p) and any(c in p for c in "*?["):
-            matches = sorted(glob.glob(p), key=natural_key)
-            if not matches:
-                raise CkptavgError(f"{p}: the pattern matches no file; check the path")
-            out.extend(matches)
-        else:
-            out.append(p)
-    return out
-
-
 def refuse_shared_files(readers: list[ReaderBase]) -> None:
     """Raise if two inputs consist of the same file (by device and inode) or of the same
     bytes (a copy: equal cheap fingerprints, then confirmed byte by byte)."""
@@ -148,7 +125,8 @@ def refuse_shared_files(readers: list[ReaderBase]) -> None:
 def open_candidates(patterns: list[str], key: str | None = None,
                     strip_prefix: str | None = None) -> list[Candidate]:
     """Expand globs and open every input once; on any error, everything opened is closed.
-    With object storage among several inputs they are opened OPENERS at a time."""
+    With object storage among several inputs they are opened several at a time
+    (`io.sources.open_all`)."""
     paths = expand(patterns)
     if not paths:
         raise OptionError("inputs", "none given; name checkpoint files or glob patterns")
@@ -156,50 +134,18 @@ def open_candidates(patterns: list[str], key: str | None = None,
     def open_one(p: str) -> Candidate:
         return Candidate(p, open_checkpoint(p, key=key, strip_prefix=strip_prefix))
 
+    def ready(c: Candidate) -> None:  # its first reads, in the opener's thread
+        c.reader.fingerprint()
+        c.position  # noqa: B018 (a cached property: its reads happen here)
+
     cands: list[Candidate] = []
     try:
-        if any(is_remote(p) for p in paths) and len(paths) > 1:
-            _open_at_once(paths, open_one, cands)
-        else:
-            for p in paths:
-                cands.append(open_one(p))
+        open_all(paths, open_one, cands, ready)
         refuse_shared_files([c.reader for c in cands])
     except BaseException:
         close_all(cands)
         raise
     return cands
-
-
-OPENERS = 8  # remote inputs opened at once
-
-
-def _open_at_once(paths: list[str], open_one, cands: list[Candidate]) -> None:
-    """Open `paths` OPENERS at a time into `cands`, in input order: each remote input's few
-    small GETs (header or zip directory, fingerprint blocks, trainer_state.json) are round
-    trips. Every input that opened is in `cands` (for the caller to close); the first error
-    in input order is raised once all are done."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def opened(p: str) -> Candidate:
-        c = open_one(p)
-        try:
-            c.reader.fingerprint()
-            c.position  # noqa: B018 (a cached property: its reads happen here)
-        except BaseException:
-            c.reader.close()
-            raise
-        return c
-
-    with ThreadPoolExecutor(OPENERS, thread_name_prefix="ckptavg-open") as pool:
-        futures = [pool.submit(opened, p) for p in paths]
-    error = None
-    for f in futures:
-        try:
-            cands.append(f.result())
-        except BaseException as e:
-            error = error or e
-    if error is not None:
-        raise error
 
 
 def is_output(c: Candidate) -> bool:

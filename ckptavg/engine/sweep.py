@@ -69,7 +69,6 @@ from ckptavg.errors import OptionError, OutputError
 from ckptavg.io import make_writer
 from ckptavg.io.base import pread_extent
 from ckptavg.io.folder import side_files
-from ckptavg.io.remote import is_remote
 from ckptavg.io.writer import BackgroundWriter, Discard, Writer, check_output, output_kind
 from ckptavg.parallel import world_size
 from ckptavg.results import Progress, peak_rss_bytes
@@ -229,9 +228,6 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
     if req.method == "weighted":
         raise OptionError(("sweep", "weights"), "weights are given per input of one average; "
                           "a sweep weights each window uniformly, by --ema or by a profile")
-    if req.output is not None and is_remote(req.output):
-        raise OptionError(("sweep", "output"), "a sweep writes local outputs; write them "
-                          "locally, then upload", req.output)
     ranked = world_size() > 1
     with contextlib.ExitStack() as stack:
         if ranked:
