@@ -272,3 +272,25 @@ def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequen
                      [f for c in cands for f in c.reader.files] + list(protect))
     make_plan([c.reader for c in cands], [1.0] * len(cands))
     return HeldOut(cands[-1], heldout=heldout, model=model, data=data, loader=loader)
+
+
+def better(s, best, tie: bool = False) -> bool:
+    """The one rule of every choice on held-out images (soup, search, profile search): the
+    higher held-out accuracy, then the lower held-out loss (`Scores`); on a full tie, `tie`
+    says whether the candidate scored now wins (what the caller's order prefers: a window
+    search's longer window, a sweep's later window; soups and profiles keep the first)."""
+    if best is None:
+        return True
+    now, before = (s.accuracy, -s.loss), (best.accuracy, -best.loss)
+    return now > before or (tie and now == before)
+
+
+def conclude(result, held: HeldOut, state: dict, test: bool, left_out: list[str]) -> None:
+    """The end every held-out choice shares: its warnings (inputs left out, held-out images
+    not known to be held out), whether they are, and the test split, read once, for the
+    choice only (`test`)."""
+    result.warnings += left_out + held.warnings
+    result.holdout_verified = held.verified
+    if test:
+        t = held.test(state)
+        result.test_accuracy, result.test_loss = t.accuracy, t.loss

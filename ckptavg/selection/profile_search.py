@@ -28,7 +28,7 @@ from ckptavg.options import (
     Selection,
 )
 from ckptavg.results import Progress, Result
-from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
+from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
 
 
 @dataclass
@@ -108,26 +108,22 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
             state = RunningSum.read(c.reader)
             for s, w in zip(sums, ws):
                 s.add(state, i, w[i])
-        scored, best_i, best_state = [], 0, None
+        scored, best_i, best_state, best_scores = [], 0, None, None
         for j, (p, s) in enumerate(zip(parsed, sums)):
             mean = s.mean()
             r = held.score(mean, f"the {p.spec} average")
             scored.append(ProfileScore(p.spec, ws[j], profiles.effective_n(ws[j]),
                                        r.accuracy, r.loss))
-            if best_state is None or (r.accuracy, -r.loss) > (
-                    scored[best_i].holdout_accuracy, -scored[best_i].holdout_loss):
-                best_i, best_state = j, held.fixed(mean)
+            if better(r, best_scores):
+                best_i, best_state, best_scores = j, held.fixed(mean), r
             sums[j] = None  # its float64 model is no longer needed
             if progress:
                 progress(j + 1, len(parsed))
         best = scored[best_i]
         result = ProfileSearchResult(scored, best, [c.path for c in pool], positions, output,
                                      held.description, r.samples, held.has_bn, held.passes,
-                                     0.0, warnings=left_out + held.warnings,
-                                     holdout_verified=held.verified)
-        if test:
-            t = held.test(best_state)
-            result.test_accuracy, result.test_loss = t.accuracy, t.loss
+                                     0.0)
+        conclude(result, held, best_state, test, left_out)
         if output is not None:
             write_choice(output, pool, best_state, held,
                          {"select.method": "profile-search",

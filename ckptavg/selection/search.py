@@ -27,7 +27,7 @@ from ckptavg.options import (
 )
 from ckptavg.plots import pyplot
 from ckptavg.results import Progress, Result
-from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
+from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
 
 
 @dataclass
@@ -121,19 +121,14 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
             w = Window(c.path, c.epoch, running.n, s.accuracy, s.loss)
             windows.append(w)
             # Later starts come first: an equal score moves the choice to more checkpoints.
-            if best is None or (s.accuracy, -s.loss) >= (best_scores.accuracy,
-                                                                -best_scores.loss):
+            if better(s, best_scores, tie=True):
                 best, best_state, best_scores, best_i = w, held.fixed(mean), s, i
             if progress:
                 progress(len(windows), len(pool))
         windows.reverse()
         result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
                               best_scores.samples, held.has_bn, held.passes, 0.0)
-        result.warnings += left_out + held.warnings
-        result.holdout_verified = held.verified
-        if test:
-            t = held.test(best_state)
-            result.test_accuracy, result.test_loss = t.accuracy, t.loss
+        conclude(result, held, best_state, test, left_out)
         if output is not None:
             write_choice(output, pool[best_i:], best_state, held,
                          {"select.method": "window-search",
@@ -172,17 +167,13 @@ def _sweep(pool, spec: str, held, output, plot, test, progress, left_out, t0) ->
                        c.epoch)
             windows.append(w)
             # a later window wins a tie: the newest weights for the same score
-            if best is None or (s.accuracy, -s.loss) >= (best_scores.accuracy, -best_scores.loss):
+            if better(s, best_scores, tie=True):
                 best, best_state, best_scores, best_span = w, held.fixed(mean), s, (a, b)
             if progress:
                 progress(len(windows), len(spans))
     result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
                           best_scores.samples, held.has_bn, held.passes, 0.0, sweep=spec)
-    result.warnings += left_out + held.warnings
-    result.holdout_verified = held.verified
-    if test:
-        t = held.test(best_state)
-        result.test_accuracy, result.test_loss = t.accuracy, t.loss
+    conclude(result, held, best_state, test, left_out)
     if output is not None:
         a, b = best_span
         write_choice(output, pool[a:b + 1], best_state, held,

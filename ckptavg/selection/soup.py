@@ -25,10 +25,10 @@ from ckptavg.options import (
     Reading,
 )
 from ckptavg.results import Progress, Result
-from ckptavg.selection.heldout import RunningSum, open_heldout, write_choice
+from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
 
 if TYPE_CHECKING:
-    from ckptavg.nn.evaluation import Scores
+    pass
 
 
 @dataclass
@@ -120,7 +120,7 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
             s = held.score(x, c.path)
             singles.append(s)
             tick()
-            if best_state is None or _better(s, singles[best_i]):
+            if best_state is None or better(s, singles[best_i]):
                 best_i, best_state = i, held.fixed(x)
         ranked = sorted(range(n), key=lambda i: (-singles[i].accuracy, singles[i].loss, i))
         ingredients = {i: Ingredient(cands[i].path, cands[i].epoch, singles[i].accuracy,
@@ -158,11 +158,7 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
                             [cands[i].path for i in chosen], held.description,
                             current.accuracy, current.loss, current.samples,
                             held.has_bn, held.passes, 0.0)
-        result.warnings += held.warnings
-        result.holdout_verified = held.verified
-        if test:
-            t = held.test(state)
-            result.test_accuracy, result.test_loss = t.accuracy, t.loss
+        conclude(result, held, state, test, [])
         if output is not None:
             write_choice(output, [cands[i] for i in chosen], state, held,
                          {"select.method": f"{method}-soup",
@@ -171,8 +167,3 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         close_all(cands)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _better(a: Scores, b: Scores) -> bool:
-    """Higher held-out accuracy, then lower loss."""
-    return (a.accuracy, -a.loss) > (b.accuracy, -b.loss)
