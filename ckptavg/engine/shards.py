@@ -78,13 +78,11 @@ def write_shards(plan, output: str, group: Group, execute, progress=None,
     holding its lock: each rank records its shard when done, a failed run keeps the done
     ones, and with `resume` a rank whose shard is done (and checks out) skips it. Returns
     the notes to report."""
-    from ckptavg.io.writer import SafetensorsWriter, commit_folder
+    from ckptavg.io.writer import SafetensorsWriter, commit_folder, rank_shard_names
 
     output = os.path.abspath(output.rstrip(os.sep))
     keys = partition(plan.specs, group.size)
-    n_shards = sum(1 for k in keys if k)
-    names = [f"model-{sum(1 for k in keys[:r] if k) + 1:05d}-of-{n_shards:05d}.safetensors"
-             for r in range(group.size)]
+    names = rank_shard_names(keys)
     mine, name = keys[group.rank], names[group.rank]
     staging, error = None, None
     try:

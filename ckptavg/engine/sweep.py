@@ -381,12 +381,15 @@ def _write_ranks(group, prep: _Prepared, progress, threads: int | None) -> None:
     from ckptavg.engine.content import final_metadata
     from ckptavg.engine.shards import partition
     from ckptavg.io.atomic import temp_folder_beside
-    from ckptavg.io.writer import SafetensorsWriter, commit_folder, without_pending
+    from ckptavg.io.writer import (
+        SafetensorsWriter,
+        commit_folder,
+        rank_shard_names,
+        without_pending,
+    )
 
     keys = partition(prep.whole.specs, group.size)
-    n_shards = sum(1 for k in keys if k)
-    names = [f"model-{sum(1 for k in keys[:r] if k) + 1:05d}-of-{n_shards:05d}.safetensors"
-             for r in range(group.size)]
+    names = rank_shard_names(keys)
     mine, name = keys[group.rank], names[group.rank]
     tmps, made, error = None, [], None
     try:

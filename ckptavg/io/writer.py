@@ -502,6 +502,19 @@ def _filled(data: bytes, values: dict[str, str]) -> bytes:
     return data
 
 
+def shard_names(n: int) -> list[str]:
+    """The Hugging Face names of a folder's `n` shards, in order (one spelling for the
+    one-process writer and for torchrun's ranks)."""
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def rank_shard_names(keys: list[list[str]]) -> list[str]:
+    """The shard each torchrun rank writes (its share `keys[rank]`), numbered over the
+    ranks that have tensors (a rank with none writes no shard)."""
+    names = shard_names(sum(1 for k in keys if k))
+    return [names[sum(1 for k in keys[:r] if k)] if keys[r] else "" for r in range(len(keys))]
+
+
 def split_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -561,8 +574,7 @@ class ShardedWriter(Writer):
         self.path = self._where(path)
         self._side = dict(side_files or {})
         self._shards = split_shards(list(specs), shard_size)
-        n = len(self._shards)
-        self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._names = shard_names(len(self._shards))
         # With `run` (what fixes the shards' bytes: staging.describe), the shards are built
         # in the output's staging folder and each finished one is recorded, so that a
         # failed or killed run can be finished with `resume`; else in a temporary folder.
