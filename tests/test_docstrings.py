@@ -100,7 +100,8 @@ def test_every_example_runs_as_written(world, monkeypatch):
     assert ran >= 40
 
 
-@pytest.mark.parametrize("module", ["ckptavg.options", "ckptavg.io.base", "ckptavg.engine.plan"])
+@pytest.mark.parametrize("module", ["ckptavg.options", "ckptavg.io.metadata", "ckptavg.engine.plan",
+                                    "ckptavg.engine.sweep"])
 def test_module_examples_run(module):
     import importlib
 

@@ -168,7 +168,7 @@ def test_into_without_a_content_hash_to_compare_is_one_line(tmp_path, record):
     """A running average whose record holds a fingerprint but no identity or content hash
     (an older ckptavg's) cannot tell a same-fingerprint file apart: one line, nothing
     written."""
-    from ckptavg.io.base import fingerprint, open_source
+    from ckptavg.io.files import fingerprint, open_source
 
     first, second = tmp_path / "ep-1.safetensors", tmp_path / "ep-2.safetensors"
     save_file(_state(0), str(first))

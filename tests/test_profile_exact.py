@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import save_file
 
 from ckptavg.engine import profiles
-from ckptavg.io.base import ascii_int, meta_int
+from ckptavg.io.metadata import ascii_int, meta_int
 from tests.conftest import run_cli
 
 mpmath.mp.dps = 420  # enough for a 1e300 half-life over positions of 1e30

@@ -576,7 +576,7 @@ def test_a_torch_file_of_many_records_opens_in_a_few_gets(tmp_path):
         for k in sorted(state, key=lambda k: int(k[5:-7])):  # in the file's order
             ext = r.locate(k)
             got = bytearray(want[k].nbytes)
-            ckptavg.io.base.pread_extent(ext, memoryview(got))
+            ckptavg.io.files.pread_extent(ext, memoryview(got))
             assert bytes(got) == want[k].numpy().tobytes()
             assert ext.check.header is None  # confirmed
         r.verify()
@@ -613,7 +613,7 @@ def test_records_past_4_gib_are_placed_as_torch_writes_them(tmp_path):
             assert torch.equal(r.read(k), state[k])
         ext = r.locate("big")
         tail = bytearray(1000)
-        ckptavg.io.base.pread_extent(ext, memoryview(tail), (1 << 32))
+        ckptavg.io.files.pread_extent(ext, memoryview(tail), (1 << 32))
         assert bytes(tail) == b"\x07" * 1000 and ext.check.header is None
     finally:
         r.close()

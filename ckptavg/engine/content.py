@@ -133,7 +133,7 @@ READ = 8 << 20
 def hash_reader(reader) -> str:
     """The content hash of one input, read for it alone: what the read pass computes, for
     an input whose recorded identity no longer matches (`average --into`)."""
-    from ckptavg.io.base import pread_extent
+    from ckptavg.io.files import pread_extent
     from ckptavg.io.writer import as_array
 
     tensors = []

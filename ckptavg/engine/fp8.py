@@ -34,7 +34,7 @@ import numpy as np
 
 from ckptavg.engine import arith
 from ckptavg.engine.nonfinite import raise_nonfinite
-from ckptavg.io.base import pread_extent
+from ckptavg.io.files import pread_extent
 from ckptavg.io.quantized import Fp8Layout, Fp8Pair
 
 SLICE = 1 << 20  # values of a weight averaged at a time (8 MiB of float64)

@@ -22,8 +22,8 @@ from ckptavg.engine.content import ContentHashes
 from ckptavg.engine.nonfinite import raise_nonfinite
 from ckptavg.engine.plan import Plan
 from ckptavg.io import ReaderBase, TensorSpec, dtypes
-from ckptavg.io.base import pread_extent
 from ckptavg.io.dtypes import DType
+from ckptavg.io.files import pread_extent
 from ckptavg.io.writer import BackgroundWriter, Writer
 from ckptavg.results import Progress
 

@@ -7,8 +7,8 @@ import numpy as np
 from ckptavg.engine import arith
 from ckptavg.errors import NonFiniteError
 from ckptavg.io import ReaderBase
-from ckptavg.io.base import pread_extent
 from ckptavg.io.dtypes import DType
+from ckptavg.io.files import pread_extent
 
 CHUNK = 1 << 16  # elements read and checked at a time
 

@@ -35,7 +35,8 @@ from ckptavg.engine.select import (
 from ckptavg.errors import CkptavgError
 from ckptavg.io import ReaderBase, open_checkpoint
 from ckptavg.io.atomic import exclusive_lock
-from ckptavg.io.base import meta_int, stamp_change
+from ckptavg.io.files import stamp_change
+from ckptavg.io.metadata import meta_int
 from ckptavg.io.outputs import records_content
 from ckptavg.io.writer import check_output
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import ReaderBase, open_checkpoint
-from ckptavg.io.base import Position, meta_int, same_content
+from ckptavg.io.files import same_content
+from ckptavg.io.metadata import Position, meta_int
 from ckptavg.io.sources import expand, natural_key, open_all
 from ckptavg.options import Selection, count
 

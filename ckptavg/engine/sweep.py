@@ -67,7 +67,7 @@ from ckptavg.engine.select import (
 )
 from ckptavg.errors import OptionError, OutputError
 from ckptavg.io import make_writer
-from ckptavg.io.base import pread_extent
+from ckptavg.io.files import pread_extent
 from ckptavg.io.folder import side_files
 from ckptavg.io.writer import BackgroundWriter, Discard, Writer, check_output, output_kind
 from ckptavg.parallel import world_size

@@ -30,7 +30,7 @@ from ckptavg.engine.plan import make_plan
 from ckptavg.engine.select import Candidate, close_all, open_candidates
 from ckptavg.errors import CkptavgError
 from ckptavg.io import open_checkpoint
-from ckptavg.io.base import pread_extent
+from ckptavg.io.files import pread_extent
 from ckptavg.io.sources import expand
 from ckptavg.io.writer import Writer, as_array
 from ckptavg.results import Progress, Result, peak_rss_bytes

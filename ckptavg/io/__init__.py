@@ -2,7 +2,9 @@
 
 `open_checkpoint(path)` opens the file once, tells its format by content and hands the open
 file (or the folder) to that format's reader; a path in object storage is opened the same
-way, as a remote.RemoteFile or RemoteFolder (base.py holds what the formats share).
+way, as a remote.RemoteFile or RemoteFolder (base.py holds what the formats share: the
+reader base and tensor specs; files.py the files under them, folders.py folders and
+indexes, keys.py key handling, metadata.py metadata and positions).
 """
 
 from __future__ import annotations
@@ -15,19 +17,10 @@ from types import SimpleNamespace
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io import remote
-from ckptavg.io.base import (
-    BIN_INDEX_NAME,
-    BIN_NAME,
-    INDEX_NAME,
-    TORCH_SUFFIXES,
-    Folder,
-    OpenFile,
-    ReaderBase,
-    SourceFile,
-    TensorSpec,
-    import_torch,
-    is_dcp_folder,
-)
+from ckptavg.io.base import TORCH_SUFFIXES, ReaderBase, TensorSpec
+from ckptavg.io.dtypes import import_torch
+from ckptavg.io.files import OpenFile, SourceFile
+from ckptavg.io.folders import BIN_INDEX_NAME, BIN_NAME, INDEX_NAME, Folder, is_dcp_folder
 from ckptavg.io.outputs import make_writer
 from ckptavg.io.remote import is_remote
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ckptavg.errors import OutputError
-from ckptavg.io.base import SourceFile
+from ckptavg.io.files import SourceFile
 
 
 def fsync_dir(folder: str) -> None:

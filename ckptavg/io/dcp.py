@@ -21,17 +21,11 @@ import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.atomic import fsync_dir, temp_folder_beside
-from ckptavg.io.base import (
-    DCP_METADATA as METADATA,
-)
-from ckptavg.io.base import (
-    STATE_DICT_KEYS,
-    Folder,
-    OpenFile,
-    ReaderBase,
-    TensorSpec,
-    strip_keys,
-)
+from ckptavg.io.base import ReaderBase, TensorSpec
+from ckptavg.io.files import OpenFile
+from ckptavg.io.folders import DCP_METADATA as METADATA
+from ckptavg.io.folders import Folder
+from ckptavg.io.keys import STATE_DICT_KEYS, strip_keys
 from ckptavg.io.writer import ShardedWriter
 
 _DCP = "torch.distributed.checkpoint."

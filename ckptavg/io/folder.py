@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import os
 
-from ckptavg.io.base import (
+from ckptavg.io.base import ReaderBase, TensorSpec
+from ckptavg.io.folders import (
     BIN_INDEX_NAME,
     BIN_NAME,
     MAX_SIDE_FILE,
     SIDE_FILES,
     Folder,
-    ReaderBase,
     Sharded,
-    TensorSpec,
     check_index_complete,
     place_shard,
     read_index,
-    strip_keys,
 )
+from ckptavg.io.keys import strip_keys
 from ckptavg.io.pt import TorchReader
 
 

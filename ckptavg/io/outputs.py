@@ -14,7 +14,8 @@ from collections.abc import Iterable
 
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import remote
-from ckptavg.io.base import SourceFile, TensorSpec
+from ckptavg.io.base import TensorSpec
+from ckptavg.io.files import SourceFile
 from ckptavg.io.remote import is_remote
 from ckptavg.io.writer import (
     RemoteShardedWriter,

@@ -28,30 +28,27 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.base import (
-    AVERAGED_COUNT,
-    STATE_DICT_KEYS,
-    DType,
+from ckptavg.io.base import ReaderBase, TensorSpec
+from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, data_begins, no_record_at
+from ckptavg.io.dtypes import DType, dtype_of, import_torch, standard
+from ckptavg.io.files import (
     Extent,
     OpenFile,
-    Position,
-    ReaderBase,
     SourceFile,
-    TensorSpec,
-    clean_metadata,
     drop_pages,
     fd_path,
-    find_ties,
-    import_torch,
-    is_averaged_model,
     keep_descriptor,
     number_at,
     open_source,
-    strip_keys,
-    whole_number,
 )
-from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, data_begins, no_record_at
-from ckptavg.io.dtypes import dtype_of, standard
+from ckptavg.io.keys import (
+    AVERAGED_COUNT,
+    STATE_DICT_KEYS,
+    find_ties,
+    is_averaged_model,
+    strip_keys,
+)
+from ckptavg.io.metadata import Position, clean_metadata, whole_number
 from ckptavg.io.pickles import (
     Opaque,
     RefusedGlobal,

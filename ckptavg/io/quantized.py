@@ -88,7 +88,7 @@ def scheme_of(reader) -> tuple[str, str] | None:
     folder's config.json first, then its tensors."""
     import os
 
-    from ckptavg.io.base import MAX_SIDE_FILE, Folder
+    from ckptavg.io.folders import MAX_SIDE_FILE, Folder
 
     folder = reader.folder or Folder(reader.path if os.path.isdir(reader.path) else
                                      os.path.dirname(reader.path) or ".")

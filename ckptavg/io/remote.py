@@ -36,13 +36,8 @@ from dataclasses import dataclass, field
 
 from ckptavg.errors import CheckpointError, CkptavgError, OutputError
 from ckptavg.io.atomic import Atomic
-from ckptavg.io.base import (
-    INDEX_NAME,
-    Extent,
-    Folder,
-    SourceFile,
-    number_at,
-)
+from ckptavg.io.files import Extent, SourceFile, number_at
+from ckptavg.io.folders import INDEX_NAME, Folder
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 4  # tries of one ranged GET before the run stops

@@ -18,27 +18,18 @@ import os
 from typing import TYPE_CHECKING
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.base import (
-    AVERAGED_COUNT,
-    DTYPES,
+from ckptavg.io.base import ReaderBase, TensorSpec
+from ckptavg.io.dtypes import DTYPES, import_torch
+from ckptavg.io.files import Extent, OpenFile, SourceFile, drop_pages, fd_path, keep_descriptor
+from ckptavg.io.folders import (
     INDEX_NAME,
-    Extent,
     Folder,
-    OpenFile,
-    ReaderBase,
     Sharded,
-    SourceFile,
-    TensorSpec,
     check_index_complete,
-    drop_pages,
-    fd_path,
-    import_torch,
-    is_averaged_model,
-    keep_descriptor,
     place_shard,
     read_index,
-    strip_keys,
 )
+from ckptavg.io.keys import AVERAGED_COUNT, is_averaged_model, strip_keys
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +125,7 @@ class _MappedFile:
         self._bytes = None
         try:
             self.entries, self.meta, self.base = _read_header(file, src)
-            # The averaging engine reads with pread through this descriptor (io.base.Extent);
+            # The averaging engine reads with pread through this descriptor (io.files.Extent);
             # past half the descriptor limit the file is mapped now and the descriptor closed.
             if keep_descriptor(file.fd):
                 self.file = file

@@ -30,7 +30,7 @@ import stat
 
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io.atomic import write_error
-from ckptavg.io.base import stamp_change
+from ckptavg.io.files import stamp_change
 
 PLAN = "plan.json"
 DONE = ".done"

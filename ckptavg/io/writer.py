@@ -38,15 +38,10 @@ from ckptavg.io.atomic import (
     temp_folder_beside,
     write_error,
 )
-from ckptavg.io.base import (
-    CODES,
-    INDEX_NAME,
-    SIDE_FILES,
-    TORCH_SUFFIXES,
-    SourceFile,
-    TensorSpec,
-    import_torch,
-)
+from ckptavg.io.base import TORCH_SUFFIXES, TensorSpec
+from ckptavg.io.dtypes import CODES, import_torch
+from ckptavg.io.files import SourceFile
+from ckptavg.io.folders import INDEX_NAME, SIDE_FILES
 from ckptavg.io.remote import is_remote
 from ckptavg.io.torchzip import (
     BareState,

@@ -21,8 +21,9 @@ from torch import nn
 from ckptavg import options
 from ckptavg.errors import CkptavgError, DataError, OptionError, user_batches, users_code
 from ckptavg.io import open_checkpoint
-from ckptavg.io.base import AVERAGED_COUNT, meta_int
 from ckptavg.io.checkpoint import layout_of, save
+from ckptavg.io.keys import AVERAGED_COUNT
+from ckptavg.io.metadata import meta_int
 from ckptavg.nn.build import network, wrapper_prefix
 from ckptavg.nn.data import (
     PassBatches,

@@ -19,9 +19,9 @@ from ckptavg.engine.plan import make_plan
 from ckptavg.engine.select import Candidate
 from ckptavg.errors import CkptavgError, DataError, OptionError
 from ckptavg.io import ReaderBase
-from ckptavg.io.base import meta_int
 from ckptavg.io.checkpoint import save
 from ckptavg.io.dtypes import dtype_of
+from ckptavg.io.metadata import meta_int
 from ckptavg.nn.bn import bn_layers, recalibrate
 from ckptavg.nn.build import load_weights, network_for, wrapper_prefix
 from ckptavg.nn.data import describe_data, holdout_split, make_loader

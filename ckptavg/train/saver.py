@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from ckptavg.io.base import tensor_identity
 from ckptavg.io.checkpoint import save
+from ckptavg.io.keys import tensor_identity
 from ckptavg.version import __version__
 
 

@@ -89,7 +89,7 @@ def test_lightning_checkpoints_are_averaged_without_importing_torch(tmp_path):
 
     from safetensors.torch import load_file
 
-    from ckptavg.io.base import OpenFile
+    from ckptavg.io.files import OpenFile
     from ckptavg.io.pt import read_structure
 
     files = _fit(tmp_path / "ck")

@@ -13,7 +13,7 @@ import torch
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io import open_checkpoint
-from ckptavg.io.base import OpenFile
+from ckptavg.io.files import OpenFile
 from ckptavg.io.pt import TensorRef, read_structure
 from tests.conftest import rezip
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io import open_checkpoint
-from ckptavg.io.base import INDEX_NAME
+from ckptavg.io.folders import INDEX_NAME
 from ckptavg.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, split_shards
 from tests.conftest import known_state
 
