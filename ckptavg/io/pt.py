@@ -700,10 +700,7 @@ class TorchReader(ReaderBase):
         if file is None:
             file, src = OpenFile.of(path)
         self._file: OpenFile | None = None  # kept open while tensors are read through it
-        self._refs: dict[str, TensorRef] = {}  # raw name -> where it lies (torch-free)
-        self._records: dict[str, np.ndarray] = {}  # storage key -> its bytes, while read
-        self._checks: list[RecordCheck] = []  # a torch-loaded zip's records, by offset
-        self._check_offsets: list[int] = []  # where each of them begins (for bisect)
+        self._tensors_of: _Described | _Loaded | None = None  # the reader's tensors
         try:
             obj = read_structure(path, file) if mmap and (
                 file.remote or keep_descriptor(file.fd)) else None
@@ -756,14 +753,12 @@ class TorchReader(ReaderBase):
             self.removed_prefixes = tuple(removed)
             self._ties = find_ties({public: self._tensors[raw] for public, raw in self._names.items()})
             if any(isinstance(t, TensorRef) for t in self._tensors.values()):
-                self._refs = dict(self._tensors)
                 self._file = file  # read_structure ran only with a descriptor to keep
-                self._tensors = {}
-                for public, raw in self._names.items():  # what each record holds, for errors
-                    check = self._refs[raw].storage.check
-                    check.holds = check.holds or f"tensor {public!r}"
+                self._tensors_of = _Described(self._tensors, file, self._names)
             else:
-                self._find_map(file, src)
+                self._tensors_of = _Loaded(self._tensors, file, src, mmap, path)
+                self._file = self._tensors_of.file
+            del self._tensors
         finally:
             if self._file is None:
                 file.close()
@@ -786,100 +781,30 @@ class TorchReader(ReaderBase):
         self.dropped_extras = tuple(dropped)
         self.extras_notes = tuple(notes)
 
-    def _find_map(self, file: OpenFile, src: SourceFile) -> None:
-        """Where torch's map of the file lies, so that tensors can be located in the file."""
-        self._lowest = _lowest_storage(self._tensors)
-        self._base = _map_start(self._lowest, file, src) if self._mmap and self._lowest \
-            else None
-        if self._base is not None and keep_descriptor(file.fd):
-            self._file = file  # tensors are then read with pread (see locate)
-            self._checks = zip_checks(file, self.path)
-            self._check_offsets = [c.offset for c in self._checks]
-
-    def _check_at(self, offset: int) -> RecordCheck | None:
-        """The record of a torch-loaded zip that holds the byte at `offset`."""
-        i = bisect.bisect_right(self._check_offsets, offset) - 1
-        if i >= 0 and offset < self._checks[i].offset + self._checks[i].size:
-            return self._checks[i]
-        return None
-
     def ties(self) -> dict[str, str]:
         return dict(self._ties)
 
     def info(self, key: str) -> TensorSpec:
-        raw = self._raw(key)
-        t = self._refs[raw] if self._refs else self._tensors[raw]
+        t = self._tensors_of.tensors[self._raw(key)]
         return TensorSpec(key, tuple(t.shape), t.dtype)
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor (torch imported now): built from its record's bytes, read once and
         checked whole; for a torch-loaded file, torch's mapped tensor, its record checked."""
-        raw = self._raw(key)
-        torch = import_torch()
-        if not self._refs:
-            t = self._tensors[raw]
-            if self._checks and t.numel():
-                check = self._check_at(t.untyped_storage().data_ptr() - self._base)
-                if check is not None:
-                    check.finish(self._file)
-            return t
-        ref = self._refs[raw]
-        if not ref.numel():
-            return torch.empty(ref.shape, dtype=ref.dtype.torch)
-        data = self._record(ref.storage)
-        flat = torch.from_numpy(data)
-        size = ref.dtype.itemsize
-        if size > 1:
-            flat = flat[: len(data) // size * size]
-        return flat.view(ref.dtype.torch).as_strided(ref.shape, ref.stride, ref.offset)
-
-    def _record(self, st: _Storage) -> np.ndarray:
-        data = self._records.get(st.key)
-        if data is None:
-            data = np.empty(st.check.size, np.uint8)
-            st.check.confirm(self._file, ahead=True)
-            self._file.pread(memoryview(data), st.offset)
-            st.check.whole(data)
-            if st.swap:  # big-endian on disk (or little on a big-endian machine): swapped here
-                data = data.view(_UINT[st.dtype.itemsize]).byteswap().view(np.uint8)
-            self._records[st.key] = data
-        return data
+        return self._tensors_of.read(self._raw(key))
 
     def locate(self, key: str) -> Extent | None:
-        raw = self._raw(key)
-        if self._refs:
-            ref = self._refs[raw]
-            if not ref.numel() or not ref.is_contiguous() or ref.storage.swap:
-                return None  # read (and swapped) by `read`
-            return self._file.extent(ref.file_offset(), ref.storage.check)
-        t = self._tensors[raw]
-        if self._file is None or not t.numel() or not t.is_contiguous():
-            return None
-        offset = t.data_ptr() - self._base
-        return self._file.extent(offset, self._check_at(offset))
+        return self._tensors_of.locate(self._raw(key))
 
     def verify(self) -> None:
         """Complete the CRC-32 check of every record read in part or out of order."""
-        checks = {id(r.storage.check): r.storage.check for r in self._refs.values()
-                  if r.storage.check is not None}
-        for check in list(checks.values()) + self._checks:
-            if check.started and not check.done:
-                check.finish(self._file)
+        self._tensors_of.verify()
 
     def release(self, key: str) -> None:
-        if self._refs:
-            self._records.pop(self._refs[self._raw(key)].storage.key, None)
-        elif self._mmap and self._tensors:
-            storage = self._tensors[self._raw(key)].untyped_storage()
-            drop_pages(storage.data_ptr(), storage.nbytes())
+        self._tensors_of.release(self._raw(key))
 
     def release_range(self, key: str, start: int, nbytes: int) -> None:
-        if self._mmap and self._tensors:
-            t = self._tensors[self._raw(key)]
-            # `start` may be negative: pages of the file before this tensor, never before the
-            # file's first storage (all storages are views of one map of the file).
-            lo = max(t.data_ptr() + start, self._lowest)
-            drop_pages(lo, t.data_ptr() + start + nbytes - lo)
+        self._tensors_of.release_range(self._raw(key), start, nbytes)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
@@ -894,7 +819,7 @@ class TorchReader(ReaderBase):
 
         def raw(x: object) -> object:
             if isinstance(x, TensorRef):
-                return RawTensor(x.dtype, x.shape, self._ref_bytes(x))
+                return RawTensor(x.dtype, x.shape, self._tensors_of.ref_bytes(x))
             if _is_tensor(x):
                 t = x.detach().contiguous()
                 return RawTensor(dtype_of(t.dtype), tuple(t.shape),
@@ -917,29 +842,155 @@ class TorchReader(ReaderBase):
 
         return {k: raw(v) for k, v in self._extras.items()}
 
-    def _ref_bytes(self, ref: TensorRef) -> bytes:
+    def scalars(self) -> dict[str, float]:
+        return dict(self._scalars)
+
+    def close(self) -> None:
+        if self._tensors_of is not None:
+            self._tensors_of.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Described:
+    """The tensors of a file `read_structure` described, without torch: each a TensorRef
+    (record, offset, shape, strides), read with pread through the reader's file; a record
+    is read once whole (and checked) for `read`, or located for the engine's pread, its
+    CRC-32 summed in order as it is read."""
+
+    def __init__(self, refs: dict, file: OpenFile, names: dict[str, str]):
+        self.tensors: dict[str, TensorRef] = dict(refs)  # raw name -> where it lies
+        self.file = file
+        self.records: dict[str, np.ndarray] = {}  # storage key -> its bytes, while read
+        for public, raw in names.items():  # what each record holds, for errors
+            check = self.tensors[raw].storage.check
+            check.holds = check.holds or f"tensor {public!r}"
+
+    def read(self, raw: str) -> torch.Tensor:
+        torch = import_torch()
+        ref = self.tensors[raw]
+        if not ref.numel():
+            return torch.empty(ref.shape, dtype=ref.dtype.torch)
+        data = self.record(ref.storage)
+        flat = torch.from_numpy(data)
+        size = ref.dtype.itemsize
+        if size > 1:
+            flat = flat[: len(data) // size * size]
+        return flat.view(ref.dtype.torch).as_strided(ref.shape, ref.stride, ref.offset)
+
+    def record(self, st: _Storage) -> np.ndarray:
+        data = self.records.get(st.key)
+        if data is None:
+            data = np.empty(st.check.size, np.uint8)
+            st.check.confirm(self.file, ahead=True)
+            self.file.pread(memoryview(data), st.offset)
+            st.check.whole(data)
+            if st.swap:  # big-endian on disk (or little on a big-endian machine): swapped here
+                data = data.view(_UINT[st.dtype.itemsize]).byteswap().view(np.uint8)
+            self.records[st.key] = data
+        return data
+
+    def locate(self, raw: str) -> Extent | None:
+        ref = self.tensors[raw]
+        if not ref.numel() or not ref.is_contiguous() or ref.storage.swap:
+            return None  # read (and swapped) by `read`
+        return self.file.extent(ref.file_offset(), ref.storage.check)
+
+    def verify(self) -> None:
+        checks = {id(r.storage.check): r.storage.check for r in self.tensors.values()
+                  if r.storage.check is not None}
+        for check in checks.values():
+            if check.started and not check.done:
+                check.finish(self.file)
+
+    def release(self, raw: str) -> None:
+        self.records.pop(self.tensors[raw].storage.key, None)
+
+    def release_range(self, raw: str, start: int, nbytes: int) -> None:
+        return None  # nothing is mapped: records are read into buffers and released whole
+
+    def ref_bytes(self, ref: TensorRef) -> bytes:
         """A described tensor's bytes in C order, from its checked record."""
         if not ref.numel():
             return b""
-        data = self._record(ref.storage)
+        data = self.record(ref.storage)
         size = ref.dtype.itemsize
         elems = np.lib.stride_tricks.as_strided(
             data[ref.offset * size:].view(f"V{size}"), ref.shape,
             tuple(st * size for st in ref.stride), writeable=False)
         out = np.ascontiguousarray(elems).tobytes()
-        self._records.pop(ref.storage.key, None)
+        self.records.pop(ref.storage.key, None)
         return out
 
-    def scalars(self) -> dict[str, float]:
-        return dict(self._scalars)
+    def close(self) -> None:
+        self.tensors, self.records = {}, {}
+
+
+class _Loaded:
+    """The tensors of a file torch's weights-only loader read (mapped when `mmap`): where
+    torch's map of the file lies is found, so that a tensor can be located in the file and
+    read with pread, each zip record checked against its CRC-32; pages are handed back as
+    they are done."""
+
+    def __init__(self, tensors: dict, file: OpenFile, src: SourceFile, mmap: bool, path: str):
+        self.tensors = dict(tensors)
+        self.mmap = mmap
+        self.file: OpenFile | None = None  # kept only to read tensors with pread
+        self.checks: list[RecordCheck] = []  # the zip's records, by offset
+        self.offsets: list[int] = []  # where each of them begins (for bisect)
+        self.lowest = _lowest_storage(self.tensors)
+        self.base = _map_start(self.lowest, file, src) if mmap and self.lowest else None
+        if self.base is not None and keep_descriptor(file.fd):
+            self.file = file  # tensors are then read with pread (see locate)
+            self.checks = zip_checks(file, path)
+            self.offsets = [c.offset for c in self.checks]
+
+    def _check_at(self, offset: int) -> RecordCheck | None:
+        """The record that holds the byte at `offset`."""
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        if i >= 0 and offset < self.checks[i].offset + self.checks[i].size:
+            return self.checks[i]
+        return None
+
+    def read(self, raw: str) -> torch.Tensor:
+        t = self.tensors[raw]
+        if self.checks and t.numel():
+            check = self._check_at(t.untyped_storage().data_ptr() - self.base)
+            if check is not None:
+                check.finish(self.file)
+        return t
+
+    def locate(self, raw: str) -> Extent | None:
+        t = self.tensors[raw]
+        if self.file is None or not t.numel() or not t.is_contiguous():
+            return None
+        offset = t.data_ptr() - self.base
+        return self.file.extent(offset, self._check_at(offset))
+
+    def verify(self) -> None:
+        for check in self.checks:
+            if check.started and not check.done:
+                check.finish(self.file)
+
+    def release(self, raw: str) -> None:
+        if self.mmap and self.tensors:
+            storage = self.tensors[raw].untyped_storage()
+            drop_pages(storage.data_ptr(), storage.nbytes())
+
+    def release_range(self, raw: str, start: int, nbytes: int) -> None:
+        if self.mmap and self.tensors:
+            t = self.tensors[raw]
+            # `start` may be negative: pages of the file before this tensor, never before the
+            # file's first storage (all storages are views of one map of the file).
+            lo = max(t.data_ptr() + start, self.lowest)
+            drop_pages(lo, t.data_ptr() + start + nbytes - lo)
+
+    def ref_bytes(self, ref: TensorRef) -> bytes:
+        raise RuntimeError("a torch-loaded file holds no described tensors")
 
     def close(self) -> None:
-        self._tensors = {}
-        self._refs = {}
-        self._records = {}
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.tensors = {}
 
 
 def zip_checks(file: OpenFile, path: str) -> list[RecordCheck]:

@@ -159,7 +159,7 @@ def test_ties_in_a_sharded_bin_folder_are_found_without_reading_a_tensor(tmp_pat
     assert loaded["module.emb.weight"].data_ptr() == loaded["module.head.weight"].data_ptr()
     with open_checkpoint(tmp_path) as r:
         assert r.ties() == {"head.weight": "emb.weight"}
-        assert all(not s.reader._records for s in r._shards)  # no record read yet
+        assert all(not s.reader._tensors_of.records for s in r._shards)  # no record read yet
         assert torch.equal(r.read("head.weight"), w)
 
 
