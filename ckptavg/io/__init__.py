@@ -19,7 +19,7 @@ from ckptavg.errors import CheckpointError
 from ckptavg.io import remote
 from ckptavg.io.base import TORCH_SUFFIXES, ReaderBase, TensorSpec
 from ckptavg.io.dtypes import import_torch
-from ckptavg.io.files import OpenFile, SourceFile
+from ckptavg.io.files import ByteSource, OpenFile, SourceFile, SourceIdentity
 from ckptavg.io.folders import BIN_INDEX_NAME, BIN_NAME, INDEX_NAME, Folder, is_dcp_folder
 from ckptavg.io.outputs import make_writer
 from ckptavg.io.remote import is_remote
@@ -70,8 +70,8 @@ class _Found:
     """What a path names, told by content: its format, and the open file or the folder."""
 
     kind: str
-    file: OpenFile | None = None  # an open file (base.OpenFile, remote.RemoteFile)
-    src: SourceFile | None = None
+    file: ByteSource | None = None  # an open file (base.OpenFile, remote.RemoteFile)
+    src: SourceIdentity | None = None
     folder: Folder | None = None  # a folder (base.Folder, remote.RemoteFolder)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ try:
 except ImportError:  # not a Unix
     resource = None
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.dtypes import (
@@ -30,6 +30,43 @@ from ckptavg.io.dtypes import (
 
 if TYPE_CHECKING:
     pass
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """What a checkpoint's bytes are read from, by offset: an open local file (`OpenFile`)
+    or an object in a store (`remote.RemoteFile`). Every format reads through this one
+    protocol; `remote` tells a format only how it may read (map the file, or read spans
+    with a few requests), and the engine never asks."""
+
+    path: str
+    size: int
+    remote: bool
+
+    def get(self, offset: int, n: int) -> bytes: ...
+    def get_many(self, spans: list[tuple[int, int]]) -> list[bytes]: ...
+    def pread(self, view: memoryview, offset: int) -> None: ...
+    def open(self): ...
+    def extent(self, offset: int, check: object = None) -> Extent: ...
+    def number(self, offset: int, dtype: DType) -> float | None: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SourceIdentity(Protocol):
+    """What identifies a file an input consists of, as it was opened (a local file's
+    `SourceFile`, an object's `remote.RemoteFile`): its identity and stamp (recorded in
+    `average.inputs`, compared by `--into`, `--resume` and `verify`), a reader of its bytes
+    as opened (fingerprints, copies, hashes), and whether it changed since."""
+
+    path: str
+    size: int
+
+    @property
+    def identity(self) -> tuple: ...
+    def stamp(self) -> dict[str, object]: ...
+    def changed(self) -> bool: ...
+    def reader(self): ...
 
 
 @dataclass(frozen=True)

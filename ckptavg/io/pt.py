@@ -32,9 +32,10 @@ from ckptavg.io.base import ReaderBase, TensorSpec
 from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, data_begins, no_record_at
 from ckptavg.io.dtypes import DType, dtype_of, import_torch, standard
 from ckptavg.io.files import (
+    ByteSource,
     Extent,
     OpenFile,
-    SourceFile,
+    SourceIdentity,
     drop_pages,
     fd_path,
     keep_descriptor,
@@ -536,7 +537,7 @@ class _StructureUnpickler(pickle.Unpickler):
         return st
 
 
-def read_structure(path: str, file: OpenFile) -> object | None:
+def read_structure(path: str, file: ByteSource) -> object | None:
     """The object a zip-format torch file holds, with a TensorRef for each tensor, read
     without torch. Classes the file names are inert stand-ins (io/pickles.py), and one that
     could run code refuses the file. None, for torch's loader to take, when the file holds
@@ -609,7 +610,7 @@ class _Damaged(CheckpointError):
     """A zip whose directory contradicts its pickle or itself: torch would fail on it too."""
 
 
-def data_offsets(file: OpenFile, infos: list[zipfile.ZipInfo]) -> list[int | None]:
+def data_offsets(file: ByteSource, infos: list[zipfile.ZipInfo]) -> list[int | None]:
     """Where each stored record's bytes begin in the file: after its local header, whose
     name and extra field lengths only the header itself gives; None where no header begins.
     The headers are read with one `get_many`."""
@@ -617,7 +618,7 @@ def data_offsets(file: OpenFile, infos: list[zipfile.ZipInfo]) -> list[int | Non
     return [data_begins(info.header_offset, head) for info, head in zip(infos, heads)]
 
 
-def torch_offsets(file: OpenFile, infos: list[zipfile.ZipInfo],
+def torch_offsets(file: ByteSource, infos: list[zipfile.ZipInfo],
                   alignment: int | None) -> list[int] | None:
     """Where torch's writer puts each record's bytes: after its local header, the name and
     an extra field padding them to a multiple of `alignment` (after a zip64 field for a
@@ -665,7 +666,7 @@ def _check_overlaps(path: str, storages) -> None:
                            "never writes: the zip is forged or damaged; re-save it")
 
 
-def _ref_number(file: OpenFile, path: str, t: TensorRef) -> float:
+def _ref_number(file: ByteSource, path: str, t: TensorRef) -> float:
     """The value of a one-element TensorRef (AveragedModel's n_averaged)."""
     value = None
     if t.numel() == 1:
@@ -692,14 +693,14 @@ class TorchReader(ReaderBase):
     weights-only loader (`torch_load`, the file mapped)."""
 
     def __init__(self, path: str, key: str | None = None, strip_prefix: str | None = None,
-                 mmap: bool = True, file: OpenFile | None = None, src: SourceFile | None = None):
+                 mmap: bool = True, file: ByteSource | None = None, src: SourceIdentity | None = None):
         self.path = path
         self.format = "torch" if mmap else "torch-legacy"
         self._mmap = mmap
         self._key = key
         if file is None:
             file, src = OpenFile.of(path)
-        self._file: OpenFile | None = None  # kept open while tensors are read through it
+        self._file: ByteSource | None = None  # kept open while tensors are read through it
         self._tensors_of: _Described | _Loaded | None = None  # the reader's tensors
         try:
             obj = read_structure(path, file) if mmap and (
@@ -859,7 +860,7 @@ class _Described:
     is read once whole (and checked) for `read`, or located for the engine's pread, its
     CRC-32 summed in order as it is read."""
 
-    def __init__(self, refs: dict, file: OpenFile, names: dict[str, str]):
+    def __init__(self, refs: dict, file: ByteSource, names: dict[str, str]):
         self.tensors: dict[str, TensorRef] = dict(refs)  # raw name -> where it lies
         self.file = file
         self.records: dict[str, np.ndarray] = {}  # storage key -> its bytes, while read
@@ -933,10 +934,10 @@ class _Loaded:
     read with pread, each zip record checked against its CRC-32; pages are handed back as
     they are done."""
 
-    def __init__(self, tensors: dict, file: OpenFile, src: SourceFile, mmap: bool, path: str):
+    def __init__(self, tensors: dict, file: ByteSource, src: SourceIdentity, mmap: bool, path: str):
         self.tensors = dict(tensors)
         self.mmap = mmap
-        self.file: OpenFile | None = None  # kept only to read tensors with pread
+        self.file: ByteSource | None = None  # kept only to read tensors with pread
         self.checks: list[RecordCheck] = []  # the zip's records, by offset
         self.offsets: list[int] = []  # where each of them begins (for bisect)
         self.lowest = _lowest_storage(self.tensors)
@@ -993,7 +994,7 @@ class _Loaded:
         self.tensors = {}
 
 
-def zip_checks(file: OpenFile, path: str) -> list[RecordCheck]:
+def zip_checks(file: ByteSource, path: str) -> list[RecordCheck]:
     """A CRC-32 check for each stored record of a zip, sorted by where its data begins."""
     checks = []
     try:
@@ -1014,7 +1015,7 @@ def _lowest_storage(tensors: dict) -> int:
                default=0)
 
 
-def _map_start(ptr: int, file: OpenFile, src: SourceFile) -> int | None:
+def _map_start(ptr: int, file: ByteSource, src: SourceIdentity) -> int | None:
     """The address at which byte 0 of the file would lie in the map torch made of it, so that
     a tensor's file offset is its address minus this; None where it cannot be established
     (not Linux, or the file's storages were byte-swapped on load: their bytes in the file are
@@ -1036,7 +1037,7 @@ def _map_start(ptr: int, file: OpenFile, src: SourceFile) -> int | None:
     return None
 
 
-def _native_order(file: OpenFile) -> bool:
+def _native_order(file: ByteSource) -> bool:
     """Whether the zip's `byteorder` record, if any, is this machine's (torch swaps the
     bytes of a foreign-order file on load, in memory only). Read through the open file."""
     try:

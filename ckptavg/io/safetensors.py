@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import ReaderBase, TensorSpec
 from ckptavg.io.dtypes import DTYPES, import_torch
-from ckptavg.io.files import Extent, OpenFile, SourceFile, drop_pages, fd_path, keep_descriptor
+from ckptavg.io.files import (
+    ByteSource,
+    Extent,
+    OpenFile,
+    SourceIdentity,
+    drop_pages,
+    fd_path,
+    keep_descriptor,
+)
 from ckptavg.io.folders import (
     INDEX_NAME,
     Folder,
@@ -102,7 +110,7 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[dict, dict[str,
     return entries, dict(meta)
 
 
-def _read_header(file: OpenFile, src: SourceFile) -> tuple[dict, dict[str, str], int]:
+def _read_header(file: ByteSource, src: SourceIdentity) -> tuple[dict, dict[str, str], int]:
     """(entries, metadata, where the data section begins) of an open safetensors file, its
     header bounded and validated (`parse_header`)."""
     if src.size < 8:
@@ -119,9 +127,9 @@ class _MappedFile:
     (when a tensor is first read as a view; the averaging engine reads with pread and never
     maps, nor imports torch)."""
 
-    def __init__(self, file: OpenFile, src: SourceFile):
+    def __init__(self, file: ByteSource, src: SourceIdentity):
         self.src = src
-        self.file: OpenFile | None = None
+        self.file: ByteSource | None = None
         self._bytes = None
         try:
             self.entries, self.meta, self.base = _read_header(file, src)
@@ -200,7 +208,7 @@ class _ObjectShard:
     """One safetensors object in remote storage (remote.RemoteFile): validated header, then
     each tensor read in place with ranged GETs, never mapped."""
 
-    def __init__(self, file: OpenFile, src: SourceFile):
+    def __init__(self, file: ByteSource, src: SourceIdentity):
         self.src, self.file = src, file
         self.entries, self.meta, self.base = _read_header(file, src)
 
@@ -238,8 +246,8 @@ class SafetensorsReader(Sharded, ReaderBase):
 
     format = "safetensors"
 
-    def __init__(self, path: str, strip_prefix: str | None = None, file: OpenFile | None = None,
-                 src: SourceFile | None = None, folder: Folder | None = None):
+    def __init__(self, path: str, strip_prefix: str | None = None, file: ByteSource | None = None,
+                 src: SourceIdentity | None = None, folder: Folder | None = None):
         self.path = path
         self._shards: list[_MappedFile | _ObjectShard] = []
         self._where: dict[str, _MappedFile | _ObjectShard] = {}
@@ -280,7 +288,7 @@ class SafetensorsReader(Sharded, ReaderBase):
         check_index_complete(folder.join(INDEX_NAME), weight_map, self._where)
         self._meta = meta or self._shards[0].meta
 
-    def _add(self, file: OpenFile, src: SourceFile, expected: dict | None = None) -> None:
+    def _add(self, file: ByteSource, src: SourceIdentity, expected: dict | None = None) -> None:
         m = _ObjectShard(file, src) if file.remote else _MappedFile(file, src)
         self._shards.append(m)
         place_shard(self._where, m.entries, m, src.path, expected, lambda other: other.src.path)

@@ -124,3 +124,24 @@ def test_header_length_that_looks_like_a_pickle_is_still_safetensors(tmp_path):
     assert sniff(p) == "safetensors"
     with open_checkpoint(p) as r:
         assert r.metadata()["pad"] == "x" * pad
+
+
+def test_local_files_and_objects_implement_one_byte_source_protocol(tmp_path):
+    """The formats read through `files.ByteSource` and record `files.SourceIdentity`: a
+    local open file and an object in a store implement both the same way."""
+    from ckptavg.io.files import ByteSource, OpenFile, SourceIdentity
+    from ckptavg.io.remote import RemoteFile
+
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(b"0123456789")
+    f, src = OpenFile.of(str(p))
+    try:
+        assert isinstance(f, ByteSource) and isinstance(src, SourceIdentity)
+        assert f.get(2, 3) == b"234"
+    finally:
+        f.close()
+    for member in ("get", "get_many", "pread", "open", "extent", "number", "close", "identity",
+                   "stamp", "changed", "reader"):
+        assert callable(getattr(RemoteFile, member, None)) or isinstance(
+            getattr(RemoteFile, member, None), property), member
+    assert RemoteFile.remote is True and OpenFile.remote is False
