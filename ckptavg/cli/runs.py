@@ -3,8 +3,6 @@ beyond, ablation."""
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from ckptavg.cli.app import cli
@@ -133,7 +131,6 @@ def width_cmd(a, b, labels, plot_path, as_json, quiet, **kwargs):
 
     resolve_alias(kwargs, "--train-subset", "--train-images", "train_images")
     resolve_alias(kwargs, "--test-subset", "--eval-images", "eval_images")
-    csv_path = os.path.splitext(plot_path)[0] + ".csv"
     points = kwargs["rays"] * kwargs["points"] * 2
     note = None if quiet or points <= 100 else (
         f"ckptavg: note: width measures {points} points (rays x points x 2), each a "
@@ -147,8 +144,7 @@ def width_cmd(a, b, labels, plot_path, as_json, quiet, **kwargs):
                 note = None
             bar(done, total)
 
-        result = width(a, b, labels=labels, csv_path=csv_path, plot_path=plot_path,
-                       progress=progress, **kwargs)
+        result = width(a, b, labels=labels, plot_path=plot_path, progress=progress, **kwargs)
     emit(result, as_json, quiet, lambda r: [
         *(f"{s.label}: test error {s.centre_test_error:.2f} % at the centre, median "
           f"{s.median_test_error_at_max:.2f} % at distance {r.max_distance:g}" for s in r.summary),
@@ -203,7 +199,6 @@ def replicate_cmd(preset, seeds, first_seed, seed_list, jobs, output, data_dir, 
                                   if k.startswith("_old_output")}}
     resolve_alias(where, "--out", "--output", "output")
     resolve_alias(overrides, "--subset", "--train-images", "train_images")
-    overrides["subset"] = overrides.pop("train_images")  # the preset's field
     if where["output"] is None:
         raise click.MissingParameter(param_type="option", param_hint="'-o' / '--output'")
 
@@ -213,8 +208,6 @@ def replicate_cmd(preset, seeds, first_seed, seed_list, jobs, output, data_dir, 
 
     result = replicate(preset, where["output"], seeds=seed_list or seeds, first_seed=first_seed,
                        data_dir=data_dir, device=device, jobs=jobs, log=log, overrides=overrides)
-    if as_json:
-        result.per_seed = []  # every number is in OUT/results.json
     emit(result, as_json, quiet, lambda r: [results_table(r)])
 
 

@@ -215,24 +215,19 @@ def search_cmd(inputs, as_json, quiet, profiles, **kwargs):
     one more checkpoint. With --profiles, each profile's weighted average of the selection is
     scored the same way instead.
     """
-    if profiles is not None:
-        from ckptavg.engine.profiles import split_specs
-        from ckptavg.selection.profile_search import search_profiles
-
-        if kwargs.pop("plot") is not None:
-            raise click.UsageError("--plot draws the window search; it does not go with "
-                                   "--profiles")
-        if kwargs.pop("sweep") is not None:
-            raise click.UsageError("--sweep scores windows; it does not go with --profiles")
-        with progress_bar(quiet or as_json, "search", unit="profile") as bar:
-            result = search_profiles(list(inputs), split_specs(profiles), progress=bar, **kwargs)
-        emit(result, as_json, quiet, _profile_lines)
-        return
+    from ckptavg.engine.profiles import split_specs
     from ckptavg.selection.search import search
 
-    with progress_bar(quiet or as_json, "search", unit="window") as bar:
-        result = search(list(inputs), progress=bar, **kwargs)
-    emit(result, as_json, quiet, _search_lines)
+    if profiles is not None:
+        for flag, name in (("--plot", "plot"), ("--sweep", "sweep")):
+            if kwargs[name] is not None:  # said as typed, before anything is read
+                raise click.UsageError(f"{flag} goes with the window search; it does not go "
+                                       "with --profiles")
+    with progress_bar(quiet or as_json, "search",
+                      unit="profile" if profiles is not None else "window") as bar:
+        result = search(list(inputs), progress=bar, profiles=None if profiles is None
+                        else split_specs(profiles), **kwargs)
+    emit(result, as_json, quiet, _search_lines if profiles is None else _profile_lines)
 
 
 def _swag_eval_lines(r):

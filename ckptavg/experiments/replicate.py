@@ -233,7 +233,8 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
         data_dir: where the preset's data set is (default: as for every command, see
             `DataOptions`).
         device: "auto", "cpu", "cuda" or "cuda:N" for the runs and their scoring.
-        overrides: Preset fields to replace (None values are ignored); `swa_start` may be
+        overrides: Preset fields to replace (None values are ignored; `train_images` is
+            the preset's `subset`, as `--train-images` spells it); `swa_start` may be
             a fraction of the budget below 1, as `train --swa-start` takes it.
         jobs: seeds run at once, each in its own process (on CPU, with the preset's thread
             count per process: 2 jobs of 1 thread use 2 cores without their threads
@@ -258,6 +259,8 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
     else:
         name, p = "custom", preset
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "train_images" in overrides:  # the option's name for the preset's field
+        overrides["subset"] = overrides.pop("train_images")
     if overrides.get("model", p.model) != p.model and "model_kwargs" not in overrides:
         overrides["model_kwargs"] = ()  # the preset's kwargs belong to the preset's model
     start = overrides.get("swa_start")

@@ -95,7 +95,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
         directions: the rays themselves instead (one {parameter name: tensor} each, any
             norm: each is scaled to unit length over all parameters); `rays` is then their
             number.
-        csv_path, plot_path: where to write every number and the plot (atomically).
+        csv_path, plot_path: where to write every number and the plot (atomically); with a
+            plot and no `csv_path`, the numbers go beside it (`width.png` -> `width.csv`).
         progress: called with (points scored, points in all).
 
     Returns:
@@ -172,6 +173,8 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
                                               if row["solution"] == label
                                               and row["distance"] == distances[-1]))
                for s, label in enumerate(labels)]
+    if csv_path is None and plot_path:
+        csv_path = os.path.splitext(plot_path)[0] + ".csv"
     if csv_path:
         with atomic_text(csv_path) as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
@@ -27,6 +28,9 @@ from ckptavg.options import (
 )
 from ckptavg.plots import pyplot
 from ckptavg.results import Progress, Result
+
+if TYPE_CHECKING:
+    from ckptavg.selection.profile_search import ProfileSearchResult
 from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
 
 
@@ -70,7 +74,8 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
          heldout: HeldOutOptions | None = None, model: ModelOptions | str | None = None,
          data: DataOptions | str | None = None, loader: LoaderOptions | None = None,
          reading: Reading | None = None, test: bool = False, sweep: str | None = None,
-           progress: Progress | None = None) -> SearchResult:
+           profiles: Sequence[str] | None = None,
+           progress: Progress | None = None) -> SearchResult | ProfileSearchResult:
     """Score the average from each candidate start to the last checkpoint on held-out data.
 
     Args:
@@ -83,6 +88,8 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         sweep: "window=W[,stride=S]" (as for `average`): score windows of W checkpoints (or
             W tokens) sliding along the run instead, each input read once; the plot is the
             held-out score against the window's end (MaP's merged curve).
+        profiles: score these averaging profiles of the selection instead of windows
+            (`search_profiles`; its result), e.g. ["uniform", "ema:halflife=5"].
         progress: called with (windows scored, windows in all).
 
     Returns:
@@ -95,6 +102,16 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         >>> [w.start_epoch for w in r.windows], r.holdout
         ([1, 2, 3, 4, 5, 6], 'fashion-mnist:train[5000:6000]')
     """
+    if profiles is not None:
+        for name, value in (("plot", plot), ("sweep", sweep)):
+            if value is not None:
+                raise OptionError((name, "profiles"), f"{name} goes with the window search; "
+                                  "profiles are scored without it")
+        from ckptavg.selection.profile_search import search_profiles
+
+        return search_profiles(inputs, list(profiles), output, selection=selection,
+                               heldout=heldout, model=model, data=data, loader=loader,
+                               reading=reading, test=test, progress=progress)
     t0 = time.perf_counter()
     output = os.fspath(output) if output is not None else None
     plot = os.fspath(plot) if plot is not None else None
