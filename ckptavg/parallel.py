@@ -11,7 +11,7 @@ import os
 import sys
 
 from ckptavg.errors import CkptavgError
-from ckptavg.io.dtypes import import_torch
+from ckptavg.lazy import import_torch
 
 
 class _Dist:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import os
 import subprocess
 import sys
 
@@ -147,3 +148,54 @@ def test_every_public_result_is_a_result():
     assert "AverageResult" in names and "VerifyResult" in names
     for n in names:
         assert issubclass(getattr(ckptavg, n), Result), n
+
+
+ROOT_MODULES = {"errors", "options", "results", "parallel", "plots", "version", "lazy",
+                "__main__"}
+LAYERS = ["cli", "experiments", "train", "selection", "nn", "engine", "io", "root"]
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "ckptavg":
+        return None
+    if len(parts) == 1:
+        return "face"
+    return parts[1] if parts[1] in LAYERS else "root" if parts[1] in ROOT_MODULES else "?"
+
+
+def test_imports_point_one_way():
+    """docs/design.md's import directions, read from every import of every module (lazy
+    ones inside functions included): cli -> experiments -> train -> selection -> nn ->
+    engine -> io -> the root modules; nn never imports engine, nothing below cli imports
+    the package face (`from ckptavg import options` names a root module)."""
+    import ast
+
+    package = os.path.join(ROOT, "ckptavg")
+    wrong = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            module = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".").removesuffix(".__init__")
+            me = _layer(module)
+            if me in ("face", None) or module == "ckptavg.__main__":
+                continue
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    targets = [f"{node.module}.{a.name}" if node.module == "ckptavg" else
+                               node.module for a in node.names]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                for target in targets:
+                    it = _layer(target)
+                    if it is None:
+                        continue
+                    bad = it in ("face", "?") or LAYERS.index(it) < LAYERS.index(me) \
+                        or (me == "nn" and it == "engine")
+                    if bad:
+                        wrong.append(f"{module} imports {target} (line {node.lineno})")
+    assert wrong == []

@@ -74,7 +74,7 @@ def _metavar_takes_ctx() -> bool:
 class TorchWhenNeeded(click.Command):
     """A subcommand whose library call imports torch only if it needs it (`average` and
     `inspect` of safetensors files and plain torch files never do), through the same held
-    import (io.dtypes.import_torch). An OptionError from the library names the option as
+    import (lazy.import_torch). An OptionError from the library names the option as
     this command spells it, as a usage error (exit 2)."""
 
     def parse_args(self, ctx, args):
@@ -101,7 +101,7 @@ class Command(TorchWhenNeeded):
 
 
 def _import_torch_holding_signals() -> None:
-    from ckptavg.io.dtypes import import_torch
+    from ckptavg.lazy import import_torch
 
     import_torch()
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ckptavg.io.dtypes import DType, import_torch
+from ckptavg.io.dtypes import DType
+from ckptavg.lazy import import_torch
 
 NATIVE = {"float64": np.dtype("<f8"), "float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 

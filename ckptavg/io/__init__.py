@@ -18,12 +18,12 @@ from types import SimpleNamespace
 from ckptavg.errors import CheckpointError
 from ckptavg.io import remote
 from ckptavg.io.base import TORCH_SUFFIXES, ReaderBase, TensorSpec
-from ckptavg.io.dtypes import import_torch
 from ckptavg.io.files import ByteSource, OpenFile, SourceFile, SourceIdentity
 from ckptavg.io.folders import BIN_INDEX_NAME, BIN_NAME, INDEX_NAME, Folder, is_dcp_folder
 from ckptavg.io.outputs import make_writer
 from ckptavg.io.remote import is_remote
 from ckptavg.io.safetensors import MAX_HEADER, SafetensorsReader
+from ckptavg.lazy import import_torch
 
 Reader = ReaderBase
 

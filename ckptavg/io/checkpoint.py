@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
-from ckptavg.io.dtypes import import_torch
 from ckptavg.io.keys import find_ties
+from ckptavg.lazy import import_torch
 from ckptavg.results import Result
 
 if TYPE_CHECKING:

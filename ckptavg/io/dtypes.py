@@ -1,4 +1,4 @@
-"""Tensor dtypes without torch, and torch imported only when it is needed.
+"""Tensor dtypes without torch.
 
 A reader describes a tensor (`TensorSpec`) before anything reads it, and averaging
 safetensors files needs no torch at all (the engine's arithmetic is numpy's): `DType`
@@ -7,17 +7,14 @@ and it compares equal to the torch dtype of that name), so the formats and the e
 the same whether torch has been imported or not. `.torch` gives the torch dtype (importing
 torch); `dtype_of` goes the other way.
 
-`import_torch` is the one place the package imports torch on demand: in the main thread it
-holds Ctrl-C and SIGTERM off during the import (a signal landing inside torch's C++
-initialisation aborts the interpreter, exit -6) and raises them once it is done.
+torch itself is imported on demand by `ckptavg.lazy.import_torch`, the one place that does.
 """
 
 from __future__ import annotations
 
-import signal
-import sys
 import threading
-from types import ModuleType
+
+from ckptavg.lazy import import_torch
 
 
 class DType:
@@ -116,28 +113,3 @@ def dtype_of(dt) -> DType:
         if name not in _BY_NAME:  # complex, quantised, the rarer float8s: torch files only
             _BY_NAME[name] = DType(None, name, dt.itemsize, dt.is_floating_point)
         return _BY_NAME[name]
-
-
-def import_torch() -> ModuleType:
-    """torch, imported now if it was not, with Ctrl-C and SIGTERM held off during the import
-    (in the main thread; elsewhere signals are not delivered to the importing thread)."""
-    if "torch" in sys.modules and hasattr(sys.modules["torch"], "dtype"):
-        return sys.modules["torch"]
-    if threading.current_thread() is not threading.main_thread():
-        import torch
-        return torch
-    held: list[int] = []
-    # A signal the process ignores (a background job's SIGINT) stays ignored.
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
-        import torch
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if signal.SIGINT in held:
-        raise KeyboardInterrupt
-    if signal.SIGTERM in held:
-        raise SystemExit(128 + signal.SIGTERM)
-    return torch

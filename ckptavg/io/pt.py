@@ -30,7 +30,7 @@ import numpy as np
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import ReaderBase, TensorSpec
 from ckptavg.io.crc import LOCAL_HEADER, RecordCheck, data_begins, no_record_at
-from ckptavg.io.dtypes import DType, dtype_of, import_torch, standard
+from ckptavg.io.dtypes import DType, dtype_of, standard
 from ckptavg.io.files import (
     ByteSource,
     Extent,
@@ -61,6 +61,7 @@ from ckptavg.io.pickles import (
     stand_in,
 )
 from ckptavg.io.torchzip import LEGACY_STORAGES, METADATA_ATTR, RawTensor
+from ckptavg.lazy import import_torch
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ckptavg.errors import CheckpointError
 from ckptavg.io.base import ReaderBase, TensorSpec
-from ckptavg.io.dtypes import DTYPES, import_torch
+from ckptavg.io.dtypes import DTYPES
 from ckptavg.io.files import (
     ByteSource,
     Extent,
@@ -38,6 +38,7 @@ from ckptavg.io.folders import (
     read_index,
 )
 from ckptavg.io.keys import AVERAGED_COUNT, is_averaged_model, strip_keys
+from ckptavg.lazy import import_torch
 
 if TYPE_CHECKING:
     import torch

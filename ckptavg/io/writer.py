@@ -39,7 +39,7 @@ from ckptavg.io.atomic import (
     write_error,
 )
 from ckptavg.io.base import TORCH_SUFFIXES, TensorSpec
-from ckptavg.io.dtypes import CODES, import_torch
+from ckptavg.io.dtypes import CODES
 from ckptavg.io.files import SourceFile
 from ckptavg.io.folders import INDEX_NAME, SIDE_FILES
 from ckptavg.io.remote import is_remote
@@ -52,6 +52,7 @@ from ckptavg.io.torchzip import (
     head_records,
     tail_records,
 )
+from ckptavg.lazy import import_torch
 
 if TYPE_CHECKING:
     pass
