@@ -471,8 +471,8 @@ def test_read_ahead_stays_within_its_budget(tmp_path, bucket):
     many = _peak_rss_of_average(urls, tmp_path / "many.safetensors")
     # beyond the budget: 32 inputs' staging buffers read at once (kernel.STAGE_BYTES x 2,
     # against 4 inputs'), the float64 sum of a group, and each open object's header and
-    # state (measured at 300 objects: 171 MiB more in all; 378 MiB before the budget
-    # counted every byte; at 200: 164 and 253)
+    # state (measured at 300 objects: 171 MiB more in all, 378 MiB before the budget
+    # counted every byte; at 200 objects: 163 MiB)
     assert many - few < remote.BUDGET + (64 << 20), (many >> 20, few >> 20)
     got = load_file(str(tmp_path / "many.safetensors"))["w"]
     want = sum((base + i).double() for i in range(200)) / 200  # of the float32 inputs
