@@ -769,3 +769,19 @@ def test_a_remote_folder_of_loose_files_names_the_pattern_to_pass(tmp_path, buck
         f"them: 's3://{bucket}/loose/*.safetensors'")
     with pytest.raises(CkptavgError, match=rf"pass the folder, s3://{bucket}/dcp/"):
         ckptavg.inspect(f"s3://{bucket}/dcp/__0_0.distcp")
+
+
+def test_a_sweep_reads_objects_once_and_each_window_is_its_own_average(tmp_path, bucket):
+    """`average --sweep` over objects in a store: every window written locally, bitwise what
+    `average` of that window's objects gives; a remote sweep output is refused in one line."""
+    states = _states(4)
+    _upload_run(tmp_path, bucket, states)
+    src = f"s3://{bucket}/run/epoch-*.safetensors"
+    r = ckptavg.average([src], tmp_path / "sweep", sweep="window=2")
+    assert len(r.windows) == 3
+    for w in r.windows:
+        alone = ckptavg.average(w.inputs, tmp_path / "alone.safetensors")
+        got, want = load_file(w.output), load_file(alone.output)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ckptavg.OptionError, match="local"):
+        ckptavg.average([src], f"s3://{bucket}/sweep/", sweep="window=2")
