@@ -111,6 +111,11 @@ def test_the_users_kwargs_win_over_the_data_and_mistakes_are_one_line(monkeypatc
         create_model(f"timm:{ARCH}", bogus=1)
     assert e.value.options == ("model_kwargs",)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # read by the hub at import, which came first: without it each file is retried with
+    # backoff (46 s here) before the same failure
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="pretrained=True downloads weights, and the download "
                        "failed .*drop pretrained"):
         create_model("timm:resnet18", pretrained=True)
