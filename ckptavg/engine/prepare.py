@@ -56,14 +56,32 @@ class Run:
     protected: list = field(default_factory=list)
 
 
+def open_inputs(req: Request, stack: contextlib.ExitStack,
+                running: tuple | None = None) -> tuple[list[Candidate], list[Candidate], list[str]]:
+    """Every input opened once (closed with `stack`): (all of them, those that are not an
+    earlier output of ours or the running average of identity `running`, the warnings
+    naming those left out)."""
+    opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
+    stack.callback(close_all, opened)
+    cands, left_out = leave_out_outputs(opened, running)
+    return opened, cands, left_out
+
+
+def protected_files(opened: list[Candidate], cands: list[Candidate],
+                    outputs: list[str | None]) -> list:
+    """The files an output may not replace: every file of every input opened, but an
+    earlier output of ours at one of `outputs` (the same command run again replaces it, as
+    it would have written it)."""
+    ours = {earlier_output(p, opened, cands) for p in outputs if p is not None} - {None}
+    return [f for f in files_of(opened) if f.identity not in ours]
+
+
 def choose(req: Request, stack: contextlib.ExitStack) -> Run:
     """Open every input once (and lock and open the running average), leave out earlier
     outputs, select, and fix what the output may not replace."""
     into = req.into
     locked = stack.enter_context(exclusive_lock(into)) if into is not None else None
-    opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
-    stack.callback(close_all, opened)
-    cands, left_out = leave_out_outputs(opened, locked.identity if locked else None)
+    opened, cands, left_out = open_inputs(req, stack, locked.identity if locked else None)
     # the running average alone among the inputs: nothing to fold (said by the caller)
     chosen = select(cands, req.selection) if cands or locked is None else []
     run = Run(opened, chosen, left_out)
@@ -78,10 +96,8 @@ def choose(req: Request, stack: contextlib.ExitStack) -> Run:
     in_place = into is not None and _same(into, req.output)
     # Every input opened (chosen, left out by the selection or as an output of ours) and
     # the running average, unless it is rewritten in place.
-    rerun = earlier_output(req.output, opened, cands) if req.output is not None else None
-    run.protected = [f for f in files_of(opened)
-                     if not (in_place and f.identity == locked.identity)
-                     and f.identity != rerun]
+    run.protected = [f for f in protected_files(opened, cands, [req.output])
+                     if not (in_place and f.identity == locked.identity)]
     if run.running is not None and not in_place:
         run.protected += run.running.files
     if req.output is not None:  # before hashing or reading any tensor

@@ -54,25 +54,31 @@ from ckptavg.engine.plan import (
     make_plan,
     record_recipe,
 )
+from ckptavg.engine.prepare import open_inputs, protected_files
 from ckptavg.engine.result import AverageResult, make_result
 from ckptavg.engine.select import (
     Candidate,
-    close_all,
-    files_of,
-    leave_out_outputs,
     mixed_runs,
-    open_candidates,
     order_basis,
     select,
 )
 from ckptavg.errors import OptionError, OutputError
 from ckptavg.io import make_writer
+from ckptavg.io.base import TORCH_SUFFIXES
 from ckptavg.io.files import pread_extent
 from ckptavg.io.folder import side_files
-from ckptavg.io.writer import BackgroundWriter, Discard, Writer, check_output, output_kind
+from ckptavg.io.writer import (
+    SAFETENSORS_SUFFIX,
+    BackgroundWriter,
+    Discard,
+    Writer,
+    check_output,
+    output_kind,
+)
 from ckptavg.parallel import world_size
 from ckptavg.results import Progress, peak_rss_bytes
 
+FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)  # an output that is one file
 BUDGET = 64 << 20  # bytes of open windows' sums at a time (one block each)
 MIN_BLOCK = 4096  # elements: the block never shrinks below this
 
@@ -190,7 +196,7 @@ def output_paths(output: str, spans: list[tuple[int, int]], chosen: list[Candida
             raise OptionError("output", "names the same file for two windows; put {index} or "
                               "{last} in the template", output)
         return paths
-    if output.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")):
+    if output.lower().endswith(FILE_SUFFIXES):
         raise OptionError("output", "names one file, and a sweep writes several outputs: give "
                           "a folder, or a name template with {index}, {first} or {last}",
                           output)
@@ -199,9 +205,9 @@ def output_paths(output: str, spans: list[tuple[int, int]], chosen: list[Candida
     if folders or len(newest.files) > 1 or os.path.isdir(newest.path):
         suffix = ""
     else:
-        suffix = os.path.splitext(name)[1].lower() or ".safetensors"
-        if suffix not in (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar"):
-            suffix = ".safetensors"
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix not in FILE_SUFFIXES:
+            suffix = SAFETENSORS_SUFFIX
     return [os.path.join(output, f"window-{f}-{la}{suffix}") for f, la in labels]
 
 
@@ -257,11 +263,7 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
 def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextlib.ExitStack,
              folders: bool) -> _Prepared:
     """Open, select, window and plan; check every output before any tensor is read."""
-    from ckptavg.engine.prepare import earlier_output
-
-    opened = open_candidates(list(req.inputs), req.reading.key, req.reading.strip_prefix)
-    stack.callback(close_all, opened)
-    cands, left_out = leave_out_outputs(opened)
+    opened, cands, left_out = open_inputs(req, stack)
     chosen = select(cands, req.selection)
     spans = windows(sweep, chosen)
     readers = [c.reader for c in chosen]
@@ -277,10 +279,7 @@ def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextl
         raise OptionError("output", "under torchrun each rank writes one shard of every "
                           "window, so each window is a folder: give a folder, or a template "
                           "without a file suffix", req.output)
-    # every input opened, but an earlier output of ours at one of the outputs' paths (this
-    # sweep run again: it replaces them, as an average does its own)
-    ours = {earlier_output(p, opened, cands) for p in paths if p is not None} - {None}
-    protected = [f for f in files_of(opened) if f.identity not in ours]
+    protected = protected_files(opened, cands, paths)  # this sweep run again replaces its own
     for p, k in zip(paths, kinds):
         if p is not None:
             check_output(p, k, protected)
@@ -532,11 +531,8 @@ class _Pass:
             if b not in copies:
                 copies[b] = read_copy(self.readers[b], spec.key)
             self.bg.write(spec.key, copies[b], to=w)
-        if self.hashes is not None:
-            last = len(self.readers) - 1
-            value = copies.get(last)
-            _hash_whole(self.hashes, self.readers, spec.key,
-                        value if value is not None else read_copy(self.readers[last], spec.key))
+        if self.hashes is not None:  # the last window ends at the newest input (`windows`)
+            _hash_whole(self.hashes, self.readers, spec.key, copies[len(self.readers) - 1])
         self._tick(self.readers[-1].info(spec.key).nbytes)
 
     def _floating(self, spec, reader_pool: ThreadPoolExecutor) -> None:
@@ -581,8 +577,7 @@ class _Pass:
                     ops.sort(key=lambda op: op[3])  # the window it ends last: rounding uses scratch
                     ending = [op for op in ops if op[3]]
                     buf = self.bg.buffer() if ending else None  # at most one window ends
-                    out = (buf if buf is not None else self.stage[0])[
-                        :k * spec.dtype.itemsize].view(out_kind)
+                    out = None if buf is None else buf[:k * spec.dtype.itemsize].view(out_kind)
                     finite = [True]
                     self.workers.run(self._work(src, ops, dtype, spec.dtype, out, finite), k)
                     for _, _, _, _, j in ending:
@@ -601,9 +596,10 @@ class _Pass:
                 hashes.done(i, key)
             r.release(key)
 
-    def _work(self, src: np.ndarray, ops: list, dtype, out_dtype, out: np.ndarray,
+    def _work(self, src: np.ndarray, ops: list, dtype, out_dtype, out: np.ndarray | None,
               finite: list[bool]):
-        """Fold one input's block into every window holding it; finish the one it ends.
+        """Fold one input's block into every window holding it; finish the one it ends
+        into `out` (None when it ends none).
         The operations are those of arith.fold and the kernel's finish, value for value."""
         plans = self.plans
 
