@@ -59,7 +59,8 @@ def check_choice(name: str, value, literal) -> None:
         raise OptionError(name, f"use one of {', '.join(allowed)}", repr(value))
 
 
-_SI = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12, "p": 10**15}
+# SI suffixes of counts (tokens): B is billion, as G; the one table of them
+SI = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12, "p": 10**15}
 
 
 def count(value, name: str = "tokens") -> int:
@@ -79,7 +80,7 @@ def count(value, name: str = "tokens") -> int:
         n = value
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMbBgGtTpP]?)\s*", str(value))
-        exact = Fraction(m.group(1)) * _SI[m.group(2).lower()] if m else None
+        exact = Fraction(m.group(1)) * SI[m.group(2).lower()] if m else None
         if exact is None or exact.denominator != 1:
             from ckptavg.errors import OptionError
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from ckptavg.errors import OptionError
+from ckptavg.options import SI
 
 NAMES = ("uniform", "time", "ema", "power", "wsm")
 WSM_DECAYS = ("linear", "minus-sqrt", "cosine")
@@ -52,15 +53,12 @@ def _fail(spec: str, why: str) -> OptionError:
     return OptionError("profile", why, repr(spec))
 
 
-_SI = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
-
-
 def _number(spec: str, key: str, text: str) -> float:
     """A parameter's value; a length in positions may carry an SI suffix (halflife=50B:
     fifty billion tokens)."""
     scale = 1.0
-    if key in ("halflife", "per") and text[-1:].lower() in _SI:
-        text, scale = text[:-1], _SI[text[-1].lower()]
+    if key in ("halflife", "per") and text[-1:] and text[-1].lower() in SI:
+        text, scale = text[:-1], float(SI[text[-1].lower()])
     try:
         value = float(text) * scale
     except ValueError:
