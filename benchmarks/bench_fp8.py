@@ -54,11 +54,13 @@ def make_inputs(folder: str, n: int, params_m: int) -> tuple[list[str], list[str
     return bf16, fp8
 
 
-def run(paths: list[str], out: str, extra: list[str]) -> tuple[float, int, bool]:
-    """(wall seconds, peak RSS bytes of this child alone, torch imported)."""
+def run(paths: list[str], out: str, extra: list[str], root: str = ROOT
+        ) -> tuple[float, int, bool]:
+    """(wall seconds, peak RSS bytes of this child alone, torch imported), with the ckptavg
+    of the checkout `root` (the child imports it from its working folder)."""
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, "average", *paths, "-o", out, "-q",
-                             *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                             *extra], cwd=root, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
     err = proc.stderr.read()
@@ -73,6 +75,9 @@ def main() -> None:
     ap.add_argument("--params-m", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", default="bench-fp8-tmp")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="also run the FP8 cases with another checkout's ckptavg (e.g. a "
+                         "`git worktree` of the previous commit), interleaved: before/after")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -88,13 +93,18 @@ def main() -> None:
             with open(p, "rb") as f:
                 while f.read(1 << 24):
                     pass
-        cases = {"bf16 in, bf16 out": (bf16, []), "fp8 in, fp8 out (requantized)": (fp8, []),
-                 "fp8 in, bf16 out (--dtype)": (fp8, ["--dtype", "bfloat16"])}
+        cases = {"bf16 in, bf16 out": (bf16, [], ROOT),
+                 "fp8 in, fp8 out (requantized)": (fp8, [], ROOT),
+                 "fp8 in, bf16 out (--dtype)": (fp8, ["--dtype", "bfloat16"], ROOT)}
+        if args.baseline:
+            root = os.path.abspath(args.baseline)
+            cases["baseline: fp8 requantized"] = (fp8, [], root)
+            cases["baseline: fp8 --dtype"] = (fp8, ["--dtype", "bfloat16"], root)
         figures = {k: ([], [], []) for k in cases}
         for _ in range(args.repeats):
-            for name, (paths, extra) in cases.items():
+            for name, (paths, extra, root) in cases.items():
                 out = os.path.join(args.dir, "out.safetensors")
-                wall, rss, torch = run(paths, out, extra)
+                wall, rss, torch = run(paths, out, extra, root)
                 figures[name][0].append(wall)
                 figures[name][1].append(rss)
                 figures[name][2].append(torch)
