@@ -258,7 +258,7 @@ def draw(r: BeyondResult) -> list[str]:
         best = next(w for w in ws if w.start_epoch == p["search"]["start_epoch"])
         end = f"epoch-{ws[-1].start_epoch:04d}.safetensors"
         files.append(os.path.join(r.out, f"search-seed{p['seed']}.png"))
-        plot_search(SearchResult(ws, best, end, None, None, held, 0, True, 0, 0.0), files[-1])
+        plot_search(SearchResult(windows=ws, best=best, end=end, holdout=held), files[-1])
         rows = [CalibrationRow(name, p["calibration"][k]["accuracy"], p["calibration"][k]["nll"],
                                p["calibration"][k]["ece"], 0, p["calibration"][k]["reliability"])
                 for k, name in CAL_ROWS.items()]

@@ -20,8 +20,9 @@ import hashlib
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from ckptavg.io.crc import crc32
 from ckptavg.io.dtypes import DType

@@ -5,18 +5,31 @@ goes through the same `HeldOut.score`: its weights are loaded into one network, 
 recalibrated on the training images (same seed, same batches, same augmentation for every
 candidate, so they are compared on equal terms), and it is scored on held-out training
 images, never on the test split. `RunningSum` keeps float64 sums so that growing sets of
-checkpoints cost one read per checkpoint.
+checkpoints cost one read per checkpoint. `Choosing` is the frame every such choice runs
+in (open, select, held out, score, keep the best, test, write, close) and `ChoiceResult`
+the fields every choice reports.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from ckptavg.engine import arith
 from ckptavg.engine.plan import make_plan
-from ckptavg.engine.select import Candidate
+from ckptavg.engine.select import (
+    Candidate,
+    close_all,
+    files_of,
+    leave_out_outputs,
+    open_candidates,
+    order,
+    select,
+)
 from ckptavg.errors import CkptavgError, DataError, OptionError
 from ckptavg.io import ReaderBase
 from ckptavg.io.checkpoint import save
@@ -32,9 +45,12 @@ from ckptavg.options import (
     HeldOutOptions,
     LoaderOptions,
     ModelOptions,
+    Reading,
+    Selection,
     Stats,
     check_choice,
 )
+from ckptavg.results import Result
 
 
 def _round_once(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,12 +301,100 @@ def better(s, best, tie: bool = False) -> bool:
     return now > before or (tie and now == before)
 
 
-def conclude(result, held: HeldOut, state: dict, test: bool, left_out: list[str]) -> None:
-    """The end every held-out choice shares: its warnings (inputs left out, held-out images
-    not known to be held out), whether they are, and the test split, read once, for the
-    choice only (`test`)."""
-    result.warnings += left_out + held.warnings
-    result.holdout_verified = held.verified
-    if test:
-        t = held.test(state)
-        result.test_accuracy, result.test_loss = t.accuracy, t.loss
+@dataclass(kw_only=True)
+class ChoiceResult(Result):
+    """What every choice on held-out images reports besides its own fields (soup, search,
+    profile search), filled in by `Choosing.finish`. Test figures are None unless asked."""
+
+    output: str | None = None
+    holdout: str = ""  # the held-out images, e.g. fashion-mnist:train[15000:20000]
+    holdout_samples: int = 0
+    bn_recalibrated: bool = False
+    passes: int = 0  # scoring passes (one BatchNorm pass and one held-out pass each)
+    seconds: float = 0.0
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    # whether the held-out images are known not to be trained on (data.train_images)
+    holdout_verified: bool = True
+
+
+class Choosing:
+    """The frame of every choice on held-out images (soup, search, profile search): open
+    the inputs (closed by `close`, or leaving a `with`), leave ckptavg's outputs out of them
+    and apply the `selection` (or, with `select=False`, take them all in training order:
+    soups), check the output and set up the held-out scoring (`open_heldout`). The caller
+    scores its candidates (`score`), keeps the best by the one rule (`offer`, `better`),
+    and ends with `finish`: the shared result fields, the warnings, the test split read
+    once for the choice, the chosen average written.
+
+    Attributes: `pool` (the candidates, in training order), `held` (`HeldOut`), `output`."""
+
+    def __init__(self, inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None,
+                 *, reading: Reading | None = None, selection: Selection | None = None,
+                 select_inputs: bool = True, heldout: HeldOutOptions | None = None,
+                 model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
+                 loader: LoaderOptions | None = None, test: bool = False) -> None:
+        self.t0 = time.perf_counter()
+        self.output = os.fspath(output) if output is not None else None
+        self.test = test
+        r = Reading.of(reading)
+        self.cands = open_candidates([os.fspath(p) for p in inputs], r.key, r.strip_prefix)
+        try:
+            if select_inputs:
+                kept, self.left_out = leave_out_outputs(self.cands)
+                self.pool = select(kept, selection)
+                protect = files_of(self.cands)
+            else:
+                self.pool, self.left_out, protect = order(self.cands), [], []
+            self.held = open_heldout(self.pool, self.output, protect, heldout=heldout,
+                                     model=model, data=data, loader=loader)
+        except BaseException:
+            close_all(self.cands)
+            raise
+        self.best: Scores | None = None  # the choice so far (`offer`), its weights as scored
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> Choosing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        close_all(self.cands)
+
+    def score(self, state: dict[str, torch.Tensor], label: str) -> Scores:
+        """`state`'s held-out scores, its BatchNorm recalibrated first (`HeldOut.score`)."""
+        return self.held.score(state, label)
+
+    def offer(self, scores: Scores, state: dict[str, torch.Tensor], tie: bool = False) -> bool:
+        """Keep `state` (its BatchNorm as just recalibrated) as the choice when its `scores`
+        are `better` than the kept one's; returns whether it was kept."""
+        if not better(scores, self.best, tie):
+            return False
+        self.best, self.best_state = scores, self.held.fixed(state)
+        return True
+
+    def finish(self, result: ChoiceResult, chosen: Sequence[Candidate], meta: dict[str, str],
+               state: dict[str, torch.Tensor] | None = None, scores: Scores | None = None,
+               weights: Sequence[float] | None = None, profile: str | None = None):
+        """Fill in `result`'s shared fields for the choice (`state` scored `scores`; default:
+        the kept best), its warnings (inputs left out, held-out images not known to be held
+        out), the test split read once for the choice only, and write `chosen`'s average
+        (`write_choice`, with `meta` saying what chose it) when there is an output."""
+        state = self.best_state if state is None else state
+        scores = self.best if scores is None else scores
+        held = self.held
+        result.output, result.holdout = self.output, held.description
+        result.holdout_samples, result.bn_recalibrated = scores.samples, held.has_bn
+        result.warnings += self.left_out + held.warnings
+        result.holdout_verified = held.verified
+        if self.test:
+            t = held.test(state)
+            result.test_accuracy, result.test_loss = t.accuracy, t.loss
+        result.passes = held.passes
+        if self.output is not None:
+            write_choice(self.output, chosen, state, held, meta, weights, profile)
+        result.seconds = time.perf_counter() - self.t0
+        return result

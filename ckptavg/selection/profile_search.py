@@ -11,13 +11,11 @@ Memory: one float64 model per profile, plus one checkpoint.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ckptavg.engine import profiles
 from ckptavg.engine.plan import profile_positions
-from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
 from ckptavg.options import (
     DataOptions,
@@ -28,7 +26,7 @@ from ckptavg.options import (
     Selection,
 )
 from ckptavg.results import Progress, Result
-from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
+from ckptavg.selection.heldout import ChoiceResult, Choosing, RunningSum
 
 
 @dataclass
@@ -43,23 +41,14 @@ class ProfileScore(Result):
 
 
 @dataclass
-class ProfileSearchResult(Result):
-    """Every profile scored (in the order given), the chosen one, and where it was written."""
+class ProfileSearchResult(ChoiceResult):
+    """Every profile scored (in the order given) and the chosen one; where it was written,
+    the held-out images and the rest are `ChoiceResult`'s."""
 
     profiles: list[ProfileScore]
     best: ProfileScore
     inputs: list[str]
     positions: list[int]
-    output: str | None
-    holdout: str
-    holdout_samples: int
-    bn_recalibrated: bool
-    passes: int
-    seconds: float
-    test_accuracy: float | None = None
-    test_loss: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    holdout_verified: bool = True
 
 
 def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
@@ -89,48 +78,34 @@ def search_profiles(inputs: Sequence[str | os.PathLike], specs: Sequence[str],
         >>> [p.profile for p in r.profiles], r.positions
         (['uniform', 'ema:halflife=2'], [3, 4, 5, 6])
     """
-    t0 = time.perf_counter()
     parsed = [profiles.parse(s) for s in specs]
     if not parsed:
         raise OptionError("profiles", "none given; name one or more, e.g. uniform,wsm:linear")
-    output = os.fspath(output) if output is not None else None
-    cands = open_candidates([os.fspath(p) for p in inputs], Reading.of(reading).key,
-                            Reading.of(reading).strip_prefix)
-    try:
-        kept, left_out = leave_out_outputs(cands)
-        pool = select(kept, selection)
+    with Choosing(inputs, output, reading=reading, selection=selection, heldout=heldout,
+                  model=model, data=data, loader=loader, test=test) as frame:
+        pool = frame.pool
         positions = profile_positions(pool)
         ws = [profiles.weights(p, positions) for p in parsed]
-        held = open_heldout(pool, output, files_of(cands), heldout=heldout, model=model, data=data,
-                            loader=loader)
         sums = [RunningSum() for _ in parsed]
         for i, c in enumerate(pool):
             state = RunningSum.read(c.reader)
             for s, w in zip(sums, ws):
                 s.add(state, i, w[i])
-        scored, best_i, best_state, best_scores = [], 0, None, None
+        scored, best = [], None
         for j, (p, s) in enumerate(zip(parsed, sums)):
             mean = s.mean()
-            r = held.score(mean, f"the {p.spec} average")
+            r = frame.score(mean, f"the {p.spec} average")
             scored.append(ProfileScore(p.spec, ws[j], profiles.effective_n(ws[j]),
                                        r.accuracy, r.loss))
-            if better(r, best_scores):
-                best_i, best_state, best_scores = j, held.fixed(mean), r
+            if frame.offer(r, mean):  # a tie keeps the profile given first
+                best = scored[-1]
             sums[j] = None  # its float64 model is no longer needed
             if progress:
                 progress(j + 1, len(parsed))
-        best = scored[best_i]
-        result = ProfileSearchResult(scored, best, [c.path for c in pool], positions, output,
-                                     held.description, r.samples, held.has_bn, held.passes,
-                                     0.0)
-        conclude(result, held, best_state, test, left_out)
-        if output is not None:
-            write_choice(output, pool, best_state, held,
-                         {"select.method": "profile-search",
-                          "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}",
-                          "select.profiles": ";".join(p.spec for p in parsed)},
-                         weights=best.weights, profile=best.profile)
-    finally:
-        close_all(cands)
-    result.seconds = time.perf_counter() - t0
-    return result
+        result = ProfileSearchResult(profiles=scored, best=best, inputs=[c.path for c in pool],
+                                     positions=positions)
+        return frame.finish(result, pool,
+                            {"select.method": "profile-search",
+                             "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}",
+                             "select.profiles": ";".join(p.spec for p in parsed)},
+                            weights=best.weights, profile=best.profile)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
 from ckptavg.errors import OptionError
 from ckptavg.io.atomic import AtomicFile
 from ckptavg.options import (
@@ -28,10 +27,10 @@ from ckptavg.options import (
 )
 from ckptavg.plots import pyplot
 from ckptavg.results import Progress, Result
+from ckptavg.selection.heldout import ChoiceResult, Choosing, RunningSum
 
 if TYPE_CHECKING:
     from ckptavg.selection.profile_search import ProfileSearchResult
-from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
 
 
 @dataclass
@@ -48,24 +47,14 @@ class Window(Result):
 
 
 @dataclass
-class SearchResult(Result):
-    """Every window (earliest start first), the chosen one, and where things were written."""
+class SearchResult(ChoiceResult):
+    """Every window (earliest start first), the chosen one, and the plot; where the choice
+    was written, the held-out images and the rest are `ChoiceResult`'s."""
 
     windows: list[Window]
     best: Window
     end: str  # the last checkpoint, common to every window
-    output: str | None
-    plot: str | None
-    holdout: str
-    holdout_samples: int
-    bn_recalibrated: bool
-    passes: int
-    seconds: float
-    test_accuracy: float | None = None
-    test_loss: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    # whether the held-out images are known not to be trained on (data.train_images)
-    holdout_verified: bool = True
+    plot: str | None = None
     sweep: str | None = None  # windows of a fixed size sliding along the run (`sweep`)
 
 
@@ -112,63 +101,59 @@ def search(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None
         return search_profiles(inputs, list(profiles), output, selection=selection,
                                heldout=heldout, model=model, data=data, loader=loader,
                                reading=reading, test=test, progress=progress)
-    t0 = time.perf_counter()
-    output = os.fspath(output) if output is not None else None
     plot = os.fspath(plot) if plot is not None else None
     if plot is not None:
         if not plot.lower().endswith(".png"):
             raise OptionError("plot", "the plot is a PNG file; name it .png", plot)
         pyplot()  # without matplotlib, fail before the long measurement, not after it
-    cands = open_candidates([os.fspath(p) for p in inputs], Reading.of(reading).key,
-                            Reading.of(reading).strip_prefix)
-    try:
-        kept, left_out = leave_out_outputs(cands)
-        pool = select(kept, selection)
-        held = open_heldout(pool, output, files_of(cands), heldout=heldout, model=model, data=data,
-                            loader=loader)
+    with Choosing(inputs, output, reading=reading, selection=selection, heldout=heldout,
+                  model=model, data=data, loader=loader, test=test) as frame:
         if sweep is not None:
-            return _sweep(pool, sweep, held, output, plot, test, progress, left_out, t0)
-        running, windows = RunningSum(), []
-        best, best_state, best_scores, best_i = None, None, None, 0
-        for i in reversed(range(len(pool))):
-            c = pool[i]
-            running.add(RunningSum.read(c.reader), i)
-            mean = running.mean()
-            s = held.score(mean, f"the average from {c.path}")
-            w = Window(c.path, c.epoch, running.n, s.accuracy, s.loss)
-            windows.append(w)
-            # Later starts come first: an equal score moves the choice to more checkpoints.
-            if better(s, best_scores, tie=True):
-                best, best_state, best_scores, best_i = w, held.fixed(mean), s, i
-            if progress:
-                progress(len(windows), len(pool))
-        windows.reverse()
-        result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
-                              best_scores.samples, held.has_bn, held.passes, 0.0)
-        conclude(result, held, best_state, test, left_out)
-        if output is not None:
-            write_choice(output, pool[best_i:], best_state, held,
-                         {"select.method": "window-search",
-                          "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}",
-                          **({"select.start_epoch": str(best.start_epoch)}
-                             if best.start_epoch is not None else {})})
+            result = _sweep(frame, sweep, plot, progress)
+        else:
+            result = _starts(frame, plot, progress)
         if plot is not None:
             plot_search(result, plot)
-    finally:
-        close_all(cands)
-    result.seconds = time.perf_counter() - t0
+            result.seconds = time.perf_counter() - frame.t0
     return result
 
 
-def _sweep(pool, spec: str, held, output, plot, test, progress, left_out, t0) -> SearchResult:
+def _starts(frame: Choosing, plot: str | None, progress: Progress | None) -> SearchResult:
+    """Every start to the last checkpoint: one running float64 sum, built from the last
+    checkpoint backwards, so each window reads one more checkpoint."""
+    pool = frame.pool
+    running, windows, best, best_i = RunningSum(), [], None, 0
+    for i in reversed(range(len(pool))):
+        c = pool[i]
+        running.add(RunningSum.read(c.reader), i)
+        mean = running.mean()
+        s = frame.score(mean, f"the average from {c.path}")
+        windows.append(Window(c.path, c.epoch, running.n, s.accuracy, s.loss))
+        # Later starts come first: an equal score moves the choice to more checkpoints.
+        if frame.offer(s, mean, tie=True):
+            best, best_i = windows[-1], i
+        if progress:
+            progress(len(windows), len(pool))
+    windows.reverse()
+    result = SearchResult(windows=windows, best=best, end=pool[-1].path, plot=plot)
+    return frame.finish(result, pool[best_i:],
+                        {"select.method": "window-search",
+                         "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}",
+                         **({"select.start_epoch": str(best.start_epoch)}
+                            if best.start_epoch is not None else {})})
+
+
+def _sweep(frame: Choosing, spec: str, plot: str | None,
+           progress: Progress | None) -> SearchResult:
     """Windows of a fixed size along the run, each input read once: every open window's
     float64 sum takes it (as `average --sweep`); each is scored as it closes."""
     from ckptavg.engine import sweep as sweeps
 
+    pool = frame.pool
     spans = sweeps.windows(sweeps.parse(spec), pool)
     open_sums: dict[int, RunningSum] = {}
     windows: list[Window] = []
-    best, best_state, best_scores, best_span = None, None, None, spans[0]
+    best, best_span = None, spans[0]
     for i, c in enumerate(pool):
         holding = [j for j, (a, b) in enumerate(spans) if a <= i <= b]
         if not holding:
@@ -179,27 +164,19 @@ def _sweep(pool, spec: str, held, output, plot, test, progress, left_out, t0) ->
         for j in [j for j in holding if spans[j][1] == i]:
             a, b = spans[j]
             mean = open_sums.pop(j).mean()
-            s = held.score(mean, f"the average of {pool[a].path} .. {c.path}")
-            w = Window(pool[a].path, pool[a].epoch, b - a + 1, s.accuracy, s.loss, c.path,
-                       c.epoch)
-            windows.append(w)
+            s = frame.score(mean, f"the average of {pool[a].path} .. {c.path}")
+            windows.append(Window(pool[a].path, pool[a].epoch, b - a + 1, s.accuracy, s.loss,
+                                  c.path, c.epoch))
             # a later window wins a tie: the newest weights for the same score
-            if better(s, best_scores, tie=True):
-                best, best_state, best_scores, best_span = w, held.fixed(mean), s, (a, b)
+            if frame.offer(s, mean, tie=True):
+                best, best_span = windows[-1], (a, b)
             if progress:
                 progress(len(windows), len(spans))
-    result = SearchResult(windows, best, pool[-1].path, output, plot, held.description,
-                          best_scores.samples, held.has_bn, held.passes, 0.0, sweep=spec)
-    conclude(result, held, best_state, test, left_out)
-    if output is not None:
-        a, b = best_span
-        write_choice(output, pool[a:b + 1], best_state, held,
-                     {"select.method": "window-sweep", "select.sweep": spec,
-                      "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}"})
-    if plot is not None:
-        plot_search(result, plot)
-    result.seconds = time.perf_counter() - t0
-    return result
+    result = SearchResult(windows=windows, best=best, end=pool[-1].path, plot=plot, sweep=spec)
+    a, b = best_span
+    return frame.finish(result, pool[a:b + 1],
+                        {"select.method": "window-sweep", "select.sweep": spec,
+                         "select.holdout_accuracy": f"{best.holdout_accuracy:.4f}"})
 
 
 def plot_search(result: SearchResult, path: str) -> None:

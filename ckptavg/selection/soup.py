@@ -11,12 +11,9 @@ the training images before it is scored (see heldout.py); the test split is read
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from ckptavg.engine.select import close_all, open_candidates, order
 from ckptavg.options import (
     DataOptions,
     HeldOutOptions,
@@ -25,10 +22,7 @@ from ckptavg.options import (
     Reading,
 )
 from ckptavg.results import Progress, Result
-from ckptavg.selection.heldout import RunningSum, better, conclude, open_heldout, write_choice
-
-if TYPE_CHECKING:
-    pass
+from ckptavg.selection.heldout import ChoiceResult, Choosing, RunningSum
 
 
 @dataclass
@@ -46,26 +40,16 @@ class Ingredient(Result):
 
 
 @dataclass
-class SoupResult(Result):
+class SoupResult(ChoiceResult):
     """What a soup chose and how it scored. `ingredients` are best first (by held-out
-    accuracy); `chosen` is the soup in training order. Test figures are None unless asked."""
+    accuracy); `chosen` is the soup in training order. The held-out images, passes, test
+    figures and warnings are `ChoiceResult`'s."""
 
     method: str  # greedy | uniform
-    output: str | None
     ingredients: list[Ingredient]
     chosen: list[str]
-    holdout: str  # the held-out images, e.g. fashion-mnist:train[15000:20000]
     holdout_accuracy: float
     holdout_loss: float
-    holdout_samples: int
-    bn_recalibrated: bool
-    passes: int  # scoring passes (one BatchNorm pass and one held-out pass each)
-    seconds: float
-    test_accuracy: float | None = None
-    test_loss: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    # whether the held-out images are known not to be trained on (data.train_images)
-    holdout_verified: bool = True
 
 
 def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
@@ -101,27 +85,20 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         >>> r.method, r.holdout_samples, 1 <= len(r.chosen) <= 6
         ('greedy', 1000, True)
     """
-    t0 = time.perf_counter()
-    output = os.fspath(output) if output is not None else None
-    cands = open_candidates([os.fspath(p) for p in inputs], Reading.of(reading).key,
-                            Reading.of(reading).strip_prefix)
-    try:
-        cands = order(cands)
-        held = open_heldout(cands, output, heldout=heldout, model=model, data=data,
-                            loader=loader)
+    with Choosing(inputs, output, reading=reading, select_inputs=False, heldout=heldout,
+                  model=model, data=data, loader=loader, test=test) as frame:
+        cands, held = frame.pool, frame.held
         n = len(cands)
         total = n + (1 if uniform else n - 1)
         tick = (lambda: progress(held.passes, total)) if progress else (lambda: None)
 
         # Every checkpoint alone, keeping the recalibrated weights of the best so far.
-        singles, best_state, best_i = [], None, 0
-        for i, c in enumerate(cands):
+        singles = []
+        for c in cands:
             x = RunningSum.read(c.reader)
-            s = held.score(x, c.path)
-            singles.append(s)
+            singles.append(held.score(x, c.path))
             tick()
-            if best_state is None or better(s, singles[best_i]):
-                best_i, best_state = i, held.fixed(x)
+            frame.offer(singles[-1], x)
         ranked = sorted(range(n), key=lambda i: (-singles[i].accuracy, singles[i].loss, i))
         ingredients = {i: Ingredient(cands[i].path, cands[i].epoch, singles[i].accuracy,
                                      singles[i].loss, uniform) for i in range(n)}
@@ -138,7 +115,7 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
             first = ranked[0]
             running = RunningSum()
             running.add(RunningSum.read(cands[first].reader), first)
-            current, state, chosen = singles[first], best_state, [first]
+            current, state, chosen = singles[first], frame.best_state, [first]
             ingredients[first].accepted = True
             ingredients[first].soup_accuracy = current.accuracy
             for i in ranked[1:]:
@@ -154,16 +131,10 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
                     ingredients[i].accepted = True
             chosen.sort()
         method = "uniform" if uniform else "greedy"
-        result = SoupResult(method, output, [ingredients[i] for i in ranked],
-                            [cands[i].path for i in chosen], held.description,
-                            current.accuracy, current.loss, current.samples,
-                            held.has_bn, held.passes, 0.0)
-        conclude(result, held, state, test, [])
-        if output is not None:
-            write_choice(output, [cands[i] for i in chosen], state, held,
-                         {"select.method": f"{method}-soup",
-                          "select.holdout_accuracy": f"{current.accuracy:.4f}"})
-    finally:
-        close_all(cands)
-    result.seconds = time.perf_counter() - t0
-    return result
+        result = SoupResult(method=method, ingredients=[ingredients[i] for i in ranked],
+                            chosen=[cands[i].path for i in chosen],
+                            holdout_accuracy=current.accuracy, holdout_loss=current.loss)
+        return frame.finish(result, [cands[i] for i in chosen],
+                            {"select.method": f"{method}-soup",
+                             "select.holdout_accuracy": f"{current.accuracy:.4f}"},
+                            state=state, scores=current)
