@@ -396,3 +396,37 @@ def test_a_plot_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     assert len(lines) == 1 and f"{png}: cannot write the output" in lines[0], proc.stderr
     assert not png.exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+@pytest.mark.parametrize("command", ["soup", "search", "profiles"])
+def test_run_again_over_a_glob_that_caught_its_output_leaves_it_out_and_replaces_it(
+        tmp_path, command):
+    """As `average`: the earlier output among the inputs is left out (said), the same
+    command replaces it with the same choice; a snapshot as the output is still refused."""
+    paths = write(tmp_path, {"a": rotated(30), "b": rotated(-30), "c": rotated(180)})
+    out = str(tmp_path / "chosen.safetensors")
+    glob = str(tmp_path / "*.safetensors")
+    kw = dict(heldout=HeldOutOptions(holdout=200), data=DATA, model=MODEL,
+              loader=LoaderOptions(device="cpu"))
+
+    def run(inputs, output):
+        if command == "soup":
+            return ckptavg.soup(inputs, output, **kw)
+        if command == "search":
+            return ckptavg.search(inputs, output, **kw)
+        return ckptavg.search_profiles(inputs, ["uniform", "ema:halflife=1"], output, **kw)
+
+    first = run([glob], out)
+    before = ckptavg.load(out)[0]
+    assert not any("left out" in w for w in first.warnings)
+    second = run([glob], out)
+    assert any(w.startswith(out) and "left out" in w for w in second.warnings)
+    after, meta = ckptavg.load(out)
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    files = {e["file"] for e in json.loads(meta["average.inputs"])}
+    assert files <= {"a.safetensors", "b.safetensors", "c.safetensors"}  # never itself
+    snapshot = open(paths[0], "rb").read()
+    with pytest.raises(CkptavgError, match="is one of the inputs"):
+        run([glob], paths[0])
+    assert open(paths[0], "rb").read() == snapshot

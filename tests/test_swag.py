@@ -245,3 +245,21 @@ def test_swag_of_a_batchnorm_run_and_the_cli(tmp_path):
     assert res.exit_code == 1 and "not a SWAG file" in res.output
     res = CliRunner().invoke(cli, ["eval", *run.checkpoints[:2]])
     assert res.exit_code == 2
+
+
+def test_swag_run_again_over_a_glob_that_caught_its_output_replaces_it(tmp_path):
+    """As `average`: the earlier SWAG file among the inputs is left out (said) and the same
+    command replaces it with the same moments; a snapshot as the output is refused."""
+    states, paths = snapshots(tmp_path, n=4)
+    out = str(tmp_path / "swag.safetensors")
+    glob = str(tmp_path / "*.safetensors")
+    ckptavg.swag([glob], out, rank=2)
+    before = ckptavg.load(out)[0]
+    r = ckptavg.swag([glob], out, rank=2)
+    assert r.n == 4 and any(w.startswith(out) and "left out" in w for w in r.warnings)
+    after = ckptavg.load(out)[0]
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in after)
+    snapshot = open(paths[0], "rb").read()
+    with pytest.raises(ckptavg.CkptavgError, match="is one of the inputs"):
+        ckptavg.swag([glob], paths[0], rank=2)
+    assert open(paths[0], "rb").read() == snapshot

@@ -21,13 +21,12 @@ import torch
 
 from ckptavg.engine import arith
 from ckptavg.engine.plan import make_plan
+from ckptavg.engine.prepare import protected_files
 from ckptavg.engine.select import (
     Candidate,
     close_all,
-    files_of,
     leave_out_outputs,
     open_candidates,
-    order,
     select,
 )
 from ckptavg.errors import CkptavgError, DataError, OptionError
@@ -35,6 +34,7 @@ from ckptavg.io import ReaderBase
 from ckptavg.io.checkpoint import save
 from ckptavg.io.dtypes import dtype_of
 from ckptavg.io.metadata import meta_int
+from ckptavg.io.outputs import check_output, output_kind
 from ckptavg.nn.bn import bn_layers, recalibrate
 from ckptavg.nn.build import load_weights, network_for, wrapper_prefix
 from ckptavg.nn.data import describe_data, holdout_split, make_loader
@@ -273,23 +273,6 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
     save(state, output, meta, entry=plan.entry, extras=plan.extras)
 
 
-def open_heldout(cands: Sequence[Candidate], output: str | None, protect: Sequence = (), *,
-                 heldout: HeldOutOptions | None = None, model: ModelOptions | str | None = None,
-                 data: DataOptions | str | None = None,
-                 loader: LoaderOptions | None = None) -> HeldOut:
-    """What soup and search do before any scoring: refuse an output that is an input or not
-    ours (as `average`), check that the candidates agree (keys, shapes, dtypes), then set up
-    the held-out scoring on the newest candidate (see `HeldOut`). `protect`:
-    files of inputs opened but not candidates, which the output may not replace either."""
-    from ckptavg.io.writer import check_output, output_kind
-
-    if output is not None:
-        check_output(output, output_kind(output),
-                     [f for c in cands for f in c.reader.files] + list(protect))
-    make_plan([c.reader for c in cands], [1.0] * len(cands))
-    return HeldOut(cands[-1], heldout=heldout, model=model, data=data, loader=loader)
-
-
 def better(s, best, tie: bool = False) -> bool:
     """The one rule of every choice on held-out images (soup, search, profile search): the
     higher held-out accuracy, then the lower held-out loss (`Scores`); on a full tie, `tie`
@@ -321,9 +304,11 @@ class ChoiceResult(Result):
 
 class Choosing:
     """The frame of every choice on held-out images (soup, search, profile search): open
-    the inputs (closed by `close`, or leaving a `with`), leave ckptavg's outputs out of them
-    and apply the `selection` (or, with `select=False`, take them all in training order:
-    soups), check the output and set up the held-out scoring (`open_heldout`). The caller
+    the inputs (closed by `close`, or leaving a `with`), leave ckptavg's earlier outputs out
+    of them and apply the `selection` (in training order), check the output as `average`
+    does (it may replace no file of any input opened, but an earlier output of ours at the
+    same path that was left out), check that the candidates agree (keys, shapes, dtypes)
+    and set up the held-out scoring on the newest (`HeldOut`). The caller
     scores its candidates (`score`), keeps the best by the one rule (`offer`, `better`),
     and ends with `finish`: the shared result fields, the warnings, the test split read
     once for the choice, the chosen average written.
@@ -332,7 +317,7 @@ class Choosing:
 
     def __init__(self, inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None,
                  *, reading: Reading | None = None, selection: Selection | None = None,
-                 select_inputs: bool = True, heldout: HeldOutOptions | None = None,
+                 heldout: HeldOutOptions | None = None,
                  model: ModelOptions | str | None = None, data: DataOptions | str | None = None,
                  loader: LoaderOptions | None = None, test: bool = False) -> None:
         self.t0 = time.perf_counter()
@@ -341,14 +326,14 @@ class Choosing:
         r = Reading.of(reading)
         self.cands = open_candidates([os.fspath(p) for p in inputs], r.key, r.strip_prefix)
         try:
-            if select_inputs:
-                kept, self.left_out = leave_out_outputs(self.cands)
-                self.pool = select(kept, selection)
-                protect = files_of(self.cands)
-            else:
-                self.pool, self.left_out, protect = order(self.cands), [], []
-            self.held = open_heldout(self.pool, self.output, protect, heldout=heldout,
-                                     model=model, data=data, loader=loader)
+            kept, self.left_out = leave_out_outputs(self.cands)
+            self.pool = select(kept, selection)
+            if self.output is not None:  # as `average`: no input's file, nothing not ours
+                check_output(self.output, output_kind(self.output),
+                             protected_files(self.cands, kept, [self.output]))
+            make_plan([c.reader for c in self.pool], [1.0] * len(self.pool))  # they agree
+            self.held = HeldOut(self.pool[-1], heldout=heldout, model=model, data=data,
+                                loader=loader)
         except BaseException:
             close_all(self.cands)
             raise

@@ -85,7 +85,7 @@ def soup(inputs: Sequence[str | os.PathLike], output: str | os.PathLike | None =
         >>> r.method, r.holdout_samples, 1 <= len(r.chosen) <= 6
         ('greedy', 1000, True)
     """
-    with Choosing(inputs, output, reading=reading, select_inputs=False, heldout=heldout,
+    with Choosing(inputs, output, reading=reading, heldout=heldout,
                   model=model, data=data, loader=loader, test=test) as frame:
         cands, held = frame.pool, frame.held
         n = len(cands)

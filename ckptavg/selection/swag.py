@@ -26,7 +26,8 @@ import torch
 
 from ckptavg import options
 from ckptavg.engine.plan import make_plan
-from ckptavg.engine.select import close_all, files_of, leave_out_outputs, open_candidates, select
+from ckptavg.engine.prepare import protected_files
+from ckptavg.engine.select import close_all, leave_out_outputs, open_candidates, select
 from ckptavg.errors import CkptavgError, OptionError
 from ckptavg.io import TensorSpec, make_writer, open_checkpoint
 from ckptavg.io.atomic import AtomicFile
@@ -130,7 +131,9 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
         meta = {**plan.metadata, "swag.n": str(n), "swag.rank": str(k), "swag.var_clamp": repr(var_clamp),
                 "swag.deviations": json.dumps([os.path.basename(r.path.rstrip(os.sep))
                                                for r in readers[-k:]])}
-        with make_writer(output, specs, meta, shard_size, inputs=files_of(cands)) as writer:
+        # as `average`: no input's file, but an earlier output of ours at this path
+        with make_writer(output, specs, meta, shard_size,
+                         inputs=protected_files(cands, kept, [output])) as writer:
             for i, s in enumerate(plan.specs):
                 _write_moments(writer, readers, s.key, k, var_clamp)
                 if progress:
