@@ -205,7 +205,7 @@ def test_a_name_that_names_nothing_is_exit_2(user, args, needles):
 
 def test_ctrl_c_is_one_prefixed_line_and_no_blank_one(capsys, monkeypatch, tmp_path):
     from ckptavg.cli.app import main
-    from ckptavg.engine import average as engine
+    from ckptavg.engine import write as engine
     from tests.conftest import write_safetensors
 
     def interrupted(*args, **kwargs):

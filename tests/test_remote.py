@@ -255,7 +255,7 @@ def test_a_connection_that_keeps_dropping_is_one_line(tmp_path, bucket, monkeypa
 
 
 def test_an_object_rewritten_during_the_run_is_refused(tmp_path, bucket, monkeypatch):
-    from ckptavg.engine import average as engine
+    from ckptavg.engine import write as engine
 
     states = _states(2)
     _upload_run(tmp_path, bucket, states)

@@ -64,7 +64,7 @@ def _interrupted(monkeypatch, paths, out, shards: int = 2, **kw) -> None:
 
 def _computed(monkeypatch) -> list:
     """The keys each call of the engine's `execute` is given, from now on."""
-    from ckptavg.engine import average as engine
+    from ckptavg.engine import write as engine
 
     seen, real = [], engine.execute
     monkeypatch.setattr(engine, "execute", lambda plan, w, keys=None, **kw: (

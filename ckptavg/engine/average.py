@@ -15,31 +15,22 @@ from collections.abc import Sequence
 
 from ckptavg import options
 from ckptavg.engine import profiles
-from ckptavg.engine.content import ContentHashes, placeholder, refuse_same_tensors
+from ckptavg.engine.content import ContentHashes, refuse_same_tensors
 from ckptavg.engine.kernel import execute
 from ckptavg.engine.plan import (
     Request,
     check_options,
-    dcp_entry,
 )
 from ckptavg.engine.prepare import Run, choose, plan_run
 from ckptavg.engine.result import AverageResult, nothing_to_fold
-from ckptavg.engine.select import (
-    Candidate,
-)
 from ckptavg.engine.shards import average_ranks
-from ckptavg.errors import CkptavgError, OptionError
-from ckptavg.io import make_writer
-from ckptavg.io.folder import side_files
+from ckptavg.engine.write import write_run
+from ckptavg.errors import OptionError
 from ckptavg.io.outputs import (
     check_streamed_once,
     normalised,
-    records_content,
     running_average,
-    staged,
 )
-from ckptavg.io.quantized import without_quantization
-from ckptavg.io.staging import describe, with_kept
 from ckptavg.io.writer import Discard, output_kind
 from ckptavg.options import Accumulate, Method, OutDtype, Reading, Selection
 from ckptavg.parallel import Group, world_size
@@ -218,7 +209,7 @@ def _one_process(req: Request, progress: Progress | None, t0: float) -> AverageR
         if req.dry_run:
             _dry_run(plan, run, result, progress, req.threads)
         else:
-            _write(req, plan, run, result, progress)
+            write_run(req, plan, run, result, progress)
     return result
 
 
@@ -234,46 +225,3 @@ def _dry_run(plan, run: Run, result: AverageResult, progress, threads) -> None:
     result.content = digests
 
 
-def _write(req: Request, plan, run: Run, result: AverageResult, progress) -> None:
-    """The read pass into the output's writer, content hashes filled in before its commit."""
-    kind, readers = req.kind, plan.readers
-    side, notes = side_files(readers) if kind == "sharded" else ({}, [])
-    if plan.dequantize and "config.json" in side:
-        side["config.json"] = without_quantization(side["config.json"])
-    result.warnings += notes
-    entry = dcp_entry(readers[-1]) if req.dcp else plan.entry
-    stage_run = describe(readers, plan.specs, plan.metadata) \
-        if staged(req.output, kind) else None
-    writer = make_writer(req.output, plan.specs, plan.metadata, req.shard_size, plan.ties,
-                         inputs=run.protected, entry=entry, extras=plan.extras,
-                         side_files=side, dcp=req.dcp, run=stage_run, resume=req.resume)
-    content = records_content(req.output, kind)
-    hashes = ContentHashes.of_plan(plan) if content and writer.fills_metadata else None
-    if hashes is not None and stage_run is not None:
-        writer.hashes = hashes  # each finished shard records its digests
-    try:
-        with writer:
-            keys = writer.pending_keys() if stage_run is not None else None
-            execute(plan, writer, keys, progress=progress, threads=req.threads, hashes=hashes)
-            for r in readers:
-                r.check_unchanged()
-            if hashes is not None:
-                _fill_content(writer, hashes, run.chosen, run.running is not None, result)
-    except CkptavgError as e:
-        raise with_kept(e, writer.kept) from None
-    result.warnings += writer.notes
-
-
-def _fill_content(writer, hashes: ContentHashes, chosen: list[Candidate], running: bool,
-                  result: AverageResult) -> None:
-    """The content hashes into the output's metadata (and the result), after refusing two
-    inputs that hold the same tensors. A resumed folder output takes the digests of its
-    earlier shards from their records; where those hold none, the entries go without."""
-    digests = hashes.hexdigests(writer.recorded())
-    if digests is None:
-        writer.fill({placeholder(i): None for i in range(len(chosen))})
-        return
-    digests = digests[1 if running else 0:]
-    refuse_same_tensors([c.path for c in chosen], digests, [(c.epoch, c.step) for c in chosen])
-    writer.fill({placeholder(i): d for i, d in enumerate(digests)})
-    result.content = digests

@@ -229,7 +229,7 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
                   progress: Progress | None = None) -> AverageResult:
     """`average` with `sweep`: every window position, from one read of every input (under
     torchrun each rank reads its share of the tensors and writes its shard of every window,
-    so the windows are folders; engine/shards.py's partition)."""
+    so the windows are folders; io/writer.partition)."""
     t0 = time.perf_counter()
     if req.method == "weighted":
         raise OptionError(("sweep", "weights"), "weights are given per input of one average; "
@@ -374,15 +374,15 @@ def _digests(prep: _Prepared, digests: list[str] | None) -> list[str]:
 
 
 def _write_ranks(group, prep: _Prepared, progress, threads: int | None) -> None:
-    """This rank's share of the tensors (shards.partition) into its shard of every window,
+    """This rank's share of the tensors (io/writer.partition) into its shard of every window,
     in a hidden folder beside each; rank 0 then commits every window folder with its
     index, side files and metadata (content hashes from every rank's records)."""
     from ckptavg.engine.content import final_metadata
-    from ckptavg.engine.shards import partition
     from ckptavg.io.atomic import temp_folder_beside
     from ckptavg.io.writer import (
         SafetensorsWriter,
         commit_folder,
+        partition,
         rank_shard_names,
         without_pending,
     )

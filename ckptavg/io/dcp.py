@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from ckptavg.errors import CheckpointError
-from ckptavg.io.atomic import fsync_dir, temp_folder_beside
+from ckptavg.io.atomic import fsync_dir, temp_folder_beside, write_error
 from ckptavg.io.base import ReaderBase, TensorSpec
 from ckptavg.io.files import OpenFile
 from ckptavg.io.folders import DCP_METADATA as METADATA
@@ -294,11 +294,11 @@ class DcpWriter(ShardedWriter):
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  ties: dict[str, str] | None, entry: str | None, run: dict,
-                 resume: bool = False):
+                 resume: bool = False, group=None):
         self._order = [s.key for s in specs]
         self._ties, self._entry = dict(ties or {}), entry
         super().__init__(path, specs, metadata, self.STAGE_SHARD, None,
-                         {**run, "output": "dcp", "entry": entry}, resume)
+                         {**run, "output": "dcp", "entry": entry}, resume, group)
 
     def _commit(self, weight_map: dict[str, str]) -> None:
         tmp = temp_folder_beside(self.path)
@@ -310,3 +310,47 @@ class DcpWriter(ShardedWriter):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(self._tmp, ignore_errors=True)  # the staged shards: now in the output
+
+    def _commit_ranks(self, weight_map: dict[str, str]) -> None:
+        """Under torchrun: one collective `dcp.save` in which every rank writes the tensors of
+        its own staged shard and rank 0 the metadata, into a temporary folder rank 0 makes
+        and then swaps in; the staged shards go after. A failure on any rank removes the
+        temporary folder and stops every rank with the same line."""
+        group = self.group
+        mine = [s.key for name, shard in zip(self._names, self._shards) if name in self._mine
+                for s in shard]
+        tmp, error = None, None
+        try:
+            if group.rank == 0:
+                tmp = temp_folder_beside(self.path)
+        except BaseException as e:
+            error = e
+        group.agree(error)
+        tmp = group.share(tmp)
+        try:
+            with contextlib.ExitStack() as stack:
+                state, error = {}, None
+                try:
+                    state = stack.enter_context(staged_state(
+                        self._tmp, {k: weight_map[k] for k in mine}, mine, self._ties))
+                except BaseException as e:
+                    error = e
+                group.agree(error)
+                try:  # a collective: every rank writes its own tensors, rank 0 the metadata
+                    save_dcp(state, tmp, self._entry, self._metadata if group.rank == 0
+                             else None, distributed=True)
+                except OSError as e:  # a full disk inside DCP's writer: one line
+                    raise write_error(self._shown, e) from None
+            error = None
+            if group.rank == 0:
+                try:
+                    commit_dcp(tmp, self.path)
+                except BaseException as e:
+                    error = e
+            group.agree(error)
+        except BaseException:
+            if group.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if group.rank == 0:
+            shutil.rmtree(self._tmp, ignore_errors=True)  # the staged shards: in the output

@@ -33,16 +33,19 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
                 inputs: Iterable[SourceFile] = (), entry: str | None = "state_dict",
                 extras: dict | None = None, side_files: dict[str, bytes] | None = None,
                 dcp: bool = False, run: dict | None = None,
-                resume: bool = False, overwrite: bool | None = None) -> Writer:
+                resume: bool = False, overwrite: bool | None = None, group=None) -> Writer:
     """The writer that the output path's suffix asks for, after `check_output`.
 
     `entry` and `extras` shape a torch output (see TorchWriter); `side_files` (name ->
-    bytes, names from SIDE_FILES) go into a folder output. Use it as a context
-    manager: `with make_writer(...) as w: w.write(key, t)` commits on a clean exit and
-    leaves nothing behind on an error."""
+    bytes, names from SIDE_FILES) go into a folder output. `group` (torchrun's ranks, a
+    `parallel.Group`): every rank writes its share of a folder output (ShardedWriter). Use
+    it as a context manager: `with make_writer(...) as w: w.write(key, t)` commits on a
+    clean exit and leaves nothing behind on an error."""
     path = remote.local_path(path)
     kind = output_kind(path, shard_size, dcp)
     check_output(path, kind, inputs, overwrite)
+    if group is not None and (kind not in ("sharded", "dcp") or is_remote(path)):
+        raise RuntimeError("torchrun's ranks write a local folder output")
     if is_remote(path):
         if kind == "sharded":
             return RemoteShardedWriter(path, specs, metadata, shard_size or 5 * 10**9,
@@ -55,12 +58,12 @@ def make_writer(path: str, specs: list[TensorSpec], metadata: dict[str, str],
         if run is None:
             raise RuntimeError("a DCP output is staged: pass the run (staging.describe)")
         return DcpWriter(path, specs, metadata, ties, entry if entry in ("state_dict", "model")
-                         else None, run, resume)
+                         else None, run, resume, group)
     if kind == "torch":
         return TorchWriter(path, specs, metadata, ties, entry, extras)
     if kind == "sharded":
         return ShardedWriter(path, specs, metadata, shard_size or 5 * 10**9, side_files, run,
-                             resume)
+                             resume, group)
     return SafetensorsWriter(path, specs, metadata)
 
 

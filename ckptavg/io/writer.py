@@ -558,37 +558,110 @@ def commit_folder(tmp: str, path: str, weight_map: dict[str, str], metadata: dic
         shutil.rmtree(old, ignore_errors=True)
 
 
+def partition(specs: list[TensorSpec], ranks: int) -> list[list[str]]:
+    """Tensor names per torchrun rank, balanced by bytes: largest first to the least loaded
+    rank (ties: the lower rank), each rank's names kept in plan order. Deterministic."""
+    load = [0] * ranks
+    owner: dict[str, int] = {}
+    for s in sorted(specs, key=lambda s: (-s.nbytes, s.key)):
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        owner[s.key] = r
+        load[r] += s.nbytes
+    return [[s.key for s in specs if owner[s.key] == r] for r in range(ranks)]
+
+
+class _RankStaging:
+    """What a torchrun rank other than 0 knows of the staging folder rank 0 holds: where it
+    is, the shards an earlier run finished and their records. The rank records its own
+    shard there; the folder's bookkeeping (settle, keep or drop, release) is rank 0's."""
+
+    def __init__(self, path: str, done: list[str], notes: list[str], content: dict):
+        self.path, self.done, self.notes, self.content = path, set(done), notes, content
+
+    def finished(self, name: str, content: dict | None = None) -> None:
+        from ckptavg.io.staging import record_done
+
+        record_done(self.path, name, content)
+
+    def settle(self) -> None:
+        return None
+
+    def keep_or_drop(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
+
 class ShardedWriter(Writer):
     """A folder of safetensors shards plus model.safetensors.index.json (Hugging Face layout).
 
     An existing folder is replaced only when it holds nothing but an earlier output of ours
-    (checked again just before the swap)."""
+    (checked again just before the swap).
+
+    Under torchrun (`group`, a `parallel.Group`: `rank`, `size`, `agree`, `share`) every rank
+    makes the same writer: the tensors are shared out by bytes (`partition`), one shard per
+    rank with tensors (`rank_shard_names`), each rank writes and records its own in the
+    staging folder rank 0 holds, the ranks exchange their records when the pass is done
+    (`recorded`, or at the close), and rank 0 commits the folder; a failure on any rank is
+    agreed on, so every rank stops with the same line instead of hanging."""
 
     def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str],
                  shard_size: int, side_files: dict[str, bytes] | None = None,
-                 run: dict | None = None, resume: bool = False):
+                 run: dict | None = None, resume: bool = False, group=None):
         self.path = self._where(path)
         self._side = dict(side_files or {})
-        self._shards = split_shards(list(specs), shard_size)
-        self._names = shard_names(len(self._shards))
+        self.group = group
+        if group is None:
+            self._shards = split_shards(list(specs), shard_size)
+            self._names = shard_names(len(self._shards))
+            self._mine = set(self._names)
+        else:
+            by_key = {s.key: s for s in specs}
+            keys = partition(list(specs), group.size)
+            self._names = rank_shard_names(keys)
+            self._shards = [[by_key[k] for k in share] for share in keys]
+            self._mine = {self._names[group.rank]} - {""}
         # With `run` (what fixes the shards' bytes: staging.describe), the shards are built
         # in the output's staging folder and each finished one is recorded, so that a
         # failed or killed run can be finished with `resume`; else in a temporary folder.
         self.staging = None
         self.notes = []
         if run is not None:
-            from ckptavg.io.staging import Staging
-
-            shards = {name: [s.key for s in shard] for name, shard in zip(self._names, self._shards)}
-            self.staging = Staging(self.path, {**run, "shards": shards}, resume)
+            shards = {name: [s.key for s in shard]
+                      for name, shard in zip(self._names, self._shards) if name}
+            self.staging = self._stage({**run, "shards": shards}, resume)
             self._tmp, self.notes = self.staging.path, self.staging.notes
+        elif group is not None:
+            raise RuntimeError("torchrun's ranks write a folder through its staging folder")
         else:
             self._tmp = self._begin()
         self._metadata = dict(metadata)
         self._current: SafetensorsWriter | None = None
         self._shard = -1
         self._left = 0
+        self._records: dict[str, dict] = {}  # this run's finished shards' records, by name
+        self._exchanged: dict[str, dict] | None = None  # every rank's (after `_exchange`)
+        self._failure: BaseException | None = None
         self.bytes_written = sum(s.nbytes for s in specs)
+
+    def _stage(self, want: dict, resume: bool):
+        """The staging folder: made (or checked, to resume) here, or under torchrun by rank 0,
+        the others told where it is and what an earlier run finished there."""
+        from ckptavg.io.staging import Staging
+
+        if self.group is None:
+            return Staging(self.path, want, resume)
+        staging, error = None, None
+        try:
+            if self.group.rank == 0:
+                staging = Staging(self.path, want, resume)
+        except BaseException as e:
+            error = e
+        self.group.agree(error)
+        seen = self.group.share((staging.path, sorted(staging.done), staging.notes,
+                                 staging.content) if staging is not None else None)
+        return staging if staging is not None else _RankStaging(*seen)
 
     @staticmethod
     def _where(path: str) -> str:
@@ -607,8 +680,32 @@ class ShardedWriter(Writer):
         self._metadata = filled_metadata(self._metadata, values)
 
     def recorded(self) -> dict[str, dict]:
-        """The digests the finished shards of an earlier run recorded (shard -> record)."""
-        return dict(self.staging.content) if self.staging is not None else {}
+        """The digests the finished shards recorded (shard -> record): those of an earlier
+        run; under torchrun, every rank's too (this rank's shard is finished first)."""
+        earlier = dict(self.staging.content) if self.staging is not None else {}
+        if self.group is None:
+            return earlier
+        return {**earlier, **self._exchange()}
+
+    def _exchange(self) -> dict[str, dict]:
+        """Under torchrun: finish this rank's shard, then every rank's records, on every rank
+        (an agreement: a rank that failed makes every rank stop). Once."""
+        if self._exchanged is None:
+            error = None
+            try:
+                self._finish_mine()
+            except OSError as e:  # a full disk: the line every rank gives
+                error = write_error(self._shown, e)
+            except BaseException as e:
+                error = e
+            self._exchanged = {}  # before the agreement: an abort after it agrees no more
+            for records in self.group.agree(error, self._records):
+                self._exchanged.update(records)
+        return self._exchanged
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._failure = exc
+        return super().__exit__(exc_type, exc, tb)
 
     def _begin(self) -> str:
         """Where the shards are built: a temporary folder beside the output."""
@@ -624,6 +721,19 @@ class ShardedWriter(Writer):
         commit_folder(self._tmp, self.path, weight_map, self._metadata, self.bytes_written,
                       self._side)
 
+    def _commit_ranks(self, weight_map: dict[str, str]) -> None:
+        """Under torchrun: rank 0 commits (`_commit`) while the others wait; a failure stops
+        every rank with the same line."""
+        error = None
+        if self.group.rank == 0:
+            try:
+                self._commit(weight_map)
+            except OSError as e:
+                error = write_error(self._shown, e)
+            except BaseException as e:
+                error = e
+        self.group.agree(error)
+
     def _discard(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -633,17 +743,18 @@ class ShardedWriter(Writer):
         return self.staging.done if self.staging is not None else set()
 
     def pending_keys(self) -> list[str] | None:
-        """The keys of the shards still to write (None: all of them)."""
+        """The keys of this process's shards still to write (None: every key)."""
         done = self._done
-        if not done:
+        if not done and self.group is None:
             return None
-        return [s.key for name, shard in zip(self._names, self._shards) if name not in done
-                for s in shard]
+        return [s.key for name, shard in zip(self._names, self._shards)
+                if name in self._mine and name not in done for s in shard]
 
     def _next_shard(self) -> int:
         done = self._done
         i = self._shard + 1
-        while i < len(self._shards) and self._names[i] in done:
+        while i < len(self._shards) and (self._names[i] in done or
+                                         self._names[i] not in self._mine):
             i += 1
         return i
 
@@ -652,9 +763,12 @@ class ShardedWriter(Writer):
             self._current.close()
             self._current = None
             if self.staging is not None:
+                name = self._names[self._shard]
                 keys = [spec.key for spec in self._shards[self._shard]]
-                self.staging.finished(self._names[self._shard], None if self.hashes is None
-                                      else self.hashes.record(keys))
+                record = None if self.hashes is None else self.hashes.record(keys)
+                self.staging.finished(name, record)
+                if record:
+                    self._records[name] = record
 
     def _open_next(self) -> None:
         self._finish_current()
@@ -679,18 +793,32 @@ class ShardedWriter(Writer):
         if last:
             self._left -= 1
 
-    def _close(self) -> None:
+    def _finish_mine(self) -> None:
         while self._next_shard() < len(self._shards):  # an empty shard is still written
             self._open_next()
         self._finish_current()
-        weight_map = {s.key: self._names[i] for i, shard in enumerate(self._shards) for s in shard}
-        self._commit(weight_map)
+
+    def _close(self) -> None:
+        weight_map = {s.key: name for name, shard in zip(self._names, self._shards)
+                      for s in shard}
+        if self.group is None:
+            self._finish_mine()
+            self._commit(weight_map)
+        else:
+            self._exchange()
+            self._commit_ranks(weight_map)
         if self.staging is not None:
             self.staging.release()
 
     def abort(self) -> None:
         if self._current is not None:
             self._current.abort()
+        if self.group is not None and self._exchanged is None:
+            self._exchanged = {}  # this rank failed before the exchange: the others are
+            try:  # waiting in it, and stop with this rank's line
+                self.group.agree(self._failure or RuntimeError("the writer was aborted"))
+            except BaseException:
+                pass  # this rank raises its own error
         if self.staging is not None:
             self.kept = self.staging.keep_or_drop()
         else:

@@ -95,8 +95,8 @@ def test_a_file_output_is_refused_under_torchrun(tmp_path):
 
 
 def test_partition_balances_bytes():
-    from ckptavg.engine.shards import partition
     from ckptavg.io.base import TensorSpec
+    from ckptavg.io.writer import partition
 
     specs = [TensorSpec(f"t{i}", (n,), torch.float32) for i, n in enumerate([100, 60, 50, 40, 5])]
     parts = partition(specs, 2)
@@ -235,4 +235,40 @@ def test_a_sweep_under_two_ranks_is_bitwise_one_process(tmp_path):
     proc = _torchrun("average", *paths, "--sweep", "window=9", "-o", tmp_path / "bad")
     assert proc.returncode != 0 and not (tmp_path / "bad").exists()
     assert proc.stderr.count("ckptavg: error: sweep 'window=9': no window of 9 inputs") == 2
+    assert leftovers(tmp_path) == []
+
+
+def test_a_nan_in_one_ranks_share_stops_both_ranks_with_its_line(tmp_path):
+    """A NaN in a tensor of rank 1's share (fc.bias: `partition` gives the largest tensor,
+    emb.weight, to rank 0 and the rest to rank 1) is found in rank 1's read pass while rank 0
+    has finished its shard and waits for the exchange of records: both ranks stop with the
+    line naming the input and the tensor (no hang), no output is made, and rank 0's shard is
+    kept for --resume as one process keeps its finished shards."""
+    paths = _inputs(tmp_path)
+    state = ckptavg.load(paths[2])[0]
+    state["fc.bias"][3] = float("nan")
+    save_file(state, paths[2], {"train.epoch": "3", "model.arch": "x"})
+    proc = _torchrun("average", *paths, "-o", tmp_path / "dist", timeout=120)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("ckptavg: error:")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert all("fc.bias" in x and "epoch-0003" in x for x in lines), lines
+    assert not (tmp_path / "dist").exists()
+
+
+def test_a_rank_with_no_tensors_writes_no_shard(tmp_path):
+    """One tensor, two ranks: rank 1's share is empty, so the folder has one shard (named
+    1 of 1), bitwise one process's."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"epoch-{i + 1}.safetensors")
+        save_file({"w": torch.full((5, 3), float(i))}, paths[-1], {"train.epoch": str(i + 1)})
+    proc = _torchrun("average", *paths, "-o", tmp_path / "dist", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    index = json.load(open(tmp_path / "dist" / "model.safetensors.index.json"))
+    assert index["weight_map"] == {"w": "model-00001-of-00001.safetensors"}
+    ckptavg.average(paths, tmp_path / "single")
+    assert torch.equal(ckptavg.load(tmp_path / "dist")[0]["w"], torch.full((5, 3), 1.0))
+    assert (tmp_path / "dist" / "model-00001-of-00001.safetensors").read_bytes() == \
+        (tmp_path / "single" / "model-00001-of-00001.safetensors").read_bytes()
     assert leftovers(tmp_path) == []

@@ -185,7 +185,7 @@ def test_key_for_a_safetensors_input(tmp_path):
 
 def test_input_rewritten_in_place_during_the_run_is_detected(tmp_path, monkeypatch):
     """Same inode, new bytes (a trainer overwriting its file in place): refused, no output."""
-    from ckptavg.engine import average as averaging
+    from ckptavg.engine import write as averaging
 
     paths = write_safetensors(tmp_path, 2)
     real = averaging.execute
