@@ -141,9 +141,9 @@ def test_calibration_metrics_on_hand_computed_examples():
     assert nll(probs, labels) == pytest.approx(-(math.log(0.9) + math.log(0.35)
                                                  + math.log(0.7) + math.log(0.2)) / 4)
     bins = reliability(probs, labels)
-    assert len(bins) == 15 and sum(b["count"] for b in bins) == 4
-    assert bins[13]["count"] == 1 and bins[13]["accuracy"] == 1.0  # 0.9 in (13/15, 14/15]
-    assert bins[9]["count"] == 1 and bins[9]["accuracy"] == 0.0  # 0.65 in (9/15, 10/15]
+    assert len(bins) == 15 and sum(b.count for b in bins) == 4
+    assert bins[13].count == 1 and bins[13].accuracy == 1.0  # 0.9 in (13/15, 14/15]
+    assert bins[9].count == 1 and bins[9].accuracy == 0.0  # 0.65 in (9/15, 10/15]
     # Two samples in one bin: |mean accuracy - mean confidence| of the bin
     p2 = torch.tensor([[0.95, 0.05], [0.97, 0.03]])
     assert ece(p2, torch.tensor([0, 1])) == pytest.approx(abs(0.5 - 0.96))

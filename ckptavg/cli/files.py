@@ -264,9 +264,9 @@ def _inspect_lines(info, n_keys):
     for dt, b in sorted(info.bytes_per_dtype.items()):
         yield f"  {dt:<10} {human_bytes(b)}"
     if info.quantization:
-        yield (f"quantized: {info.quantization['scheme']} (from {info.quantization['seen']}); "
+        yield (f"quantized: {info.quantization.scheme} (from {info.quantization.seen}); "
                + ("average dequantizes each input, averages in float64 and requantizes"
-                  if info.quantization.get("averaged") else "average refuses it"))
+                  if info.quantization.averaged else "average refuses it"))
     if info.location not in (None, "<top level>"):
         yield f"weights from entry: {info.location}"
     if info.removed_prefixes:
@@ -285,6 +285,6 @@ def _inspect_lines(info, n_keys):
     keys = info.keys if n_keys == 0 else info.keys[:n_keys]
     yield "keys:"
     for e in keys:
-        yield f"  {e['key']:<50} {str(e['shape']):<20} {e['dtype']}"
+        yield f"  {e.key:<50} {str(e.shape):<20} {e.dtype}"
     if len(keys) < len(info.keys):
         yield f"  ... {len(info.keys) - len(keys)} more (--keys 0 lists all)"

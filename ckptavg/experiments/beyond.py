@@ -143,7 +143,8 @@ def _beyond_seed(folder, config, seed, data_dir, device, samples, scale, bn_batc
         cal["swag_diag" if diag else "swag"] = rows["SWAG-diagonal" if diag else "SWAG"]
         cal["swa"], cal["sgd"] = rows["SWA"], rows[sgd_last]
     out["calibration"] = {k: {"accuracy": v.accuracy, "nll": v.nll, "ece": v.ece,
-                              "reliability": v.reliability} for k, v in cal.items()}
+                              "reliability": [b.to_dict() for b in v.reliability]}
+                          for k, v in cal.items()}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -247,6 +248,7 @@ def beyond_table(r: BeyondResult) -> str:
 def draw(r: BeyondResult) -> list[str]:
     """Per seed, from the numbers (so cached seeds are drawn too): held-out accuracy of every
     window against its start, and the reliability diagram of SGD, SWA, SWAG-diagonal, SWAG."""
+    from ckptavg.nn.calibration import ReliabilityBin
     from ckptavg.selection.search import SearchResult, Window, plot_search
     from ckptavg.selection.swag import CalibrationRow
 
@@ -260,7 +262,8 @@ def draw(r: BeyondResult) -> list[str]:
         files.append(os.path.join(r.out, f"search-seed{p['seed']}.png"))
         plot_search(SearchResult(windows=ws, best=best, end=end, holdout=held), files[-1])
         rows = [CalibrationRow(name, p["calibration"][k]["accuracy"], p["calibration"][k]["nll"],
-                               p["calibration"][k]["ece"], 0, p["calibration"][k]["reliability"])
+                               p["calibration"][k]["ece"], 0,
+                               [ReliabilityBin(**b) for b in p["calibration"][k]["reliability"]])
                 for k, name in CAL_ROWS.items()]
         files.append(os.path.join(r.out, f"reliability-seed{p['seed']}.png"))
         plot_reliability(rows, files[-1], title=f"seed {p['seed']}: test split, bins with "

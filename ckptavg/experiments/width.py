@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -59,12 +59,23 @@ class WidthSummary(Result):
 
 
 @dataclass
+class WidthPoint(Result):
+    """One measured point: a solution moved `distance` along random ray `ray`."""
+
+    solution: str
+    ray: int
+    distance: float
+    test_error: float  # %
+    train_loss: float
+
+
+@dataclass
 class WidthResult(Result):
     """Every measured point, one summary line per solution, and the files written."""
 
     labels: list[str]
     max_distance: float
-    rows: list[dict]  # {solution, ray, distance, test_error, train_loss}
+    rows: list[WidthPoint]
     summary: list[WidthSummary]
     csv: str | None
     plot: str | None
@@ -138,7 +149,7 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
     distances = [max_distance * i / (points - 1) for i in range(points)]
     bases = [{n: p.detach().clone() for n, p in net.named_parameters()} for net in nets]
     total = rays * points * 2
-    rows: list[dict] = []
+    rows: list[WidthPoint] = []
     at_zero: dict[int, tuple[float, float]] = {}
 
     def measure(net) -> tuple[float, float]:
@@ -164,37 +175,36 @@ def width(a: str, b: str, *, model: ModelOptions | str | None = None,
                     err, loss = measure(net)
                     if i == 0:
                         at_zero[s] = (err, loss)
-                rows.append({"solution": labels[s], "ray": r, "distance": t,
-                             "test_error": err, "train_loss": loss})
+                rows.append(WidthPoint(labels[s], r, t, err, loss))
                 if progress:
                     progress(len(rows), total)
     summary = [WidthSummary(label, at_zero[s][0],
-                            statistics.median(row["test_error"] for row in rows
-                                              if row["solution"] == label
-                                              and row["distance"] == distances[-1]))
+                            statistics.median(row.test_error for row in rows
+                                              if row.solution == label
+                                              and row.distance == distances[-1]))
                for s, label in enumerate(labels)]
     if csv_path is None and plot_path:
         csv_path = os.path.splitext(plot_path)[0] + ".csv"
     if csv_path:
         with atomic_text(csv_path) as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=[f.name for f in fields(WidthPoint)])
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(row.to_dict() for row in rows)
     if plot_path:
         plot_width(rows, plot_path, title=f"{chosen.data}: {labels[0]} vs {labels[1]}")
     return WidthResult(list(labels), max_distance, rows, summary, csv_path, plot_path,
                        time.perf_counter() - t0)
 
 
-def plot_width(rows: list[dict], path: str, title: str = "") -> None:
+def plot_width(rows: list[WidthPoint], path: str, title: str = "") -> None:
     """Median and min-max band over rays of test error and train loss, per solution."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for label in dict.fromkeys(r["solution"] for r in rows):
-        mine = [r for r in rows if r["solution"] == label]
-        ts = sorted({r["distance"] for r in mine})
+    for label in dict.fromkeys(r.solution for r in rows):
+        mine = [r for r in rows if r.solution == label]
+        ts = sorted({r.distance for r in mine})
         for ax, key in zip(axes, ("test_error", "train_loss")):
-            vals = [sorted(r[key] for r in mine if r["distance"] == t) for t in ts]
+            vals = [sorted(getattr(r, key) for r in mine if r.distance == t) for t in ts]
             med = [v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
                    for v in vals]
             line, = ax.plot(ts, med, label=f"{label} (median over rays)")

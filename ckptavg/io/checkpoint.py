@@ -130,6 +130,25 @@ def save(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
 
 
 @dataclass
+class TensorEntry(Result):
+    """One tensor of a checkpoint, as `inspect` lists it (file order)."""
+
+    key: str
+    shape: list[int]
+    dtype: str  # torch's name without "torch.", e.g. "float32", "float8_e4m3fn"
+
+
+@dataclass
+class Quantization(Result):
+    """A quantized checkpoint's scheme (io/quantized.py), where it was seen, and whether
+    `average` averages it (in the weights' own space: FP8 with scales) or refuses it."""
+
+    scheme: str
+    seen: str  # "config.json" or the tensor layout that told it
+    averaged: bool
+
+
+@dataclass
 class InspectResult(Result):
     """A checkpoint as ckptavg reads it: format, tensors, sizes, ties and metadata."""
 
@@ -145,9 +164,8 @@ class InspectResult(Result):
     bytes_per_dtype: dict[str, int]
     tied: dict[str, str]
     metadata: dict[str, str]
-    keys: list[dict]  # {key, shape, dtype} in file order
-    # a quantized checkpoint's scheme and where it was seen (io/quantized.py), else None
-    quantization: dict | None = None
+    keys: list[TensorEntry]  # in file order
+    quantization: Quantization | None = None  # a quantized checkpoint's scheme, else None
 
 
 def inspect(path: str | os.PathLike, key: str | None = None,
@@ -176,11 +194,11 @@ def inspect(path: str | os.PathLike, key: str | None = None,
             list(r.removed_prefixes), len(infos),
             sum(i.numel for i in infos.values()), sum(by_dtype.values()), dict(by_dtype),
             r.ties(), r.metadata(),
-            [{"key": k, "shape": list(i.shape), "dtype": str(i.dtype).replace("torch.", "")}
+            [TensorEntry(k, list(i.shape), str(i.dtype).replace("torch.", ""))
              for k, i in infos.items()], _quantization(r))
 
 
-def _quantization(reader) -> dict | None:
+def _quantization(reader) -> Quantization | None:
     from ckptavg.io.quantized import scheme_of
 
     found = scheme_of(reader)
@@ -194,5 +212,5 @@ def _quantization(reader) -> dict | None:
     except CkptavgError:
         layout = None
     if layout is not None:  # averaged in the weights' own space (engine/fp8.py)
-        return {"scheme": layout.describe(), "seen": found[1], "averaged": True}
-    return {"scheme": found[0], "seen": found[1], "averaged": False}
+        return Quantization(layout.describe(), found[1], True)
+    return Quantization(found[0], found[1], False)

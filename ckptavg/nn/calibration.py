@@ -12,7 +12,21 @@ from ckptavg.results import Result
 BINS = 15
 
 
-def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> list[dict]:
+@dataclass
+class ReliabilityBin(Result):
+    """One bin of a reliability diagram: confidences in (lower, upper], the samples in it,
+    their mean confidence (the top class's probability) and accuracy (a fraction; both
+    None for an empty bin)."""
+
+    lower: float
+    upper: float
+    count: int
+    confidence: float | None
+    accuracy: float | None
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor,
+                bins: int = BINS) -> list[ReliabilityBin]:
     """Per confidence bin (i/bins, (i+1)/bins]: sample count, mean confidence and accuracy
     (confidence = the top class's probability; a bin with no sample has None for both)."""
     conf, pred = probs.double().max(1)
@@ -23,17 +37,17 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> 
     for i in range(bins):
         mask = index == i
         n = int(mask.sum())
-        out.append({"lower": i / bins, "upper": (i + 1) / bins, "count": n,
-                    "confidence": float(conf[mask].mean()) if n else None,
-                    "accuracy": float(correct[mask].mean()) if n else None})
+        out.append(ReliabilityBin(i / bins, (i + 1) / bins, n,
+                                  float(conf[mask].mean()) if n else None,
+                                  float(correct[mask].mean()) if n else None))
     return out
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
     """Expected calibration error: sum over bins of (bin share) x |accuracy - confidence|."""
     n = labels.numel()
-    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"])
-               for b in reliability(probs, labels, bins) if b["count"])
+    return sum(b.count / n * abs(b.accuracy - b.confidence)
+               for b in reliability(probs, labels, bins) if b.count)
 
 
 def nll_per_sample(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -56,7 +70,7 @@ class CalibrationScores(Result):
     nll: float
     ece: float
     samples: int
-    reliability: list[dict]
+    reliability: list[ReliabilityBin]
 
 
 def calibration_scores(probs: torch.Tensor, labels: torch.Tensor,

@@ -36,7 +36,7 @@ from ckptavg.io.checkpoint import load
 from ckptavg.io.writer import output_kind
 from ckptavg.nn.bn import bn_layers, recalibrate
 from ckptavg.nn.build import load_weights, network_for
-from ckptavg.nn.calibration import BINS, calibration_scores
+from ckptavg.nn.calibration import BINS, ReliabilityBin, calibration_scores
 from ckptavg.nn.data import eval_split, make_loader
 from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import predict
@@ -239,7 +239,7 @@ class CalibrationRow(Result):
     nll: float
     ece: float
     samples: int
-    reliability: list[dict]
+    reliability: list[ReliabilityBin]
 
 
 @dataclass
@@ -374,8 +374,8 @@ def plot_reliability(rows: Sequence[CalibrationRow], path: str, title: str = "",
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        pts = [(b["confidence"], b["accuracy"] - b["confidence"]) for b in row.reliability
-               if b["count"] >= max(1, min_count)]
+        pts = [(b.confidence, b.accuracy - b.confidence) for b in row.reliability
+               if b.count >= max(1, min_count)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
                 label=f"{os.path.basename(row.name)} (ECE {row.ece:.3f})")
     ax.axhline(0, color="k", lw=0.8)

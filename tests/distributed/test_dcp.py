@@ -38,7 +38,7 @@ def test_sharded_dcp_checkpoints_average_like_their_full_tensors(dcp_run, tmp_pa
 def test_inspect_names_the_entries(dcp_run):
     info = ckptavg.inspect(dcp_run / "step-100")
     assert info.format == "dcp" and info.location == "model" and info.other_entries == ["optim"]
-    assert [k["key"] for k in info.keys] == ["layer.weight", "layer.bias", "bn.num_batches_tracked"]
+    assert [k.key for k in info.keys] == ["layer.weight", "layer.bias", "bn.num_batches_tracked"]
 
 
 def test_metadata_naming_code_is_refused(tmp_path):

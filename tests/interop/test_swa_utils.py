@@ -23,7 +23,7 @@ def test_averaged_model_state_dict_is_read_as_the_inner_network(tmp_path):
     torch.save(swa.state_dict(), tmp_path / "swa.pt")
     info = ckptavg.inspect(tmp_path / "swa.pt")
     assert info.removed_prefixes == ["module."] and info.metadata["swa.n_averaged"] == "3"
-    assert "n_averaged" not in [k["key"] for k in info.keys]
+    assert "n_averaged" not in [k.key for k in info.keys]
     # the inner network loads it strictly
     state, _ = ckptavg.load(tmp_path / "swa.pt")
     fresh = _net(9)
