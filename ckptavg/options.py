@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 Split = Literal["train", "test"]
@@ -117,6 +117,18 @@ def opt(default, *names: str, help: str, kind: str = "str", min: float | None = 
     """A dataclass field that knows its command-line flag."""
     meta = {"flag": Flag(names, help, kind, min, min_open, choices, deprecated, show_default,
                          toggle)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def same(cls, name: str, default, *, help: str | None = None, factory=None):
+    """A dataclass field that is options class `cls`'s field `name` on the command line: its
+    flag, type, range, choices and old spellings are declared there once; this field has its
+    own default and, where its context needs other words, its own help (TrainConfig's
+    `--seed` seeds a run, HeldOutOptions' the BatchNorm passes)."""
+    f = flag_of(cls, name)
+    meta = {"flag": f if help is None else replace(f, help=help)}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)

@@ -199,3 +199,36 @@ def test_imports_point_one_way():
                     if bad:
                         wrong.append(f"{module} imports {target} (line {node.lineno})")
     assert wrong == []
+
+
+def test_train_config_declares_no_flag_another_options_class_declares():
+    """TrainConfig takes the flags other commands share from their options classes
+    (`options.same`): names, type, range, choices and old spellings are those of the one
+    declaration; only the help may speak of the run."""
+    import dataclasses
+
+    from ckptavg.options import (
+        DataOptions,
+        HeldOutOptions,
+        LoaderOptions,
+        ModelOptions,
+        Reading,
+        Selection,
+    )
+    from ckptavg.train.config import TrainConfig
+
+    declared = {}
+    for cls in (Reading, Selection, ModelOptions, DataOptions, LoaderOptions, HeldOutOptions):
+        for f in dataclasses.fields(cls):
+            for name in f.metadata["flag"].names:
+                declared[name] = f.metadata["flag"]
+    shared = 0
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata["flag"]
+        theirs = {declared[n] for n in flag.names if n in declared}
+        if not theirs:
+            continue
+        shared += 1
+        (one,) = theirs
+        assert dataclasses.replace(flag, help=one.help) == one, f.name
+    assert shared == 9

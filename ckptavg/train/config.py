@@ -1,5 +1,6 @@
 """What defines a training run: `TrainConfig` (torch-free, so `ckptavg train --help` is built
-from its fields: each field's flag, default and help are declared here once)."""
+from its fields: each field's default is declared here, and its flag here too unless other
+commands take it: then it is the options class's (options.same), declared there once)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,28 @@ from dataclasses import MISSING, dataclass, replace
 
 from ckptavg import options
 from ckptavg.errors import OptionError
-from ckptavg.options import Anneal, DataOptions, SaveWhat, Schedule, check_choice, opt
+from ckptavg.options import (
+    Anneal,
+    DataOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    ModelOptions,
+    SaveWhat,
+    Schedule,
+    check_choice,
+    opt,
+    same,
+)
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run (saved in last.pt so --resume continues it)."""
 
-    model: str = opt(MISSING, "--model", help="Model name (see `ckptavg models`), "
-                     "torchvision:NAME, timm:NAME or package.module:factory.")
-    data: str = opt(MISSING, "--data", help=DataOptions.__dataclass_fields__["data"]
-                    .metadata["flag"].help)
+    # Flags that other commands take too are declared once, in options.py (`same`); the
+    # help says here what each means for a run where that differs.
+    model: str = same(ModelOptions, "model", MISSING)
+    data: str = same(DataOptions, "data", MISSING)
     epochs: int = opt(MISSING, "--epochs", kind="int", min=1, help="Training budget in epochs.")
     out: str = opt(MISSING, "-o", "--output", deprecated=("--out",), help="Run folder (new or "
                    "empty, or with --resume): epoch-NNNN.safetensors, last.pt, metrics.jsonl.")
@@ -33,27 +45,23 @@ class TrainConfig:
                                "--cycle; default half of --lr).")
     wd: float = opt(5e-4, "--wd", kind="float", help="Weight decay.")
     momentum: float = opt(0.9, "--momentum", kind="float", help="SGD momentum.")
-    batch_size: int = opt(options.TRAIN_BATCH_SIZE, "--batch-size", kind="int", min=1,
-                          help="Images per batch.")
-    seed: int = opt(options.SEED, "--seed", kind="int", help="Seed of the run.")
+    batch_size: int = same(LoaderOptions, "batch_size", options.TRAIN_BATCH_SIZE)
+    seed: int = same(HeldOutOptions, "seed", options.SEED, help="Seed of the run.")
     cycle: int | None = opt(None, "--cycle", kind="int", help="Cyclical SWA rate: cycles of C "
                             "epochs from --swa-start.")
     save: SaveWhat = opt("epoch", "--save", kind="choice", choices=SaveWhat,
                          help="Which weights-only checkpoints to write.")
-    train_images: int | None = opt(None, "--train-images", kind="int", min=1,
-                                   deprecated=("--subset",),
-                                   help="Use only the first N training images.")
-    holdout: int = opt(0, "--holdout", kind="int", min=0, help="Hold out the last N of the "
-                       "training images for validation.")
+    train_images: int | None = same(HeldOutOptions, "train_images", None,
+                                    help="Use only the first N training images.")
+    holdout: int = same(HeldOutOptions, "holdout", 0, help="Hold out the last N of the "
+                        "training images for validation.")
     eval_every: int = opt(1, "--eval-every", kind="int", min=0, help="Score the test set every "
                           "N epochs and after the last one (0: never).")
-    model_kwargs: dict = opt(None, "--model-kwargs", kind="json", factory=dict,
-                             help="JSON keyword arguments for the model factory.")
-    data_dir: str | None = opt(None, "--data-dir", help="Data root (torchvision's root), "
-                               "recorded in each checkpoint (data.dir) for the commands that "
-                               f"read the data again; default {options.DATA_DIR_DEFAULT}.")
-    workers: int = opt(options.WORKERS, "--workers", kind="int", min=0,
-                       help="DataLoader worker processes.")
+    model_kwargs: dict = same(ModelOptions, "model_kwargs", None, factory=dict)
+    data_dir: str | None = same(DataOptions, "data_dir", None, help="Data root (torchvision's "
+                                "root), recorded in each checkpoint (data.dir) for the commands "
+                                f"that read the data again; default {options.DATA_DIR_DEFAULT}.")
+    workers: int = same(LoaderOptions, "workers", options.WORKERS)
     amp: bool = opt(False, "--amp", kind="bool", help="Mixed precision (GPU only).")
     # torch threads for the run (default: torch's); results depend on it
     torch_threads: int | None = opt(None, "--torch-threads", kind="int", min=1,
