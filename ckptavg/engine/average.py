@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ckptavg import options
 from ckptavg.engine import profiles
@@ -122,11 +123,13 @@ def average(
         [4, 5, 6]
     """
     t0 = time.perf_counter()
-    req = _request(inputs, output, weights=weights, ema=ema, profile=profile, into=into,
-                   selection=selection, reading=reading, accumulate=accumulate, dtype=dtype,
-                   shard_size=shard_size, allow_nonfinite=allow_nonfinite,
-                   hash_inputs=hash_inputs, dry_run=dry_run, threads=threads, dcp=dcp,
-                   resume=resume, sweep=sweep)
+    req = _checked(Request(
+        inputs=tuple(os.fspath(p) for p in inputs), output=output, kind=None, method="uniform",
+        weights=None if weights is None else tuple(weights), ema=ema, profile=profile,
+        selection=Selection.of(selection), reading=Reading.of(reading), accumulate=accumulate,
+        dtype=dtype, allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs,
+        dry_run=dry_run, threads=threads, resume=resume, into=into, shard_size=shard_size,
+        dcp=dcp, sweep=sweep))
     if req.sweep is not None:
         from ckptavg.engine import sweep as sweeps
 
@@ -141,18 +144,19 @@ def average(
     return result
 
 
-def _request(inputs, output, *, weights, ema, profile, into, selection, reading, accumulate,
-             dtype, shard_size, allow_nonfinite, hash_inputs, dry_run, threads, dcp, resume,
-             sweep) -> Request:
-    """What `average` was asked, checked (every option against the others) and resolved
-    (paths in one spelling, the profile parsed, the output's kind), before any file is
-    opened: the same on every torchrun rank."""
+def _checked(asked: Request) -> Request:
+    """What `average` was asked (`asked`: the caller's values, the profile a spec, the
+    output a path as given, kind and method not yet known), checked (every option against
+    the others) and resolved (paths in one spelling, the profile parsed, the output's kind,
+    the method), before any file is opened: the same on every torchrun rank."""
+    a = asked
+    weights, ema, into, output, sweep = a.weights, a.ema, a.into, a.output, a.sweep
     if output is not None:
-        check_streamed_once(normalised(output), world_size() > 1, into=into, resume=resume,
-                            dcp=dcp, sweep=sweep)
+        check_streamed_once(normalised(output), world_size() > 1, into=into, resume=a.resume,
+                            dcp=a.dcp, sweep=sweep)
     if weights is not None and ema is not None:
         raise OptionError(("weights", "ema"), "exclude each other; pick one")
-    prof = profiles.parse(profile) if profile is not None else None
+    prof = profiles.parse(a.profile) if a.profile is not None else None
     if prof is not None and (weights is not None or ema is not None or into is not None):
         raise OptionError(("profile", "weights" if weights is not None else "ema"
                            if ema is not None else "into"),
@@ -164,22 +168,22 @@ def _request(inputs, output, *, weights, ema, profile, into, selection, reading,
             raise OptionError(("into", "weights", "ema"), "a running average folds a uniform "
                               "mean; drop the weights or the EMA decay")
         output = into if output is None else output
-    if output is None and not dry_run:
+    if output is None and not a.dry_run:
         raise OptionError("output", "missing: pass an output path (.safetensors, .pt or a "
                           "folder)" if sweep is None else "missing: a sweep writes one output "
                           "per window into a folder (-o DIR) or a name template "
                           "(-o 'w{last}.safetensors')")
     output = normalised(output) if output is not None else None
-    kind = output_kind(output, shard_size, dcp) if output is not None and sweep is None \
+    kind = output_kind(output, a.shard_size, a.dcp) if output is not None and sweep is None \
         else None  # before reading
-    if resume and kind not in ("sharded", "dcp"):
+    if a.resume and kind not in ("sharded", "dcp"):
         raise OptionError("resume", "finishes a folder output (safetensors shards or --dcp); "
                           "a file is written in one go: run again without --resume")
-    check_options(accumulate, dtype)
+    check_options(a.accumulate, a.dtype)
     method: Method = ("ema" if ema is not None else "weighted" if weights is not None
                       else "profile" if prof is not None else "uniform")
     if sweep is not None:
-        for name, value in (("into", into), ("resume", resume), ("dcp", dcp)):
+        for name, value in (("into", into), ("resume", a.resume), ("dcp", a.dcp)):
             if value:
                 raise OptionError(("sweep", name), "a sweep writes new outputs, one per window; "
                                   "drop one of them")
@@ -187,14 +191,10 @@ def _request(inputs, output, *, weights, ema, profile, into, selection, reading,
         if into is not None:
             raise OptionError("into", "folding into a running average runs in one process; "
                               "run it without torchrun")
-        if not dry_run and kind not in ("sharded", "dcp"):
+        if not a.dry_run and kind not in ("sharded", "dcp"):
             raise OptionError("output", "under torchrun each rank writes one shard, so the output "
                               "is a folder; give a folder name (-o OUT_DIR)", output)
-    return Request(tuple(os.fspath(p) for p in inputs), output, kind, method,
-                   None if weights is None else tuple(weights), ema, prof,
-                   Selection.of(selection), Reading.of(reading), accumulate, dtype,
-                   allow_nonfinite, hash_inputs, dry_run, threads, resume, into, shard_size,
-                   dcp, sweep)
+    return replace(asked, output=output, kind=kind, method=method, profile=prof, into=into)
 
 
 def _one_process(req: Request, progress: Progress | None, t0: float) -> AverageResult:

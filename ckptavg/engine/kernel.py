@@ -135,7 +135,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
     # Two output buffers: the writer thread copies one to the file while the next tensor (or
     # slice) is computed into the other.
     bg = BackgroundWriter(writer, [np.empty(out_bytes, np.uint8) for _ in range(2)])
-    total_bytes, done, last = plan.bytes_in, 0, readers[-1]
+    total_bytes, done = plan.bytes_in, 0
     try:
         for spec in specs:
             if writer.shares_ties and spec.key in plan.ties:
@@ -149,11 +149,7 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
                     progress(done, total_bytes)
                 continue
             if not info.dtype.is_floating_point:
-                done += info.nbytes
-                value = read_copy(last, spec.key)
-                if hashes is not None:
-                    _hash_whole(hashes, readers, spec.key, value)
-                bg.write(spec.key, value)
+                done += _keep_newest(readers, spec.key, bg, hashes)
                 if progress:
                     progress(done, total_bytes)
                 continue
@@ -180,6 +176,17 @@ def _execute(plan: Plan, writer: Writer, keys: Sequence[str] | None,
         bg.stop()
         if stage is not None:
             stage.close()
+
+
+def _keep_newest(readers: list, key: str, bg: BackgroundWriter,
+                 hashes: ContentHashes | None) -> int:
+    """An integer or bool tensor is not averaged: the newest input's value is written (its
+    bytes hashed for every input's content hash). Returns the bytes it counts as read."""
+    value = read_copy(readers[-1], key)
+    if hashes is not None:
+        _hash_whole(hashes, readers, key, value)
+    bg.write(key, value)
+    return readers[0].info(key).nbytes
 
 
 CHUNK = 1 << 16  # elements per step: a float64 accumulator of 512 KiB stays in L2 cache
@@ -276,24 +283,9 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
                          lambda srcs, start, first=g == 0, m=members: chunks(
                              srcs, m, first, finish, start), feed)
             continue
-        flats = [arith.as_numpy(readers[i].read(key), kind)[base:base + numel] for i in members]
-        # Release each input's pages often enough that the inputs read together keep at
-        # most RESIDENT bytes mapped in.
-        release_every = max(CHUNK, RESIDENT // (len(members) * kind.itemsize) // CHUNK * CHUNK)
-        for lo in range(0, numel, release_every):
-            n = min(release_every, numel - lo)
-            if hashes is not None:
-                for i, f in zip(members, flats):
-                    hashes.update(i, key, f[lo:lo + n])
-            workers.run(chunks(lambda off, k, lo=lo, fs=flats: [f[lo + off:lo + off + k] for f in fs],
-                               members, g == 0, finish, lo), n)
-            # Reach back: faults map pages around them, also some released before.
-            start = (base + lo) * kind.itemsize - FAULT_AROUND
-            for i in members:
-                readers[i].release_range(key, start, (base + lo + n) * kind.itemsize - start)
-        if base + numel >= readers[0].info(key).numel:  # the tensor's last slice: done with it
-            for i in members:
-                readers[i].release(key)
+        _reduce_mapped(key, kind, numel, base, readers, members, workers,
+                       lambda srcs, start, first=g == 0, m=members: chunks(
+                           srcs, m, first, finish, start), hashes)
     if full is not None:
         def finish_full(s: arith.Scratch, lo: int, hi: int) -> None:
             for off in range(lo, hi, CHUNK):
@@ -302,6 +294,31 @@ def _reduce(plan: Plan, key: str, out_dtype: DType, out: np.ndarray, workers: Wo
 
         workers.run(finish_full, numel)
     return finite[0]
+
+
+def _reduce_mapped(key: str, kind: np.dtype, numel: int, base: int, readers: list,
+                   members: range, workers: Workers, make: Callable,
+                   hashes: ContentHashes | None) -> None:
+    """One group of `_reduce` through the inputs' mappings (inputs that cannot be located
+    in a file): elements [base, base + numel) of inputs `members`, a stretch at a time;
+    `make(sources, start)` gives the work on one stretch (see `_reduce`)."""
+    flats = [arith.as_numpy(readers[i].read(key), kind)[base:base + numel] for i in members]
+    # Release each input's pages often enough that the inputs read together keep at most
+    # RESIDENT bytes mapped in.
+    release_every = max(CHUNK, RESIDENT // (len(members) * kind.itemsize) // CHUNK * CHUNK)
+    for lo in range(0, numel, release_every):
+        n = min(release_every, numel - lo)
+        if hashes is not None:
+            for i, f in zip(members, flats):
+                hashes.update(i, key, f[lo:lo + n])
+        workers.run(make(lambda off, k, lo=lo: [f[lo + off:lo + off + k] for f in flats], lo), n)
+        # Reach back: faults map pages around them, also some released before.
+        start = (base + lo) * kind.itemsize - FAULT_AROUND
+        for i in members:
+            readers[i].release_range(key, start, (base + lo + n) * kind.itemsize - start)
+    if base + numel >= readers[0].info(key).numel:  # the tensor's last slice: done with it
+        for i in members:
+            readers[i].release(key)
 
 
 def _reduce_read(key: str, kind: np.dtype, numel: int, base: int, extents: list, stage: Stage,

@@ -34,7 +34,8 @@ SHOWN = 3  # problems listed per file in a mismatch error
 
 @dataclass(frozen=True)
 class Request:
-    """What `average` was asked, checked and resolved: the same on every torchrun rank."""
+    """What `average` was asked, checked and resolved (`average._checked`: the profile
+    parsed, the output's kind and the method known): the same on every torchrun rank."""
 
     inputs: tuple[str, ...]
     output: str | None
@@ -42,7 +43,7 @@ class Request:
     method: Method
     weights: tuple[float, ...] | None
     ema: float | None
-    profile: profiles.Profile | None
+    profile: profiles.Profile | str | None  # a spec until checked
     selection: Selection
     reading: Reading
     accumulate: Accumulate
@@ -216,14 +217,15 @@ def check_options(accumulate: str, dtype: str | None) -> None:
 
 
 def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
-              n_total: int | None = None, prior_inputs: list | None = None,
+              running: tuple[int, list] | None = None,
               accumulate: Accumulate = options.ACCUMULATE, dtype: OutDtype | None = None,
               allow_nonfinite: bool = False, hash_inputs: bool = False,
               profile: str | None = None, content: bool = False) -> Plan:
     """Check that the inputs agree and fix the run: specs, ties, metadata.
 
-    `readers` and `weights` are oldest first. With `prior_inputs` (the `average.inputs` of a
-    running average), `readers[0]` is that running average and `n_total` counts its inputs.
+    `readers` and `weights` are oldest first. With `running` (n_total, prior_inputs: a
+    running average's `average.inputs`), `readers[0]` is that running average and n_total
+    counts its inputs and the new ones.
     Each new input's entry in `average.inputs` records its file name, fingerprint and
     identity (ReaderBase.entry); with `content`, a placeholder for its content hash,
     which the read pass computes and the writer fills in (engine/content.py).
@@ -255,7 +257,7 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
         specs.append(TensorSpec(k, info.shape, out_dtype if out_dtype and floating else info.dtype))
     if fp8 is not None and not out_dtype:
         specs = _scales_after_weights(specs, fp8.scales)
-    n_total = n_total or len(readers)
+    n_total, prior_inputs = running if running is not None else (len(readers), None)
     new = readers[1:] if prior_inputs is not None else readers
     entries = [r.entry() for r in new]
     if content:

@@ -118,7 +118,8 @@ def plan_run(req: Request, run: Run):
     # before its commit (engine/content.py); a remote output records each input's identity
     # and fingerprint.
     content = records_content(req.output, req.kind) and not req.dry_run
-    plan = make_plan(readers, raw, method=req.method, n_total=n_total, prior_inputs=run.prior,
+    plan = make_plan(readers, raw, method=req.method,
+                     running=(n_total, run.prior) if running is not None else None,
                      accumulate=req.accumulate, dtype=req.dtype,
                      allow_nonfinite=req.allow_nonfinite,
                      hash_inputs=req.hash_inputs and not req.dry_run, profile=req.spec,
