@@ -232,3 +232,26 @@ def test_train_config_declares_no_flag_another_options_class_declares():
         (one,) = theirs
         assert dataclasses.replace(flag, help=one.help) == one, f.name
     assert shared == 9
+
+
+def test_engine_functions_stay_small():
+    """docs/design.md: no function of engine/ is over 80 lines or takes more than 10
+    parameters, but the public `average()` (its keywords are the API)."""
+    import ast
+
+    big = []
+    folder = os.path.join(ROOT, "ckptavg", "engine")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs
+                          if p.arg not in ("self", "cls")]
+                lines = node.end_lineno - node.lineno + 1
+                if (lines > 80 or len(params) > 10) and (name, node.name) != ("average.py",
+                                                                              "average"):
+                    big.append(f"{name}:{node.name} ({lines} lines, {len(params)} params)")
+    assert big == []
