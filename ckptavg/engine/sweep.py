@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -247,7 +246,7 @@ def average_sweep(req: Request, sweep: Sweep, shard_size: int | None = None,
                 error = e
             group.agree(error)
             if not req.dry_run:
-                _write_ranks(group, prep, progress, req.threads)
+                _write_here(prep, req, shard_size, progress, group)
             prep.result.ranks, prep.result.rank = group.size, group.rank
         else:
             prep = _prepare(req, sweep, shard_size, stack, folders=False)
@@ -312,30 +311,40 @@ def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextl
     return _Prepared(chosen, spans, whole, plans, paths, kinds, protected, result)
 
 
-def _write_here(prep: _Prepared, req: Request, shard_size: int | None, progress) -> None:
-    """One process: a writer per window, all open at once; each aborts on an error."""
+def _write_here(prep: _Prepared, req: Request, shard_size: int | None, progress,
+                group=None) -> None:
+    """A writer per window, all open at once; each aborts on an error. Under torchrun
+    (`group`) every window is a folder of which each rank writes its shard
+    (io/writer.ShardedWriter with the group); the first window's writer exchanges the
+    ranks' records of the whole run's content hashes, every window then takes its share."""
     made: list[str] = []
     if req.dry_run:
         writers: list[Writer] = [Discard() for _ in prep.plans]
     else:
-        made = _make_folder(req.output)
+        made = _make_folder(req.output) if group is None else \
+            _on_rank0(group, lambda: _make_folder(req.output), [])
         writers = []
         for p, k, plan in zip(prep.paths, prep.kinds, prep.plans):
             side, notes = side_files(plan.readers) if k == "sharded" else ({}, [])
             prep.result.warnings += [n for n in notes if n not in prep.result.warnings]
             writers.append(make_writer(p, plan.specs, plan.metadata, shard_size,
                                        prep.whole.ties, inputs=prep.protected,
-                                       entry=plan.entry, extras=plan.extras, side_files=side))
+                                       entry=plan.entry, extras=plan.extras, side_files=side,
+                                       group=group))
     hashes = ContentHashes.of_plan(prep.whole)
+    keys = writers[0].pending_keys() if group is not None else None
+    if group is not None:
+        writers[0].hashes = hashes  # its shard holds this rank's share: recorded, exchanged
     try:
         with contextlib.ExitStack() as out:
             for w in writers:
                 out.enter_context(w)
             run_windows(prep.whole, prep.plans, prep.spans, writers, hashes, progress,
-                        req.threads)
+                        req.threads, keys=keys)
             for r in prep.whole.readers:
                 r.check_unchanged()
-            _digests(prep, hashes.hexdigests())
+            _digests(prep, hashes.hexdigests(writers[0].recorded() if group is not None
+                                             else None))
             for w, r in zip(writers, prep.result.windows):
                 if w.fills_metadata:
                     w.fill({placeholder(i): d for i, d in enumerate(r.content)})
@@ -346,6 +355,18 @@ def _write_here(prep: _Prepared, req: Request, shard_size: int | None, progress)
         raise
     for w in writers:
         prep.result.warnings += w.notes
+
+
+def _on_rank0(group, make, default):
+    """Rank 0's `make()` (`default` elsewhere); a failure stops every rank."""
+    made, error = default, None
+    try:
+        if group.rank == 0:
+            made = make()
+    except BaseException as e:
+        error = e
+    group.agree(error)
+    return made
 
 
 def _make_folder(output: str) -> list[str]:
@@ -371,82 +392,6 @@ def _digests(prep: _Prepared, digests: list[str] | None) -> list[str]:
     for (a, b), r in zip(prep.spans, prep.result.windows):
         r.content = digests[a:b + 1]
     return digests
-
-
-def _write_ranks(group, prep: _Prepared, progress, threads: int | None) -> None:
-    """This rank's share of the tensors (io/writer.partition) into its shard of every window,
-    in a hidden folder beside each; rank 0 then commits every window folder with its
-    index, side files and metadata (content hashes from every rank's records)."""
-    from ckptavg.engine.content import final_metadata
-    from ckptavg.io.atomic import temp_folder_beside
-    from ckptavg.io.writer import (
-        SafetensorsWriter,
-        commit_folder,
-        partition,
-        rank_shard_names,
-        without_pending,
-    )
-
-    keys = partition(prep.whole.specs, group.size)
-    names = rank_shard_names(keys)
-    mine, name = keys[group.rank], names[group.rank]
-    tmps, made, error = None, [], None
-    try:
-        if group.rank == 0:
-            made = _make_folder(prep.result.output)
-            tmps = []
-            for p in prep.paths:
-                tmps.append(temp_folder_beside(os.path.abspath(p)))
-    except BaseException as e:
-        error = e
-    try:
-        group.agree(error)
-        tmps = group.share(tmps)
-        hashes = ContentHashes.of_plan(prep.whole)
-        specs = {s.key: s for s in prep.whole.specs}
-        record, error = None, None
-        try:
-            if mine:
-                writers = [SafetensorsWriter(os.path.join(tmp, name), [specs[k] for k in mine],
-                                             {**without_pending(plan.metadata), "format": "pt"},
-                                             shown=p)
-                           for tmp, p, plan in zip(tmps, prep.paths, prep.plans)]
-                with contextlib.ExitStack() as out:
-                    for w in writers:
-                        out.enter_context(w)
-                    run_windows(prep.whole, prep.plans, prep.spans, writers, hashes, progress,
-                                threads, keys=mine)
-                    for r in prep.whole.readers:
-                        r.check_unchanged()
-                record = hashes.record(mine)
-        except BaseException as e:
-            error = e
-        gathered = group.agree(error, record)
-        records = {names[r]: rec for r, rec in enumerate(gathered) if rec}
-        digests = _digests(prep, ContentHashes.of_plan(prep.whole).hexdigests(records))
-        error = None
-        try:
-            if group.rank == 0:
-                where = {k: names[r] for r, ks in enumerate(keys) for k in ks}
-                for j, (tmp, p, plan) in enumerate(zip(tmps, prep.paths, prep.plans)):
-                    a, b = prep.spans[j]
-                    side, _ = side_files(plan.readers)
-                    commit_folder(tmp, os.path.abspath(p), {s.key: where[s.key] for s in plan.specs},
-                                  final_metadata(plan.metadata, digests[a:b + 1]),
-                                  plan.bytes_out, side)
-                    tmps[j] = None
-        except BaseException as e:
-            error = e
-        group.agree(error)
-        made = []  # committed: the folder holds the windows
-    finally:
-        if group.rank == 0:
-            for tmp in tmps or []:
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            for folder in made:
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)
 
 
 def run_windows(whole: Plan, plans: list[Plan], spans: list[tuple[int, int]],

@@ -632,8 +632,8 @@ class ShardedWriter(Writer):
                       for name, shard in zip(self._names, self._shards) if name}
             self.staging = self._stage({**run, "shards": shards}, resume)
             self._tmp, self.notes = self.staging.path, self.staging.notes
-        elif group is not None:
-            raise RuntimeError("torchrun's ranks write a folder through its staging folder")
+        elif group is not None:  # a temporary folder rank 0 makes beside the output
+            self._tmp = self._shared(self._begin)
         else:
             self._tmp = self._begin()
         self._metadata = dict(metadata)
@@ -644,6 +644,17 @@ class ShardedWriter(Writer):
         self._exchanged: dict[str, dict] | None = None  # every rank's (after `_exchange`)
         self._failure: BaseException | None = None
         self.bytes_written = sum(s.nbytes for s in specs)
+
+    def _shared(self, make):
+        """Under torchrun: rank 0's `make()`, on every rank (a failure stops them all)."""
+        made, error = None, None
+        try:
+            if self.group.rank == 0:
+                made = make()
+        except BaseException as e:
+            error = e
+        self.group.agree(error)
+        return self.group.share(made)
 
     def _stage(self, want: dict, resume: bool):
         """The staging folder: made (or checked, to resume) here, or under torchrun by rank 0,
@@ -673,7 +684,7 @@ class ShardedWriter(Writer):
 
     @property
     def fills_metadata(self) -> bool:  # the index is written last, with the values
-        return self.staging is not None
+        return self.staging is not None or self.group is not None
 
     def fill(self, values: dict[str, str | None]) -> None:
         """The index's metadata with each placeholder's value (`filled_metadata`)."""
@@ -735,7 +746,8 @@ class ShardedWriter(Writer):
         self.group.agree(error)
 
     def _discard(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self.group is None or self.group.rank == 0:  # under torchrun, rank 0's folder
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property
     def _done(self) -> set[str]:
@@ -762,13 +774,13 @@ class ShardedWriter(Writer):
         if self._current is not None:
             self._current.close()
             self._current = None
+            name = self._names[self._shard]
+            keys = [spec.key for spec in self._shards[self._shard]]
+            record = None if self.hashes is None else self.hashes.record(keys)
+            if record:
+                self._records[name] = record  # what the ranks exchange
             if self.staging is not None:
-                name = self._names[self._shard]
-                keys = [spec.key for spec in self._shards[self._shard]]
-                record = None if self.hashes is None else self.hashes.record(keys)
                 self.staging.finished(name, record)
-                if record:
-                    self._records[name] = record
 
     def _open_next(self) -> None:
         self._finish_current()

@@ -272,3 +272,19 @@ def test_a_rank_with_no_tensors_writes_no_shard(tmp_path):
     assert (tmp_path / "dist" / "model-00001-of-00001.safetensors").read_bytes() == \
         (tmp_path / "single" / "model-00001-of-00001.safetensors").read_bytes()
     assert leftovers(tmp_path) == []
+
+
+def test_a_nan_in_one_ranks_share_of_a_sweep_stops_both_ranks_and_leaves_nothing(tmp_path):
+    """Under torchrun a sweep's windows are ShardedWriters sharing the ranks' agreements: a
+    NaN that only rank 1 reads (fc.bias) stops both ranks with its line, whatever window
+    each rank's writers were at, and no window folder nor the sweep's folder is left."""
+    paths = _inputs(tmp_path, n=5)
+    state = ckptavg.load(paths[3])[0]
+    state["fc.bias"][0] = float("inf")
+    save_file(state, paths[3], {"train.epoch": "4", "model.arch": "x"})
+    proc = _torchrun("average", *paths, "--sweep", "window=2", "-o", tmp_path / "sw",
+                     timeout=120)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("ckptavg: error:")]
+    assert len(lines) == 2 and all("fc.bias" in x for x in lines), proc.stderr[-3000:]
+    assert not (tmp_path / "sw").exists() and leftovers(tmp_path) == []
