@@ -33,7 +33,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def mean_std(values: list[float]) -> dict:
-    """{"mean", "std" (sample standard deviation; 0 for one value), "values"} of seeds' figures."""
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+@dataclass
+class MeanStd(Result):
+    """Seeds' figures: their mean, sample standard deviation (0 for one value), and values."""
+
+    mean: float
+    std: float
+    values: list[float]
+
+
+def mean_std(values: list[float]) -> MeanStd:
+    """The mean and sample standard deviation of seeds' figures (`MeanStd`)."""
+    return MeanStd(statistics.fmean(values),
+                   statistics.stdev(values) if len(values) > 1 else 0.0, list(values))

@@ -28,6 +28,8 @@ RESULTS = {
     "ckptavg.selection.swag": ["SwagResult", "SwagEvalResult", "CalibrationRow"],
     "ckptavg.train.loop": ["TrainResult"],
     "ckptavg.experiments.replicate": ["ReplicateResult"],
+    "ckptavg.experiments.beyond": ["BeyondResult", "SelectionRow", "CalibrationSummary"],
+    "ckptavg.results": ["MeanStd"],
 }
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from ckptavg.engine.select import close_all, open_candidates
 from ckptavg.errors import CkptavgError
 from ckptavg.io.atomic import atomic_text
 from ckptavg.options import DataOptions, HeldOutOptions, LoaderOptions, ModelOptions, Selection
-from ckptavg.results import Result, mean_std
+from ckptavg.results import MeanStd, Result, mean_std
 from ckptavg.selection.heldout import HeldOut, RunningSum
 from ckptavg.selection.search import search
 from ckptavg.selection.soup import soup
@@ -41,16 +42,33 @@ CAL_ROWS = {"sgd": "SGD, final weights", "swa": "SWA (1.5 B)", "swag_diag": "SWA
 
 
 @dataclass
+class SelectionRow(Result):
+    """One selection method over seeds: held-out and test accuracy (%)."""
+
+    holdout: MeanStd
+    test: MeanStd
+
+
+@dataclass
+class CalibrationSummary(Result):
+    """One predictor over seeds, on the test split: accuracy (%), NLL and ECE."""
+
+    accuracy: MeanStd
+    nll: MeanStd
+    ece: MeanStd
+
+
+@dataclass
 class BeyondResult(Result):
     """Held-out and test accuracy per selection method, and accuracy/NLL/ECE of SGD, SWA and
     SWAG, per seed and as mean/std over seeds."""
 
     out: str
     seeds: list[int]
-    selection: dict  # row -> {"holdout": {mean, std, values}, "test": {...}}
-    calibration: dict  # row -> {"accuracy": {...}, "nll": {...}, "ece": {...}}
-    per_seed: list[dict]
-    settings: dict
+    selection: dict[str, SelectionRow]  # method -> over seeds
+    calibration: dict[str, CalibrationSummary]  # predictor -> over seeds
+    per_seed: list[dict[str, Any]]  # each seed's figures, as cached in seed-N/beyond.json
+    settings: dict[str, Any]  # SWAG's draws and scale, the pools, the replicate config
     seconds: float
     files: list[str] = field(default_factory=list)
 
@@ -196,10 +214,11 @@ def beyond(out: str, *, data_dir: str | None = None, device: str = options.DEVIC
             futures = {s: pool.submit(beyond_seed, folders[s], config, s, **kwargs)
                        for s in seeds}
             per_seed = [futures[s].result() for s in seeds]
-    selection = {k: {"holdout": mean_std([p[k]["holdout"] for p in per_seed]),
-                     "test": mean_std([p[k]["test"] for p in per_seed])} for k in ROWS}
-    calibration = {k: {m: mean_std([p["calibration"][k][m] for p in per_seed])
-                       for m in ("accuracy", "nll", "ece")} for k in CAL_ROWS}
+    selection = {k: SelectionRow(mean_std([p[k]["holdout"] for p in per_seed]),
+                                 mean_std([p[k]["test"] for p in per_seed])) for k in ROWS}
+    calibration = {k: CalibrationSummary(*(mean_std([p["calibration"][k][m] for p in per_seed])
+                                           for m in ("accuracy", "nll", "ece")))
+                   for k in CAL_ROWS}
     settings = {"samples": samples, "scale": scale, "bn_batches": bn_batches,
                 "pool_from_epoch": max(1, config["swa_start"] // 2), "swag_rank": options.SWAG_RANK,
                 "swag_from_epoch": config["swa_start"], "preset": rep.get("preset"),
@@ -225,17 +244,15 @@ def beyond_table(r: BeyondResult) -> str:
     lines = [f"# Held-out selection and SWAG: {over}", "",
              "| method | held-out accuracy (%) | test accuracy (%) |", "|---|---|---|"]
     for k, name in ROWS.items():
-        h, t = r.selection[k]["holdout"], r.selection[k]["test"]
-        lines.append(f"| {name} | {h['mean']:.2f} ± {h['std']:.2f} | "
-                     f"{t['mean']:.2f} ± {t['std']:.2f} |")
+        h, t = r.selection[k].holdout, r.selection[k].test
+        lines.append(f"| {name} | {h.mean:.2f} ± {h.std:.2f} | {t.mean:.2f} ± {t.std:.2f} |")
     lines += ["", f"Test split, SWAG with {r.settings['samples']} samples, scale "
               f"{r.settings['scale']}, rank {r.settings['swag_rank']}:", "",
               "| method | accuracy (%) | NLL | ECE |", "|---|---|---|---|"]
     for k, name in CAL_ROWS.items():
         c = r.calibration[k]
-        lines.append(f"| {name} | {c['accuracy']['mean']:.2f} ± {c['accuracy']['std']:.2f} | "
-                     f"{c['nll']['mean']:.4f} ± {c['nll']['std']:.4f} | "
-                     f"{c['ece']['mean']:.4f} ± {c['ece']['std']:.4f} |")
+        lines.append(f"| {name} | {c.accuracy.mean:.2f} ± {c.accuracy.std:.2f} | "
+                     f"{c.nll.mean:.4f} ± {c.nll.std:.4f} | {c.ece.mean:.4f} ± {c.ece.std:.4f} |")
     lines += ["", "Per seed (test accuracy; search: chosen start epoch; greedy soup: size):", "",
               "| seed | " + " | ".join(ROWS) + " | start | soup size |",
               "|---|" + "---|" * (len(ROWS) + 2)]

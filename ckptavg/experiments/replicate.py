@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ from ckptavg.nn.device import resolve_device
 from ckptavg.nn.evaluation import evaluate, predict, scores
 from ckptavg.options import DataOptions, LoaderOptions, ModelOptions
 from ckptavg.plots import pyplot
-from ckptavg.results import Result, mean_std
+from ckptavg.results import MeanStd, Result, mean_std
 from ckptavg.train.loop import TrainConfig, train
 
 
@@ -99,11 +100,11 @@ class ReplicateResult(Result):
     """Every number of the protocol: per seed, and mean/std per row over seeds."""
 
     preset: str
-    config: dict
-    paper: dict | None
+    config: dict[str, Any]  # the preset as run (its fields but `paper`)
+    paper: dict[str, float] | None  # row -> the paper's figure
     seeds: list[int]
-    summary: dict  # row -> {mean, std, values}
-    per_seed: list[dict]
+    summary: dict[str, MeanStd]  # row -> over seeds
+    per_seed: list[dict[str, Any]]  # per seed: its number and each row's figure
     seconds: float
     device: str
     torch: str
@@ -247,7 +248,7 @@ def replicate(preset: str | Preset, out: str, *, seeds: int | Sequence[int] = 3,
     Example:
         Trains for minutes (docs/results.md has the figures), so the example is not run:
 
-        >>> replicate("fashion-mnist", "results/fmnist", seeds=1).summary["swa_1.5"]["mean"]
+        >>> replicate("fashion-mnist", "results/fmnist", seeds=1).summary["swa_1.5"].mean
         ... # doctest: +SKIP
     """
     if isinstance(preset, str):
@@ -334,8 +335,8 @@ def results_table(result: ReplicateResult) -> str:
     paper = result.paper or {}
     for key, s in result.summary.items():
         ref = f"{paper[key]:.2f}" if key in paper else "-"
-        spread = f" ± {s['std']:.2f}" if len(result.seeds) > 1 else ""
-        lines.append(f"| {names.get(key, key)} | {s['mean']:.2f}{spread} | {ref} |")
+        spread = f" ± {s.std:.2f}" if len(result.seeds) > 1 else ""
+        lines.append(f"| {names.get(key, key)} | {s.mean:.2f}{spread} | {ref} |")
     lines += ["", "Per seed:", "", "| seed | " + " | ".join(result.summary) + " |",
               "|---|" + "---|" * len(result.summary)]
     for s in result.per_seed:

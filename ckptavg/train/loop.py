@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class TrainResult(Result):
     start_epoch: int
     epochs_run: int
     checkpoints: list[str]
-    last: dict | None  # the metrics row of the last epoch run (see metrics.jsonl)
+    last: dict[str, Any] | None  # the metrics row of the last epoch run (metrics.jsonl's)
     swa_inloop: str | None
     epoch_seconds: float
     save_blocking_seconds: float
