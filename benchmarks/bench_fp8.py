@@ -28,6 +28,32 @@ CHILD = ("import sys\nfrom ckptavg.cli import main\ntry:\n    main(sys.argv[1:])
          "print('torch' in sys.modules, file=sys.stderr)\nsys.exit(code)\n")
 
 
+def make_mx_inputs(folder: str, n: int, params_m: int) -> list[str]:
+    """The same weights as MXFP4 (gpt-oss's layout: `*_blocks` [rows, G, 16] uint8 beside
+    `*_scales` [rows, G] e8m0), quantized by the OCP rule (ckptavg's own `mx_quantize`:
+    this only makes the inputs)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ckptavg.engine.fp8 import mx_quantize
+
+    rows, cols = 4096, 4096
+    count = max(1, params_m * 2**20 // (rows * cols))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        b = {}
+        for j in range(count):
+            w = rng.standard_normal((rows, cols), dtype=np.float32) * (1 + 0.1 * i)
+            flat = w.astype(np.float64).reshape(-1, 32)
+            packed, exps = mx_quantize(flat, np.empty(flat.size, np.uint64))
+            b[f"layers.{j}.proj_blocks"] = packed.reshape(rows, cols // 32, 16)
+            b[f"layers.{j}.proj_scales"] = exps.reshape(rows, cols // 32)
+        paths.append(os.path.join(folder, f"mx-{i}.safetensors"))
+        save_file(b, paths[-1])
+    return paths
+
+
 def make_inputs(folder: str, n: int, params_m: int) -> tuple[list[str], list[str]]:
     import ml_dtypes
     import numpy as np
@@ -78,24 +104,33 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="CHECKOUT",
                     help="also run the FP8 cases with another checkout's ckptavg (e.g. a "
                          "`git worktree` of the previous commit), interleaved: before/after")
+    ap.add_argument("--mxfp4", action="store_true",
+                    help="also time MXFP4 inputs of the same parameter count (gpt-oss layout)")
     ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     if args.make_only:  # in a process of its own: a child forked from a parent holding the
         make_inputs(args.dir, args.n, args.params_m)  # inputs would count them in its RSS
+        if args.mxfp4:
+            make_mx_inputs(args.dir, args.n, args.params_m)
         return
     try:
         subprocess.run([sys.executable, __file__, "--make-only", "--dir", args.dir, "--n",
-                        str(args.n), "--params-m", str(args.params_m)], check=True)
+                        str(args.n), "--params-m", str(args.params_m)]
+                       + (["--mxfp4"] if args.mxfp4 else []), check=True, cwd=ROOT)
         bf16 = [os.path.join(args.dir, f"bf16-{i}.safetensors") for i in range(args.n)]
         fp8 = [os.path.join(args.dir, f"fp8-{i}.safetensors") for i in range(args.n)]
-        for p in bf16 + fp8:  # into the page cache
+        mx = [os.path.join(args.dir, f"mx-{i}.safetensors") for i in range(args.n)] \
+            if args.mxfp4 else []
+        for p in bf16 + fp8 + mx:  # into the page cache
             with open(p, "rb") as f:
                 while f.read(1 << 24):
                     pass
         cases = {"bf16 in, bf16 out": (bf16, [], ROOT),
                  "fp8 in, fp8 out (requantized)": (fp8, [], ROOT),
                  "fp8 in, bf16 out (--dtype)": (fp8, ["--dtype", "bfloat16"], ROOT)}
+        if mx:
+            cases["mxfp4 in, mxfp4 out"] = (mx, [], ROOT)
         if args.baseline:
             root = os.path.abspath(args.baseline)
             cases["baseline: fp8 requantized"] = (fp8, [], root)

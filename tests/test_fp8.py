@@ -188,7 +188,7 @@ def _gptq(folder, i):
 @pytest.mark.parametrize("case,needle", [
     ("gptq", "gptq"),
     ("bitsandbytes", "bitsandbytes"),
-    ("mxfp4", "mxfp4"),
+    ("mxfp4", "no mxfp4 layout"),
     ("fp8 odd scale", "no per-tensor, per-channel or block scale"),
     ("fp8 without scale", "FP8 without a scale"),
     ("fp8 beside int codes", "integer codes beside a scale"),

@@ -59,14 +59,25 @@ FLOAT8 = {
 }
 
 
+# MXFP4's element format (OCP FP4 e2m1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, the
+# sign in bit 3), rounded by the same code as the float8 formats: no infinity or NaN, a
+# larger magnitude saturates.
+FLOAT4 = {"float4_e2m1fn": (1, 1, 0x07, 0x07, False)}
+
+
+def _format(name: str) -> tuple:
+    return FLOAT8[name] if name in FLOAT8 else FLOAT4[name]
+
+
 def float8_max(dtype: DType) -> float:
     """The largest finite value of a one-byte float."""
     return float(_table(dtype, np.dtype(np.float64))[FLOAT8[dtype.name][2]])
 
 
 def _decode(name: str) -> np.ndarray:
-    """The value of each of the 256 codes of a FLOAT8 format (float64, exact)."""
-    m, bias, _, _, fnuz = FLOAT8[name]
+    """The value of each of the 256 codes of a FLOAT8 format (float64, exact); of a FLOAT4
+    format, codes 0..7 are its magnitudes."""
+    m, bias, _, _, fnuz = _format(name)
     codes = np.arange(256)
     sign = np.where(codes >> 7, -1.0, 1.0)
     exp = (codes >> m) & (0x7F >> m)
@@ -119,8 +130,9 @@ def unscaled_float8(dst: np.ndarray, codes: np.ndarray, name: str, ints: np.ndar
 
 def _encode(out: np.ndarray, f: np.ndarray, name: str) -> None:
     """out (codes) = float32 `f` rounded once to nearest even to a FLOAT8 format; a larger
-    magnitude than the largest finite one becomes infinity (e5m2) or NaN, NaN stays NaN."""
-    m, bias, top, over, fnuz = FLOAT8[name]
+    magnitude than the largest finite one becomes infinity (e5m2) or NaN, NaN stays NaN
+    (FLOAT4: the sign is still bit 7 here; `_odd_table` moves it to bit 3)."""
+    m, bias, top, over, fnuz = _format(name)
     bits = f.view(np.uint32)
     sign = (bits >> 31).astype(np.uint8) << 7
     mag = bits & np.uint32(0x7FFFFFFF)
@@ -213,10 +225,12 @@ def _odd_table(name: str, saturate: bool) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             _encode(codes, values.astype(np.float32), name)
             if saturate:
-                top = FLOAT8[name][2]
+                top = _format(name)[2]
                 big = np.abs(values) > _decode(name)[top]
                 codes[big & (values > 0)] = top
                 codes[big & (values < 0)] = top | 0x80
+        if name in FLOAT4:  # a nibble: the sign from bit 7 to bit 3
+            codes = (codes & 0x07) | ((codes & 0x80) >> 4)
         _ODD_TABLES[key] = codes
     return _ODD_TABLES[key]
 

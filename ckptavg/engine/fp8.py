@@ -1,4 +1,12 @@
-"""FP8 weights averaged in what they mean (issue #36), without torch.
+"""FP8 and MXFP4 weights averaged in what they mean (issue #36), without torch.
+
+MXFP4 (OCP Microscaling, as gpt-oss ships its experts): `X_blocks` holds 32 FP4 e2m1 codes a
+row, two a byte (the first value in the low nibble), `X_scales` one e8m0 exponent a row
+(2^(byte - 127)). Each input's values are its codes' values times its exponents' powers of
+two (exact), averaged in float64 and requantized by the OCP rule (`mx_quantize`): a row's
+exponent is floor(log2 of its largest |value|) - 2, each value over it rounded once to the
+nearest FP4 value, ties to even, saturated at 6. The output is MXFP4 again (it loads where
+the inputs load); `--dtype` is refused (the dequantized weights' layout is the model's).
 
 An FP8 weight is a tensor of float8 codes and a scale: value = code * scale, the scale one
 number (per tensor), one per output row (per channel) or one per block of rows x columns
@@ -35,7 +43,7 @@ import numpy as np
 from ckptavg.engine import arith
 from ckptavg.engine.nonfinite import raise_nonfinite
 from ckptavg.io.files import pread_extent
-from ckptavg.io.quantized import Fp8Layout, Fp8Pair
+from ckptavg.io.quantized import MX_BLOCK, Fp8Layout, Fp8Pair
 
 SLICE = 1 << 20  # values of a weight averaged at a time (8 MiB of float64)
 EPS = float(np.finfo(np.float32).eps)  # the smallest scale written (compressed-tensors')
@@ -79,7 +87,13 @@ class Fp8Run:
         """Write tensor `spec.key`; returns the bytes read for it."""
         key = spec.key
         if key in self.layout.pairs:
-            return self._weight(self.layout.pairs[key], spec, bg, streams)
+            pair = self.layout.pairs[key]
+            if pair.kind == "mx":
+                return self._mx_weight(pair, bg, streams)
+            return self._weight(pair, spec, bg, streams)
+        if key in self.scales_of and self.layout.pairs[self.scales_of[key]].kind == "mx":
+            bg.write(key, self._mx_scales(self.layout.pairs[self.scales_of[key]]))
+            return self.readers[0].info(key).nbytes * len(self.readers)
         raws = [self._raw(i, key) for i in range(len(self.readers))]
         self._hash(key, raws)
         if key in self.scales_of:
@@ -146,6 +160,95 @@ class Fp8Run:
         for r in self.readers:
             r.release(pair.weight)
         return self.readers[0].info(pair.weight).nbytes * len(self.readers)
+
+    # ------------------------------------------------------------------ MXFP4
+
+    def _mx_weight(self, pair: Fp8Pair, bg, streams: bool) -> int:
+        """An MXFP4 weight: each block of 32 values dequantized with its input's exponent,
+        averaged in float64 and requantized by the OCP rule (`_mx_slice`), its codes
+        written slice by slice and its new exponents kept for its scale, which the plan
+        writes next. Each input's blocks and exponents go to its content hashes here."""
+        info = self.readers[0].info(pair.weight)
+        rows, half = int(np.prod(info.shape[:-1])), MX_BLOCK // 2
+        step = max(1, SLICE // MX_BLOCK)
+        exps = np.empty(rows, np.uint8)
+        out = None if streams else np.empty(info.nbytes, np.uint8)
+        bounds = [(r0, min(rows, r0 + step)) for r0 in range(0, max(rows, 1), step)]
+        located = all(r.locate(pair.weight) is not None for r in self.readers)
+        for (r0, r1), (packed, new, read) in zip(bounds, self._run(
+                lambda a, b: self._mx_slice(pair, a, b), bounds, located)):
+            exps[r0:r1] = new
+            self._mx_hash(pair, read)
+            if streams:
+                bg.write(pair.weight, packed, part=(r0 == 0, r1 >= rows))
+            else:
+                out[r0 * half:r1 * half] = packed
+        if not streams:
+            bg.write(pair.weight, out)
+        self._new[pair.weight] = exps
+        self._mx_done(pair)
+        return info.nbytes * len(self.readers)
+
+    def _mx_scales(self, pair: Fp8Pair) -> np.ndarray:
+        """The new exponents of an MXFP4 weight: kept from its pass, or (a torchrun rank
+        that writes the scales and not the blocks) from a pass of their own."""
+        if pair.weight in self._new:
+            return self._new.pop(pair.weight)
+        rows = int(np.prod(self.readers[0].info(pair.scale).shape))
+        step = max(1, SLICE // MX_BLOCK)
+        exps = np.empty(rows, np.uint8)
+        for r0 in range(0, max(rows, 1), step):
+            r1 = min(rows, r0 + step)
+            _, exps[r0:r1], read = self._mx_slice(pair, r0, r1)
+            self._mx_hash(pair, read, blocks=False)
+        self._mx_done(pair, blocks=False)
+        return exps
+
+    def _mx_slice(self, pair: Fp8Pair, r0: int,
+                  r1: int) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, ...]]]:
+        """Blocks [r0, r1) of an MXFP4 weight: (its new codes, packed two a byte; its new
+        e8m0 exponents; each input's codes and exponents as read)."""
+        n, half = r1 - r0, MX_BLOCK // 2
+        acc = self._buffer("acc", n * MX_BLOCK)[: n * MX_BLOCK].reshape(n, MX_BLOCK)
+        value = self._buffer("value", n * MX_BLOCK)[: n * MX_BLOCK].reshape(n, MX_BLOCK)
+        read = []
+        for i in range(len(self.readers)):
+            codes = self._codes(i, pair.weight, r0 * half, n * half).reshape(n, half)
+            exp = self._codes(i, pair.scale, r0, n)
+            read.append((codes, exp))
+            into = acc if i == 0 else value
+            # each byte's two values (the low nibble first), then times 2^(exp - 127): exact
+            np.take(FP4_PAIRS, codes.reshape(-1), axis=0, out=into.reshape(-1, 2),
+                    mode="clip")
+            np.multiply(into, np.ldexp(1.0, exp.astype(np.int32) - 127)[:, None], out=into)
+            if (exp == 0xFF).any():
+                into[exp == 0xFF] = np.nan  # e8m0's NaN
+            if self.weights[i] != 1.0:
+                np.multiply(into, self.weights[i], out=into)
+            if i:
+                np.add(acc, into, out=acc)
+        np.divide(acc, self.plan.total_weight, out=acc)
+        if not np.isfinite(acc).all() and not self.plan.allow_nonfinite:
+            raise_nonfinite(self.readers, pair.weight, self.readers[0].info(pair.weight).dtype)
+        packed, exps = mx_quantize(acc, value.reshape(-1).view(np.uint64))
+        return packed, exps, read
+
+    def _mx_hash(self, pair: Fp8Pair, read, blocks: bool = True) -> None:
+        if self.hashes is not None:
+            for i, (codes, exp) in enumerate(read):
+                if blocks:
+                    self.hashes.update(i, pair.weight, codes)
+                self.hashes.update(i, pair.scale, exp)
+
+    def _mx_done(self, pair: Fp8Pair, blocks: bool = True) -> None:
+        keys = (pair.weight, pair.scale) if blocks else (pair.scale,)
+        if self.hashes is not None:
+            for i in range(len(self.readers)):
+                for k in keys:
+                    self.hashes.done(i, k)
+        for r in self.readers:
+            for k in keys:
+                r.release(k)
 
     def _run(self, fn, bounds: list[tuple[int, int]], parallel: bool):
         """fn(r0, r1) over the slices, in order: on `threads` threads (numpy lets go of the
@@ -271,6 +374,37 @@ class Fp8Run:
 
 
 # ---------------------------------------------------------------------- the arithmetic
+
+# MXFP4 (OCP Microscaling Formats v1.0): FP4 e2m1 codes (sign bit 3), 32 to a block whose
+# scale is an e8m0 exponent (2^(byte - 127), 255 NaN).
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP4_PAIRS = np.stack([FP4[np.arange(256) & 0x0F], FP4[np.arange(256) >> 4]], axis=1)
+FP4_EMAX = 2  # the largest FP4 value is 1.5 x 2^2
+
+
+def mx_quantize(values: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 codes of `values` (float64, one block of 32 a row; overwritten), by the OCP
+    rule: a block's exponent is floor(log2(its largest |value|)) - 2 (FP4's largest
+    exponent), held to e8m0's range [-127, 127] (-127 for a block of zeros; NaN, 255, for a
+    block that is not finite); each value over 2^exponent (exact) is rounded once to the
+    nearest FP4 value, ties to the even code, larger magnitudes to 6 (`arith.encode_float8`
+    with FP4's table). Returns (codes packed two a byte, the first value in the low nibble;
+    the exponents as e8m0 bytes). `bits`: uint64 scratch of values' size."""
+    amax = np.abs(values).max(axis=1)
+    finite = np.isfinite(amax)
+    exp = np.frexp(np.where(finite, amax, 1.0))[1].astype(np.int32) - 1 - FP4_EMAX
+    exp[amax == 0] = -127
+    np.clip(exp, -127, 127, out=exp)
+    np.multiply(values, np.ldexp(1.0, -exp)[:, None], out=values)  # exact: a power of two
+    codes = np.empty(values.size, np.uint8)
+    arith.encode_float8(codes, values, "float4_e2m1fn", bits, saturate=True)
+    pairs = codes.reshape(-1, 2)
+    packed = pairs[:, 0] | (pairs[:, 1] << 4)
+    exps = (exp + 127).astype(np.uint8)
+    exps[~finite] = 0xFF
+    return packed, exps
+
 
 def _matrix(shape) -> tuple[int, int]:
     """(rows, columns) a weight is handled as: a matrix as it is, anything else as one row."""

@@ -238,7 +238,13 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             + " -- average checkpoints of one architecture (and dtype), or align keys by "
             "stripping a prefix"
         )
-    fp8 = quantized_layout(readers)  # io/quantized.py: FP8 averaged in value space
+    fp8 = quantized_layout(readers)  # io/quantized.py: FP8, MXFP4 averaged in value space
+    if fp8 is not None and fp8.mx and dtype:
+        raise OptionError("dtype", "MXFP4 inputs are averaged into MXFP4 (new blocks and "
+                          "scales): their dequantized weights have the model's own layout "
+                          "(gpt-oss transposes its experts), so ckptavg does not write them; "
+                          "drop --dtype, or dequantize the inputs with transformers first",
+                          dtype)
     ref = readers[0]
     ties = dict(ref.ties())
     for r in readers[1:]:

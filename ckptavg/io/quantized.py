@@ -5,8 +5,10 @@ codes and the scales apart (or keeping the newest input's integer codes beside a
 scales, as the rule for integer tensors would) gives a model that loads and is wrong.
 
 FP8 with scales (`fp8_layout`: per-tensor, per-channel and block scales, as compressed-tensors
-and DeepSeek-V3 ship them) is averaged in the weights' own space by engine/fp8.py. Every
-other scheme recognised here is refused in one line naming the scheme and the fix.
+and DeepSeek-V3 ship them) and MXFP4 (OCP microscaling: 32 FP4 e2m1 values, two a byte, in
+`*_blocks` beside one e8m0 exponent each in `*_scales`, as gpt-oss ships its experts) are
+averaged in the weights' own space by engine/fp8.py. Every other scheme recognised here is
+refused in one line naming the scheme and the fix.
 
 Recognised from a Hugging Face `config.json` beside the input (`quantization_config`'s
 `quant_method`), and from the tensors themselves for files without one:
@@ -99,8 +101,11 @@ def scheme_of(reader) -> tuple[str, str] | None:
     return None if found is None else (found[0], f"tensor {found[1]!r}")
 
 
-# The methods a config names for FP8 weights (the tensors must then be FP8 with scales).
+# The methods a config names for FP8 weights (the tensors must then be FP8 with scales),
+# and for MXFP4 (the tensors: `*_blocks` with `*_scales`).
 FP8_METHODS = {"fp8", "compressed-tensors", "fbgemm_fp8", "finegrained_fp8"}
+MX_METHODS = {"mxfp4"}
+MX_BLOCK = 32  # values per MXFP4 block (one e8m0 scale each), 16 bytes of codes
 # Scales of activations (static input quantization, the KV cache): statistics, not weights.
 ACTIVATION_SCALES = ("input_scale", "output_scale", "k_scale", "v_scale", "q_scale")
 BLOCKS = (128, 64, 32, 256)  # block sizes recognised from the scale's shape (DeepSeek: 128)
@@ -113,7 +118,7 @@ class Fp8Pair:
 
     weight: str
     scale: str
-    kind: str  # "tensor", "channel" or "block"
+    kind: str  # "tensor", "channel" or "block"; "mx": MXFP4 blocks and their exponents
     block: tuple[int, int] = (1, 1)
 
 
@@ -129,10 +134,18 @@ class Fp8Layout:
         """scale key -> its weight key."""
         return {p.scale: p.weight for p in self.pairs.values()}
 
+    @property
+    def mx(self) -> bool:
+        """Whether any pair is MXFP4 (`kind` "mx")."""
+        return any(p.kind == "mx" for p in self.pairs.values())
+
     def describe(self) -> str:
         kinds = sorted({p.kind if p.kind != "block" else f"{p.block[0]}x{p.block[1]} block"
-                        for p in self.pairs.values()})
-        return f"fp8 ({', '.join(kinds)} scales)"
+                        for p in self.pairs.values() if p.kind != "mx"})
+        parts = [f"fp8 ({', '.join(kinds)} scales)"] if kinds else []
+        if self.mx:
+            parts.append(f"mxfp4 ({MX_BLOCK}-value blocks, e8m0 scales)")
+        return " and ".join(parts)
 
 
 def _scale_of(key: str, keys: set[str]) -> str | None:
@@ -160,9 +173,10 @@ def _kind(shape: tuple, scale_shape: tuple) -> tuple[str, tuple[int, int]] | Non
 
 
 def fp8_layout(path: str, infos: dict) -> Fp8Layout | None:
-    """The FP8 layout of a checkpoint whose tensors are `infos` (key -> TensorInfo), or None
-    where no float8 tensor has a scale. A float8 tensor without a scale, or a scale whose
-    shape is no per-tensor, per-channel or block layout, is refused in one line."""
+    """The FP8 and MXFP4 layout of a checkpoint whose tensors are `infos` (key ->
+    TensorInfo), or None where no float8 tensor has a scale and no MXFP4 blocks are found.
+    A float8 tensor without a scale, or a scale whose shape is no per-tensor, per-channel or
+    block layout, or MXFP4 blocks of another shape, are refused in one line."""
     dtypes = {k: i.dtype.name for k, i in infos.items()}
     keys = set(infos)
     pairs = {}
@@ -180,6 +194,7 @@ def fp8_layout(path: str, infos: dict) -> Fp8Layout | None:
                 "per-channel or block scale ckptavg knows; it is refused rather than "
                 "averaged as codes: dequantize the checkpoints first")
         pairs[k] = Fp8Pair(k, scale, *found)
+    pairs.update(_mx_pairs(path, infos))
     if not pairs:
         return None
     bare = [k for k, dt in dtypes.items() if dt in FLOAT8 and k not in pairs]
@@ -191,6 +206,27 @@ def fp8_layout(path: str, infos: dict) -> Fp8Layout | None:
     activations = tuple(k for k in infos if k not in paired and k.rsplit(".", 1)[-1]
                         in ACTIVATION_SCALES)
     return Fp8Layout(pairs, activations)
+
+
+def _mx_pairs(path: str, infos: dict) -> dict[str, Fp8Pair]:
+    """The MXFP4 pairs among `infos`: `X_blocks` (uint8, [..., G, 16]: 32 FP4 codes a row)
+    beside `X_scales` (uint8, [..., G]: each row's e8m0 exponent). Any other shape or dtype
+    is refused in one line rather than averaged as codes."""
+    pairs = {}
+    for k, info in infos.items():
+        if not k.endswith("_blocks") or f"{k[: -len('_blocks')]}_scales" not in infos:
+            continue
+        scale = f"{k[: -len('_blocks')]}_scales"
+        shape, sshape = tuple(info.shape), tuple(infos[scale].shape)
+        if (info.dtype.name != "uint8" or infos[scale].dtype.name != "uint8" or not shape
+                or shape[-1] != MX_BLOCK // 2 or sshape != shape[:-1]):
+            raise CkptavgError(
+                f"{path}: {k!r} ({info.dtype.name}, {list(shape)}) beside {scale!r} "
+                f"({infos[scale].dtype.name}, {list(sshape)}) is no mxfp4 layout ckptavg knows "
+                "(uint8 blocks [..., G, 16] and uint8 scales [..., G]); it is refused rather "
+                "than averaged as codes: dequantize the checkpoints first")
+        pairs[k] = Fp8Pair(k, scale, "mx", (1, MX_BLOCK))
+    return pairs
 
 
 def without_quantization(config: bytes) -> bytes:
@@ -207,8 +243,8 @@ def without_quantization(config: bytes) -> bytes:
 
 
 def quantized_layout(readers) -> Fp8Layout | None:
-    """The FP8 layout of the inputs (io/quantized.Fp8Layout), averaged in the weights' own
-    space by engine/fp8.py; None for unquantized inputs. Any other quantized input is one
+    """The FP8 and MXFP4 layout of the inputs (io/quantized.Fp8Layout), averaged in the
+    weights' own space by engine/fp8.py; None for unquantized inputs. Any other quantized input is one
     line (io/quantized.py): its codes would be averaged apart from their scales, or kept
     beside averaged ones, giving a model that loads and is wrong."""
     ref = readers[0]
@@ -216,7 +252,8 @@ def quantized_layout(readers) -> Fp8Layout | None:
     for r in readers:
         found = scheme_of(r)
         if layout is not None and found is not None and (
-                found[0].startswith("fp8") or found[0] in FP8_METHODS):
+                found[0].startswith(("fp8", "mxfp4")) or found[0] in FP8_METHODS
+                or (found[0] in MX_METHODS and layout.mx)):
             rest = {k: r.info(k).dtype.name for k in r.keys()
                     if k not in layout.pairs and k not in layout.scales}
             found = from_layout(rest)  # FP8 weights beside another scheme's codes

@@ -1,6 +1,6 @@
-"""Quantized checkpoints are never averaged as codes (issue #36): each layout ckptavg
-recognises, by its config.json or its tensors, is refused in one line naming the scheme and
-the fix, with no output; layouts that only look alike (an int64 index beside a float scale,
+"""Quantized checkpoints are never averaged as codes (issue #36): FP8 and MXFP4 are averaged
+in what their weights mean; every other layout ckptavg recognises, by its config.json or its
+tensors, is refused in one line naming the scheme and the fix, with no output; layouts that only look alike (an int64 index beside a float scale,
 float8 weights without scales) are averaged as before."""
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def _layout(kind: str, seed: int) -> dict:
     raise AssertionError(kind)
 
 
-KINDS = ["gptq", "bitsandbytes", "mxfp4", "unknown codes beside a scale"]
-FP8_KINDS = ["compressed-tensors fp8", "deepseek fp8 block scales"]  # averaged: tests/test_fp8.py
+KINDS = ["gptq", "bitsandbytes", "unknown codes beside a scale"]
+# averaged in value space: tests/test_fp8.py, tests/test_mxfp4.py
+FP8_KINDS = ["compressed-tensors fp8", "deepseek fp8 block scales", "mxfp4"]
 SCHEMES = {"compressed-tensors fp8": "fp8", "deepseek fp8 block scales": "fp8", "gptq": "gptq",
            "bitsandbytes": "bitsandbytes", "mxfp4": "mxfp4",
            "unknown codes beside a scale": "unknown scheme"}
@@ -89,7 +90,8 @@ def test_fp8_layouts_are_averaged_in_value_space_and_inspect_names_them(tmp_path
     assert "requantized" in json.loads(run_cli("inspect", out, "--json").stdout)[
         "metadata"]["average.quantized"]
     info = json.loads(run_cli("inspect", paths[0], "--json").stdout)
-    assert "fp8" in info["quantization"]["scheme"]
+    assert SCHEMES[kind] in info["quantization"]["scheme"]
+    assert info["quantization"]["averaged"] is True
 
 
 def test_a_quantization_config_refuses_the_folder(tmp_path):
