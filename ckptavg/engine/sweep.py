@@ -269,8 +269,8 @@ def _prepare(req: Request, sweep: Sweep, shard_size: int | None, stack: contextl
     whole = make_plan(readers, [1.0] * len(readers), accumulate=req.accumulate,
                       dtype=req.dtype, allow_nonfinite=req.allow_nonfinite)
     if whole.fp8 is not None:
-        raise OptionError("sweep", "FP8 inputs are averaged one run at a time; average each "
-                          "window with ckptavg average")
+        raise OptionError("sweep", f"{'MXFP4' if whole.fp8.mx else 'FP8'} inputs are averaged "
+                          "one run at a time; average each window with ckptavg average")
     paths = output_paths(req.output, spans, chosen, sweep, folders) if req.output \
         else [None] * len(spans)
     kinds = [output_kind(p, shard_size) if p else None for p in paths]
