@@ -207,18 +207,12 @@ def test_train_config_declares_no_flag_another_options_class_declares():
     declaration; only the help may speak of the run."""
     import dataclasses
 
-    from ckptavg.options import (
-        DataOptions,
-        HeldOutOptions,
-        LoaderOptions,
-        ModelOptions,
-        Reading,
-        Selection,
-    )
+    from ckptavg import options as o
     from ckptavg.train.config import TrainConfig
 
     declared = {}
-    for cls in (Reading, Selection, ModelOptions, DataOptions, LoaderOptions, HeldOutOptions):
+    for cls in (o.Reading, o.Selection, o.ModelOptions, o.DataOptions, o.LoaderOptions,
+                o.HeldOutOptions):
         for f in dataclasses.fields(cls):
             for name in f.metadata["flag"].names:
                 declared[name] = f.metadata["flag"]
