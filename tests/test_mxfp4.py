@@ -241,3 +241,26 @@ def test_fp4_rounding_is_ml_dtypes_on_hard_values():
     out = np.empty(x.size, np.uint8)
     arith.encode_float8(out, x, "float4_e2m1fn", np.empty(x.size, np.uint64), saturate=True)
     assert np.array_equal(out, np.clip(x, -6, 6).astype(kind).view(np.uint8))
+
+
+@pytest.mark.parametrize("says,holds", [("mxfp4", "fp8"), ("fp8", "mxfp4")])
+def test_a_config_naming_the_other_scheme_than_the_tensors_is_refused(tmp_path, says, holds):
+    """A config.json that names MXFP4 over FP8 tensors (or the other way) says something the
+    tensors do not: refused in one line, nothing written."""
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(2):
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        if holds == "fp8":
+            state = {"l.weight": (torch.randn(8, 8, generator=g) * 10).to(torch.float8_e4m3fn),
+                     "l.weight_scale": torch.rand(1, generator=g)}
+        else:
+            blocks, scales = quantize(torch.randn(*SHAPE, 32, generator=g, dtype=torch.float64))
+            state = {f"{KEY}_blocks": blocks, f"{KEY}_scales": scales}
+        save_file(state, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": says}}))
+        paths.append(d)
+    proc = run_cli("average", *paths, "-o", tmp_path / "out")
+    assert proc.returncode == 1 and f"quantized checkpoint ({says}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

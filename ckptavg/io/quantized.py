@@ -139,6 +139,11 @@ class Fp8Layout:
         """Whether any pair is MXFP4 (`kind` "mx")."""
         return any(p.kind == "mx" for p in self.pairs.values())
 
+    @property
+    def families(self) -> set[str]:
+        """"fp8" and/or "mxfp4": the schemes whose tensors are here."""
+        return {"mxfp4" if p.kind == "mx" else "fp8" for p in self.pairs.values()}
+
     def describe(self) -> str:
         kinds = sorted({p.kind if p.kind != "block" else f"{p.block[0]}x{p.block[1]} block"
                         for p in self.pairs.values() if p.kind != "mx"})
@@ -208,6 +213,15 @@ def fp8_layout(path: str, infos: dict) -> Fp8Layout | None:
     return Fp8Layout(pairs, activations)
 
 
+def _family(scheme: str) -> str | None:
+    """"fp8" or "mxfp4" for a scheme named by a config or found in the tensors, else None."""
+    if scheme in MX_METHODS or scheme.startswith("mxfp4 ("):
+        return "mxfp4"
+    if scheme in FP8_METHODS or scheme.startswith("fp8 ("):
+        return "fp8"
+    return None
+
+
 def _mx_pairs(path: str, infos: dict) -> dict[str, Fp8Pair]:
     """The MXFP4 pairs among `infos`: `X_blocks` (uint8, [..., G, 16]: 32 FP4 codes a row)
     beside `X_scales` (uint8, [..., G]: each row's e8m0 exponent). Any other shape or dtype
@@ -251,9 +265,7 @@ def quantized_layout(readers) -> Fp8Layout | None:
     layout = fp8_layout(ref.path, {k: ref.info(k) for k in ref.keys()})
     for r in readers:
         found = scheme_of(r)
-        if layout is not None and found is not None and (
-                found[0].startswith(("fp8", "mxfp4")) or found[0] in FP8_METHODS
-                or (found[0] in MX_METHODS and layout.mx)):
+        if layout is not None and found is not None and _family(found[0]) in layout.families:
             rest = {k: r.info(k).dtype.name for k in r.keys()
                     if k not in layout.pairs and k not in layout.scales}
             found = from_layout(rest)  # FP8 weights beside another scheme's codes
