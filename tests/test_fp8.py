@@ -392,3 +392,18 @@ def test_float8_codes_widen_by_their_bits_to_their_values(name):
     mask, value = arith._SPECIAL[name]
     special = (np.arange(256) & mask) == value
     assert np.array_equal(special, ~np.isfinite(want[:256]))
+
+
+def test_into_a_quantized_running_average_is_refused(tmp_path):
+    """--into promises the average of every input folded so far, exactly; an FP8 running
+    average would be requantized at each fold and drift from it: one line, exit 2, the
+    running average untouched."""
+    paths, _ = _inputs(str(tmp_path), "tensor")
+    run = tmp_path / "run.safetensors"
+    assert run_cli("average", *paths[:2], "-o", run).returncode == 0
+    before = run.read_bytes()
+    proc = run_cli("average", paths[2], "--into", run)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--into" in lines[0] and "FP8" in lines[0], proc.stderr
+    assert run.read_bytes() == before and leftovers(tmp_path) == []

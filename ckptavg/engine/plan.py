@@ -239,6 +239,11 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             "stripping a prefix"
         )
     fp8 = quantized_layout(readers)  # io/quantized.py: FP8, MXFP4 averaged in value space
+    if fp8 is not None and running is not None:
+        raise OptionError("into", f"folds exactly into a running average that is not "
+                          f"quantized; an {'MXFP4' if fp8.mx else 'FP8'} running average "
+                          "would be requantized at every fold and drift from the average of "
+                          "its inputs: average all the checkpoints at once instead")
     if fp8 is not None and fp8.mx and dtype:
         raise OptionError("dtype", "MXFP4 inputs are averaged into MXFP4 (new blocks and "
                           "scales): their dequantized weights have the model's own layout "
