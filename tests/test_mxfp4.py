@@ -264,3 +264,22 @@ def test_a_config_naming_the_other_scheme_than_the_tensors_is_refused(tmp_path, 
     proc = run_cli("average", *paths, "-o", tmp_path / "out")
     assert proc.returncode == 1 and f"quantized checkpoint ({says}" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["soup", "search", "swag"])
+def test_choices_and_swag_refuse_quantized_inputs(tmp_path, command):
+    """soup and search sum checkpoints in float64 running sums, SWAG their moments: over
+    MXFP4 (or FP8) files they would sum codes apart from their scales, so they refuse them
+    in one line before anything is scored or written."""
+    paths, _ = _inputs(tmp_path, folder=False)
+    out = tmp_path / "out.safetensors"
+    args = {"soup": ["soup", *paths, "-o", out, "--holdout", "10", "--model", "tests.fakedata:linear2"],
+            "search": ["search", *paths, "-o", out, "--holdout", "10",
+                       "--model", "tests.fakedata:linear2"],
+            "swag": ["swag", *paths, "-o", out]}[command]
+    proc = run_cli(*args)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "quantized checkpoint (mxfp4" in lines[0], proc.stderr
+    assert "dequantize" in lines[0]
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -273,6 +273,16 @@ def write_choice(output: str, chosen: Sequence[Candidate], state: dict[str, torc
     save(state, output, meta, entry=plan.entry, extras=plan.extras)
 
 
+def refuse_quantized(plan, path: str, what: str) -> None:
+    """Quantized inputs (FP8, MXFP4) are averaged in what their weights mean by `average`
+    only: the running sums here (and SWAG's moments) would sum their codes. One line."""
+    if plan.fp8 is not None:
+        raise CkptavgError(f"{path}: a quantized checkpoint ({plan.fp8.describe()}); {what} "
+                           "would sum its codes apart from their scales, so it is refused: "
+                           "dequantize the checkpoints first (`ckptavg average` alone "
+                           "averages them as they are)")
+
+
 def better(s, best, tie: bool = False) -> bool:
     """The one rule of every choice on held-out images (soup, search, profile search): the
     higher held-out accuracy, then the lower held-out loss (`Scores`); on a full tie, `tie`
@@ -331,7 +341,8 @@ class Choosing:
             if self.output is not None:  # as `average`: no input's file, nothing not ours
                 check_output(self.output, output_kind(self.output),
                              protected_files(self.cands, kept, [self.output]))
-            make_plan([c.reader for c in self.pool], [1.0] * len(self.pool))  # they agree
+            plan = make_plan([c.reader for c in self.pool], [1.0] * len(self.pool))  # agree
+            refuse_quantized(plan, self.pool[-1].path, "a choice on held-out images")
             self.held = HeldOut(self.pool[-1], heldout=heldout, model=model, data=data,
                                 loader=loader)
         except BaseException:

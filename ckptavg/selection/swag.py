@@ -52,6 +52,7 @@ from ckptavg.options import (
 )
 from ckptavg.plots import pyplot
 from ckptavg.results import Progress, Result, peak_rss_bytes
+from ckptavg.selection.heldout import refuse_quantized
 
 VAR_CLAMP = 1e-30  # the authors' floor for the diagonal variance
 PARTS = ("mean.", "var.", "dev.")
@@ -119,6 +120,7 @@ def swag(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, rank
         if k < rank:
             warnings.append(f"rank {rank} asked for, but only {n} snapshots: rank {k}")
         plan = make_plan(readers, [1.0] * n)
+        refuse_quantized(plan, readers[-1].path, "SWAG's moments")
         specs = []
         for s in plan.specs:
             info = readers[0].info(s.key)
