@@ -216,6 +216,22 @@ def check_options(accumulate: str, dtype: str | None) -> None:
         check_choice("dtype", dtype, OutDtype)
 
 
+def _check_quantized(layout, running: bool, dtype: OutDtype | None) -> None:
+    """What quantized inputs refuse: a running average (`into`), requantized at every fold,
+    would drift from the average of its inputs; MXFP4 is written as MXFP4 only."""
+    if running:
+        raise OptionError("into", f"folds exactly into a running average that is not "
+                          f"quantized; an {'MXFP4' if layout.mx else 'FP8'} running average "
+                          "would be requantized at every fold and drift from the average of "
+                          "its inputs: average all the checkpoints at once instead")
+    if layout.mx and dtype:
+        raise OptionError("dtype", "MXFP4 inputs are averaged into MXFP4 (new blocks and "
+                          "scales): their dequantized weights have the model's own layout "
+                          "(gpt-oss transposes its experts), so ckptavg does not write them; "
+                          "drop --dtype, or dequantize the inputs with transformers first",
+                          dtype)
+
+
 def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = "uniform",
               running: tuple[int, list] | None = None,
               accumulate: Accumulate = options.ACCUMULATE, dtype: OutDtype | None = None,
@@ -239,17 +255,8 @@ def make_plan(readers: list[ReaderBase], weights: list[float], *, method: str = 
             "stripping a prefix"
         )
     fp8 = quantized_layout(readers)  # io/quantized.py: FP8, MXFP4 averaged in value space
-    if fp8 is not None and running is not None:
-        raise OptionError("into", f"folds exactly into a running average that is not "
-                          f"quantized; an {'MXFP4' if fp8.mx else 'FP8'} running average "
-                          "would be requantized at every fold and drift from the average of "
-                          "its inputs: average all the checkpoints at once instead")
-    if fp8 is not None and fp8.mx and dtype:
-        raise OptionError("dtype", "MXFP4 inputs are averaged into MXFP4 (new blocks and "
-                          "scales): their dequantized weights have the model's own layout "
-                          "(gpt-oss transposes its experts), so ckptavg does not write them; "
-                          "drop --dtype, or dequantize the inputs with transformers first",
-                          dtype)
+    if fp8 is not None:
+        _check_quantized(fp8, running is not None, dtype)
     ref = readers[0]
     ties = dict(ref.ties())
     for r in readers[1:]:
