@@ -72,6 +72,19 @@ class Group:
                 raise agreed
         return [payload for _, payload in gathered]
 
+    def on_rank0(self, make, share: bool = True):
+        """Rank 0 runs `make()` while the others wait; a failure there stops every rank with
+        its line. Returns rank 0's value on every rank (`share`), else on rank 0 only (None
+        elsewhere)."""
+        made, error = None, None
+        try:
+            if self.rank == 0:
+                made = make()
+        except BaseException as e:
+            error = e
+        self.agree(error)
+        return self.share(made) if share else made
+
     def share(self, value):
         """Rank 0's value, on every rank."""
         box = [value]

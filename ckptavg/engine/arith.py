@@ -108,9 +108,9 @@ def float8_unit(name: str) -> float:
 def unscaled_float8(dst: np.ndarray, codes: np.ndarray, name: str, ints: np.ndarray) -> None:
     """dst (float64) = the values of FLOAT8 `codes` over `float8_unit(name)`, exactly, with
     `ints` (int32, at least codes.size) as scratch: a code's sign, exponent and mantissa
-    bits are moved into a float32's (sign to the top, the rest shifted right by the
-    exponent's width with the sign spread over the float32 exponent's upper bits, then
-    cleared), which makes it that float32 with the exponent bias 127 in place of the
+    bits are moved into a float32's (sign to the top, the rest shifted right until the
+    exponent's lowest bit is the float32's, the sign spread by the arithmetic shift over the
+    float32 exponent's upper bits, then cleared), which makes it that float32 with the exponent bias 127 in place of the
     format's: the value over 2^(127 - bias), subnormal codes included. The codes that are
     not numbers are looked up. 0.65 ns a value here against 1.1 for a 256-entry table
     (`np.take`), and the unit is folded into the scale the caller multiplies by anyway."""

@@ -27,7 +27,7 @@ import xxhash
 from isal.isal_zlib import crc32
 
 from ckptavg.errors import CkptavgError
-from ckptavg.io.writer import PENDING, filled_metadata, without_pending
+from ckptavg.io.writer import PENDING
 
 ALGORITHM = "xxh3-128"
 _HEX = 32  # hex digits of a digest
@@ -173,11 +173,3 @@ def refuse_same_tensors(paths: list[str], digests: list[str],
                     "in another container or under another name), so it would be counted "
                     "twice; nothing was written: pass one of them")
         seen.setdefault(d, (path, pos))
-
-
-def final_metadata(metadata: dict[str, str], hexdigests: list[str] | None) -> dict[str, str]:
-    """`metadata` with each placeholder replaced by its input's content hash; without the
-    entries' content where the hashes are not all known (io.writer.filled_metadata)."""
-    if hexdigests is None:
-        return without_pending(metadata)
-    return filled_metadata(metadata, {placeholder(i): d for i, d in enumerate(hexdigests)})

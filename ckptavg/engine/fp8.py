@@ -241,14 +241,15 @@ class Fp8Run:
                 self.hashes.update(i, pair.scale, exp)
 
     def _mx_done(self, pair: Fp8Pair, blocks: bool = True) -> None:
-        keys = (pair.weight, pair.scale) if blocks else (pair.scale,)
+        """The pair's content hashes complete (the blocks' too where they were written
+        here), and both tensors released: a pass for the scales alone read the blocks too."""
         if self.hashes is not None:
             for i in range(len(self.readers)):
-                for k in keys:
+                for k in (pair.weight, pair.scale) if blocks else (pair.scale,):
                     self.hashes.done(i, k)
         for r in self.readers:
-            for k in keys:
-                r.release(k)
+            r.release(pair.weight)
+            r.release(pair.scale)
 
     def _run(self, fn, bounds: list[tuple[int, int]], parallel: bool):
         """fn(r0, r1) over the slices, in order: on `threads` threads (numpy lets go of the

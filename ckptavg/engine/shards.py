@@ -5,9 +5,9 @@ streams only its share of the tensor names, balanced by bytes, from every input,
 its own safetensors shard into the output's staging folder, through the same writer and the
 same `write_run` as one process (io/writer.ShardedWriter with the group). The ranks exchange
 their shards' records; rank 0 writes the index (and the inputs' config files) and swaps the
-folder in (a DCP output: one collective save from the staged shards). No tensor crosses the network; the inputs must be on a filesystem every rank
-sees. Each tensor is reduced by the same code as in one process, so the result is bitwise
-the same. A problem found by any rank is shared with all of them at the next agreement
+folder in (a DCP output: one collective save from the staged shards). No tensor crosses
+the network; the inputs must be on a filesystem every rank sees. Each tensor is reduced by
+the same code as in one process, so the result is bitwise the same. A problem found by any rank is shared with all of them at the next agreement
 point, so every rank stops with the same one-line error instead of hanging, and nothing is
 left at the output.
 """

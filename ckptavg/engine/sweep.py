@@ -322,7 +322,7 @@ def _write_here(prep: _Prepared, req: Request, shard_size: int | None, progress,
         writers: list[Writer] = [Discard() for _ in prep.plans]
     else:
         made = _make_folder(req.output) if group is None else \
-            _on_rank0(group, lambda: _make_folder(req.output), [])
+            group.on_rank0(lambda: _make_folder(req.output), share=False) or []
         writers = []
         for p, k, plan in zip(prep.paths, prep.kinds, prep.plans):
             side, notes = side_files(plan.readers) if k == "sharded" else ({}, [])
@@ -355,18 +355,6 @@ def _write_here(prep: _Prepared, req: Request, shard_size: int | None, progress,
         raise
     for w in writers:
         prep.result.warnings += w.notes
-
-
-def _on_rank0(group, make, default):
-    """Rank 0's `make()` (`default` elsewhere); a failure stops every rank."""
-    made, error = default, None
-    try:
-        if group.rank == 0:
-            made = make()
-    except BaseException as e:
-        error = e
-    group.agree(error)
-    return made
 
 
 def _make_folder(output: str) -> list[str]:

@@ -319,14 +319,7 @@ class DcpWriter(ShardedWriter):
         group = self.group
         mine = [s.key for name, shard in zip(self._names, self._shards) if name in self._mine
                 for s in shard]
-        tmp, error = None, None
-        try:
-            if group.rank == 0:
-                tmp = temp_folder_beside(self.path)
-        except BaseException as e:
-            error = e
-        group.agree(error)
-        tmp = group.share(tmp)
+        tmp = group.on_rank0(lambda: temp_folder_beside(self.path))
         try:
             with contextlib.ExitStack() as stack:
                 state, error = {}, None
@@ -341,13 +334,7 @@ class DcpWriter(ShardedWriter):
                              else None, distributed=True)
                 except OSError as e:  # a full disk inside DCP's writer: one line
                     raise write_error(self._shown, e) from None
-            error = None
-            if group.rank == 0:
-                try:
-                    commit_dcp(tmp, self.path)
-                except BaseException as e:
-                    error = e
-            group.agree(error)
+            group.on_rank0(lambda: commit_dcp(tmp, self.path), share=False)
         except BaseException:
             if group.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)

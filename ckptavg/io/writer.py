@@ -633,7 +633,7 @@ class ShardedWriter(Writer):
             self.staging = self._stage({**run, "shards": shards}, resume)
             self._tmp, self.notes = self.staging.path, self.staging.notes
         elif group is not None:  # a temporary folder rank 0 makes beside the output
-            self._tmp = self._shared(self._begin)
+            self._tmp = group.on_rank0(self._begin)
         else:
             self._tmp = self._begin()
         self._metadata = dict(metadata)
@@ -645,17 +645,6 @@ class ShardedWriter(Writer):
         self._failure: BaseException | None = None
         self.bytes_written = sum(s.nbytes for s in specs)
 
-    def _shared(self, make):
-        """Under torchrun: rank 0's `make()`, on every rank (a failure stops them all)."""
-        made, error = None, None
-        try:
-            if self.group.rank == 0:
-                made = make()
-        except BaseException as e:
-            error = e
-        self.group.agree(error)
-        return self.group.share(made)
-
     def _stage(self, want: dict, resume: bool):
         """The staging folder: made (or checked, to resume) here, or under torchrun by rank 0,
         the others told where it is and what an earlier run finished there."""
@@ -663,13 +652,7 @@ class ShardedWriter(Writer):
 
         if self.group is None:
             return Staging(self.path, want, resume)
-        staging, error = None, None
-        try:
-            if self.group.rank == 0:
-                staging = Staging(self.path, want, resume)
-        except BaseException as e:
-            error = e
-        self.group.agree(error)
+        staging = self.group.on_rank0(lambda: Staging(self.path, want, resume), share=False)
         seen = self.group.share((staging.path, sorted(staging.done), staging.notes,
                                  staging.content) if staging is not None else None)
         return staging if staging is not None else _RankStaging(*seen)
@@ -735,15 +718,13 @@ class ShardedWriter(Writer):
     def _commit_ranks(self, weight_map: dict[str, str]) -> None:
         """Under torchrun: rank 0 commits (`_commit`) while the others wait; a failure stops
         every rank with the same line."""
-        error = None
-        if self.group.rank == 0:
+        def commit() -> None:
             try:
                 self._commit(weight_map)
-            except OSError as e:
-                error = write_error(self._shown, e)
-            except BaseException as e:
-                error = e
-        self.group.agree(error)
+            except OSError as e:  # a full disk: the line every rank gives
+                raise write_error(self._shown, e) from None
+
+        self.group.on_rank0(commit, share=False)
 
     def _discard(self) -> None:
         if self.group is None or self.group.rank == 0:  # under torchrun, rank 0's folder
